@@ -1,0 +1,19 @@
+"""memlm: a runtime for language models with first-class memory."""
+
+__version__ = "0.1.0"
+
+
+def load(name_or_path: str | None = None, dtype: str = "float32"):
+    """Load a model by name (default: the embedded SmolLM2-135M-Instruct) or path; return an Engine."""
+    from memlm.generation.engine import Engine
+    from memlm.models.loading import DEFAULT_MODEL
+
+    return Engine.load(name_or_path or DEFAULT_MODEL, dtype=dtype)
+
+
+def __getattr__(name):  # lazy: `import memlm` stays cheap for the CLI's --help
+    if name in ("Engine", "SamplingParams", "Completion"):
+        from memlm import generation
+
+        return getattr(generation, name)
+    raise AttributeError(name)

@@ -1,0 +1,135 @@
+"""A preallocated KV cache for a batch of sequences of different lengths.
+
+Layout: keys and values are one tensor each, [layers, batch, kv_heads, capacity, head_dim]. Each
+row (sequence) fills its slots from 0 to `lengths[row]`; slot order is time order. Keys are stored
+*after* RoPE, and `positions[row, slot]` remembers the position each slot was rotated with, so
+evicting tokens is only "keep these slots" (`compact`): no re-rotation, no re-prefill, and the
+remaining tokens keep attending exactly as before.
+
+A forward pass over a chunk of T new tokens per row is bracketed by `begin` (claims the slots
+`lengths[row] .. lengths[row] + T` and builds the attention mask every layer shares), one `update`
+per layer (writes that layer's keys/values and returns the live window), and `end` (advances each
+row by its number of real, non-padding tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class _Step:
+    rows: torch.Tensor  # [B, T] row index of each new token
+    slots: torch.Tensor  # [B, T] slot each new token is written to
+    width: int  # number of slots attention looks at: max(lengths) + T
+    real: torch.Tensor  # [B] number of non-padding tokens in the chunk
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._step: _Step | None = None
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, capacity: int, dtype=torch.float32, device="cpu") -> KVCache:
+        return cls(config.num_layers, batch_size, config.num_kv_heads, config.head_dim, capacity, dtype, device)
+
+    # ---- shape -------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def bytes_per_token(self) -> int:
+        num_layers, _, heads, _, head_dim = self.k.shape
+        return 2 * num_layers * heads * head_dim * self.k.element_size()
+
+    def bytes_in_use(self) -> int:
+        """Bytes of keys and values held by live tokens across the batch."""
+        return int(self.lengths.sum()) * self.bytes_per_token
+
+    def bytes_allocated(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the preallocated buffers (doubling) so every row can hold `needed` slots."""
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        grow = new_capacity - self.capacity
+        pad = (0, 0, 0, grow)  # last dim untouched, capacity dim grown
+        self.k = torch.nn.functional.pad(self.k, pad)
+        self.v = torch.nn.functional.pad(self.v, pad)
+        self.positions = torch.nn.functional.pad(self.positions, (0, grow), value=-1)
+
+    # ---- one forward pass --------------------------------------------------------------------
+
+    def begin(self, positions: torch.Tensor) -> torch.Tensor:
+        """Claim slots for a chunk of new tokens; return the boolean mask [B, 1, T, width].
+
+        `positions` is [B, T]; a negative position marks right-padding (the row has fewer new
+        tokens than the longest row). Padding is written to slots past the row's length and is
+        overwritten later, so it is never attended to by real tokens.
+        """
+        batch, chunk = positions.shape
+        steps = torch.arange(chunk, device=positions.device)
+        slots = self.lengths[:, None] + steps  # [B, T]
+        width = int(self.lengths.max()) + chunk
+        self.ensure_capacity(width)
+        rows = torch.arange(batch, device=positions.device)[:, None].expand(batch, chunk)
+        self.positions[rows, slots] = positions
+        self._step = _Step(rows=rows, slots=slots, width=width, real=(positions >= 0).sum(1))
+        # A query at slot s sees every live slot <= s: its own row's history plus the chunk so far.
+        keys = torch.arange(width, device=positions.device)
+        return (keys[None, None, :] <= slots[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a layer's new keys/values [B, H, T, D]; return its live keys/values [B, H, width, D]."""
+        step = self._step
+        self.k[layer][step.rows, :, step.slots] = k.transpose(1, 2)
+        self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, : step.width], self.v[layer, :, :, : step.width]
+
+    def end(self) -> None:
+        self.lengths += self._step.real
+        self._step = None
+
+    # ---- reshaping the batch and evicting ------------------------------------------------------
+
+    def compact(self, row: int, keep: torch.Tensor) -> None:
+        """Keep only the slots `keep` (ascending slot indices) of one row, packed to the front."""
+        keep = keep.to(self.lengths.device)
+        n = keep.numel()
+        self.k[:, row, :, :n] = self.k[:, row, :, keep]
+        self.v[:, row, :, :n] = self.v[:, row, :, keep]
+        self.positions[row, :n] = self.positions[row, keep]
+        self.positions[row, n:] = -1
+        self.lengths[row] = n
+
+    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only these rows of the batch (e.g. drop finished sequences)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        self.positions = self.positions.index_select(0, rows)
+        self.lengths = self.lengths.index_select(0, rows)

@@ -1,0 +1,250 @@
+"""The decode loop: tokenize, prefill once, decode incrementally with the KV cache, sample, stop,
+detokenize. Batched (prompts of different lengths, each finishing on its own) and streamed.
+
+Rows that finish leave the batch at once (their cache rows are dropped), so a long request does
+not make finished ones keep paying for decode steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from memlm.cache.kv_cache import KVCache
+from memlm.errors import InvalidRequestError
+from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher
+from memlm.generation.params import SamplingParams
+from memlm.generation.sampling import BatchSampler
+from memlm.models.llama import LlamaModel
+from memlm.tokenizer import Tokenizer
+
+Message = dict[str, str]
+Prompt = str | list[Message]
+
+
+@dataclass(slots=True)
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (end token, stop string or stop token) or "length"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass(slots=True)
+class StreamDelta:
+    index: int  # which request of the batch
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class _Request:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    streamed: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def append(self, token: int) -> str:
+        """Take one sampled token; return the text that may be shown now."""
+        self.output_ids.append(token)
+        p = self.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self._finish("stop", token)
+        else:
+            before = len(self.text)
+            self.text += self.detokenizer.push(token)
+            if len(self.output_ids) >= p.max_new_tokens:
+                self._finish("length")
+            hit = self.stops.find(self.text, before)
+            if hit is not None:
+                self.text = self.text[: hit[0]]
+                self.finish_reason, self.stop_reason = "stop", hit[1]
+        shown = len(self.text) if self.finish_reason else self.stops.safe_length(self.text)
+        delta, self.streamed = self.text[self.streamed : shown], max(self.streamed, shown)
+        return delta
+
+    def _finish(self, reason: str, stop_reason: int | None = None) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        self.text += self.detokenizer.flush()
+
+    def completion(self) -> Completion:
+        return Completion(
+            self.index, self.text, self.output_ids, self.prompt_ids, self.finish_reason, self.stop_reason
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        name: str = "",
+        source: str = "",
+        dtype: str = "float32",
+        num_parameters: int | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.name, self.source, self.dtype = name, source, dtype
+        self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
+        self.config = model.config
+        self.eos_ids = frozenset(model.config.eos_token_ids)
+
+    @classmethod
+    def load(cls, name_or_path: str, dtype: str = "float32") -> Engine:
+        from memlm.models.loading import load_model
+
+        m = load_model(name_or_path, dtype)
+        return cls(m.model, m.tokenizer, m.name, m.source, m.dtype, m.num_parameters)
+
+    # ---- prompts -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """A string is used as is; a list of chat messages goes through the chat template."""
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            if not prompt:
+                raise InvalidRequestError("chat has no messages")
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        else:
+            raise InvalidRequestError("a prompt is a string or a list of {'role', 'content'} messages")
+        if not text.strip():
+            raise InvalidRequestError("prompt is empty")
+        return self.tokenizer.encode(text)
+
+    def _batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and all(isinstance(m, dict) for m in prompts)
+        )
+        if single:
+            return [self.encode_prompt(prompts)], True
+        if not prompts:
+            raise InvalidRequestError("no prompts given")
+        return [self.encode_prompt(p) for p in prompts], False
+
+    # ---- public API -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Completion | list[Completion]:
+        """Complete one prompt (-> Completion) or a batch (-> list of Completions, in order)."""
+        ids, single = self._batch(prompts)
+        completions = self.generate_tokens(ids, params)
+        return completions[0] if single else completions
+
+    def generate_tokens(
+        self, prompt_ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[Completion]:
+        requests = self._requests(prompt_ids, params)
+        for _ in self._run(requests):
+            pass
+        return [r.completion() for r in requests]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[StreamDelta]:
+        """Yield text deltas as they become final; each request's last delta carries its finish_reason."""
+        ids, _ = self._batch(prompts)
+        for deltas in self._run(self._requests(ids, params)):
+            yield from deltas
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def _requests(self, prompt_ids, params) -> list[_Request]:
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompt_ids)
+        if len(params) != len(prompt_ids):
+            raise InvalidRequestError(f"{len(prompt_ids)} prompts but {len(params)} sampling params")
+        limit = self.config.max_position_embeddings
+        requests = []
+        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+            p.validate()
+            if not ids:
+                raise InvalidRequestError("prompt is empty")
+            if len(ids) >= limit:
+                raise InvalidRequestError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+            if max(ids) >= self.config.vocab_size or min(ids) < 0:
+                raise InvalidRequestError("prompt has token ids outside the vocabulary")
+            if len(ids) + p.max_new_tokens > limit:  # never run past the model's context
+                p = SamplingParams(**{**_fields(p), "max_new_tokens": limit - len(ids)})
+            generator = None
+            if not p.greedy:
+                generator = torch.Generator(device=self.model.device)
+                generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+            requests.append(
+                _Request(i, list(ids), p, self.eos_ids, IncrementalDetokenizer(self.tokenizer), StopMatcher(p.stop), generator)
+            )
+        return requests
+
+    @torch.inference_mode()
+    def _run(self, requests: list[_Request]) -> Iterator[list[StreamDelta]]:
+        model, device = self.model, self.model.device
+        batch = len(requests)
+        longest = max(len(r.prompt_ids) for r in requests)
+        capacity = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        cache = KVCache.for_model(self.config, batch, capacity, model.dtype, device)
+
+        # Prefill: one forward over the right-padded prompts (padding has position -1).
+        ids = torch.zeros(batch, longest, dtype=torch.long)
+        positions = torch.full((batch, longest), -1, dtype=torch.long)
+        for row, r in enumerate(requests):
+            n = len(r.prompt_ids)
+            ids[row, :n] = torch.tensor(r.prompt_ids)
+            positions[row, :n] = torch.arange(n)
+        ids, positions = ids.to(device), positions.to(device)
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        hidden = model(model.embed(ids), positions, cache)
+        logits = model.logits(hidden[torch.arange(batch, device=device), lengths - 1])
+        next_position = lengths[:, None]
+
+        seen = None
+        if any(r.params.repetition_penalty != 1.0 for r in requests):
+            seen = torch.zeros(batch, self.config.vocab_size, dtype=torch.bool, device=device)
+            seen.scatter_(1, ids, positions >= 0)
+
+        active = list(requests)
+        sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
+        while True:
+            tokens = sampler(logits, seen)
+            deltas, keep = [], []
+            for row, (r, token) in enumerate(zip(active, tokens.tolist())):
+                text = r.append(token)
+                if text or r.finish_reason:
+                    deltas.append(StreamDelta(r.index, text, r.finish_reason))
+                if r.finish_reason is None:
+                    keep.append(row)
+            yield deltas
+            if not keep:
+                return
+            if len(keep) < len(active):  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                cache.select_rows(index)
+                tokens, next_position = tokens[index], next_position[index]
+                seen = seen[index] if seen is not None else None
+                active = [active[i] for i in keep]
+                sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
+            if seen is not None:
+                seen[torch.arange(len(active), device=device), tokens] = True
+            hidden = model(model.embed(tokens[:, None]), next_position, cache)
+            logits = model.logits(hidden[:, -1])
+            next_position = next_position + 1
+
+
+def _fields(p: SamplingParams) -> dict:
+    return {name: getattr(p, name) for name in SamplingParams.__dataclass_fields__}

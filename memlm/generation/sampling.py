@@ -1,0 +1,67 @@
+"""Batched token selection with per-row parameters.
+
+Each row of the batch may have its own temperature / top-k / top-p / min-p / repetition penalty
+and its own seeded generator, so a request samples the same tokens whatever else shares its batch.
+All filters work on one descending sort of the logits, the order Hugging Face applies them in:
+repetition penalty, temperature, top-k, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memlm.generation.params import SamplingParams
+
+
+class BatchSampler:
+    """Selects the next token for every row; rebuilt when the batch's membership changes."""
+
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None], device="cpu"):
+        self.params = params
+        self.generators = generators
+        self.all_greedy = all(p.greedy for p in params)
+        self.filters = not self.all_greedy and any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params)
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)[:, None]
+        self.temperature = as_tensor([p.temperature if not p.greedy else 1.0 for p in params], torch.float32)
+        self.top_k = as_tensor([p.top_k for p in params], torch.long)
+        self.top_p = as_tensor([p.top_p for p in params], torch.float32)
+        self.min_p = as_tensor([p.min_p for p in params], torch.float32)
+        self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
+        self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] float32 -> token ids [B]. `seen` [B, V] bool marks tokens to penalise."""
+        if self.any_penalty and seen is not None:
+            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        if self.all_greedy:
+            return logits.argmax(dim=-1)
+        probs, order = self.filtered_probs(logits)
+        picks = torch.empty(len(self.params), dtype=torch.long, device=logits.device)
+        for row, (p, gen) in enumerate(zip(self.params, self.generators)):
+            if p.greedy:
+                picks[row] = 0  # the sorted order puts the argmax first
+            else:
+                picks[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
+        return order.gather(1, picks[:, None])[:, 0]
+
+    def filtered_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (probabilities in descending-logit order, that order), with every filter applied."""
+        logits = logits / self.temperature
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        if self.filters:
+            ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+            k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1])
+            sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+            probs = sorted_logits.softmax(dim=-1)
+            # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop = mass_before >= self.top_p
+            # min-p: drop tokens below min_p times the most likely token's probability.
+            drop |= probs < self.min_p * probs[:, :1]
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return sorted_logits.softmax(dim=-1), order
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)

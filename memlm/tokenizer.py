@@ -1,0 +1,175 @@
+"""Tokenizer + chat template, read from a Hugging Face folder or from a GGUF file's metadata.
+
+The heavy lifting (BPE, byte-level pre-tokenization) is the `tokenizers` library; this module
+only builds it from the GGUF vocabulary when needed, renders chat templates, and knows the
+special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+from memlm.errors import InvalidRequestError, ModelFormatError
+
+# GGUF token types (gguf.TokenType)
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: Backend,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        add_bos_token: bool = False,
+    ):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.add_bos_token = add_bos_token
+        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
+        self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
+        self._template = None
+
+    # ---- loading and saving ---------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelFormatError(f"{folder} has no tokenizer.json")
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions on bad JSON
+            raise ModelFormatError(f"cannot read {path}: {e}") from None
+        config: dict[str, Any] = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        template = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():  # transformers >= 4.50 stores it separately
+            template = (folder / "chat_template.jinja").read_text()
+        return cls(
+            backend,
+            chat_template=template,
+            bos_token=_token_content(config.get("bos_token")),
+            eos_token=_token_content(config.get("eos_token")),
+            add_bos_token=bool(config.get("add_bos_token", False)),
+        )
+
+    @classmethod
+    def from_gguf(cls, fields: dict[str, Any]) -> Tokenizer:
+        """Build from GGUF metadata (`tokenizer.ggml.*`), given as a plain dict of field values."""
+        kind = fields.get("tokenizer.ggml.model")
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2":
+            raise ModelFormatError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+        if pre not in ("default", "gpt2", "smollm"):
+            raise ModelFormatError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt2, smollm)")
+        tokens: list[str] = fields["tokenizer.ggml.tokens"]
+        types: list[int] = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre == "smollm":  # llama.cpp's smollm pre-type: every digit is its own word
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        backend.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+        )
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+        )
+
+        def token(key: str) -> str | None:
+            idx = fields.get(key)
+            return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
+
+        return cls(
+            backend,
+            chat_template=fields.get("tokenizer.chat_template"),
+            bos_token=token("tokenizer.ggml.bos_token_id"),
+            eos_token=token("tokenizer.ggml.eos_token_id"),
+            add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        )
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json (a layout transformers also reads)."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.eos_token,
+            "add_bos_token": self.add_bos_token,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+    # ---- encoding and decoding ------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    # ---- chat -------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise InvalidRequestError("this model has no chat template; pass a plain prompt (--no-chat)")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError("chat messages must be dicts with 'role' and 'content'")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+
+def _token_content(token: Any) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _compile_template(source: str):
+    """Compile a chat template the way transformers does (sandboxed, trimmed blocks)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise InvalidRequestError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise ModelFormatError(f"the model's chat template does not compile: {e}") from None
