@@ -130,8 +130,8 @@ class Engine:
         )
         if single:
             return [self.encode_prompt(prompts)], True
-        if not prompts:
-            raise InvalidRequestError("no prompts given")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidRequestError("give a prompt string, a chat (list of messages), or a non-empty list of those")
         return [self.encode_prompt(p) for p in prompts], False
 
     # ---- public API -----------------------------------------------------------------------------

@@ -1,0 +1,402 @@
+"""`memlm bench decode`: memlm's decode loop against Hugging Face transformers on the same model.
+
+Both engines get the same chat-templated prompts (token ids from memlm's tokenizer), decode
+greedily and are forced to emit exactly `new_tokens` tokens (memlm: `ignore_eos`, transformers:
+`min_new_tokens`). Every (engine, batch) pair runs in a fresh "spawn" child process, one after
+the other, so the peak RSS reported for it is that engine's alone and no two measurements share
+the CPU. In each child:
+
+* one short warm-up generation;
+* `repeats` times: a prefill run (`max_new_tokens=1`) and a full run (`new_tokens`);
+* prefill tok/s = real (unpadded) prompt tokens / best prefill time;
+  decode tok/s  = batch * (new_tokens - 1) / (best full time - best prefill time).
+
+memlm runs in the requested dtype (int8 by default: dynamic int8 linears); transformers always
+runs in float32, the reference. With a non-float32 dtype the benchmark also measures what the
+dtype costs in quality, in another child: greedy agreement with memlm float32 on the prompts,
+and perplexity of both on a public-domain text sample (`sample.txt`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
+ENGINES = ("memlm", "hf")
+PPL_WINDOW = 256
+
+# Varied natural requests: short and long, factual, creative, code, reasoning.
+PROMPTS = [
+    "What is the capital of France, and what is it famous for?",
+    "Write a short poem about the ocean at night.",
+    "Explain in simple terms how a refrigerator keeps food cold.",
+    "Give me three tips for staying focused while studying for an exam.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "If a train travels 60 miles in 1.5 hours, what is its average speed? Show your reasoning.",
+    "Summarize the plot of a story about a lost dog finding its way home.",
+    "What are the main differences between a cat and a dog as pets?",
+]
+
+
+# ---- helpers (pure, unit-tested) -----------------------------------------------------------------
+
+
+def batch_prompts(prompts: Sequence[Any], batch: int) -> list[Any]:
+    """The first `batch` prompts, cycling through the list when the batch is larger than it."""
+    if batch < 1 or not prompts:
+        raise ValueError("need a batch size >= 1 and at least one prompt")
+    return [prompts[i % len(prompts)] for i in range(batch)]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt as one user turn through the model's chat template, then encoded."""
+    return [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}])) for p in prompts
+    ]
+
+
+def perplexity(model, ids: Sequence[int], window: int = PPL_WINDOW) -> float:
+    """exp(mean next-token NLL) of `ids`, scored in independent windows of `window` tokens.
+
+    Each window is one cache-less forward (`model.forward`), so every token is predicted from at
+    most `window - 1` tokens of its own window.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), window):
+            chunk = torch.tensor(ids[start : start + window], dtype=torch.long)[None]
+            if chunk.shape[1] < 2:
+                continue
+            positions = torch.arange(chunk.shape[1])[None]
+            logits = model.logits(model(model.embed(chunk), positions))
+            total += F.cross_entropy(logits[0, :-1].float(), chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+    if count == 0:
+        raise ValueError("perplexity needs at least two tokens")
+    return math.exp(total / count)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def greedy_agreement(
+    outputs: Sequence[Sequence[int]], reference: Sequence[Sequence[int]], new_tokens: int
+) -> tuple[float, float]:
+    """-> (fraction of outputs identical to their reference, mean common prefix / new_tokens)."""
+    if len(outputs) != len(reference) or not outputs:
+        raise ValueError("need the same, non-zero number of outputs and references")
+    identical = sum(list(a) == list(b) for a, b in zip(outputs, reference)) / len(outputs)
+    prefix = sum(common_prefix(a, b) for a, b in zip(outputs, reference)) / (len(outputs) * new_tokens)
+    return identical, prefix
+
+
+def decode_ratios(rows: Sequence[dict]) -> dict[str, float | None]:
+    """memlm decode tok/s / hf decode tok/s at each batch size both engines were measured at."""
+    by = {(r["engine"], r["batch"]): r["decode_tok_s"] for r in rows}
+    ratios: dict[str, float | None] = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        ours, theirs = by.get(("memlm", batch)), by.get(("hf", batch))
+        if ours is None or theirs is None:
+            continue
+        ratios[str(batch)] = round(ours / theirs, 3) if theirs > 0 else None
+    return ratios
+
+
+def build_result(
+    rows: Sequence[dict], threads: int, new_tokens: int, model: str, quality: dict | None
+) -> dict:
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    return {
+        "rows": public,
+        "ratio_decode": decode_ratios(public),
+        "threads": threads,
+        "new_tokens": new_tokens,
+        "model": model,
+        "quality": quality or {},
+    }
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over `path`.
+
+    Readers see the old file or the new one, never a half-written one; if serialising fails the
+    old file is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def cut_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """The tokens before the first end token (transformers' min_new_tokens forbids end tokens,
+    memlm's ignore_eos emits them, so the engines can only be compared up to there)."""
+    out = []
+    for t in ids:
+        if t in eos_ids:
+            break
+        out.append(t)
+    return out
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KB on Linux
+
+
+# ---- child processes -------------------------------------------------------------------------------
+
+
+def _in_child(fn: Callable, *args) -> Any:
+    """Run fn(*args) in a fresh spawned process (its own peak RSS, its own thread pool)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _best_times(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tuple[float, float, Any]:
+    """-> (best prefill seconds, best full-run seconds, the full run's output)."""
+    run(min(4, new_tokens))  # warm-up: allocator, oneDNN/fbgemm kernels, lazy inits
+    prefill, full, output = math.inf, math.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        output = run(new_tokens)
+        t2 = time.perf_counter()
+        prefill, full = min(prefill, t1 - t0), min(full, t2 - t1)
+    return prefill, full, output
+
+
+def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, threads: int, repeats: int):
+    """Child: measure one engine at one batch size. Returns a result row plus its outputs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import memlm
+
+    if engine == "memlm":
+        mm = memlm.load(model, dtype=dtype)
+        prompt_ids = encode_prompts(mm.tokenizer, batch_prompts(PROMPTS, batch))
+        eos_ids = sorted(mm.eos_ids)
+
+        def run(n: int):
+            params = memlm.SamplingParams(max_new_tokens=n, ignore_eos=True)
+            return [c.token_ids for c in mm.generate_tokens(prompt_ids, params)]
+
+    elif engine == "hf":
+        # Only memlm's tokenizer is loaded here (same prompt ids for both engines): peak RSS is a
+        # high-water mark, and loading memlm's model first would count it against transformers.
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        from memlm.models.loading import resolve
+        from memlm.tokenizer import Tokenizer
+
+        transformers.logging.set_verbosity_error()
+        _, folder = resolve(model)
+        prompt_ids = encode_prompts(Tokenizer.from_folder(folder), batch_prompts(PROMPTS, batch))
+        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        eos = hf.generation_config.eos_token_id
+        eos_ids = sorted(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        pad = eos_ids[0] if eos_ids else 0
+        longest = max(len(p) for p in prompt_ids)
+        input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompt_ids])  # left padding
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompt_ids])
+
+        def run(n: int):
+            with torch.inference_mode():
+                out = hf.generate(
+                    input_ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                    pad_token_id=pad,
+                )
+            return out[:, longest:].tolist()
+
+    else:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+    prefill, full, outputs = _best_times(run, new_tokens, repeats)
+    prompt_tokens = sum(len(p) for p in prompt_ids)
+    decode_time = full - prefill
+    return {
+        "engine": engine,
+        "batch": batch,
+        "dtype": dtype if engine == "memlm" else "float32",
+        "prefill_tok_s": round(prompt_tokens / prefill, 2),
+        "decode_tok_s": round(batch * (new_tokens - 1) / decode_time, 2) if decode_time > 0 else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "_outputs": outputs,
+        "_eos_ids": eos_ids,
+    }
+
+
+def _quality(model: str, dtype: str, new_tokens: int, threads: int) -> dict:
+    """Child: what `dtype` costs against float32 (greedy agreement, perplexity on sample.txt)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import memlm
+
+    text = SAMPLE_TEXT.read_text(encoding="utf-8")
+    params = memlm.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    results = {}
+    for d in ("float32", dtype):
+        engine = memlm.load(model, dtype=d)
+        prompt_ids = encode_prompts(engine.tokenizer, PROMPTS)
+        outputs = [c.token_ids for c in engine.generate_tokens(prompt_ids, params)]
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        results[d] = (outputs, perplexity(engine.model, ids))
+        del engine
+    (ref, ppl_ref), (outs, ppl) = results["float32"], results[dtype]
+    identical, prefix = greedy_agreement(outs, ref, new_tokens)
+    return {
+        "ppl_float32": round(ppl_ref, 4),
+        f"ppl_{dtype}": round(ppl, 4),
+        "ppl_delta": round(ppl - ppl_ref, 4),
+        "greedy_identical_frac": round(identical, 4),
+        "greedy_prefix_frac": round(prefix, 4),
+    }
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+
+def print_report(result: dict, console, cross_check: dict[int, tuple[float, float]] | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"decode benchmark: {result['model']}, {result['new_tokens']} new tokens, "
+        f"{result['threads']} threads, greedy"
+    )
+    for name in ("engine", "batch", "dtype", "prefill tok/s", "decode tok/s", "peak RSS MB"):
+        table.add_column(name, justify="left" if name in ("engine", "dtype") else "right")
+    for r in result["rows"]:
+        decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+        table.add_row(
+            r["engine"], str(r["batch"]), r["dtype"], f"{r['prefill_tok_s']:.1f}", decode,
+            f"{r['peak_rss_mb']:.0f}",
+        )
+    console.print(table)
+    ratios = ", ".join(
+        f"batch {b}: {'-' if x is None else f'{x:.2f}x'}" for b, x in result["ratio_decode"].items()
+    )
+    console.print(f"decode speed memlm / hf: {ratios}")
+    if cross_check:
+        for batch, (identical, prefix) in cross_check.items():
+            console.print(
+                f"memlm vs hf greedy outputs (batch {batch}, up to the first end token): "
+                f"{identical:.0%} identical, mean common prefix {prefix:.0%}"
+            )
+    q = result.get("quality") or {}
+    if q:
+        dtype = next(k[4:] for k in q if k.startswith("ppl_") and k not in ("ppl_float32", "ppl_delta"))
+        console.print(
+            f"quality {dtype} vs float32: perplexity {q['ppl_float32']:.3f} -> {q[f'ppl_{dtype}']:.3f} "
+            f"(delta {q['ppl_delta']:+.3f}) on {SAMPLE_TEXT.name}"
+        )
+        console.print(
+            f"greedy agreement with float32 ({result['new_tokens']} tokens, {len(PROMPTS)} prompts): "
+            f"{q['greedy_identical_frac']:.0%} identical, mean common prefix {q['greedy_prefix_frac']:.0%}"
+        )
+
+
+def _cross_check(rows: Sequence[dict], new_tokens: int) -> dict[int, tuple[float, float]]:
+    """Greedy memlm outputs against transformers' at each batch, compared up to memlm's first end
+    token (the engines were told different things about end tokens)."""
+    by = {(r["engine"], r["batch"]): r for r in rows}
+    out = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        ours, ref = by.get(("memlm", batch)), by.get(("hf", batch))
+        if ours is None or ref is None:
+            continue
+        identical = prefix_sum = 0.0
+        for a, b in zip(ours["_outputs"], ref["_outputs"]):
+            a = cut_at_eos(a, ours["_eos_ids"])
+            b = b[: len(a)]
+            identical += a == b
+            prefix_sum += common_prefix(a, b) / max(1, len(a))
+        n = len(ours["_outputs"])
+        out[batch] = (identical / n, prefix_sum / n)
+    return out
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+
+
+def run_decode_bench(
+    model: str = "smollm2-135m-instruct",
+    batch_sizes: Sequence[int] = (1, 8),
+    new_tokens: int = 64,
+    threads: int = 2,
+    dtype: str = "int8",
+    json_path: str | None = None,
+    quality: bool = True,
+    console=None,
+    repeats: int = 3,
+) -> dict:
+    """Measure memlm (in `dtype`) and transformers (float32) decoding; return (and optionally
+    write) the result dict described in bench/README.md."""
+    from memlm.models.loading import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 (decode speed is measured past the first token)")
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("batch sizes must be >= 1")
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+
+    rows = []
+    for engine in ENGINES:
+        for batch in batch_sizes:
+            label = f"{engine} ({dtype if engine == 'memlm' else 'float32'})"
+            console.print(f"[dim]measuring {label}, batch {batch} ...[/dim]")
+            rows.append(_in_child(_measure, engine, model, dtype, batch, new_tokens, threads, repeats))
+
+    q = None
+    if quality and dtype != "float32":
+        console.print(f"[dim]measuring quality of {dtype} against float32 ...[/dim]")
+        q = _in_child(_quality, model, dtype, new_tokens, threads)
+
+    result = build_result(rows, threads, new_tokens, model, q)
+    print_report(result, console, _cross_check(rows, new_tokens))
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
+    return result

@@ -1,0 +1,137 @@
+"""Shared fixtures: tiny random models (with their Hugging Face twins) and the embedded model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlm.models.config import ModelConfig
+from memlm.models.weights import build_model
+
+# One cache for the whole run; CI may point MEMLM_HOME elsewhere.
+os.environ.setdefault("MEMLM_HOME", str(Path.home() / ".cache" / "memlm"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def hf_tiny(arch: str = "llama", seed: int = 0, **overrides):
+    """A random transformers model of the given architecture, in eval mode."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **overrides})
+    model = model_cls(config).eval()
+    # Random init leaves norms at 1 and biases at 0: perturb them so the test sees their use.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def memlm_twin(hf_model):
+    """memlm's model built from a transformers model's config and weights."""
+    cfg = ModelConfig.from_hf(hf_model.config.to_dict())
+    return build_model(cfg, {k: v.clone() for k, v in hf_model.state_dict().items()})
+
+
+def tiny_memlm(seed: int = 0, **overrides):
+    """A random memlm model without transformers (fast unit tests)."""
+    torch.manual_seed(seed)
+    fields = dict(
+        arch="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+    )
+    cfg = ModelConfig(**{**fields, **overrides})
+    from memlm.models.llama import LlamaModel
+
+    model = LlamaModel(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def embedded_engine():
+    import memlm
+
+    return memlm.load()
+
+
+@pytest.fixture(scope="session")
+def embedded_folder(embedded_engine) -> Path:
+    from memlm.models.loading import resolve
+
+    return resolve("smollm2-135m-instruct")[1]
+
+
+@pytest.fixture(scope="session")
+def memlm_cli():
+    """The memlm console script of the environment running the tests."""
+    exe = Path(sys.executable).with_name("memlm")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "memlm"]
+
+
+def byte_tokenizer():
+    """A real byte-level BPE tokenizer with no merges: one token per UTF-8 byte (ids 0-255), plus
+    <eos> = 256. Multi-byte characters span several tokens, which is what streaming must handle."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from memlm.tokenizer import Tokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    backend = Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<eos>", special=True)])
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    return Tokenizer(backend, chat_template=template, eos_token="<eos>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tiny_engine(seed: int = 0, **overrides):
+    """An Engine on a random 2-layer model with the byte tokenizer (vocab 257)."""
+    from memlm.generation.engine import Engine
+
+    model = tiny_memlm(seed, vocab_size=257, eos_token_ids=(256,), **overrides)
+    return Engine(model, byte_tokenizer(), name="tiny")
