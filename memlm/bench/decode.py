@@ -91,7 +91,7 @@ def perplexity(model, ids: Sequence[int], window: int = PPL_WINDOW) -> float:
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -104,8 +104,9 @@ def greedy_agreement(
     """-> (fraction of outputs identical to their reference, mean common prefix / new_tokens)."""
     if len(outputs) != len(reference) or not outputs:
         raise ValueError("need the same, non-zero number of outputs and references")
-    identical = sum(list(a) == list(b) for a, b in zip(outputs, reference)) / len(outputs)
-    prefix = sum(common_prefix(a, b) for a, b in zip(outputs, reference)) / (len(outputs) * new_tokens)
+    pairs = list(zip(outputs, reference, strict=True))
+    identical = sum(list(a) == list(b) for a, b in pairs) / len(pairs)
+    prefix = sum(common_prefix(a, b) for a, b in pairs) / (len(pairs) * new_tokens)
     return identical, prefix
 
 
@@ -239,7 +240,11 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
         def run(n: int):
             with torch.inference_mode():
                 out = hf.generate(
-                    input_ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                    input_ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
                     pad_token_id=pad,
                 )
             return out[:, longest:].tolist()
@@ -305,7 +310,11 @@ def print_report(result: dict, console, cross_check: dict[int, tuple[float, floa
     for r in result["rows"]:
         decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
         table.add_row(
-            r["engine"], str(r["batch"]), r["dtype"], f"{r['prefill_tok_s']:.1f}", decode,
+            r["engine"],
+            str(r["batch"]),
+            r["dtype"],
+            f"{r['prefill_tok_s']:.1f}",
+            decode,
             f"{r['peak_rss_mb']:.0f}",
         )
     console.print(table)
@@ -342,11 +351,11 @@ def _cross_check(rows: Sequence[dict], new_tokens: int) -> dict[int, tuple[float
         if ours is None or ref is None:
             continue
         identical = prefix_sum = 0.0
-        for a, b in zip(ours["_outputs"], ref["_outputs"]):
+        for a, b in zip(ours["_outputs"], ref["_outputs"], strict=True):
             a = cut_at_eos(a, ours["_eos_ids"])
             b = b[: len(a)]
             identical += a == b
-            prefix_sum += common_prefix(a, b) / max(1, len(a))
+            prefix_sum += common_prefix(a, b) / len(a) if a else 1.0
         n = len(ours["_outputs"])
         out[batch] = (identical / n, prefix_sum / n)
     return out
