@@ -72,9 +72,11 @@ class Tokenizer:
             raise ModelFormatError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
         if pre not in ("default", "gpt2", "smollm"):
             raise ModelFormatError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt2, smollm)")
-        tokens: list[str] = fields["tokenizer.ggml.tokens"]
+        tokens: list[str] = fields.get("tokenizer.ggml.tokens") or []
+        if not tokens:
+            raise ModelFormatError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
         types: list[int] = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
         backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         if pre == "smollm":  # llama.cpp's smollm pre-type: every digit is its own word

@@ -29,7 +29,7 @@ def test_greedy_matches_transformers_single_and_batched(arch):
     hf, engine = _hf_engine_pair(arch)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 17, 9)]
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=24, min_new_tokens=24)
     for p in prompts:
         assert engine.generate_tokens([p], params)[0].token_ids == _hf_greedy(hf, [p], 24)[0]
     batched = [c.token_ids for c in engine.generate_tokens(prompts, params)]
@@ -68,11 +68,13 @@ def test_eos_and_stop_strings_finish_each_sequence():
     assert by_token.token_ids == free.token_ids[: first + 1] and by_token.stop_reason == token
 
 
-def test_eos_token_finishes_with_stop():
+def test_eos_token_finishes_with_stop_unless_min_new_tokens():
     engine = tiny_engine()
     engine.model.lm_head.weight[256] += 50.0  # make <eos> (id 256) the greedy choice
     c = engine.generate("xyz", SamplingParams(max_new_tokens=10))
     assert c.token_ids == [256] and c.finish_reason == "stop" and c.stop_reason == 256 and c.text == ""
+    c = engine.generate("xyz", SamplingParams(max_new_tokens=10, min_new_tokens=4))
+    assert len(c.token_ids) == 5 and 256 not in c.token_ids[:4] and c.token_ids[4] == 256
 
 
 def test_stream_concatenates_to_generate_and_never_shows_stop_string():

@@ -221,6 +221,7 @@ class Engine:
         active = list(requests)
         sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
         while True:
+            logits = self._suppress_early_end(logits, active)
             tokens = sampler(logits, seen)
             deltas, keep = [], []
             for row, (r, token) in enumerate(zip(active, tokens.tolist())):
@@ -244,6 +245,18 @@ class Engine:
             hidden = model(model.embed(tokens[:, None]), next_position, cache)
             logits = model.logits(hidden[:, -1])
             next_position = next_position + 1
+
+
+    def _suppress_early_end(self, logits: torch.Tensor, active: list[_Request]) -> torch.Tensor:
+        """Mask end tokens for rows still short of min_new_tokens (as transformers' min_new_tokens)."""
+        rows = [i for i, r in enumerate(active) if len(r.output_ids) < r.params.min_new_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for row in rows:
+            ends = list(self.eos_ids | set(active[row].params.stop_token_ids))
+            logits[row, ends] = float("-inf")
+        return logits
 
 
 def _fields(p: SamplingParams) -> dict:

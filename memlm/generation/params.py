@@ -17,6 +17,7 @@ class SamplingParams:
     """
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # end tokens (EOS, stop_token_ids) are masked out until this many
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -39,6 +40,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InvalidRequestError("min_new_tokens must be between 0 and max_new_tokens")
         if not self.temperature >= 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
