@@ -32,8 +32,14 @@ def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty
     from memlm.generation.params import SamplingParams
 
     return SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=list(stop or []),
+        seed=seed,
     )
 
 
@@ -193,8 +199,13 @@ def bench_decode(
     from memlm.bench.decode import run_decode_bench
 
     run_decode_bench(
-        model=model, batch_sizes=sizes, new_tokens=new_tokens, threads=threads, dtype=dtype,
-        json_path=json_path, quality=quality,
+        model=model,
+        batch_sizes=sizes,
+        new_tokens=new_tokens,
+        threads=threads,
+        dtype=dtype,
+        json_path=json_path,
+        quality=quality,
     )
 
 

@@ -59,8 +59,15 @@ def tiny_memlm(seed: int = 0, **overrides):
     """A random memlm model without transformers (fast unit tests)."""
     torch.manual_seed(seed)
     fields = dict(
-        arch="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+        arch="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
     )
     cfg = ModelConfig(**{**fields, **overrides})
     from memlm.models.llama import LlamaModel
@@ -116,8 +123,8 @@ def byte_tokenizer():
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     table, extra = {}, 0
     for b in range(256):

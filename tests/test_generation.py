@@ -45,7 +45,7 @@ def test_batched_equals_one_by_one_with_mixed_params_and_early_finish():
         SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, seed=11, repetition_penalty=1.2),
     ]
     batched = engine.generate(prompts, params)
-    for prompt, p, got in zip(prompts, params, batched):
+    for prompt, p, got in zip(prompts, params, batched, strict=True):
         alone = engine.generate(prompt, p)
         assert got.token_ids == alone.token_ids and got.text == alone.text
     assert [len(c.token_ids) for c in batched] == [3, 20, 12]
@@ -70,7 +70,10 @@ def test_eos_and_stop_strings_finish_each_sequence():
 
 def test_eos_token_finishes_with_stop_unless_min_new_tokens():
     engine = tiny_engine()
-    engine.model.lm_head.weight[256] += 50.0  # make <eos> (id 256) the greedy choice
+    logits = engine.model.logits
+    boost = torch.zeros(257)
+    boost[256] = 100.0
+    engine.model.logits = lambda hidden: logits(hidden) + boost  # <eos> (id 256) always wins
     c = engine.generate("xyz", SamplingParams(max_new_tokens=10))
     assert c.token_ids == [256] and c.finish_reason == "stop" and c.stop_reason == 256 and c.text == ""
     c = engine.generate("xyz", SamplingParams(max_new_tokens=10, min_new_tokens=4))

@@ -13,12 +13,26 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 # Which tensors get which storage type: covers every type the issue asks for.
-STORAGE = {"attn_q": Q.F32, "attn_k": Q.F16, "attn_v": Q.Q8_0, "attn_output": Q.Q4_1,
-           "ffn_gate": Q.Q8_0, "ffn_up": Q.Q4_1, "ffn_down": Q.F16, "token_embd": Q.Q8_0, "output": Q.Q4_1}
+STORAGE = {
+    "attn_q": Q.F32,
+    "attn_k": Q.F16,
+    "attn_v": Q.Q8_0,
+    "attn_output": Q.Q4_1,
+    "ffn_gate": Q.Q8_0,
+    "ffn_up": Q.Q4_1,
+    "ffn_down": Q.F16,
+    "token_embd": Q.Q8_0,
+    "output": Q.Q4_1,
+}
 HF_TO_GGUF = {
-    "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
-    "self_attn.o_proj.weight": "attn_output", "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
-    "mlp.down_proj.weight": "ffn_down", "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "attn_q",
+    "self_attn.k_proj.weight": "attn_k",
+    "self_attn.v_proj.weight": "attn_v",
+    "self_attn.o_proj.weight": "attn_output",
+    "mlp.gate_proj.weight": "ffn_gate",
+    "mlp.up_proj.weight": "ffn_up",
+    "mlp.down_proj.weight": "ffn_down",
+    "input_layernorm.weight": "attn_norm",
     "post_attention_layernorm.weight": "ffn_norm",
 }
 
@@ -70,7 +84,10 @@ def write_tiny_gguf(path, hf_model, chat_template="{{ messages[0]['content'] }}"
             heads = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
             array = _permute(array, heads)
         kind = Q.F32 if array.ndim == 1 else STORAGE[name.split(".")[-2]]
-        data = array.astype(np.float16) if kind == Q.F16 else gguf.quants.quantize(array, kind) if kind != Q.F32 else array
+        if kind == Q.F16:
+            data = array.astype(np.float16)
+        else:
+            data = array if kind == Q.F32 else gguf.quants.quantize(array, kind)
         w.add_tensor(name, data, raw_dtype=kind if kind not in (Q.F32, Q.F16) else None)
         stored[name] = (data, kind)
     w.write_header_to_file()
@@ -100,11 +117,16 @@ def test_every_tensor_equals_the_gguf_reference_dequantization(tiny_gguf):
             ours = torch.from_numpy(_permute(ours.numpy(), heads))
         np.testing.assert_array_equal(ours.numpy(), reference, err_msg=hf_name)
     # F32 tensors round-trip exactly, permutation included.
-    torch.testing.assert_close(weights["model.layers.0.self_attn.q_proj.weight"],
-                               original["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        weights["model.layers.0.self_attn.q_proj.weight"],
+        original["model.layers.0.self_attn.q_proj.weight"],
+        rtol=0,
+        atol=0,
+    )
     # Quantized ones are close to the original (the quantization error of each type).
-    torch.testing.assert_close(weights["model.layers.1.mlp.up_proj.weight"],
-                               original["model.layers.1.mlp.up_proj.weight"], atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        weights["model.layers.1.mlp.up_proj.weight"], original["model.layers.1.mlp.up_proj.weight"], atol=0.05, rtol=0
+    )
 
 
 def test_gguf_model_runs_and_matches_its_dequantized_weights(tiny_gguf):

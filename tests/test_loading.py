@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from test_gguf import write_tiny_gguf
 
 from conftest import hf_tiny
 from memlm.errors import ModelFormatError, ModelNotFoundError
 from memlm.models import loading
 from memlm.models.loading import EmbeddedModel, load_model, resolve
-from test_gguf import write_tiny_gguf
 
 
 @pytest.fixture
@@ -29,8 +29,12 @@ def test_first_load_converts_once_into_the_cache(fake_embedded, monkeypatch):
     first = load_model("tiny-test")
     target = fake_embedded / "tiny-test"
     assert sorted(p.name for p in target.iterdir()) == [
-        "config.json", "generation_config.json", "memlm_source.json", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+        "memlm_source.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert [p.name for p in fake_embedded.iterdir()] == ["tiny-test"]  # no temporary leftovers
     # The second load reads the cache: the GGUF reader must not run again.
@@ -68,8 +72,9 @@ def test_hf_folder_loads_and_bad_folders_fail_clearly(tmp_path, embedded_folder)
     assert m.model.config.arch == "qwen2" and m.model.config.qkv_bias
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
-        torch.testing.assert_close(m.model.logits(m.model(m.model.embed(ids), torch.arange(9)[None])), hf(ids).logits,
-                                   atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            m.model.logits(m.model(m.model.embed(ids), torch.arange(9)[None])), hf(ids).logits, atol=2e-5, rtol=1e-4
+        )
     (folder / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(ModelFormatError, match="cannot read"):
         load_model(str(folder))

@@ -10,7 +10,10 @@ ROPE_VARIANTS = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 2.0},
     "llama3": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32,
     },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
@@ -59,8 +62,13 @@ def test_qk_norm_and_bias_are_used():
 
 def test_legacy_config_dialect():
     legacy = {
-        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 5e5,
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "rope_theta": 5e5,
         "rope_scaling": {"type": "linear", "factor": 4.0},
     }
     cfg = ModelConfig.from_hf(legacy)

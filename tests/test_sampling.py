@@ -77,8 +77,16 @@ def test_repetition_penalty_matches_transformers():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0),
-     dict(min_p=2.0), dict(repetition_penalty=0.0), dict(stop=[""])],
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(max_new_tokens=0),
+        dict(min_p=2.0),
+        dict(repetition_penalty=0.0),
+        dict(stop=[""]),
+    ],
 )
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(InvalidRequestError):

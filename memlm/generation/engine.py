@@ -80,9 +80,7 @@ class _Request:
         self.text += self.detokenizer.flush()
 
     def completion(self) -> Completion:
-        return Completion(
-            self.index, self.text, self.output_ids, self.prompt_ids, self.finish_reason, self.stop_reason
-        )
+        return Completion(self.index, self.text, self.output_ids, self.prompt_ids, self.finish_reason, self.stop_reason)
 
 
 class Engine:
@@ -173,7 +171,7 @@ class Engine:
             raise InvalidRequestError(f"{len(prompt_ids)} prompts but {len(params)} sampling params")
         limit = self.config.max_position_embeddings
         requests = []
-        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+        for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
             p.validate()
             if not ids:
                 raise InvalidRequestError("prompt is empty")
@@ -187,9 +185,8 @@ class Engine:
             if not p.greedy:
                 generator = torch.Generator(device=self.model.device)
                 generator.manual_seed(p.seed if p.seed is not None else torch.seed())
-            requests.append(
-                _Request(i, list(ids), p, self.eos_ids, IncrementalDetokenizer(self.tokenizer), StopMatcher(p.stop), generator)
-            )
+            detokenizer = IncrementalDetokenizer(self.tokenizer)
+            requests.append(_Request(i, list(ids), p, self.eos_ids, detokenizer, StopMatcher(p.stop), generator))
         return requests
 
     @torch.inference_mode()
@@ -224,7 +221,7 @@ class Engine:
             logits = self._suppress_early_end(logits, active)
             tokens = sampler(logits, seen)
             deltas, keep = [], []
-            for row, (r, token) in enumerate(zip(active, tokens.tolist())):
+            for row, (r, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
                 text = r.append(token)
                 if text or r.finish_reason:
                     deltas.append(StreamDelta(r.index, text, r.finish_reason))
@@ -245,7 +242,6 @@ class Engine:
             hidden = model(model.embed(tokens[:, None]), next_position, cache)
             logits = model.logits(hidden[:, -1])
             next_position = next_position + 1
-
 
     def _suppress_early_end(self, logits: torch.Tensor, active: list[_Request]) -> torch.Tensor:
         """Mask end tokens for rows still short of min_new_tokens (as transformers' min_new_tokens)."""

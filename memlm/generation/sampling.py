@@ -37,7 +37,7 @@ class BatchSampler:
             return logits.argmax(dim=-1)
         probs, order = self.filtered_probs(logits)
         picks = torch.empty(len(self.params), dtype=torch.long, device=logits.device)
-        for row, (p, gen) in enumerate(zip(self.params, self.generators)):
+        for row, (p, gen) in enumerate(zip(self.params, self.generators, strict=True)):
             if p.greedy:
                 picks[row] = 0  # the sorted order puts the argmax first
             else:

@@ -50,9 +50,7 @@ class ModelConfig:
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in _ARCHES:
-            raise ModelFormatError(
-                f"unsupported model_type {model_type!r}; memlm runs {', '.join(sorted(_ARCHES))}"
-            )
+            raise ModelFormatError(f"unsupported model_type {model_type!r}; memlm runs {', '.join(sorted(_ARCHES))}")
         if d.get("use_sliding_window"):
             raise ModelFormatError("sliding-window attention configs are not supported yet")
         shape = _ARCHES[model_type]

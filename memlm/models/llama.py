@@ -54,9 +54,7 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, chunk, -1))
 
 
@@ -110,9 +108,7 @@ class LlamaModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
-    def forward(
-        self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Run [B, T, d] embeddings at positions [B, T] (negative = right padding) -> hidden [B, T, d].
 
         With a cache, the chunk is appended to each row's history; without one, the chunk is a

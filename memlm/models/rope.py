@@ -29,9 +29,7 @@ def rope_frequencies(
         return _llama3(inv_freq, scaling), 1.0
     if rope_type == "yarn":
         return _yarn(head_dim, theta, scaling, max_positions)
-    raise ModelFormatError(
-        f"unsupported rope_type {rope_type!r} (memlm supports default, linear, llama3, yarn)"
-    )
+    raise ModelFormatError(f"unsupported rope_type {rope_type!r} (memlm supports default, linear, llama3, yarn)")
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:

