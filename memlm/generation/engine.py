@@ -213,7 +213,8 @@ class Engine:
         seen = None
         if any(r.params.repetition_penalty != 1.0 for r in requests):
             seen = torch.zeros(batch, self.config.vocab_size, dtype=torch.bool, device=device)
-            seen.scatter_(1, ids, positions >= 0)
+            for row, r in enumerate(requests):
+                seen[row, r.prompt_ids] = True
 
         active = list(requests)
         sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
