@@ -53,6 +53,8 @@ class _MaskedCache(KVCache):
 
     def begin(self, positions):
         mask = super().begin(positions)
+        if mask is None:  # "attend to everything" made explicit, so slots can be hidden
+            mask = torch.ones(positions.shape[0], 1, positions.shape[1], self._step.width, dtype=torch.bool)
         for slot in self.hidden:
             mask[..., slot] = False
         return mask
@@ -81,6 +83,17 @@ def test_compaction_equals_attention_over_kept_tokens():
     # And eviction changed the answer: the evicted tokens really are gone.
     full = _full_logits(model, torch.cat([ids, torch.tensor([[5, 77, 31]])], dim=1))[:, -1]
     assert not torch.allclose(got[:, -1], full, atol=1e-3)
+
+
+def test_mask_is_skipped_only_when_every_query_sees_every_slot():
+    cache = KVCache(num_layers=1, batch_size=2, num_kv_heads=1, head_dim=2, capacity=8)
+    assert cache.begin(torch.tensor([[0, 1], [0, 1]])) is not None  # causal within the chunk
+    cache.end()
+    assert cache.begin(torch.tensor([[2], [2]])) is None  # equal lengths, one token each
+    cache.end()
+    cache.compact(1, torch.tensor([0, 2]))  # rows now differ in length
+    mask = cache.begin(torch.tensor([[3], [3]]))
+    assert mask.tolist() == [[[[True, True, True, True]]], [[[True, True, True, False]]]]
 
 
 def test_select_rows_and_growth():

@@ -84,8 +84,9 @@ class KVCache:
 
     # ---- one forward pass --------------------------------------------------------------------
 
-    def begin(self, positions: torch.Tensor) -> torch.Tensor:
-        """Claim slots for a chunk of new tokens; return the boolean mask [B, 1, T, width].
+    def begin(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Claim slots for a chunk of new tokens; return the boolean mask [B, 1, T, width], or None
+        when nothing needs masking (attention kernels are much faster without a mask).
 
         `positions` is [B, T]; a negative position marks right-padding (the row has fewer new
         tokens than the longest row). Padding is written to slots past the row's length and is
@@ -99,6 +100,8 @@ class KVCache:
         rows = torch.arange(batch, device=positions.device)[:, None].expand(batch, chunk)
         self.positions[rows, slots] = positions
         self._step = _Step(rows=rows, slots=slots, width=width, real=(positions >= 0).sum(1))
+        if chunk == 1 and width == int(self.lengths.min()) + 1:
+            return None  # one new token per row and equal lengths: every query sees every slot
         # A query at slot s sees every live slot <= s: its own row's history plus the chunk so far.
         keys = torch.arange(width, device=positions.device)
         return (keys[None, None, :] <= slots[:, :, None])[:, None]

@@ -44,17 +44,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         batch, chunk, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(batch, chunk, self.num_heads, self.head_dim)
-        k = k.view(batch, chunk, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, chunk, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x)
+        # Queries and keys are rotated together: one RoPE application per layer, not two.
+        qk = qkv[..., : self.split[0] + self.split[1]].view(batch, chunk, heads + kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :, :heads]), self.k_norm(qk[:, :, heads:])), dim=2)
+        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split((heads, kv_heads), dim=1)
+        v = qkv[..., self.split[0] + self.split[1] :].view(batch, chunk, kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, chunk, -1))
 
 

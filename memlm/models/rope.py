@@ -79,17 +79,22 @@ def _yarn(head_dim: int, theta: float, s: dict[str, Any], max_positions: int) ->
 def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [B, 1, T, head_dim] for integer positions [B, T] (padding may be negative)."""
+    """Tables of shape [B, 1, T, head_dim] for integer positions [B, T] (padding may be negative).
+
+    Returns (cos, signed_sin), where signed_sin = [-sin, sin] over the two halves: the sign of the
+    half-split rotation folded into the table once per forward instead of into every layer.
+    """
     freqs = positions.clamp(min=0)[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = freqs.cos(), freqs.sin()
     if attention_scaling != 1.0:
         cos, sin = cos * attention_scaling, sin * attention_scaling
-    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    cos, signed_sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return cos.to(dtype)[:, None], signed_sin.to(dtype)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, D] by the half-split convention used by Hugging Face checkpoints."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by the half-split convention of Hugging Face checkpoints.
+
+    rotate_half(x) * sin == roll(x, D/2) * signed_sin: one roll instead of slice, negate, concat.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
