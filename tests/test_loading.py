@@ -93,11 +93,22 @@ def test_unknown_names_and_paths(tmp_path):
         resolve(str(text))
 
 
-def test_int8_model_stays_close_to_float32(fake_embedded):
+def test_int8_decodes_in_int8_and_prefills_in_float32(fake_embedded):
+    from memlm.cache.kv_cache import KVCache
+
     fp32, int8 = load_model("tiny-test"), load_model("tiny-test", dtype="int8")
     ids = torch.randint(0, 257, (1, 16))
-    a = fp32.model.logits(fp32.model(fp32.model.embed(ids), torch.arange(16)[None]))
-    b = int8.model.logits(int8.model(int8.model.embed(ids), torch.arange(16)[None]))
-    assert not torch.equal(a, b)  # really quantized
+    positions = torch.arange(16)[None]
+    outputs = {}
+    for name, m in (("fp32", fp32.model), ("int8", int8.model)):
+        cache = KVCache.for_model(m.config, 1, capacity=17)
+        prefill = m.logits(m(m.embed(ids), positions, cache))
+        step = m.logits(m(m.embed(torch.tensor([[7]])), torch.tensor([[16]]), cache))
+        outputs[name] = prefill, step
+    # A multi-token chunk runs the fp32 weights: the prompt's logits and cache are exact.
+    assert torch.equal(outputs["fp32"][0], outputs["int8"][0])
+    # A single-token step runs int8: close to fp32, but really quantized.
+    a, b = outputs["fp32"][1], outputs["int8"][1]
+    assert not torch.equal(a, b)
     assert (a - b).abs().max() < 0.1 * a.abs().max()
     assert int8.num_parameters == fp32.num_parameters

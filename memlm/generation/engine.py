@@ -207,7 +207,8 @@ class Engine:
         ids, positions = ids.to(device), positions.to(device)
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         hidden = model(model.embed(ids), positions, cache)
-        logits = model.logits(hidden[torch.arange(batch, device=device), lengths - 1])
+        # Shaped [B, 1, d] like a decode step: the next token's logits are computed the same way.
+        logits = model.logits(hidden[torch.arange(batch, device=device), lengths - 1][:, None])[:, 0]
         next_position = lengths[:, None]
 
         seen = None
@@ -241,7 +242,7 @@ class Engine:
             if seen is not None:
                 seen[torch.arange(len(active), device=device), tokens] = True
             hidden = model(model.embed(tokens[:, None]), next_position, cache)
-            logits = model.logits(hidden[:, -1])
+            logits = model.logits(hidden)[:, 0]
             next_position = next_position + 1
 
     def _suppress_early_end(self, logits: torch.Tensor, active: list[_Request]) -> torch.Tensor:
