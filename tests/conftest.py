@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -58,18 +59,7 @@ def memlm_twin(hf_model):
 def tiny_memlm(seed: int = 0, **overrides):
     """A random memlm model without transformers (fast unit tests)."""
     torch.manual_seed(seed)
-    fields = dict(
-        arch="llama",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
-    cfg = ModelConfig(**{**fields, **overrides})
+    cfg = dataclasses.replace(ModelConfig.from_hf({"model_type": "llama", **TINY}), **overrides)
     from memlm.models.llama import LlamaModel
 
     model = LlamaModel(cfg).eval().requires_grad_(False)
