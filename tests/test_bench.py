@@ -2,21 +2,23 @@
 
 import json
 import math
+import os
+import time
 from io import StringIO
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_memlm
 
+from conftest import tiny_memlm
 from memlm.bench import decode
 from memlm.bench.decode import (
     PROMPTS,
     SAMPLE_TEXT,
+    CpuWatch,
     batch_prompts,
     build_result,
     common_prefix,
-    cut_at_eos,
     decode_ratios,
     greedy_agreement,
     perplexity,
@@ -36,7 +38,6 @@ def _rows():
             "decode_tok_s": decode_tok_s,
             "peak_rss_mb": 500.0,
             "_outputs": [[1, 2]] * batch,
-            "_eos_ids": [2],
         }
 
     return [row("memlm", 1, 60.0), row("memlm", 8, 200.0), row("hf", 1, 20.0), row("hf", 8, 80.0)]
@@ -56,6 +57,15 @@ def test_perplexity_is_finite_and_matches_one_forward():
     assert perplexity(model, ids[:50], window=256) == pytest.approx(expected, rel=1e-5)
 
 
+def test_incremental_perplexity_equals_one_forward():
+    """Token-by-token through the KV cache scores the same as the cache-less forward."""
+    model = tiny_memlm()
+    ids = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert perplexity(model, ids, window=40, incremental=True) == pytest.approx(
+        perplexity(model, ids, window=40), rel=1e-4
+    )
+
+
 def test_perplexity_windows_are_independent():
     """A trailing window of one token predicts nothing and must not count."""
     model = tiny_memlm()
@@ -71,8 +81,7 @@ def test_decode_ratios_and_result_shape():
     result = build_result(rows, threads=2, new_tokens=64, model="m", quality={"ppl_delta": 0.1})
     assert list(result) == ["rows", "ratio_decode", "threads", "new_tokens", "model", "quality"]
     assert all(
-        set(r) == {"engine", "batch", "dtype", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"}
-        for r in result["rows"]
+        set(r) == {"engine", "batch", "dtype", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"} for r in result["rows"]
     )
     assert result["ratio_decode"] == {"1": 3.0, "8": 2.5}
     json.dumps(result)  # serialisable as is
@@ -96,7 +105,6 @@ def test_prompt_cycling_and_agreement():
     assert batch_prompts(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
     assert len(batch_prompts(PROMPTS, 8)) == 8 and len(set(PROMPTS)) == len(PROMPTS)
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([1], [1, 2]) == 1
-    assert cut_at_eos([5, 6, 2, 7], [2]) == [5, 6]
     identical, prefix = greedy_agreement([[1, 2, 3, 4], [1, 9, 9, 9]], [[1, 2, 3, 4], [1, 2, 3, 4]], 4)
     assert identical == 0.5 and prefix == pytest.approx((4 + 1) / 8)
 
@@ -121,3 +129,28 @@ def test_report_prints():
 def test_sample_text_is_long_enough():
     text = SAMPLE_TEXT.read_text(encoding="utf-8")
     assert len(text) > 3000 and text.isascii()
+
+
+def test_cpu_watch_sees_other_processes_not_this_one():
+    import subprocess
+    import sys
+
+    watch = CpuWatch()
+    # A spinning grandchild, orphaned at once: not a child of this process, so it counts as other.
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "{spin}" >/dev/null 2>&1 &'], check=True)
+    t = time.time()
+    while time.time() - t < 0.8:  # this process spins too, and must not be reported
+        pass
+    busy = watch.busy(threshold=1.0)
+    assert not any(f"pid {os.getpid()}," in b for b in busy)
+    assert any(b.startswith("python") for b in busy), busy
+
+
+def test_bad_arguments_are_user_errors():
+    from memlm.bench.decode import run_decode_bench
+    from memlm.errors import MemlmError
+
+    for kwargs in ({"dtype": "int4"}, {"new_tokens": 1}, {"batch_sizes": (0,)}, {"threads": 0}):
+        with pytest.raises(MemlmError):
+            run_decode_bench(**kwargs)
