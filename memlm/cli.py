@@ -65,9 +65,14 @@ def generate(
     system: Annotated[str | None, typer.Option(help="System message (chat mode).")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Apply the model's chat template.")] = True,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = True,
+    kv_policy: Annotated[str, typer.Option(help="KV-cache eviction: full, window, clear, sinks, h2o, tova.")] = "full",
+    kv_budget: Annotated[int | None, typer.Option(help="Most tokens the KV cache keeps (with --kv-policy).")] = None,
 ):
     """Complete one prompt and print the result."""
+    from memlm.cache.policies import make_policy
+
     params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
+    policy = make_policy(kv_policy, kv_budget)
     if not prompt.strip():
         raise MemlmError("prompt is empty")
     engine = _load(model, dtype)
@@ -75,12 +80,12 @@ def generate(
     if chat and engine.tokenizer.chat_template:
         request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if stream:
-        for delta in engine.stream(request, params):
+        for delta in engine.stream(request, params, kv_policy=policy):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(engine.generate(request, params).text)
+        print(engine.generate(request, params, kv_policy=policy).text)
 
 
 @app.command()

@@ -23,6 +23,9 @@ def run(cli, *args, stdin=None):
         (["info", "--model", "/no/such/path.gguf"], "unknown model"),
         (["generate", "hi", "--dtype", "float7"], "unknown dtype"),
         (["bench", "decode", "--batch-sizes", "1,x"], "batch-sizes"),
+        (["generate", "hi", "--kv-policy", "lru", "--kv-budget", "64"], "unknown KV policy"),
+        (["generate", "hi", "--kv-policy", "window"], "needs a budget"),
+        (["generate", "hi", "--kv-policy", "tova", "--kv-budget", "1"], "larger than the window"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(memlm_cli, args, message):
@@ -51,6 +54,24 @@ def test_generate_prints_the_answer(memlm_cli, embedded_engine):
         result = run(memlm_cli, "generate", "What is the capital of France?", "--max-new-tokens", "16", mode)
         assert result.returncode == 0, result.stderr
         assert "Paris" in result.stdout
+
+
+@pytest.mark.embedded
+def test_generate_with_a_kv_budget(memlm_cli, embedded_engine):
+    result = run(
+        memlm_cli,
+        "generate",
+        "Count from 1 to 30.",
+        "--max-new-tokens",
+        "40",
+        "--kv-policy",
+        "sinks",
+        "--kv-budget",
+        "48",
+        "--no-stream",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
 
 
 @pytest.mark.embedded

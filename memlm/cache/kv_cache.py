@@ -37,17 +37,39 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        track_attention: bool = False,
     ):
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # Attention statistics for eviction policies, per slot, averaged over heads and layers:
+        # what every query so far paid each slot (H2O) and what the newest query paid (TOVA).
+        self.track_attention = track_attention
+        self.attention_sum = torch.zeros(batch_size, capacity, device=device) if track_attention else None
+        self.attention_last = torch.zeros(batch_size, capacity, device=device) if track_attention else None
+        self.num_layers = num_layers
         self._step: _Step | None = None
 
     @classmethod
-    def for_model(cls, config, batch_size: int, capacity: int, dtype=torch.float32, device="cpu") -> KVCache:
-        return cls(config.num_layers, batch_size, config.num_kv_heads, config.head_dim, capacity, dtype, device)
+    def for_model(
+        cls, config, batch_size: int, capacity: int, dtype=torch.float32, device="cpu", track_attention=False
+    ) -> KVCache:
+        return cls(
+            config.num_layers,
+            batch_size,
+            config.num_kv_heads,
+            config.head_dim,
+            capacity,
+            dtype,
+            device,
+            track_attention,
+        )
+
+    def _per_slot(self) -> list[str]:
+        """Names of the [batch, capacity] tensors that move with the slots."""
+        return ["positions"] + (["attention_sum", "attention_last"] if self.track_attention else [])
 
     # ---- shape -------------------------------------------------------------------------------
 
@@ -80,7 +102,9 @@ class KVCache:
         pad = (0, 0, 0, grow)  # last dim untouched, capacity dim grown
         self.k = torch.nn.functional.pad(self.k, pad)
         self.v = torch.nn.functional.pad(self.v, pad)
-        self.positions = torch.nn.functional.pad(self.positions, (0, grow), value=-1)
+        for name in self._per_slot():
+            fill = -1 if name == "positions" else 0
+            setattr(self, name, torch.nn.functional.pad(getattr(self, name), (0, grow), value=fill))
 
     # ---- one forward pass --------------------------------------------------------------------
 
@@ -113,6 +137,17 @@ class KVCache:
         self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2)
         return self.k[layer, :, :, : step.width], self.v[layer, :, :, : step.width]
 
+    def observe_attention(self, layer: int, weights: torch.Tensor) -> None:
+        """Record one layer's attention weights [B, H, T, width] of the chunk being written."""
+        step = self._step
+        received = weights.float().mean(dim=1) / self.num_layers  # [B, T, width], mean over heads and layers
+        real_queries = torch.arange(received.shape[1], device=received.device)[None, :] < step.real[:, None]
+        self.attention_sum[:, : step.width] += (received * real_queries[..., None]).sum(dim=1)
+        last = received[torch.arange(received.shape[0], device=received.device), (step.real - 1).clamp(min=0)]
+        if layer == 0:
+            self.attention_last.zero_()
+        self.attention_last[:, : step.width] += last
+
     def end(self) -> None:
         self.lengths += self._step.real
         self._step = None
@@ -125,8 +160,10 @@ class KVCache:
         n = keep.numel()
         self.k[:, row, :, :n] = self.k[:, row, :, keep]
         self.v[:, row, :, :n] = self.v[:, row, :, keep]
-        self.positions[row, :n] = self.positions[row, keep]
-        self.positions[row, n:] = -1
+        for name in self._per_slot():
+            values = getattr(self, name)
+            values[row, :n] = values[row, keep]
+            values[row, n:] = -1 if name == "positions" else 0
         self.lengths[row] = n
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
@@ -134,5 +171,6 @@ class KVCache:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
-        self.positions = self.positions.index_select(0, rows)
+        for name in self._per_slot():
+            setattr(self, name, getattr(self, name).index_select(0, rows))
         self.lengths = self.lengths.index_select(0, rows)

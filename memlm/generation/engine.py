@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlm.cache.kv_cache import KVCache
+from memlm.cache.policies import KVPolicy, RowView
 from memlm.errors import InvalidRequestError
 from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher
 from memlm.generation.params import SamplingParams
@@ -22,6 +23,7 @@ from memlm.tokenizer import Tokenizer
 
 Message = dict[str, str]
 Prompt = str | list[Message]
+PolicyArg = KVPolicy | Sequence[KVPolicy | None] | None
 
 
 @dataclass(slots=True)
@@ -32,6 +34,7 @@ class Completion:
     prompt_token_ids: list[int]
     finish_reason: str  # "stop" (end token, stop string or stop token) or "length"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    peak_kv_tokens: int = 0  # most tokens this sequence held in the KV cache at once
 
 
 @dataclass(slots=True)
@@ -50,6 +53,8 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     stops: StopMatcher
     generator: torch.Generator | None
+    kv_policy: KVPolicy | None = None
+    peak_kv_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     streamed: int = 0
@@ -80,7 +85,15 @@ class _Request:
         self.text += self.detokenizer.flush()
 
     def completion(self) -> Completion:
-        return Completion(self.index, self.text, self.output_ids, self.prompt_ids, self.finish_reason, self.stop_reason)
+        return Completion(
+            self.index,
+            self.text,
+            self.output_ids,
+            self.prompt_ids,
+            self.finish_reason,
+            self.stop_reason,
+            self.peak_kv_tokens,
+        )
 
 
 class Engine:
@@ -138,16 +151,23 @@ class Engine:
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        kv_policy: PolicyArg = None,
     ) -> Completion | list[Completion]:
-        """Complete one prompt (-> Completion) or a batch (-> list of Completions, in order)."""
+        """Complete one prompt (-> Completion) or a batch (-> list of Completions, in order).
+
+        `params` and `kv_policy` are one for all requests or one per request. A KV policy keeps
+        the request's cache under its token budget (see memlm.cache.policies)."""
         ids, single = self._batch(prompts)
-        completions = self.generate_tokens(ids, params)
+        completions = self.generate_tokens(ids, params, kv_policy)
         return completions[0] if single else completions
 
     def generate_tokens(
-        self, prompt_ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        kv_policy: PolicyArg = None,
     ) -> list[Completion]:
-        requests = self._requests(prompt_ids, params)
+        requests = self._requests(prompt_ids, params, kv_policy)
         for _ in self._run(requests):
             pass
         return [r.completion() for r in requests]
@@ -156,22 +176,27 @@ class Engine:
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        kv_policy: PolicyArg = None,
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as they become final; each request's last delta carries its finish_reason."""
         ids, _ = self._batch(prompts)
-        for deltas in self._run(self._requests(ids, params)):
+        for deltas in self._run(self._requests(ids, params, kv_policy)):
             yield from deltas
 
     # ---- the loop --------------------------------------------------------------------------------
 
-    def _requests(self, prompt_ids, params) -> list[_Request]:
+    def _requests(self, prompt_ids, params, kv_policy: PolicyArg = None) -> list[_Request]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompt_ids)
-        if len(params) != len(prompt_ids):
-            raise InvalidRequestError(f"{len(prompt_ids)} prompts but {len(params)} sampling params")
+        if kv_policy is None or isinstance(kv_policy, KVPolicy):
+            kv_policy = [kv_policy] * len(prompt_ids)
+        if len(params) != len(prompt_ids) or len(kv_policy) != len(prompt_ids):
+            raise InvalidRequestError(
+                f"{len(prompt_ids)} prompts but {len(params)} sampling params and {len(kv_policy)} KV policies"
+            )
         limit = self.config.max_position_embeddings
         requests = []
-        for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
+        for i, (ids, p, policy) in enumerate(zip(prompt_ids, params, kv_policy, strict=True)):
             p.validate()
             if not ids:
                 raise InvalidRequestError("prompt is empty")
@@ -185,8 +210,12 @@ class Engine:
             if not p.greedy:
                 generator = torch.Generator(device=self.model.device)
                 generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+            if policy is not None:
+                policy.check_prompt(len(ids))
             detokenizer = IncrementalDetokenizer(self.tokenizer)
-            requests.append(_Request(i, list(ids), p, self.eos_ids, detokenizer, StopMatcher(p.stop), generator))
+            requests.append(
+                _Request(i, list(ids), p, self.eos_ids, detokenizer, StopMatcher(p.stop), generator, policy)
+            )
         return requests
 
     @torch.inference_mode()
@@ -194,8 +223,9 @@ class Engine:
         model, device = self.model, self.model.device
         batch = len(requests)
         longest = max(len(r.prompt_ids) for r in requests)
-        capacity = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
-        cache = KVCache.for_model(self.config, batch, capacity, model.dtype, device)
+        capacity = max(_slots_needed(r) for r in requests)
+        track = any(r.kv_policy is not None and r.kv_policy.needs_attention for r in requests)
+        cache = KVCache.for_model(self.config, batch, capacity, model.dtype, device, track_attention=track)
 
         # Prefill: one forward over the right-padded prompts (padding has position -1).
         ids = torch.zeros(batch, longest, dtype=torch.long)
@@ -207,6 +237,7 @@ class Engine:
         ids, positions = ids.to(device), positions.to(device)
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         hidden = model(model.embed(ids), positions, cache)
+        _evict(cache, requests)
         # Shaped [B, 1, d] like a decode step: the next token's logits are computed the same way.
         logits = model.logits(hidden[torch.arange(batch, device=device), lengths - 1][:, None])[:, 0]
         next_position = lengths[:, None]
@@ -242,6 +273,7 @@ class Engine:
             if seen is not None:
                 seen[torch.arange(len(active), device=device), tokens] = True
             hidden = model(model.embed(tokens[:, None]), next_position, cache)
+            _evict(cache, active)
             logits = model.logits(hidden)[:, 0]
             next_position = next_position + 1
 
@@ -255,6 +287,33 @@ class Engine:
             ends = list(self.eos_ids | set(active[row].params.stop_token_ids))
             logits[row, ends] = float("-inf")
         return logits
+
+
+def _slots_needed(r: _Request) -> int:
+    """Cache slots a request can occupy: all its tokens, or its budget plus the token being written."""
+    total = len(r.prompt_ids) + r.params.max_new_tokens
+    if r.kv_policy is None:
+        return total
+    return min(total, max(r.kv_policy.budget, len(r.prompt_ids)) + 1)
+
+
+def _evict(cache: KVCache, active: list[_Request]) -> None:
+    """After a forward: record each row's peak, and let its policy bring it back under budget."""
+    lengths = cache.lengths.tolist()
+    for row, (r, length) in enumerate(zip(active, lengths, strict=True)):
+        r.peak_kv_tokens = max(r.peak_kv_tokens, length)
+        policy = r.kv_policy
+        if policy is None or length <= policy.budget:
+            continue
+        view = RowView(
+            positions=cache.positions[row, :length],
+            prompt_length=len(r.prompt_ids),
+            attention_sum=cache.attention_sum[row, :length] if cache.track_attention else None,
+            attention_last=cache.attention_last[row, :length] if cache.track_attention else None,
+        )
+        keep = policy.select(view)
+        if keep is not None:
+            cache.compact(row, keep)
 
 
 def _fields(p: SamplingParams) -> dict:

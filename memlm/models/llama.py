@@ -54,8 +54,24 @@ class Attention(nn.Module):
         v = qkv[..., self.split[0] + self.split[1] :].view(batch, chunk, kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+        if cache is not None and cache.track_attention:  # an eviction policy needs the weights
+            out, weights = attention_with_weights(q, k, v, mask)
+            cache.observe_attention(self.layer_idx, weights)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, chunk, -1))
+
+
+def attention_with_weights(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns its weights [B, H, T, S] (SDPA does not expose them)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights
 
 
 class MLP(nn.Module):

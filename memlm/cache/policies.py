@@ -1,0 +1,172 @@
+"""Eviction policies: keep each sequence's KV cache under a token budget.
+
+A policy only decides *which slots of one row to keep*; the cache does the rest (`compact`), so
+positions stay the ones each key was rotated with and generation goes on without re-prefill.
+What a policy protects (the prompt, a recent window, attention sinks) is its own business.
+
+The engine asks a policy after every forward in which the row grew past its budget, so a row never
+holds more than `budget` tokens between steps, and `budget + chunk` while a chunk is written.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from memlm.errors import InvalidRequestError
+
+
+@dataclass(slots=True)
+class RowView:
+    """What a policy sees of one sequence: its live slots, in time order."""
+
+    positions: torch.Tensor  # [n] original position of each slot
+    prompt_length: int  # positions below this are prompt tokens
+    attention_sum: torch.Tensor | None = None  # [n] attention each slot received so far (H2O)
+    attention_last: torch.Tensor | None = None  # [n] attention from the newest query (TOVA)
+
+    @property
+    def length(self) -> int:
+        return self.positions.numel()
+
+
+class KVPolicy(ABC):
+    name: ClassVar[str]
+    needs_attention: ClassVar[bool] = False
+
+    def __init__(self, budget: int):
+        if budget < 1:
+            raise InvalidRequestError(f"{self.name}: budget must be >= 1, got {budget}")
+        self.budget = budget
+
+    def check_prompt(self, prompt_length: int) -> None:  # noqa: B027  (most policies accept any prompt)
+        """Reject prompts the policy cannot fit (policies that never evict the prompt)."""
+
+    def select(self, row: RowView) -> torch.Tensor | None:
+        """Ascending slot indices to keep, or None to keep everything."""
+        if row.length <= self.budget:
+            return None
+        keep = self._keep(row)
+        return keep.sort().values
+
+    @abstractmethod
+    def _keep(self, row: RowView) -> torch.Tensor: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(budget={self.budget})"
+
+
+class FullPolicy(KVPolicy):
+    """No eviction: the reference every other policy is measured against."""
+
+    name = "full"
+
+    def __init__(self, budget: int | None = None):
+        self.budget = budget or 2**62
+
+    def _keep(self, row: RowView) -> torch.Tensor:  # never reached: length <= budget
+        return torch.arange(row.length)
+
+
+class WindowPolicy(KVPolicy):
+    """Keep the most recent `budget` tokens."""
+
+    name = "window"
+
+    def _keep(self, row: RowView) -> torch.Tensor:
+        return torch.arange(row.length - self.budget, row.length)
+
+
+class ClearPolicy(KVPolicy):
+    """Past the budget, drop everything but the prompt."""
+
+    name = "clear"
+
+    def check_prompt(self, prompt_length: int) -> None:
+        if prompt_length >= self.budget:
+            raise InvalidRequestError(
+                f"clear: the prompt ({prompt_length} tokens) must be shorter than the budget ({self.budget})"
+            )
+
+    def _keep(self, row: RowView) -> torch.Tensor:
+        return torch.nonzero(row.positions < row.prompt_length).flatten()
+
+
+class SinksPolicy(KVPolicy):
+    """StreamingLLM: the first `sinks` tokens (attention sinks) plus a recent window."""
+
+    name = "sinks"
+
+    def __init__(self, budget: int, sinks: int = 4):
+        super().__init__(budget)
+        if budget <= sinks:
+            raise InvalidRequestError(f"sinks: budget ({budget}) must be larger than the {sinks} sink tokens")
+        self.sinks = sinks
+
+    def _keep(self, row: RowView) -> torch.Tensor:
+        recent = self.budget - self.sinks
+        return torch.cat((torch.arange(self.sinks), torch.arange(row.length - recent, row.length)))
+
+
+class _ScoredPolicy(KVPolicy):
+    """Keep a recent window, then the best-scoring older tokens up to the budget."""
+
+    needs_attention = True
+
+    def __init__(self, budget: int, window: int):
+        super().__init__(budget)
+        if budget <= window:
+            raise InvalidRequestError(f"{self.name}: budget ({budget}) must be larger than the window ({window})")
+        self.window = window
+
+    @abstractmethod
+    def scores(self, row: RowView) -> torch.Tensor: ...
+
+    def _keep(self, row: RowView) -> torch.Tensor:
+        older = row.length - self.window
+        best = self.scores(row)[:older].topk(self.budget - self.window).indices
+        return torch.cat((best, torch.arange(older, row.length)))
+
+
+class H2OPolicy(_ScoredPolicy):
+    """Heavy hitters: attention accumulated over every query so far, plus a recent window."""
+
+    name = "h2o"
+
+    def __init__(self, budget: int, window: int | None = None):
+        super().__init__(budget, budget // 2 if window is None else window)
+
+    def scores(self, row: RowView) -> torch.Tensor:
+        return row.attention_sum
+
+
+class TOVAPolicy(_ScoredPolicy):
+    """Token Omission Via Attention: the newest query's attention, averaged over heads (and layers)."""
+
+    name = "tova"
+
+    def __init__(self, budget: int, window: int = 1):
+        super().__init__(budget, window)  # the newest token itself always stays
+
+    def scores(self, row: RowView) -> torch.Tensor:
+        return row.attention_last
+
+
+POLICIES: dict[str, type[KVPolicy]] = {
+    p.name: p for p in (FullPolicy, WindowPolicy, ClearPolicy, SinksPolicy, H2OPolicy, TOVAPolicy)
+}
+
+
+def make_policy(name: str, budget: int | None = None, **options) -> KVPolicy:
+    """A policy by name: `make_policy("sinks", 128, sinks=4)`. Clear errors for bad names or budgets."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise InvalidRequestError(f"unknown KV policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if cls is FullPolicy:
+        return FullPolicy()
+    if budget is None:
+        raise InvalidRequestError(f"KV policy {name!r} needs a budget (--kv-budget)")
+    return cls(budget, **options)
