@@ -167,7 +167,7 @@ def info(
         "tied_embeddings": c.tie_word_embeddings,
         "qk_norm": c.qk_norm,
         "dtype": engine.dtype,
-        "kv_bytes_per_token": c.num_layers * 2 * c.num_kv_heads * c.head_dim * engine.model.dtype.itemsize,
+        "kv_bytes_per_token": c.kv_bytes_per_token(engine.model.dtype.itemsize),
         "chat_template": bool(engine.tokenizer.chat_template),
         "source": engine.source,
     }

@@ -6,7 +6,7 @@ Hugging Face `config.json` files come in two dialects: transformers 4 keeps `rop
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from memlm.errors import ModelFormatError
@@ -41,10 +41,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of fp32 keys + values one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+    def kv_bytes_per_token(self, element_size: int = 4) -> int:
+        """Bytes of keys + values one token occupies across all layers (fp32 by default)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -112,9 +111,6 @@ class ModelConfig:
             "torch_dtype": "float32",
         }
         return d
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _rope_from_hf(d: dict[str, Any]) -> dict[str, Any]:
