@@ -24,13 +24,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+from memlm.atomic import atomic_write
 
 SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
 ENGINES = ("memlm", "hf")
@@ -146,28 +147,14 @@ def build_result(rows: Sequence[dict], threads: int, new_tokens: int, model: str
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`.
+    """Write JSON atomically (see memlm.atomic); if serialising fails the old file is left untouched."""
 
-    Readers see the old file or the new one, never a half-written one; if serialising fails the
-    old file is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; this is a result file for everyone
-        with os.fdopen(fd, "w") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(path, write)
 
 
 def peak_rss_mb() -> float:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memlm.atomic import atomic_write
 from memlm.errors import MemlmError
 
 CHECKPOINT = "checkpoint.pt"
@@ -147,16 +148,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what training changes: small checkpoints for adapters and heads on a frozen base."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {n: t.detach().cpu() for n, t in model.state_dict().items() if n in names}
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_checkpoint(out: Path, model, optimizer, step: int, cfg: TrainConfig) -> None:
