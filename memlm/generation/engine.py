@@ -8,7 +8,7 @@ not make finished ones keep paying for decode steps.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -205,7 +205,7 @@ class Engine:
             if max(ids) >= self.config.vocab_size or min(ids) < 0:
                 raise InvalidRequestError("prompt has token ids outside the vocabulary")
             if len(ids) + p.max_new_tokens > limit:  # never run past the model's context
-                p = SamplingParams(**{**_fields(p), "max_new_tokens": limit - len(ids)})
+                p = replace(p, max_new_tokens=limit - len(ids))
             generator = None
             if not p.greedy:
                 generator = torch.Generator(device=self.model.device)
@@ -314,7 +314,3 @@ def _evict(cache: KVCache, active: list[_Request]) -> None:
         keep = policy.select(view)
         if keep is not None:
             cache.compact(row, keep)
-
-
-def _fields(p: SamplingParams) -> dict:
-    return {name: getattr(p, name) for name in SamplingParams.__dataclass_fields__}
