@@ -67,9 +67,9 @@ class KVCache:
             track_attention,
         )
 
-    def _per_slot(self) -> list[str]:
-        """Names of the [batch, capacity] tensors that move with the slots."""
-        return ["positions"] + (["attention_sum", "attention_last"] if self.track_attention else [])
+    def _per_slot(self) -> list[tuple[str, int]]:
+        """(name, value of an empty slot) of the [batch, capacity] tensors that move with the slots."""
+        return [("positions", -1)] + ([("attention_sum", 0), ("attention_last", 0)] if self.track_attention else [])
 
     # ---- shape -------------------------------------------------------------------------------
 
@@ -102,9 +102,8 @@ class KVCache:
         pad = (0, 0, 0, grow)  # last dim untouched, capacity dim grown
         self.k = torch.nn.functional.pad(self.k, pad)
         self.v = torch.nn.functional.pad(self.v, pad)
-        for name in self._per_slot():
-            fill = -1 if name == "positions" else 0
-            setattr(self, name, torch.nn.functional.pad(getattr(self, name), (0, grow), value=fill))
+        for name, empty in self._per_slot():
+            setattr(self, name, torch.nn.functional.pad(getattr(self, name), (0, grow), value=empty))
 
     # ---- one forward pass --------------------------------------------------------------------
 
@@ -160,10 +159,10 @@ class KVCache:
         n = keep.numel()
         self.k[:, row, :, :n] = self.k[:, row, :, keep]
         self.v[:, row, :, :n] = self.v[:, row, :, keep]
-        for name in self._per_slot():
+        for name, empty in self._per_slot():
             values = getattr(self, name)
             values[row, :n] = values[row, keep]
-            values[row, n:] = -1 if name == "positions" else 0
+            values[row, n:] = empty
         self.lengths[row] = n
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
@@ -171,6 +170,6 @@ class KVCache:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
-        for name in self._per_slot():
+        for name, _ in self._per_slot():
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.lengths = self.lengths.index_select(0, rows)
