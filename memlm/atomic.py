@@ -19,8 +19,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results and checkpoints are ordinary files
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (and some writers recreate the file)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -22,10 +22,13 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON.")
 app.add_typer(bench_app, name="bench")
+train_app = typer.Typer(no_args_is_help=True, help="Training commands (shared loop: progress, checkpoints, --resume).")
+app.add_typer(train_app, name="train")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name or path (HF folder or .gguf).")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights: float32, bfloat16, or int8 (dynamic int8 linears).")]
 DEFAULT_MODEL = "smollm2-135m-instruct"
+ALL_POLICIES = ("full", "window", "clear", "sinks", "h2o", "tova", "learned")
 
 
 def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed):
@@ -65,17 +68,33 @@ def generate(
     system: Annotated[str | None, typer.Option(help="System message (chat mode).")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Apply the model's chat template.")] = True,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = True,
-    kv_policy: Annotated[str, typer.Option(help="KV-cache eviction: full, window, clear, sinks, h2o, tova.")] = "full",
+    kv_policy: Annotated[
+        str, typer.Option(help="KV-cache eviction: full, window, clear, sinks, h2o, tova, learned.")
+    ] = "full",
     kv_budget: Annotated[int | None, typer.Option(help="Most tokens the KV cache keeps (with --kv-policy).")] = None,
+    kv_predictor: Annotated[
+        str | None, typer.Option(help="Importance predictor folder for --kv-policy learned.")
+    ] = None,
 ):
     """Complete one prompt and print the result."""
     from memlm.cache.policies import make_policy
 
     params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
-    policy = make_policy(kv_policy, kv_budget)
+    options = {}
+    if kv_policy == "learned":
+        if kv_predictor is None:
+            raise MemlmError("--kv-policy learned needs --kv-predictor DIR (from `memlm train predictor`)")
+        from memlm.cache.importance import load_predictor
+
+        options["predictor"], predictor_config = load_predictor(kv_predictor)
+    policy = make_policy(kv_policy, kv_budget, **options)  # bad names and budgets fail before the model loads
     if not prompt.strip():
         raise MemlmError("prompt is empty")
     engine = _load(model, dtype)
+    if kv_policy == "learned":
+        from memlm.cache.importance import check_predictor
+
+        check_predictor(kv_predictor, predictor_config, engine.config, model)
     request = prompt
     if chat and engine.tokenizer.chat_template:
         request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -195,11 +214,8 @@ def bench_decode(
     quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Report int8 vs fp32 quality.")] = True,
 ):
     """memlm vs Hugging Face transformers generate: prefill and decode tok/s, peak RSS."""
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise MemlmError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
-    if not sizes or min(sizes) < 1 or new_tokens < 2 or threads < 1:
+    sizes = tuple(_int_list(batch_sizes, "--batch-sizes"))
+    if new_tokens < 2 or threads < 1:
         raise MemlmError("batch sizes and threads must be >= 1, new tokens >= 2")
     from memlm.bench.decode import run_decode_bench
 
@@ -212,6 +228,165 @@ def bench_decode(
         json_path=json_path,
         quality=quality,
     )
+
+
+@bench_app.command("kv")
+def bench_kv(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (tokens per sequence).")] = "96,112,128,160",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = ",".join(ALL_POLICIES),
+    predictor: Annotated[str | None, typer.Option(help="Importance predictor folder (for learned).")] = None,
+    n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
+    probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    dtype: DtypeOpt = "float32",
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG of accuracy vs budget here.")] = None,
+):
+    """Accuracy, peak KV bytes and decode tok/s for each (policy, budget), plus a retrieval probe."""
+    sizes = _int_list(budgets, "--budgets")
+    if n < 1 or batch_size < 1 or probe_n < 0:
+        raise MemlmError("--n and --batch-size must be >= 1, --probe-n >= 0")
+    from memlm.bench.kv import run_kv_bench
+
+    run_kv_bench(
+        model,
+        task,
+        sizes,
+        [p.strip() for p in policies.split(",") if p.strip()],
+        n,
+        predictor=predictor,
+        json_path=json_path,
+        plot_path=plot,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        probe_n=probe_n,
+        dtype=dtype,
+    )
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    n: Annotated[int, typer.Option(help="Held-out problems (the task's test split).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    dtype: DtypeOpt = "float32",
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+    show: Annotated[int, typer.Option(help="Print this many completions.")] = 0,
+):
+    """Accuracy on held-out problems with the task's own scorer, tokens generated, decode tok/s."""
+    from memlm.data.evaluate import evaluate_task
+    from memlm.data.tasks import get_task
+
+    if n < 1 or batch_size < 1:
+        raise MemlmError("--n and --batch-size must be >= 1")
+    the_task = get_task(task)
+    engine = _load(model, dtype)
+    problems = the_task.problems(n, "test")
+    result = evaluate_task(engine, the_task, problems, batch_size, max_new_tokens)
+    for text, score, problem in list(zip(result.completions, result.scores, problems, strict=True))[:show]:
+        print(f"--- {problem.question}\n{text}\n[score {score}, expected {problem.answer}]")
+    summary = {"model": model, "task": task, **result.summary()}
+    print(json.dumps(summary, indent=2))
+    if json_path:
+        from pathlib import Path
+
+        from memlm.atomic import atomic_write
+
+        atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+@train_app.command("sft")
+def train_sft(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    out: Annotated[str, typer.Option("--out", help="Output folder (adapter/ or model/, train/, eval.json).")] = "",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 250,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tune.")] = 16,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 32.0,
+    n_train: Annotated[int, typer.Option(help="Training problems (train split).")] = 4000,
+    n_eval: Annotated[int, typer.Option(help="Held-out problems scored at the end (0 = skip).")] = 64,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 25,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
+):
+    """Fine-tune a model on a task's worked solutions (LoRA by default); save it for --model."""
+    from memlm.train.sft import SFTConfig, run_sft
+
+    if not out:
+        raise MemlmError("--out is required")
+    report = run_sft(
+        SFTConfig(
+            model=model,
+            task=task,
+            out_dir=out,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            n_train=n_train,
+            n_eval=n_eval,
+            grad_accum=grad_accum,
+            save_every=save_every,
+            resume=resume,
+        )
+    )
+    print(json.dumps(report, indent=2))
+
+
+@train_app.command("predictor")
+def train_predictor(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    out: Annotated[str, typer.Option("--out", help="Output folder (predictor.safetensors + predictor.json).")] = "",
+    n_train: Annotated[int, typer.Option(help="Training problems whose traces are labelled.")] = 512,
+    n_val: Annotated[int, typer.Option(help="Held-out problems for loss and rank agreement.")] = 64,
+    marker: Annotated[str, typer.Option(help="Text that ends the thinking part.")] = "Answer:",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
+    batch_tokens: Annotated[int, typer.Option(help="Thinking tokens per step.")] = 512,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Traces generated together.")] = 16,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
+):
+    """Train the DynTS importance predictor on the frozen model's own traces (MSE on attention labels)."""
+    from memlm.train.predictor import PredictorConfig, run_predictor_training
+
+    if not out:
+        raise MemlmError("--out is required")
+    metrics = run_predictor_training(
+        PredictorConfig(
+            model=model,
+            task=task,
+            out_dir=out,
+            n_train=n_train,
+            n_val=n_val,
+            marker=marker,
+            steps=steps,
+            batch_tokens=batch_tokens,
+            lr=lr,
+            batch_size=batch_size,
+            resume=resume,
+        ),
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps(metrics, indent=2))
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MemlmError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise MemlmError(f"{option} needs positive integers")
+    return values
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         track_attention: bool = False,
+        track_importance: bool = False,
     ):
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -49,12 +50,23 @@ class KVCache:
         self.track_attention = track_attention
         self.attention_sum = torch.zeros(batch_size, capacity, device=device) if track_attention else None
         self.attention_last = torch.zeros(batch_size, capacity, device=device) if track_attention else None
+        # A learned importance score per slot (DynTS), written by the engine after each forward.
+        self.track_importance = track_importance
+        self.importance = torch.zeros(batch_size, capacity, device=device) if track_importance else None
         self.num_layers = num_layers
         self._step: _Step | None = None
+        self.last_step: _Step | None = None  # the chunk most recently written, for `record`
 
     @classmethod
     def for_model(
-        cls, config, batch_size: int, capacity: int, dtype=torch.float32, device="cpu", track_attention=False
+        cls,
+        config,
+        batch_size: int,
+        capacity: int,
+        dtype=torch.float32,
+        device="cpu",
+        track_attention=False,
+        track_importance=False,
     ) -> KVCache:
         return cls(
             config.num_layers,
@@ -65,11 +77,15 @@ class KVCache:
             dtype,
             device,
             track_attention,
+            track_importance,
         )
 
     def _per_slot(self) -> list[tuple[str, int]]:
         """(name, value of an empty slot) of the [batch, capacity] tensors that move with the slots."""
-        return [("positions", -1)] + ([("attention_sum", 0), ("attention_last", 0)] if self.track_attention else [])
+        names = [("positions", -1)]
+        names += [("attention_sum", 0), ("attention_last", 0)] if self.track_attention else []
+        names += [("importance", 0)] if self.track_importance else []
+        return names
 
     # ---- shape -------------------------------------------------------------------------------
 
@@ -149,7 +165,12 @@ class KVCache:
 
     def end(self) -> None:
         self.lengths += self._step.real
-        self._step = None
+        self.last_step, self._step = self._step, None
+
+    def record_importance(self, scores: torch.Tensor) -> None:
+        """Store a score [B, T] for each token of the chunk just written (padding lands past the row's end)."""
+        step = self.last_step
+        self.importance[step.rows, step.slots] = scores.to(self.importance.dtype)
 
     # ---- reshaping the batch and evicting ------------------------------------------------------
 
@@ -173,3 +194,4 @@ class KVCache:
         for name, _ in self._per_slot():
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.lengths = self.lengths.index_select(0, rows)
+        self.last_step = None  # its row indices no longer apply

@@ -27,6 +27,8 @@ class RowView:
     prompt_length: int  # positions below this are prompt tokens
     attention_sum: torch.Tensor | None = None  # [n] attention each slot received so far (H2O)
     attention_last: torch.Tensor | None = None  # [n] attention from the newest query (TOVA)
+    importance: torch.Tensor | None = None  # [n] learned importance of each slot (DynTS)
+    protected_from: int | None = None  # positions from here on are the answer (after the end-of-thinking marker)
 
     @property
     def length(self) -> int:
@@ -36,6 +38,8 @@ class RowView:
 class KVPolicy(ABC):
     name: ClassVar[str]
     needs_attention: ClassVar[bool] = False
+    predictor = None  # an ImportancePredictor the engine runs on each new token's hidden state (DynTS)
+    end_of_thinking: str | None = None  # text after which the engine reports `protected_from`
 
     def __init__(self, budget: int):
         if budget < 1:
@@ -155,13 +159,67 @@ class TOVAPolicy(_ScoredPolicy):
         return row.attention_last
 
 
+class LearnedPolicy(KVPolicy):
+    """DynTS: a learned importance per token, prompt and answer tokens never evicted.
+
+    Each token gets a score from the predictor (see memlm/cache/importance.py) when it is written.
+    Prompt tokens and tokens from the end-of-thinking marker on count as +inf, and the most recent
+    `window` tokens always stay. When the row passes its budget, it keeps the window, the protected
+    tokens, and the top `ratio` of the other older tokens, never more than the budget allows: with
+    ratio < 1 one eviction frees several slots at once (fewer, larger evictions, as published);
+    with ratio 1 the row is trimmed back to exactly its budget.
+    """
+
+    name = "learned"
+
+    def __init__(
+        self,
+        budget: int,
+        predictor=None,
+        window: int = 8,
+        ratio: float = 0.5,
+        end_of_thinking: str | None = "Answer:",
+    ):
+        super().__init__(budget)
+        if predictor is None:
+            raise InvalidRequestError("learned: needs an importance predictor (--kv-predictor DIR)")
+        if budget <= window:
+            raise InvalidRequestError(f"learned: budget ({budget}) must be larger than the window ({window})")
+        if not 0 < ratio <= 1:
+            raise InvalidRequestError(f"learned: ratio must be in (0, 1], got {ratio}")
+        self.predictor, self.window, self.ratio, self.end_of_thinking = predictor, window, ratio, end_of_thinking
+
+    def check_prompt(self, prompt_length: int) -> None:
+        if prompt_length + self.window >= self.budget:
+            raise InvalidRequestError(
+                f"learned: the prompt ({prompt_length} tokens) and the window ({self.window}) must fit "
+                f"under the budget ({self.budget}); prompt tokens are never evicted"
+            )
+
+    def protected(self, row: RowView) -> torch.Tensor:
+        keep = row.positions < row.prompt_length
+        if row.protected_from is not None:
+            keep |= row.positions >= row.protected_from
+        return keep
+
+    def _keep(self, row: RowView) -> torch.Tensor:
+        older = row.length - self.window
+        protected = self.protected(row)[:older]
+        scores = row.importance[:older].masked_fill(protected, float("inf"))
+        fixed = int(protected.sum())
+        count = min(self.budget - self.window, fixed + int(self.ratio * (older - fixed)))
+        best = scores.topk(count).indices
+        return torch.cat((best, torch.arange(older, row.length)))
+
+
 POLICIES: dict[str, type[KVPolicy]] = {
-    p.name: p for p in (FullPolicy, WindowPolicy, ClearPolicy, SinksPolicy, H2OPolicy, TOVAPolicy)
+    p.name: p for p in (FullPolicy, WindowPolicy, ClearPolicy, SinksPolicy, H2OPolicy, TOVAPolicy, LearnedPolicy)
 }
 
 
 def make_policy(name: str, budget: int | None = None, **options) -> KVPolicy:
-    """A policy by name: `make_policy("sinks", 128, sinks=4)`. Clear errors for bad names or budgets."""
+    """A policy by name: `make_policy("sinks", 128, sinks=4)`, `make_policy("learned", 128, predictor=p)`.
+    Clear errors for bad names or budgets."""
     cls = POLICIES.get(name)
     if cls is None:
         raise InvalidRequestError(f"unknown KV policy {name!r}; choose one of {', '.join(POLICIES)}")

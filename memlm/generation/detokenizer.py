@@ -7,6 +7,8 @@ once the window decodes cleanly, the technique used by vLLM and text-generation-
 
 from __future__ import annotations
 
+import bisect
+
 from memlm.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
@@ -36,6 +38,11 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
             return full_text[len(prefix_text) :]
         return ""
+
+
+def token_at_char(text_ends: list[int], char: int) -> int:
+    """Index of the token whose text covers character `char`, given len(text) after each token."""
+    return bisect.bisect_right(text_ends, char)
 
 
 class StopMatcher:

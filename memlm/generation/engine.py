@@ -15,7 +15,7 @@ import torch
 from memlm.cache.kv_cache import KVCache
 from memlm.cache.policies import KVPolicy, RowView
 from memlm.errors import InvalidRequestError
-from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher
+from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher, token_at_char
 from memlm.generation.params import SamplingParams
 from memlm.generation.sampling import BatchSampler
 from memlm.models.llama import LlamaModel
@@ -35,6 +35,8 @@ class Completion:
     finish_reason: str  # "stop" (end token, stop string or stop token) or "length"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     peak_kv_tokens: int = 0  # most tokens this sequence held in the KV cache at once
+    logprobs: list[float] | None = None  # teacher forcing (Engine.score): log p of each given token
+    greedy_hits: list[bool] | None = None  # ... and whether it was the most likely token
 
 
 @dataclass(slots=True)
@@ -55,7 +57,12 @@ class _Request:
     generator: torch.Generator | None
     kv_policy: KVPolicy | None = None
     peak_kv_tokens: int = 0
+    protected_from: int | None = None  # position where the policy's end-of-thinking marker begins
     output_ids: list[int] = field(default_factory=list)
+    text_ends: list[int] = field(default_factory=list)  # len(text) after each output token
+    forced: list[int] | None = None  # teacher forcing: the tokens to feed instead of sampling
+    logprobs: list[float] = field(default_factory=list)
+    greedy_hits: list[bool] = field(default_factory=list)
     text: str = ""
     streamed: int = 0
     finish_reason: str | None = None
@@ -72,6 +79,10 @@ class _Request:
             self.text += self.detokenizer.push(token)
             if len(self.output_ids) >= p.max_new_tokens:
                 self._finish("length")
+            self.text_ends.append(len(self.text))
+            marker = self.kv_policy.end_of_thinking if self.kv_policy is not None else None
+            if marker and self.protected_from is None:
+                self._find_marker(marker, before)
             hit = self.stops.find(self.text, before)
             if hit is not None:
                 self.text = self.text[: hit[0]]
@@ -79,6 +90,12 @@ class _Request:
         shown = len(self.text) if self.finish_reason else self.stops.safe_length(self.text)
         delta, self.streamed = self.text[self.streamed : shown], max(self.streamed, shown)
         return delta
+
+    def _find_marker(self, marker: str, before: int) -> None:
+        """Note the position of the token where `marker` starts, once the text shows it."""
+        at = self.text.find(marker, max(0, before - len(marker)))
+        if at >= 0:
+            self.protected_from = len(self.prompt_ids) + token_at_char(self.text_ends, at)
 
     def _finish(self, reason: str, stop_reason: int | None = None) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
@@ -93,6 +110,8 @@ class _Request:
             self.finish_reason,
             self.stop_reason,
             self.peak_kv_tokens,
+            self.logprobs if self.forced is not None else None,
+            self.greedy_hits if self.forced is not None else None,
         )
 
 
@@ -183,6 +202,31 @@ class Engine:
         for deltas in self._run(self._requests(ids, params, kv_policy)):
             yield from deltas
 
+    def score(
+        self,
+        prompt_ids: list[list[int]],
+        continuations: list[list[int]],
+        kv_policy: PolicyArg = None,
+    ) -> list[Completion]:
+        """Teacher forcing: feed each continuation after its prompt through the same decode loop
+        (cache, eviction policy and all) and report, per continuation token, its log-probability
+        and whether greedy decoding would have chosen it (`Completion.logprobs`, `.greedy_hits`).
+
+        This measures what a KV policy forgets: score a known answer after a long context."""
+        if len(continuations) != len(prompt_ids) or any(not c for c in continuations):
+            raise InvalidRequestError("give one non-empty continuation per prompt")
+        params = [SamplingParams(max_new_tokens=len(c), ignore_eos=True) for c in continuations]
+        requests = self._requests(prompt_ids, params, kv_policy)
+        for r, c in zip(requests, continuations, strict=True):
+            if max(c) >= self.config.vocab_size or min(c) < 0:
+                raise InvalidRequestError("continuation has token ids outside the vocabulary")
+            if r.params.max_new_tokens < len(c):
+                raise InvalidRequestError("prompt + continuation exceed the model's context")
+            r.forced = list(c)
+        for _ in self._run(requests):
+            pass
+        return [r.completion() for r in requests]
+
     # ---- the loop --------------------------------------------------------------------------------
 
     def _requests(self, prompt_ids, params, kv_policy: PolicyArg = None) -> list[_Request]:
@@ -224,8 +268,10 @@ class Engine:
         batch = len(requests)
         longest = max(len(r.prompt_ids) for r in requests)
         capacity = max(_slots_needed(r) for r in requests)
-        track = any(r.kv_policy is not None and r.kv_policy.needs_attention for r in requests)
-        cache = KVCache.for_model(self.config, batch, capacity, model.dtype, device, track_attention=track)
+        policies = [r.kv_policy for r in requests if r.kv_policy is not None]
+        track = any(p.needs_attention for p in policies)
+        scored = any(p.predictor is not None for p in policies)
+        cache = KVCache.for_model(self.config, batch, capacity, model.dtype, device, track, scored)
 
         # Prefill: one forward over the right-padded prompts (padding has position -1).
         ids = torch.zeros(batch, longest, dtype=torch.long)
@@ -237,6 +283,8 @@ class Engine:
         ids, positions = ids.to(device), positions.to(device)
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         hidden = model(model.embed(ids), positions, cache)
+        if scored:
+            _score(cache, hidden, requests)
         _evict(cache, requests)
         # Shaped [B, 1, d] like a decode step: the next token's logits are computed the same way.
         logits = model.logits(hidden[torch.arange(batch, device=device), lengths - 1][:, None])[:, 0]
@@ -253,6 +301,8 @@ class Engine:
         while True:
             logits = self._suppress_early_end(logits, active)
             tokens = sampler(logits, seen)
+            if any(r.forced is not None for r in active):
+                tokens = _force(logits, tokens, active)
             deltas, keep = [], []
             for row, (r, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
                 text = r.append(token)
@@ -273,6 +323,8 @@ class Engine:
             if seen is not None:
                 seen[torch.arange(len(active), device=device), tokens] = True
             hidden = model(model.embed(tokens[:, None]), next_position, cache)
+            if scored:
+                _score(cache, hidden, active)
             _evict(cache, active)
             logits = model.logits(hidden)[:, 0]
             next_position = next_position + 1
@@ -289,12 +341,40 @@ class Engine:
         return logits
 
 
+def _force(logits: torch.Tensor, tokens: torch.Tensor, active: list[_Request]) -> torch.Tensor:
+    """Replace sampled tokens by the forced ones, scoring each against the model's prediction."""
+    tokens = tokens.clone()
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = logits.argmax(dim=-1).tolist()
+    for row, r in enumerate(active):
+        if r.forced is None:
+            continue
+        token = r.forced[len(r.output_ids)]
+        r.logprobs.append(float(logprobs[row, token]))
+        r.greedy_hits.append(best[row] == token)
+        tokens[row] = token
+    return tokens
+
+
 def _slots_needed(r: _Request) -> int:
     """Cache slots a request can occupy: all its tokens, or its budget plus the token being written."""
     total = len(r.prompt_ids) + r.params.max_new_tokens
     if r.kv_policy is None:
         return total
     return min(total, max(r.kv_policy.budget, len(r.prompt_ids)) + 1)
+
+
+def _score(cache: KVCache, hidden: torch.Tensor, active: list[_Request]) -> None:
+    """Give each new token its learned importance (rows grouped by predictor: one call each)."""
+    scores = torch.zeros(hidden.shape[:2], device=hidden.device)
+    groups: dict[int, tuple[object, list[int]]] = {}
+    for row, r in enumerate(active):
+        predictor = r.kv_policy.predictor if r.kv_policy is not None else None
+        if predictor is not None:
+            groups.setdefault(id(predictor), (predictor, []))[1].append(row)
+    for predictor, rows in groups.values():
+        scores[rows] = predictor(hidden[rows]).float()
+    cache.record_importance(scores)
 
 
 def _evict(cache: KVCache, active: list[_Request]) -> None:
@@ -310,6 +390,8 @@ def _evict(cache: KVCache, active: list[_Request]) -> None:
             prompt_length=len(r.prompt_ids),
             attention_sum=cache.attention_sum[row, :length] if cache.track_attention else None,
             attention_last=cache.attention_last[row, :length] if cache.track_attention else None,
+            importance=cache.importance[row, :length] if cache.track_importance else None,
+            protected_from=r.protected_from,
         )
         keep = policy.select(view)
         if keep is not None:

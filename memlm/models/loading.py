@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from memlm.errors import MemlmError, ModelNotFoundError
+from memlm.errors import MemlmError, ModelFormatError, ModelNotFoundError
 from memlm.models.config import ModelConfig
 from memlm.models.gguf_file import read_gguf
 from memlm.models.hf_folder import read_hf_folder
 from memlm.models.llama import LlamaModel
+from memlm.models.lora import apply_adapter, is_adapter_folder, read_adapter_config
 from memlm.models.quant import quantize_int8
 from memlm.models.weights import build_model
 from memlm.tokenizer import Tokenizer
@@ -73,13 +74,13 @@ def memlm_home() -> Path:
 
 
 def resolve(name_or_path: str) -> tuple[str, Path]:
-    """-> (kind, path) with kind 'hf' or 'gguf'. Embedded names are converted into the cache first."""
+    """-> (kind, path) with kind 'hf', 'gguf' or 'adapter'. Embedded names are converted into the cache first."""
     key = name_or_path.lower()
     if key in EMBEDDED:
         return "hf", _cached_conversion(key, EMBEDDED[key])
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return "hf", path
+        return ("adapter" if is_adapter_folder(path) else "hf"), path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
@@ -89,16 +90,31 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
+    """A model by name, HF folder, GGUF file, or LoRA adapter folder (its base model + the adapter, merged)."""
     if dtype not in DTYPES:
         raise MemlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     kind, path = resolve(name_or_path)
+    adapter = None
+    if kind == "adapter":
+        adapter = path
+        base = read_adapter_config(path)["base_model"]
+        relative = path / base
+        kind, path = resolve(str(relative) if relative.exists() else base)
+        if kind == "adapter":
+            raise ModelFormatError(f"{adapter}: its base model {base!r} is itself an adapter")
     config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path)
     config = _with_tokenizer_eos(config, tokenizer)
-    model = build_model(config, weights, DTYPES[dtype])
+    # An adapter merges in fp32, then the model takes the requested precision.
+    model = build_model(config, weights, torch.float32 if adapter else DTYPES[dtype])
+    if adapter is not None:
+        apply_adapter(model, adapter)
+        model.to(DTYPES[dtype])
     num_parameters = sum(p.numel() for p in model.parameters())
     if dtype == "int8":
         quantize_int8(model)
     source = _describe_source(name_or_path, kind, path)
+    if adapter is not None:
+        source = f"LoRA adapter {adapter} on {source}"
     return LoadedModel(name_or_path, model, tokenizer, source, dtype, num_parameters)
 
 
@@ -116,7 +132,10 @@ def _describe_source(name: str, kind: str, path: Path) -> str:
     marker = path / "memlm_source.json" if kind == "hf" else None
     if marker is not None and marker.is_file():
         origin = json.loads(marker.read_text())
-        return f"{origin['original']} (converted once to {path})"
+        if "original" in origin:
+            return f"{origin['original']} (converted once to {path})"
+        if "description" in origin:
+            return f"{origin['description']}, at {path}"
     return f"{'GGUF file' if kind == 'gguf' else 'Hugging Face folder'} {path}"
 
 
@@ -142,6 +161,30 @@ def _cached_conversion(name: str, embedded: EmbeddedModel) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save_model(folder: str | Path, model: LlamaModel, tokenizer: Tokenizer, note: dict | None = None) -> Path:
+    """Save a model (e.g. fine-tuned) as a Hugging Face folder, atomically: a reader sees the old
+    folder or the complete new one, never a half-written one. `note` lands in memlm_source.json."""
+    from memlm.models.weights import unfuse_state_dict
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        weights = {k: v.float().cpu() for k, v in unfuse_state_dict(model).items()}
+        write_hf_folder(tmp, model.config, weights, tokenizer)
+        if note:
+            (tmp / "memlm_source.json").write_text(json.dumps(note, indent=2))
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer):

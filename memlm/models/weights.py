@@ -56,6 +56,33 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return out
 
 
+def unfuse_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """memlm's fused names -> Hugging Face names: the inverse of `fuse_hf_state_dict`."""
+    cfg = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": state["embed_tokens.weight"], "model.norm.weight": state["norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for i in range(cfg.num_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            parts = state[src + f"self_attn.qkv_proj.{suffix}"].split((q_size, kv_size, kv_size))
+            for p, tensor in zip("qkv", parts, strict=True):
+                out[dst + f"self_attn.{p}_proj.{suffix}"] = tensor
+        for suffix in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+            gate, up = state[src + f"mlp.gate_up_proj.{suffix}"].chunk(2)
+            out[dst + f"mlp.gate_proj.{suffix}"], out[dst + f"mlp.up_proj.{suffix}"] = gate, up
+        names = ["self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"]
+        names += ["post_attention_layernorm.weight"]
+        names += ["self_attn.o_proj.bias"] if cfg.o_bias else []
+        names += ["mlp.down_proj.bias"] if cfg.mlp_bias else []
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if cfg.qk_norm else []
+        for name in names:
+            out[dst + name] = state[src + name]
+    return out
+
+
 def build_model(cfg: ModelConfig, hf_state_dict: dict[str, torch.Tensor], dtype=torch.float32) -> LlamaModel:
     fused = fuse_hf_state_dict(hf_state_dict, cfg)
     with _skip_init():

@@ -184,6 +184,8 @@ def _plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not (out / METRICS).is_file():  # a checkpoint before the first logged step
+        return
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
     if not rows:
         return

@@ -1,0 +1,211 @@
+"""`memlm bench kv`: accuracy under a KV budget, per eviction policy.
+
+For every (policy, budget) the model answers the task's held-out problems (test split, greedy,
+batched) with each request's cache kept under the budget; the task's own scorer gives the
+accuracy. Also reported: the peak KV bytes of any one sequence and decode tok/s (generated
+tokens / generation time). `full` (no eviction) runs once; its row is repeated at each budget as
+the reference line.
+
+The retrieval probe shows what each policy forgets. A short prompt asks the model to remember
+notes; the continuation, fed token by token through the same decode loop and eviction (teacher
+forcing, `Engine.score`), states a code early ("The code for Alice is 4729."), then runs through
+a long passage of prose, then repeats "The code for Alice is". A probe counts as retrieved when
+greedy decoding would produce every digit of the code: the fact must survive ~300 tokens of
+eviction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from memlm.atomic import atomic_write
+from memlm.bench.decode import SAMPLE_TEXT
+from memlm.cache.policies import POLICIES, make_policy
+from memlm.errors import InvalidRequestError, MemlmError
+
+NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Keiko", "Luis"]
+PROBE_SYSTEM = "Read the notes carefully. You will be asked about them."
+PROBE_USER = "Take notes on the passage, then recall the code."
+
+
+# ---- the retrieval probe -------------------------------------------------------------------------
+
+
+def build_probes(tokenizer, n: int, filler_tokens: int = 256, seed: int = 0):
+    """-> [(prompt ids, continuation ids, answer length)]: the answer is the continuation's tail."""
+    rng = random.Random(seed)
+    words = SAMPLE_TEXT.read_text().split()
+    prompt = tokenizer.encode(
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": PROBE_SYSTEM}, {"role": "user", "content": PROBE_USER}],
+            add_generation_prompt=True,
+        )
+    )
+    probes = []
+    for i in range(n):
+        name, code = NAMES[i % len(NAMES)], str(rng.randint(1000, 9999))
+        start = rng.randrange(0, max(1, len(words) - 400))
+        filler = tokenizer.encode(" ".join(words[start : start + 400]), add_special_tokens=False)[:filler_tokens]
+        head = tokenizer.encode(f"The code for {name} is {code}.\n", add_special_tokens=False)
+        question = tokenizer.encode(f"\nThe code for {name} is", add_special_tokens=False)
+        answer = tokenizer.encode(f" {code}", add_special_tokens=False)
+        probes.append((prompt, head + filler + question + answer, len(answer)))
+    return probes
+
+
+def run_probe(engine, probes, policy_factory: Callable | None) -> float:
+    """Fraction of probes whose whole answer is what greedy decoding would say."""
+    prompts = [p for p, _, _ in probes]
+    continuations = [c for _, c, _ in probes]
+    policies = [policy_factory() for _ in probes] if policy_factory else None
+    results = engine.score(prompts, continuations, kv_policy=policies)
+    hits = [all(r.greedy_hits[-n:]) for r, (_, _, n) in zip(results, probes, strict=True)]
+    return sum(hits) / len(hits)
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+def run_kv_bench(
+    model: str,
+    task_name: str,
+    budgets: list[int],
+    policies: list[str],
+    n: int,
+    predictor: str | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    probe_n: int = 32,
+    dtype: str = "float32",
+    console=None,
+) -> dict:
+    from rich.console import Console
+
+    from memlm.data.evaluate import evaluate_task
+    from memlm.data.tasks import get_task
+    from memlm.generation.engine import Engine
+
+    console = console or Console(stderr=True)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    if "learned" in policies and predictor is None:
+        raise MemlmError("the learned policy needs --predictor DIR (from `memlm train predictor`)")
+    task = get_task(task_name)
+    engine = Engine.load(model, dtype=dtype)
+    options = {}
+    if predictor is not None:
+        from memlm.cache.importance import load_predictor
+
+        options["learned"] = {"predictor": load_predictor(predictor, engine.config, model)[0]}
+    problems = task.problems(n, "test")
+    probes = build_probes(engine.tokenizer, probe_n) if probe_n else []
+
+    rows, full_row = [], None
+    configs = [("full", None)] if "full" in policies else []
+    configs += [(p, b) for p in policies if p != "full" for b in budgets]
+    for policy, budget in configs:
+        factory = None if policy == "full" else _factory(policy, budget, options.get(policy, {}))
+        console.print(f"[dim]{policy:8s} budget {budget or '-':>5}[/dim]", end=" ")
+        began = time.perf_counter()
+        try:
+            result = evaluate_task(engine, task, problems, batch_size, max_new_tokens, factory)
+            probe = run_probe(engine, probes, factory) if probes else None
+        except InvalidRequestError as e:  # e.g. a prompt longer than the budget, for a policy that keeps prompts
+            console.print(f"skipped: {e}")
+            rows.append({"policy": policy, "budget": budget, "skipped": str(e)})
+            continue
+        row = {
+            "policy": policy,
+            "budget": budget,
+            "accuracy": result.accuracy,
+            "probe_accuracy": probe,
+            "peak_kv_bytes": result.peak_kv_bytes,
+            "peak_kv_tokens": result.peak_kv_tokens,
+            "decode_tok_s": result.decode_tok_s,
+            "generated_tokens": result.generated_tokens,
+        }
+        console.print(f"accuracy {result.accuracy:.3f}  probe {probe}  ({time.perf_counter() - began:.0f} s)")
+        if policy == "full":
+            full_row = row
+            lengths = [len(engine.encode_prompt(task.messages(p))) for p in problems]
+            trace = (sum(lengths) + result.generated_tokens) / len(problems)
+        else:
+            rows.append(row)
+    if full_row is not None:  # the reference, repeated at every budget
+        rows = [{**full_row, "budget": b} for b in budgets] + rows
+    report = {
+        "model": model,
+        "task": task_name,
+        "n": n,
+        "probe_n": probe_n,
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens,
+        "predictor": predictor,
+        "mean_full_trace_tokens": trace if full_row is not None else None,
+        "rows": rows,
+    }
+    print_report(report, console)
+    if json_path:
+        atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
+    if plot_path:
+        plot_report(report, plot_path)
+    return report
+
+
+def _factory(policy: str, budget: int, options: dict) -> Callable:
+    make_policy(policy, budget, **options)  # fail now, once, on a bad (policy, budget)
+    return lambda: make_policy(policy, budget, **options)
+
+
+def print_report(report: dict, console) -> None:
+    from rich.table import Table
+
+    trace = report.get("mean_full_trace_tokens")
+    title = f"KV budget vs accuracy: {report['task']} (n={report['n']})"
+    if trace:
+        title += f", full trace {trace:.0f} tokens on average"
+    table = Table(title=title)
+    for column in ("policy", "budget", "accuracy", "probe", "peak KV (KiB)", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for r in report["rows"]:
+        if "skipped" in r:
+            table.add_row(r["policy"], str(r["budget"]), "skipped", "", "", "")
+            continue
+        probe = "" if r["probe_accuracy"] is None else f"{r['probe_accuracy']:.2f}"
+        kib = f"{r['peak_kv_bytes'] / 1024:.0f}"
+        table.add_row(r["policy"], str(r["budget"]), f"{r['accuracy']:.3f}", probe, kib, f"{r['decode_tok_s']:.1f}")
+    console.print(table)
+
+
+def plot_report(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if "skipped" not in r]
+    probe = any(r.get("probe_accuracy") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(11 if probe else 6, 4), squeeze=False)
+    panels = [("accuracy", f"{report['task']} accuracy")] + ([("probe_accuracy", "retrieval probe")] if probe else [])
+    for ax, (key, label) in zip(axes[0], panels, strict=False):
+        for policy in dict.fromkeys(r["policy"] for r in rows):
+            mine = sorted((r["budget"], r[key]) for r in rows if r["policy"] == policy)
+            style = {"linestyle": "--", "color": "black"} if policy == "full" else {"marker": "o"}
+            ax.plot([b for b, _ in mine], [a for _, a in mine], label=policy, **style)
+        ax.set_xlabel("KV budget (tokens per sequence)")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    trace = report.get("mean_full_trace_tokens")
+    fig.suptitle(f"{report['model']}" + (f" (full trace {trace:.0f} tokens)" if trace else ""), fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)

@@ -1,0 +1,134 @@
+"""Reasoning tasks from reasoning-gym, with a step-by-step worked format memlm trains and scores.
+
+reasoning-gym generates problems offline, each with its own scoring function. A `Task` adds what
+training and evaluation need on top: chat messages for the prompt, a worked solution in a fixed
+format (reasoning lines, then one answer line) for supervised fine-tuning, the marker that ends
+the reasoning, and answer extraction for scoring.
+
+Problems are drawn with a seed: training and held-out evaluation use different seeds (and
+`problems` refuses to hand out the same seed for both through `split`).
+
+The format (chain sums):
+
+    57 + 87 = 144
+    144 - 70 = 74
+    Answer: 74
+
+Every line carries its running partial result, so the model never has to add more than two
+numbers at once; the last line starts with the answer marker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from memlm.errors import InvalidRequestError
+
+ANSWER_MARKER = "Answer:"
+SYSTEM_PROMPT = "Work step by step, one operation per line, then give the answer."
+
+# One seed per split: problems drawn for training never reach validation or evaluation.
+SPLIT_SEEDS = {"train": 1234, "val": 4321, "test": 98765}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    question: str
+    answer: str
+    entry: dict[str, Any]  # the reasoning-gym entry, for its scorer
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    name: str
+    dataset: str  # reasoning-gym dataset name
+    config: dict[str, Any] = field(default_factory=dict)
+    worked: Callable[[dict[str, Any]], list[str]] | None = None  # reasoning lines of a worked solution
+
+    def problems(self, n: int, split: str = "test", seed: int | None = None) -> list[Problem]:
+        """`n` problems of a split ("train" or "test"), or of an explicit seed."""
+        import reasoning_gym
+
+        if seed is None:
+            if split not in SPLIT_SEEDS:
+                raise InvalidRequestError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SEEDS)}")
+            seed = SPLIT_SEEDS[split]
+        data = reasoning_gym.create_dataset(self.dataset, size=n, seed=seed, **self.config)
+        return [Problem(e["question"], str(e["answer"]), e) for e in data]
+
+    def messages(self, problem: Problem) -> list[dict[str, str]]:
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem.question}]
+
+    def solution(self, problem: Problem) -> str:
+        """The worked solution SFT trains on: reasoning lines, then the answer line."""
+        lines = self.worked(problem.entry) if self.worked else []
+        return "\n".join([*lines, f"{ANSWER_MARKER} {problem.answer}"])
+
+    def score(self, completion: str, problem: Problem) -> float:
+        """The task's own scorer on the extracted answer (0.0 when there is no answer line)."""
+        import reasoning_gym
+
+        answer = extract_answer(completion)
+        if answer is None:
+            return 0.0
+        scorer = reasoning_gym.get_score_answer_fn(problem.entry["metadata"]["source_dataset"])
+        return float(scorer(answer, problem.entry))
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text after the last answer marker, up to the end of its line."""
+    at = completion.rfind(ANSWER_MARKER)
+    if at < 0:
+        return None
+    rest = completion[at + len(ANSWER_MARKER) :].strip()
+    return rest.splitlines()[0].strip() if rest else None
+
+
+def split_reasoning(completion: str) -> tuple[str, str]:
+    """(reasoning, answer part): everything before the answer marker, and the marker onwards."""
+    at = completion.rfind(ANSWER_MARKER)
+    return (completion, "") if at < 0 else (completion[:at], completion[at:])
+
+
+_TERM = re.compile(r"([+-])\s*(\d+)")
+
+
+def _chain_sum_steps(entry: dict[str, Any]) -> list[str]:
+    """Running partial sums: one binary operation per line."""
+    expression = entry["metadata"]["expression"]
+    first = re.match(r"\s*(-?\d+)", expression)
+    total = int(first.group(1))
+    lines = []
+    for op, number in _TERM.findall(expression[first.end() :]):
+        value = total + int(number) if op == "+" else total - int(number)
+        lines.append(f"{total} {op} {number} = {value}")
+        total = value
+    if total != int(entry["answer"]):  # the parser and the generator must agree
+        raise AssertionError(f"worked solution of {expression!r} gives {total}, expected {entry['answer']}")
+    return lines
+
+
+TASKS: dict[str, Task] = {
+    "chain_sum": Task(
+        "chain_sum",
+        "chain_sum",
+        {"min_terms": 8, "max_terms": 12, "min_digits": 2, "max_digits": 2},
+        _chain_sum_steps,
+    ),
+    "chain_sum_short": Task(
+        "chain_sum_short",
+        "chain_sum",
+        {"min_terms": 3, "max_terms": 5, "min_digits": 1, "max_digits": 2},
+        _chain_sum_steps,
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    task = TASKS.get(name)
+    if task is None:
+        raise InvalidRequestError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return task

@@ -1,0 +1,236 @@
+"""Train the DynTS importance predictor on a frozen model's own reasoning traces.
+
+1. Traces: the frozen model answers problems of the task (batched, greedy). Each trace splits at
+   the end-of-thinking marker into thinking (before) and answer (the marker onwards); traces
+   without a marker are dropped.
+2. Labels: the attention the answer tokens pay to each thinking token, averaged over answer
+   queries, heads and layers (the DynTS target). Measured with memlm's own cache: prompt and
+   thinking are prefilled, the statistics are reset, then the answer chunk runs with attention
+   tracking on, so only answer queries count (a query attending to itself only ever concerns
+   answer tokens, so the diagonal never enters a thinking token's label). Labels are multiplied
+   by the number of keys the answer saw, so uniform attention scores 1 whatever the length.
+   The features are the final-layer hidden states of the thinking tokens from the same pass.
+3. Training: MSE on thinking tokens only, base model frozen, through the shared loop. Held-out
+   traces (the task's validation split) give the loss and the rank agreement (Spearman and
+   Kendall, per trace, averaged) between predicted and true importance, next to two baselines:
+   recency (later = more important) and a constant predictor for the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memlm.atomic import atomic_write
+from memlm.cache.importance import ImportancePredictor, save_predictor
+from memlm.cache.kv_cache import KVCache
+from memlm.data.tasks import ANSWER_MARKER, Task, get_task
+from memlm.errors import MemlmError
+from memlm.generation.detokenizer import IncrementalDetokenizer, token_at_char
+from memlm.generation.params import SamplingParams
+from memlm.train.loop import TrainConfig, train
+
+
+@dataclass(slots=True)
+class Trace:
+    ids: list[int]  # prompt + generated tokens
+    prompt_length: int
+    think_end: int  # index of the first answer token (where the marker starts)
+
+
+@dataclass(slots=True)
+class Labelled:
+    hidden: torch.Tensor  # [n_think, d] final-layer hidden states of the thinking tokens
+    labels: torch.Tensor  # [n_think] attention the answer paid them (scaled: uniform = 1)
+
+
+@dataclass(slots=True)
+class PredictorConfig:
+    model: str
+    task: str
+    out_dir: str
+    n_train: int = 512
+    n_val: int = 64
+    marker: str = ANSWER_MARKER
+    steps: int = 1500
+    batch_tokens: int = 512
+    lr: float = 1e-3
+    batch_size: int = 16  # traces generated at once
+    max_new_tokens: int = 256
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+def collect_traces(engine, task: Task, problems, marker: str, batch_size: int, max_new_tokens: int) -> list[Trace]:
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    traces = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        for c in engine.generate([task.messages(p) for p in chunk], params):
+            think_end = marker_index(engine.tokenizer, c.token_ids, marker)
+            if think_end is not None and think_end > 0:
+                n = len(c.prompt_token_ids)
+                traces.append(Trace(c.prompt_token_ids + c.token_ids, n, n + think_end))
+    return traces
+
+
+def marker_index(tokenizer, output_ids: list[int], marker: str) -> int | None:
+    """Index of the output token where the last `marker` begins, or None."""
+    detok, text, ends = IncrementalDetokenizer(tokenizer), "", []
+    for token in output_ids:
+        text += detok.push(token)
+        ends.append(len(text))
+    at = text.rfind(marker)
+    return None if at < 0 else token_at_char(ends, at)
+
+
+@torch.inference_mode()
+def label_traces(model, traces: list[Trace], batch_size: int = 16) -> list[Labelled]:
+    out = []
+    for start in range(0, len(traces), batch_size):
+        chunk = traces[start : start + batch_size]
+        cache = KVCache.for_model(
+            model.config, len(chunk), max(len(t.ids) for t in chunk), model.dtype, model.device, track_attention=True
+        )
+        heads = [t.ids[: t.think_end] for t in chunk]
+        tails = [t.ids[t.think_end :] for t in chunk]
+        hidden = model(*_padded(model, heads, [0] * len(chunk)), cache)
+        cache.attention_sum.zero_()  # from here on, only answer queries count
+        model(*_padded(model, tails, [t.think_end for t in chunk]), cache)
+        for row, t in enumerate(chunk):
+            received = cache.attention_sum[row, t.prompt_length : t.think_end] / len(tails[row])
+            out.append(Labelled(hidden[row, t.prompt_length : t.think_end].float().cpu(), received.cpu() * t.think_end))
+    return out
+
+
+def _padded(model, rows: list[list[int]], offsets: list[int]):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    positions = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (r, offset) in enumerate(zip(rows, offsets, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        positions[i, : len(r)] = torch.arange(offset, offset + len(r))
+    return model.embed(ids.to(model.device)), positions.to(model.device)
+
+
+# ---- rank agreement ---------------------------------------------------------------------------
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share their mean rank), as Spearman's rho needs."""
+    order = x.argsort()
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    for value in x.unique():  # few ties in practice; exact handling keeps rho honest
+        same = x == value
+        if same.sum() > 1:
+            ranks[same] = ranks[same].mean()
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / denominator) if denominator > 0 else 0.0
+
+
+def kendall(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Kendall's tau-b."""
+    da = (a[:, None] - a[None, :]).sign()
+    db = (b[:, None] - b[None, :]).sign()
+    concordance = (da * db).sum().item()
+    denominator = ((da != 0).sum().item() * (db != 0).sum().item()) ** 0.5
+    return concordance / denominator if denominator > 0 else 0.0
+
+
+def evaluate_predictor(predictor: ImportancePredictor, data: list[Labelled]) -> dict:
+    usable = [d for d in data if len(d.labels) >= 2]
+    if not usable:
+        raise MemlmError("no held-out trace has two or more thinking tokens")
+    with torch.no_grad():
+        predicted = [predictor(d.hidden) for d in usable]
+    labels = torch.cat([d.labels for d in usable])
+    mean = float(torch.cat([d.labels for d in data]).mean())
+    recency = [torch.arange(len(d.labels), dtype=torch.float32) for d in usable]
+    return {
+        "val_mse": float(F.mse_loss(torch.cat(predicted), labels)),
+        "val_mse_constant": float(((labels - mean) ** 2).mean()),
+        "spearman": _mean(spearman(p, d.labels) for p, d in zip(predicted, usable, strict=True)),
+        "kendall": _mean(kendall(p, d.labels) for p, d in zip(predicted, usable, strict=True)),
+        "spearman_recency": _mean(spearman(r, d.labels) for r, d in zip(recency, usable, strict=True)),
+        "kendall_recency": _mean(kendall(r, d.labels) for r, d in zip(recency, usable, strict=True)),
+        "val_traces": len(usable),
+        "val_tokens": int(labels.numel()),
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
+    from memlm.generation.engine import Engine
+
+    task = get_task(cfg.task)
+    engine = Engine.load(cfg.model)
+    log(f"traces: {cfg.n_train} training and {cfg.n_val} validation problems of {cfg.task}")
+    splits = {}
+    for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
+        traces = collect_traces(engine, task, task.problems(n, split), cfg.marker, cfg.batch_size, cfg.max_new_tokens)
+        if not traces:
+            raise MemlmError(f"no {split} trace contains the end-of-thinking marker {cfg.marker!r}")
+        splits[split] = label_traces(engine.model, traces, cfg.batch_size)
+        log(f"  {split}: {len(traces)}/{n} traces have the marker, {sum(len(d.labels) for d in splits[split])} tokens")
+
+    features = torch.cat([d.hidden for d in splits["train"]])
+    targets = torch.cat([d.labels for d in splits["train"]])
+    torch.manual_seed(cfg.seed)
+    predictor = ImportancePredictor(engine.config.hidden_size)
+
+    def batch_fn(step: int, micro: int, rank: int, world: int):
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        index = torch.tensor(rng.sample(range(len(targets)), min(cfg.batch_tokens, len(targets))))[rank::world]
+        return {"hidden": features[index], "labels": targets[index]}
+
+    def loss_fn(model, batch):
+        return F.mse_loss(model(batch["hidden"]), batch["labels"])
+
+    out = Path(cfg.out_dir)
+    train_cfg = TrainConfig(
+        out_dir=str(out / "train"),
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=min(100, cfg.steps // 10),
+        save_every=max(100, cfg.steps // 5),
+        log_every=50,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        progress=cfg.progress,
+    )
+    last = train(predictor, loss_fn, batch_fn, train_cfg)
+    predictor.eval()
+    metrics = {"train_loss": last.get("loss"), **evaluate_predictor(predictor, splits["val"])}
+    config = {
+        "base_model": cfg.model,
+        "task": cfg.task,
+        "marker": cfg.marker,
+        "label": "mean attention from answer tokens (over queries, heads, layers) x keys seen",
+        "train_traces": len(splits["train"]),
+        "train_tokens": int(targets.numel()),
+        "steps": cfg.steps,
+        "metrics": metrics,
+    }
+    save_predictor(out, predictor, config)
+    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
+    return metrics

@@ -1,0 +1,193 @@
+"""DynTS: the learned policy's keep-set, the engine's importance bookkeeping, the predictor's
+checkpoint, its attention labels (against transformers' eager attention) and rank metrics."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import hf_tiny, memlm_twin, tiny_engine
+from memlm.cache import RowView, make_policy
+from memlm.cache.importance import ImportancePredictor, load_predictor, save_predictor
+from memlm.cache.policies import LearnedPolicy
+from memlm.errors import InvalidRequestError, ModelFormatError
+from memlm.generation.params import SamplingParams
+from memlm.train.predictor import Trace, kendall, label_traces, marker_index, spearman
+
+
+class Fixed(nn.Module):
+    """A stand-in predictor: the first hidden feature, recorded call by call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, hidden):
+        scores = hidden[..., 0].float()
+        self.calls.append(scores.clone())
+        return scores
+
+
+class Recording(LearnedPolicy):
+    """A learned policy that remembers every row it was asked about and what it kept."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def select(self, row):
+        keep = super().select(row)
+        self.seen.append((row.positions.clone(), row.importance.clone(), row.prompt_length, row.protected_from, keep))
+        return keep
+
+
+def test_learned_keep_set_on_a_hand_made_row():
+    importance = torch.tensor([0, 0, 0, 0.9, 0.1, 0.8, 0.05, 0.7, 0.2, 0.3, 0.6, 0.0])
+    row = RowView(torch.arange(12), prompt_length=3, importance=importance)
+    # budget 10, window 2 (slots 10, 11); older = slots 0-9: prompt 0-2 protected,
+    # ratio 1 -> room for 8 older: the prompt + the 5 best others (3, 5, 7, 9, 8).
+    assert LearnedPolicy(10, Fixed(), window=2, ratio=1.0).select(row).tolist() == [0, 1, 2, 3, 5, 7, 8, 9, 10, 11]
+    # ratio 0.5: half of the 7 unprotected older tokens (3 of them) stay: 3, 5, 7.
+    assert LearnedPolicy(10, Fixed(), window=2, ratio=0.5).select(row).tolist() == [0, 1, 2, 3, 5, 7, 10, 11]
+    # The answer (from position 8 on) is protected like the prompt, however low it scores.
+    row.protected_from = 8
+    kept = LearnedPolicy(10, Fixed(), window=2, ratio=1.0).select(row).tolist()
+    assert kept == [0, 1, 2, 3, 5, 7, 8, 9, 10, 11]
+    row.importance[8] = -5.0
+    assert 8 in LearnedPolicy(10, Fixed(), window=2, ratio=1.0).select(row).tolist()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: make_policy("learned", 64), "needs an importance predictor"),
+        (lambda: make_policy("learned", 8, predictor=Fixed(), window=8), "larger than the window"),
+        (lambda: make_policy("learned", 64, predictor=Fixed(), ratio=0), "ratio"),
+        (lambda: make_policy("learned", 20, predictor=Fixed()).check_prompt(12), "never evicted"),
+    ],
+)
+def test_learned_policy_errors(call, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        call()
+
+
+def test_engine_keeps_importance_aligned_with_slots_and_never_evicts_the_prompt():
+    engine = tiny_engine()
+    predictor = Fixed()
+    policy = Recording(24, predictor, window=4, ratio=0.5, end_of_thinking=None)
+    prompt = engine.tokenizer.encode("hello there, friend")  # 19 tokens
+    out = engine.generate_tokens([prompt], SamplingParams(max_new_tokens=40, ignore_eos=True), kv_policy=policy)[0]
+    assert out.peak_kv_tokens <= 24 + 1
+    assert len(policy.seen) >= 3  # it had to evict several times
+    # One score per position, in writing order (prefill, then one per step).
+    by_position = torch.cat([c.flatten() for c in predictor.calls])
+    for positions, importance, prompt_length, _, keep in policy.seen:
+        assert torch.equal(importance, by_position[positions])  # scores moved with their slots
+        assert set(range(prompt_length)) <= set(positions[keep].tolist())  # the prompt always stays
+        n = len(positions)
+        assert set(range(n - 4, n)) <= set(keep.tolist())  # and the window
+
+
+def test_batched_learned_equals_one_by_one():
+    engine = tiny_engine()
+    prompts = [engine.tokenizer.encode(t) for t in ("abc", "a longer prompt here", "xy")]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+
+    def policy():
+        return make_policy("learned", 28, predictor=Fixed(), window=4)
+
+    batched = engine.generate_tokens(prompts, params, kv_policy=[policy() for _ in prompts])
+    for p, b in zip(prompts, batched, strict=True):
+        alone = engine.generate_tokens([p], params, kv_policy=policy())[0]
+        assert alone.token_ids == b.token_ids
+
+
+def test_end_of_thinking_marker_protects_the_answer():
+    engine = tiny_engine()
+    prompt = engine.tokenizer.encode("q")
+    text = "thinking thinking thinking\nAnswer: 42, done"  # the answer fits in the budget
+    continuation = engine.tokenizer.encode(text)
+    policy = Recording(24, Fixed(), window=4, ratio=1.0, end_of_thinking="Answer:")
+    engine.score([prompt], [continuation], kv_policy=policy)
+    marker_position = len(prompt) + text.index("Answer:")  # the byte tokenizer: one token per character
+    after = [(positions, keep, protected) for positions, _, _, protected, keep in policy.seen if protected is not None]
+    assert after and all(p == marker_position for _, _, p in after)
+    positions, keep, _ = after[-1]
+    answer = positions >= marker_position
+    assert set(torch.nonzero(answer).flatten().tolist()) <= set(keep.tolist())
+
+
+def test_score_equals_a_full_forward():
+    engine = tiny_engine()
+    prompt, continuation = engine.tokenizer.encode("the cat"), engine.tokenizer.encode(" sat on the mat")
+    result = engine.score([prompt], [continuation])[0]
+    ids = torch.tensor([prompt + continuation])
+    model = engine.model
+    logits = model.logits(model(model.embed(ids), torch.arange(ids.shape[1])[None]))[0]
+    expected = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)[torch.arange(len(continuation)), continuation]
+    torch.testing.assert_close(torch.tensor(result.logprobs), expected, atol=1e-4, rtol=1e-4)
+    assert result.greedy_hits == (logits[len(prompt) - 1 : -1].argmax(-1) == torch.tensor(continuation)).tolist()
+    assert result.token_ids == continuation
+
+
+def test_predictor_round_trip_and_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    predictor = ImportancePredictor(64)
+    save_predictor(tmp_path / "p", predictor, {"base_model": "tiny-base", "task": "chain_sum"})
+    engine = tiny_engine()
+    loaded, config = load_predictor(tmp_path / "p", engine.config, "tiny-base")
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded(x), predictor(x))
+    assert (predictor(x) >= 0).all()  # Softplus
+    assert config["task"] == "chain_sum" and config["hidden_size"] == 64
+    with pytest.raises(ModelFormatError, match="trained on 'tiny-base', not 'other'"):
+        load_predictor(tmp_path / "p", engine.config, "other")
+    save_predictor(tmp_path / "q", ImportancePredictor(32), {"base_model": "tiny-base"})
+    with pytest.raises(ModelFormatError, match="hidden size 32.*hidden size is 64"):
+        load_predictor(tmp_path / "q", engine.config)
+    with pytest.raises(ModelFormatError, match="not an importance predictor"):
+        load_predictor(tmp_path / "missing")
+    (tmp_path / "p" / "predictor.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(ModelFormatError, match="not a valid predictor config"):
+        load_predictor(tmp_path / "p")
+
+
+def test_labels_are_the_answers_attention_as_transformers_computes_it():
+    hf = hf_tiny(attn_implementation="eager")
+    model = memlm_twin(hf)
+    torch.manual_seed(1)
+    traces = [
+        Trace(torch.randint(0, 128, (n,)).tolist(), prompt, think) for n, prompt, think in ((20, 4, 15), (13, 3, 9))
+    ]
+    labelled = label_traces(model, traces, batch_size=2)
+    for trace, got in zip(traces, labelled, strict=True):
+        with torch.no_grad():
+            out = hf(torch.tensor([trace.ids]), output_attentions=True, output_hidden_states=True)
+        attention = torch.stack(out.attentions)[:, 0].mean(dim=(0, 1))  # [T, T]: mean over layers and heads
+        answer_rows = attention[trace.think_end :]
+        expected = answer_rows[:, trace.prompt_length : trace.think_end].mean(0) * trace.think_end
+        torch.testing.assert_close(got.labels, expected, atol=1e-5, rtol=1e-4)
+        hidden = out.hidden_states[-1][0, trace.prompt_length : trace.think_end]
+        torch.testing.assert_close(got.hidden, hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_marker_index_finds_the_token_where_the_marker_starts():
+    engine = tiny_engine()
+    ids = engine.tokenizer.encode("1 + 2 = 3\nAnswer: 3")
+    assert marker_index(engine.tokenizer, ids, "Answer:") == len("1 + 2 = 3\n")
+    assert marker_index(engine.tokenizer, ids, "Result:") is None
+
+
+def test_rank_correlations():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(a, a * 10 + 3) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert kendall(a, a**3) == pytest.approx(1.0)
+    assert kendall(a, a.flip(0)) == pytest.approx(-1.0)
+    # One swapped pair among 10: tau = (9 - 1) / 10; rho = 1 - 6 * 2 / (5 * 24).
+    b = torch.tensor([1.0, 2.0, 4.0, 3.0, 5.0])
+    assert kendall(a, b) == pytest.approx(0.8)
+    assert spearman(a, b) == pytest.approx(0.9)
+    # Ties share their mean rank (tau-b): x = [1, 1, 2], y = [1, 2, 3].
+    assert kendall(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(2 / 6**0.5)

@@ -1,0 +1,181 @@
+"""Reasoning tasks, LoRA adapters, saving models, and supervised fine-tuning end to end (tiny model)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, hf_tiny, memlm_twin, tiny_memlm
+from memlm.data.tasks import extract_answer, get_task, split_reasoning
+from memlm.errors import InvalidRequestError, MemlmError, ModelFormatError
+from memlm.models.loading import load_model, save_model
+from memlm.models.lora import (
+    add_lora,
+    apply_adapter,
+    lora_disabled,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+)
+from memlm.models.weights import unfuse_state_dict
+from memlm.train.sft import IGNORE, SFTConfig, collate, encode_examples, run_sft
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    model = tiny_memlm(vocab_size=257, eos_token_ids=(256,))
+    return save_model(tmp_path / "tiny", model, byte_tokenizer()), model
+
+
+def _logits(model, ids):
+    return model.logits(model(model.embed(ids), torch.arange(ids.shape[1])[None].expand_as(ids)))
+
+
+# ---- tasks -------------------------------------------------------------------------------------
+
+
+def test_worked_chain_sum_solutions_add_up_and_score():
+    task = get_task("chain_sum")
+    problems = task.problems(50, "train")
+    for p in problems:
+        solution = task.solution(p)  # raises if the running sums miss the generator's answer
+        lines = solution.splitlines()
+        assert lines[-1] == f"Answer: {p.answer}"
+        assert len(lines) == p.entry["metadata"]["num_terms"]  # one line per operation, then the answer
+        assert task.score(solution, p) == 1.0
+    p = problems[0]
+    assert task.score(f"Answer: {int(p.answer) + 1}", p) == 0.0
+    assert task.score("no answer line", p) == 0.0
+    assert extract_answer("x\nAnswer:  -12 \nmore") == "-12"
+    assert split_reasoning("a = 1\nAnswer: 1") == ("a = 1\n", "Answer: 1")
+
+
+def test_splits_do_not_overlap_and_are_reproducible():
+    task = get_task("chain_sum")
+    train = {p.question for p in task.problems(300, "train")}
+    test = [p.question for p in task.problems(100, "test")]
+    assert not train & set(test)
+    assert test == [p.question for p in task.problems(100, "test")]
+    with pytest.raises(InvalidRequestError, match="unknown task"):
+        get_task("chess")
+    with pytest.raises(InvalidRequestError, match="unknown split"):
+        task.problems(3, "dev")
+
+
+# ---- saving models and LoRA --------------------------------------------------------------------
+
+
+def test_unfuse_inverts_fuse_against_transformers_names():
+    for arch in ("llama", "qwen2", "qwen3"):
+        hf = hf_tiny(arch)
+        ours = unfuse_state_dict(memlm_twin(hf))
+        theirs = {
+            k: v for k, v in hf.state_dict().items() if k != "lm_head.weight" or not hf.config.tie_word_embeddings
+        }
+        assert set(ours) == set(theirs)
+        for name, tensor in theirs.items():
+            assert torch.equal(ours[name], tensor), name
+
+
+def test_saved_model_loads_back_identically(tiny_folder):
+    folder, model = tiny_folder
+    ids = torch.randint(0, 257, (2, 9))
+    torch.testing.assert_close(_logits(load_model(str(folder)).model, ids), _logits(model, ids))
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_lora_starts_as_identity_shares_base_weights_and_merges_exactly():
+    model = tiny_memlm()
+    ids = torch.randint(0, 128, (2, 7))
+    before = _logits(model, ids)
+    base_weight = model.layers[0].self_attn.qkv_proj.weight
+    names = add_lora(model, rank=4, alpha=8)
+    assert len(names) == 4 * model.config.num_layers
+    layer = model.layers[0].self_attn.qkv_proj
+    assert layer.weight.data_ptr() == base_weight.data_ptr()  # the base weight is shared, not copied
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{name}.lora_{part}" for name, _ in lora_layers(model) for part in "ab"
+    }
+    torch.testing.assert_close(_logits(model, ids), before)  # B = 0: nothing changes yet
+    with torch.no_grad():
+        for _, lora in lora_layers(model):
+            lora.lora_b.normal_(std=0.05)
+    adapted = _logits(model, ids)
+    assert not torch.allclose(adapted, before)
+    with lora_disabled(model):
+        torch.testing.assert_close(_logits(model, ids), before)
+    merge_lora(model)
+    assert not list(lora_layers(model))
+    torch.testing.assert_close(_logits(model, ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_folder_loads_as_a_model_and_rejects_mismatches(tiny_folder, tmp_path):
+    folder, base = tiny_folder
+    model = load_model(str(folder)).model
+    add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for _, lora in lora_layers(model):
+            lora.lora_b.normal_(std=0.05)
+    config = {
+        "base_model": str(folder),
+        "rank": 4,
+        "alpha": 8,
+        "targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    }
+    save_adapter(tmp_path / "adapter", model, config, dtype=torch.float32)
+    ids = torch.randint(0, 257, (2, 9))
+    loaded = load_model(str(tmp_path / "adapter"))
+    assert "LoRA adapter" in loaded.source
+    torch.testing.assert_close(_logits(loaded.model, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+
+    wrong = tiny_memlm(vocab_size=257, intermediate_size=48, eos_token_ids=(256,))
+    with pytest.raises(ModelFormatError, match="shape"):
+        apply_adapter(wrong, tmp_path / "adapter")
+    bad = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    del bad["rank"]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelFormatError, match="lacks 'rank'"):
+        load_model(str(tmp_path / "adapter"))
+
+
+# ---- SFT ---------------------------------------------------------------------------------------
+
+
+def test_sft_examples_train_only_on_the_solution():
+    tokenizer, task = byte_tokenizer(), get_task("chain_sum_short")
+    problem = task.problems(1, "train")[0]
+    ((ids, labels),) = encode_examples(tokenizer, task, [problem])
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(task.messages(problem)))
+    answer = tokenizer.encode(task.solution(problem)) + [256]
+    assert ids == prompt + answer
+    assert labels[: len(prompt) - 1] == [IGNORE] * (len(prompt) - 1)
+    assert labels[len(prompt) - 1 : -1] == answer  # label at i is the token at i + 1
+    batch = collate([(ids, labels), (ids[:5], labels[:5])])
+    assert batch["positions"][1, 5:].eq(-1).all() and batch["labels"][1, 5:].eq(IGNORE).all()
+
+
+def test_sft_end_to_end_saves_an_adapter_that_loads_and_learns(tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    out = tmp_path / "sft"
+    cfg = SFTConfig(
+        str(folder),
+        "chain_sum_short",
+        str(out),
+        steps=12,
+        batch_size=4,
+        lr=3e-3,
+        lora_rank=4,
+        n_train=32,
+        n_eval=2,
+        warmup_steps=2,
+        save_every=6,
+        progress=False,
+    )
+    report = run_sft(cfg)
+    losses = [json.loads(line)["loss"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    assert json.loads((out / "eval.json").read_text())["eval"]["n"] == 2
+    assert report["trainable_parameters"] < sum(p.numel() for p in tiny_memlm().parameters())
+    assert load_model(str(out / "adapter")).num_parameters == load_model(str(folder)).num_parameters
+    with pytest.raises(MemlmError, match="rank"):
+        run_sft(SFTConfig(str(folder), "chain_sum_short", str(out), lora_rank=-1))
