@@ -26,6 +26,15 @@ def run(cli, *args, stdin=None):
         (["generate", "hi", "--kv-policy", "lru", "--kv-budget", "64"], "unknown KV policy"),
         (["generate", "hi", "--kv-policy", "window"], "needs a budget"),
         (["generate", "hi", "--kv-policy", "tova", "--kv-budget", "1"], "larger than the window"),
+        (["generate", "hi", "--kv-policy", "learned", "--kv-budget", "64"], "needs --kv-predictor"),
+        (["generate", "hi", "--kv-policy", "learned", "--kv-budget", "64", "--kv-predictor", "/no/dir"], "predictor"),
+        (["train", "sft"], "--out is required"),
+        (["train", "sft", "--out", "/tmp/x", "--task", "chess"], "unknown task"),
+        (["train", "predictor", "--task", "chain_sum"], "--out is required"),
+        (["eval", "--task", "chess"], "unknown task"),
+        (["bench", "kv", "--budgets", "64,x"], "budgets"),
+        (["bench", "kv", "--policies", "window,lru"], "unknown KV policy"),
+        (["bench", "kv", "--policies", "learned"], "needs --predictor"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(memlm_cli, args, message):

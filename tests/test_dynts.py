@@ -13,7 +13,16 @@ from memlm.cache.importance import ImportancePredictor, load_predictor, save_pre
 from memlm.cache.policies import LearnedPolicy
 from memlm.errors import InvalidRequestError, ModelFormatError
 from memlm.generation.params import SamplingParams
-from memlm.train.predictor import Trace, kendall, label_traces, marker_index, spearman
+from memlm.train.predictor import (
+    Labelled,
+    PredictorConfig,
+    Trace,
+    fit_predictor,
+    kendall,
+    label_traces,
+    marker_index,
+    spearman,
+)
 
 
 class Fixed(nn.Module):
@@ -191,3 +200,19 @@ def test_rank_correlations():
     assert spearman(a, b) == pytest.approx(0.9)
     # Ties share their mean rank (tau-b): x = [1, 1, 2], y = [1, 2, 3].
     assert kendall(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(2 / 6**0.5)
+
+
+def test_fit_predictor_learns_labels_and_saves_a_loadable_checkpoint(tmp_path):
+    torch.manual_seed(2)
+
+    def trace(n=30):  # importance a hidden function of the features, as attention is of the states
+        hidden = torch.randn(n, 64)
+        return Labelled(hidden, torch.nn.functional.softplus(2 * hidden[:, 0] - hidden[:, 1]))
+
+    cfg = PredictorConfig("tiny", "chain_sum", str(tmp_path / "pred"), steps=300, batch_tokens=128, progress=False)
+    metrics = fit_predictor(64, [trace() for _ in range(20)], [trace() for _ in range(4)], cfg)
+    assert metrics["val_mse"] < 0.2 * metrics["val_mse_constant"]
+    assert metrics["spearman"] > 0.8 and metrics["kendall"] > 0.6
+    assert abs(metrics["spearman_recency"]) < 0.5  # the order of tokens says nothing here
+    predictor, config = load_predictor(tmp_path / "pred", tiny_engine().config, "tiny")
+    assert config["metrics"] == metrics and config["train_traces"] == 20

@@ -82,6 +82,7 @@ def run_kv_bench(
     batch_size: int = 16,
     max_new_tokens: int = 256,
     probe_n: int = 32,
+    probe_filler: int = 256,
     dtype: str = "float32",
     console=None,
 ) -> dict:
@@ -105,7 +106,7 @@ def run_kv_bench(
 
         options["learned"] = {"predictor": load_predictor(predictor, engine.config, model)[0]}
     problems = task.problems(n, "test")
-    probes = build_probes(engine.tokenizer, probe_n) if probe_n else []
+    probes = build_probes(engine.tokenizer, probe_n, probe_filler) if probe_n else []
 
     rows, full_row = [], None
     configs = [("full", None)] if "full" in policies else []
@@ -145,6 +146,7 @@ def run_kv_bench(
         "task": task_name,
         "n": n,
         "probe_n": probe_n,
+        "probe_filler_tokens": probe_filler,
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "predictor": predictor,

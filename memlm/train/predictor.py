@@ -193,10 +193,15 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
         splits[split] = label_traces(engine.model, traces, cfg.batch_size)
         log(f"  {split}: {len(traces)}/{n} traces have the marker, {sum(len(d.labels) for d in splits[split])} tokens")
 
-    features = torch.cat([d.hidden for d in splits["train"]])
-    targets = torch.cat([d.labels for d in splits["train"]])
+    return fit_predictor(engine.config.hidden_size, splits["train"], splits["val"], cfg)
+
+
+def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[Labelled], cfg: PredictorConfig):
+    """MSE on the thinking tokens of `train_data`; metrics on `val_data`; save to cfg.out_dir."""
+    features = torch.cat([d.hidden for d in train_data])
+    targets = torch.cat([d.labels for d in train_data])
     torch.manual_seed(cfg.seed)
-    predictor = ImportancePredictor(engine.config.hidden_size)
+    predictor = ImportancePredictor(hidden_size)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         rng = random.Random(cfg.seed * 1_000_003 + step)
@@ -213,20 +218,20 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
         lr=cfg.lr,
         warmup_steps=min(100, cfg.steps // 10),
         save_every=max(100, cfg.steps // 5),
-        log_every=50,
+        log_every=min(50, cfg.steps),
         seed=cfg.seed,
         resume=cfg.resume,
         progress=cfg.progress,
     )
     last = train(predictor, loss_fn, batch_fn, train_cfg)
     predictor.eval()
-    metrics = {"train_loss": last.get("loss"), **evaluate_predictor(predictor, splits["val"])}
+    metrics = {"train_loss": last.get("loss"), **evaluate_predictor(predictor, val_data)}
     config = {
         "base_model": cfg.model,
         "task": cfg.task,
         "marker": cfg.marker,
         "label": "mean attention from answer tokens (over queries, heads, layers) x keys seen",
-        "train_traces": len(splits["train"]),
+        "train_traces": len(train_data),
         "train_tokens": int(targets.numel()),
         "steps": cfg.steps,
         "metrics": metrics,

@@ -1,0 +1,70 @@
+"""`memlm bench kv` on a tiny model: every (policy, budget) row, budgets held, JSON and PNG written."""
+
+import json
+
+import pytest
+
+from conftest import byte_tokenizer, tiny_memlm
+from memlm.bench.kv import build_probes, run_kv_bench
+from memlm.cache.importance import ImportancePredictor, save_predictor
+from memlm.errors import MemlmError
+from memlm.models.loading import save_model
+
+
+@pytest.fixture
+def tiny_model_and_predictor(tmp_path):
+    model = tiny_memlm(vocab_size=257, eos_token_ids=(256,), max_position_embeddings=1024)
+    folder = save_model(tmp_path / "tiny", model, byte_tokenizer())
+    save_predictor(tmp_path / "predictor", ImportancePredictor(64), {"base_model": str(folder)})
+    return str(folder), str(tmp_path / "predictor")
+
+
+def test_probes_end_with_the_code_stated_at_the_start():
+    tokenizer = byte_tokenizer()
+    for prompt, continuation, n in build_probes(tokenizer, 3, filler_tokens=50):
+        text = tokenizer.decode(continuation)
+        code = text[-n:].strip()
+        assert code.isdigit() and len(code) == 4
+        assert text.startswith("The code for ") and f" is {code}.\n" in text[:30]
+        assert "<assistant>" in tokenizer.decode(prompt)
+
+
+def test_bench_kv_rows_budgets_json_and_plot(tiny_model_and_predictor, tmp_path):
+    model, predictor = tiny_model_and_predictor
+    budgets = [184, 200]
+    report = run_kv_bench(
+        model,
+        "chain_sum_short",
+        budgets,
+        ["full", "window", "h2o", "learned"],
+        n=3,
+        predictor=predictor,
+        json_path=str(tmp_path / "kv.json"),
+        plot_path=str(tmp_path / "kv.png"),
+        batch_size=2,
+        max_new_tokens=40,
+        probe_n=2,
+        probe_filler=120,
+    )
+    saved = json.loads((tmp_path / "kv.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    rows = saved["rows"]
+    assert [(r["policy"], r["budget"]) for r in rows] == [
+        (p, b) for p in ("full", "window", "h2o", "learned") for b in budgets
+    ]
+    for r in rows:
+        assert set(r) >= {"policy", "budget", "accuracy", "peak_kv_bytes", "decode_tok_s", "probe_accuracy"}
+        assert 0 <= r["accuracy"] <= 1 and r["decode_tok_s"] > 0
+        if r["policy"] != "full":
+            assert r["peak_kv_tokens"] <= r["budget"] + 1
+    full = rows[0]
+    assert full["peak_kv_tokens"] > 200  # traces are longer than the budgets: eviction really ran
+    assert (tmp_path / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_kv_refuses_learned_without_a_predictor(tiny_model_and_predictor):
+    model, _ = tiny_model_and_predictor
+    with pytest.raises(MemlmError, match="needs --predictor"):
+        run_kv_bench(model, "chain_sum_short", [64], ["learned"], n=1)
+    with pytest.raises(MemlmError, match="unknown KV policy 'lru'"):
+        run_kv_bench(model, "chain_sum_short", [64], ["lru"], n=1)
