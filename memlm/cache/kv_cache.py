@@ -186,6 +186,14 @@ class KVCache:
             values[row, n:] = empty
         self.lengths[row] = n
 
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Forget each row's slots from `lengths[row]` on (e.g. temporary query tokens)."""
+        lengths = lengths.to(self.lengths.device)
+        dead = torch.arange(self.capacity, device=lengths.device)[None, :] >= lengths[:, None]
+        for name, empty in self._per_slot():
+            getattr(self, name).masked_fill_(dead, empty)
+        self.lengths = torch.minimum(self.lengths, lengths)
+
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these rows of the batch (e.g. drop finished sequences)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)

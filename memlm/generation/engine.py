@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from memlm.generation.params import SamplingParams
 from memlm.generation.sampling import BatchSampler
 from memlm.models.llama import LlamaModel
 from memlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from memlm.latent.memory import LatentMemory
 
 Message = dict[str, str]
 Prompt = str | list[Message]
@@ -37,6 +41,7 @@ class Completion:
     peak_kv_tokens: int = 0  # most tokens this sequence held in the KV cache at once
     logprobs: list[float] | None = None  # teacher forcing (Engine.score): log p of each given token
     greedy_hits: list[bool] | None = None  # ... and whether it was the most likely token
+    insertions: list[int] | None = None  # latent memory: inserted after this many output tokens (0 = the prompt)
 
 
 @dataclass(slots=True)
@@ -63,6 +68,7 @@ class _Request:
     forced: list[int] | None = None  # teacher forcing: the tokens to feed instead of sampling
     logprobs: list[float] = field(default_factory=list)
     greedy_hits: list[bool] = field(default_factory=list)
+    insertions: list[int] | None = None
     text: str = ""
     streamed: int = 0
     finish_reason: str | None = None
@@ -112,6 +118,7 @@ class _Request:
             self.peak_kv_tokens,
             self.logprobs if self.forced is not None else None,
             self.greedy_hits if self.forced is not None else None,
+            self.insertions,
         )
 
 
@@ -171,13 +178,15 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         kv_policy: PolicyArg = None,
+        memory: LatentMemory | None = None,
     ) -> Completion | list[Completion]:
         """Complete one prompt (-> Completion) or a batch (-> list of Completions, in order).
 
         `params` and `kv_policy` are one for all requests or one per request. A KV policy keeps
-        the request's cache under its token budget (see memlm.cache.policies)."""
+        the request's cache under its token budget (see memlm.cache.policies). A LatentMemory
+        inserts latent embeddings after the prompt and at delimiters (see memlm.latent)."""
         ids, single = self._batch(prompts)
-        completions = self.generate_tokens(ids, params, kv_policy)
+        completions = self.generate_tokens(ids, params, kv_policy, memory)
         return completions[0] if single else completions
 
     def generate_tokens(
@@ -185,9 +194,10 @@ class Engine:
         prompt_ids: list[list[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         kv_policy: PolicyArg = None,
+        memory: LatentMemory | None = None,
     ) -> list[Completion]:
         requests = self._requests(prompt_ids, params, kv_policy)
-        for _ in self._run(requests):
+        for _ in self._run(requests, memory):
             pass
         return [r.completion() for r in requests]
 
@@ -196,10 +206,11 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         kv_policy: PolicyArg = None,
+        memory: LatentMemory | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as they become final; each request's last delta carries its finish_reason."""
         ids, _ = self._batch(prompts)
-        for deltas in self._run(self._requests(ids, params, kv_policy)):
+        for deltas in self._run(self._requests(ids, params, kv_policy), memory):
             yield from deltas
 
     def score(
@@ -207,6 +218,7 @@ class Engine:
         prompt_ids: list[list[int]],
         continuations: list[list[int]],
         kv_policy: PolicyArg = None,
+        memory: LatentMemory | None = None,
     ) -> list[Completion]:
         """Teacher forcing: feed each continuation after its prompt through the same decode loop
         (cache, eviction policy and all) and report, per continuation token, its log-probability
@@ -223,7 +235,7 @@ class Engine:
             if r.params.max_new_tokens < len(c):
                 raise InvalidRequestError("prompt + continuation exceed the model's context")
             r.forced = list(c)
-        for _ in self._run(requests):
+        for _ in self._run(requests, memory):
             pass
         return [r.completion() for r in requests]
 
@@ -263,11 +275,12 @@ class Engine:
         return requests
 
     @torch.inference_mode()
-    def _run(self, requests: list[_Request]) -> Iterator[list[StreamDelta]]:
+    def _run(self, requests: list[_Request], memory: LatentMemory | None = None) -> Iterator[list[StreamDelta]]:
         model, device = self.model, self.model.device
         batch = len(requests)
         longest = max(len(r.prompt_ids) for r in requests)
-        capacity = max(_slots_needed(r) for r in requests)
+        extra = memory.extra_slots() if memory is not None else 0
+        capacity = max(_slots_needed(r) for r in requests) + extra
         policies = [r.kv_policy for r in requests if r.kv_policy is not None]
         track = any(p.needs_attention for p in policies)
         scored = any(p.predictor is not None for p in policies)
@@ -287,8 +300,28 @@ class Engine:
             _score(cache, hidden, requests)
         _evict(cache, requests)
         # Shaped [B, 1, d] like a decode step: the next token's logits are computed the same way.
-        logits = model.logits(hidden[torch.arange(batch, device=device), lengths - 1][:, None])[:, 0]
+        last_hidden = hidden[torch.arange(batch, device=device), lengths - 1]
         next_position = lengths[:, None]
+
+        latent = None
+        if memory is not None:
+            from memlm.latent.memory import LatentSession
+
+            latent = LatentSession(memory, [r.prompt_ids for r in requests], longest + capacity)
+            for r in requests:
+                r.insertions = []
+            prompt_latents = latent.prompt_latents([r.prompt_ids for r in requests])
+            if prompt_latents is not None:  # latent memory right after the prompt: a small prefill
+                for r in requests:
+                    r.insertions.append(0)
+                chunk, chunk_positions, real = _chunk([None] * batch, prompt_latents, next_position, model)
+                hidden = model(chunk, chunk_positions, cache)
+                if scored:
+                    _score(cache, hidden, requests)
+                _evict(cache, requests)
+                last_hidden = hidden[torch.arange(batch, device=device), real - 1]
+                next_position = next_position + real[:, None]
+        logits = model.logits(last_hidden[:, None])[:, 0]
 
         seen = None
         if any(r.params.repetition_penalty != 1.0 for r in requests):
@@ -303,8 +336,18 @@ class Engine:
             tokens = sampler(logits, seen)
             if any(r.forced is not None for r in active):
                 tokens = _force(logits, tokens, active)
+            inserting = []
+            if latent is not None:  # rows whose last token is a delimiter may insert instead of taking a token
+                rows = [(r.prompt_ids, r.output_ids) for r in active]
+                inserting = latent.choose(rows, tokens.tolist(), last_hidden)
             deltas, keep = [], []
             for row, (r, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                if row in inserting:  # the peeked token is dropped: the next one is sampled after the latents
+                    if r.forced is not None:
+                        r.logprobs.pop(), r.greedy_hits.pop()
+                    r.insertions.append(len(r.output_ids))
+                    keep.append(row)
+                    continue
                 text = r.append(token)
                 if text or r.finish_reason:
                     deltas.append(StreamDelta(r.index, text, r.finish_reason))
@@ -313,21 +356,35 @@ class Engine:
             yield deltas
             if not keep:
                 return
+            latents = [None] * len(active)
+            if inserting:
+                latents = latent.inference_latents([(r.prompt_ids, r.output_ids) for r in active], inserting)
             if len(keep) < len(active):  # finished rows leave the batch
                 index = torch.tensor(keep, device=device)
                 cache.select_rows(index)
                 tokens, next_position = tokens[index], next_position[index]
                 seen = seen[index] if seen is not None else None
                 active = [active[i] for i in keep]
+                latents = [latents[i] for i in keep]
+                if latent is not None:
+                    latent.select_rows(keep)
                 sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
+            inserted = {row for row, x in enumerate(latents) if x is not None}
             if seen is not None:
-                seen[torch.arange(len(active), device=device), tokens] = True
-            hidden = model(model.embed(tokens[:, None]), next_position, cache)
+                took = torch.tensor([row not in inserted for row in range(len(active))], device=device)
+                seen[torch.arange(len(active), device=device)[took], tokens[took]] = True
+            if inserted:
+                chunk, chunk_positions, real = _chunk(tokens.tolist(), latents, next_position, model)
+            else:
+                chunk, chunk_positions = model.embed(tokens[:, None]), next_position
+                real = torch.ones(len(active), dtype=torch.long, device=device)
+            hidden = model(chunk, chunk_positions, cache)
             if scored:
                 _score(cache, hidden, active)
             _evict(cache, active)
-            logits = model.logits(hidden)[:, 0]
-            next_position = next_position + 1
+            last_hidden = hidden[torch.arange(len(active), device=device), real - 1]
+            logits = model.logits(last_hidden[:, None])[:, 0]
+            next_position = next_position + real[:, None]
 
     def _suppress_early_end(self, logits: torch.Tensor, active: list[_Request]) -> torch.Tensor:
         """Mask end tokens for rows still short of min_new_tokens (as transformers' min_new_tokens)."""
@@ -339,6 +396,28 @@ class Engine:
             ends = list(self.eos_ids | set(active[row].params.stop_token_ids))
             logits[row, ends] = float("-inf")
         return logits
+
+
+def _chunk(tokens: list, latents: list, next_position: torch.Tensor, model) -> tuple:
+    """One forward's input when some rows insert latents [K, d] and the others feed one token
+    (None: the row feeds nothing). -> (embeds [B, W, d], positions [B, W], real tokens per row)."""
+    batch, device = len(latents), model.device
+    width = max([1] + [x.shape[0] for x in latents if x is not None])
+    embeds = torch.zeros(batch, width, model.config.hidden_size, dtype=model.dtype, device=device)
+    positions = torch.full((batch, width), -1, dtype=torch.long, device=device)
+    real = torch.zeros(batch, dtype=torch.long, device=device)
+    for row in range(batch):
+        if latents[row] is not None:
+            n = latents[row].shape[0]
+            embeds[row, :n] = latents[row].to(model.dtype)
+        elif tokens[row] is not None:
+            n = 1
+            embeds[row, 0] = model.embed(torch.tensor([tokens[row]], device=device))[0]
+        else:
+            continue
+        positions[row, :n] = next_position[row, 0] + torch.arange(n, device=device)
+        real[row] = n
+    return embeds, positions, real
 
 
 def _force(logits: torch.Tensor, tokens: torch.Tensor, active: list[_Request]) -> torch.Tensor:

@@ -103,17 +103,22 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 
 
 @contextlib.contextmanager
-def lora_disabled(model: nn.Module):
-    """Run the base model: every adapter off inside the block."""
+def lora_switched(model: nn.Module, on: bool):
+    """Every adapter on (or off) inside the block; as it was afterwards."""
     layers = [layer for _, layer in lora_layers(model)]
     saved = [layer.enabled for layer in layers]
     try:
         for layer in layers:
-            layer.enabled = False
+            layer.enabled = on
         yield
     finally:
-        for layer, on in zip(layers, saved, strict=True):
-            layer.enabled = on
+        for layer, was in zip(layers, saved, strict=True):
+            layer.enabled = was
+
+
+def lora_disabled(model: nn.Module):
+    """Run the base model: every adapter off inside the block."""
+    return lora_switched(model, False)
 
 
 def merge_lora(model: nn.Module) -> None:

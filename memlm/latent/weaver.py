@@ -1,0 +1,109 @@
+"""The MemGen weaver: the reasoner's own weights plus LoRA, writing latent memory.
+
+The weaver reads the sequence so far, as the reasoner's input embeddings (projected by
+`to_weaver`; the reference implementation feeds input embeddings too, which lets the weaver keep
+its own incremental cache over the tokens), appends K learned query vectors (`prompt_queries`
+after the prompt, `inference_queries` at a delimiter), and returns the last-layer hidden states
+of those queries projected into the reasoner's embedding space (`to_reasoner`). The reasoner
+then reads them as K extra positions of its context.
+
+Weaver and reasoner are one LlamaModel: LoRA wrappers share the frozen base weights and stay
+switched off except inside the weaver's own forward, so the engine, which runs the model as is,
+sees the plain reasoner. No second copy of the base model exists.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memlm.cache.kv_cache import KVCache
+from memlm.models.llama import LlamaModel
+from memlm.models.lora import add_lora, lora_layers, lora_switched
+
+QUERY_KINDS = ("prompt", "inference")
+
+
+class Weaver(nn.Module):
+    def __init__(
+        self,
+        reasoner: LlamaModel,
+        prompt_latents: int = 8,
+        inference_latents: int = 8,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+    ):
+        super().__init__()
+        if not list(lora_layers(reasoner)):
+            add_lora(reasoner, lora_rank, lora_alpha)
+        for _, layer in lora_layers(reasoner):
+            layer.enabled = False  # the reasoner's view by default
+        object.__setattr__(self, "reasoner", reasoner)  # shared, not a submodule: never saved with the weaver
+        d = reasoner.config.hidden_size
+        scale = float(reasoner.embed_tokens.weight.std())
+        self.prompt_queries = nn.Parameter(torch.randn(prompt_latents, d, dtype=reasoner.dtype) * scale)
+        self.inference_queries = nn.Parameter(torch.randn(inference_latents, d, dtype=reasoner.dtype) * scale)
+        self.to_weaver = nn.Linear(d, d, dtype=reasoner.dtype)
+        self.to_reasoner = nn.Linear(d, d, dtype=reasoner.dtype)
+        with torch.no_grad():  # start as "pass through": embeddings in, hidden states out at embedding scale
+            self.to_weaver.weight.copy_(torch.eye(d))
+            self.to_weaver.bias.zero_()
+            self.to_reasoner.weight.copy_(torch.eye(d) * scale)
+            self.to_reasoner.bias.zero_()
+
+    @property
+    def num_latents(self) -> dict[str, int]:
+        return {"prompt": self.prompt_queries.shape[0], "inference": self.inference_queries.shape[0]}
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for _, layer in lora_layers(self.reasoner) for p in (layer.lora_a, layer.lora_b)]
+
+    def queries(self, kind: str) -> torch.Tensor:
+        return self.prompt_queries if kind == "prompt" else self.inference_queries
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        model = self.reasoner
+        return KVCache.for_model(model.config, batch, capacity, model.dtype, model.device)
+
+    def weave(
+        self,
+        cache: KVCache,
+        pending: list[list[int]],
+        kinds: list[str | None],
+    ) -> list[torch.Tensor | None]:
+        """Latent memory for the rows whose kind is not None.
+
+        `pending[row]` are the token ids the weaver has not read yet (they enter its cache for
+        good); `kinds[row]` says which queries to append ("prompt" or "inference"). Queries are
+        read after the tokens and then dropped from the cache again, so the weaver's cache only
+        ever holds real tokens. -> per row, [K, d] latent embeddings for the reasoner, or None.
+        """
+        model = self.reasoner
+        batch = len(pending)
+        chunks, starts = [], cache.lengths.tolist()
+        for row in range(batch):
+            ids = torch.tensor(pending[row], dtype=torch.long, device=model.device)
+            embeds = self.to_weaver(model.embed(ids))
+            if kinds[row] is not None:
+                embeds = torch.cat((embeds, self.queries(kinds[row])))
+            chunks.append(embeds)
+        width = max(c.shape[0] for c in chunks)
+        if width == 0:
+            return [None] * batch
+        x = torch.zeros(batch, width, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        positions = torch.full((batch, width), -1, dtype=torch.long, device=model.device)
+        for row, c in enumerate(chunks):
+            x[row, : c.shape[0]] = c
+            positions[row, : c.shape[0]] = torch.arange(starts[row], starts[row] + c.shape[0])
+        with lora_switched(model, True):
+            hidden = model(x, positions, cache)
+        keep = torch.tensor([s + len(p) for s, p in zip(starts, pending, strict=True)])
+        cache.truncate(keep)  # forget the queries
+        out = []
+        for row, kind in enumerate(kinds):
+            if kind is None:
+                out.append(None)
+                continue
+            n, k = len(pending[row]), self.num_latents[kind]
+            out.append(self.to_reasoner(hidden[row, n : n + k]))
+        return out

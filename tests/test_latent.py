@@ -1,0 +1,137 @@
+"""MemGen latent memory: delimiters, cached insertion against a full forward, batching, weight
+sharing, checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, tiny_engine
+from memlm.errors import InvalidRequestError, ModelFormatError
+from memlm.generation.params import SamplingParams
+from memlm.latent.delimiters import DelimiterSet
+from memlm.latent.memory import LatentMemory
+from memlm.latent.trigger import make_trigger
+from memlm.models.lora import lora_layers
+
+
+def _memory(engine, seed=0, **options):
+    memory = LatentMemory.create(engine, prompt_latents=3, inference_latents=2, lora_rank=4, **options)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a trained-looking memory: adapters and projections away from identity
+        for _, layer in lora_layers(engine.model):
+            layer.lora_b.normal_(std=0.05)
+        memory.weaver.to_reasoner.weight.add_(torch.randn_like(memory.weaver.to_reasoner.weight) * 0.05)
+    return memory
+
+
+def test_delimiters_by_token_id_never_inside_a_number():
+    tokenizer = byte_tokenizer()
+    delimiters = DelimiterSet.for_tokenizer(tokenizer)
+
+    def points(text):
+        ids = tokenizer.encode(text)
+        return [tokenizer.decode(ids[: i + 1]) for i in delimiters.in_text(ids)]
+
+    assert points("pi is 3.14 today") == []
+    assert points("take 3, 4.") == ["take 3,", "take 3, 4."]
+    assert points("one, two.\nthree") == ["one,", "one, two.", "one, two.\n"]
+    assert points("cost 1,000 or 2.5") == []
+    assert points("version .5 is out") == ["version ."]  # no digit before the point: a boundary
+
+
+def test_cached_insertion_equals_one_forward_over_prefix_latents_and_continuation():
+    engine = tiny_engine()
+    memory = _memory(engine, max_inference_aug=2)
+    prompt = engine.tokenizer.encode("notes:")
+    continuation = engine.tokenizer.encode("a, b. c, d and the rest")
+    result = engine.score([prompt], [continuation], memory=memory)[0]
+    # After the prompt, after "a," and after "a, b." (then the limit of 2 is reached).
+    assert result.insertions == [0, 2, 5]
+
+    model, weaver = engine.model, memory.weaver
+
+    def fresh_latents(ids, kind):  # the weaver reading the whole prefix from scratch
+        return weaver.weave(weaver.new_cache(1, 64), [ids], [kind])[0]
+
+    with torch.no_grad():
+        parts = [model.embed(torch.tensor(prompt)), fresh_latents(prompt, "prompt")]
+        targets = []  # (index in the full sequence predicting it, token)
+        length = len(prompt) + 3
+        for k, token in enumerate(continuation):
+            if k in result.insertions[1:]:
+                parts.append(fresh_latents(prompt + continuation[:k], "inference"))
+                length += 2
+            targets.append((length - 1, token))
+            parts.append(model.embed(torch.tensor([token])))
+            length += 1
+        embeds = torch.cat(parts)[None]
+        logits = model.logits(model(embeds, torch.arange(embeds.shape[1])[None]))[0]
+    logprobs = torch.log_softmax(logits, -1)
+    expected = torch.stack([logprobs[i, t] for i, t in targets])
+    torch.testing.assert_close(torch.tensor(result.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_where_some_rows_insert_equals_each_row_alone():
+    engine = tiny_engine()
+    memory = _memory(engine, max_inference_aug=3)
+    texts = [("q:", "no delimiters here at all"), ("question, long:", "x, y. z\nw"), ("hm", "1.5 and 2, 3")]
+    prompts = [engine.tokenizer.encode(p) for p, _ in texts]
+    continuations = [engine.tokenizer.encode(c) for _, c in texts]
+    batched = engine.score(prompts, continuations, memory=memory)
+    assert batched[0].insertions == [0] and len(batched[1].insertions) == 4  # prompt + 3 (the limit)
+    for p, c, b in zip(prompts, continuations, batched, strict=True):
+        alone = engine.score([p], [c], memory=memory)[0]
+        assert alone.insertions == b.insertions
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    # Free generation takes the same path: batched equals alone, and latents never reach the text.
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    out = engine.generate_tokens(prompts, params, memory=memory)
+    for p, o in zip(prompts, out, strict=True):
+        alone = engine.generate_tokens([p], params, memory=memory)[0]
+        assert alone.token_ids == o.token_ids and alone.insertions == o.insertions
+        assert len(o.token_ids) == 24
+
+
+def test_weaver_shares_the_reasoner_weights_and_leaves_the_reasoner_unchanged():
+    engine = tiny_engine()
+    prompt = engine.tokenizer.encode("hello")
+    before = engine.score([prompt], [engine.tokenizer.encode(" world")])[0].logprobs
+    memory = _memory(engine)
+    for _, layer in lora_layers(engine.model):
+        assert layer.base.weight.data_ptr() == layer.weight.data_ptr()
+        assert not layer.enabled  # the engine sees the plain reasoner
+    assert engine.score([prompt], [engine.tokenizer.encode(" world")])[0].logprobs == before
+    weaver_tensors = sum(p.numel() for p in memory.state_dict().values())
+    assert weaver_tensors < sum(p.numel() for p in engine.model.parameters())
+    assert not any(k.startswith("reasoner") for k in memory.weaver.state_dict())
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    engine = tiny_engine()
+    memory = _memory(engine, trigger="learned")
+    memory.save(tmp_path / "mem")
+    prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
+    expected = engine.score([prompt], [continuation], memory=memory)[0]
+
+    other = tiny_engine()  # the same base weights, fresh adapters
+    loaded = LatentMemory.load(tmp_path / "mem", other)
+    got = other.score([prompt], [continuation], memory=loaded)[0]
+    assert got.insertions == expected.insertions and got.logprobs == expected.logprobs
+
+    with pytest.raises(ModelFormatError, match="not a latent memory checkpoint"):
+        LatentMemory.load(tmp_path / "nothing", tiny_engine())
+    renamed = tiny_engine()
+    renamed.name = "another-model"
+    with pytest.raises(ModelFormatError, match="trained on 'tiny', not 'another-model'"):
+        LatentMemory.load(tmp_path / "mem", renamed)
+    config = json.loads((tmp_path / "mem" / "latent_memory.json").read_text())
+    (tmp_path / "mem" / "latent_memory.json").write_text(json.dumps({**config, "inference_latents": 5}))
+    with pytest.raises(ModelFormatError, match="shape"):
+        LatentMemory.load(tmp_path / "mem", tiny_engine())
+    del config["lora_rank"]
+    (tmp_path / "mem" / "latent_memory.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="not a valid latent memory config"):
+        LatentMemory.load(tmp_path / "mem", tiny_engine())
+    with pytest.raises(InvalidRequestError, match="unknown trigger"):
+        make_trigger("sometimes", 64)
