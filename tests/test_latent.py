@@ -135,3 +135,31 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         LatentMemory.load(tmp_path / "mem", tiny_engine())
     with pytest.raises(InvalidRequestError, match="unknown trigger"):
         make_trigger("sometimes", 64)
+
+
+def test_training_forward_equals_generation_and_never_labels_latent_slots():
+    from memlm.latent.training import IGNORE, LatentLM, interleave, make_example, weave_for_training
+
+    engine = tiny_engine()
+    memory = _memory(engine, max_inference_aug=2)
+    prompt = engine.tokenizer.encode("notes:")
+    target = engine.tokenizer.encode("a, b. c, d and the rest")
+    example = make_example(memory, prompt, target)
+    assert example.points == [0, 2, 5]  # the prompt, "a,", "a, b." (then the limit)
+    lm = LatentLM(memory)
+    with torch.no_grad():
+        latents = weave_for_training(memory, [example])[0]
+        embeds, labels = interleave(engine.model, example, latents)
+        training = lm.token_logprobs(example)
+    # Latent slots are never labels; every target token is, exactly once, in order.
+    assert labels[labels != IGNORE].tolist() == target
+    assert embeds.shape[0] == len(prompt) + len(target) + 3 + 2 + 2
+    generation = engine.score([prompt], [target], memory=memory)[0]
+    assert generation.insertions == example.points
+    torch.testing.assert_close(training, torch.tensor(generation.logprobs), atol=1e-4, rtol=1e-4)
+    # Gradients reach the weaver (LoRA, queries, projections) and nothing of the frozen reasoner.
+    loss, count = lm([example, make_example(memory, prompt, target[:5])])
+    (loss / count).backward()
+    assert memory.weaver.inference_queries.grad is not None and memory.weaver.to_reasoner.weight.grad is not None
+    assert all(p.grad is not None for p in memory.weaver.lora_parameters())
+    assert all(p.grad is None for n, p in engine.model.named_parameters() if "lora" not in n)

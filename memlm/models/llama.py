@@ -124,14 +124,23 @@ class LlamaModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run [B, T, d] embeddings at positions [B, T] (negative = right padding) -> hidden [B, T, d].
 
         With a cache, the chunk is appended to each row's history; without one, the chunk is a
-        whole sequence attended causally.
+        whole sequence attended causally, or as `mask` [B, 1, T, T] (True = may attend) says.
         """
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_scaling, embeds.dtype)
-        if cache is None:
+        if mask is not None:
+            if cache is not None:
+                raise ValueError("an explicit mask is for cache-less forwards")
+        elif cache is None:
             chunk = positions.shape[1]
             causal = torch.ones(chunk, chunk, dtype=torch.bool, device=embeds.device).tril()
             mask = (causal[None] & (positions >= 0)[:, None, :])[:, None]
