@@ -57,9 +57,7 @@ def weave_for_training(memory: LatentMemory, examples: list[LatentExample]) -> l
     layouts, width = [], 0
     for ex in examples:
         tokens = ex.prompt + ex.target
-        blocks = [
-            ("prompt" if k == 0 and memory.prompt_latents() else "inference", len(ex.prompt) + k) for k in ex.points
-        ]
+        blocks = [("prompt" if k == 0 else "inference", len(ex.prompt) + k) for k in ex.points]
         size = len(tokens) + sum(weaver.num_latents[kind] for kind, _ in blocks)
         layouts.append((tokens, blocks))
         width = max(width, size)
