@@ -75,6 +75,10 @@ def generate(
     kv_predictor: Annotated[
         str | None, typer.Option(help="Importance predictor folder for --kv-policy learned.")
     ] = None,
+    memory: Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")] = None,
+    show_insertions: Annotated[
+        bool, typer.Option("--show-insertions", help="Mark where latent memory was inserted (no streaming).")
+    ] = False,
 ):
     """Complete one prompt and print the result."""
     from memlm.cache.policies import make_policy
@@ -88,6 +92,8 @@ def generate(
 
         options["predictor"], predictor_config = load_predictor(kv_predictor)
     policy = make_policy(kv_policy, kv_budget, **options)  # bad names and budgets fail before the model loads
+    if show_insertions and memory is None:
+        raise MemlmError("--show-insertions needs --memory DIR")
     if not prompt.strip():
         raise MemlmError("prompt is empty")
     engine = _load(model, dtype)
@@ -98,13 +104,27 @@ def generate(
     request = prompt
     if chat and engine.tokenizer.chat_template:
         request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if stream:
-        for delta in engine.stream(request, params, kv_policy=policy):
+    latent = _load_memory(memory, engine)
+    if show_insertions:
+        from memlm.latent.memory import mark_insertions
+
+        out = engine.generate(request, params, kv_policy=policy, memory=latent)
+        print(mark_insertions(engine.tokenizer, out.token_ids, out.insertions))  # special tokens are skipped
+    elif stream:
+        for delta in engine.stream(request, params, kv_policy=policy, memory=latent):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(engine.generate(request, params, kv_policy=policy).text)
+        print(engine.generate(request, params, kv_policy=policy, memory=latent).text)
+
+
+def _load_memory(folder: str | None, engine):
+    if folder is None:
+        return None
+    from memlm.latent.memory import LatentMemory
+
+    return LatentMemory.load(folder, engine)
 
 
 @app.command()
@@ -277,6 +297,7 @@ def evaluate(
     dtype: DtypeOpt = "float32",
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     show: Annotated[int, typer.Option(help="Print this many completions.")] = 0,
+    memory: Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")] = None,
 ):
     """Accuracy on held-out problems with the task's own scorer, tokens generated, decode tok/s."""
     from memlm.data.evaluate import evaluate_task
@@ -286,11 +307,12 @@ def evaluate(
         raise MemlmError("--n and --batch-size must be >= 1")
     the_task = get_task(task)
     engine = _load(model, dtype)
+    latent = _load_memory(memory, engine)
     problems = the_task.problems(n, "test")
-    result = evaluate_task(engine, the_task, problems, batch_size, max_new_tokens)
+    result = evaluate_task(engine, the_task, problems, batch_size, max_new_tokens, memory=latent)
     for text, score, problem in list(zip(result.completions, result.scores, problems, strict=True))[:show]:
         print(f"--- {problem.question}\n{text}\n[score {score}, expected {problem.answer}]")
-    summary = {"model": model, "task": task, **result.summary()}
+    summary = {"model": model, "memory": memory, "task": task, **result.summary()}
     print(json.dumps(summary, indent=2))
     if json_path:
         from pathlib import Path
@@ -377,6 +399,52 @@ def train_predictor(
         log=lambda m: print(m, file=sys.stderr),
     )
     print(json.dumps(metrics, indent=2))
+
+
+@train_app.command("weaver")
+def train_weaver(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    out: Annotated[str, typer.Option("--out", help="Output folder (memory/, train/, eval.json).")] = "",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 250,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    prompt_latents: Annotated[int, typer.Option(help="Latents inserted after the prompt.")] = 8,
+    inference_latents: Annotated[int, typer.Option(help="Latents inserted at a delimiter.")] = 8,
+    lora_rank: Annotated[int, typer.Option(help="The weaver's LoRA rank.")] = 16,
+    max_inference_aug: Annotated[int, typer.Option(help="Most insertions per answer.")] = 8,
+    n_train: Annotated[int, typer.Option(help="Training problems (train split).")] = 4000,
+    n_eval: Annotated[int, typer.Option(help="Held-out problems scored at the end (0 = skip).")] = 64,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 25,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
+):
+    """Train the MemGen weaver (SFT, reasoner frozen); save a latent memory for --memory."""
+    from memlm.train.weaver import WeaverConfig, run_weaver_training
+
+    if not out:
+        raise MemlmError("--out is required")
+    from memlm.data.tasks import get_task
+
+    get_task(task)  # an unknown task fails before the model loads
+    report = run_weaver_training(
+        WeaverConfig(
+            model=model,
+            task=task,
+            out_dir=out,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            prompt_latents=prompt_latents,
+            inference_latents=inference_latents,
+            lora_rank=lora_rank,
+            max_inference_aug=max_inference_aug,
+            n_train=n_train,
+            n_eval=n_eval,
+            save_every=save_every,
+            resume=resume,
+        )
+    )
+    print(json.dumps(report, indent=2))
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -35,6 +35,10 @@ def run(cli, *args, stdin=None):
         (["bench", "kv", "--budgets", "64,x"], "budgets"),
         (["bench", "kv", "--policies", "window,lru"], "unknown KV policy"),
         (["bench", "kv", "--policies", "learned"], "needs --predictor"),
+        (["generate", "hi", "--memory", "/no/dir"], "not a latent memory checkpoint"),
+        (["generate", "hi", "--show-insertions"], "needs --memory"),
+        (["train", "weaver"], "--out is required"),
+        (["train", "weaver", "--out", "/tmp/x", "--task", "chess"], "unknown task"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(memlm_cli, args, message):

@@ -163,3 +163,40 @@ def test_training_forward_equals_generation_and_never_labels_latent_slots():
     assert memory.weaver.inference_queries.grad is not None and memory.weaver.to_reasoner.weight.grad is not None
     assert all(p.grad is not None for p in memory.weaver.lora_parameters())
     assert all(p.grad is None for n, p in engine.model.named_parameters() if "lora" not in n)
+
+
+def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_path):
+    from memlm.models.loading import save_model
+    from memlm.train.weaver import WeaverConfig, run_weaver_training
+
+    from conftest import tiny_memlm
+
+    folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
+    cfg = WeaverConfig(
+        str(folder),
+        "chain_sum_short",
+        str(tmp_path / "w"),
+        steps=20,
+        batch_size=4,
+        lr=3e-3,
+        prompt_latents=2,
+        inference_latents=2,
+        lora_rank=4,
+        max_inference_aug=2,
+        n_train=16,
+        n_eval=2,
+        warmup_steps=1,
+        save_every=10,
+        progress=False,
+    )
+    report = run_weaver_training(cfg)
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "w" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert losses[-1] < losses[0]
+    assert report["eval"]["n"] == 2 and report["eval"]["insertions_per_answer"] >= 1  # the prompt insertion at least
+    from memlm.generation.engine import Engine
+
+    engine = Engine.load(str(folder))
+    memory = LatentMemory.load(tmp_path / "w" / "memory", engine)
+    assert memory.config["task"] == "chain_sum_short"

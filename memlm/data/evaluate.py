@@ -19,11 +19,13 @@ class TaskResult:
     decode_tok_s: float  # generated tokens / generation wall time (prefill included)
     peak_kv_tokens: int  # the most any sequence held at once
     peak_kv_bytes: int
+    insertions_per_answer: float
     completions: list[str]
     scores: list[float]
 
     def summary(self) -> dict:
         keys = ("accuracy", "n", "generated_tokens", "decode_tok_s", "peak_kv_tokens", "peak_kv_bytes")
+        keys += ("insertions_per_answer",)
         return {k: getattr(self, k) for k in keys}
 
 
@@ -35,21 +37,24 @@ def evaluate_task(
     max_new_tokens: int = 256,
     policy_factory: Callable[[], KVPolicy | None] | None = None,
     progress: Callable[[int], None] | None = None,
+    memory=None,
 ) -> TaskResult:
-    """Greedy completions of every problem; `policy_factory` gives each request its KV policy."""
+    """Greedy completions of every problem; `policy_factory` gives each request its KV policy;
+    `memory` (a LatentMemory) weaves latent memory into every answer."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    texts, scores, tokens, peak, elapsed = [], [], 0, 0, 0.0
+    texts, scores, tokens, peak, elapsed, insertions = [], [], 0, 0, 0.0, 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         policies = [policy_factory() for _ in chunk] if policy_factory else None
         began = time.perf_counter()
-        completions = engine.generate([task.messages(p) for p in chunk], params, kv_policy=policies)
+        completions = engine.generate([task.messages(p) for p in chunk], params, kv_policy=policies, memory=memory)
         elapsed += time.perf_counter() - began
         for problem, c in zip(chunk, completions, strict=True):
             texts.append(c.text)
             scores.append(task.score(c.text, problem))
             tokens += len(c.token_ids)
             peak = max(peak, c.peak_kv_tokens)
+            insertions += len(c.insertions or [])
         if progress is not None:
             progress(len(chunk))
     bytes_per_token = engine.config.kv_bytes_per_token(engine.model.dtype.itemsize)
@@ -60,6 +65,7 @@ def evaluate_task(
         decode_tok_s=tokens / elapsed if elapsed > 0 else 0.0,
         peak_kv_tokens=peak,
         peak_kv_bytes=peak * bytes_per_token,
+        insertions_per_answer=insertions / max(1, len(problems)),
         completions=texts,
         scores=scores,
     )

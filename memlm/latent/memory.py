@@ -209,3 +209,14 @@ class LatentSession:
         self.fed = [self.fed[i] for i in keep]
         self.inserted = [self.inserted[i] for i in keep]
         self.last_at = [self.last_at[i] for i in keep]
+
+
+def mark_insertions(tokenizer, token_ids: list[int], insertions: list[int], mark: str = "⟨mem⟩") -> str:
+    """The completion's text with `mark` wherever latent memory was inserted."""
+    pieces, cut = [], 0
+    for k in sorted(set(insertions)):
+        pieces.append(tokenizer.decode(token_ids[cut:k]))
+        pieces.append(mark * insertions.count(k))
+        cut = k
+    pieces.append(tokenizer.decode(token_ids[cut:]))
+    return "".join(pieces)

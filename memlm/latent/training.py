@@ -115,7 +115,10 @@ class LatentLM(torch.nn.Module):
     def __init__(self, memory: LatentMemory):
         super().__init__()
         self.memory = memory
-        self.weaver = memory.weaver  # registered: its parameters and the reasoner's LoRA train
+        # Both registered, so DDP and the optimizer see every trainable tensor: the weaver's own
+        # (queries, projections) and the LoRA inside the reasoner (its base weights stay frozen).
+        self.weaver = memory.weaver
+        self.reasoner = memory.weaver.reasoner
 
     def forward(self, examples: list[LatentExample]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (summed next-token loss over real target tokens, number of such tokens)."""

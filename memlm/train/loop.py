@@ -216,7 +216,9 @@ def _batch_items(batch) -> int:
     """Examples in a batch: the leading size of its first tensor."""
     if isinstance(batch, dict):
         batch = next(iter(batch.values()), None)
-    elif isinstance(batch, (list, tuple)):
+    if isinstance(batch, (list, tuple)):
+        if batch and not isinstance(batch[0], torch.Tensor):
+            return len(batch)  # a list of examples
         batch = batch[0] if batch else None
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() else 1
 

@@ -68,13 +68,19 @@ def sft_loss(lm: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels[labels != IGNORE])
 
 
+def prompt_and_target(tokenizer, task, problem) -> tuple[list[int], list[int]]:
+    """The chat prompt's ids, and the worked solution's ids ending with the end-of-turn token."""
+    end = tokenizer.eos_token_id
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(task.messages(problem), add_generation_prompt=True))
+    answer = tokenizer.encode(task.solution(problem), add_special_tokens=False) + ([end] if end is not None else [])
+    return prompt, answer
+
+
 def encode_examples(tokenizer, task, problems) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per problem: labels are the next token on the solution, IGNORE on the prompt."""
-    end = tokenizer.eos_token_id
     examples = []
     for p in problems:
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(task.messages(p), add_generation_prompt=True))
-        answer = tokenizer.encode(task.solution(p), add_special_tokens=False) + ([end] if end is not None else [])
+        prompt, answer = prompt_and_target(tokenizer, task, p)
         ids = prompt + answer
         labels = [IGNORE] * (len(prompt) - 1) + answer + [IGNORE]
         examples.append((ids, labels))
