@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_engine
+from conftest import byte_tokenizer, tiny_engine, tiny_memlm
 from memlm.errors import InvalidRequestError, ModelFormatError
 from memlm.generation.params import SamplingParams
 from memlm.latent.delimiters import DelimiterSet
@@ -168,8 +168,6 @@ def test_training_forward_equals_generation_and_never_labels_latent_slots():
 def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_path):
     from memlm.models.loading import save_model
     from memlm.train.weaver import WeaverConfig, run_weaver_training
-
-    from conftest import tiny_memlm
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
     cfg = WeaverConfig(
