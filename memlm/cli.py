@@ -447,6 +447,47 @@ def train_weaver(
     print(json.dumps(report, indent=2))
 
 
+@train_app.command("trigger")
+def train_trigger(
+    memory: Annotated[str, typer.Option(help="The trained weaver (memory folder of `memlm train weaver`).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    out: Annotated[str, typer.Option("--out", help="Output folder (memory/, train/, eval.json).")] = "",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 60,
+    problems_per_step: Annotated[int, typer.Option(help="Problems per step.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Sampled answers per problem (the GRPO group).")] = 4,
+    temperature: Annotated[float, typer.Option(help="Token sampling temperature of the rollouts.")] = 0.7,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-3,
+    penalty: Annotated[float, typer.Option(help="Weight of the insertion penalty.")] = 0.5,
+    n_eval: Annotated[int, typer.Option(help="Held-out problems scored at the end (0 = skip).")] = 64,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
+):
+    """Train the MemGen trigger by RL (group-baseline REINFORCE, adaptive insertion penalty), weaver frozen."""
+    from memlm.data.tasks import get_task
+    from memlm.train.trigger import TriggerConfig, run_trigger_training
+
+    if not out:
+        raise MemlmError("--out is required")
+    get_task(task)
+    report = run_trigger_training(
+        TriggerConfig(
+            model=model,
+            memory=memory,
+            task=task,
+            out_dir=out,
+            steps=steps,
+            problems_per_step=problems_per_step,
+            group_size=group_size,
+            temperature=temperature,
+            lr=lr,
+            penalty=penalty,
+            n_eval=n_eval,
+            resume=resume,
+        )
+    )
+    print(json.dumps(report, indent=2))
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]

@@ -198,3 +198,50 @@ def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_pat
     engine = Engine.load(str(folder))
     memory = LatentMemory.load(tmp_path / "w" / "memory", engine)
     assert memory.config["task"] == "chain_sum_short"
+
+
+def test_group_rewards_penalise_insertions_beyond_the_correct_answers():
+    from memlm.train.trigger import group_rewards
+
+    # Correct answers used 2 and 4 insertions (mean 3): only insertions beyond 3 cost.
+    assert group_rewards([1.0, 1.0, 0.0, 1.0], [2, 4, 6, 3], penalty=0.5, max_aug=4) == [1.0, 0.875, -0.375, 1.0]
+    assert group_rewards([0.0, 0.0], [1, 5], penalty=0.5, max_aug=4) == [0.0, 0.0]  # nothing to compare with
+
+
+def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, monkeypatch):
+    from memlm.data.tasks import Task
+    from memlm.models.loading import save_model
+    from memlm.train.trigger import TriggerConfig, run_trigger_training
+
+    folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
+    from memlm.generation.engine import Engine
+
+    engine = Engine.load(str(folder))
+    _memory(engine, max_inference_aug=6).save(tmp_path / "weaver")
+    monkeypatch.setattr(Task, "score", lambda self, text, problem: 1.0)  # every answer right: only the penalty differs
+    cfg = TriggerConfig(
+        str(folder),
+        str(tmp_path / "weaver"),
+        "chain_sum_short",
+        str(tmp_path / "t"),
+        steps=20,
+        problems_per_step=2,
+        group_size=4,
+        temperature=1.0,
+        lr=0.05,
+        penalty=1.0,
+        initial_p=0.5,
+        n_train=8,
+        n_eval=4,
+        max_new_tokens=40,
+        save_every=20,
+        progress=False,
+    )
+    report = run_trigger_training(cfg)
+    trained = LatentMemory.load(tmp_path / "t" / "memory", Engine.load(str(folder)))
+    assert trained.config["trigger"] == "learned"
+    states = torch.randn(64, 64) * 3
+    with torch.no_grad():
+        p = trained.trigger.probability(states).mean()
+    assert p < 0.45  # started at 0.5 everywhere; insertions only ever lowered the reward
+    assert report["eval"]["insertions_per_answer"] < 1 + 6 * 0.5

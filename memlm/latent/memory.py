@@ -37,6 +37,10 @@ class LatentMemory:
         self.weaver, self.trigger, self.delimiters = weaver, trigger, delimiters
         self.max_prompt_aug, self.max_inference_aug = max_prompt_aug, max_inference_aug
         self.config = config or {}
+        # RL (memlm train trigger): sample decisions from the learned trigger with this generator
+        # and record (hidden state, decision) per request of the next generation.
+        self.explore: torch.Generator | None = None
+        self.decisions: list[list[tuple[torch.Tensor, bool]]] | None = None
 
     @classmethod
     def create(
@@ -164,6 +168,9 @@ class LatentSession:
         self.fed = [0] * len(prompts)  # tokens of each row the weaver has read
         self.inserted = [0] * len(prompts)  # inference insertions so far
         self.last_at = [-1] * len(prompts)  # output length at the last insertion (never twice in a row)
+        self.origin = list(range(len(prompts)))  # each row's request index
+        if memory.explore is not None:
+            memory.decisions = [[] for _ in prompts]
 
     def prompt_latents(self, prompts: list[list[int]]) -> list[torch.Tensor] | None:
         if self.memory.prompt_latents() == 0:
@@ -184,7 +191,14 @@ class LatentSession:
                 candidates.append(row)
         if not candidates:
             return []
-        fire = memory.trigger.decide(hidden[candidates]).tolist()
+        states = hidden[candidates]
+        if memory.explore is not None:  # exploring: sample, and remember what was decided where
+            p = memory.trigger.probability(states).float()
+            fire = (torch.rand(p.shape, generator=memory.explore).to(p.device) < p).tolist()  # a CPU generator
+            for row, state, yes in zip(candidates, states, fire, strict=True):
+                memory.decisions[self.origin[row]].append((state.detach().float().cpu(), yes))
+        else:
+            fire = memory.trigger.decide(states).tolist()
         return [row for row, yes in zip(candidates, fire, strict=True) if yes]
 
     def inference_latents(self, rows: list[tuple[list[int], list[int]]], inserting: list[int]) -> list:
@@ -209,6 +223,7 @@ class LatentSession:
         self.fed = [self.fed[i] for i in keep]
         self.inserted = [self.inserted[i] for i in keep]
         self.last_at = [self.last_at[i] for i in keep]
+        self.origin = [self.origin[i] for i in keep]
 
 
 def mark_insertions(tokenizer, token_ids: list[int], insertions: list[int], mark: str = "⟨mem⟩") -> str:

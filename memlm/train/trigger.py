@@ -1,0 +1,147 @@
+"""`memlm train trigger`: teach the MemGen trigger when to insert, by RL, with the weaver frozen.
+
+Each step draws problems from the training split and generates a group of G answers per problem
+(sampled tokens, and insertion decisions sampled from the trigger's P(insert) at every delimiter).
+The reward is the task's score minus an insertion penalty that adapts to the group: insertions
+beyond the mean count of the group's correct answers cost `penalty / max_inference_aug` each, so
+the trigger is pushed toward the sparsest insertion pattern that still solves the problem (the
+paper's reward-adaptive penalty). The advantage is the reward minus the group mean (GRPO without
+the std normalisation, i.e. REINFORCE with a group baseline), and the loss is
+-advantage * sum(log pi(decision)) over the answer's decisions. The reasoner's hidden states at
+the delimiters do not depend on the trigger, so the recorded states give exact log-probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memlm.atomic import atomic_write
+from memlm.data.tasks import get_task
+from memlm.train.loop import TrainConfig, train
+
+
+@dataclass(slots=True)
+class TriggerConfig:
+    model: str
+    memory: str  # a trained weaver (`memlm train weaver`)
+    task: str
+    out_dir: str
+    steps: int = 60
+    problems_per_step: int = 4
+    group_size: int = 4
+    temperature: float = 0.7
+    lr: float = 3e-3
+    penalty: float = 0.5
+    initial_p: float = 0.9  # start close to `always`, then learn to skip
+    n_train: int = 4000
+    n_eval: int = 64
+    max_new_tokens: int = 256
+    save_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+def group_rewards(scores: list[float], insertions: list[int], penalty: float, max_aug: int) -> list[float]:
+    """Task score minus the penalty on insertions above the group's correct answers' mean count."""
+    good = [n for s, n in zip(scores, insertions, strict=True) if s >= 0.5]
+    if not good:
+        return list(scores)
+    allowed = sum(good) / len(good)
+    return [s - penalty * max(0.0, n - allowed) / max(1, max_aug) for s, n in zip(scores, insertions, strict=True)]
+
+
+def run_trigger_training(cfg: TriggerConfig) -> dict:
+    from memlm.generation.engine import Engine
+    from memlm.generation.params import SamplingParams
+    from memlm.latent.memory import LatentMemory
+    from memlm.latent.trigger import Trigger
+
+    task = get_task(cfg.task)
+    engine = Engine.load(cfg.model)
+    memory = LatentMemory.load(cfg.memory, engine)
+    memory.weaver.requires_grad_(False)
+    for p in memory.weaver.lora_parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    trigger = Trigger(engine.config.hidden_size)
+    with torch.no_grad():
+        trigger.head[-1].bias.fill_(torch.logit(torch.tensor(cfg.initial_p)).item())
+    memory.trigger = trigger
+    memory.config["trigger"] = "learned"
+    problems = task.problems(cfg.n_train, "train")
+
+    def batch_fn(step: int, micro: int, rank: int, world: int):
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        chosen = rng.sample(range(len(problems)), cfg.problems_per_step)[rank::world]
+        prompts = [task.messages(problems[i]) for i in chosen for _ in range(cfg.group_size)]
+        params = [
+            SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=rng.randrange(2**31))
+            for _ in prompts
+        ]
+        memory.explore = torch.Generator().manual_seed(rng.randrange(2**31))
+        trigger.eval()
+        completions = engine.generate(prompts, params, memory=memory)
+        trigger.train()
+        decisions, memory.explore, memory.decisions = memory.decisions, None, None
+        rollouts = []
+        for g, index in enumerate(chosen):
+            group = range(g * cfg.group_size, (g + 1) * cfg.group_size)
+            scores = [task.score(completions[i].text, problems[index]) for i in group]
+            counts = [len(completions[i].insertions) - 1 for i in group]  # the prompt insertion is not the trigger's
+            rewards = group_rewards(scores, counts, cfg.penalty, memory.max_inference_aug)
+            baseline = sum(rewards) / len(rewards)
+            for i, reward, score in zip(group, rewards, scores, strict=True):
+                states = [h.clone() for h, _ in decisions[i]]  # leave inference mode: these feed autograd
+                rollouts.append(
+                    {
+                        "states": torch.stack(states) if states else torch.zeros(0, engine.config.hidden_size),
+                        "decisions": torch.tensor([float(d) for _, d in decisions[i]]),
+                        "advantage": reward - baseline,
+                        "score": score,
+                    }
+                )
+        return rollouts
+
+    def loss_fn(model, rollouts):
+        total = 0.0
+        for r in rollouts:
+            if r["states"].shape[0] == 0:
+                continue
+            p = model.probability(r["states"]).clamp(1e-6, 1 - 1e-6)
+            logp = torch.where(r["decisions"] > 0, p.log(), (1 - p).log()).sum()
+            total = total - r["advantage"] * logp
+        if not torch.is_tensor(total):  # no decision anywhere in the batch: a zero loss that still has a graph
+            total = sum(p.sum() for p in model.parameters()) * 0.0
+        return total / len(rollouts)
+
+    out = Path(cfg.out_dir)
+    train_cfg = TrainConfig(
+        out_dir=str(out / "train"),
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=0,
+        save_every=cfg.save_every,
+        log_every=min(5, cfg.steps),
+        seed=cfg.seed,
+        resume=cfg.resume,
+        progress=cfg.progress,
+    )
+    last = train(trigger, loss_fn, batch_fn, train_cfg)
+    memory.config.update({"trigger_steps": cfg.steps, "trigger_penalty": cfg.penalty})
+    folder = memory.save(out / "memory")
+    report = {"memory": str(folder), "final_loss": last.get("loss")}
+    if cfg.n_eval:
+        from memlm.data.evaluate import evaluate_task
+
+        fresh = Engine.load(cfg.model)
+        saved = LatentMemory.load(folder, fresh)
+        result = evaluate_task(fresh, task, task.problems(cfg.n_eval, "test"), batch_size=16, memory=saved)
+        report["eval"] = {"task": cfg.task, **result.summary()}
+    atomic_write(out / "eval.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    return report
