@@ -287,6 +287,30 @@ def bench_kv(
     )
 
 
+@bench_app.command("memgen")
+def bench_memgen(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
+    lora_sft: Annotated[str | None, typer.Option(help="LoRA-SFT adapter folder (`memlm train sft`).")] = None,
+    weaver: Annotated[str | None, typer.Option(help="Weaver memory folder (`memlm train weaver`).")] = None,
+    weaver_trigger: Annotated[
+        str | None, typer.Option(help="Weaver + learned trigger memory folder (`memlm train trigger`).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG here.")] = None,
+):
+    """Vanilla vs LoRA-SFT vs MemGen weaver vs weaver + learned trigger: accuracy, insertions, speed."""
+    from memlm.bench.memgen import run_memgen_bench
+    from memlm.data.tasks import get_task
+
+    get_task(task)
+    if n < 1 or batch_size < 1:
+        raise MemlmError("--n and --batch-size must be >= 1")
+    run_memgen_bench(model, task, n, lora_sft, weaver, weaver_trigger, json_path, plot, batch_size)
+
+
 @app.command("eval")
 def evaluate(
     model: ModelOpt = DEFAULT_MODEL,

@@ -245,3 +245,27 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
         p = trained.trigger.probability(states).mean()
     assert p < 0.45  # started at 0.5 everywhere; insertions only ever lowered the reward
     assert report["eval"]["insertions_per_answer"] < 1 + 6 * 0.5
+
+
+def test_bench_memgen_rows_json_and_plot(tmp_path):
+    from memlm.bench.memgen import run_memgen_bench
+    from memlm.generation.engine import Engine
+    from memlm.models.loading import save_model
+
+    folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
+    _memory(Engine.load(str(folder)), max_inference_aug=2).save(tmp_path / "mem")
+    report = run_memgen_bench(
+        str(folder),
+        "chain_sum_short",
+        3,
+        weaver=str(tmp_path / "mem"),
+        json_path=str(tmp_path / "m.json"),
+        plot_path=str(tmp_path / "m.png"),
+        batch_size=3,
+        max_new_tokens=16,
+    )
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert rows == report["rows"] and [r["variant"] for r in rows] == ["vanilla", "weaver"]
+    assert rows[0]["insertions_per_answer"] == 0 and rows[1]["insertions_per_answer"] >= 1
+    assert rows[0]["speed_vs_vanilla"] == 1.0 and rows[1]["speed_vs_vanilla"] > 0
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
