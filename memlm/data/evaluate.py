@@ -69,3 +69,20 @@ def evaluate_task(
         completions=texts,
         scores=scores,
     )
+
+
+def evaluate_saved(model: str, task_name: str, n: int, memory: str | None = None, batch_size: int = 16) -> dict:
+    """Held-out accuracy of what a trainer saved (a model path, and a latent memory folder or not),
+    loaded fresh from disk: the test split, greedy decoding."""
+    from memlm.data.tasks import get_task
+    from memlm.generation.engine import Engine
+
+    task = get_task(task_name)
+    engine = Engine.load(model)
+    latent = None
+    if memory is not None:
+        from memlm.latent.memory import LatentMemory
+
+        latent = LatentMemory.load(memory, engine)
+    result = evaluate_task(engine, task, task.problems(n, "test"), batch_size=batch_size, memory=latent)
+    return {"task": task_name, **result.summary()}

@@ -141,6 +141,22 @@ def train(
     return last
 
 
+def global_batch(num_examples: int, batch_size: int, seed: int, step: int, micro: int, rank: int, world: int):
+    """Indices of this rank's share of a micro-batch drawn from (seed, step, micro): the same
+    global batch for any world size, so trainers that share data draw the same examples."""
+    import random
+
+    rng = random.Random(seed * 1_000_003 + step * 101 + micro)
+    return rng.sample(range(num_examples), batch_size)[rank::world]
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job (they neither save nor evaluate)."""
+    import torch.distributed as td
+
+    return not (td.is_available() and td.is_initialized() and td.get_rank() != 0)
+
+
 # ---- checkpoints, metrics, plot ----------------------------------------------------------------
 
 

@@ -10,7 +10,6 @@ the test seed, never trained on) is measured on what was saved, and written to e
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.atomic import atomic_write
-from memlm.data.evaluate import evaluate_task
+from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.errors import MemlmError
 from memlm.models.llama import LlamaModel
 from memlm.models.loading import load_model, save_model
 from memlm.models.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_adapter
-from memlm.train.loop import TrainConfig, train
+from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
 
 IGNORE = -100
 
@@ -116,10 +115,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     examples = encode_examples(tokenizer, task, task.problems(cfg.n_train, "train"))
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        # The same global batch for any world size: drawn from (seed, step, micro), split by rank.
-        rng = random.Random(cfg.seed * 1_000_003 + step * 101 + micro)
-        chosen = rng.sample(range(len(examples)), cfg.batch_size)
-        return collate([examples[i] for i in chosen[rank::world]])
+        chosen = global_batch(len(examples), cfg.batch_size, cfg.seed, step, micro, rank, world)
+        return collate([examples[i] for i in chosen])
 
     out = Path(cfg.out_dir)
     train_cfg = TrainConfig(
@@ -135,10 +132,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     )
     last = train(TokenLM(model), sft_loss, batch_fn, train_cfg)
 
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized() and td.get_rank() != 0:
-        return last  # only rank 0 saves and evaluates
+    if not is_main_process():
+        return last
     recipe = {
         "task": cfg.task,
         "steps": cfg.steps,
@@ -168,13 +163,3 @@ def run_sft(cfg: SFTConfig) -> dict:
         report["eval"] = evaluate_saved(str(artifact), cfg.task, cfg.n_eval)
     atomic_write(out / "eval.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     return report
-
-
-def evaluate_saved(model: str, task_name: str, n: int, batch_size: int = 16) -> dict:
-    """Held-out accuracy of a saved model: the test split, greedy decoding."""
-    from memlm.generation.engine import Engine
-
-    task = get_task(task_name)
-    engine = Engine.load(model)
-    result = evaluate_task(engine, task, task.problems(n, "test"), batch_size=batch_size)
-    return {"task": task_name, **result.summary()}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from memlm.atomic import atomic_write
+from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.train.loop import TrainConfig, train
 
@@ -137,11 +138,6 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     folder = memory.save(out / "memory")
     report = {"memory": str(folder), "final_loss": last.get("loss")}
     if cfg.n_eval:
-        from memlm.data.evaluate import evaluate_task
-
-        fresh = Engine.load(cfg.model)
-        saved = LatentMemory.load(folder, fresh)
-        result = evaluate_task(fresh, task, task.problems(cfg.n_eval, "test"), batch_size=16, memory=saved)
-        report["eval"] = {"task": cfg.task, **result.summary()}
+        report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
     atomic_write(out / "eval.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     return report

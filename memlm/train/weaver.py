@@ -11,13 +11,13 @@ MB) that `--memory DIR` takes; held-out accuracy is measured on what was saved.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from memlm.atomic import atomic_write
+from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
-from memlm.train.loop import TrainConfig, train
+from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
 
 
 @dataclass(slots=True)
@@ -66,10 +66,8 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
     ]
     lm = LatentLM(memory)
 
-    def batch_fn(step: int, micro: int, rank: int, world: int):
-        rng = random.Random(cfg.seed * 1_000_003 + step * 101 + micro)  # the same draws as `train sft`
-        chosen = rng.sample(range(len(examples)), cfg.batch_size)
-        return [examples[i] for i in chosen[rank::world]]
+    def batch_fn(step: int, micro: int, rank: int, world: int):  # the same draws as `memlm train sft`
+        return [examples[i] for i in global_batch(len(examples), cfg.batch_size, cfg.seed, step, micro, rank, world)]
 
     def loss_fn(model, batch):
         total, count = model(batch)
@@ -88,9 +86,7 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
     )
     last = train(lm, loss_fn, batch_fn, train_cfg)
 
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized() and td.get_rank() != 0:
+    if not is_main_process():
         return last
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     memory.config.update(
@@ -99,11 +95,6 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
     folder = memory.save(out / "memory")
     report = {"memory": str(folder), "final_loss": last.get("loss"), "trainable_parameters": trainable}
     if cfg.n_eval:
-        from memlm.data.evaluate import evaluate_task
-
-        fresh = Engine.load(cfg.model)
-        saved = LatentMemory.load(folder, fresh)
-        result = evaluate_task(fresh, task, task.problems(cfg.n_eval, "test"), batch_size=16, memory=saved)
-        report["eval"] = {"task": cfg.task, **result.summary()}
+        report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
     atomic_write(out / "eval.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     return report
