@@ -1,0 +1,39 @@
+"""End to end with real weights: the committed chain-sum adapter and its DynTS predictor."""
+
+from pathlib import Path
+
+import pytest
+
+from memlm.cache.importance import load_predictor
+from memlm.cache.policies import make_policy
+from memlm.data.evaluate import evaluate_task
+from memlm.data.tasks import get_task
+
+pytestmark = pytest.mark.embedded
+
+MODELS = Path(__file__).resolve().parent.parent / "bench" / "models"
+
+
+@pytest.fixture(scope="module")
+def sft_engine(embedded_engine):  # the embedded model is converted once by its fixture
+    from memlm.generation.engine import Engine
+
+    return Engine.load(str(MODELS / "chain-sum-lora"))
+
+
+def test_adapter_solves_held_out_chain_sums_and_learned_policy_keeps_it_under_budget(sft_engine):
+    task = get_task("chain_sum")
+    problems = task.problems(6, "test")
+    predictor, config = load_predictor(MODELS / "chain-sum-predictor", sft_engine.config)
+    assert config["base_model"] == "bench/models/chain-sum-lora"
+    full = evaluate_task(sft_engine, task, problems, batch_size=6)
+
+    def policy():
+        return make_policy("learned", 110, predictor=predictor)
+
+    learned = evaluate_task(sft_engine, task, problems, batch_size=6, policy_factory=policy)
+    assert full.accuracy >= 4 / 6  # the base model solves almost none of these
+    assert full.peak_kv_tokens > 150 and learned.peak_kv_tokens <= 111
+    assert learned.accuracy >= full.accuracy - 1 / 6
+    for text in learned.completions:
+        assert text.strip().splitlines()[-1].startswith("Answer:")
