@@ -26,3 +26,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """Write JSON atomically; if serialising fails the old file is left untouched."""
+    import json
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)

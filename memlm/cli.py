@@ -339,11 +339,9 @@ def evaluate(
     summary = {"model": model, "memory": memory, "task": task, **result.summary()}
     print(json.dumps(summary, indent=2))
     if json_path:
-        from pathlib import Path
+        from memlm.atomic import write_json_atomic
 
-        from memlm.atomic import atomic_write
-
-        atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+        write_json_atomic(json_path, summary)
 
 
 @train_app.command("sft")

@@ -20,9 +20,7 @@ token through the KV cache (int8 weights only serve single-token decode steps).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from memlm.atomic import atomic_write
+from memlm.atomic import write_json_atomic
 
 SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
 ENGINES = ("memlm", "hf")
@@ -144,17 +142,6 @@ def build_result(rows: Sequence[dict], threads: int, new_tokens: int, model: str
         "model": model,
         "quality": quality or {},
     }
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (see memlm.atomic); if serialising fails the old file is left untouched."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def peak_rss_mb() -> float:

@@ -16,13 +16,11 @@ eviction.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from memlm.atomic import atomic_write
+from memlm.atomic import atomic_write, write_json_atomic
 from memlm.bench.decode import SAMPLE_TEXT
 from memlm.cache.policies import POLICIES, make_policy
 from memlm.errors import InvalidRequestError, MemlmError
@@ -155,7 +153,7 @@ def run_kv_bench(
     }
     print_report(report, console)
     if json_path:
-        atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
+        write_json_atomic(json_path, report)
     if plot_path:
         plot_report(report, plot_path)
     return report

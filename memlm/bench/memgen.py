@@ -10,10 +10,7 @@ vanilla. Variants without a path are left out.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from memlm.atomic import atomic_write
+from memlm.atomic import atomic_write, write_json_atomic
 
 VARIANTS = ("vanilla", "lora_sft", "weaver", "weaver_trigger")
 
@@ -68,7 +65,7 @@ def run_memgen_bench(
     report = {"model": model, "task": task_name, "n": n, "rows": rows}
     _print(report, console)
     if json_path:
-        atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
+        write_json_atomic(json_path, report)
     if plot_path:
         _plot(report, plot_path)
     return report

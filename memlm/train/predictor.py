@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from memlm.atomic import atomic_write
+from memlm.atomic import write_json_atomic
 from memlm.cache.importance import ImportancePredictor, save_predictor
 from memlm.cache.kv_cache import KVCache
 from memlm.data.tasks import ANSWER_MARKER, Task, get_task
@@ -237,5 +236,5 @@ def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[L
         "metrics": metrics,
     }
     save_predictor(out, predictor, config)
-    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
+    write_json_atomic(out / "metrics.json", metrics)
     return metrics

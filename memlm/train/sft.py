@@ -9,7 +9,6 @@ the test seed, never trained on) is measured on what was saved, and written to e
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.atomic import atomic_write
+from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.errors import MemlmError
@@ -161,5 +160,5 @@ def run_sft(cfg: SFTConfig) -> dict:
     report = {"artifact": str(artifact), **recipe}
     if cfg.n_eval:
         report["eval"] = evaluate_saved(str(artifact), cfg.task, cfg.n_eval)
-    atomic_write(out / "eval.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    write_json_atomic(out / "eval.json", report)
     return report

@@ -13,14 +13,13 @@ the delimiters do not depend on the trigger, so the recorded states give exact l
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from memlm.atomic import atomic_write
+from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.train.loop import TrainConfig, train
@@ -139,5 +138,5 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     report = {"memory": str(folder), "final_loss": last.get("loss")}
     if cfg.n_eval:
         report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
-    atomic_write(out / "eval.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    write_json_atomic(out / "eval.json", report)
     return report

@@ -10,11 +10,10 @@ MB) that `--memory DIR` takes; held-out accuracy is measured on what was saved.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from memlm.atomic import atomic_write
+from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
@@ -96,5 +95,5 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
     report = {"memory": str(folder), "final_loss": last.get("loss"), "trainable_parameters": trainable}
     if cfg.n_eval:
         report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
-    atomic_write(out / "eval.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    write_json_atomic(out / "eval.json", report)
     return report
