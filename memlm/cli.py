@@ -298,6 +298,9 @@ def bench_memgen(
         str | None, typer.Option(help="Weaver + learned trigger memory folder (`memlm train trigger`).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
+    speed_tokens: Annotated[
+        int, typer.Option(help="Also time one batch forced to this many new tokens (0 = skip).")
+    ] = 128,
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Write a PNG here.")] = None,
 ):
@@ -306,9 +309,11 @@ def bench_memgen(
     from memlm.data.tasks import get_task
 
     get_task(task)
-    if n < 1 or batch_size < 1:
-        raise MemlmError("--n and --batch-size must be >= 1")
-    run_memgen_bench(model, task, n, lora_sft, weaver, weaver_trigger, json_path, plot, batch_size)
+    if n < 1 or batch_size < 1 or speed_tokens < 0:
+        raise MemlmError("--n and --batch-size must be >= 1, --speed-tokens >= 0")
+    run_memgen_bench(
+        model, task, n, lora_sft, weaver, weaver_trigger, json_path, plot, batch_size, speed_tokens=speed_tokens
+    )
 
 
 @app.command("eval")

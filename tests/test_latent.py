@@ -263,9 +263,11 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
         plot_path=str(tmp_path / "m.png"),
         batch_size=3,
         max_new_tokens=16,
+        speed_tokens=12,
     )
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert rows == report["rows"] and [r["variant"] for r in rows] == ["vanilla", "weaver"]
     assert rows[0]["insertions_per_answer"] == 0 and rows[1]["insertions_per_answer"] >= 1
     assert rows[0]["speed_vs_vanilla"] == 1.0 and rows[1]["speed_vs_vanilla"] > 0
+    assert rows[0]["fixed_len_speed_vs_vanilla"] == 1.0 and rows[1]["fixed_len_tok_s"] > 0
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

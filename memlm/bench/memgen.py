@@ -6,9 +6,16 @@ the `always` trigger (`memlm train weaver`); (d) weaver_trigger: the same weaver
 trigger (`memlm train trigger`). Each answers the task's test split greedily; reported per
 variant: accuracy (the task's scorer), insertions per answer, decode tok/s and its ratio to
 vanilla. Variants without a path are left out.
+
+Task decode speed mixes two things: what weaving costs, and how long the answers are (a model
+that rambles to the token limit decodes at a different batch occupancy than one that stops
+early). So each variant is also timed on one batch forced to exactly `speed_tokens` new tokens
+(EOS ignored): that ratio is the cost of the memory itself.
 """
 
 from __future__ import annotations
+
+import time
 
 from memlm.atomic import atomic_write, write_json_atomic
 
@@ -26,6 +33,7 @@ def run_memgen_bench(
     plot_path: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 256,
+    speed_tokens: int = 128,
     console=None,
 ) -> dict:
     from rich.console import Console
@@ -59,10 +67,12 @@ def run_memgen_bench(
                 "generated_tokens": result.generated_tokens,
             }
         )
-    base = next((r["decode_tok_s"] for r in rows if r["variant"] == "vanilla"), None)
-    for r in rows:
-        r["speed_vs_vanilla"] = r["decode_tok_s"] / base if base else None
-    report = {"model": model, "task": task_name, "n": n, "rows": rows}
+        if speed_tokens:
+            batch = problems[:batch_size]
+            rows[-1]["fixed_len_tok_s"] = _fixed_length_tok_s(engine, task, batch, memory, speed_tokens)
+    _add_ratio(rows, "decode_tok_s", "speed_vs_vanilla")
+    _add_ratio(rows, "fixed_len_tok_s", "fixed_len_speed_vs_vanilla")
+    report = {"model": model, "task": task_name, "n": n, "speed_tokens": speed_tokens, "rows": rows}
     _print(report, console)
     if json_path:
         write_json_atomic(json_path, report)
@@ -71,17 +81,43 @@ def run_memgen_bench(
     return report
 
 
+def _fixed_length_tok_s(engine, task, problems, memory, tokens: int) -> float:
+    """Decode tok/s of one batch whose answers are all exactly `tokens` long (prefill included);
+    the engine is already warm from the task run."""
+    from memlm.generation.params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=tokens, ignore_eos=True)
+    began = time.perf_counter()
+    completions = engine.generate([task.messages(p) for p in problems], params, memory=memory)
+    elapsed = time.perf_counter() - began
+    return sum(len(c.token_ids) for c in completions) / elapsed
+
+
+def _add_ratio(rows: list[dict], key: str, ratio_key: str) -> None:
+    base = next((r.get(key) for r in rows if r["variant"] == "vanilla"), None)
+    for r in rows:
+        r[ratio_key] = r[key] / base if base and r.get(key) else None
+
+
 def _print(report: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"MemGen on {report['task']} (n={report['n']})")
-    for column in ("variant", "accuracy", "insertions / answer", "decode tok/s", "vs vanilla"):
+    columns = ["variant", "accuracy", "insertions / answer", "decode tok/s", "vs vanilla"]
+    if report["speed_tokens"]:
+        columns += [f"tok/s @{report['speed_tokens']}", "vs vanilla @" + str(report["speed_tokens"])]
+    for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
+
+    def ratio(value):
+        return f"{value:.2f}x" if value else ""
+
     for r in report["rows"]:
-        ratio = f"{r['speed_vs_vanilla']:.2f}x" if r["speed_vs_vanilla"] else ""
-        table.add_row(
-            r["variant"], f"{r['accuracy']:.3f}", f"{r['insertions_per_answer']:.2f}", f"{r['decode_tok_s']:.1f}", ratio
-        )
+        cells = [r["variant"], f"{r['accuracy']:.3f}", f"{r['insertions_per_answer']:.2f}"]
+        cells += [f"{r['decode_tok_s']:.1f}", ratio(r["speed_vs_vanilla"])]
+        if report["speed_tokens"]:
+            cells += [f"{r['fixed_len_tok_s']:.1f}", ratio(r["fixed_len_speed_vs_vanilla"])]
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -96,8 +132,16 @@ def _plot(report: dict, path: str) -> None:
     panels = [("accuracy", "accuracy"), ("insertions_per_answer", "insertions per answer")]
     panels.append(("speed_vs_vanilla", "decode speed / vanilla"))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    x = list(range(len(names)))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        ax.bar(names, [r[key] or 0 for r in rows], color="#4477aa")
+        if key == "speed_vs_vanilla" and report["speed_tokens"]:
+            fixed = [r["fixed_len_speed_vs_vanilla"] or 0 for r in rows]
+            ax.bar([i - 0.2 for i in x], [r[key] or 0 for r in rows], 0.4, color="#4477aa", label="task answers")
+            ax.bar([i + 0.2 for i in x], fixed, 0.4, color="#ee7733", label=f"{report['speed_tokens']} tokens each")
+            ax.legend(fontsize=7)
+        else:
+            ax.bar(x, [r[key] or 0 for r in rows], color="#4477aa")
+        ax.set_xticks(x, names)
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.grid(alpha=0.3, axis="y")
