@@ -245,6 +245,9 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
         p = trained.trigger.probability(states).mean()
     assert p < 0.45  # started at 0.5 everywhere; insertions only ever lowered the reward
     assert report["eval"]["insertions_per_answer"] < 1 + 6 * 0.5
+    logged = [json.loads(line) for line in (tmp_path / "t" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20]
+    assert all(r["score"] == 1.0 and 0 <= r["insertions"] <= 6 and r["reward"] <= 1.0 for r in logged)
 
 
 def test_bench_memgen_rows_json_and_plot(tmp_path):

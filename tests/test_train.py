@@ -89,3 +89,23 @@ def test_schedule_and_bad_configs(tmp_path):
             lambda *a: torch.ones(1, 2),
             TrainConfig(out_dir=str(tmp_path / "none"), steps=1, resume=True, progress=False),
         )
+
+
+def test_extra_metrics_are_averaged_over_the_log_window_beside_the_loss(tmp_path):
+    from memlm.train import train
+
+    torch.manual_seed(0)
+    seen = []
+
+    def loss_fn(model, batch):
+        loss = model(batch).pow(2).mean()
+        seen.append(loss.item())
+        return loss, {"twice": 2 * loss.item(), "step_parity": len(seen) % 2}
+
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=6, lr=0.1, grad_accum=2, log_every=3, progress=False)
+    last = train(torch.nn.Linear(2, 1), loss_fn, lambda *a: torch.randn(4, 2), cfg)
+    rows = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and rows[-1] == last
+    for r in rows:
+        assert r["twice"] == pytest.approx(2 * r["loss"]) and r["step_parity"] == pytest.approx(0.5)
+    assert rows[0]["loss"] == pytest.approx(sum(seen[:6]) / 6)

@@ -76,7 +76,8 @@ def train(
     `loss_fn(model, batch)` must run the model through its `forward` (`model(...)`): under DDP it
     receives the wrapped model, and only a forward through the wrapper sets up the gradient sync.
     `batch_fn(step, micro, rank, world)` returns this rank's micro-batch; examples are split
-    evenly, so a rank's mean loss is the global mean's share.
+    evenly, so a rank's mean loss is the global mean's share. `loss_fn` may also return
+    `(loss, {name: float})`: those extra metrics are averaged like the loss and logged beside it.
     """
     dist = _Distributed.from_env()
     device = dist.device
@@ -98,6 +99,7 @@ def train(
     progress = _progress(cfg, start, enabled=cfg.progress and dist.is_main)
     last: dict[str, Any] = {}
     window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+    window_extras: dict[str, float] = {}
     model.train()
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
@@ -107,8 +109,11 @@ def train(
             sync = micro == cfg.grad_accum - 1
             with dist.accumulating(wrapped, sync=sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 loss = loss_fn(wrapped, batch)
+            loss, extras = loss if isinstance(loss, tuple) else (loss, {})
             (loss / cfg.grad_accum).backward()
             window_loss += loss.item() / cfg.grad_accum
+            for name, value in extras.items():
+                window_extras[name] = window_extras.get(name, 0.0) + float(value) / cfg.grad_accum
             window_items += _batch_items(batch)
         grad_norm = None
         if cfg.grad_clip is not None:
@@ -126,11 +131,13 @@ def train(
                 "grad_norm": grad_norm,
                 "items_per_s": window_items * dist.world / elapsed if elapsed > 0 else None,
             }
+            last.update({name: dist.mean(total / steps_in_window) for name, total in sorted(window_extras.items())})
             if dist.is_main:
                 with open(out / METRICS, "a") as f:
                     f.write(json.dumps(last) + "\n")
             progress.update(done, last)
             window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+            window_extras = {}
         if dist.is_main and (done % cfg.save_every == 0 or done == cfg.steps):
             _save_checkpoint(out, model, optimizer, done, cfg)
             _plot(out)

@@ -96,14 +96,16 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
             counts = [len(completions[i].insertions) - 1 for i in group]  # the prompt insertion is not the trigger's
             rewards = group_rewards(scores, counts, cfg.penalty, memory.max_inference_aug)
             baseline = sum(rewards) / len(rewards)
-            for i, reward, score in zip(group, rewards, scores, strict=True):
+            for i, reward, score, count in zip(group, rewards, scores, counts, strict=True):
                 states = [h.clone() for h, _ in decisions[i]]  # leave inference mode: these feed autograd
                 rollouts.append(
                     {
                         "states": torch.stack(states) if states else torch.zeros(0, engine.config.hidden_size),
                         "decisions": torch.tensor([float(d) for _, d in decisions[i]]),
                         "advantage": reward - baseline,
+                        "reward": reward,
                         "score": score,
+                        "insertions": float(count),
                     }
                 )
         return rollouts
@@ -118,7 +120,9 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
             total = total - r["advantage"] * logp
         if not torch.is_tensor(total):  # no decision anywhere in the batch: a zero loss that still has a graph
             total = sum(p.sum() for p in model.parameters()) * 0.0
-        return total / len(rollouts)
+        n = len(rollouts)
+        stats = {key: sum(r[key] for r in rollouts) / n for key in ("reward", "score", "insertions")}
+        return total / n, stats
 
     out = Path(cfg.out_dir)
     train_cfg = TrainConfig(
