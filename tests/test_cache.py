@@ -44,6 +44,35 @@ def test_padded_batch_rows_equal_single_rows():
         torch.testing.assert_close(next_batched[row, 0], alone[0, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_packed_chunk_equals_padded_chunk(monkeypatch):
+    """One row feeds 8 vectors, one feeds a token, one feeds nothing (the shape of a latent
+    insertion step): running only the real tokens through the matmuls changes no real output."""
+    from memlm.models.llama import Packing
+
+    model = tiny_memlm()
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 128, (3, 5), generator=gen)
+    chunk = torch.randn(3, 8, model.config.hidden_size, generator=gen)
+    positions = torch.full((3, 8), -1)
+    positions[0], positions[1, 0] = torch.arange(5, 13), 5
+    assert Packing.worthwhile(positions) and not Packing.worthwhile(torch.zeros(3, 1, dtype=torch.long))
+
+    def run(pack: bool):
+        monkeypatch.setattr(Packing, "worthwhile", staticmethod(lambda positions: pack and bool((positions < 0).any())))
+        cache = KVCache.for_model(model.config, 3, capacity=16)
+        model(model.embed(prompt), torch.arange(5)[None].expand(3, 5), cache)
+        hidden = model(chunk, positions, cache)
+        after = model(model.embed(prompt[:, :1]), cache.lengths[:, None].clone(), cache)
+        return hidden, after, cache.lengths.tolist()
+
+    (packed, packed_after, packed_lengths), (padded, padded_after, padded_lengths) = run(True), run(False)
+    real = positions >= 0
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-5)
+    assert packed[~real].abs().max() == 0  # padding is never computed
+    torch.testing.assert_close(packed_after, padded_after, atol=1e-5, rtol=1e-5)
+    assert packed_lengths == padded_lengths == [14, 7, 6]
+
+
 class _MaskedCache(KVCache):
     """Reference for eviction: keep every slot but hide evicted ones from attention."""
 

@@ -273,4 +273,5 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
     assert rows[0]["insertions_per_answer"] == 0 and rows[1]["insertions_per_answer"] >= 1
     assert rows[0]["speed_vs_vanilla"] == 1.0 and rows[1]["speed_vs_vanilla"] > 0
     assert rows[0]["fixed_len_speed_vs_vanilla"] == 1.0 and rows[1]["fixed_len_tok_s"] > 0
+    assert rows[0]["single_speed_vs_vanilla"] == 1.0 and rows[1]["single_tok_s"] > 0
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

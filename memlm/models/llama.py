@@ -7,6 +7,10 @@ memory insert vectors that are not tokens.
 Decode speed on CPU is dominated by weight reads and per-op Python overhead, so the projections
 are fused: one QKV matmul and one gate/up matmul per layer, and RoPE tables are computed once per
 forward and shared by all layers.
+
+A right-padded chunk (ragged prompts, or one row inserting 8 latents while the others feed one
+token) runs packed: the projections and MLPs, most of the compute, see only the real tokens, and
+only attention works on the padded [B, T] layout, so padding costs no matmul work.
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
-        batch, chunk, _ = x.shape
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, packing: Packing | None = None) -> torch.Tensor:
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x)
+        if packing is not None:
+            qkv = packing.unpack(qkv)
+        batch, chunk, _ = qkv.shape
         # Queries and keys are rotated together: one RoPE application per layer, not two.
         qk = qkv[..., : self.split[0] + self.split[1]].view(batch, chunk, heads + kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -59,7 +65,32 @@ class Attention(nn.Module):
             cache.observe_attention(self.layer_idx, weights)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, chunk, -1))
+        out = out.transpose(1, 2).reshape(batch, chunk, -1)
+        return self.o_proj(packing.pack(out) if packing is not None else out)
+
+
+class Packing:
+    """The real (non-padding) tokens of a [B, T] chunk, for running token-wise layers on them alone."""
+
+    def __init__(self, real: torch.Tensor):
+        self.real = real  # [B, T] bool
+        self.index = real.flatten().nonzero().squeeze(1)
+        self.shape = tuple(real.shape)
+
+    @staticmethod
+    def worthwhile(positions: torch.Tensor) -> bool:
+        """Pack when at least a quarter of the chunk is padding: below that, gathers cost more than they save."""
+        padding = int((positions < 0).sum())
+        return padding * 4 >= positions.numel() and padding < positions.numel()
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...], zeros at padding"""
+        out = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
+        return out.index_copy(0, self.index, x).unflatten(0, self.shape)
 
 
 def attention_with_weights(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +124,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, packing: Packing | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -146,12 +177,14 @@ class LlamaModel(nn.Module):
             mask = (causal[None] & (positions >= 0)[:, None, :])[:, None]
         else:
             mask = cache.begin(positions)
-        x = embeds
+        packing = Packing(positions >= 0) if Packing.worthwhile(positions) else None
+        x = packing.pack(embeds) if packing is not None else embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, packing)
         if cache is not None:
             cache.end()
-        return self.norm(x)
+        x = self.norm(x)
+        return packing.unpack(x) if packing is not None else x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
