@@ -27,6 +27,9 @@ app.add_typer(train_app, name="train")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name or path (HF folder or .gguf).")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights: float32, bfloat16, or int8 (dynamic int8 linears).")]
+TriggerOpt = Annotated[
+    str | None, typer.Option(help="Override the memory's trigger: always, never, or learned (if it has one).")
+]
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_POLICIES = ("full", "window", "clear", "sinks", "h2o", "tova", "learned")
 
@@ -76,6 +79,7 @@ def generate(
         str | None, typer.Option(help="Importance predictor folder for --kv-policy learned.")
     ] = None,
     memory: Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")] = None,
+    trigger: TriggerOpt = None,
     show_insertions: Annotated[
         bool, typer.Option("--show-insertions", help="Mark where latent memory was inserted (no streaming).")
     ] = False,
@@ -104,7 +108,7 @@ def generate(
     request = prompt
     if chat and engine.tokenizer.chat_template:
         request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    latent = _load_memory(memory, engine)
+    latent = _load_memory(memory, engine, trigger)
     if show_insertions:
         from memlm.latent.memory import mark_insertions
 
@@ -119,12 +123,14 @@ def generate(
         print(engine.generate(request, params, kv_policy=policy, memory=latent).text)
 
 
-def _load_memory(folder: str | None, engine):
+def _load_memory(folder: str | None, engine, trigger: str | None = None):
     if folder is None:
+        if trigger is not None:
+            raise MemlmError("--trigger needs --memory DIR")
         return None
     from memlm.latent.memory import LatentMemory
 
-    return LatentMemory.load(folder, engine)
+    return LatentMemory.load(folder, engine, trigger=trigger)
 
 
 @app.command()
@@ -327,6 +333,7 @@ def evaluate(
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     show: Annotated[int, typer.Option(help="Print this many completions.")] = 0,
     memory: Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")] = None,
+    trigger: TriggerOpt = None,
 ):
     """Accuracy on held-out problems with the task's own scorer, tokens generated, decode tok/s."""
     from memlm.data.evaluate import evaluate_task
@@ -336,12 +343,13 @@ def evaluate(
         raise MemlmError("--n and --batch-size must be >= 1")
     the_task = get_task(task)
     engine = _load(model, dtype)
-    latent = _load_memory(memory, engine)
+    latent = _load_memory(memory, engine, trigger)
     problems = the_task.problems(n, "test")
     result = evaluate_task(engine, the_task, problems, batch_size, max_new_tokens, memory=latent)
     for text, score, problem in list(zip(result.completions, result.scores, problems, strict=True))[:show]:
         print(f"--- {problem.question}\n{text}\n[score {score}, expected {problem.answer}]")
-    summary = {"model": model, "memory": memory, "task": task, **result.summary()}
+    summary = {"model": model, "memory": memory, "trigger": latent.config["trigger"] if latent else None, "task": task}
+    summary.update(result.summary())
     print(json.dumps(summary, indent=2))
     if json_path:
         from memlm.atomic import write_json_atomic

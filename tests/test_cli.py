@@ -37,6 +37,8 @@ def run(cli, *args, stdin=None):
         (["bench", "kv", "--policies", "learned"], "needs --predictor"),
         (["generate", "hi", "--memory", "/no/dir"], "not a latent memory checkpoint"),
         (["generate", "hi", "--show-insertions"], "needs --memory"),
+        (["generate", "hi", "--trigger", "always"], "--trigger needs --memory"),
+        (["eval", "--trigger", "learned"], "--trigger needs --memory"),
         (["train", "weaver"], "--out is required"),
         (["train", "weaver", "--out", "/tmp/x", "--task", "chess"], "unknown task"),
     ],

@@ -110,7 +110,8 @@ def test_weaver_shares_the_reasoner_weights_and_leaves_the_reasoner_unchanged():
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     engine = tiny_engine()
     memory = _memory(engine, trigger="learned")
-    memory.save(tmp_path / "mem")
+    memory.save(tmp_path / "mem", dtype=None)  # exact
+    memory.save(tmp_path / "mem16")  # the default: bf16, half the size
     prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
     expected = engine.score([prompt], [continuation], memory=memory)[0]
 
@@ -118,6 +119,23 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     loaded = LatentMemory.load(tmp_path / "mem", other)
     got = other.score([prompt], [continuation], memory=loaded)[0]
     assert got.insertions == expected.insertions and got.logprobs == expected.logprobs
+    size = (tmp_path / "mem" / "latent_memory.safetensors").stat().st_size
+    assert (tmp_path / "mem16" / "latent_memory.safetensors").stat().st_size < 0.55 * size
+    other = tiny_engine()
+    got16 = other.score([prompt], [continuation], memory=LatentMemory.load(tmp_path / "mem16", other))[0]
+    assert got16.logprobs == pytest.approx(expected.logprobs, abs=0.05)
+
+    # One folder serves every trigger: `always` ignores the saved head; `learned` needs one.
+    other = tiny_engine()
+    always = LatentMemory.load(tmp_path / "mem", other, trigger="always")
+    assert always.config["trigger"] == "always" and always.trigger.kind == "always"
+    delimiters = sum(engine.tokenizer.decode([t]) in ",." for t in continuation[:-1])
+    assert len(other.score([prompt], [continuation], memory=always)[0].insertions) == 1 + delimiters
+    _memory(tiny_engine()).save(tmp_path / "plain")
+    with pytest.raises(ModelFormatError, match="no learned trigger"):
+        LatentMemory.load(tmp_path / "plain", tiny_engine(), trigger="learned")
+    with pytest.raises(InvalidRequestError, match="unknown trigger"):
+        LatentMemory.load(tmp_path / "plain", tiny_engine(), trigger="sometimes")
 
     with pytest.raises(ModelFormatError, match="not a latent memory checkpoint"):
         LatentMemory.load(tmp_path / "nothing", tiny_engine())

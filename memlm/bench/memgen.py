@@ -57,7 +57,10 @@ def run_memgen_bench(
         if model_path is None or (variant.startswith("weaver") and memory_path is None):
             continue
         engine = Engine.load(model_path)
-        memory = LatentMemory.load(memory_path, engine) if memory_path else None
+        # (c) is the weaver with the `always` trigger whatever folder it comes from, so one folder
+        # trained by `memlm train trigger` can serve both (c) and (d).
+        trigger = {"weaver": "always", "weaver_trigger": "learned"}.get(variant)
+        memory = LatentMemory.load(memory_path, engine, trigger=trigger) if memory_path else None
         console.print(f"[dim]{variant}...[/dim]")
         result = evaluate_task(engine, task, problems, batch_size, max_new_tokens, memory=memory)
         rows.append(

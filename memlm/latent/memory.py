@@ -95,18 +95,23 @@ class LatentMemory:
             tensors.update({f"trigger.{k}": v for k, v in self.trigger.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+        """Write the checkpoint folder; floating tensors in `dtype` (bf16 halves it, like adapters)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = self.state_dict()
+        tensors = {
+            k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in self.state_dict().items()
+        }
         atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         atomic_write(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(self.config, indent=2)))
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, engine, check_name: bool = True) -> LatentMemory:
+    def load(cls, folder: str | Path, engine, check_name: bool = True, trigger: str | None = None) -> LatentMemory:
+        """Load a checkpoint onto `engine`'s model. `trigger` overrides the saved trigger: a folder
+        with a learned trigger can also run `always` or `never` (one folder serves both variants)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -125,6 +130,13 @@ class LatentMemory:
             tensors = load_file(str(folder / WEIGHTS_FILE))
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"cannot read {folder / WEIGHTS_FILE}: {e}") from None
+        saved = config.get("trigger", "always")
+        if trigger is not None and trigger != saved:
+            make_trigger(trigger, hidden)  # an unknown name is the caller's error
+            if trigger == "learned":
+                raise ModelFormatError(f"latent memory {folder} has no learned trigger (saved with {saved!r})")
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("trigger.")}
+            config = {**config, "trigger": trigger}
         memory = cls.create(
             engine,
             trigger=config.get("trigger", "always"),
