@@ -40,3 +40,40 @@ def test_adapter_solves_held_out_chain_sums_and_learned_policy_keeps_it_under_bu
     assert learned.accuracy >= 2 / 6 and learned.accuracy > window.accuracy
     for text in learned.completions:
         assert text.strip().splitlines()[-1].startswith("Answer:")
+
+
+def test_committed_latent_memory_lowers_the_frozen_reasoners_loss_on_held_out_solutions(embedded_engine, memlm_cli):
+    """The weaver was trained with the reasoner frozen: its latents alone must make held-out worked
+    solutions far more likely (teacher forcing through the decode loop, insertions included)."""
+    import subprocess
+
+    from memlm.generation.engine import Engine
+    from memlm.latent.memory import LatentMemory
+    from memlm.train.sft import prompt_and_target
+
+    engine = Engine.load("smollm2-135m-instruct")
+    task = get_task("chain_sum")
+    pairs = [prompt_and_target(engine.tokenizer, task, p) for p in task.problems(4, "test")]
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+
+    def nll(memory=None) -> float:
+        scored = engine.score(prompts, targets, memory=memory)
+        return -sum(sum(c.logprobs) for c in scored) / sum(len(t) for t in targets)
+
+    plain = nll()
+    memory = LatentMemory.load(MODELS / "chain-sum-memgen", engine, trigger="always")
+    woven = nll(memory)
+    assert woven < 0.5 * plain, (woven, plain)
+    assert nll() == pytest.approx(plain, abs=1e-6)  # loading the memory leaves the reasoner as it was
+
+    # The command line marks where memory went in: after the prompt, then at line ends.
+    question = task.problems(1, "test")[0].question
+    result = subprocess.run(
+        [*memlm_cli, "generate", question, "--memory", str(MODELS / "chain-sum-memgen"), "--trigger", "always"]
+        + ["--show-insertions", "--max-new-tokens", "48"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("⟨mem⟩") and result.stdout.count("⟨mem⟩") >= 2
