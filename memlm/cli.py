@@ -305,7 +305,7 @@ def bench_memgen(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
     speed_tokens: Annotated[
-        int, typer.Option(help="Also time one batch forced to this many new tokens (0 = skip).")
+        int, typer.Option(help="Also time answers forced to this many new tokens, batched and one by one (0 = skip).")
     ] = 128,
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Write a PNG here.")] = None,
