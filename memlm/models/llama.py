@@ -73,8 +73,7 @@ class Packing:
     """The real (non-padding) tokens of a [B, T] chunk, for running token-wise layers on them alone."""
 
     def __init__(self, real: torch.Tensor):
-        self.real = real  # [B, T] bool
-        self.index = real.flatten().nonzero().squeeze(1)
+        self.index = real.flatten().nonzero().squeeze(1)  # real: [B, T] bool
         self.shape = tuple(real.shape)
 
     @staticmethod
