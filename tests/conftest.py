@@ -15,7 +15,7 @@ from memlm.models.weights import build_model
 
 # One cache for the whole run; CI may point MEMLM_HOME elsewhere.
 os.environ.setdefault("MEMLM_HOME", str(Path.home() / ".cache" / "memlm"))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("MEMLM_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 TINY = dict(
     vocab_size=128,

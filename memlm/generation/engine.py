@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memlm.cache.kv_cache import KVCache
-from memlm.cache.policies import KVPolicy, RowView
+from memlm.cache.policies import FullPolicy, KVPolicy, RowView
 from memlm.errors import InvalidRequestError
 from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher, token_at_char
 from memlm.generation.params import SamplingParams
@@ -24,6 +24,7 @@ from memlm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from memlm.latent.memory import LatentMemory
+    from memlm.lcm.model import LCMModel
 
 Message = dict[str, str]
 Prompt = str | list[Message]
@@ -36,12 +37,13 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (end token, stop string or stop token) or "length"
+    finish_reason: str  # "stop" (end token, stop string or stop token), "length", or "halted" (LCM danger grid)
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     peak_kv_tokens: int = 0  # most tokens this sequence held in the KV cache at once
     logprobs: list[float] | None = None  # teacher forcing (Engine.score): log p of each given token
     greedy_hits: list[bool] | None = None  # ... and whether it was the most likely token
     insertions: list[int] | None = None  # latent memory: inserted after this many output tokens (0 = the prompt)
+    memory_trace: list[dict] | None = None  # codebook memory: the reasoning loop behind each output token
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     greedy_hits: list[bool] = field(default_factory=list)
     insertions: list[int] | None = None
+    memory_trace: list[dict] | None = None
     text: str = ""
     streamed: int = 0
     finish_reason: str | None = None
@@ -103,7 +106,13 @@ class _Request:
         if at >= 0:
             self.protected_from = len(self.prompt_ids) + token_at_char(self.text_ends, at)
 
-    def _finish(self, reason: str, stop_reason: int | None = None) -> None:
+    def halt(self) -> str:
+        """The model's danger grid stopped this request: end it without another token."""
+        self._finish("halted", "danger")
+        delta, self.streamed = self.text[self.streamed :], len(self.text)
+        return delta
+
+    def _finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.text += self.detokenizer.flush()
 
@@ -119,13 +128,14 @@ class _Request:
             self.logprobs if self.forced is not None else None,
             self.greedy_hits if self.forced is not None else None,
             self.insertions,
+            self.memory_trace,
         )
 
 
 class Engine:
     def __init__(
         self,
-        model: LlamaModel,
+        model: LlamaModel | LCMModel,
         tokenizer: Tokenizer,
         name: str = "",
         source: str = "",
@@ -266,7 +276,14 @@ class Engine:
             if not p.greedy:
                 generator = torch.Generator(device=self.model.device)
                 generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+            if isinstance(policy, FullPolicy):  # no eviction: the same as no policy, for every family
+                policy = None
             if policy is not None:
+                if not self.model.supports_eviction:
+                    raise InvalidRequestError(
+                        "KV-cache eviction policies need a model with a KV cache; this model keeps a "
+                        "constant-size recurrent state instead"
+                    )
                 policy.check_prompt(len(ids))
             detokenizer = IncrementalDetokenizer(self.tokenizer)
             requests.append(
@@ -277,6 +294,8 @@ class Engine:
     @torch.inference_mode()
     def _run(self, requests: list[_Request], memory: LatentMemory | None = None) -> Iterator[list[StreamDelta]]:
         model, device = self.model, self.model.device
+        if memory is not None and not model.supports_eviction:
+            raise InvalidRequestError("latent memory needs a Llama-family model (it inserts into a KV cache)")
         batch = len(requests)
         longest = max(len(r.prompt_ids) for r in requests)
         extra = memory.extra_slots() if memory is not None else 0
@@ -284,7 +303,12 @@ class Engine:
         policies = [r.kv_policy for r in requests if r.kv_policy is not None]
         track = any(p.needs_attention for p in policies)
         scored = any(p.predictor is not None for p in policies)
-        cache = KVCache.for_model(self.config, batch, capacity, model.dtype, device, track, scored)
+        cache = model.new_state(batch, capacity, track, scored)  # a KV cache, or a recurrent state (LCM)
+        halting = hasattr(cache, "halted")  # a model that may stop a row itself (LCM's danger grid)
+        traced = hasattr(cache, "traces")
+        if traced:
+            for r in requests:
+                r.memory_trace = []
 
         # Prefill: one forward over the right-padded prompts (padding has position -1).
         ids = torch.zeros(batch, longest, dtype=torch.long)
@@ -295,7 +319,7 @@ class Engine:
             positions[row, :n] = torch.arange(n)
         ids, positions = ids.to(device), positions.to(device)
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
-        hidden = model(model.embed(ids), positions, cache)
+        hidden = model.forward_tokens(ids, positions, cache)
         if scored:
             _score(cache, hidden, requests)
         _evict(cache, requests)
@@ -332,6 +356,7 @@ class Engine:
         active = list(requests)
         sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
         while True:
+            halted = cache.halted.tolist() if halting else None
             logits = self._suppress_early_end(logits, active)
             tokens = sampler(logits, seen)
             if any(r.forced is not None for r in active):
@@ -342,6 +367,11 @@ class Engine:
                 inserting = latent.choose(rows, tokens.tolist(), last_hidden)
             deltas, keep = [], []
             for row, (r, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                if halted is not None and halted[row]:
+                    deltas.append(StreamDelta(r.index, r.halt(), r.finish_reason))
+                    continue
+                if traced:
+                    r.memory_trace.append(cache.traces[row])
                 if row in inserting:  # the peeked token is dropped: the next one is sampled after the latents
                     if r.forced is not None:
                         r.logprobs.pop(), r.greedy_hits.pop()
@@ -375,10 +405,10 @@ class Engine:
                 seen[torch.arange(len(active), device=device)[took], tokens[took]] = True
             if inserted:
                 chunk, chunk_positions, real = _chunk(tokens.tolist(), latents, next_position, model)
+                hidden = model(chunk, chunk_positions, cache)
             else:
-                chunk, chunk_positions = model.embed(tokens[:, None]), next_position
                 real = torch.ones(len(active), dtype=torch.long, device=device)
-            hidden = model(chunk, chunk_positions, cache)
+                hidden = model.forward_tokens(tokens[:, None], next_position, cache)
             if scored:
                 _score(cache, hidden, active)
             _evict(cache, active)
@@ -458,6 +488,8 @@ def _score(cache: KVCache, hidden: torch.Tensor, active: list[_Request]) -> None
 
 def _evict(cache: KVCache, active: list[_Request]) -> None:
     """After a forward: record each row's peak, and let its policy bring it back under budget."""
+    if not getattr(cache, "supports_eviction", True):  # a recurrent state holds no tokens to evict
+        return
     lengths = cache.lengths.tolist()
     for row, (r, length) in enumerate(zip(active, lengths, strict=True)):
         r.peak_kv_tokens = max(r.peak_kv_tokens, length)

@@ -151,8 +151,20 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    supports_eviction = True  # its state is a KV cache: eviction policies apply
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
+
+    def new_state(self, batch: int, capacity: int, track_attention=False, track_importance=False) -> KVCache:
+        """The per-batch generation state of this family: a preallocated KV cache."""
+        return KVCache.for_model(
+            self.config, batch, capacity, self.dtype, self.device, track_attention, track_importance
+        )
+
+    def forward_tokens(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids in, hidden states out: the engine's entry point shared with other families."""
+        return self(self.embed(ids), positions, cache)
 
     def forward(
         self,

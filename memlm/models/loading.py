@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from memlm.errors import MemlmError, ModelFormatError, ModelNotFoundError
+from memlm.lcm.config import LCMConfig
 from memlm.models.config import ModelConfig
 from memlm.models.gguf_file import read_gguf
 from memlm.models.hf_folder import read_hf_folder
@@ -94,6 +95,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> Loa
     if dtype not in DTYPES:
         raise MemlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     kind, path = resolve(name_or_path)
+    if kind == "hf" and LCMConfig.is_lcm_folder(path):
+        return _load_lcm(name_or_path, path, dtype)
     adapter = None
     if kind == "adapter":
         adapter = path
@@ -198,3 +201,15 @@ def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids)}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     tokenizer.save(folder)
+
+
+def _load_lcm(name: str, path: Path, dtype: str) -> LoadedModel:
+    """A codebook-memory (LCM) model folder: its own model family, served by the same Engine."""
+    from memlm.lcm.checkpoint import load_lcm
+    from memlm.lcm.model import count_parameters
+
+    if dtype == "int8":
+        raise MemlmError("--dtype int8 is for Llama-family models; an LCM model runs in float32 or bfloat16")
+    model = load_lcm(path).to(DTYPES[dtype])
+    tokenizer = Tokenizer.from_folder(path)
+    return LoadedModel(name, model, tokenizer, f"LCM model folder {path}", dtype, count_parameters(model))

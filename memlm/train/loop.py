@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memlm.atomic import atomic_write
+from memlm.atomic import atomic_write, ensure_dir
 from memlm.errors import MemlmError
 
 CHECKPOINT = "checkpoint.pt"
@@ -70,8 +70,12 @@ def train(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     batch_fn: Callable[[int, int, int, int], Any],
     cfg: TrainConfig,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for cfg.steps optimizer steps; return the last logged metrics.
+
+    `evaluate(model)`, if given, runs on the main process at every checkpoint and at the end
+    (in eval mode, without gradients); its metrics (held-out loss, say) join that step's log row.
 
     `loss_fn(model, batch)` must run the model through its `forward` (`model(...)`): under DDP it
     receives the wrapped model, and only a forward through the wrapper sets up the gradient sync.
@@ -90,7 +94,7 @@ def train(
     wrapped = dist.wrap(model)
     out = Path(cfg.out_dir)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
     start = _load_checkpoint(out, model, optimizer, device) if cfg.resume else 0
     if not cfg.resume and dist.is_main:
         (out / METRICS).unlink(missing_ok=True)
@@ -132,6 +136,11 @@ def train(
                 "items_per_s": window_items * dist.world / elapsed if elapsed > 0 else None,
             }
             last.update({name: dist.mean(total / steps_in_window) for name, total in sorted(window_extras.items())})
+            if evaluate is not None and dist.is_main and (done % cfg.save_every == 0 or done == cfg.steps):
+                model.eval()
+                with torch.no_grad():
+                    last.update(evaluate(model))
+                model.train()
             if dist.is_main:
                 with open(out / METRICS, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -189,7 +198,8 @@ def _load_checkpoint(out: Path, model, optimizer, device) -> int:
     if not path.is_file():
         raise MemlmError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        # weights_only: a checkpoint is tensors and plain values; a pickle that wants to run code is refused.
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise MemlmError(f"--resume: cannot read {path}: {e}") from None
     missing = set(trainable_state(model)) - set(state["model"])

@@ -1,4 +1,6 @@
-"""The `memlm` command line: generate, chat, info, bench.
+"""The `memlm` command line: generate, chat, info, eval, train, bench (this module), and the
+command groups of their own modules: `data` (tokenizers, packed token data) and `lcm` (codebook
+memory: training stages, evaluation, safety grids), registered at the bottom.
 
 User mistakes (bad flags, unknown models, corrupt files) end as one line on stderr and exit code 2;
 tracebacks are for bugs.
@@ -24,6 +26,10 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a tabl
 app.add_typer(bench_app, name="bench")
 train_app = typer.Typer(no_args_is_help=True, help="Training commands (shared loop: progress, checkpoints, --resume).")
 app.add_typer(train_app, name="train")
+data_app = typer.Typer(no_args_is_help=True, help="Training data: BPE tokenizers and packed token files.")
+app.add_typer(data_app, name="data")
+lcm_app = typer.Typer(no_args_is_help=True, help="Codebook-memory (LCM) models: safety grids.")
+app.add_typer(lcm_app, name="lcm")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name or path (HF folder or .gguf).")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights: float32, bfloat16, or int8 (dynamic int8 linears).")]
@@ -83,6 +89,9 @@ def generate(
     show_insertions: Annotated[
         bool, typer.Option("--show-insertions", help="Mark where latent memory was inserted (no streaming).")
     ] = False,
+    show_memory: Annotated[
+        bool, typer.Option("--show-memory", help="LCM models: per token, the loop steps and grids used.")
+    ] = False,
 ):
     """Complete one prompt and print the result."""
     from memlm.cache.policies import make_policy
@@ -109,6 +118,13 @@ def generate(
     if chat and engine.tokenizer.chat_template:
         request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     latent = _load_memory(memory, engine, trigger)
+    if show_memory:
+        if not getattr(engine.model, "has_memory", False):
+            raise MemlmError("--show-memory needs an LCM model with a memory (memlm train lcm)")
+        out = engine.generate(request, params, kv_policy=policy)
+        print(_memory_table(engine.tokenizer, out))
+        _note_halt(out.finish_reason)
+        return
     if show_insertions:
         from memlm.latent.memory import mark_insertions
 
@@ -118,9 +134,28 @@ def generate(
         for delta in engine.stream(request, params, kv_policy=policy, memory=latent):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
+            _note_halt(delta.finish_reason)
         sys.stdout.write("\n")
     else:
-        print(engine.generate(request, params, kv_policy=policy, memory=latent).text)
+        out = engine.generate(request, params, kv_policy=policy, memory=latent)
+        print(out.text)
+        _note_halt(out.finish_reason)
+
+
+def _note_halt(finish_reason: str | None) -> None:
+    if finish_reason == "halted":
+        print("memlm: generation halted: the state came near a danger code", file=sys.stderr)
+
+
+def _memory_table(tokenizer, out) -> str:
+    """One line per generated token: the token, the loop steps and grids behind it, flags."""
+    lines = [f"{'token':<18} {'steps':>5}  {'distance':>8}  grids"]
+    for token, trace in zip(out.token_ids, out.memory_trace or [], strict=False):
+        text = repr(tokenizer.decode([token]))[:18]
+        flags = (" [value flag]" if trace.get("flagged") else "") + (" [halt]" if trace.get("halted") else "")
+        lines.append(f"{text:<18} {trace['steps']:>5}  {trace['distance']:>8.3f}  {','.join(trace['grids'])}{flags}")
+    lines.append(f"finish_reason: {out.finish_reason}")
+    return "\n".join(lines)
 
 
 def _load_memory(folder: str | None, engine, trigger: str | None = None):
@@ -149,6 +184,11 @@ def chat(
     """Interactive chat with history. /reset forgets the conversation, /exit (or Ctrl-D) quits."""
     params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, None, seed)
     engine = _load(model, dtype)
+    if not engine.tokenizer.chat_template and not engine.model.supports_eviction:
+        from memlm.lcm.config import PLAIN_CHAT_TEMPLATE  # an LCM trained on plain text: turns as plain lines
+
+        engine.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        params.stop.append("\nUser:")
     if not engine.tokenizer.chat_template:
         raise MemlmError(f"{model} has no chat template; use `memlm generate --no-chat`")
     try:
@@ -195,6 +235,20 @@ def info(
     """Architecture, parameter count, KV bytes per token, and where the weights came from."""
     engine = _load(model, dtype)
     c = engine.config
+    if not engine.model.supports_eviction:  # an LCM model: a recurrent state, not a KV cache
+        state = engine.model.new_state(1)
+        facts = {
+            "model": engine.name,
+            "architecture": "LCM (codebook memory)",
+            "parameters": engine.num_parameters,
+            **{k: v for k, v in c.to_json().items() if k not in ("model_type", "z_ablation", "grids_off")},
+            "dtype": engine.dtype,
+            "state_bytes_per_sequence": state.recurrent_bytes_per_sequence(),
+            "danger_codes": int(engine.model.memory.safety.danger_codes.shape[0]) if engine.model.has_memory else 0,
+            "source": engine.source,
+        }
+        _print_facts(facts, as_json)
+        return
     facts = {
         "model": engine.name,
         "architecture": c.arch,
@@ -216,6 +270,10 @@ def info(
         "chat_template": bool(engine.tokenizer.chat_template),
         "source": engine.source,
     }
+    _print_facts(facts, as_json)
+
+
+def _print_facts(facts: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(facts, indent=2))
         return
@@ -322,8 +380,16 @@ def bench_memgen(
     )
 
 
-@app.command("eval")
+eval_app = typer.Typer(
+    invoke_without_command=True,
+    help="Task accuracy (`memlm eval --model M --task T`) or `memlm eval lcm` (codebook memory in bits/byte).",
+)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback()
 def evaluate(
+    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
     n: Annotated[int, typer.Option(help="Held-out problems (the task's test split).")] = 64,
@@ -336,6 +402,8 @@ def evaluate(
     trigger: TriggerOpt = None,
 ):
     """Accuracy on held-out problems with the task's own scorer, tokens generated, decode tok/s."""
+    if ctx.invoked_subcommand is not None:  # `memlm eval lcm ...`: its own options
+        return
     from memlm.data.evaluate import evaluate_task
     from memlm.data.tasks import get_task
 
@@ -376,8 +444,7 @@ def train_sft(
     """Fine-tune a model on a task's worked solutions (LoRA by default); save it for --model."""
     from memlm.train.sft import SFTConfig, run_sft
 
-    if not out:
-        raise MemlmError("--out is required")
+    _out_dir(out)
     report = run_sft(
         SFTConfig(
             model=model,
@@ -415,8 +482,7 @@ def train_predictor(
     """Train the DynTS importance predictor on the frozen model's own traces (MSE on attention labels)."""
     from memlm.train.predictor import PredictorConfig, run_predictor_training
 
-    if not out:
-        raise MemlmError("--out is required")
+    _out_dir(out)
     metrics = run_predictor_training(
         PredictorConfig(
             model=model,
@@ -456,8 +522,7 @@ def train_weaver(
     """Train the MemGen weaver (SFT, reasoner frozen); save a latent memory for --memory."""
     from memlm.train.weaver import WeaverConfig, run_weaver_training
 
-    if not out:
-        raise MemlmError("--out is required")
+    _out_dir(out)
     from memlm.data.tasks import get_task
 
     get_task(task)  # an unknown task fails before the model loads
@@ -501,8 +566,7 @@ def train_trigger(
     from memlm.data.tasks import get_task
     from memlm.train.trigger import TriggerConfig, run_trigger_training
 
-    if not out:
-        raise MemlmError("--out is required")
+    _out_dir(out)
     get_task(task)
     report = run_trigger_training(
         TriggerConfig(
@@ -521,6 +585,15 @@ def train_trigger(
         )
     )
     print(json.dumps(report, indent=2))
+
+
+def _out_dir(out: str) -> None:
+    """Check --out before any work: required, and a folder that can be created and written."""
+    from memlm.atomic import ensure_dir
+
+    if not out:
+        raise MemlmError("--out is required")
+    ensure_dir(out)
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -552,6 +625,9 @@ def _fail(message: str) -> None:
         print(f"memlm: error: {message}", file=sys.stderr)
     sys.exit(2)
 
+
+# Command groups in their own modules register on the apps above.
+from memlm.cli import data_commands, lcm_commands  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,169 @@
+"""Causal linear attention with a constant-size recurrent state, and the block both LCM stacks use.
+
+phi(x) = elu(x) + 1 keeps features positive, so attention is phi(q) . sum_s phi(k_s) v_s^T divided by
+phi(q) . sum_s phi(k_s). Those two sums are the whole state of a head: [d_k, d_v] and [d_k],
+independent of the sequence length. One code path serves training and generation: a chunk of T
+tokens is computed in parallel inside the chunk (masked phi(Q) phi(K)^T, like softmax attention
+without the softmax) and through the state across chunks; T = 1 is the incremental update.
+
+A short causal depthwise convolution before the attention gives each token its local word order
+(linear attention alone only sees a normalised bag of the past); its state is the last kernel-1
+inputs. Padding (positions < 0, right-padded batches) never enters any state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK = 256  # tokens computed in parallel at once: bounds the [T, T] score memory of long prefills
+
+
+def phi(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1
+
+
+@dataclass
+class BlockState:
+    """The recurrent state of one block for a batch: constant in size, however long the text."""
+
+    kv: torch.Tensor  # [B, H, d_k, d_v]: sum of phi(k) v^T
+    k_sum: torch.Tensor  # [B, H, d_k]: sum of phi(k)
+    conv: torch.Tensor  # [B, kernel - 1, d]: the last inputs of the causal convolution
+
+    @classmethod
+    def zeros(cls, batch: int, heads: int, head_dim: int, width: int, kernel: int, dtype, device) -> BlockState:
+        return cls(
+            torch.zeros(batch, heads, head_dim, head_dim, dtype=dtype, device=device),
+            torch.zeros(batch, heads, head_dim, dtype=dtype, device=device),
+            torch.zeros(batch, kernel - 1, width, dtype=dtype, device=device),
+        )
+
+    def select(self, rows: torch.Tensor) -> BlockState:
+        return BlockState(self.kv[rows], self.k_sum[rows], self.conv[rows])
+
+    def assign(self, rows: torch.Tensor, other: BlockState) -> None:
+        """Overwrite these rows with another state's rows (a re-encoded copy)."""
+        self.kv[rows] = other.kv.to(self.kv.dtype)
+        self.k_sum[rows] = other.k_sum.to(self.k_sum.dtype)
+        self.conv[rows] = other.conv.to(self.conv.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.kv, self.k_sum, self.conv))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution, identity at initialisation."""
+
+    def __init__(self, width: int, kernel: int):
+        super().__init__()
+        weight = torch.zeros(width, kernel)
+        weight[:, -1] = 1.0
+        self.weight = nn.Parameter(weight)
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, state: BlockState | None) -> torch.Tensor:
+        batch, length, width = x.shape
+        past = state.conv if state is not None else x.new_zeros(batch, self.kernel - 1, width)
+        full = torch.cat((past.to(x.dtype), x), dim=1)  # [B, k-1+T, d]
+        windows = full.unfold(1, self.kernel, 1)  # [B, T, d, k]
+        out = (windows * self.weight).sum(-1)
+        if state is not None:  # the last k-1 real inputs of each row carry over
+            real = valid.sum(1)  # [B]
+            index = real[:, None] + torch.arange(self.kernel - 1, device=x.device)[None]  # [B, k-1]
+            state.conv = full.gather(1, index[..., None].expand(-1, -1, width)).to(state.conv.dtype)
+        return out
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, state: BlockState | None) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = phi(q), phi(k) * valid[:, None, :, None].to(x.dtype)  # padding adds nothing to the sums
+        if state is None:
+            kv = x.new_zeros(batch, self.heads, self.head_dim, self.head_dim)
+            k_sum = x.new_zeros(batch, self.heads, self.head_dim)
+        else:
+            kv, k_sum = state.kv.to(x.dtype), state.k_sum.to(x.dtype)
+        outs = []
+        for start in range(0, length, CHUNK):
+            qc, kc, vc = (t[:, :, start : start + CHUNK] for t in (q, k, v))
+            n = qc.shape[2]
+            scores = (qc @ kc.transpose(-1, -2)).tril() if n > 1 else qc @ kc.transpose(-1, -2)
+            numerator = scores @ vc + qc @ kv
+            denominator = scores.sum(-1) + (qc * k_sum[:, :, None]).sum(-1)
+            outs.append(numerator / (denominator[..., None] + 1e-6))
+            kv = kv + kc.transpose(-1, -2) @ vc
+            k_sum = k_sum + kc.sum(2)
+        if state is not None:
+            state.kv, state.k_sum = kv.to(state.kv.dtype), k_sum.to(state.k_sum.dtype)
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return self.out(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class GLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """x + attention(conv(norm(x))), then x + GLU(norm(x)): residual and normalised."""
+
+    def __init__(self, width: int, heads: int, hidden: int, kernel: int):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        self.conv = CausalConv(width, kernel)
+        self.attention = LinearAttention(width, heads)
+        self.mlp = GLU(width, hidden)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
+        x = x + self.attention(self.conv(self.norm1(x), valid, state), valid, state)
+        return x + self.mlp(self.norm2(x))
+
+
+class Stack(nn.Module):
+    """Embedding-free stack of blocks with per-layer additive conditioning (the decoder's z_q)."""
+
+    def __init__(self, layers: int, width: int, heads: int, hidden: int, kernel: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, hidden, kernel) for _ in range(layers))
+        self.norm = RMSNorm(width)
+        self.heads, self.width, self.kernel = heads, width, kernel
+
+    def new_state(self, batch: int, dtype, device) -> list[BlockState]:
+        head_dim = self.width // self.heads
+        return [
+            BlockState.zeros(batch, self.heads, head_dim, self.width, self.kernel, dtype, device) for _ in self.blocks
+        ]
+
+    def forward(self, x, valid, states: list[BlockState] | None = None, conditions=None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if conditions is not None:
+                x = x + conditions[i]
+            x = block(x, valid, states[i] if states is not None else None)
+        return self.norm(x)

@@ -1,0 +1,226 @@
+"""`memlm train lcm --stage 1|2|3`: the LCM's three training stages, on the shared loop.
+
+- stage 1: the decoder alone, as a language model (cross-entropy; encoder and grids unused);
+- stage 2: encoder, grids, router and bridge learn with the decoder frozen. The LM loss still flows
+  back through z_q into them (straight-through retrieval keeps the codebooks in the gradient),
+  plus VQ (codebook + commitment), the contrastive grid's InfoNCE and an orthogonality penalty on
+  codebooks and prototypes. Codes unused since the last restart are moved onto live z's;
+- stage 3: everything together at a low learning rate, same losses.
+
+Every stage reads the same packed data; batch k of the whole schedule is the same windows for
+every run with the same seed (stage 2 continues the step count of stage 1), so a decoder-alone run
+of the same total steps sees exactly the tokens the LCM saw. Each stage writes `model/` (an LCM
+folder that `--model` loads), `train/` (metrics.jsonl, loss.png, checkpoint) and `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memlm.atomic import ensure_dir, write_json_atomic
+from memlm.data.packed import TokenData
+from memlm.errors import MemlmError
+from memlm.lcm.checkpoint import load_lcm, save_lcm
+from memlm.lcm.config import LCMConfig
+from memlm.lcm.model import LCMModel, count_parameters
+from memlm.train.heldout import bits_per_byte, lcm_logits
+from memlm.train.loop import TrainConfig, is_main_process, train
+
+STAGE_LR = {1: 3e-3, 2: 2e-3, 3: 5e-4}
+LOSS_WEIGHTS = {"vq": 1.0, "contrastive": 0.1, "orthogonality": 0.1}
+
+
+@dataclass(slots=True)
+class LCMTrainConfig:
+    data: str
+    out_dir: str
+    stage: int
+    init: str | None = None  # the previous stage's model folder (stages 2 and 3)
+    steps: int = 240
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float | None = None  # default per stage (STAGE_LR)
+    warmup_steps: int = 20
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    log_every: int = 10
+    save_every: int = 40
+    eval_windows: int = 32
+    restart_every: int = 40  # dead-code restarts (stages 2 and 3)
+    # The model's shape, for stage 1 (later stages take it from --init).
+    hidden_size: int = 192
+    num_heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 4
+    intermediate_size: int = 512
+    z_dim: int = 64
+    codes: int = 64
+    memory: str | None = None  # grids (default for stage 1), continuous, single, none; later stages: as --init
+    max_loop_steps: int = 3
+
+
+def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
+    if cfg.stage not in (1, 2, 3):
+        raise MemlmError(f"--stage must be 1, 2 or 3, got {cfg.stage}")
+    out = ensure_dir(cfg.out_dir)
+    train_data = TokenData.open(cfg.data, "train")
+    val_data = TokenData.open(cfg.data, "val")
+    torch.manual_seed(cfg.seed)  # the initialisation is part of the seed
+    if cfg.stage == 1:
+        if cfg.init is not None:
+            model, step_offset = _from_init(cfg.init, train_data, cfg.memory)
+        else:
+            model, step_offset = LCMModel(_new_config(cfg, train_data.header)), 0
+    else:
+        if cfg.init is None:
+            raise MemlmError(f"stage {cfg.stage} needs --init: the model folder of stage {cfg.stage - 1}")
+        model, step_offset = _from_init(cfg.init, train_data, cfg.memory)
+        if not model.has_memory:
+            raise MemlmError(f"{cfg.init} is a decoder-only model (memory 'none'): it has no stage {cfg.stage}")
+    _set_trainable(model, cfg.stage)
+    use_memory = cfg.stage > 1
+
+    stats = {"restarted": 0, "counts": None}
+
+    def batch_fn(step: int, micro: int, rank: int, world: int):
+        ids = train_data.random_windows(cfg.batch_size, cfg.seq_len + 1, cfg.seed, step_offset + step, micro)
+        return {"ids": ids[rank::world], "step": step, "micro": micro}
+
+    def loss_fn(lm, batch):
+        ids = batch["ids"]
+        logits, aux = lm(ids[:, :-1], use_memory=use_memory, with_regularisers=use_memory)
+        ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        if not use_memory:
+            return ce
+        loss = ce + sum(LOSS_WEIGHTS[k] * aux[k] for k in LOSS_WEIGHTS if k in aux)
+        extras = {"ce": float(ce.detach()), "vq": float(aux["vq"].detach())}
+        trace = aux["trace"]
+        extras["loop_steps"] = float(trace.steps.float().mean())
+        if trace.route_probs is not None:
+            p = trace.route_probs.detach().clamp_min(1e-9)
+            extras["route_entropy"] = float(-(p * p.log()).sum(-1).mean())
+        _count_codes(model, trace, stats)
+        if batch["micro"] == 0 and batch["step"] > 0 and batch["step"] % cfg.restart_every == 0 and cfg.stage >= 2:
+            stats["restarted"] = model.memory.restart_dead_codes(aux["z"].detach(), stats["counts"])
+            stats["usage"] = _usage(model, stats["counts"])
+            stats["counts"] = None
+        return loss, extras
+
+    def evaluate(m) -> dict:
+        metrics = {"val_bpb": bits_per_byte(lcm_logits(m, use_memory), val_data, cfg.seq_len, cfg.eval_windows)}
+        if use_memory:
+            metrics["dead_codes_restarted"] = stats["restarted"]
+            metrics.update({f"usage_{k}": v for k, v in stats.get("usage", {}).items()})
+        return metrics
+
+    lr = cfg.lr if cfg.lr is not None else STAGE_LR[cfg.stage]
+    train_cfg = TrainConfig(
+        out_dir=str(out / "train"),
+        steps=cfg.steps,
+        lr=lr,
+        warmup_steps=cfg.warmup_steps,
+        log_every=cfg.log_every,
+        save_every=cfg.save_every,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        progress=cfg.progress,
+        weight_decay=0.01,
+    )
+    last = train(model, loss_fn, batch_fn, train_cfg, evaluate)
+    if not is_main_process():
+        return last
+    report = {
+        "stage": cfg.stage,
+        "steps": cfg.steps,
+        "total_steps": step_offset + cfg.steps,
+        "tokens_seen": (step_offset + cfg.steps) * cfg.batch_size * cfg.seq_len,
+        "parameters": count_parameters(model),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lr": lr,
+        "init": cfg.init,
+        "data": cfg.data,
+        "final": last,
+        "recipe": asdict(cfg),
+    }
+    save_lcm(out / "model", model, cfg.data, report)
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _new_config(cfg: LCMTrainConfig, header: dict) -> LCMConfig:
+    return LCMConfig(
+        vocab_size=header["vocab_size"],
+        hidden_size=cfg.hidden_size,
+        num_heads=cfg.num_heads,
+        encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers,
+        intermediate_size=cfg.intermediate_size,
+        z_dim=cfg.z_dim,
+        codes=cfg.codes,
+        memory=cfg.memory or "grids",
+        max_loop_steps=cfg.max_loop_steps,
+        eos_token_ids=(header["eos_id"],),
+    )
+
+
+def _from_init(folder: str, data: TokenData, memory: str | None = None) -> tuple[LCMModel, int]:
+    """The model of a previous stage. With another `memory` kind, a new memory around the same
+    trained decoder: how the retrained variants (continuous z, one codebook) share stage 1."""
+    model = load_lcm(folder)
+    if memory is not None and memory != model.config.memory:
+        variant = LCMModel(replace(model.config, memory=memory))
+        variant.decoder.load_state_dict(model.decoder.state_dict())
+        model = variant
+    if model.config.vocab_size != data.header["vocab_size"]:
+        raise MemlmError(
+            f"{folder} has a vocabulary of {model.config.vocab_size}; the data has {data.header['vocab_size']}"
+        )
+    source = Path(folder) / "memlm_source.json"
+    total = json.loads(source.read_text()).get("total_steps", 0) if source.is_file() else 0
+    return model, int(total)
+
+
+def _set_trainable(model: LCMModel, stage: int) -> None:
+    if stage == 1:
+        model.requires_grad_(False)
+        model.decoder.requires_grad_(True)
+    elif stage == 2:
+        model.requires_grad_(True)
+        model.decoder.requires_grad_(False)
+    else:
+        model.requires_grad_(True)
+    model.train()
+
+
+def _count_codes(model: LCMModel, trace, stats: dict) -> None:
+    if trace.codes is None:
+        return
+    sizes = model.memory.code_counts()
+    if stats["counts"] is None:
+        stats["counts"] = [torch.zeros(n, dtype=torch.long) for n in sizes]
+    for counts, codes in zip(stats["counts"], trace.codes, strict=True):
+        if codes is not None:
+            counts += torch.bincount(codes.detach().cpu(), minlength=counts.numel())[: counts.numel()]
+
+
+def _usage(model: LCMModel, counts) -> dict[str, float]:
+    """Fraction of each grid's codes used since the last restart, and the perplexity of their use."""
+    out = {}
+    if counts is None:
+        return out
+    names = [g.name for g in model.memory.grids]
+    for name, c in zip(names, counts, strict=True):
+        total = int(c.sum())
+        if total == 0:
+            continue
+        p = c.float() / total
+        out[f"{name}_used"] = float((c > 0).float().mean())
+        out[f"{name}_perplexity"] = math.exp(float(-(p[p > 0] * p[p > 0].log()).sum()))
+    return out

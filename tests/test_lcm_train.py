@@ -1,0 +1,222 @@
+"""LCM training stages, the transformer baseline, `memlm eval lcm`, safety planting and CLI errors.
+
+Tiny models on a tiny packed corpus: each training runs a few steps (seconds)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+
+import pytest
+import torch
+
+from memlm.data.bpe import train_tokenizer
+from memlm.data.corpus import read_documents
+from memlm.data.packed import pack
+from memlm.errors import MemlmError
+from memlm.lcm.checkpoint import load_lcm
+from memlm.train.lcm import LCMTrainConfig, run_lcm_stage
+
+SHAPE = dict(hidden_size=32, num_heads=2, encoder_layers=1, decoder_layers=2, z_dim=16, codes=8)
+SHORT = dict(batch_size=4, seq_len=32, save_every=2, log_every=1, eval_windows=2, restart_every=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lcm")
+    docs = read_documents("gensim:lee")[:80]
+    train_tokenizer(docs, 320, root / "tok")
+    pack(root / "tok", docs, ["gensim:lee"], root / "data", val_fraction=0.1)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def stages(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    reports = {}
+    init = None
+    for stage, steps in ((1, 4), (2, 4), (3, 2)):
+        cfg = LCMTrainConfig(
+            str(data), str(root / f"s{stage}"), stage, init=init, steps=steps, intermediate_size=48, **SHAPE, **SHORT
+        )
+        reports[stage] = run_lcm_stage(cfg)
+        init = str(root / f"s{stage}" / "model")
+    return root, reports
+
+
+def _state(folder, prefix):
+    return {k: v.clone() for k, v in load_lcm(folder).state_dict().items() if k.startswith(prefix)}
+
+
+def test_three_stages_train_what_each_stage_should(stages):
+    root, reports = stages
+    assert [reports[s]["total_steps"] for s in (1, 2, 3)] == [4, 8, 10]  # stage 2 continues the data order
+    s1, s2, s3 = (root / f"s{s}" / "model" for s in (1, 2, 3))
+    decoder = [_state(f, "decoder.") for f in (s1, s2, s3)]
+    encoder = [_state(f, "encoder.") for f in (s1, s2, s3)]
+    assert all(torch.equal(decoder[0][k], decoder[1][k]) for k in decoder[0])  # stage 2: decoder frozen
+    assert any(not torch.equal(decoder[1][k], decoder[2][k]) for k in decoder[1])  # stage 3: it learns
+    assert any(not torch.equal(encoder[0][k], encoder[1][k]) for k in encoder[0])  # stage 2 trains the encoder
+    rows = [json.loads(line) for line in (root / "s2" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "vq", "loop_steps", "route_entropy", "val_bpb", "dead_codes_restarted"} <= set(rows[-1])
+    assert 0 < rows[-1]["val_bpb"] < 20 and 1 <= rows[-1]["loop_steps"] <= 3
+
+
+def test_stage_1_leaves_the_memory_untouched(stages, data):
+    root, _ = stages
+    fresh = _state(root / "s1" / "model", "memory.")
+    torch.manual_seed(0)  # the trainer seeds its initialisation with cfg.seed = 0
+    from memlm.lcm.config import LCMConfig
+    from memlm.lcm.model import LCMModel
+
+    header = json.loads((data / "train.json").read_text())
+    init = LCMModel(
+        LCMConfig(vocab_size=header["vocab_size"], intermediate_size=48, eos_token_ids=(header["eos_id"],), **SHAPE)
+    )
+    assert all(torch.equal(init.state_dict()[k], fresh[k]) for k in fresh)
+
+
+def test_a_trained_lcm_generates_through_the_engine(stages):
+    import memlm
+
+    root, _ = stages
+    engine = memlm.load(str(root / "s3" / "model"))
+    out = engine.generate("The fire", memlm.SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert len(out.token_ids) == 5 and len(out.memory_trace) == 5
+
+
+def test_stage_2_needs_a_stage_1_model(data, tmp_path):
+    with pytest.raises(MemlmError, match="needs --init"):
+        run_lcm_stage(LCMTrainConfig(str(data), str(tmp_path / "x"), 2, **SHORT))
+    alone = LCMTrainConfig(
+        str(data), str(tmp_path / "dec"), 1, steps=1, memory="none", intermediate_size=48, **SHAPE, **SHORT
+    )
+    run_lcm_stage(alone)
+    with pytest.raises(MemlmError, match="decoder-only"):
+        run_lcm_stage(LCMTrainConfig(str(data), str(tmp_path / "y"), 2, init=str(tmp_path / "dec" / "model"), **SHORT))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (eval, ("__import__('pathlib').Path('/tmp/memlm-pwned').write_text('x')",))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(data, tmp_path):
+    out = tmp_path / "run"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "checkpoint.pt").write_bytes(pickle.dumps({"step": 1, "model": _Exploit()}))
+    cfg = LCMTrainConfig(str(data), str(out), 1, steps=2, resume=True, intermediate_size=48, **SHAPE, **SHORT)
+    with pytest.raises(MemlmError, match="cannot read"):
+        run_lcm_stage(cfg)
+    from pathlib import Path
+
+    assert not Path("/tmp/memlm-pwned").exists()
+
+
+def test_transformer_baseline_and_eval_lcm_end_to_end(stages, data, tmp_path, memlm_cli):
+    from memlm.models.loading import load_model
+    from memlm.train.pretrain import LMTrainConfig, run_pretrain
+
+    root, _ = stages
+    lm = LMTrainConfig(
+        str(data),
+        str(tmp_path / "lm"),
+        steps=2,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=48,
+        batch_size=4,
+        seq_len=32,
+        save_every=2,
+        progress=False,
+        eval_windows=2,
+    )
+    report = run_pretrain(lm)
+    assert report["total_steps"] == 2 and load_model(str(tmp_path / "lm" / "model")).model.config.num_layers == 2
+    args = [
+        "eval",
+        "lcm",
+        "--model",
+        str(root / "s3" / "model"),
+        "--model",
+        str(root / "s2" / "model"),
+        "--transformer",
+        str(tmp_path / "lm" / "model"),
+        "--variant",
+        f"stage1={root / 's1' / 'model'}",
+        "--data",
+        str(data),
+        "--windows",
+        "2",
+        "--seq-len",
+        "32",
+        "--stream-len",
+        "40",
+        "--contexts",
+        "32,64",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "r.png"),
+    ]
+    result = subprocess.run([*memlm_cli, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert len(r["main"]["lcm"]["per_seed"]) == 2 and r["main"]["lcm"]["std"] >= 0
+    assert {
+        "full",
+        "z_zeroed",
+        "z_shuffled",
+        "loop_steps_1",
+        *(f"without_{g}" for g in ("hyperbolic", "sparse", "lowrank", "manifold", "binding", "contrastive")),
+    } <= set(r["ablations"])
+    assert set(r["reencode"]["bfloat16"]) == {"never", "256", "64"}
+    assert r["reencode"]["float32"]["never"]["max_logit_drift"] < 1e-3
+    cost = r["decode_cost"]
+    assert len(cost["lcm_ms"]) == 2 and cost["lcm_bytes"][0] == cost["lcm_bytes"][1]  # constant state
+    assert cost["transformer_bytes"][1] == 2 * cost["transformer_bytes"][0]  # the KV cache grows
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_planted_danger_halts_the_cli(stages, tmp_path, memlm_cli):
+    import shutil
+
+    root, _ = stages
+    model = tmp_path / "m"
+    shutil.copytree(root / "s3" / "model", model)
+    (tmp_path / "danger.txt").write_text("The fire spread quickly\n")
+    run = lambda *a: subprocess.run([*memlm_cli, *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    planted = run("lcm", "danger", "add", "--model", str(model), "--texts", str(tmp_path / "danger.txt"))
+    assert planted.returncode == 0 and json.loads(planted.stdout)["danger_codes"] == 1
+    halted = run("generate", "The fire spread quickly", "--model", str(model), "--max-new-tokens", "4")
+    assert halted.returncode == 0 and "halted" in halted.stderr
+    shown = run("generate", "A quiet day", "--model", str(model), "--max-new-tokens", "3", "--show-memory")
+    assert shown.returncode == 0 and shown.stdout.count("\n") >= 4 and "finish_reason: length" in shown.stdout
+    cleared = run("lcm", "danger", "add", "--model", str(model), "--clear")
+    assert json.loads(cleared.stdout)["danger_codes"] == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "sft", "--out", "/dev/null/x"], "cannot create output folder"),
+        (["train", "lcm", "--data", "/tmp", "--out", "/dev/null/x"], "cannot create output folder"),
+        (["train", "lcm", "--out", "/tmp/x"], "--data is required"),
+        (["train", "lcm", "--data", "/no/data", "--out", "/tmp/memlm-test-x"], "make them with `memlm data pack`"),
+        (["train", "lm", "--data", "/tmp", "--out", "/dev/null/x"], "cannot create output folder"),
+        (["data", "tokenizer", "--out", "/dev/null/x"], "cannot create output folder"),
+        (["data", "tokenizer", "--corpus", "/no/file.txt", "--out", "/tmp/memlm-test-t"], "corpus file not found"),
+        (["data", "pack", "--out", "/tmp/memlm-test-p"], "--tokenizer is required"),
+        (["lcm", "danger", "add", "--model", "/tmp", "--texts", "x"], "not an LCM model folder"),
+        (["lcm", "danger", "remove", "--model", "/tmp"], "unknown action"),
+        (["lcm", "value", "add", "--model", "/tmp", "--kind", "maybe"], "--kind"),
+        (["eval", "lcm", "--model", "/tmp", "--data", "/tmp"], "not an LCM model folder"),
+        (["eval", "lcm", "--model", "/tmp", "--data", "/tmp", "--variant", "x"], "NAME=DIR"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_2(memlm_cli, args, message):
+    result = subprocess.run([*memlm_cli, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0
