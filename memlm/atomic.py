@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,3 +55,22 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     if not os.access(path, os.W_OK):
         raise MemlmError(f"output folder {path} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Write a whole folder atomically: yield a temporary sibling to fill; on success it replaces
+    `folder` by renames (a reader sees the old folder or the complete new one), on failure it goes."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

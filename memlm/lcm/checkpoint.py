@@ -13,16 +13,14 @@ half-written model; the safety file is replaced atomically on its own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from memlm.atomic import atomic_write
+from memlm.atomic import atomic_folder, atomic_write
 from memlm.errors import ModelFormatError
 from memlm.lcm.config import LCMConfig
 from memlm.lcm.model import LCMModel
@@ -44,10 +42,7 @@ def _safety(model: LCMModel) -> dict[str, torch.Tensor]:
 
 
 def save_lcm(folder: str | Path, model: LCMModel, tokenizer_dir: str | Path, note: dict | None = None) -> Path:
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(_weights(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_file(_safety(model), str(tmp / SAFETY), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(model.config.to_json(), indent=2))
@@ -56,15 +51,7 @@ def save_lcm(folder: str | Path, model: LCMModel, tokenizer_dir: str | Path, not
             if source.is_file():
                 shutil.copyfile(source, tmp / name)
         (tmp / SOURCE).write_text(json.dumps(note or {}, indent=2))
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def save_safety(folder: str | Path, model: LCMModel) -> None:

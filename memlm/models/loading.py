@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from memlm.atomic import atomic_folder
 from memlm.errors import MemlmError, ModelFormatError, ModelNotFoundError
 from memlm.lcm.config import LCMConfig
 from memlm.models.config import ModelConfig
@@ -171,23 +172,12 @@ def save_model(folder: str | Path, model: LlamaModel, tokenizer: Tokenizer, note
     folder or the complete new one, never a half-written one. `note` lands in memlm_source.json."""
     from memlm.models.weights import unfuse_state_dict
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         weights = {k: v.float().cpu() for k, v in unfuse_state_dict(model).items()}
         write_hf_folder(tmp, model.config, weights, tokenizer)
         if note:
             (tmp / "memlm_source.json").write_text(json.dumps(note, indent=2))
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer):
