@@ -86,6 +86,19 @@ def test_a_trained_lcm_generates_through_the_engine(stages):
     assert len(out.token_ids) == 5 and len(out.memory_trace) == 5
 
 
+@pytest.mark.parametrize("memory", ["continuous", "single"])
+def test_retrained_variants_share_the_stage_1_decoder(stages, data, tmp_path, memory):
+    root, _ = stages
+    cfg = LCMTrainConfig(
+        str(data), str(tmp_path / memory), 2, init=str(root / "s1" / "model"), steps=3, memory=memory, **SHORT
+    )
+    report = run_lcm_stage(cfg)  # restarts are due at step 2: a memory without grids must go past them
+    variant = load_lcm(tmp_path / memory / "model")
+    assert variant.config.memory == memory and report["total_steps"] == 7
+    decoder = _state(root / "s1" / "model", "decoder.")
+    assert all(torch.equal(decoder[k], variant.state_dict()[k]) for k in decoder)
+
+
 def test_stage_2_needs_a_stage_1_model(data, tmp_path):
     with pytest.raises(MemlmError, match="needs --init"):
         run_lcm_stage(LCMTrainConfig(str(data), str(tmp_path / "x"), 2, **SHORT))

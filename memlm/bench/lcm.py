@@ -177,9 +177,14 @@ def _memory_stats(model: LCMModel, val: TokenData, cfg: LCMBenchConfig) -> dict:
     counts = [torch.zeros(n, dtype=torch.long) for n in sizes]
     steps = torch.zeros(model.config.max_loop_steps + 1, dtype=torch.long)
     entropy, tokens = 0.0, 0
+    spread = {"z": [], "z_q": []}
     for start in range(0, windows.shape[0], 8):
         _, aux = model(windows[start : start + 8, :-1])
         trace = aux["trace"]
+        z = aux["z"]
+        _, z_q, _, _ = model.remember(z, torch.ones(z.shape[:2], dtype=torch.bool))
+        spread["z"].append(z.flatten(0, 1))
+        spread["z_q"].append(z_q.flatten(0, 1))
         for c, codes in zip(counts, trace.codes, strict=True):
             if codes is not None:
                 c += torch.bincount(codes, minlength=c.numel())[: c.numel()]
@@ -200,7 +205,14 @@ def _memory_stats(model: LCMModel, val: TokenData, cfg: LCMBenchConfig) -> dict:
             "dead": int((c == 0).sum()),
             "perplexity": math.exp(float(-(nz * nz.log()).sum())) if nz.numel() else 0.0,
         }
+    # How much z_q varies from token to token, against z: near 0 means the loop sends every token to
+    # (nearly) the same point, and the decoder has nothing position-specific to read.
+    z_all, z_q_all = torch.cat(spread["z"]), torch.cat(spread["z_q"])
     return {
+        "z_std": float(z_all.std(0).mean()),
+        "z_q_std": float(z_q_all.std(0).mean()),
+        "z_q_distinct": int(torch.unique(z_q_all.round(decimals=4), dim=0).shape[0]),
+        "tokens": int(z_all.shape[0]),
         "grids": grids,
         "route_entropy": entropy / max(1, tokens) if model.config.memory == "grids" else None,
         "route_entropy_max": math.log(len(GRID_NAMES)),

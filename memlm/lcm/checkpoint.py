@@ -29,10 +29,10 @@ WEIGHTS, SAFETY, CONFIG, SOURCE = "model.safetensors", "safety.safetensors", "co
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _weights(model: LCMModel) -> dict[str, torch.Tensor]:
+def _weights(model: LCMModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     state.pop("decoder.lm_head.weight", None)  # tied to decoder.embed.weight
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items() if not k.startswith("memory.safety.")}
+    return {k: v.detach().to(dtype).cpu().contiguous() for k, v in state.items() if not k.startswith("memory.safety.")}
 
 
 def _safety(model: LCMModel) -> dict[str, torch.Tensor]:
@@ -41,9 +41,12 @@ def _safety(model: LCMModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in model.memory.safety.state_dict().items()}
 
 
-def save_lcm(folder: str | Path, model: LCMModel, tokenizer_dir: str | Path, note: dict | None = None) -> Path:
+def save_lcm(
+    folder: str | Path, model: LCMModel, tokenizer_dir: str | Path, note: dict | None = None, dtype=torch.float32
+) -> Path:
+    """`dtype=torch.bfloat16` halves the folder (a small model to commit); loading returns float32."""
     with atomic_folder(folder) as tmp:
-        save_file(_weights(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(_weights(model, dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_file(_safety(model), str(tmp / SAFETY), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(model.config.to_json(), indent=2))
         for name in TOKENIZER_FILES:

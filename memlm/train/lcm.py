@@ -107,7 +107,8 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
             p = trace.route_probs.detach().clamp_min(1e-9)
             extras["route_entropy"] = float(-(p * p.log()).sum(-1).mean())
         _count_codes(model, trace, stats)
-        if batch["micro"] == 0 and batch["step"] > 0 and batch["step"] % cfg.restart_every == 0 and cfg.stage >= 2:
+        restart_due = batch["micro"] == 0 and batch["step"] > 0 and batch["step"] % cfg.restart_every == 0
+        if restart_due and stats["counts"] is not None:  # continuous z has no codes to restart
             stats["restarted"] = model.memory.restart_dead_codes(aux["z"].detach(), stats["counts"])
             stats["usage"] = _usage(model, stats["counts"])
             stats["counts"] = None
