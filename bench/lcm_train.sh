@@ -6,7 +6,8 @@
 #   decoder alone:  400 steps of stage 1 (memory none)
 #   transformer:    400 steps, 8 Llama blocks at width 192 (4.33 M parameters; the LCM has 4.34 M)
 # Seeds 0, 1, 2 for these three; the retrained variants (continuous z, one codebook) seed 0 only.
-# Two single-threaded pipelines can share a 2-core machine without oversubscribing it:
+# Two single-threaded pipelines can share a 2-core machine without oversubscribing it (then EVAL=1
+# bench/lcm_train.sh, alone, writes bench/results/lcm.json and lcm.png from the finished runs):
 #   SEEDS=0 OMP_NUM_THREADS=1 bench/lcm_train.sh & SEEDS="1 2" OMP_NUM_THREADS=1 bench/lcm_train.sh
 set -euo pipefail
 MEMLM=${MEMLM:-.venv/bin/memlm}
@@ -39,3 +40,11 @@ for seed in ${SEEDS:-0 1 2}; do
     done
   fi
 done
+
+# The evaluation (run alone, 2 threads: it times decoding). Every held-out window of the val split.
+if [ "${EVAL:-0}" = 1 ]; then
+  m() { for s in 0 1 2; do printf -- "--$1 $R/s$s-$2/model "; done; }
+  $MEMLM eval lcm --data $DATA --windows 252 $(m model stage3) $(m decoder decoder) $(m transformer transformer) \
+    --variant continuous=$R/s0-continuous-stage3/model --variant single=$R/s0-single-stage3/model \
+    --json bench/results/lcm.json --plot bench/results/lcm.png
+fi

@@ -64,8 +64,11 @@ def atomic_folder(folder: str | os.PathLike):
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # some writers (safetensors) create files private too
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
