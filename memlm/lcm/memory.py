@@ -148,9 +148,12 @@ class CodebookMemory(nn.Module):
         first_probs, first_codes = None, None
         for step in range(steps_limit):
             probs, used = self.router(z, allowed)
-            retrievals = [g.retrieve(z) if bool(allowed[i]) else None for i, g in enumerate(self.grids)]
+            # Retrieve from the grids some row routes to (a decode step of one row: 3 of 6). Training's
+            # first step retrieves from all of them: every codebook learns from its VQ loss.
+            wanted = allowed if (step == 0 and torch.is_grad_enabled()) else used.any(0)
+            retrievals = [g.retrieve(z) if bool(wanted[i]) else None for i, g in enumerate(self.grids)]
             if step == 0:
-                losses["vq"] = sum(r.vq_loss for r in retrievals if r is not None) / int(allowed.sum())
+                losses["vq"] = sum(r.vq_loss for r in retrievals if r is not None) / int(wanted.sum())
                 first_probs = probs
                 first_codes = [r.code if r is not None else None for r in retrievals]
             q = torch.stack([r.q if r is not None else torch.zeros_like(z) for r in retrievals], 1)  # [N, G, D]
