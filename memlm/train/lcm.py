@@ -30,7 +30,8 @@ from memlm.lcm.checkpoint import load_lcm, save_lcm
 from memlm.lcm.config import LCMConfig
 from memlm.lcm.model import LCMModel, count_parameters
 from memlm.train.heldout import bits_per_byte, lcm_logits
-from memlm.train.loop import TrainConfig, is_main_process, train
+from memlm.train.loop import is_main_process, train
+from memlm.train.pretrain import loop_config
 
 STAGE_LR = {1: 3e-3, 2: 2e-3, 3: 5e-4}
 LOSS_WEIGHTS = {"vq": 1.0, "contrastive": 0.1, "orthogonality": 0.1}
@@ -122,19 +123,7 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
         return metrics
 
     lr = cfg.lr if cfg.lr is not None else STAGE_LR[cfg.stage]
-    train_cfg = TrainConfig(
-        out_dir=str(out / "train"),
-        steps=cfg.steps,
-        lr=lr,
-        warmup_steps=cfg.warmup_steps,
-        log_every=cfg.log_every,
-        save_every=cfg.save_every,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        progress=cfg.progress,
-        weight_decay=0.01,
-    )
-    last = train(model, loss_fn, batch_fn, train_cfg, evaluate)
+    last = train(model, loss_fn, batch_fn, loop_config(cfg, out, lr), evaluate)
     if not is_main_process():
         return last
     report = {

@@ -8,6 +8,7 @@ the data's tokenizer, which memlm, transformers and `memlm eval lcm` load as is.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,22 @@ class CausalLM(nn.Module):
         return self.model.logits(self.model(self.model.embed(ids), positions))
 
 
+def loop_config(cfg, out: Path, lr: float) -> TrainConfig:
+    """The shared loop's settings for a model trained from scratch on packed data (`train lm`, `train lcm`)."""
+    return TrainConfig(
+        out_dir=str(out / "train"),
+        steps=cfg.steps,
+        lr=lr,
+        warmup_steps=cfg.warmup_steps,
+        log_every=cfg.log_every,
+        save_every=cfg.save_every,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        progress=cfg.progress,
+        weight_decay=0.01,
+    )
+
+
 def transformer_config(cfg: LMTrainConfig, header: dict) -> ModelConfig:
     return ModelConfig(
         arch="llama",
@@ -100,19 +117,7 @@ def run_pretrain(cfg: LMTrainConfig) -> dict:
     def evaluate(m) -> dict:
         return {"val_bpb": bits_per_byte(llama_logits(m.model), val_data, cfg.seq_len, cfg.eval_windows)}
 
-    train_cfg = TrainConfig(
-        out_dir=str(out / "train"),
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        log_every=cfg.log_every,
-        save_every=cfg.save_every,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        progress=cfg.progress,
-        weight_decay=0.01,
-    )
-    last = train(lm, loss_fn, batch_fn, train_cfg, evaluate)
+    last = train(lm, loss_fn, batch_fn, loop_config(cfg, out, cfg.lr), evaluate)
     if not is_main_process():
         return last
     report = {
