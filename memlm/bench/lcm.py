@@ -29,7 +29,8 @@ from memlm.data.packed import TokenData
 from memlm.errors import MemlmError
 from memlm.lcm.checkpoint import load_lcm
 from memlm.lcm.config import GRID_NAMES, LCMConfig
-from memlm.lcm.model import LCMModel, count_parameters
+from memlm.lcm.memory import CodeUsage
+from memlm.lcm.model import LCMModel
 from memlm.train.heldout import bits_per_byte, lcm_logits, llama_logits
 
 
@@ -117,7 +118,7 @@ def _check_vocab(model, val: TokenData) -> None:
 def _lcm_fn(folder: str, val: TokenData):
     model = load_lcm(folder)
     _check_vocab(model, val)
-    return lcm_logits(model), count_parameters(model)
+    return lcm_logits(model), sum(p.numel() for p in model.parameters())
 
 
 def _load_llama(folder: str):
@@ -173,48 +174,29 @@ def _memory_stats(model: LCMModel, val: TokenData, cfg: LCMBenchConfig) -> dict:
     if model.config.memory not in ("grids", "single"):
         return {}
     windows = val.eval_windows(cfg.seq_len, cfg.windows)
-    sizes = model.memory.code_counts()
-    counts = [torch.zeros(n, dtype=torch.long) for n in sizes]
+    usage = CodeUsage(model.memory)
     steps = torch.zeros(model.config.max_loop_steps + 1, dtype=torch.long)
-    entropy, tokens = 0.0, 0
-    spread = {"z": [], "z_q": []}
+    entropy, z_all, z_q_all = 0.0, [], []
     for start in range(0, windows.shape[0], 8):
         _, aux = model(windows[start : start + 8, :-1])
         trace = aux["trace"]
-        z = aux["z"]
-        _, z_q, _, _ = model.remember(z, torch.ones(z.shape[:2], dtype=torch.bool))
-        spread["z"].append(z.flatten(0, 1))
-        spread["z_q"].append(z_q.flatten(0, 1))
-        for c, codes in zip(counts, trace.codes, strict=True):
-            if codes is not None:
-                c += torch.bincount(codes, minlength=c.numel())[: c.numel()]
+        usage.add(trace)
+        z_all.append(aux["z"].flatten(0, 1))
+        z_q_all.append(aux["z_q"].flatten(0, 1))
         steps += torch.bincount(trace.steps, minlength=steps.numel())[: steps.numel()]
-        if trace.route_probs is not None:
-            p = trace.route_probs.clamp_min(1e-9)
-            entropy += float(-(p * p.log()).sum(-1).sum())
-        tokens += trace.steps.numel()
-    grids = {}
-    names = [g.name for g in model.memory.grids]
-    for name, c in zip(names, counts, strict=True):
-        total = max(1, int(c.sum()))
-        p = c.float() / total
-        nz = p[p > 0]
-        grids[name] = {
-            "codes": int(c.numel()),
-            "used": int((c > 0).sum()),
-            "dead": int((c == 0).sum()),
-            "perplexity": math.exp(float(-(nz * nz.log()).sum())) if nz.numel() else 0.0,
-        }
+        if trace.route_entropy() is not None:
+            entropy += float(trace.route_entropy().sum())
     # How much z_q varies from token to token, against z: near 0 means the loop sends every token to
     # (nearly) the same point, and the decoder has nothing position-specific to read.
-    z_all, z_q_all = torch.cat(spread["z"]), torch.cat(spread["z_q"])
+    z_all, z_q_all = torch.cat(z_all), torch.cat(z_q_all)
+    tokens = z_all.shape[0]
     return {
         "z_std": float(z_all.std(0).mean()),
         "z_q_std": float(z_q_all.std(0).mean()),
         "z_q_distinct": int(torch.unique(z_q_all.round(decimals=4), dim=0).shape[0]),
-        "tokens": int(z_all.shape[0]),
-        "grids": grids,
-        "route_entropy": entropy / max(1, tokens) if model.config.memory == "grids" else None,
+        "tokens": tokens,
+        "grids": usage.summary(),
+        "route_entropy": entropy / tokens if model.config.memory == "grids" else None,
         "route_entropy_max": math.log(len(GRID_NAMES)),
         "loop_steps_histogram": {str(i): int(n) for i, n in enumerate(steps.tolist()) if i > 0},
     }

@@ -69,8 +69,18 @@ class Grid(nn.Module):
         raise NotImplementedError
 
     def codebook(self) -> torch.Tensor:
-        """The vectors dead-code restarts reset and orthogonality regularises, [K, D]."""
+        """The vectors orthogonality regularises, [K, D]."""
         raise NotImplementedError
+
+    @property
+    def num_codes(self) -> int:
+        """How many distinct codes `retrieve` can return (the range of `Retrieval.code`)."""
+        return self.codebook().shape[0]
+
+    def restart_rows(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For dead-code restarts: the parameter whose rows are codes, and each row's use given the
+        use of every code (`counts`, [num_codes]). None where codes are generated, not stored."""
+        return None
 
 
 # ---- hyperbolic -----------------------------------------------------------------------------
@@ -119,6 +129,13 @@ class HyperbolicGrid(Grid):
     def codebook(self) -> torch.Tensor:
         return self.coarse
 
+    @property
+    def num_codes(self) -> int:  # a code is a (coarse, fine) pair
+        return self.coarse.shape[0] * self.fine.shape[0]
+
+    def restart_rows(self, counts):
+        return self.coarse.data, counts.view(self.coarse.shape[0], -1).sum(1)
+
     def retrieve(self, z: torch.Tensor) -> Retrieval:
         x = expmap0(z * self.scale)
         coarse, fine = expmap0(self.coarse * self.scale), expmap0(self.fine * self.scale)
@@ -146,6 +163,9 @@ class SparseGrid(Grid):
 
     def codebook(self) -> torch.Tensor:
         return self.codes
+
+    def restart_rows(self, counts):
+        return self.codes.data, counts
 
     def retrieve(self, z: torch.Tensor) -> Retrieval:
         sparse = F.softshrink(self.codes, self.threshold)  # small entries are exactly zero
@@ -182,6 +202,9 @@ class ManifoldGrid(Grid):
 
     def codebook(self) -> torch.Tensor:
         return self.codes
+
+    def restart_rows(self, counts):
+        return self.codes.data, counts
 
     def planes(self) -> torch.Tensor:
         """An orthonormal basis of each code's tangent plane [K, m, D]: one small QR per code, not per
@@ -241,6 +264,13 @@ class BindingGrid(Grid):
     def codebook(self) -> torch.Tensor:
         return self.fillers
 
+    @property
+    def num_codes(self) -> int:  # a code is a (role, filler) pair
+        return self.role_phases.shape[0] * self.fillers.shape[0]
+
+    def restart_rows(self, counts):
+        return self.fillers.data, counts.view(-1, self.fillers.shape[0]).sum(0)
+
     def roles(self) -> torch.Tensor:
         return unitary(self.role_phases, self.dim)
 
@@ -269,6 +299,9 @@ class ContrastiveGrid(Grid):
 
     def codebook(self) -> torch.Tensor:
         return self.keys
+
+    def restart_rows(self, counts):
+        return self.keys.data, counts
 
     def retrieve(self, z: torch.Tensor) -> Retrieval:
         index, _ = nearest(z.detach(), self.keys)
@@ -311,6 +344,9 @@ class SingleCodebook(Grid):
 
     def codebook(self) -> torch.Tensor:
         return self.codes
+
+    def restart_rows(self, counts):
+        return self.codes.data, counts
 
     def retrieve(self, z: torch.Tensor) -> Retrieval:
         index, _ = nearest(z.detach(), self.codes)

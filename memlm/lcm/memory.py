@@ -9,6 +9,7 @@ grid flagged it or the danger grid halted it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.lcm.config import GRID_NAMES, LCMConfig
-from memlm.lcm.grids import SingleCodebook, make_grids, straight_through
+from memlm.lcm.grids import SingleCodebook, make_grids
 
 
 @dataclass
@@ -28,6 +29,13 @@ class LoopTrace:
     halted: torch.Tensor  # [N] bool: z came near a danger code
     route_probs: torch.Tensor | None = None  # [N, G] routing at the first step (entropy statistics)
     codes: list[torch.Tensor] | None = None  # per grid [N]: the code each row used at the first step
+
+    def route_entropy(self) -> torch.Tensor | None:
+        """[N] entropy (nats) of each row's routing at the first step; None without a router."""
+        if self.route_probs is None:
+            return None
+        p = self.route_probs.detach().clamp_min(1e-9)
+        return -(p * p.log()).sum(-1)
 
 
 class Router(nn.Module):
@@ -120,7 +128,7 @@ class CodebookMemory(nn.Module):
     def allowed(self, device) -> torch.Tensor:
         return torch.tensor([name not in self.cfg.grids_off for name in GRID_NAMES], device=device)
 
-    def forward(self, z: torch.Tensor, max_steps: int | None = None) -> tuple[torch.Tensor, LoopTrace, dict]:
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, LoopTrace, dict]:
         """-> (z_q, trace, losses {"vq": scalar}), the losses of the first retrieval step."""
         cfg, n = self.cfg, z.shape[0]
         device = z.device
@@ -137,7 +145,6 @@ class CodebookMemory(nn.Module):
             )
             return r.q, trace, {"vq": r.vq_loss}
 
-        steps_limit = cfg.max_loop_steps if max_steps is None else max_steps
         allowed = self.allowed(device)
         active = torch.ones(n, dtype=torch.bool, device=device)
         steps = torch.zeros(n, dtype=torch.long, device=device)
@@ -146,7 +153,7 @@ class CodebookMemory(nn.Module):
         flagged = no.clone()
         losses: dict[str, torch.Tensor] = {}
         first_probs, first_codes = None, None
-        for step in range(steps_limit):
+        for step in range(cfg.max_loop_steps):
             probs, used = self.router(z, allowed)
             # Retrieve from the grids some row routes to (a decode step of one row: 3 of 6). Training's
             # first step retrieves from all of them: every codebook learns from its VQ loss.
@@ -203,45 +210,49 @@ class CodebookMemory(nn.Module):
         return out
 
     @torch.no_grad()
-    def restart_dead_codes(self, z: torch.Tensor, usage: list[torch.Tensor], min_usage: int = 1) -> int:
+    def restart_dead_codes(self, z: torch.Tensor, usage: CodeUsage, min_usage: int = 1) -> int:
         """Move codes used fewer than `min_usage` times (counts since the last restart) onto random z's."""
         restarted = 0
         flat = z.reshape(-1, z.shape[-1])
-        for grid, counts in zip(self.grids, usage, strict=True):
-            book = _restartable(grid)
-            if book is None:
+        for grid, counts in zip(self.grids, usage.counts, strict=True):
+            rows = grid.restart_rows(counts)
+            if rows is None:
                 continue
-            if grid.name == "hyperbolic":  # usage is counted per (coarse, fine) pair
-                counts = counts.view(book.shape[0], -1).sum(1)
-            elif grid.name == "binding":  # ... and per (role, filler) pair
-                counts = counts.view(-1, book.shape[0]).sum(0)
-            dead = (counts < min_usage).nonzero().squeeze(1)
+            book, row_counts = rows
+            dead = (row_counts < min_usage).nonzero().squeeze(1)
             if dead.numel():
                 picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
                 book[dead] = picks.to(book.dtype) + 0.01 * torch.randn_like(picks) * picks.std()
                 restarted += dead.numel()
         return restarted
 
-    def code_counts(self) -> list[int]:
-        """How many distinct codes each grid can return (the size usage is counted over)."""
-        counts = []
-        for grid in self.grids:
-            book = grid.codebook()
-            if grid.name == "hyperbolic":
-                counts.append(grid.coarse.shape[0] * grid.fine.shape[0])
-            elif grid.name == "binding":
-                counts.append(grid.role_phases.shape[0] * book.shape[0])
-            else:
-                counts.append(book.shape[0])
-        return counts
+
+class CodeUsage:
+    """How often each grid returned each of its codes (at the first loop step), and what that says:
+    the trainer logs it and restarts dead codes from it, `memlm eval lcm` reports it."""
+
+    def __init__(self, memory: CodebookMemory):
+        self.names = [g.name for g in memory.grids]
+        self.counts = [torch.zeros(g.num_codes, dtype=torch.long) for g in memory.grids]
+
+    def add(self, trace: LoopTrace) -> None:
+        for counts, codes in zip(self.counts, trace.codes, strict=True):
+            if codes is not None:  # a grid no token was routed to this time
+                counts += torch.bincount(codes.detach().cpu(), minlength=counts.numel())[: counts.numel()]
+
+    def summary(self) -> dict[str, dict]:
+        """Per grid: codes, used, dead (never returned) and the perplexity of their use."""
+        out = {}
+        for name, c in zip(self.names, self.counts, strict=True):
+            p = c.float() / max(1, int(c.sum()))
+            p = p[p > 0]
+            out[name] = {
+                "codes": int(c.numel()),
+                "used": int((c > 0).sum()),
+                "dead": int((c == 0).sum()),
+                "perplexity": math.exp(float(-(p * p.log()).sum())) if p.numel() else 0.0,
+            }
+        return out
 
 
-def _restartable(grid) -> torch.Tensor | None:
-    """The parameter tensor whose rows are the grid's codes (None for generated codebooks)."""
-    for name in ("codes", "keys", "coarse", "fillers"):
-        if hasattr(grid, name):
-            return getattr(grid, name).data
-    return None
-
-
-__all__ = ["CodebookMemory", "LoopTrace", "Router", "Safety", "straight_through"]
+__all__ = ["CodebookMemory", "CodeUsage", "LoopTrace", "Router", "Safety"]

@@ -145,15 +145,15 @@ class LCMModel(nn.Module):
     # ---- training: whole windows ---------------------------------------------------------------------
 
     def forward(self, ids: torch.Tensor, use_memory: bool = True, with_regularisers: bool = False):
-        """ids [B, T] -> (logits [B, T, V] float32, aux). aux has "z" and "trace" when the memory ran,
+        """ids [B, T] -> (logits [B, T, V] float32, aux). aux has "z", "z_q" and "trace" when the memory ran,
         and the memory's losses (vq, and with_regularisers: orthogonality, contrastive)."""
         valid = torch.ones_like(ids, dtype=torch.bool)
         aux: dict = {}
         conditions = None
         if self.has_memory and use_memory:
             z = self.encoder(ids, valid)
-            conditions, _, trace, losses = self.remember(z, valid)
-            aux.update(losses, z=z, trace=trace)
+            conditions, z_q, trace, losses = self.remember(z, valid)
+            aux.update(losses, z=z, z_q=z_q, trace=trace)
             if with_regularisers:
                 aux.update(self.memory.regularisers(z))
         hidden = self.decoder(ids, valid, None, conditions)
@@ -248,12 +248,3 @@ class LCMModel(nn.Module):
         for target, source in zip(state.encoder + state.decoder, fresh.encoder + fresh.decoder, strict=True):
             target.assign(index, source)
         state.reencodes += len(rows)
-
-
-def count_parameters(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total

@@ -196,10 +196,10 @@ def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.
 def _load_lcm(name: str, path: Path, dtype: str) -> LoadedModel:
     """A codebook-memory (LCM) model folder: its own model family, served by the same Engine."""
     from memlm.lcm.checkpoint import load_lcm
-    from memlm.lcm.model import count_parameters
 
     if dtype == "int8":
         raise MemlmError("--dtype int8 is for Llama-family models; an LCM model runs in float32 or bfloat16")
     model = load_lcm(path).to(DTYPES[dtype])
     tokenizer = Tokenizer.from_folder(path)
-    return LoadedModel(name, model, tokenizer, f"LCM model folder {path}", dtype, count_parameters(model))
+    parameters = sum(p.numel() for p in model.parameters())  # tied weights count once
+    return LoadedModel(name, model, tokenizer, f"LCM model folder {path}", dtype, parameters)

@@ -16,7 +16,6 @@ folder that `--model` loads), `train/` (metrics.jsonl, loss.png, checkpoint) and
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from memlm.data.packed import TokenData
 from memlm.errors import MemlmError
 from memlm.lcm.checkpoint import load_lcm, save_lcm
 from memlm.lcm.config import LCMConfig
-from memlm.lcm.model import LCMModel, count_parameters
+from memlm.lcm.memory import CodeUsage
+from memlm.lcm.model import LCMModel
 from memlm.train.heldout import bits_per_byte, lcm_logits
 from memlm.train.loop import is_main_process, train
 from memlm.train.pretrain import loop_config
@@ -88,7 +88,7 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
     _set_trainable(model, cfg.stage)
     use_memory = cfg.stage > 1
 
-    stats = {"restarted": 0, "counts": None}
+    stats: dict = {"restarted": 0, "usage": None, "summary": {}}  # usage: CodeUsage since the last restart
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         ids = train_data.random_windows(cfg.batch_size, cfg.seq_len + 1, cfg.seed, step_offset + step, micro)
@@ -104,22 +104,27 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
         extras = {"ce": float(ce.detach()), "vq": float(aux["vq"].detach())}
         trace = aux["trace"]
         extras["loop_steps"] = float(trace.steps.float().mean())
-        if trace.route_probs is not None:
-            p = trace.route_probs.detach().clamp_min(1e-9)
-            extras["route_entropy"] = float(-(p * p.log()).sum(-1).mean())
-        _count_codes(model, trace, stats)
-        restart_due = batch["micro"] == 0 and batch["step"] > 0 and batch["step"] % cfg.restart_every == 0
-        if restart_due and stats["counts"] is not None:  # continuous z has no codes to restart
-            stats["restarted"] = model.memory.restart_dead_codes(aux["z"].detach(), stats["counts"])
-            stats["usage"] = _usage(model, stats["counts"])
-            stats["counts"] = None
+        entropy = trace.route_entropy()
+        if entropy is not None:
+            extras["route_entropy"] = float(entropy.mean())
+        if trace.codes is None:  # continuous z: no codes to count or restart
+            return loss, extras
+        if stats["usage"] is None:
+            stats["usage"] = CodeUsage(model.memory)
+        stats["usage"].add(trace)
+        if batch["micro"] == 0 and batch["step"] > 0 and batch["step"] % cfg.restart_every == 0:
+            stats["restarted"] = model.memory.restart_dead_codes(aux["z"].detach(), stats["usage"])
+            stats["summary"] = stats["usage"].summary()
+            stats["usage"] = None
         return loss, extras
 
     def evaluate(m) -> dict:
         metrics = {"val_bpb": bits_per_byte(lcm_logits(m, use_memory), val_data, cfg.seq_len, cfg.eval_windows)}
         if use_memory:
             metrics["dead_codes_restarted"] = stats["restarted"]
-            metrics.update({f"usage_{k}": v for k, v in stats.get("usage", {}).items()})
+            for name, grid in stats["summary"].items():  # code use since the restart before the last
+                metrics[f"usage_{name}_used"] = grid["used"] / grid["codes"]
+                metrics[f"usage_{name}_perplexity"] = grid["perplexity"]
         return metrics
 
     lr = cfg.lr if cfg.lr is not None else STAGE_LR[cfg.stage]
@@ -131,7 +136,7 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
         "steps": cfg.steps,
         "total_steps": step_offset + cfg.steps,
         "tokens_seen": (step_offset + cfg.steps) * cfg.batch_size * cfg.seq_len,
-        "parameters": count_parameters(model),
+        "parameters": sum(p.numel() for p in model.parameters()),  # tied weights count once
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "lr": lr,
         "init": cfg.init,
@@ -187,30 +192,3 @@ def _set_trainable(model: LCMModel, stage: int) -> None:
     else:
         model.requires_grad_(True)
     model.train()
-
-
-def _count_codes(model: LCMModel, trace, stats: dict) -> None:
-    if trace.codes is None:
-        return
-    sizes = model.memory.code_counts()
-    if stats["counts"] is None:
-        stats["counts"] = [torch.zeros(n, dtype=torch.long) for n in sizes]
-    for counts, codes in zip(stats["counts"], trace.codes, strict=True):
-        if codes is not None:
-            counts += torch.bincount(codes.detach().cpu(), minlength=counts.numel())[: counts.numel()]
-
-
-def _usage(model: LCMModel, counts) -> dict[str, float]:
-    """Fraction of each grid's codes used since the last restart, and the perplexity of their use."""
-    out = {}
-    if counts is None:
-        return out
-    names = [g.name for g in model.memory.grids]
-    for name, c in zip(names, counts, strict=True):
-        total = int(c.sum())
-        if total == 0:
-            continue
-        p = c.float() / total
-        out[f"{name}_used"] = float((c > 0).float().mean())
-        out[f"{name}_perplexity"] = math.exp(float(-(p[p > 0] * p[p > 0].log()).sum()))
-    return out
