@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from memlm.data.bpe import END_OF_TEXT, load_backend, train_tokenizer
+from memlm.data.bpe import END_OF_TEXT, train_tokenizer
 from memlm.data.corpus import read_documents, strip_wiki_markup
 from memlm.data.packed import TokenData, pack, sha256_file, token_dtype
 from memlm.errors import MemlmError
+from memlm.tokenizer import Tokenizer
 
 WIKI = """'''Anarchism''' is a [[political philosophy]] that advocates [[self-governance|self-governed]] \
 societies.{{Citation needed|date=May 2016}}
@@ -53,7 +54,8 @@ def test_tokenizer_round_trips_text(tmp_path):
     _, docs = corpus(tmp_path)
     backend = train_tokenizer(docs, 400, tmp_path / "tok")
     assert backend.get_vocab_size() == 400
-    loaded, eos = load_backend(tmp_path / "tok")
+    tokenizer = Tokenizer.from_folder(tmp_path / "tok")
+    loaded, eos = tokenizer.backend, tokenizer.eos_token_id
     assert loaded.id_to_token(eos) == END_OF_TEXT
     sample = "Hundreds of people were évacués — 42 homes!"
     assert loaded.decode(loaded.encode(sample).ids) == sample  # byte-level: nothing is unknown
@@ -67,7 +69,8 @@ def test_pack_splits_by_document_and_verifies(tmp_path):
     assert train["dtype"] == "uint16" and train["documents"] + val["documents"] == len(docs)
     assert not set(train["document_indices"]) & set(val["document_indices"])
     data = TokenData.open(tmp_path / "data", "train", vocab_size=400)
-    backend, eos = load_backend(tmp_path / "tok")
+    tokenizer = Tokenizer.from_folder(tmp_path / "tok")
+    backend, eos = tokenizer.backend, tokenizer.eos_token_id
     # Each document's tokens sit whole between its offsets, closed by end-of-text: never split.
     offsets = train["document_offsets"]
     for k, doc_index in enumerate(train["document_indices"][:5]):

@@ -184,7 +184,9 @@ def chat(
     """Interactive chat with history. /reset forgets the conversation, /exit (or Ctrl-D) quits."""
     params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, None, seed)
     engine = _load(model, dtype)
-    if not engine.tokenizer.chat_template and not engine.model.supports_eviction:
+    from memlm.lcm.model import LCMModel
+
+    if not engine.tokenizer.chat_template and isinstance(engine.model, LCMModel):
         from memlm.lcm.config import PLAIN_CHAT_TEMPLATE  # an LCM trained on plain text: turns as plain lines
 
         engine.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
@@ -235,7 +237,9 @@ def info(
     """Architecture, parameter count, KV bytes per token, and where the weights came from."""
     engine = _load(model, dtype)
     c = engine.config
-    if not engine.model.supports_eviction:  # an LCM model: a recurrent state, not a KV cache
+    from memlm.lcm.model import LCMModel
+
+    if isinstance(engine.model, LCMModel):  # a recurrent state, not a KV cache
         state = engine.model.new_state(1)
         facts = {
             "model": engine.name,

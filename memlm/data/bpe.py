@@ -6,7 +6,6 @@ The output folder is one memlm (and transformers) load as a tokenizer: `tokenize
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
@@ -36,20 +35,3 @@ def train_tokenizer(documents: list[str], vocab_size: int, out_dir: str | Path) 
     atomic_write(out / "tokenizer.json", lambda p: backend.save(str(p)))
     write_json_atomic(out / "tokenizer_config.json", {"eos_token": END_OF_TEXT, "add_bos_token": False})
     return backend
-
-
-def load_backend(folder: str | Path) -> tuple[Backend, int]:
-    """A trained tokenizer folder -> (backend, end-of-text id)."""
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        raise MemlmError(f"{folder} has no tokenizer.json (make one with `memlm data tokenizer`)")
-    try:
-        backend = Backend.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises plain Exceptions
-        raise MemlmError(f"cannot read {path}: {e}") from None
-    config_path = Path(folder) / "tokenizer_config.json"
-    eos = json.loads(config_path.read_text()).get("eos_token", END_OF_TEXT) if config_path.is_file() else END_OF_TEXT
-    eos_id = backend.token_to_id(eos)
-    if eos_id is None:
-        raise MemlmError(f"{folder}: the tokenizer has no end-of-text token {eos!r}")
-    return backend, eos_id

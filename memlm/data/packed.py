@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from memlm.atomic import atomic_write, ensure_dir, write_json_atomic
-from memlm.data.bpe import load_backend
 from memlm.errors import MemlmError
+from memlm.tokenizer import Tokenizer
 
 FORMAT = "memlm-tokens-v1"
 SPLITS = ("train", "val")
@@ -51,14 +51,17 @@ def pack(
         raise MemlmError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if len(documents) < 2:
         raise MemlmError("packing needs at least two documents (one per split)")
-    backend, eos_id = load_backend(tokenizer_dir)
+    tokenizer = Tokenizer.from_folder(tokenizer_dir)
+    backend, eos_id = tokenizer.backend, tokenizer.eos_token_id
+    if eos_id is None:  # it separates documents: packing without one would run them together
+        raise MemlmError(f"{tokenizer_dir}: the tokenizer names no end-of-text token (tokenizer_config.json)")
     vocab_size = backend.get_vocab_size()
     dtype = token_dtype(vocab_size)
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
     n_val = min(len(documents) - 1, max(1, round(val_fraction * len(documents))))
     split_docs = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
-    encoded = backend.encode_batch([documents[i] for i in range(len(documents))], add_special_tokens=False)
+    encoded = backend.encode_batch(documents, add_special_tokens=False)
     out = ensure_dir(out_dir)
     headers = {}
     for split in SPLITS:
