@@ -15,3 +15,7 @@ class ModelFormatError(MemlmError):
 
 class InvalidRequestError(MemlmError):
     """A generation request with invalid parameters (empty prompt, temperature < 0, ...)."""
+
+
+class QueueFullError(MemlmError):
+    """The engine's waiting queue is full: try again later (the server answers 503 with Retry-After)."""

@@ -5,7 +5,7 @@ import torch
 
 from memlm.errors import InvalidRequestError
 from memlm.generation.params import SamplingParams
-from memlm.generation.sampling import BatchSampler
+from memlm.generation.sampling import BatchSampler, TokenHistory
 
 
 def _sampler(*params: SamplingParams, seeds=None):
@@ -69,7 +69,9 @@ def test_repetition_penalty_matches_transformers():
     seen = torch.zeros(2, 30, dtype=torch.bool).scatter_(1, history, True)
     sampler = _sampler(SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=1.3))
     expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
-    assert torch.equal(sampler(logits, seen), expected.argmax(-1))
+    tracked = TokenHistory(30)
+    tracked.extend([[1, 5, 5, 7], [2, 3, 29, 0]])
+    assert torch.equal(sampler(logits, tracked), expected.argmax(-1))
     from memlm.generation.sampling import apply_repetition_penalty
 
     torch.testing.assert_close(apply_repetition_penalty(logits, seen, torch.tensor([[1.3], [1.3]])), expected)

@@ -111,9 +111,10 @@ class KVCache:
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the preallocated buffers (doubling) so every row can hold `needed` slots."""
-        if needed <= self.capacity:
-            return
-        new_capacity = max(needed, 2 * self.capacity)
+        if needed > self.capacity:
+            self._grow_to(max(needed, 2 * self.capacity))
+
+    def _grow_to(self, new_capacity: int) -> None:
         grow = new_capacity - self.capacity
         pad = (0, 0, 0, grow)  # last dim untouched, capacity dim grown
         self.k = torch.nn.functional.pad(self.k, pad)
@@ -193,6 +194,31 @@ class KVCache:
         for name, empty in self._per_slot():
             getattr(self, name).masked_fill_(dead, empty)
         self.lengths = torch.minimum(self.lengths, lengths)
+
+    def extend(self, other: KVCache) -> None:
+        """Append another cache's rows to this batch (requests joining a running batch)."""
+        for cache in (self, other):
+            if cache.capacity < other.capacity or cache.capacity < self.capacity:
+                cache._grow_to(max(self.capacity, other.capacity))
+        self.track(other.track_attention, other.track_importance)
+        other.track(self.track_attention, self.track_importance)
+        self.k = torch.cat((self.k, other.k), dim=1)
+        self.v = torch.cat((self.v, other.v), dim=1)
+        for name, _ in self._per_slot():
+            setattr(self, name, torch.cat((getattr(self, name), getattr(other, name))))
+        self.lengths = torch.cat((self.lengths, other.lengths))
+        self.last_step = None
+
+    def track(self, attention: bool, importance: bool) -> None:
+        """Start recording attention statistics / importance scores (from zero) if not yet."""
+        shape, device = (self.batch_size, self.capacity), self.lengths.device
+        if attention and not self.track_attention:
+            self.track_attention = True
+            self.attention_sum = torch.zeros(shape, device=device)
+            self.attention_last = torch.zeros(shape, device=device)
+        if importance and not self.track_importance:
+            self.track_importance = True
+            self.importance = torch.zeros(shape, device=device)
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these rows of the batch (e.g. drop finished sequences)."""

@@ -1,135 +1,61 @@
-"""The decode loop: tokenize, prefill once, decode incrementally with the KV cache, sample, stop,
-detokenize. Batched (prompts of different lengths, each finishing on its own) and streamed.
+"""The decode loop: tokenize, prefill, decode incrementally with the model's state (a KV cache, or
+LCM's recurrent sums), sample, stop, detokenize. Batched and streamed, with continuous batching.
 
-Rows that finish leave the batch at once (their cache rows are dropped), so a long request does
-not make finished ones keep paying for decode steps.
+The loop is step-wise (`add_request`, `step`, `abort`): at each step waiting requests join the
+running batch, and every row feeds its chunk in one forward -- a joining request its whole prompt,
+a running one its last token, a row of a latent memory the latents it inserts -- as one
+right-padded chunk (the model packs it, so padding costs no matmul work). Then every row samples
+one token. Finished and aborted requests leave the batch at once. `generate`, `stream` and `score`
+are thin users of the same steps, so the server and the library cannot drift apart.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 
-from memlm.cache.kv_cache import KVCache
 from memlm.cache.policies import FullPolicy, KVPolicy, RowView
 from memlm.errors import InvalidRequestError
-from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher, token_at_char
+from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher
 from memlm.generation.params import SamplingParams
-from memlm.generation.sampling import BatchSampler
+from memlm.generation.request import Completion, Request, StreamDelta
+from memlm.generation.sampling import BatchSampler, TokenHistory
+from memlm.generation.scheduler import Scheduler
 from memlm.models.llama import LlamaModel
 from memlm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from memlm.latent.memory import LatentMemory
+    from memlm.latent.memory import LatentMemory, LatentSession
     from memlm.lcm.model import LCMModel
 
 Message = dict[str, str]
 Prompt = str | list[Message]
 PolicyArg = KVPolicy | Sequence[KVPolicy | None] | None
+ParamsArg = SamplingParams | Sequence[SamplingParams] | None
+
+__all__ = ["Completion", "Engine", "Request", "StreamDelta"]
+
+# Slots a joining request's cache row is given up front; past that the cache grows by doubling.
+_INITIAL_OUTPUT_SLOTS = 1024
 
 
-@dataclass(slots=True)
-class Completion:
-    index: int
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (end token, stop string or stop token), "length", or "halted" (LCM danger grid)
-    stop_reason: str | int | None = None  # the stop string or token id that ended it
-    peak_kv_tokens: int = 0  # most tokens this sequence held in the KV cache at once
-    logprobs: list[float] | None = None  # teacher forcing (Engine.score): log p of each given token
-    greedy_hits: list[bool] | None = None  # ... and whether it was the most likely token
-    insertions: list[int] | None = None  # latent memory: inserted after this many output tokens (0 = the prompt)
-    memory_trace: list[dict] | None = None  # codebook memory: the reasoning loop behind each output token
+@dataclass
+class _Batch:
+    """The running batch: the model's state (one row per running request, in the scheduler's order)
+    and what sampling and latent memory keep beside it."""
 
+    state: object  # KVCache or LCMState
+    history: TokenHistory | None = None  # only while some request uses penalties
+    sessions: dict[int, LatentSession] = field(default_factory=dict)  # id(memory) -> its session
+    sampler: BatchSampler | None = None  # rebuilt when the membership changes
 
-@dataclass(slots=True)
-class StreamDelta:
-    index: int  # which request of the batch
-    text: str
-    finish_reason: str | None = None
-
-
-@dataclass(slots=True)
-class _Request:
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    eos_ids: frozenset[int]
-    detokenizer: IncrementalDetokenizer
-    stops: StopMatcher
-    generator: torch.Generator | None
-    kv_policy: KVPolicy | None = None
-    peak_kv_tokens: int = 0
-    protected_from: int | None = None  # position where the policy's end-of-thinking marker begins
-    output_ids: list[int] = field(default_factory=list)
-    text_ends: list[int] = field(default_factory=list)  # len(text) after each output token
-    forced: list[int] | None = None  # teacher forcing: the tokens to feed instead of sampling
-    logprobs: list[float] = field(default_factory=list)
-    greedy_hits: list[bool] = field(default_factory=list)
-    insertions: list[int] | None = None
-    memory_trace: list[dict] | None = None
-    text: str = ""
-    streamed: int = 0
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-    def append(self, token: int) -> str:
-        """Take one sampled token; return the text that may be shown now."""
-        self.output_ids.append(token)
-        p = self.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            self._finish("stop", token)
-        else:
-            before = len(self.text)
-            self.text += self.detokenizer.push(token)
-            if len(self.output_ids) >= p.max_new_tokens:
-                self._finish("length")
-            self.text_ends.append(len(self.text))
-            marker = self.kv_policy.end_of_thinking if self.kv_policy is not None else None
-            if marker and self.protected_from is None:
-                self._find_marker(marker, before)
-            hit = self.stops.find(self.text, before)
-            if hit is not None:
-                self.text = self.text[: hit[0]]
-                self.finish_reason, self.stop_reason = "stop", hit[1]
-        shown = len(self.text) if self.finish_reason else self.stops.safe_length(self.text)
-        delta, self.streamed = self.text[self.streamed : shown], max(self.streamed, shown)
-        return delta
-
-    def _find_marker(self, marker: str, before: int) -> None:
-        """Note the position of the token where `marker` starts, once the text shows it."""
-        at = self.text.find(marker, max(0, before - len(marker)))
-        if at >= 0:
-            self.protected_from = len(self.prompt_ids) + token_at_char(self.text_ends, at)
-
-    def halt(self) -> str:
-        """The model's danger grid stopped this request: end it without another token."""
-        self._finish("halted", "danger")
-        delta, self.streamed = self.text[self.streamed :], len(self.text)
-        return delta
-
-    def _finish(self, reason: str, stop_reason: int | str | None = None) -> None:
-        self.finish_reason, self.stop_reason = reason, stop_reason
-        self.text += self.detokenizer.flush()
-
-    def completion(self) -> Completion:
-        return Completion(
-            self.index,
-            self.text,
-            self.output_ids,
-            self.prompt_ids,
-            self.finish_reason,
-            self.stop_reason,
-            self.peak_kv_tokens,
-            self.logprobs if self.forced is not None else None,
-            self.greedy_hits if self.forced is not None else None,
-            self.insertions,
-            self.memory_trace,
-        )
+    @property
+    def scored(self) -> bool:
+        return bool(getattr(self.state, "track_importance", False))
 
 
 class Engine:
@@ -141,19 +67,26 @@ class Engine:
         source: str = "",
         dtype: str = "float32",
         num_parameters: int | None = None,
+        max_batch: int = 256,
+        max_queue: int | None = None,
+        max_prefill_tokens: int = 4096,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.name, self.source, self.dtype = name, source, dtype
         self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
         self.config = model.config
         self.eos_ids = frozenset(model.config.eos_token_ids)
+        self.scheduler = Scheduler(max_batch, max_queue, max_prefill_tokens)
+        self._batch: _Batch | None = None
+        self._structured = None
+        self._ids = itertools.count()
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: str = "float32") -> Engine:
+    def load(cls, name_or_path: str, dtype: str = "float32", **scheduling) -> Engine:
         from memlm.models.loading import load_model
 
         m = load_model(name_or_path, dtype)
-        return cls(m.model, m.tokenizer, m.name, m.source, m.dtype, m.num_parameters)
+        return cls(m.model, m.tokenizer, m.name, m.source, m.dtype, m.num_parameters, **scheduling)
 
     # ---- prompts -----------------------------------------------------------------------------
 
@@ -171,7 +104,7 @@ class Engine:
             raise InvalidRequestError("prompt is empty")
         return self.tokenizer.encode(text)
 
-    def _batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
+    def _batch_prompts(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and all(isinstance(m, dict) for m in prompts)
         )
@@ -181,12 +114,12 @@ class Engine:
             raise InvalidRequestError("give a prompt string, a chat (list of messages), or a non-empty list of those")
         return [self.encode_prompt(p) for p in prompts], False
 
-    # ---- public API -----------------------------------------------------------------------------
+    # ---- the library API: whole batches -------------------------------------------------------------
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        params: ParamsArg = None,
         kv_policy: PolicyArg = None,
         memory: LatentMemory | None = None,
     ) -> Completion | list[Completion]:
@@ -195,33 +128,33 @@ class Engine:
         `params` and `kv_policy` are one for all requests or one per request. A KV policy keeps
         the request's cache under its token budget (see memlm.cache.policies). A LatentMemory
         inserts latent embeddings after the prompt and at delimiters (see memlm.latent)."""
-        ids, single = self._batch(prompts)
+        ids, single = self._batch_prompts(prompts)
         completions = self.generate_tokens(ids, params, kv_policy, memory)
         return completions[0] if single else completions
 
     def generate_tokens(
         self,
         prompt_ids: list[list[int]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        params: ParamsArg = None,
         kv_policy: PolicyArg = None,
         memory: LatentMemory | None = None,
     ) -> list[Completion]:
-        requests = self._requests(prompt_ids, params, kv_policy)
-        for _ in self._run(requests, memory):
+        requests = self._submit(prompt_ids, params, kv_policy, memory)
+        for _ in self._drive(requests):
             pass
         return [r.completion() for r in requests]
 
     def stream(
         self,
         prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        params: ParamsArg = None,
         kv_policy: PolicyArg = None,
         memory: LatentMemory | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as they become final; each request's last delta carries its finish_reason."""
-        ids, _ = self._batch(prompts)
-        for deltas in self._run(self._requests(ids, params, kv_policy), memory):
-            yield from deltas
+        ids, _ = self._batch_prompts(prompts)
+        for deltas in self._drive(self._submit(ids, params, kv_policy, memory)):
+            yield from (d for d in deltas if d.text or d.finish_reason)
 
     def score(
         self,
@@ -238,20 +171,39 @@ class Engine:
         if len(continuations) != len(prompt_ids) or any(not c for c in continuations):
             raise InvalidRequestError("give one non-empty continuation per prompt")
         params = [SamplingParams(max_new_tokens=len(c), ignore_eos=True) for c in continuations]
-        requests = self._requests(prompt_ids, params, kv_policy)
-        for r, c in zip(requests, continuations, strict=True):
+        for c in continuations:
             if max(c) >= self.config.vocab_size or min(c) < 0:
                 raise InvalidRequestError("continuation has token ids outside the vocabulary")
+        requests = self._build(prompt_ids, params, kv_policy, memory)
+        for r, c in zip(requests, continuations, strict=True):
             if r.params.max_new_tokens < len(c):
                 raise InvalidRequestError("prompt + continuation exceed the model's context")
             r.forced = list(c)
-        for _ in self._run(requests, memory):
+        for r in requests:
+            self.scheduler.add(r, bounded=False)
+        for _ in self._drive(requests):
             pass
         return [r.completion() for r in requests]
 
-    # ---- the loop --------------------------------------------------------------------------------
+    def _submit(self, prompt_ids, params, kv_policy, memory) -> list[Request]:
+        requests = self._build(prompt_ids, params, kv_policy, memory)  # all valid before any is queued
+        for r in requests:
+            self.scheduler.add(r, bounded=False)
+        return requests
 
-    def _requests(self, prompt_ids, params, kv_policy: PolicyArg = None) -> list[_Request]:
+    def _drive(self, requests: list[Request]) -> Iterator[list[StreamDelta]]:
+        """Step until these requests are done; yield their deltas of each step. A consumer that stops
+        early (or an error) aborts whatever is left of them."""
+        mine = {id(r) for r in requests}
+        try:
+            while not all(r.finished for r in requests):
+                yield [d for d in self.step() if id(d.request) in mine]
+        finally:
+            for r in requests:
+                if not r.finished:
+                    self.abort(r.id)
+
+    def _build(self, prompt_ids, params, kv_policy, memory) -> list[Request]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompt_ids)
         if kv_policy is None or isinstance(kv_policy, KVPolicy):
@@ -260,163 +212,313 @@ class Engine:
             raise InvalidRequestError(
                 f"{len(prompt_ids)} prompts but {len(params)} sampling params and {len(kv_policy)} KV policies"
             )
+        return [
+            self.make_request(ids, p, policy, memory, index=i)
+            for i, (ids, p, policy) in enumerate(zip(prompt_ids, params, kv_policy, strict=True))
+        ]
+
+    # ---- the step-wise API: continuous batching ------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Prompt | list[int],
+        params: SamplingParams | None = None,
+        kv_policy: KVPolicy | None = None,
+        memory: LatentMemory | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queue one request (a prompt, a chat, or token ids); it joins the running batch at a coming
+        `step()`. Raises InvalidRequestError for a bad request, QueueFullError when the queue is full."""
+        is_ids = isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+        ids = list(prompt) if is_ids else self.encode_prompt(prompt)
+        request = self.make_request(ids, params or SamplingParams(), kv_policy, memory, request_id=request_id)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now, waiting or running; its row is freed at once. -> whether it was found."""
+        request = self.scheduler.find(request_id)
+        if request is None:
+            return False
+        request.abort()
+        if not self.scheduler.drop_waiting(request):
+            self._retire()
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(token slots in use, token slots allocated) over the running batch's KV cache (0, 0 without one)."""
+        state = self._batch.state if self._batch is not None else None
+        if state is None or not hasattr(state, "capacity"):
+            return 0, 0
+        return int(state.lengths.sum()), state.batch_size * state.capacity
+
+    def structured_output(self):
+        """The structured-output compiler for this tokenizer (built on first use)."""
+        if self._structured is None:
+            from memlm.generation.structured import StructuredOutput
+
+            self._structured = StructuredOutput(self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
+        return self._structured
+
+    def make_request(
+        self,
+        ids: list[int],
+        p: SamplingParams,
+        policy: KVPolicy | None = None,
+        memory: LatentMemory | None = None,
+        index: int | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """A validated request (not yet queued)."""
+        number = next(self._ids)
         limit = self.config.max_position_embeddings
-        requests = []
-        for i, (ids, p, policy) in enumerate(zip(prompt_ids, params, kv_policy, strict=True)):
-            p.validate()
-            if not ids:
-                raise InvalidRequestError("prompt is empty")
-            if len(ids) >= limit:
-                raise InvalidRequestError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
-            if max(ids) >= self.config.vocab_size or min(ids) < 0:
-                raise InvalidRequestError("prompt has token ids outside the vocabulary")
-            if len(ids) + p.max_new_tokens > limit:  # never run past the model's context
-                p = replace(p, max_new_tokens=limit - len(ids))
-            generator = None
-            if not p.greedy:
-                generator = torch.Generator(device=self.model.device)
-                generator.manual_seed(p.seed if p.seed is not None else torch.seed())
-            if isinstance(policy, FullPolicy):  # no eviction: the same as no policy, for every family
-                policy = None
-            if policy is not None:
-                if not self.model.supports_eviction:
-                    raise InvalidRequestError(
-                        "KV-cache eviction policies need a model with a KV cache; this model keeps a "
-                        "constant-size recurrent state instead"
-                    )
-                policy.check_prompt(len(ids))
-            detokenizer = IncrementalDetokenizer(self.tokenizer)
-            requests.append(
-                _Request(i, list(ids), p, self.eos_ids, detokenizer, StopMatcher(p.stop), generator, policy)
-            )
-        return requests
+        p.validate()
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(ids) >= limit:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise InvalidRequestError("prompt has token ids outside the vocabulary")
+        if len(ids) + p.max_new_tokens > limit:  # never run past the model's context
+            p = replace(p, max_new_tokens=limit - len(ids))
+        generator = None
+        if not p.greedy:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+        if isinstance(policy, FullPolicy):  # no eviction: the same as no policy, for every family
+            policy = None
+        if policy is not None:
+            if not self.model.supports_eviction:
+                raise InvalidRequestError(
+                    "KV-cache eviction policies need a model with a KV cache; this model keeps a "
+                    "constant-size recurrent state instead"
+                )
+            policy.check_prompt(len(ids))
+        if memory is not None and not self.model.supports_eviction:
+            raise InvalidRequestError("latent memory needs a Llama-family model (it inserts into a KV cache)")
+        grammar = self.structured_output().constraint(p.response_format) if p.response_format else None
+        request = Request(
+            request_id or f"req-{number}",
+            number if index is None else index,
+            list(ids),
+            p,
+            self.eos_ids,
+            IncrementalDetokenizer(self.tokenizer),
+            StopMatcher(p.stop),
+            generator,
+            policy,
+            memory,
+            grammar,
+        )
+        if memory is not None:
+            request.insertions = []
+            if memory.explore is not None:
+                request.decisions = []
+        return request
+
+    # ---- one step -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run(self, requests: list[_Request], memory: LatentMemory | None = None) -> Iterator[list[StreamDelta]]:
-        model, device = self.model, self.model.device
-        if memory is not None and not model.supports_eviction:
-            raise InvalidRequestError("latent memory needs a Llama-family model (it inserts into a KV cache)")
-        batch = len(requests)
-        longest = max(len(r.prompt_ids) for r in requests)
-        extra = memory.extra_slots() if memory is not None else 0
-        capacity = max(_slots_needed(r) for r in requests) + extra
-        policies = [r.kv_policy for r in requests if r.kv_policy is not None]
-        track = any(p.needs_attention for p in policies)
-        scored = any(p.predictor is not None for p in policies)
-        cache = model.new_state(batch, capacity, track, scored)  # a KV cache, or a recurrent state (LCM)
-        halting = hasattr(cache, "halted")  # a model that may stop a row itself (LCM's danger grid)
-        traced = hasattr(cache, "traces")
-        if traced:
-            for r in requests:
+    def step(self) -> list[StreamDelta]:
+        """Admit waiting requests, feed every running row its chunk in one forward, sample one token per
+        row. -> one StreamDelta per running request."""
+        joining = self.scheduler.admit()
+        if joining:
+            self._join(joining)
+        batch, rows = self._batch, self.scheduler.running
+        if batch is None:
+            return []
+        state, device = batch.state, self.model.device
+        inserted = [0 if r.pending_latents is None else r.pending_latents.shape[0] for r in rows]
+        hidden, real = self._feed(rows, state)
+        if batch.scored:
+            _score(state, hidden, rows)
+        evicted = _evict(state, rows)
+        last_hidden = hidden[torch.arange(len(rows), device=device), real - 1]
+        raw = self.model.logits(last_hidden[:, None])[:, 0]
+
+        halted = state.halted.tolist() if hasattr(state, "halted") else None
+        traces = getattr(state, "traces", None)
+        logits = self._suppress_early_end(raw, rows)
+        allowed = self._allowed(rows)
+        if batch.sampler is None:
+            batch.sampler = BatchSampler([r.params for r in rows], [r.generator for r in rows], device)
+        tokens = batch.sampler(logits, batch.history, allowed)
+        if any(r.forced is not None for r in rows):
+            forced = [r.forced[len(r.output_ids)] if r.forced is not None else -1 for r in rows]
+            tokens = torch.where(torch.tensor(forced, device=device) >= 0, torch.tensor(forced, device=device), tokens)
+        chosen = tokens.tolist()
+        inserting = self._choose_insertions(batch, rows, chosen, last_hidden)
+
+        deltas, took = [], []
+        for row, (r, token) in enumerate(zip(rows, chosen, strict=True)):
+            if halted is not None and halted[row]:
+                deltas.append(StreamDelta(r.index, r.halt(), r.finish_reason, r, None, evicted.get(row, [])))
+                continue
+            if traces is not None and r.memory_trace is not None:
+                r.memory_trace.append(traces[row])
+            if id(r) in inserting:  # the peeked token is dropped: the next one is sampled after the latents
+                r.insertions.append(len(r.output_ids))
+                deltas.append(StreamDelta(r.index, "", None, r, None, evicted.get(row, []), inserted[row]))
+                continue
+            took.append(row)
+            if r.wants_logprobs:
+                _record_logprobs(r, raw[row], token)
+            text = r.append(token)
+            r.pending_ids = [token]
+            deltas.append(StreamDelta(r.index, text, r.finish_reason, r, token, evicted.get(row, []), inserted[row]))
+        if batch.history is not None:
+            batch.history.record(took, [chosen[row] for row in took])
+        for session in batch.sessions.values():
+            wanted = [r for r in session.requests if id(r) in inserting]
+            if wanted:
+                for r, latents in zip(wanted, session.inference_latents(wanted), strict=True):
+                    r.pending_latents = latents
+        self._retire()
+        return deltas
+
+    def _join(self, joining: list[Request]) -> None:
+        """New rows for these requests: a fresh state appended to the batch's, each row's first chunk
+        its prompt (and the latents a memory writes for it)."""
+        policies = [r.kv_policy for r in joining if r.kv_policy is not None]
+        extra = max((r.memory.extra_slots() for r in joining if r.memory is not None), default=0)
+        capacity = max(min(_slots_needed(r), len(r.prompt_ids) + _INITIAL_OUTPUT_SLOTS) for r in joining) + extra
+        fresh = self.model.new_state(
+            len(joining),
+            capacity,
+            any(p.needs_attention for p in policies),
+            any(p.predictor is not None for p in policies),
+        )
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(fresh)
+        else:
+            batch.state.extend(fresh)
+            batch.sampler = None
+        if batch.history is None and any(r.params.penalised for r in joining):
+            batch.history = TokenHistory(self.config.vocab_size, self.model.device)
+            batch.history.extend([r.prompt_ids for r in self.scheduler.running if r not in joining])
+        if batch.history is not None:
+            batch.history.extend([r.prompt_ids for r in joining])
+        traced = hasattr(batch.state, "traces")
+        for r in joining:
+            r.pending_ids, r.next_position = list(r.prompt_ids), 0
+            if traced:
                 r.memory_trace = []
+        by_memory: dict[int, list[Request]] = {}
+        for r in joining:
+            if r.memory is not None:
+                by_memory.setdefault(id(r.memory), []).append(r)
+        for key, group in by_memory.items():
+            if key not in batch.sessions:
+                from memlm.latent.memory import LatentSession
 
-        # Prefill: one forward over the right-padded prompts (padding has position -1).
-        ids = torch.zeros(batch, longest, dtype=torch.long)
-        positions = torch.full((batch, longest), -1, dtype=torch.long)
-        for row, r in enumerate(requests):
-            n = len(r.prompt_ids)
-            ids[row, :n] = torch.tensor(r.prompt_ids)
-            positions[row, :n] = torch.arange(n)
-        ids, positions = ids.to(device), positions.to(device)
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
-        hidden = model.forward_tokens(ids, positions, cache)
-        if scored:
-            _score(cache, hidden, requests)
-        _evict(cache, requests)
-        # Shaped [B, 1, d] like a decode step: the next token's logits are computed the same way.
-        last_hidden = hidden[torch.arange(batch, device=device), lengths - 1]
-        next_position = lengths[:, None]
-
-        latent = None
-        if memory is not None:
-            from memlm.latent.memory import LatentSession
-
-            latent = LatentSession(memory, [r.prompt_ids for r in requests], longest + capacity)
-            for r in requests:
-                r.insertions = []
-            prompt_latents = latent.prompt_latents([r.prompt_ids for r in requests])
-            if prompt_latents is not None:  # latent memory right after the prompt: a small prefill
-                for r in requests:
+                batch.sessions[key] = LatentSession(group[0].memory)
+            for r, latents in zip(group, batch.sessions[key].add(group), strict=True):
+                if latents is not None:  # latent memory right after the prompt
+                    r.pending_latents = latents
                     r.insertions.append(0)
-                chunk, chunk_positions, real = _chunk([None] * batch, prompt_latents, next_position, model)
-                hidden = model(chunk, chunk_positions, cache)
-                if scored:
-                    _score(cache, hidden, requests)
-                _evict(cache, requests)
-                last_hidden = hidden[torch.arange(batch, device=device), real - 1]
-                next_position = next_position + real[:, None]
-        logits = model.logits(last_hidden[:, None])[:, 0]
 
-        seen = None
-        if any(r.params.repetition_penalty != 1.0 for r in requests):
-            seen = torch.zeros(batch, self.config.vocab_size, dtype=torch.bool, device=device)
-            for row, r in enumerate(requests):
-                seen[row, r.prompt_ids] = True
-
-        active = list(requests)
-        sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
-        while True:
-            halted = cache.halted.tolist() if halting else None
-            logits = self._suppress_early_end(logits, active)
-            tokens = sampler(logits, seen)
-            if any(r.forced is not None for r in active):
-                tokens = _force(logits, tokens, active)
-            inserting = []
-            if latent is not None:  # rows whose last token is a delimiter may insert instead of taking a token
-                rows = [(r.prompt_ids, r.output_ids) for r in active]
-                inserting = latent.choose(rows, tokens.tolist(), last_hidden)
-            deltas, keep = [], []
-            for row, (r, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
-                if halted is not None and halted[row]:
-                    deltas.append(StreamDelta(r.index, r.halt(), r.finish_reason))
-                    continue
-                if traced:
-                    r.memory_trace.append(cache.traces[row])
-                if row in inserting:  # the peeked token is dropped: the next one is sampled after the latents
-                    if r.forced is not None:
-                        r.logprobs.pop(), r.greedy_hits.pop()
-                    r.insertions.append(len(r.output_ids))
-                    keep.append(row)
-                    continue
-                text = r.append(token)
-                if text or r.finish_reason:
-                    deltas.append(StreamDelta(r.index, text, r.finish_reason))
-                if r.finish_reason is None:
-                    keep.append(row)
-            yield deltas
-            if not keep:
-                return
-            latents = [None] * len(active)
-            if inserting:
-                latents = latent.inference_latents([(r.prompt_ids, r.output_ids) for r in active], inserting)
-            if len(keep) < len(active):  # finished rows leave the batch
-                index = torch.tensor(keep, device=device)
-                cache.select_rows(index)
-                tokens, next_position = tokens[index], next_position[index]
-                seen = seen[index] if seen is not None else None
-                active = [active[i] for i in keep]
-                latents = [latents[i] for i in keep]
-                if latent is not None:
-                    latent.select_rows(keep)
-                sampler = BatchSampler([r.params for r in active], [r.generator for r in active], device)
-            inserted = {row for row, x in enumerate(latents) if x is not None}
-            if seen is not None:
-                took = torch.tensor([row not in inserted for row in range(len(active))], device=device)
-                seen[torch.arange(len(active), device=device)[took], tokens[took]] = True
-            if inserted:
-                chunk, chunk_positions, real = _chunk(tokens.tolist(), latents, next_position, model)
-                hidden = model(chunk, chunk_positions, cache)
+    def _feed(self, rows: list[Request], state) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over every row's pending chunk (right-padded). -> (hidden [B, T, d], real tokens [B])."""
+        model, device = self.model, self.model.device
+        sizes = [len(r.pending_ids) + (0 if r.pending_latents is None else r.pending_latents.shape[0]) for r in rows]
+        starts = torch.tensor([r.next_position for r in rows], device=device)
+        real = torch.tensor(sizes, device=device)
+        width = max(sizes)
+        if width == 1 and all(r.pending_latents is None for r in rows):  # plain decode: one token per row
+            ids = torch.tensor([r.pending_ids for r in rows], device=device)
+            hidden = model.forward_tokens(ids, starts[:, None], state)
+        else:
+            steps = torch.arange(width, device=device)[None, :]
+            positions = torch.where(steps < real[:, None], starts[:, None] + steps, -1)
+            if all(r.pending_latents is None for r in rows):
+                ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+                for row, r in enumerate(rows):
+                    ids[row, : len(r.pending_ids)] = torch.tensor(r.pending_ids, device=device)
+                hidden = model.forward_tokens(ids, positions, state)
             else:
-                real = torch.ones(len(active), dtype=torch.long, device=device)
-                hidden = model.forward_tokens(tokens[:, None], next_position, cache)
-            if scored:
-                _score(cache, hidden, active)
-            _evict(cache, active)
-            last_hidden = hidden[torch.arange(len(active), device=device), real - 1]
-            logits = model.logits(last_hidden[:, None])[:, 0]
-            next_position = next_position + real[:, None]
+                hidden = model(self._embed_chunk(rows, width), positions, state)
+        for r, n in zip(rows, sizes, strict=True):
+            if r.pending_latents is not None:
+                first = r.next_position + len(r.pending_ids)
+                r.insertion_positions.append((first, r.pending_latents.shape[0]))
+            r.next_position += n
+            r.pending_ids, r.pending_latents = [], None
+        return hidden, real
 
-    def _suppress_early_end(self, logits: torch.Tensor, active: list[_Request]) -> torch.Tensor:
+    def _embed_chunk(self, rows: list[Request], width: int) -> torch.Tensor:
+        """Each row's pending tokens embedded, then its pending latents: [B, width, d], zero padding."""
+        model = self.model
+        embeds = torch.zeros(len(rows), width, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        for row, r in enumerate(rows):
+            n = len(r.pending_ids)
+            if n:
+                embeds[row, :n] = model.embed(torch.tensor(r.pending_ids, device=model.device))
+            if r.pending_latents is not None:
+                embeds[row, n : n + r.pending_latents.shape[0]] = r.pending_latents.to(model.dtype)
+        return embeds
+
+    def _allowed(self, rows: list[Request]) -> torch.Tensor | None:
+        """[B, V] bool: what structured-output grammars allow next (None when no row has one)."""
+        constrained = [row for row, r in enumerate(rows) if r.grammar is not None]
+        if not constrained:
+            return None
+        from memlm.generation.structured import allowed_tokens
+
+        vocab = self.config.vocab_size
+        allowed = torch.ones(len(rows), vocab, dtype=torch.bool)
+        allowed[constrained] = allowed_tokens([rows[row].grammar for row in constrained], vocab)
+        return allowed.to(self.model.device)
+
+    def _choose_insertions(self, batch: _Batch, rows: list[Request], chosen: list[int], hidden) -> set[int]:
+        """ids of the requests whose latent memory inserts now (instead of taking the sampled token)."""
+        if not batch.sessions:
+            return set()
+        where = {id(r): row for row, r in enumerate(rows)}
+        inserting = set()
+        for session in batch.sessions.values():
+            members = [r for r in session.requests if r.forced is None or len(r.output_ids) < len(r.forced)]
+            index = [where[id(r)] for r in members]
+            picked = session.choose(members, [chosen[i] for i in index], hidden[index])
+            inserting |= {id(r) for r in picked}
+        return inserting
+
+    def _retire(self) -> None:
+        """Finished and aborted requests leave the batch: their rows are dropped from every state."""
+        batch, running = self._batch, self.scheduler.running
+        keep = [row for row, r in enumerate(running) if not r.finished]
+        if len(keep) == len(running):
+            return
+        self.scheduler.running = [running[row] for row in keep]
+        if not keep:
+            self._batch = None  # an idle engine holds no cache
+            return
+        index = torch.tensor(keep, device=self.model.device)
+        batch.state.select_rows(index)
+        if batch.history is not None:
+            batch.history.select_rows(index)
+        for key, session in list(batch.sessions.items()):
+            staying = [r for r in session.requests if not r.finished]
+            if staying:
+                session.keep(staying)
+            else:
+                del batch.sessions[key]
+        batch.sampler = None
+
+    def _suppress_early_end(self, logits: torch.Tensor, active: list[Request]) -> torch.Tensor:
         """Mask end tokens for rows still short of min_new_tokens (as transformers' min_new_tokens)."""
         rows = [i for i, r in enumerate(active) if len(r.output_ids) < r.params.min_new_tokens]
         if not rows:
@@ -428,44 +530,19 @@ class Engine:
         return logits
 
 
-def _chunk(tokens: list, latents: list, next_position: torch.Tensor, model) -> tuple:
-    """One forward's input when some rows insert latents [K, d] and the others feed one token
-    (None: the row feeds nothing). -> (embeds [B, W, d], positions [B, W], real tokens per row)."""
-    batch, device = len(latents), model.device
-    width = max([1] + [x.shape[0] for x in latents if x is not None])
-    embeds = torch.zeros(batch, width, model.config.hidden_size, dtype=model.dtype, device=device)
-    positions = torch.full((batch, width), -1, dtype=torch.long, device=device)
-    real = torch.zeros(batch, dtype=torch.long, device=device)
-    for row in range(batch):
-        if latents[row] is not None:
-            n = latents[row].shape[0]
-            embeds[row, :n] = latents[row].to(model.dtype)
-        elif tokens[row] is not None:
-            n = 1
-            embeds[row, 0] = model.embed(torch.tensor([tokens[row]], device=device))[0]
-        else:
-            continue
-        positions[row, :n] = next_position[row, 0] + torch.arange(n, device=device)
-        real[row] = n
-    return embeds, positions, real
-
-
-def _force(logits: torch.Tensor, tokens: torch.Tensor, active: list[_Request]) -> torch.Tensor:
-    """Replace sampled tokens by the forced ones, scoring each against the model's prediction."""
-    tokens = tokens.clone()
+def _record_logprobs(r: Request, logits: torch.Tensor, token: int) -> None:
+    """The model's log-probability of the token taken (and its best alternatives, if asked for)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    best = logits.argmax(dim=-1).tolist()
-    for row, r in enumerate(active):
-        if r.forced is None:
-            continue
-        token = r.forced[len(r.output_ids)]
-        r.logprobs.append(float(logprobs[row, token]))
-        r.greedy_hits.append(best[row] == token)
-        tokens[row] = token
-    return tokens
+    r.logprobs.append(float(logprobs[token]))
+    if r.forced is not None:
+        r.greedy_hits.append(int(logits.argmax()) == token)
+    k = r.params.logprobs
+    if k:
+        values, ids = logprobs.topk(k)
+        r.top_logprobs.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
-def _slots_needed(r: _Request) -> int:
+def _slots_needed(r: Request) -> int:
     """Cache slots a request can occupy: all its tokens, or its budget plus the token being written."""
     total = len(r.prompt_ids) + r.params.max_new_tokens
     if r.kv_policy is None:
@@ -473,7 +550,7 @@ def _slots_needed(r: _Request) -> int:
     return min(total, max(r.kv_policy.budget, len(r.prompt_ids)) + 1)
 
 
-def _score(cache: KVCache, hidden: torch.Tensor, active: list[_Request]) -> None:
+def _score(cache, hidden: torch.Tensor, active: list[Request]) -> None:
     """Give each new token its learned importance (rows grouped by predictor: one call each)."""
     scores = torch.zeros(hidden.shape[:2], device=hidden.device)
     groups: dict[int, tuple[object, list[int]]] = {}
@@ -486,11 +563,12 @@ def _score(cache: KVCache, hidden: torch.Tensor, active: list[_Request]) -> None
     cache.record_importance(scores)
 
 
-def _evict(cache: KVCache, active: list[_Request]) -> None:
-    """After a forward: record each row's peak, and let its policy bring it back under budget."""
+def _evict(cache, active: list[Request]) -> dict[int, list[int]]:
+    """After a forward: record each row's peak, and let its policy bring it back under budget.
+    -> per row that evicted, the positions it dropped."""
     if not getattr(cache, "supports_eviction", True):  # a recurrent state holds no tokens to evict
-        return
-    lengths = cache.lengths.tolist()
+        return {}
+    lengths, evicted = cache.lengths.tolist(), {}
     for row, (r, length) in enumerate(zip(active, lengths, strict=True)):
         r.peak_kv_tokens = max(r.peak_kv_tokens, length)
         policy = r.kv_policy
@@ -506,4 +584,10 @@ def _evict(cache: KVCache, active: list[_Request]) -> None:
         )
         keep = policy.select(view)
         if keep is not None:
+            dropped = torch.ones(length, dtype=torch.bool, device=keep.device)
+            dropped[keep] = False
+            positions = view.positions[dropped.to(view.positions.device)].tolist()
+            r.evicted_positions += positions
+            evicted[row] = positions
             cache.compact(row, keep)
+    return evicted

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from memlm.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -23,10 +25,14 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtract from the logit of every token already generated ...
+    frequency_penalty: float = 0.0  # ... and this much per time it was generated (output tokens only, as vLLM)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    logprobs: int | None = None  # report each chosen token's log-probability, and this many alternatives
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +42,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -52,5 +62,12 @@ class SamplingParams:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.response_format is not None and not isinstance(self.response_format, dict):
+            raise InvalidRequestError("response_format must be an object such as {'type': 'json_object'}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")

@@ -3,7 +3,8 @@
 Each row of the batch may have its own temperature / top-k / top-p / min-p / repetition penalty
 and its own seeded generator, so a request samples the same tokens whatever else shares its batch.
 All filters work on one descending sort of the logits, the order Hugging Face applies them in:
-repetition penalty, temperature, top-k, top-p, min-p.
+repetition penalty, temperature, top-k, top-p, min-p. OpenAI's presence and frequency penalties
+come first (over the tokens generated so far, as vLLM), and a structured-output mask before all.
 """
 
 from __future__ import annotations
@@ -27,12 +28,24 @@ class BatchSampler:
         self.top_p = as_tensor([p.top_p for p in params], torch.float32)
         self.min_p = as_tensor([p.min_p for p in params], torch.float32)
         self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
+        self.presence = as_tensor([p.presence_penalty for p in params], torch.float32)
+        self.frequency = as_tensor([p.frequency_penalty for p in params], torch.float32)
         self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.any_openai_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [B, V] float32 -> token ids [B]. `seen` [B, V] bool marks tokens to penalise."""
-        if self.any_penalty and seen is not None:
-            logits = apply_repetition_penalty(logits, seen, self.penalty)
+    def __call__(
+        self, logits: torch.Tensor, history: TokenHistory | None = None, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """logits [B, V] float32 -> token ids [B]. `history` holds the tokens to penalise; `allowed`
+        [B, V] bool, the tokens a structured-output grammar permits (None: all)."""
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if history is not None:
+            if self.any_openai_penalty:
+                counts = history.output_counts.float()
+                logits = logits - self.frequency * counts - self.presence * (counts > 0).float()
+            if self.any_penalty:
+                logits = apply_repetition_penalty(logits, history.seen(), self.penalty)
         if self.all_greedy:
             return logits.argmax(dim=-1)
         probs, order = self.filtered_probs(logits)
@@ -65,3 +78,33 @@ class BatchSampler:
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
+
+
+class TokenHistory:
+    """Per row, which tokens the prompt holds and how often each was generated: what the penalties
+    need. Rows follow the batch (`extend`, `select_rows`) like the model's state."""
+
+    def __init__(self, vocab_size: int, device="cpu"):
+        self.vocab_size, self.device = vocab_size, device
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
+
+    def extend(self, prompts: list[list[int]]) -> None:
+        in_prompt = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=self.device)
+        for row, ids in enumerate(prompts):
+            in_prompt[row, ids] = True
+        counts = torch.zeros(len(prompts), self.vocab_size, dtype=torch.int32, device=self.device)
+        self.in_prompt = torch.cat((self.in_prompt, in_prompt))
+        self.output_counts = torch.cat((self.output_counts, counts))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.in_prompt, self.output_counts = self.in_prompt[rows], self.output_counts[rows]
+
+    def record(self, rows: list[int], tokens: list[int]) -> None:
+        """These rows took these tokens."""
+        if rows:
+            index = torch.tensor(rows, device=self.device)
+            self.output_counts[index, torch.tensor(tokens, device=self.device)] += 1
+
+    def seen(self) -> torch.Tensor:
+        return self.in_prompt | (self.output_counts > 0)

@@ -37,10 +37,9 @@ class LatentMemory:
         self.weaver, self.trigger, self.delimiters = weaver, trigger, delimiters
         self.max_prompt_aug, self.max_inference_aug = max_prompt_aug, max_inference_aug
         self.config = config or {}
-        # RL (memlm train trigger): sample decisions from the learned trigger with this generator
-        # and record (hidden state, decision) per request of the next generation.
+        # RL (memlm train trigger): sample decisions from the learned trigger with this generator; each
+        # request then records (hidden state, decision) at every delimiter (`Completion.decisions`)
         self.explore: torch.Generator | None = None
-        self.decisions: list[list[tuple[torch.Tensor, bool]]] | None = None
 
     @classmethod
     def create(
@@ -169,73 +168,89 @@ class LatentMemory:
 
 
 class LatentSession:
-    """One generation's use of a LatentMemory: the weaver's cache and what each row has used.
+    """A LatentMemory in use by some requests of a running batch: the weaver's cache (one row per
+    request, in `requests` order) and what each request has read and inserted so far. Requests join
+    (`add`) and leave (`keep`) as the engine's batch changes."""
 
-    Rows are the engine's active rows; `select_rows` follows the engine when rows finish.
-    """
-
-    def __init__(self, memory: LatentMemory, prompts: list[list[int]], capacity: int):
+    def __init__(self, memory: LatentMemory):
         self.memory = memory
-        self.cache = memory.weaver.new_cache(len(prompts), capacity)
-        self.fed = [0] * len(prompts)  # tokens of each row the weaver has read
-        self.inserted = [0] * len(prompts)  # inference insertions so far
-        self.last_at = [-1] * len(prompts)  # output length at the last insertion (never twice in a row)
-        self.origin = list(range(len(prompts)))  # each row's request index
-        if memory.explore is not None:
-            memory.decisions = [[] for _ in prompts]
+        self.requests: list = []
+        self.cache = None
+        self.fed: list[int] = []  # tokens of each request the weaver has read
+        self.inserted: list[int] = []  # inference insertions so far
+        self.last_at: list[int] = []  # output length at the last insertion (never twice in a row)
 
-    def prompt_latents(self, prompts: list[list[int]]) -> list[torch.Tensor] | None:
+    def add(self, requests: list) -> list[torch.Tensor | None]:
+        """Take these requests in; -> the latents to insert right after each prompt (None: none)."""
+        capacity = max(len(r.prompt_ids) for r in requests) + self.memory.extra_slots() + 16
+        fresh = self.memory.weaver.new_cache(len(requests), capacity)
+        if self.cache is None:
+            self.cache = fresh
+        else:
+            self.cache.extend(fresh)
+        first = len(self.requests)
+        self.requests += requests
+        self.fed += [0] * len(requests)
+        self.inserted += [0] * len(requests)
+        self.last_at += [-1] * len(requests)
         if self.memory.prompt_latents() == 0:
-            return None
-        latents = self._weave(prompts, [True] * len(prompts), "prompt")
-        self.last_at = [0] * len(prompts)
-        return latents
+            return [None] * len(requests)
+        rows = range(first, len(self.requests))
+        latents = self._weave({row: self.requests[row].prompt_ids for row in rows}, "prompt")
+        for row in rows:
+            self.last_at[row] = 0
+        return [latents[row] for row in rows]
 
-    def choose(self, rows: list[tuple[list[int], list[int]]], following: list[int], hidden: torch.Tensor) -> list[int]:
-        """Rows that insert now: their last token is a delimiter (given the token sampled after
-        it), they have insertions left, and the trigger fires on the delimiter's hidden state."""
+    def choose(self, requests: list, following: list[int], hidden: torch.Tensor) -> list:
+        """The requests that insert now: their last token is a delimiter (given the token sampled after
+        it), they have insertions left, and the trigger fires on the delimiter's hidden state.
+        `requests` are some of this session's, `following` their sampled tokens, `hidden` [n, d]."""
         memory, candidates = self.memory, []
-        for row, ((prompt, output), token) in enumerate(zip(rows, following, strict=True)):
+        for i, (r, token) in enumerate(zip(requests, following, strict=True)):
+            row, output = self.requests.index(r), r.output_ids
             if not output or self.inserted[row] >= memory.max_inference_aug or self.last_at[row] == len(output):
                 continue
-            previous = output[-2] if len(output) > 1 else prompt[-1]
+            previous = output[-2] if len(output) > 1 else r.prompt_ids[-1]
             if memory.delimiters.is_insertion_point(previous, output[-1], token):
-                candidates.append(row)
+                candidates.append(i)
         if not candidates:
             return []
         states = hidden[candidates]
         if memory.explore is not None:  # exploring: sample, and remember what was decided where
             p = memory.trigger.probability(states).float()
             fire = (torch.rand(p.shape, generator=memory.explore).to(p.device) < p).tolist()  # a CPU generator
-            for row, state, yes in zip(candidates, states, fire, strict=True):
-                memory.decisions[self.origin[row]].append((state.detach().float().cpu(), yes))
+            for i, state, yes in zip(candidates, states, fire, strict=True):
+                requests[i].decisions.append((state.detach().float().cpu(), yes))
         else:
             fire = memory.trigger.decide(states).tolist()
-        return [row for row, yes in zip(candidates, fire, strict=True) if yes]
+        return [requests[i] for i, yes in zip(candidates, fire, strict=True) if yes]
 
-    def inference_latents(self, rows: list[tuple[list[int], list[int]]], inserting: list[int]) -> list:
-        sequences = [prompt + output for prompt, output in rows]
-        wanted = [row in inserting for row in range(len(rows))]
-        latents = self._weave(sequences, wanted, "inference")
-        for row in inserting:
+    def inference_latents(self, inserting: list) -> list[torch.Tensor]:
+        """Latents for these requests, from everything they have read and written so far."""
+        rows = [self.requests.index(r) for r in inserting]
+        latents = self._weave({row: self.requests[row].prompt_ids + self.requests[row].output_ids for row in rows})
+        for row in rows:
             self.inserted[row] += 1
-            self.last_at[row] = len(rows[row][1])
+            self.last_at[row] = len(self.requests[row].output_ids)
+        return [latents[row] for row in rows]
+
+    def _weave(self, sequences: dict[int, list[int]], kind: str = "inference") -> list:
+        n = len(self.requests)
+        pending = [sequences[row][self.fed[row] :] if row in sequences else [] for row in range(n)]
+        kinds = [kind if row in sequences else None for row in range(n)]
+        latents = self.memory.weaver.weave(self.cache, pending, kinds)
+        for row, seq in sequences.items():
+            self.fed[row] = len(seq)
         return latents
 
-    def _weave(self, sequences: list[list[int]], wanted: list[bool], kind: str) -> list:
-        pending = [seq[self.fed[row] :] if wanted[row] else [] for row, seq in enumerate(sequences)]
-        latents = self.memory.weaver.weave(self.cache, pending, [kind if w else None for w in wanted])
-        for row, w in enumerate(wanted):
-            if w:
-                self.fed[row] = len(sequences[row])
-        return latents
-
-    def select_rows(self, keep: list[int]) -> None:
-        self.cache.select_rows(keep)
-        self.fed = [self.fed[i] for i in keep]
-        self.inserted = [self.inserted[i] for i in keep]
-        self.last_at = [self.last_at[i] for i in keep]
-        self.origin = [self.origin[i] for i in keep]
+    def keep(self, requests: list) -> None:
+        """Only these requests stay (in this order, a subsequence of the current one)."""
+        rows = [self.requests.index(r) for r in requests]
+        self.cache.select_rows(rows)
+        self.requests = list(requests)
+        self.fed = [self.fed[i] for i in rows]
+        self.inserted = [self.inserted[i] for i in rows]
+        self.last_at = [self.last_at[i] for i in rows]
 
 
 def mark_insertions(tokenizer, token_ids: list[int], insertions: list[int], mark: str = "⟨mem⟩") -> str:

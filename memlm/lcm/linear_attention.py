@@ -45,6 +45,12 @@ class BlockState:
     def select(self, rows: torch.Tensor) -> BlockState:
         return BlockState(self.kv[rows], self.k_sum[rows], self.conv[rows])
 
+    def cat(self, other: BlockState) -> BlockState:
+        """This state's rows followed by another's."""
+        return BlockState(
+            torch.cat((self.kv, other.kv)), torch.cat((self.k_sum, other.k_sum)), torch.cat((self.conv, other.conv))
+        )
+
     def assign(self, rows: torch.Tensor, other: BlockState) -> None:
         """Overwrite these rows with another state's rows (a re-encoded copy)."""
         self.kv[rows] = other.kv.to(self.kv.dtype)

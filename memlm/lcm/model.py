@@ -76,6 +76,16 @@ class LCMState:
             self.history = [self.history[i] for i in keep]
         self.traces = [self.traces[i] for i in keep] if self.traces else []
 
+    def extend(self, other: LCMState) -> None:
+        """Append another state's rows to this batch (requests joining a running batch)."""
+        self.encoder = [a.cat(b) for a, b in zip(self.encoder, other.encoder, strict=True)]
+        self.decoder = [a.cat(b) for a, b in zip(self.decoder, other.decoder, strict=True)]
+        self.lengths = torch.cat((self.lengths, other.lengths))
+        self.halted = torch.cat((self.halted, other.halted))
+        if self.history is not None:
+            self.history = self.history + other.history
+        self.traces = list(self.traces) + list(other.traces)
+
     def recurrent_bytes_per_sequence(self) -> int:
         batch = max(1, int(self.lengths.shape[0]))
         return sum(s.nbytes() for s in self.encoder + self.decoder) // batch

@@ -88,7 +88,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
         trigger.eval()
         completions = engine.generate(prompts, params, memory=memory)
         trigger.train()
-        decisions, memory.explore, memory.decisions = memory.decisions, None, None
+        memory.explore = None
         rollouts = []
         for g, index in enumerate(chosen):
             group = range(g * cfg.group_size, (g + 1) * cfg.group_size)
@@ -97,11 +97,12 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
             rewards = group_rewards(scores, counts, cfg.penalty, memory.max_inference_aug)
             baseline = sum(rewards) / len(rewards)
             for i, reward, score, count in zip(group, rewards, scores, counts, strict=True):
-                states = [h.clone() for h, _ in decisions[i]]  # leave inference mode: these feed autograd
+                decisions = completions[i].decisions
+                states = [h.clone() for h, _ in decisions]  # leave inference mode: these feed autograd
                 rollouts.append(
                     {
                         "states": torch.stack(states) if states else torch.zeros(0, engine.config.hidden_size),
-                        "decisions": torch.tensor([float(d) for _, d in decisions[i]]),
+                        "decisions": torch.tensor([float(d) for _, d in decisions]),
                         "advantage": reward - baseline,
                         "reward": reward,
                         "score": score,

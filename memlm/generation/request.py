@@ -1,0 +1,170 @@
+"""One request's life in the engine: its prompt, parameters and memory options, the tokens and text
+it has produced, and what its memory did (evictions, latent insertions). Also the two records the
+engine hands out: `StreamDelta` after each step and `Completion` at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from memlm.cache.policies import KVPolicy
+from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher, token_at_char
+from memlm.generation.params import SamplingParams
+
+if TYPE_CHECKING:
+    from memlm.generation.structured import Grammar
+    from memlm.latent.memory import LatentMemory
+
+
+@dataclass(slots=True)
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (end token, stop string or stop token), "length", "halted" (LCM danger grid), "abort"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    peak_kv_tokens: int = 0  # most tokens this sequence held in the KV cache at once
+    logprobs: list[float] | None = None  # log p of each token (teacher forcing, or SamplingParams.logprobs)
+    greedy_hits: list[bool] | None = None  # teacher forcing: was each given token the most likely one
+    insertions: list[int] | None = None  # latent memory: inserted after this many output tokens (0 = the prompt)
+    memory_trace: list[dict] | None = None  # codebook memory: the reasoning loop behind each output token
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs > 0: the alternatives
+    decisions: list[tuple[torch.Tensor, bool]] | None = None  # exploring trigger: (hidden state, inserted?)
+
+
+@dataclass(slots=True)
+class StreamDelta:
+    """What one engine step did for one request."""
+
+    index: int  # which request of the batch (generate/stream), or the request's place of arrival
+    text: str
+    finish_reason: str | None = None
+    request: Request | None = field(default=None, repr=False, compare=False)
+    token_id: int | None = None  # the token taken this step (None: none, e.g. latents were inserted instead)
+    evicted: list[int] = field(default_factory=list)  # positions the KV policy dropped this step
+    inserted: int = 0  # latent vectors inserted this step
+
+
+@dataclass(slots=True)
+class Request:
+    id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
+    generator: torch.Generator | None
+    kv_policy: KVPolicy | None = None
+    memory: LatentMemory | None = None
+    grammar: Grammar | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    peak_kv_tokens: int = 0
+    protected_from: int | None = None  # position where the policy's end-of-thinking marker begins
+    next_position: int = 0  # where the next fed token goes
+    pending_ids: list[int] = field(default_factory=list)  # to feed at the next step: the prompt, or the last token
+    pending_latents: torch.Tensor | None = None  # [K, d] to feed at the next step instead of a token
+    output_ids: list[int] = field(default_factory=list)
+    output_positions: list[int] = field(default_factory=list)  # where each output token was (or will be) fed
+    evicted_positions: list[int] = field(default_factory=list)
+    text_ends: list[int] = field(default_factory=list)  # len(text) after each output token
+    forced: list[int] | None = None  # teacher forcing: the tokens to feed instead of sampling
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    greedy_hits: list[bool] = field(default_factory=list)
+    insertions: list[int] | None = None
+    insertion_positions: list[tuple[int, int]] = field(default_factory=list)  # (first position, latents)
+    decisions: list[tuple[torch.Tensor, bool]] | None = None
+    memory_trace: list[dict] | None = None
+    text: str = ""
+    streamed: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.forced is not None or self.params.logprobs is not None
+
+    def append(self, token: int) -> str:
+        """Take one sampled token; return the text that may be shown now."""
+        self.output_ids.append(token)
+        self.output_positions.append(self.next_position)
+        p = self.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self._finish("stop", token)
+        else:
+            before = len(self.text)
+            self.text += self.detokenizer.push(token)
+            if self.grammar is not None:
+                self.grammar.accept(token)
+            if len(self.output_ids) >= p.max_new_tokens:
+                self._finish("length")
+            elif self.grammar is not None and self.grammar.done:
+                self._finish("stop")
+            self.text_ends.append(len(self.text))
+            marker = self.kv_policy.end_of_thinking if self.kv_policy is not None else None
+            if marker and self.protected_from is None:
+                self._find_marker(marker, before)
+            hit = self.stops.find(self.text, before)
+            if hit is not None:
+                self.text = self.text[: hit[0]]
+                self.finish_reason, self.stop_reason = "stop", hit[1]
+        shown = len(self.text) if self.finish_reason else self.stops.safe_length(self.text)
+        delta, self.streamed = self.text[self.streamed : shown], max(self.streamed, shown)
+        return delta
+
+    def _find_marker(self, marker: str, before: int) -> None:
+        """Note the position of the token where `marker` starts, once the text shows it."""
+        at = self.text.find(marker, max(0, before - len(marker)))
+        if at >= 0:
+            self.protected_from = len(self.prompt_ids) + token_at_char(self.text_ends, at)
+
+    def halt(self) -> str:
+        """The model's danger grid stopped this request: end it without another token."""
+        self._finish("halted", "danger")
+        delta, self.streamed = self.text[self.streamed :], len(self.text)
+        return delta
+
+    def abort(self) -> None:
+        self.finish_reason = self.finish_reason or "abort"
+
+    def _finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        self.text += self.detokenizer.flush()
+
+    def completion(self) -> Completion:
+        scored = self.wants_logprobs
+        return Completion(
+            self.index,
+            self.text,
+            self.output_ids,
+            self.prompt_ids,
+            self.finish_reason,
+            self.stop_reason,
+            self.peak_kv_tokens,
+            self.logprobs if scored else None,
+            self.greedy_hits if self.forced is not None else None,
+            self.insertions,
+            self.memory_trace,
+            self.top_logprobs if scored and self.params.logprobs else None,
+            self.decisions,
+        )
+
+    def kv_trace(self) -> dict:
+        """Per token, prompt and output: is it still in the KV cache? And where latents went in."""
+        evicted = set(self.evicted_positions)
+        return {
+            "prompt": [p not in evicted for p in range(len(self.prompt_ids))],
+            "output": [p not in evicted for p in self.output_positions],
+            "insertions": list(self.insertions or []),
+            "evictions": len(self.evicted_positions),
+            "peak_kv_tokens": self.peak_kv_tokens,
+        }
