@@ -7,6 +7,8 @@ special tokens.
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a byte-level token may hold part of a UTF-8 character)."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if _is_byte_level(self.backend) and token_id not in self.backend.get_added_tokens_decoder():
+            table = _unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.backend.decode([token_id], skip_special_tokens=False).encode()
+
     # ---- chat -------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -170,3 +183,21 @@ def _compile_template(source: str):
         return env.from_string(source)
     except TemplateError as e:
         raise ModelFormatError(f"the model's chat template does not compile: {e}") from None
+
+
+def _is_byte_level(backend) -> bool:
+    return isinstance(backend.decoder, decoders.ByteLevel)
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted (the ByteLevel alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table

@@ -12,6 +12,7 @@ are thin users of the same steps, so the server and the library cannot drift apa
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -346,6 +347,7 @@ class Engine:
         if batch.scored:
             _score(state, hidden, rows)
         evicted = _evict(state, rows)
+        kv_tokens = state.lengths.tolist() if getattr(state, "supports_eviction", True) else [None] * len(rows)
         last_hidden = hidden[torch.arange(len(rows), device=device), real - 1]
         raw = self.model.logits(last_hidden[:, None])[:, 0]
 
@@ -364,21 +366,23 @@ class Engine:
 
         deltas, took = [], []
         for row, (r, token) in enumerate(zip(rows, chosen, strict=True)):
+            seen = dict(request=r, evicted=evicted.get(row, []), inserted=inserted[row], kv_tokens=kv_tokens[row])
             if halted is not None and halted[row]:
-                deltas.append(StreamDelta(r.index, r.halt(), r.finish_reason, r, None, evicted.get(row, [])))
+                deltas.append(StreamDelta(r.index, r.halt(), r.finish_reason, **seen))
                 continue
             if traces is not None and r.memory_trace is not None:
                 r.memory_trace.append(traces[row])
             if id(r) in inserting:  # the peeked token is dropped: the next one is sampled after the latents
                 r.insertions.append(len(r.output_ids))
-                deltas.append(StreamDelta(r.index, "", None, r, None, evicted.get(row, []), inserted[row]))
+                deltas.append(StreamDelta(r.index, "", None, **seen))
                 continue
             took.append(row)
             if r.wants_logprobs:
                 _record_logprobs(r, raw[row], token)
+            position = r.next_position
             text = r.append(token)
             r.pending_ids = [token]
-            deltas.append(StreamDelta(r.index, text, r.finish_reason, r, token, evicted.get(row, []), inserted[row]))
+            deltas.append(StreamDelta(r.index, text, r.finish_reason, token_id=token, position=position, **seen))
         if batch.history is not None:
             batch.history.record(took, [chosen[row] for row in took])
         for session in batch.sessions.values():
@@ -412,9 +416,9 @@ class Engine:
             batch.history.extend([r.prompt_ids for r in self.scheduler.running if r not in joining])
         if batch.history is not None:
             batch.history.extend([r.prompt_ids for r in joining])
-        traced = hasattr(batch.state, "traces")
+        traced, now = hasattr(batch.state, "traces"), time.monotonic()
         for r in joining:
-            r.pending_ids, r.next_position = list(r.prompt_ids), 0
+            r.pending_ids, r.next_position, r.joined = list(r.prompt_ids), 0, now
             if traced:
                 r.memory_trace = []
         by_memory: dict[int, list[Request]] = {}

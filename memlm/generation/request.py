@@ -47,6 +47,8 @@ class StreamDelta:
     token_id: int | None = None  # the token taken this step (None: none, e.g. latents were inserted instead)
     evicted: list[int] = field(default_factory=list)  # positions the KV policy dropped this step
     inserted: int = 0  # latent vectors inserted this step
+    kv_tokens: int | None = None  # tokens the request holds in the KV cache after this step
+    position: int | None = None  # the position the token taken will be fed at
 
 
 @dataclass(slots=True)
@@ -63,6 +65,7 @@ class Request:
     memory: LatentMemory | None = None
     grammar: Grammar | None = None
     arrival: float = field(default_factory=time.monotonic)
+    joined: float | None = None  # when it joined the running batch (the end of its time in the queue)
     peak_kv_tokens: int = 0
     protected_from: int | None = None  # position where the policy's end-of-thinking marker begins
     next_position: int = 0  # where the next fed token goes

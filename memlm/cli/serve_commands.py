@@ -1,0 +1,92 @@
+"""`memlm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memlm.cli import DEFAULT_MODEL, DtypeOpt, ModelOpt, app
+from memlm.errors import MemlmError
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    dtype: DtypeOpt = "float32",
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean to expose it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (env MEMLM_API_KEY).", envvar="MEMLM_API_KEY")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoding at once (continuous batching).")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 503 with Retry-After.")] = 256,
+    memory: Annotated[
+        list[str] | None, typer.Option(help="A latent memory as NAME=DIR (repeatable); requests pick it by name.")
+    ] = None,
+    kv_predictor: Annotated[
+        str | None, typer.Option(help="Importance predictor folder: enables kv_policy 'learned'.")
+    ] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="The model id clients send (default: its name).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+):
+    """Serve a model over HTTP with OpenAI's API, per-request memory options, metrics and a memory page."""
+    import logging
+
+    import uvicorn
+
+    from memlm.models.loading import EMBEDDED, resolve
+    from memlm.serve.app import create_app
+
+    if not 0 < port < 65536:
+        raise MemlmError(f"--port must be in 1..65535, got {port}")
+    if max_batch < 1 or max_queue < 0:
+        raise MemlmError("--max-batch must be >= 1 and --max-queue >= 0")
+    memories = _memory_specs(memory or [])
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise MemlmError(f"--host must be an IP address or localhost, got {host!r}") from None
+    resolve(model)  # an unknown model fails here, before the server starts
+    name = served_model_name or (model.lower() if model.lower() in EMBEDDED else Path(model).resolve().name)
+
+    def load():
+        import torch
+
+        import memlm
+
+        if threads:
+            torch.set_num_threads(threads)
+        engine = memlm.load(model, dtype=dtype)
+        from memlm.latent.memory import LatentMemory
+
+        loaded = {key: LatentMemory.load(folder, engine) for key, folder in memories.items()}
+        predictor = None
+        if kv_predictor is not None:
+            from memlm.cache.importance import check_predictor, load_predictor
+
+            predictor, config = load_predictor(kv_predictor)
+            check_predictor(kv_predictor, config, engine.config, model)
+        return engine, loaded, predictor
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = create_app(load, name, api_key, max_batch, max_queue)
+    print(f"memlm serve: {name} on http://{host}:{port}  (page at /, OpenAI API at /v1)", flush=True)
+    uvicorn.run(server, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def _memory_specs(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        key, sep, folder = spec.partition("=")
+        if not sep or not key or not folder:
+            raise MemlmError(f"--memory takes NAME=DIR, got {spec!r}")
+        if not Path(folder).is_dir():
+            raise MemlmError(f"--memory {key}: no such folder {folder!r}")
+        if key in out:
+            raise MemlmError(f"--memory {key!r} given twice")
+        out[key] = folder
+    return out
