@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROMPT ?= In one sentence, why is the sky blue?
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-install
 demo: $(VENV)/.stamp-install
 	$(BIN)/memlm generate "$(PROMPT)" --max-new-tokens 80
 
-test: $(VENV)/.stamp-test
+# The memory page is tested in Debian's chromium (driven by playwright, never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(VENV)/.stamp-test browser
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.stamp-test

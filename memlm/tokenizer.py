@@ -8,7 +8,6 @@ special tokens.
 from __future__ import annotations
 
 import functools
-
 import json
 from pathlib import Path
 from typing import Any

@@ -19,7 +19,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean to expose it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (env MEMLM_API_KEY).", envvar="MEMLM_API_KEY")
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer KEY' (env MEMLM_API_KEY).", envvar="MEMLM_API_KEY"),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Most requests decoding at once (continuous batching).")] = 32,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 503 with Retry-After.")] = 256,
@@ -29,7 +30,9 @@ def serve(
     kv_predictor: Annotated[
         str | None, typer.Option(help="Importance predictor folder: enables kv_policy 'learned'.")
     ] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="The model id clients send (default: its name).")] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model id clients send (default: its name).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
 ):
     """Serve a model over HTTP with OpenAI's API, per-request memory options, metrics and a memory page."""

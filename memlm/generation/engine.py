@@ -293,7 +293,8 @@ class Engine:
         if max(ids) >= self.config.vocab_size or min(ids) < 0:
             raise InvalidRequestError("prompt has token ids outside the vocabulary")
         if len(ids) + p.max_new_tokens > limit:  # never run past the model's context
-            p = replace(p, max_new_tokens=limit - len(ids))
+            room = limit - len(ids)
+            p = replace(p, max_new_tokens=room, min_new_tokens=min(p.min_new_tokens, room))
         generator = None
         if not p.greedy:
             generator = torch.Generator(device=self.model.device)
