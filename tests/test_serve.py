@@ -6,11 +6,7 @@ and disconnect tests, where only the scheduling matters."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,66 +17,17 @@ import pytest
 
 from conftest import byte_tokenizer, tiny_memlm
 from memlm.generation.params import SamplingParams
+from memlm.serve.launch import ServerProcess
 
 MODELS = Path(__file__).parent.parent / "bench" / "models"
 KEY = "test-key"
 pytestmark = pytest.mark.embedded
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`memlm serve` in a subprocess; stops with the test module."""
-
-    def __init__(self, *args: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "memlm", "serve", "--port", str(self.port), "--threads", "1", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-    def wait_ready(self, timeout=180) -> None:
-        deadline, saw_loading = time.monotonic() + timeout, False
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
-            try:
-                r = httpx.get(self.url + "/health", timeout=2)
-                if r.status_code == 200:
-                    self.saw_loading = saw_loading
-                    return
-                assert r.status_code == 503 and "error" in r.json()
-                saw_loading = True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-    def metric(self, name: str, **labels) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                head = line.split(" ")[0]
-                if head == name or head.startswith(name + "{"):
-                    total += float(line.rsplit(" ", 1)[1])
-        return total
-
-
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--api-key", KEY, "--memory", f"chain={MODELS / 'chain-sum-memgen'}", "--max-batch", "8")
+    s = ServerProcess("--threads", "1", "--api-key", KEY, "--memory", f"chain={MODELS / 'chain-sum-memgen'}",
+                      "--max-batch", "8")
     try:
         s.wait_ready()
         yield s
@@ -92,9 +39,9 @@ def server():
 def tiny_server(tmp_path_factory):
     from memlm.models.loading import save_model
 
-    folder = save_model(tmp_path_factory.mktemp("tiny") / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,), max_position_embeddings=32768),
-                        byte_tokenizer())
-    s = Server("--model", str(folder), "--max-batch", "1", "--max-queue", "1")
+    model = tiny_memlm(vocab_size=257, eos_token_ids=(256,), max_position_embeddings=32768)
+    folder = save_model(tmp_path_factory.mktemp("tiny") / "tiny", model, byte_tokenizer())
+    s = ServerProcess("--threads", "1", "--model", str(folder), "--max-batch", "1", "--max-queue", "1")
     try:
         s.wait_ready()
         yield s
