@@ -318,6 +318,29 @@ def bench_decode(
     )
 
 
+@bench_app.command("serve")
+def bench_serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    clients: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients.")] = "1,4,16,64",
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every request.")] = 64,
+    threads: Annotated[int, typer.Option(help="torch threads of the server.")] = 2,
+    dtype: DtypeOpt = "float32",
+    memory: Annotated[str | None, typer.Option(help="A latent memory folder: some requests use it.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
+):
+    """Concurrent streaming clients (openai client) against memlm serve on loopback: throughput, TTFT,
+    latency against one-at-a-time, and a check that no answer is lost, duplicated or crossed."""
+    levels = tuple(_int_list(clients, "--clients"))
+    if max_tokens < 1 or threads < 1:
+        raise MemlmError("--max-tokens and --threads must be >= 1")
+    if max(levels) > 256:
+        raise MemlmError("--clients: at most 256 concurrent clients (the benchmark is bounded)")
+    from memlm.bench.serve import run_serve_bench
+
+    run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot)
+
+
 @bench_app.command("kv")
 def bench_kv(
     model: ModelOpt = DEFAULT_MODEL,

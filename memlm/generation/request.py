@@ -51,7 +51,7 @@ class StreamDelta:
     position: int | None = None  # the position the token taken will be fed at
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # a request is equal only to itself
 class Request:
     id: str
     index: int

@@ -21,12 +21,16 @@ class BatchSampler:
         self.params = params
         self.generators = generators
         self.all_greedy = all(p.greedy for p in params)
-        self.filters = not self.all_greedy and any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params)
+        # Only the sampled rows pay for the sort over the vocabulary; greedy rows take the argmax.
+        self.sampled = [row for row, p in enumerate(params) if not p.greedy]
+        self.sampled_index = torch.tensor(self.sampled, dtype=torch.long, device=device)
+        chosen = [params[row] for row in self.sampled]
+        self.filters = any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in chosen)
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)[:, None]
-        self.temperature = as_tensor([p.temperature if not p.greedy else 1.0 for p in params], torch.float32)
-        self.top_k = as_tensor([p.top_k for p in params], torch.long)
-        self.top_p = as_tensor([p.top_p for p in params], torch.float32)
-        self.min_p = as_tensor([p.min_p for p in params], torch.float32)
+        self.temperature = as_tensor([p.temperature for p in chosen], torch.float32)
+        self.top_k = as_tensor([p.top_k for p in chosen], torch.long)
+        self.top_p = as_tensor([p.top_p for p in chosen], torch.float32)
+        self.min_p = as_tensor([p.min_p for p in chosen], torch.float32)
         self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
         self.presence = as_tensor([p.presence_penalty for p in params], torch.float32)
         self.frequency = as_tensor([p.frequency_penalty for p in params], torch.float32)
@@ -48,17 +52,16 @@ class BatchSampler:
                 logits = apply_repetition_penalty(logits, history.seen(), self.penalty)
         if self.all_greedy:
             return logits.argmax(dim=-1)
-        probs, order = self.filtered_probs(logits)
-        picks = torch.empty(len(self.params), dtype=torch.long, device=logits.device)
-        for row, (p, gen) in enumerate(zip(self.params, self.generators, strict=True)):
-            if p.greedy:
-                picks[row] = 0  # the sorted order puts the argmax first
-            else:
-                picks[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
-        return order.gather(1, picks[:, None])[:, 0]
+        tokens = logits.argmax(dim=-1)
+        probs, order = self.filtered_probs(logits.index_select(0, self.sampled_index))
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[row]) for i, row in
+                           enumerate(self.sampled)])
+        tokens[self.sampled_index] = order.gather(1, picks[:, None])[:, 0]
+        return tokens
 
     def filtered_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (probabilities in descending-logit order, that order), with every filter applied."""
+        """logits of the sampled rows [n, V] -> (probabilities in descending-logit order, that order),
+        with every filter applied."""
         logits = logits / self.temperature
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         if self.filters:
