@@ -26,13 +26,9 @@ pytestmark = pytest.mark.embedded
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--threads", "1", "--api-key", KEY, "--memory", f"chain={MODELS / 'chain-sum-memgen'}",
-                      "--max-batch", "8")
-    try:
-        s.wait_ready()
+    memory = f"chain={MODELS / 'chain-sum-memgen'}"
+    with ServerProcess("--threads", "1", "--api-key", KEY, "--memory", memory, "--max-batch", "8") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +37,8 @@ def tiny_server(tmp_path_factory):
 
     model = tiny_memlm(vocab_size=257, eos_token_ids=(256,), max_position_embeddings=32768)
     folder = save_model(tmp_path_factory.mktemp("tiny") / "tiny", model, byte_tokenizer())
-    s = ServerProcess("--threads", "1", "--model", str(folder), "--max-batch", "1", "--max-queue", "1")
-    try:
-        s.wait_ready()
+    with ServerProcess("--threads", "1", "--model", str(folder), "--max-batch", "1", "--max-queue", "1") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

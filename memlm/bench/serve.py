@@ -3,8 +3,8 @@
 One server process (the engine thread with continuous batching) and, in this process, N client
 threads, each with the official `openai` client, streaming chat completions. The requests are a
 fixed, varied pool cycled to N: greedy and seeded-sampled, plain, with a KV budget (window), and
-with a latent memory when one is given. Each level N in `--clients` runs its N requests at once;
-the baseline sends the pool's requests one at a time to the same server.
+with a latent memory when one is given. Each level N in `--clients` runs N clients at once; the
+baseline sends the pool's requests one at a time to the same server.
 
 Reported per level: aggregate generated tokens/s (usage tokens over the level's wall time), the
 speed-up over the one-at-a-time rate, p50/p99 time to first token and end-to-end latency. Then the
@@ -117,24 +117,26 @@ def _client(url: str):
     return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
 
-def run_level(url: str, specs: list[Spec], max_tokens: int) -> tuple[list[Outcome], float]:
-    """All specs at once, one thread and client each. -> outcomes, wall seconds."""
-    outcomes: list[Outcome | None] = [None] * len(specs)
-    barrier = threading.Barrier(len(specs) + 1)
+def run_level(url: str, work: list[list[Spec]], max_tokens: int) -> tuple[list[Outcome], float]:
+    """One thread and client per entry of `work`, all starting together; each client sends its requests
+    back to back (a closed loop, as vLLM's benchmark with a concurrency limit). -> outcomes, wall seconds."""
+    outcomes: list[list[Outcome]] = [[] for _ in work]
+    barrier = threading.Barrier(len(work) + 1)
 
     def worker(i: int):
         client = _client(url)
         barrier.wait()
-        outcomes[i] = _one(client, specs[i], max_tokens)
+        for spec in work[i]:
+            outcomes[i].append(_one(client, spec, max_tokens))
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(specs))]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(work))]
     for t in threads:
         t.start()
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
         t.join(timeout=900)
-    return outcomes, time.perf_counter() - start
+    return [o for mine in outcomes for o in mine], time.perf_counter() - start
 
 
 def summarize(outcomes: list[Outcome], wall: float) -> dict:
@@ -225,6 +227,7 @@ def run_serve_bench(
     memory: str | None = None,
     json_path: str | None = None,
     plot_path: str | None = None,
+    rounds: int = 2,
 ) -> dict:
     from rich.console import Console
 
@@ -251,9 +254,9 @@ def run_serve_bench(
         levels["sequential"] = single
         rows.append({"clients": "1 (sequential)", **baseline})
         for n in clients:
-            specs = [pool[i % len(pool)] for i in range(n)]
-            console.print(f"[bold]{n} concurrent clients[/]")
-            outcomes, wall = run_level(server.url, specs, max_tokens)
+            work = [[pool[(c + k * n) % len(pool)] for k in range(rounds)] for c in range(n)]
+            console.print(f"[bold]{n} concurrent clients[/] x {rounds} requests each")
+            outcomes, wall = run_level(server.url, work, max_tokens)
             levels[n] = outcomes
             summary = summarize(outcomes, wall)
             summary["speedup_vs_sequential"] = round(summary["tokens_per_s"] / baseline["tokens_per_s"], 2)
@@ -267,6 +270,7 @@ def run_serve_bench(
         "dtype": dtype,
         "threads": threads,
         "max_tokens": max_tokens,
+        "requests_per_client": rounds,
         "request_pool": [{"key": s.key, "question": s.question, "variant": s.label} for s in pool],
         "rows": rows,
         "check": check,
