@@ -2,8 +2,10 @@
 
 The committed results came from:
 
-    .venv/bin/memlm bench serve --clients 1,4,16,64 --max-tokens 64 --threads 2 \
+    .venv/bin/memlm bench serve --workload mixed --clients 1,4,16,64 --max-tokens 64 --threads 2 --seconds 60 \
         --memory bench/models/chain-sum-memgen --json bench/results/serve.json --plot bench/results/serve.png
+    .venv/bin/memlm bench serve --workload plain --clients 1,4,16,64 --max-tokens 64 --threads 2 --seconds 60 \
+        --json bench/results/serve_plain.json --plot bench/results/serve_plain.png
 """
 
 import sys

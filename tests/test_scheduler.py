@@ -76,6 +76,20 @@ def test_abort_frees_the_row_and_leaves_the_others_unchanged():
     assert done.token_ids == _alone("keep going", GREEDY).token_ids
 
 
+def test_aborting_a_row_in_the_middle_moves_the_rows_after_it():
+    """Rows after an aborted one move up in the cache (the rows before it stay put); nothing else changes."""
+    engine = tiny_engine()
+    prompts = ["first row", "the second, to be aborted", "third", "and a fourth one"]
+    requests = [engine.add_request(p, GREEDY) for p in prompts]
+    for _ in range(5):
+        engine.step()
+    engine.abort(requests[1].id)  # from outside any inference-mode block, as the server's worker does
+    joining = engine.add_request("joins after the abort", GREEDY)
+    done = _run(engine, [requests[0], requests[2], requests[3], joining])
+    for prompt, got in zip([prompts[0], prompts[2], prompts[3], "joins after the abort"], done, strict=True):
+        assert got.token_ids == _alone(prompt, GREEDY).token_ids
+
+
 def test_the_waiting_queue_is_bounded():
     engine = tiny_engine()
     engine.scheduler.max_queue = 2

@@ -68,12 +68,16 @@ class Outcome:
     error: str | None = None
 
 
-def request_pool(memory: str | None) -> list[Spec]:
+def request_pool(memory: str | None, workload: str = "mixed") -> list[Spec]:
+    """`mixed`: the questions crossed with the variants (half of the combinations: 16, or 20 with a
+    memory). `plain`: each question once, greedy, no memory options -- what batching alone does."""
+    if workload == "plain":
+        return [Spec(i, question, "greedy", {"temperature": 0}) for i, question in enumerate(QUESTIONS)]
     variants = list(VARIANTS) + ([("memory", {"temperature": 0, "memory": memory})] if memory else [])
     pool = []
     for i, question in enumerate(QUESTIONS):
         for j, (label, extra) in enumerate(variants):
-            if (i + j) % 2 == 0:  # half of the combinations: 16 (or 20) distinct requests
+            if (i + j) % 2 == 0:
                 pool.append(Spec(len(pool), question, label, extra))
     return pool
 
@@ -117,25 +121,28 @@ def _client(url: str):
     return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
 
-def run_level(url: str, work: list[list[Spec]], max_tokens: int) -> tuple[list[Outcome], float]:
-    """One thread and client per entry of `work`, all starting together; each client sends its requests
-    back to back (a closed loop, as vLLM's benchmark with a concurrency limit). -> outcomes, wall seconds."""
-    outcomes: list[list[Outcome]] = [[] for _ in work]
-    barrier = threading.Barrier(len(work) + 1)
+def run_level(url: str, n: int, pool: list[Spec], max_tokens: int, seconds: float) -> tuple[list[Outcome], float]:
+    """n clients start together; client c sends pool[c], pool[c + n], pool[c + 2n], ... back to back
+    and starts no new request once `seconds` have passed (a closed loop of fixed duration, so the
+    batch stays full while the level runs). -> outcomes, wall seconds until the last answer."""
+    outcomes: list[list[Outcome]] = [[] for _ in range(n)]
+    barrier = threading.Barrier(n + 1)
 
-    def worker(i: int):
+    def worker(c: int):
         client = _client(url)
         barrier.wait()
-        for spec in work[i]:
-            outcomes[i].append(_one(client, spec, max_tokens))
+        deadline, k = time.perf_counter() + seconds, 0
+        while time.perf_counter() < deadline:
+            outcomes[c].append(_one(client, pool[(c + k * n) % len(pool)], max_tokens))
+            k += 1
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(work))]
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(n)]
     for t in threads:
         t.start()
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
-        t.join(timeout=900)
+        t.join(timeout=seconds + 900)
     return [o for mine in outcomes for o in mine], time.perf_counter() - start
 
 
@@ -227,18 +234,19 @@ def run_serve_bench(
     memory: str | None = None,
     json_path: str | None = None,
     plot_path: str | None = None,
-    rounds: int = 2,
+    seconds: float = 60.0,
+    workload: str = "mixed",
 ) -> dict:
     from rich.console import Console
 
     from memlm.serve.launch import ServerProcess
 
     console = Console(width=150)
-    memory_name = "bench" if memory else None
-    pool = request_pool(memory_name)
+    memory_name = "bench" if memory and workload == "mixed" else None
+    pool = request_pool(memory_name, workload)
     args = ["--model", model, "--dtype", dtype, "--threads", str(threads), "--max-batch", str(max(clients)),
             "--max-queue", str(4 * max(clients)), "--served-model-name", SERVED]
-    if memory:
+    if memory_name:
         args += ["--memory", f"{memory_name}={memory}"]
     levels: dict[int | str, list[Outcome]] = {}
     rows = []
@@ -254,23 +262,23 @@ def run_serve_bench(
         levels["sequential"] = single
         rows.append({"clients": "1 (sequential)", **baseline})
         for n in clients:
-            work = [[pool[(c + k * n) % len(pool)] for k in range(rounds)] for c in range(n)]
-            console.print(f"[bold]{n} concurrent clients[/] x {rounds} requests each")
-            outcomes, wall = run_level(server.url, work, max_tokens)
+            console.print(f"[bold]{n} concurrent clients[/] for {seconds:.0f} s")
+            outcomes, wall = run_level(server.url, n, pool, max_tokens, seconds)
             levels[n] = outcomes
             summary = summarize(outcomes, wall)
             summary["speedup_vs_sequential"] = round(summary["tokens_per_s"] / baseline["tokens_per_s"], 2)
             rows.append({"clients": n, **summary})
     console.print("checking every greedy answer against Engine.generate alone ...")
-    references = references_alone(model, dtype, pool, max_tokens, memory, threads)
+    references = references_alone(model, dtype, pool, max_tokens, memory if memory_name else None, threads)
     check = check_answers(levels, references)
     result = {
         "benchmark": "serve",
+        "workload": workload,
         "model": model,
         "dtype": dtype,
         "threads": threads,
         "max_tokens": max_tokens,
-        "requests_per_client": rounds,
+        "seconds_per_level": seconds,
         "request_pool": [{"key": s.key, "question": s.question, "variant": s.label} for s in pool],
         "rows": rows,
         "check": check,
@@ -287,8 +295,8 @@ def run_serve_bench(
 def _print(console, result: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"memlm serve, {result['model']} ({result['dtype']}, {result['threads']} threads), "
-                        f"{result['max_tokens']} max tokens")
+    table = Table(title=f"memlm serve, {result['workload']} requests, {result['model']} ({result['dtype']}, "
+                        f"{result['threads']} threads), {result['max_tokens']} max tokens")
     for column in ("clients", "requests", "tokens", "tokens/s", "speed-up", "TTFT p50", "TTFT p99",
                    "latency p50", "latency p99"):
         table.add_column(column, justify="right")
@@ -325,7 +333,7 @@ def _plot(result: dict, path: str) -> None:
     right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds", title="latency")
     right.set_xticks(n, [str(x) for x in n])
     right.legend()
-    fig.suptitle(f"memlm serve — {result['model']} on {result['threads']} CPU threads")
+    fig.suptitle(f"memlm serve — {result['workload']} requests, {result['model']} on {result['threads']} CPU threads")
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)

@@ -41,8 +41,12 @@ class KVCache:
         track_importance: bool = False,
     ):
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Keys and values live in buffers that may hold more rows than the batch uses (`k` and `v`
+        # are views of the first `_rows`): requests joining a running batch are written into spare
+        # rows, and leaving ones are closed up by moving only the rows after them.
+        self._k = torch.zeros(shape, dtype=dtype, device=device)
+        self._v = torch.zeros(shape, dtype=dtype, device=device)
+        self._rows = batch_size
         self.positions = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         # Attention statistics for eviction policies, per slot, averaged over heads and layers:
@@ -90,12 +94,21 @@ class KVCache:
     # ---- shape -------------------------------------------------------------------------------
 
     @property
+    def k(self) -> torch.Tensor:
+        """[layers, batch, kv_heads, capacity, head_dim]"""
+        return self._k[:, : self._rows]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v[:, : self._rows]
+
+    @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self._rows
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self._k.shape[3]
 
     @property
     def bytes_per_token(self) -> int:
@@ -107,7 +120,7 @@ class KVCache:
         return int(self.lengths.sum()) * self.bytes_per_token
 
     def bytes_allocated(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self._k.numel() * self._k.element_size() * 2
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the preallocated buffers (doubling) so every row can hold `needed` slots."""
@@ -117,8 +130,8 @@ class KVCache:
     def _grow_to(self, new_capacity: int) -> None:
         grow = new_capacity - self.capacity
         pad = (0, 0, 0, grow)  # last dim untouched, capacity dim grown
-        self.k = torch.nn.functional.pad(self.k, pad)
-        self.v = torch.nn.functional.pad(self.v, pad)
+        self._k = torch.nn.functional.pad(self._k, pad)
+        self._v = torch.nn.functional.pad(self._v, pad)
         for name, empty in self._per_slot():
             setattr(self, name, torch.nn.functional.pad(getattr(self, name), (0, grow), value=empty))
 
@@ -202,8 +215,15 @@ class KVCache:
                 cache._grow_to(max(self.capacity, other.capacity))
         self.track(other.track_attention, other.track_importance)
         other.track(self.track_attention, self.track_importance)
-        self.k = torch.cat((self.k, other.k), dim=1)
-        self.v = torch.cat((self.v, other.v), dim=1)
+        rows, joining = self._rows, other.batch_size
+        if rows + joining > self._k.shape[1]:  # no spare rows left: double the buffers (amortised)
+            spare = max(rows + joining, 2 * self._k.shape[1]) - self._k.shape[1]
+            pad = (0, 0, 0, 0, 0, 0, 0, spare)  # the row dimension (dim 1) grows
+            self._k = torch.nn.functional.pad(self._k, pad)
+            self._v = torch.nn.functional.pad(self._v, pad)
+        self._k[:, rows : rows + joining] = other.k
+        self._v[:, rows : rows + joining] = other.v
+        self._rows = rows + joining
         for name, _ in self._per_slot():
             setattr(self, name, torch.cat((getattr(self, name), getattr(other, name))))
         self.lengths = torch.cat((self.lengths, other.lengths))
@@ -223,8 +243,14 @@ class KVCache:
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these rows of the batch (e.g. drop finished sequences)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        kept = rows.tolist()
+        # Rows before the first change stay where they are; only the ones after it move up.
+        first = next((i for i, row in enumerate(kept) if row != i), len(kept))
+        if first < len(kept):
+            moving = rows[first:]
+            self._k[:, first : len(kept)] = self._k.index_select(1, moving)
+            self._v[:, first : len(kept)] = self._v.index_select(1, moving)
+        self._rows = len(kept)
         for name, _ in self._per_slot():
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.lengths = self.lengths.index_select(0, rows)

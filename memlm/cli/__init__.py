@@ -328,18 +328,23 @@ def bench_serve(
     memory: Annotated[str | None, typer.Option(help="A latent memory folder: some requests use it.")] = None,
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
-    rounds: Annotated[int, typer.Option(help="Requests each client sends, back to back.")] = 2,
+    seconds: Annotated[float, typer.Option(help="Each level: clients send requests back to back this long.")] = 60.0,
+    workload: Annotated[
+        str, typer.Option(help="mixed: sampling, KV policies and --memory mixed in; plain: greedy requests only.")
+    ] = "mixed",
 ):
     """Concurrent streaming clients (openai client) against memlm serve on loopback: throughput, TTFT,
     latency against one-at-a-time, and a check that no answer is lost, duplicated or crossed."""
     levels = tuple(_int_list(clients, "--clients"))
-    if max_tokens < 1 or threads < 1 or not 1 <= rounds <= 16:
-        raise MemlmError("--max-tokens and --threads must be >= 1, --rounds in 1..16")
+    if max_tokens < 1 or threads < 1 or not 1 <= seconds <= 600:
+        raise MemlmError("--max-tokens and --threads must be >= 1, --seconds in 1..600")
+    if workload not in ("mixed", "plain"):
+        raise MemlmError(f"--workload is mixed or plain, not {workload!r}")
     if max(levels) > 256:
         raise MemlmError("--clients: at most 256 concurrent clients (the benchmark is bounded)")
     from memlm.bench.serve import run_serve_bench
 
-    run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot, rounds)
+    run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot, seconds, workload)
 
 
 @bench_app.command("kv")

@@ -236,6 +236,7 @@ class Engine:
         self.scheduler.add(request)
         return request
 
+    @torch.inference_mode()  # the states are inference tensors, changed in place
     def abort(self, request_id: str) -> bool:
         """Stop a request now, waiting or running; its row is freed at once. -> whether it was found."""
         request = self.scheduler.find(request_id)

@@ -63,6 +63,15 @@ class Attention(nn.Module):
         if cache is not None and cache.track_attention:  # an eviction policy needs the weights
             out, weights = attention_with_weights(q, k, v, mask)
             cache.observe_attention(self.layer_idx, weights)
+        elif packing is not None and packing.decoding_rows:
+            # Requests joining mid-batch: the first rows feed one token each, the rest whole prompts.
+            # Attend the one-token rows with their single query instead of a padded chunk of them.
+            r, gqa = packing.decoding_rows, heads != kv_heads
+            out = q.new_zeros(q.shape)
+            out[:r, :, :1] = F.scaled_dot_product_attention(
+                q[:r, :, :1], k[:r], v[:r], attn_mask=mask[:r, :, :1], enable_gqa=gqa
+            )
+            out[r:] = F.scaled_dot_product_attention(q[r:], k[r:], v[r:], attn_mask=mask[r:], enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
         out = out.transpose(1, 2).reshape(batch, chunk, -1)
@@ -75,6 +84,10 @@ class Packing:
     def __init__(self, real: torch.Tensor):
         self.index = real.flatten().nonzero().squeeze(1)  # real: [B, T] bool
         self.shape = tuple(real.shape)
+        # How many leading rows hold exactly one token while later rows hold more (0: not that shape).
+        counts = real.sum(1).tolist()
+        leading = next((i for i, n in enumerate(counts) if n != 1), len(counts))
+        self.decoding_rows = leading if 0 < leading < len(counts) and real.shape[1] > 1 else 0
 
     @staticmethod
     def worthwhile(positions: torch.Tensor) -> bool:
