@@ -16,6 +16,18 @@ _ARCHES = {
     "llama": dict(qkv_bias=None, o_bias=None, qk_norm=False),  # None: follows config.attention_bias
     "qwen2": dict(qkv_bias=True, o_bias=False, qk_norm=False),
     "qwen3": dict(qkv_bias=None, o_bias=None, qk_norm=True),
+    # Mixture-of-experts families: the same attention, an MoE FFN block (memlm/models/moe.py).
+    "mixtral": dict(qkv_bias=False, o_bias=False, qk_norm=False),
+    "qwen2_moe": dict(qkv_bias="qkv_bias", o_bias=False, qk_norm=False),  # a str: that config field, default True
+    "qwen3_moe": dict(qkv_bias=None, o_bias=None, qk_norm=True),
+}
+_ARCH_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -40,6 +52,13 @@ class ModelConfig:
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Mixture of experts (0 experts: a dense model). `moe_layers` lists the layers with an MoE block.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert (Qwen2-MoE has one, with a sigmoid gate)
+    norm_topk_prob: bool = False  # renormalise the chosen experts' weights to sum to 1
+    moe_layers: tuple[int, ...] = ()
 
     def kv_bytes_per_token(self, element_size: int = 4) -> int:
         """Bytes of keys + values one token occupies across all layers (fp32 by default)."""
@@ -54,6 +73,8 @@ class ModelConfig:
             raise ModelFormatError("sliding-window attention configs are not supported yet")
         shape = _ARCHES[model_type]
         attention_bias = bool(d.get("attention_bias", False))
+        if isinstance(shape["qkv_bias"], str):
+            shape = {**shape, "qkv_bias": bool(d.get(shape["qkv_bias"], True))}
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -80,16 +101,16 @@ class ModelConfig:
                 qk_norm=shape["qk_norm"],
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                **_moe_from_hf(model_type, d),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"config.json is missing or has a bad field: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The transformers-compatible config.json for this model (used when caching conversions)."""
-        arch_class = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
         d = {
-            "architectures": [arch_class[self.arch]],
+            "architectures": [_ARCH_CLASSES[self.arch]],
             "model_type": self.arch,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -110,7 +131,58 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "torch_dtype": "float32",
         }
+        if self.arch == "qwen2_moe":
+            d["qkv_bias"] = self.qkv_bias
+        if self.arch == "mixtral":
+            d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.experts_per_token)
+            d["intermediate_size"] = self.expert_intermediate_size
+        elif self.num_experts:
+            sparse = [i for i in range(self.num_layers) if i in self.moe_layers]
+            d.update(
+                num_experts=self.num_experts,
+                num_local_experts=self.num_experts,
+                num_experts_per_tok=self.experts_per_token,
+                moe_intermediate_size=self.expert_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=[i for i in range(self.num_layers) if i not in sparse],
+            )
+            if self.shared_expert_intermediate_size:
+                d["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         return d
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+
+def _moe_from_hf(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config (empty for dense families)."""
+    layers = int(d["num_hidden_layers"])
+    if model_type == "mixtral":  # every layer sparse; the top-k weights are always renormalised
+        return dict(
+            num_experts=int(d["num_local_experts"]),
+            experts_per_token=int(d["num_experts_per_tok"]),
+            expert_intermediate_size=int(d["intermediate_size"]),
+            norm_topk_prob=True,
+            moe_layers=tuple(range(layers)),
+        )
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        # transformers 5 writes Qwen3-MoE's expert count as num_local_experts; older files say num_experts
+        experts = int(d["num_experts"] if "num_experts" in d else d["num_local_experts"])
+        step = int(d.get("decoder_sparse_step", 1))
+        dense = set(d.get("mlp_only_layers") or [])
+        sparse = tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
+        return dict(
+            num_experts=experts,
+            experts_per_token=int(d["num_experts_per_tok"]),
+            expert_intermediate_size=int(d["moe_intermediate_size"]),
+            shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0)
+            if model_type == "qwen2_moe"
+            else 0,
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            moe_layers=sparse,
+        )
+    return {}
 
 
 def _rope_from_hf(d: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,11 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             out[dst + "self_attn.q_norm.weight"] = take(attn + "q_norm.weight")
             out[dst + "self_attn.k_norm.weight"] = take(attn + "k_norm.weight")
         mlp = src + "mlp."
+        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "post_attention_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
+        if cfg.is_moe_layer(i):
+            out.update(_fuse_moe(hf, take, src, dst, cfg))
+            continue
         out[dst + "mlp.gate_up_proj.weight"] = torch.cat(
             [take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")], dim=0
         )
@@ -48,11 +53,56 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             out[dst + "mlp.gate_up_proj.bias"] = torch.cat([take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")])
             out[dst + "mlp.down_proj.bias"] = take(mlp + "down_proj.bias")
         out[dst + "mlp.down_proj.weight"] = take(mlp + "down_proj.weight")
-        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "post_attention_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
     leftovers = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
     if leftovers:
         raise ModelFormatError(f"weights have {len(leftovers)} unexpected tensors, e.g. {leftovers[0]!r}")
+    return out
+
+
+def _fuse_moe(hf: dict, take, src: str, dst: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """One MoE layer: the router, the experts (transformers 5's fused [E, 2I, H] / [E, H, I] tensors, or
+    the per-expert tensors of checkpoints on disk: Mixtral's w1/w3/w2, Qwen's gate/up/down_proj), and
+    Qwen2-MoE's shared expert with its gate."""
+    out = {}
+    block = src + ("block_sparse_moe." if src + "block_sparse_moe.gate.weight" in hf else "mlp.")
+    out[dst + "mlp.gate.weight"] = take(block + "gate.weight")
+    if block + "experts.gate_up_proj" in hf:
+        out[dst + "mlp.experts_gate_up"] = take(block + "experts.gate_up_proj")
+        out[dst + "mlp.experts_down"] = take(block + "experts.down_proj")
+    else:
+        names = ("w1", "w3", "w2") if cfg.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        gate_up, down = [], []
+        for e in range(cfg.num_experts):
+            expert = f"{block}experts.{e}."
+            gate_up.append(torch.cat([take(expert + f"{names[0]}.weight"), take(expert + f"{names[1]}.weight")]))
+            down.append(take(expert + f"{names[2]}.weight"))
+        out[dst + "mlp.experts_gate_up"], out[dst + "mlp.experts_down"] = torch.stack(gate_up), torch.stack(down)
+    if cfg.shared_expert_intermediate_size:
+        shared = block + "shared_expert."
+        out[dst + "mlp.shared.gate_up_proj.weight"] = torch.cat(
+            [take(shared + "gate_proj.weight"), take(shared + "up_proj.weight")]
+        )
+        out[dst + "mlp.shared.down_proj.weight"] = take(shared + "down_proj.weight")
+        out[dst + "mlp.shared_gate.weight"] = take(block + "shared_expert_gate.weight")
+    return out
+
+
+def _unfuse_moe(state: dict, src: str, dst: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `_fuse_moe`, in the per-expert layout checkpoints on disk use."""
+    block = dst + ("block_sparse_moe." if cfg.arch == "mixtral" else "mlp.")
+    names = ("w1", "w3", "w2") if cfg.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    out = {block + "gate.weight": state[src + "mlp.gate.weight"]}
+    gate_up, down = state[src + "mlp.experts_gate_up"], state[src + "mlp.experts_down"]
+    for e in range(cfg.num_experts):
+        gate, up = gate_up[e].chunk(2)
+        expert = f"{block}experts.{e}."
+        out[expert + f"{names[0]}.weight"], out[expert + f"{names[1]}.weight"] = gate, up
+        out[expert + f"{names[2]}.weight"] = down[e]
+    if cfg.shared_expert_intermediate_size:
+        gate, up = state[src + "mlp.shared.gate_up_proj.weight"].chunk(2)
+        out[block + "shared_expert.gate_proj.weight"], out[block + "shared_expert.up_proj.weight"] = gate, up
+        out[block + "shared_expert.down_proj.weight"] = state[src + "mlp.shared.down_proj.weight"]
+        out[block + "shared_expert_gate.weight"] = state[src + "mlp.shared_gate.weight"]
     return out
 
 
@@ -70,13 +120,16 @@ def unfuse_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
             parts = state[src + f"self_attn.qkv_proj.{suffix}"].split((q_size, kv_size, kv_size))
             for p, tensor in zip("qkv", parts, strict=True):
                 out[dst + f"self_attn.{p}_proj.{suffix}"] = tensor
-        for suffix in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+        moe = cfg.is_moe_layer(i)
+        if moe:
+            out.update(_unfuse_moe(state, src, dst, cfg))
+        for suffix in () if moe else ("weight", "bias") if cfg.mlp_bias else ("weight",):
             gate, up = state[src + f"mlp.gate_up_proj.{suffix}"].chunk(2)
             out[dst + f"mlp.gate_proj.{suffix}"], out[dst + f"mlp.up_proj.{suffix}"] = gate, up
-        names = ["self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"]
-        names += ["post_attention_layernorm.weight"]
+        names = ["self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+        names += [] if moe else ["mlp.down_proj.weight"]
         names += ["self_attn.o_proj.bias"] if cfg.o_bias else []
-        names += ["mlp.down_proj.bias"] if cfg.mlp_bias else []
+        names += ["mlp.down_proj.bias"] if cfg.mlp_bias and not moe else []
         names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if cfg.qk_norm else []
         for name in names:
             out[dst + name] = state[src + name]

@@ -1,0 +1,124 @@
+"""A mixture-of-experts FFN block: a router sends each token to k of N expert MLPs (Mixtral,
+Qwen2-MoE with its gated shared expert, Qwen3-MoE). It replaces the dense MLP inside the same
+decoder block, so the KV cache, eviction, latent memory and packing are unchanged.
+
+Routing: softmax over the experts' logits (in float32), the top k, optionally renormalised to sum
+to 1 (`norm_topk_prob`; Mixtral always does). Expert weights are stored fused like the dense MLP:
+`experts_gate_up` [E, 2I, H] and `experts_down` [E, H, I].
+
+Dispatch, without a Python loop over all experts:
+* grouped (prefill, many tokens): sort the (token, expert) pairs by expert, then run each expert
+  that has tokens once, as one matmul on its contiguous slice;
+* gathered (decode, a few tokens): gather the chosen experts' weights and run all pairs in two
+  batched matmuls (bmm), so a step costs the same few kernel launches whatever the experts.
+`loop` is the reference the benchmark compares against: every expert, masking its tokens, as the
+transformers implementation does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DISPATCHES = ("auto", "grouped", "gathered", "loop")
+GATHER_MAX_PAIRS = 16  # auto: gather weights up to this many (token, expert) pairs, group beyond
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, experts: int, top_k: int, normalize: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, hidden))
+        nn.init.normal_(self.weight, std=0.02)
+        self.top_k, self.normalize = top_k, normalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (logits [N, E] float32, weights [N, k], expert ids [N, k])."""
+        logits = F.linear(x, self.weight).float()
+        weights, ids = route(logits, self.top_k, self.normalize)
+        return logits, weights.to(x.dtype), ids
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, then the top k (and renormalise them if asked)."""
+    probs = logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, experts: int, top_k: int, normalize: bool,
+                 shared_intermediate: int = 0):
+        super().__init__()
+        self.num_experts, self.top_k, self.intermediate = experts, top_k, intermediate
+        self.gate = Router(hidden, experts, top_k, normalize)
+        self.experts_gate_up = nn.Parameter(torch.empty(experts, 2 * intermediate, hidden))
+        self.experts_down = nn.Parameter(torch.empty(experts, hidden, intermediate))
+        nn.init.normal_(self.experts_gate_up, std=0.02)
+        nn.init.normal_(self.experts_down, std=0.02)
+        self.shared = None
+        if shared_intermediate:
+            from memlm.models.llama import GatedMLP
+
+            self.shared = GatedMLP(hidden, shared_intermediate)
+            self.shared_gate = nn.Linear(hidden, 1, bias=False)
+        self.dispatch = "auto"
+        self.last_router_logits: torch.Tensor | None = None  # for load-balancing losses in training
+
+    @classmethod
+    def from_config(cls, cfg) -> MoEBlock:
+        return cls(cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts, cfg.experts_per_token,
+                   cfg.norm_topk_prob, cfg.shared_expert_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits, weights, ids = self.gate(flat)
+        self.last_router_logits = logits
+        mode = self.dispatch
+        if mode == "auto":
+            mode = "gathered" if ids.numel() <= GATHER_MAX_PAIRS else "grouped"
+        out = {"grouped": self._grouped, "gathered": self._gathered, "loop": self._loop}[mode](flat, weights, ids)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
+        return out.reshape(shape)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.experts_gate_up[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.experts_down[e])
+
+    def _grouped(self, x, weights, ids) -> torch.Tensor:
+        tokens, k = ids.shape
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # pairs sorted by expert; pair p is token p // k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // k
+        inputs = x.index_select(0, token_of)
+        outputs = torch.empty_like(inputs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                outputs[start : start + n] = self._expert(e, inputs[start : start + n])
+                start += n
+        outputs = outputs * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, outputs)
+
+    def _gathered(self, x, weights, ids) -> torch.Tensor:
+        tokens, k = ids.shape
+        flat_ids = ids.flatten()
+        inputs = x.repeat_interleave(k, dim=0)  # [P, H], pair p is token p // k
+        gate_up = torch.bmm(self.experts_gate_up.index_select(0, flat_ids), inputs[:, :, None])[:, :, 0]
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = (F.silu(gate) * up)[:, :, None]
+        outputs = torch.bmm(self.experts_down.index_select(0, flat_ids), hidden)[:, :, 0]  # [P, H]
+        return (outputs.view(tokens, k, -1) * weights[:, :, None]).sum(dim=1)
+
+    def _loop(self, x, weights, ids) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(ids == e)
+            if token.numel():
+                out.index_add_(0, token, self._expert(e, x[token]) * weights[token, slot, None])
+        return out

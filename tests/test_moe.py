@@ -1,0 +1,116 @@
+"""Mixture-of-experts families (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE) against
+transformers on tiny random configs, the router, and the three dispatch strategies."""
+
+import pytest
+import torch
+import transformers
+
+from conftest import TINY, byte_tokenizer, memlm_twin
+from memlm.generation.engine import Engine
+from memlm.generation.params import SamplingParams
+from memlm.models.moe import DISPATCHES, MoEBlock, route
+
+FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                       shared_expert_intermediate_size=80, norm_topk_prob=False)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)),
+}
+
+
+def hf_moe(arch: str, seed: int = 0, **overrides):
+    config_cls, model_cls, moe = FAMILIES[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY, **moe, **overrides})).eval()
+    with torch.no_grad():  # random init leaves routers at zero and norms at one: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "experts" in name or "gate" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def _logits(model, ids):
+    positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+    with torch.no_grad():
+        return model.logits(model.forward_tokens(ids, positions))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_equal_transformers(arch, tied):
+    hf = hf_moe(arch, tie_word_embeddings=tied)
+    model = memlm_twin(hf)
+    assert model.config.num_experts == FAMILIES[arch][2].get("num_experts", 4)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    torch.testing.assert_close(_logits(model, ids), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_dense_and_sparse_layers_mix_as_the_config_says():
+    hf = hf_moe("qwen2_moe", num_hidden_layers=3, mlp_only_layers=[0], decoder_sparse_step=1)
+    model = memlm_twin(hf)
+    assert model.config.moe_layers == (1, 2)
+    assert not isinstance(model.layers[0].mlp, MoEBlock) and isinstance(model.layers[2].mlp, MoEBlock)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model, ids), hf(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_saved_folder_loads_in_transformers_and_memlm(arch, tmp_path):
+    from memlm.models.loading import load_model, save_model
+
+    hf = hf_moe(arch, vocab_size=257)
+    model = memlm_twin(hf)
+    folder = save_model(tmp_path / arch, model, byte_tokenizer())  # checkpoints' per-expert tensor names
+    ids = torch.randint(0, 257, (1, 9))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=2e-5, rtol=1e-4)
+    again = load_model(str(folder)).model
+    torch.testing.assert_close(_logits(again, ids), _logits(model, ids), atol=1e-6, rtol=0)
+
+
+def test_cached_decoding_and_batching_equal_the_full_pass():
+    model = memlm_twin(hf_moe("qwen2_moe", vocab_size=257, eos_token_id=256))
+    engine = Engine(model, byte_tokenizer(), name="tiny-moe")
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = ["one expert, two", "a longer prompt for the mixture of experts", "x"]
+    batched = engine.generate(prompts, params)
+    for prompt, got in zip(prompts, batched, strict=True):
+        alone = engine.generate(prompt, params)
+        assert got.token_ids == alone.token_ids
+        ids = torch.tensor([got.prompt_token_ids + got.token_ids])
+        full = _logits(model, ids)[0, len(got.prompt_token_ids) - 1 : -1].argmax(-1)
+        assert full.tolist() == got.token_ids  # the cache and decode-time dispatch change nothing
+
+
+def test_router_takes_the_top_k_and_renormalises_when_asked():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 0.0, 3.0, 3.0]])
+    weights, ids = route(logits, 2, normalize=False)
+    probs = logits.softmax(-1)
+    assert ids[0].tolist() == [0, 2] and sorted(ids[1].tolist()) == [2, 3]
+    torch.testing.assert_close(weights[0], probs[0, [0, 2]])
+    weights, _ = route(logits, 2, normalize=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    torch.testing.assert_close(weights[0], probs[0, [0, 2]] / probs[0, [0, 2]].sum())
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_dispatch_strategies_agree(tokens):
+    torch.manual_seed(tokens)
+    block = MoEBlock(32, 24, experts=8, top_k=3, normalize=True, shared_intermediate=16).eval()
+    x = torch.randn(tokens, 32)
+    outputs = {}
+    with torch.no_grad():
+        for mode in DISPATCHES:
+            block.dispatch = mode
+            outputs[mode] = block(x)
+    for mode in DISPATCHES:
+        torch.testing.assert_close(outputs[mode], outputs["loop"], atol=1e-5, rtol=1e-5)
