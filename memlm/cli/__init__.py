@@ -347,6 +347,20 @@ def bench_serve(
     run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot, seconds, workload)
 
 
+@bench_app.command("moe")
+def bench_moe(
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed runs per cell (the median is reported).")] = 20,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+):
+    """MoE dispatch: grouped (sort + offsets) and gathered (bmm) against the per-expert loop."""
+    if threads < 1 or repeats < 1:
+        raise MemlmError("--threads and --repeats must be >= 1")
+    from memlm.bench.moe import run_moe_bench
+
+    run_moe_bench(threads, repeats, json_path)
+
+
 @bench_app.command("kv")
 def bench_kv(
     model: ModelOpt = DEFAULT_MODEL,

@@ -7,12 +7,15 @@ to 1 (`norm_topk_prob`; Mixtral always does). Expert weights are stored fused li
 `experts_gate_up` [E, 2I, H] and `experts_down` [E, H, I].
 
 Dispatch, without a Python loop over all experts:
-* grouped (prefill, many tokens): sort the (token, expert) pairs by expert, then run each expert
-  that has tokens once, as one matmul on its contiguous slice;
-* gathered (decode, a few tokens): gather the chosen experts' weights and run all pairs in two
-  batched matmuls (bmm), so a step costs the same few kernel launches whatever the experts.
-`loop` is the reference the benchmark compares against: every expert, masking its tokens, as the
-transformers implementation does.
+* grouped (the default): sort the (token, expert) pairs by expert, then run each expert that has
+  tokens once, as one matmul on its contiguous slice;
+* gathered: gather the chosen experts' weights and run all pairs in two batched matmuls (bmm).
+  Few kernel launches, but the gather copies the weights: it only pays for very small experts
+  (`memlm bench moe`: 1.2-1.6x the loop on a tiny config, 0.4x and worse on a mid-size one);
+* loop: the reference the benchmark compares against: each expert that got tokens, found with a
+  mask, as the transformers implementation does.
+On CPU in float32 a mid-size expert's decode is bound by reading its weights, which every strategy
+does once per hit expert, so grouped and the loop run even there (bench/README.md).
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DISPATCHES = ("auto", "grouped", "gathered", "loop")
-GATHER_MAX_PAIRS = 16  # auto: gather weights up to this many (token, expert) pairs, group beyond
+DISPATCHES = ("grouped", "gathered", "loop")
 
 
 class Router(nn.Module):
@@ -64,7 +66,7 @@ class MoEBlock(nn.Module):
 
             self.shared = GatedMLP(hidden, shared_intermediate)
             self.shared_gate = nn.Linear(hidden, 1, bias=False)
-        self.dispatch = "auto"
+        self.dispatch = "grouped"
         self.last_router_logits: torch.Tensor | None = None  # for load-balancing losses in training
 
     @classmethod
@@ -77,10 +79,8 @@ class MoEBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])
         logits, weights, ids = self.gate(flat)
         self.last_router_logits = logits
-        mode = self.dispatch
-        if mode == "auto":
-            mode = "gathered" if ids.numel() <= GATHER_MAX_PAIRS else "grouped"
-        out = {"grouped": self._grouped, "gathered": self._gathered, "loop": self._loop}[mode](flat, weights, ids)
+        dispatch = {"grouped": self._grouped, "gathered": self._gathered, "loop": self._loop}[self.dispatch]
+        out = dispatch(flat, weights, ids)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
         return out.reshape(shape)
@@ -116,9 +116,9 @@ class MoEBlock(nn.Module):
         return (outputs.view(tokens, k, -1) * weights[:, :, None]).sum(dim=1)
 
     def _loop(self, x, weights, ids) -> torch.Tensor:
+        """The reference: for each expert that got tokens, find them with a mask (as transformers does)."""
         out = torch.zeros_like(x)
-        for e in range(self.num_experts):
+        for e in ids.unique().tolist():
             token, slot = torch.where(ids == e)
-            if token.numel():
-                out.index_add_(0, token, self._expert(e, x[token]) * weights[token, slot, None])
+            out.index_add_(0, token, self._expert(e, x[token]) * weights[token, slot, None])
         return out
