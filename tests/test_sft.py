@@ -132,10 +132,32 @@ def test_adapter_folder_loads_as_a_model_and_rejects_mismatches(tiny_folder, tmp
     with pytest.raises(ModelFormatError, match="shape"):
         apply_adapter(wrong, tmp_path / "adapter")
     bad = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    del bad["rank"]
+    assert bad["peft_type"] == "LORA" and bad["r"] == 4  # written in PEFT's format
+    del bad["r"]
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(bad))
-    with pytest.raises(ModelFormatError, match="lacks 'rank'"):
+    with pytest.raises(ModelFormatError, match="lacks 'r'"):
         load_model(str(tmp_path / "adapter"))
+
+
+def test_adapter_folders_of_the_earlier_format_still_load(tiny_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    from memlm.models.lora import lora_state_dict
+
+    folder, _ = tiny_folder
+    model = load_model(str(folder)).model
+    add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for _, lora in lora_layers(model):
+            lora.lora_b.normal_(std=0.05)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(lora_state_dict(model), str(old / "adapter.safetensors"))
+    config = {"base_model": str(folder), "rank": 4, "alpha": 8, "targets": ["qkv_proj", "o_proj", "gate_up_proj",
+                                                                              "down_proj"]}
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 257, (1, 7))
+    torch.testing.assert_close(_logits(load_model(str(old)).model, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
 # ---- SFT ---------------------------------------------------------------------------------------

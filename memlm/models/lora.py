@@ -131,10 +131,20 @@ def merge_lora(model: nn.Module) -> None:
         setattr(parent, child_name, layer.base)
 
 
-# ---- adapter folders: adapter.safetensors + adapter_config.json naming the base model ----------
+# ---- adapter folders ---------------------------------------------------------------------------
+#
+# memlm writes adapters in PEFT's format (adapter_config.json with peft_type LORA, r, lora_alpha,
+# target_modules, base_model_name_or_path; adapter_model.safetensors with PEFT's key names), so
+# `peft` and transformers load them, and it reads PEFT LoRA folders as model paths. memlm's fused
+# projections map onto PEFT's separate ones exactly: a LoRA on qkv_proj (A [r, d], B [q+k+v, r]) is
+# a LoRA on each of q_proj, k_proj and v_proj with the same A and B's rows split. Folders in
+# memlm's earlier format (adapter.safetensors, keys rank/alpha/targets/base_model) still load.
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_WEIGHTS = "adapter.safetensors"  # memlm's earlier format
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -142,7 +152,8 @@ def is_adapter_folder(path: Path) -> bool:
 
 
 def save_adapter(folder: str | Path, model: nn.Module, config: dict, dtype=torch.bfloat16) -> Path:
-    """Write the adapter tensors and a JSON config (which must name `base_model`), atomically."""
+    """Write the adapter in PEFT's format, atomically. `config` must name `base_model`; it is kept
+    under the "memlm" key (rank, alpha, targets and training details)."""
     from safetensors.torch import save_file
 
     from memlm.atomic import atomic_write
@@ -151,34 +162,119 @@ def save_adapter(folder: str | Path, model: nn.Module, config: dict, dtype=torch
         raise MemlmError("an adapter config must name its base_model")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(dtype) for k, v in lora_state_dict(model).items()}
-    atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    tensors = {k: v.to(dtype).contiguous() for k, v in peft_state_dict(model).items()}
+    layers = dict(lora_layers(model))
+    first = next(iter(layers.values()))
+    targets = sorted({key.split(".")[-3] for key in tensors})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config["base_model"],
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "memlm": config,
+    }
+    atomic_write(folder / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
     return folder
 
 
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's names: fused projections split into the model's own."""
+    cfg = model.config
+    out = {}
+    for name, layer in lora_layers(model):
+        parent, _, fused = name.rpartition(".")
+        parts = _FUSED_PARTS.get(fused, (fused,))
+        sizes = _part_sizes(cfg, fused, layer.lora_b.shape[0])
+        for part, b in zip(parts, layer.lora_b.detach().split(sizes), strict=True):
+            key = f"{_PEFT_PREFIX}model.{_hf_module(parent)}.{part}"
+            out[f"{key}.lora_A.weight"] = layer.lora_a.detach().cpu().clone()  # one copy per projection
+            out[f"{key}.lora_B.weight"] = b.cpu().clone()
+    return out
+
+
+def _part_sizes(cfg, fused: str, rows: int) -> tuple[int, ...]:
+    if fused == "qkv_proj":
+        kv = cfg.num_kv_heads * cfg.head_dim
+        return (cfg.num_heads * cfg.head_dim, kv, kv)
+    if fused == "gate_up_proj":
+        return (rows // 2, rows // 2)
+    return (rows,)
+
+
+def _hf_module(memlm_path: str) -> str:
+    """memlm's module path -> the transformers one (`layers.0.mlp.shared` -> `layers.0.mlp.shared_expert`)."""
+    return memlm_path.replace(".mlp.shared", ".mlp.shared_expert")
+
+
 def read_adapter_config(folder: Path) -> dict:
+    """-> {"base_model", "rank", "alpha", "targets", "format": "peft" | "memlm", ...} for either format."""
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelFormatError(f"cannot read {folder / ADAPTER_CONFIG}: {e}") from None
+    if "peft_type" in config:
+        return _peft_config(folder, config)
     for key in ("base_model", "rank", "alpha", "targets"):
         if key not in config:
             raise ModelFormatError(f"{folder / ADAPTER_CONFIG} lacks {key!r}")
-    return config
+    return {**config, "format": "memlm"}
+
+
+def _peft_config(folder: Path, config: dict) -> dict:
+    where = folder / ADAPTER_CONFIG
+    if config["peft_type"] != "LORA":
+        raise ModelFormatError(f"{where}: PEFT method {config['peft_type']!r} is not supported (only LORA)")
+    unsupported = [
+        key
+        for key, off in (("use_dora", False), ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {}))
+        if config.get(key) not in (off, None)
+    ]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if config.get("layers_to_transform") is not None:
+        unsupported.append("layers_to_transform")
+    if unsupported:
+        raise ModelFormatError(f"{where}: LoRA options not supported: {', '.join(unsupported)}")
+    for key in ("r", "lora_alpha", "base_model_name_or_path"):
+        if config.get(key) is None:
+            raise ModelFormatError(f"{where} lacks {key!r}")
+    return {
+        **config.get("memlm", {}),
+        "base_model": config["base_model_name_or_path"],
+        "rank": int(config["r"]),
+        "alpha": float(config["lora_alpha"]),
+        "targets": config.get("target_modules") or [],
+        "rslora": bool(config.get("use_rslora", False)),
+        "format": "peft",
+    }
 
 
 def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
-    """Put the adapter of `folder` on `model` (merged into the weights by default); -> its config."""
+    """Put the adapter of `folder` on `model` (merged into the weights by default); -> its config.
+    A PEFT folder is always merged."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = read_adapter_config(folder)
-    add_lora(model, config["rank"], config["alpha"], tuple(config["targets"]))
+    weights = folder / (PEFT_WEIGHTS if config["format"] == "peft" else ADAPTER_WEIGHTS)
     try:
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
-        raise ModelFormatError(f"cannot read {folder / ADAPTER_WEIGHTS}: {e}") from None
+        raise ModelFormatError(f"cannot read {weights}: {e}") from None
+    if config["format"] == "peft":
+        _merge_peft(model, tensors, config, folder)
+        model.requires_grad_(False)
+        return config
+    add_lora(model, config["rank"], config["alpha"], tuple(config["targets"]))
     dtype = next(layer.lora_a.dtype for _, layer in lora_layers(model))
     try:
         load_lora_state_dict(model, {k: v.to(dtype) for k, v in tensors.items()})
@@ -188,3 +284,32 @@ def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
         merge_lora(model)
     model.requires_grad_(False)
     return config
+
+
+def _merge_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
+    """Add each PEFT module's B @ A * scaling to the rows of memlm's (possibly fused) weight it belongs to."""
+    scaling = config["alpha"] / (math.sqrt(config["rank"]) if config["rslora"] else config["rank"])
+    modules = sorted({key[: key.index(".lora_")] for key in tensors if ".lora_" in key})
+    if len(modules) * 2 != len(tensors):
+        raise ModelFormatError(f"{folder}: expected only lora_A / lora_B tensors in {PEFT_WEIGHTS}")
+    fused_of = {part: (fused, i) for fused, parts in _FUSED_PARTS.items() for i, part in enumerate(parts)}
+    for module in modules:
+        path = module.removeprefix(_PEFT_PREFIX).removeprefix("model.").replace(".shared_expert.", ".shared.")
+        parent, _, part = path.rpartition(".")
+        try:
+            a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+        except KeyError:
+            raise ModelFormatError(f"{folder}: {module} lacks lora_A or lora_B") from None
+        fused, index = fused_of.get(part, (part, 0))
+        try:
+            target = model.get_submodule(f"{parent}.{fused}").weight
+        except AttributeError:
+            raise ModelFormatError(f"{folder}: LoRA on {module!r}, which this model does not have") from None
+        sizes = _part_sizes(model.config, fused, target.shape[0])
+        start = sum(sizes[:index])
+        delta = (b.float() @ a.float()) * scaling
+        if delta.shape != (sizes[index], target.shape[1]):
+            raise ModelFormatError(f"{folder}: {module} has shape {tuple(delta.shape)}, the model expects "
+                                   f"{(sizes[index], target.shape[1])}")
+        with torch.no_grad():
+            target[start : start + sizes[index]] += delta.to(target.dtype)
