@@ -114,3 +114,50 @@ def test_dispatch_strategies_agree(tokens):
             outputs[mode] = block(x)
     for mode in DISPATCHES:
         torch.testing.assert_close(outputs[mode], outputs["loop"], atol=1e-5, rtol=1e-5)
+
+
+def test_load_balancing_loss_matches_transformers_and_z_loss():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from memlm.models.moe import expert_load, load_balancing_loss, router_z_loss
+
+    torch.manual_seed(0)
+    logits = [torch.randn(12, 6) * 2, torch.randn(12, 6)]
+    expected = load_balancing_loss_func(tuple(logits), num_experts=6, top_k=2)
+    torch.testing.assert_close(load_balancing_loss(logits, top_k=2), expected)
+    balanced = [torch.zeros(6, 6).fill_diagonal_(5.0)]  # each expert first for exactly one token
+    assert load_balancing_loss(balanced, top_k=1).item() == pytest.approx(1.0, abs=0.05)
+    torch.testing.assert_close(expert_load(balanced, 1), torch.full((6,), 1 / 6))
+    z = router_z_loss(logits)
+    assert z.item() == pytest.approx(sum(torch.logsumexp(x, -1).pow(2).mean().item() for x in logits) / 2, rel=1e-5)
+
+
+def test_the_auxiliary_loss_keeps_the_experts_in_use():
+    """A router that starts out preferring one expert: without the auxiliary loss it stays collapsed,
+    with it the load spreads over the experts (same data, same steps)."""
+    from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of
+
+    def train(aux: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        block = MoEBlock(16, 16, experts=4, top_k=1, normalize=False)
+        with torch.no_grad():
+            block.gate.weight.zero_()
+            block.gate.weight[0, 0] = 3.0  # every input has x[0] = 1: expert 0 wins everywhere
+        optimizer = torch.optim.Adam(block.parameters(), lr=3e-2)
+        data = torch.randn(256, 16)
+        data[:, 0] = 1.0
+        target = torch.sin(data[:, 1:2] * 3).expand(-1, 16)
+        for _ in range(150):
+            out = block(data)
+            loss = (out - target).pow(2).mean() + aux * load_balancing_loss(router_logits_of(block), top_k=1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            block(data)
+        return expert_load(router_logits_of(block), top_k=1)
+
+    collapsed, balanced = train(0.0), train(0.1)
+    entropy = lambda load: -(load * load.clamp_min(1e-9).log()).sum().item()
+    assert collapsed.max() > 0.9  # one expert takes nearly everything
+    assert balanced.max() < 0.5 and entropy(balanced) > entropy(collapsed) + 0.5

@@ -122,3 +122,42 @@ class MoEBlock(nn.Module):
             token, slot = torch.where(ids == e)
             out.index_add_(0, token, self._expert(e, x[token]) * weights[token, slot, None])
         return out
+
+
+# ---- training: keeping the experts in use ---------------------------------------------------------
+
+
+def router_logits_of(model: nn.Module) -> list[torch.Tensor]:
+    """The router logits [tokens, E] of every MoE block from the model's last forward."""
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    return [m.last_router_logits for m in blocks if m.last_router_logits is not None]
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """The Switch / Mixtral auxiliary loss: E * sum_e f_e * P_e, where f_e is the share of top-k
+    assignments expert e receives and P_e its mean router probability, pooled over layers. It is
+    top_k when every expert gets the same share, and grows as the routing collapses onto a few."""
+    experts = router_logits[0].shape[-1]
+    counts = torch.zeros(experts, device=router_logits[0].device)
+    probs_sum = torch.zeros(experts, device=router_logits[0].device)
+    rows = 0
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)
+        chosen = probs.topk(top_k, dim=-1).indices
+        counts = counts + torch.bincount(chosen.flatten(), minlength=experts).float()
+        probs_sum = probs_sum + probs.sum(dim=0)
+        rows += probs.shape[0]
+    return experts * ((counts / rows) * (probs_sum / rows)).sum()
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE's z-loss: the mean squared log-partition of the router logits (keeps them small)."""
+    return torch.stack([torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits]).mean()
+
+
+def expert_load(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Share of top-k assignments per expert [E], pooled over layers (sums to 1): what the trainer logs."""
+    experts = router_logits[0].shape[-1]
+    counts = sum(torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=experts).float()
+                 for logits in router_logits)
+    return counts / counts.sum()
