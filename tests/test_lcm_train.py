@@ -99,6 +99,26 @@ def test_retrained_variants_share_the_stage_1_decoder(stages, data, tmp_path, me
     assert all(torch.equal(decoder[k], variant.state_dict()[k]) for k in decoder)
 
 
+def test_an_moe_decoder_trains_with_the_balancing_loss_and_generates(data, tmp_path):
+    import json
+
+    import memlm
+    from memlm.models.moe import MoEBlock
+
+    out = tmp_path / "moe"
+    cfg = LCMTrainConfig(str(data), str(out), 1, steps=3, intermediate_size=24, decoder_experts=4,
+                         decoder_experts_per_token=2, **SHAPE, **SHORT)
+    run_lcm_stage(cfg)
+    logged = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    balance = [row["expert_balance"] for row in logged if "expert_balance" in row]
+    assert balance and all(b >= 0.99 for b in balance)  # 1 is an even load; the loss is k times this
+    engine = memlm.load(str(out / "model"))
+    assert sum(isinstance(m, MoEBlock) for m in engine.model.decoder.modules()) == 2
+    assert engine.model.config.decoder_experts == 4
+    generated = engine.generate("The fire", memlm.SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(generated.token_ids) == 4
+
+
 def test_stage_2_needs_a_stage_1_model(data, tmp_path):
     with pytest.raises(MemlmError, match="needs --init"):
         run_lcm_stage(LCMTrainConfig(str(data), str(tmp_path / "x"), 2, **SHORT))

@@ -39,6 +39,10 @@ def train_lcm(
     z_dim: Annotated[int, typer.Option(help="Bottleneck width (stage 1).")] = 64,
     codes: Annotated[int, typer.Option(help="Codes per grid (stage 1).")] = 64,
     max_loop_steps: Annotated[int, typer.Option(help="Reasoning-loop step limit (stage 1).")] = 3,
+    decoder_experts: Annotated[
+        int, typer.Option(help="Mixture-of-experts FFNs in the decoder: this many experts (0 = dense; stage 1).")
+    ] = 0,
+    experts_per_token: Annotated[int, typer.Option(help="Experts each token is routed to (stage 1).")] = 2,
     save_every: Annotated[int, typer.Option(help="Checkpoint (and held-out bits/byte) every N steps.")] = 40,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
 ):
@@ -66,6 +70,8 @@ def train_lcm(
             z_dim=z_dim,
             codes=codes,
             max_loop_steps=max_loop_steps,
+            decoder_experts=decoder_experts,
+            decoder_experts_per_token=experts_per_token,
             save_every=save_every,
             resume=resume,
         )

@@ -29,7 +29,9 @@ class LCMConfig:
     num_heads: int = 4
     encoder_layers: int = 2
     decoder_layers: int = 4
-    intermediate_size: int = 512  # GLU hidden width
+    intermediate_size: int = 512  # GLU hidden width (each expert's, with decoder_experts)
+    decoder_experts: int = 0  # > 0: the decoder's FFNs are mixture-of-experts blocks (memlm/models/moe.py)
+    decoder_experts_per_token: int = 2
     conv_kernel: int = 4  # causal depthwise convolution before each linear attention (local word order)
     z_dim: int = 64  # the bottleneck the grids work on
     codes: int = 64  # codes per grid (the hierarchical grid has two levels of codes // 2)
@@ -55,6 +57,8 @@ class LCMConfig:
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ModelFormatError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.decoder_experts and not 0 < self.decoder_experts_per_token <= self.decoder_experts:
+            raise ModelFormatError("decoder_experts_per_token must be between 1 and decoder_experts")
         if self.memory not in ("grids", "continuous", "single", "none"):
             raise ModelFormatError(f"unknown LCM memory kind {self.memory!r}")
         unknown = set(self.grids_off) - set(GRID_NAMES)

@@ -140,12 +140,17 @@ class GLU(nn.Module):
 class Block(nn.Module):
     """x + attention(conv(norm(x))), then x + GLU(norm(x)): residual and normalised."""
 
-    def __init__(self, width: int, heads: int, hidden: int, kernel: int):
+    def __init__(self, width: int, heads: int, hidden: int, kernel: int, experts: int = 0, top_k: int = 2):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
         self.conv = CausalConv(width, kernel)
         self.attention = LinearAttention(width, heads)
-        self.mlp = GLU(width, hidden)
+        if experts:
+            from memlm.models.moe import MoEBlock
+
+            self.mlp = MoEBlock(width, hidden, experts, top_k, normalize=True)
+        else:
+            self.mlp = GLU(width, hidden)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, state: BlockState | None = None) -> torch.Tensor:
         x = x + self.attention(self.conv(self.norm1(x), valid, state), valid, state)
@@ -155,9 +160,9 @@ class Block(nn.Module):
 class Stack(nn.Module):
     """Embedding-free stack of blocks with per-layer additive conditioning (the decoder's z_q)."""
 
-    def __init__(self, layers: int, width: int, heads: int, hidden: int, kernel: int):
+    def __init__(self, layers: int, width: int, heads: int, hidden: int, kernel: int, experts: int = 0, top_k: int = 2):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, hidden, kernel) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, hidden, kernel, experts, top_k) for _ in range(layers))
         self.norm = RMSNorm(width)
         self.heads, self.width, self.kernel = heads, width, kernel
 

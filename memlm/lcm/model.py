@@ -42,7 +42,15 @@ class GenHead(nn.Module):
     def __init__(self, cfg: LCMConfig):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.stack = Stack(cfg.decoder_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.conv_kernel)
+        self.stack = Stack(
+            cfg.decoder_layers,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.intermediate_size,
+            cfg.conv_kernel,
+            cfg.decoder_experts,
+            cfg.decoder_experts_per_token,
+        )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight
 

@@ -65,6 +65,26 @@ class LCMTrainConfig:
     codes: int = 64
     memory: str | None = None  # grids (default for stage 1), continuous, single, none; later stages: as --init
     max_loop_steps: int = 3
+    decoder_experts: int = 0  # > 0: MoE FFNs in the decoder, trained with the load-balancing loss
+    decoder_experts_per_token: int = 2
+
+
+ROUTER_AUX_WEIGHT = 0.01  # load-balancing loss (Switch / Mixtral)
+ROUTER_Z_WEIGHT = 0.001  # router z-loss (ST-MoE)
+
+
+def _router_losses(model: LCMModel, loss: torch.Tensor, extras: dict) -> torch.Tensor:
+    """Add the MoE decoder's load-balancing and z losses; log its balance (1 = even) and busiest expert."""
+    from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
+
+    logits = router_logits_of(model.decoder)
+    if not logits:
+        return loss
+    k = model.config.decoder_experts_per_token
+    balance = load_balancing_loss(logits, k)
+    extras["expert_balance"] = float(balance.detach()) / k
+    extras["expert_max_share"] = float(expert_load([x.detach() for x in logits], k).max())
+    return loss + ROUTER_AUX_WEIGHT * balance + ROUTER_Z_WEIGHT * router_z_loss(logits)
 
 
 def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
@@ -98,10 +118,12 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
         ids = batch["ids"]
         logits, aux = lm(ids[:, :-1], use_memory=use_memory, with_regularisers=use_memory)
         ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        extras = {"ce": float(ce.detach())}
         if not use_memory:
-            return ce
+            return (_router_losses(model, ce, extras), extras) if model.config.decoder_experts else ce
         loss = ce + sum(LOSS_WEIGHTS[k] * aux[k] for k in LOSS_WEIGHTS if k in aux)
-        extras = {"ce": float(ce.detach()), "vq": float(aux["vq"].detach())}
+        loss = _router_losses(model, loss, extras)
+        extras["vq"] = float(aux["vq"].detach())
         trace = aux["trace"]
         extras["loop_steps"] = float(trace.steps.float().mean())
         entropy = trace.route_entropy()
@@ -162,6 +184,8 @@ def _new_config(cfg: LCMTrainConfig, header: dict) -> LCMConfig:
         memory=cfg.memory or "grids",
         max_loop_steps=cfg.max_loop_steps,
         eos_token_ids=(header["eos_id"],),
+        decoder_experts=cfg.decoder_experts,
+        decoder_experts_per_token=cfg.decoder_experts_per_token,
     )
 
 
