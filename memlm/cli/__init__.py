@@ -674,7 +674,7 @@ def _fail(message: str) -> None:
 
 
 # Command groups in their own modules register on the apps above.
-from memlm.cli import data_commands, lcm_commands, serve_commands  # noqa: E402, F401
+from memlm.cli import data_commands, lcm_commands, prune_commands, serve_commands  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

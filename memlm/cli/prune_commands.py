@@ -1,0 +1,67 @@
+"""`memlm prune`: structured pruning of a Llama-family model (memlm/models/prune.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from memlm.cli import DEFAULT_MODEL, ModelOpt, _out_dir, app
+from memlm.errors import MemlmError
+
+
+def calibration_windows(tokenizer, source: str, windows: int, seq_len: int) -> list[list[int]]:
+    """The first `windows` windows of `seq_len` tokens of a corpus (a name such as gensim:enwiki, or a
+    text file), its documents joined in order: deterministic, so a pruning run can be repeated."""
+    from memlm.data.corpus import read_documents
+
+    ids: list[int] = []
+    for doc in read_documents(source):
+        ids += tokenizer.encode(doc + "\n\n", add_special_tokens=False)
+        if len(ids) >= windows * seq_len:
+            break
+    chunks = [ids[i : i + seq_len] for i in range(0, windows * seq_len, seq_len)]
+    chunks = [c for c in chunks if len(c) == seq_len]
+    if not chunks:
+        raise MemlmError(f"calibration text {source!r} is shorter than one window of {seq_len} tokens")
+    return chunks
+
+
+@app.command()
+def prune(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="layers, ffn (intermediate channels) or heads (KV groups).")] = "layers",
+    amount: Annotated[float, typer.Option(help="Fraction of the layers / channels / groups to remove.")] = 0.25,
+    calib: Annotated[str, typer.Option(help="Calibration text: a corpus name or a text file.")] = "gensim:enwiki",
+    out: Annotated[str, typer.Option("--out", help="Output folder (a Hugging Face model folder).")] = "",
+    criterion: Annotated[str, typer.Option(help="measured (block influence / activation x weight) or random.")] = (
+        "measured"
+    ),
+    windows: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
+):
+    """Remove the least important layers, FFN channels or attention-head groups; write a smaller model."""
+    from memlm.models.loading import load_model, save_model
+    from memlm.models.prune import METHODS
+    from memlm.models.prune import prune as prune_model
+
+    if method not in METHODS:
+        raise MemlmError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not 0 < amount < 1:
+        raise MemlmError(f"--amount is a fraction in (0, 1), got {amount}")
+    if windows < 1 or seq_len < 2:
+        raise MemlmError("--windows must be >= 1 and --seq-len >= 2")
+    _out_dir(out)
+    loaded = load_model(model)
+    if not hasattr(loaded.model, "layers"):
+        raise MemlmError("memlm prune works on Llama-family models (this one is an LCM)")
+    calibration = calibration_windows(loaded.tokenizer, calib, windows, seq_len) if criterion == "measured" else None
+    pruned, report = prune_model(loaded.model, method, amount, calibration, criterion, seed)
+    before = sum(p.numel() for p in loaded.model.parameters())
+    after = sum(p.numel() for p in pruned.parameters())
+    note = {"pruned_from": model, "calibration": calib, "windows": windows, "seq_len": seq_len, **report}
+    save_model(out, pruned, loaded.tokenizer, note=note)
+    summary = {k: v for k, v in report.items() if k != "scores"}
+    print(json.dumps({"out": out, "parameters_before": before, "parameters_after": after, **summary}))
