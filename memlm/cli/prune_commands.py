@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from memlm.cli import DEFAULT_MODEL, ModelOpt, _out_dir, app
+from memlm.cli import DEFAULT_MODEL, ModelOpt, _int_list, _out_dir, app, bench_app
 from memlm.errors import MemlmError
 
 
@@ -65,3 +65,20 @@ def prune(
     save_model(out, pruned, loaded.tokenizer, note=note)
     summary = {k: v for k, v in report.items() if k != "scores"}
     print(json.dumps({"out": out, "parameters_before": before, "parameters_after": after, **summary}))
+
+
+@bench_app.command("prune")
+def bench_prune(
+    model: ModelOpt = DEFAULT_MODEL,
+    amounts: Annotated[str, typer.Option(help="Comma-separated percentages to remove.")] = "10,25,40",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
+):
+    """Each method at each amount, measured criterion vs random: parameters, held-out perplexity, decode tok/s."""
+    from memlm.bench.prune import run_prune_bench
+
+    percents = _int_list(amounts, "--amounts")
+    if max(percents) >= 100 or threads < 1:
+        raise MemlmError("--amounts are percentages below 100; --threads >= 1")
+    run_prune_bench(model, tuple(p / 100 for p in percents), threads=threads, json_path=json_path, plot_path=plot)
