@@ -72,6 +72,24 @@ def test_the_pruned_folder_loads_in_transformers(method, tmp_path):
     torch.testing.assert_close(_logits(load_model(str(folder)).model, ids), _logits(pruned, ids))
 
 
+def test_healing_lowers_the_loss_on_its_text_and_leaves_plain_weights(tmp_path):
+    from memlm.models.lora import lora_layers
+    from memlm.models.prune import heal
+
+    pruned, _ = prune(_model(), "layers", 0.5, _windows())
+    text = _windows(n=4, length=33, seed=5)
+    ids = torch.tensor(text)
+
+    def loss():
+        logits = _logits(pruned, ids[:, :-1])
+        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
+
+    before = loss()
+    heal(pruned, text, steps=12, out_dir=str(tmp_path / "heal"), lr=3e-3, lora_rank=4, batch_size=4, progress=False)
+    assert not list(lora_layers(pruned))  # merged back: a plain model of the pruned shape
+    assert loss() < before
+
+
 def test_block_influence_finds_a_block_that_does_nothing():
     model = _model()
     with torch.no_grad():
@@ -105,11 +123,12 @@ def test_the_prune_command_writes_a_loadable_smaller_model(tmp_path, memlm_cli):
     text.write_text("\n\n".join(f"Paragraph {i}: memory is first-class in this runtime." for i in range(20)))
     out = tmp_path / "pruned"
     run = subprocess.run([*memlm_cli, "prune", "--model", str(base), "--method", "ffn", "--amount", "0.5",
-                          "--calib", str(text), "--windows", "2", "--seq-len", "32", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+                          "--calib", str(text), "--windows", "2", "--seq-len", "32", "--heal-steps", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["parameters_after"] < summary["parameters_before"]
+    assert summary["healing"]["steps"] == 2 and summary["healing"]["final_loss"] > 0
     assert load_model(str(out)).model.config.intermediate_size == 48
     bad = subprocess.run([*memlm_cli, "prune", "--model", str(base), "--amount", "2", "--out", str(tmp_path / "b")],
                          capture_output=True, text=True, timeout=300)

@@ -41,6 +41,9 @@ def prune(
     windows: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
+    heal_steps: Annotated[
+        int, typer.Option(help="Then heal: a LoRA fine-tune of this many steps on the calibration text (0 = none).")
+    ] = 0,
 ):
     """Remove the least important layers, FFN channels or attention-head groups; write a smaller model."""
     from memlm.models.loading import load_model, save_model
@@ -51,14 +54,24 @@ def prune(
         raise MemlmError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0 < amount < 1:
         raise MemlmError(f"--amount is a fraction in (0, 1), got {amount}")
-    if windows < 1 or seq_len < 2:
-        raise MemlmError("--windows must be >= 1 and --seq-len >= 2")
+    if windows < 1 or seq_len < 2 or heal_steps < 0:
+        raise MemlmError("--windows must be >= 1, --seq-len >= 2 and --heal-steps >= 0")
     _out_dir(out)
     loaded = load_model(model)
     if not hasattr(loaded.model, "layers"):
         raise MemlmError("memlm prune works on Llama-family models (this one is an LCM)")
-    calibration = calibration_windows(loaded.tokenizer, calib, windows, seq_len) if criterion == "measured" else None
-    pruned, report = prune_model(loaded.model, method, amount, calibration, criterion, seed)
+    needs_text = criterion == "measured" or heal_steps
+    calibration = calibration_windows(loaded.tokenizer, calib, windows, seq_len) if needs_text else None
+    pruned, report = prune_model(loaded.model, method, amount, calibration if criterion == "measured" else None,
+                                 criterion, seed)
+    if heal_steps:
+        import tempfile
+
+        from memlm.models.prune import heal
+
+        with tempfile.TemporaryDirectory() as scratch:  # the loop's checkpoints; the model is saved below
+            last = heal(pruned, calibration, heal_steps, scratch, batch_size=min(4, len(calibration)), seed=seed)
+        report["healing"] = {"steps": heal_steps, "lora_rank": 16, "final_loss": last.get("loss")}
     before = sum(p.numel() for p in loaded.model.parameters())
     after = sum(p.numel() for p in pruned.parameters())
     note = {"pruned_from": model, "calibration": calib, "windows": windows, "seq_len": seq_len, **report}
