@@ -5,8 +5,9 @@ twice: by the measured criterion and by random choice (the control the criterion
 Calibration and evaluation text are different documents of the Wikipedia sample in the gensim
 wheel: even-numbered documents calibrate, odd-numbered ones evaluate. Reported per row:
 parameters, held-out perplexity (the evaluation windows, whole-window forward), and greedy decode
-tok/s at batch 1 and 8 (best of two runs), all in this process, one model after the other.
-No healing fine-tune is run here (see bench/README.md).
+tok/s at batch 1 and 8 (best of two runs), all in this process, one model after the other. With
+`heal_steps`, the measured rows of `heal_methods` are also healed (LoRA on the calibration windows,
+merged) and measured again.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def decode_speed(model, tokenizer, batch: int, new_tokens: int = 32) -> float:
 
 def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers", "ffn", "heads"), threads: int = 2,
                     windows: int = 16, seq_len: int = 256, json_path: str | None = None,
-                    plot_path: str | None = None) -> dict:
+                    plot_path: str | None = None, heal_steps: int = 0, heal_methods=("layers",)) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -87,17 +88,28 @@ def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers"
                 continue  # e.g. 10 % of 3 KV groups: nothing to remove
             for criterion in ("measured", "random"):
                 pruned, report = prune(model, method, amount, calibration, criterion, seed=0)
-                rows.append(measure(pruned, method=method, amount=amount, criterion=criterion,
-                                    removed=report[method] if method == "layers" else None))
+                removed = report[method] if method == "layers" else None
+                rows.append(measure(pruned, method=method, amount=amount, criterion=criterion, removed=removed))
+                if heal_steps and criterion == "measured" and method in heal_methods:
+                    import tempfile
+
+                    from memlm.models.prune import heal
+
+                    with tempfile.TemporaryDirectory() as scratch:
+                        heal(pruned, calibration, heal_steps, scratch, progress=False)
+                    label = f"measured+{heal_steps} healing"
+                    rows.append(measure(pruned, method=method, amount=amount, criterion=label, removed=removed))
     base = rows[0]
     for r in rows:
         r["perplexity_ratio"] = round(r["perplexity"] / base["perplexity"], 3)
         r["decode_b1_speedup"] = round(r["decode_b1_tok_s"] / base["decode_b1_tok_s"], 3)
         r["decode_b8_speedup"] = round(r["decode_b8_tok_s"] / base["decode_b8_tok_s"], 3)
     result = {"benchmark": "prune", "model": model_name, "threads": threads, "calibration_windows": len(calibration),
-              "evaluation_windows": len(evaluation), "seq_len": seq_len, "healing": None, "rows": rows,
+              "evaluation_windows": len(evaluation), "seq_len": seq_len,
+              "healing": {"steps": heal_steps, "methods": list(heal_methods), "lora_rank": 16, "batch": 4,
+                          "text": "the calibration windows"} if heal_steps else None, "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
-    table = Table(title=f"structured pruning of {model_name} (no healing), {threads} threads")
+    table = Table(title=f"structured pruning of {model_name}, {threads} threads")
     for column in ("method", "amount", "criterion", "parameters", "perplexity", "vs original", "b1 speed-up",
                    "b8 speed-up"):
         table.add_column(column, justify="right")
@@ -124,12 +136,16 @@ def _plot(result: dict, path: str) -> None:
     for method, color in zip(("layers", "ffn", "heads"), ("C0", "C1", "C2"), strict=True):
         for criterion, style in (("measured", "o-"), ("random", "x--")):
             mine = [r for r in rows if r["method"] == method and r["criterion"] == criterion]
+            healed = [r for r in rows if r["method"] == method and r["criterion"].startswith("measured+")]
+            if healed and criterion == "measured":
+                left.plot([100 * r["amount"] for r in healed], [r["perplexity_ratio"] for r in healed], "s:",
+                          color=color, label=f"{method}, measured + healing")
             if mine:
                 amounts = [100 * r["amount"] for r in mine]
                 ratios = [r["perplexity_ratio"] for r in mine]
                 left.plot(amounts, ratios, style, color=color, label=f"{method}, {criterion}")
                 right.plot(amounts, [r["decode_b1_speedup"] for r in mine], style, color=color)
-    left.set(yscale="log", xlabel="% removed", ylabel="held-out perplexity / original", title="quality (no healing)")
+    left.set(yscale="log", xlabel="% removed", ylabel="held-out perplexity / original", title="quality")
     right.set(xlabel="% removed", ylabel="decode tok/s / original (batch 1)", title="speed")
     left.legend(fontsize=8)
     fig.suptitle(f"memlm prune — {result['model']}")

@@ -87,11 +87,13 @@ def bench_prune(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
+    heal_steps: Annotated[int, typer.Option(help="Also heal the measured layer-pruned models this many steps.")] = 0,
 ):
     """Each method at each amount, measured criterion vs random: parameters, held-out perplexity, decode tok/s."""
     from memlm.bench.prune import run_prune_bench
 
     percents = _int_list(amounts, "--amounts")
-    if max(percents) >= 100 or threads < 1:
-        raise MemlmError("--amounts are percentages below 100; --threads >= 1")
-    run_prune_bench(model, tuple(p / 100 for p in percents), threads=threads, json_path=json_path, plot_path=plot)
+    if max(percents) >= 100 or threads < 1 or heal_steps < 0:
+        raise MemlmError("--amounts are percentages below 100; --threads >= 1; --heal-steps >= 0")
+    run_prune_bench(model, tuple(p / 100 for p in percents), threads=threads, json_path=json_path, plot_path=plot,
+                    heal_steps=heal_steps)
