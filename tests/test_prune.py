@@ -76,7 +76,8 @@ def test_healing_lowers_the_loss_on_its_text_and_leaves_plain_weights(tmp_path):
     from memlm.models.lora import lora_layers
     from memlm.models.prune import heal
 
-    pruned, _ = prune(_model(), "layers", 0.5, _windows())
+    source = _model()
+    pruned, _ = prune(source, "layers", 0.5, _windows())
     text = _windows(n=4, length=33, seed=5)
     ids = torch.tensor(text)
 
@@ -85,7 +86,9 @@ def test_healing_lowers_the_loss_on_its_text_and_leaves_plain_weights(tmp_path):
         return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
 
     before = loss()
+    original = {k: v.clone() for k, v in source.state_dict().items()}
     heal(pruned, text, steps=12, out_dir=str(tmp_path / "heal"), lr=3e-3, lora_rank=4, batch_size=4, progress=False)
+    assert all(torch.equal(v, original[k]) for k, v in source.state_dict().items())  # shares nothing with it
     assert not list(lora_layers(pruned))  # merged back: a plain model of the pruned shape
     assert loss() < before
 

@@ -103,7 +103,7 @@ def prune(
         scores = [rng.random() for _ in range(units)]
     else:
         scores = [[rng.random() for _ in range(units)] for _ in range(cfg.num_layers)]
-    state = unfuse_state_dict(model)
+    state = {k: v.clone() for k, v in unfuse_state_dict(model).items()}  # the pruned model owns its tensors
     if method == "layers":
         keep = sorted(sorted(range(units), key=lambda i: -scores[i])[: units - remove])
         state, new_cfg = _drop_layers(state, cfg, keep)
