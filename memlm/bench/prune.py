@@ -20,26 +20,6 @@ import torch
 from memlm.atomic import atomic_write, write_json_atomic
 
 
-def _windows(tokenizer, docs: list[str], count: int, seq_len: int) -> list[list[int]]:
-    ids: list[int] = []
-    for doc in docs:
-        ids += tokenizer.encode(doc + "\n\n", add_special_tokens=False)
-        if len(ids) >= count * seq_len:
-            break
-    return [ids[i : i + seq_len] for i in range(0, count * seq_len, seq_len) if len(ids[i : i + seq_len]) == seq_len]
-
-
-@torch.no_grad()
-def perplexity(model, windows: list[list[int]]) -> float:
-    nll, count = 0.0, 0
-    for ids in windows:
-        tokens = torch.tensor([ids])
-        logits = model.logits(model.forward_tokens(tokens, torch.arange(len(ids))[None]))[0, :-1]
-        nll += float(torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="sum"))
-        count += len(ids) - 1
-    return math.exp(nll / count)
-
-
 def decode_speed(model, tokenizer, batch: int, new_tokens: int = 32) -> float:
     from memlm.generation.engine import Engine
     from memlm.generation.params import SamplingParams
@@ -61,20 +41,23 @@ def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers"
     from rich.console import Console
     from rich.table import Table
 
+    from memlm.bench.decode import perplexity
     from memlm.data.corpus import read_documents
     from memlm.models.loading import load_model
-    from memlm.models.prune import prune
+    from memlm.models.prune import prune, token_windows
 
     torch.set_num_threads(threads)
     loaded = load_model(model_name)
     model, tokenizer = loaded.model, loaded.tokenizer
     docs = read_documents("gensim:enwiki")
-    calibration = _windows(tokenizer, docs[0::2], windows, seq_len)
-    evaluation = _windows(tokenizer, docs[1::2], windows, seq_len)
+    calibration = token_windows(tokenizer, docs[0::2], windows, seq_len)
+    evaluation = token_windows(tokenizer, docs[1::2], windows, seq_len)
+    evaluation_ids = [t for window in evaluation for t in window]  # scored window by window
     console = Console(width=140)
 
     def measure(m, **fields) -> dict:
-        row = {**fields, "parameters": sum(p.numel() for p in m.parameters()), "perplexity": perplexity(m, evaluation),
+        row = {**fields, "parameters": sum(p.numel() for p in m.parameters()),
+               "perplexity": perplexity(m, evaluation_ids, window=seq_len),
                "decode_b1_tok_s": decode_speed(m, tokenizer, 1), "decode_b8_tok_s": decode_speed(m, tokenizer, 8)}
         console.print(row)
         return row

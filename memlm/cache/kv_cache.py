@@ -210,9 +210,10 @@ class KVCache:
 
     def extend(self, other: KVCache) -> None:
         """Append another cache's rows to this batch (requests joining a running batch)."""
+        capacity = max(self.capacity, other.capacity)
         for cache in (self, other):
-            if cache.capacity < other.capacity or cache.capacity < self.capacity:
-                cache._grow_to(max(self.capacity, other.capacity))
+            if cache.capacity < capacity:
+                cache._grow_to(capacity)
         self.track(other.track_attention, other.track_importance)
         other.track(self.track_attention, self.track_importance)
         rows, joining = self._rows, other.batch_size

@@ -15,14 +15,9 @@ def calibration_windows(tokenizer, source: str, windows: int, seq_len: int) -> l
     """The first `windows` windows of `seq_len` tokens of a corpus (a name such as gensim:enwiki, or a
     text file), its documents joined in order: deterministic, so a pruning run can be repeated."""
     from memlm.data.corpus import read_documents
+    from memlm.models.prune import token_windows
 
-    ids: list[int] = []
-    for doc in read_documents(source):
-        ids += tokenizer.encode(doc + "\n\n", add_special_tokens=False)
-        if len(ids) >= windows * seq_len:
-            break
-    chunks = [ids[i : i + seq_len] for i in range(0, windows * seq_len, seq_len)]
-    chunks = [c for c in chunks if len(c) == seq_len]
+    chunks = token_windows(tokenizer, read_documents(source), windows, seq_len)
     if not chunks:
         raise MemlmError(f"calibration text {source!r} is shorter than one window of {seq_len} tokens")
     return chunks

@@ -137,7 +137,6 @@ class ModelConfig:
             d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.experts_per_token)
             d["intermediate_size"] = self.expert_intermediate_size
         elif self.num_experts:
-            sparse = [i for i in range(self.num_layers) if i in self.moe_layers]
             d.update(
                 num_experts=self.num_experts,
                 num_local_experts=self.num_experts,
@@ -145,7 +144,7 @@ class ModelConfig:
                 moe_intermediate_size=self.expert_intermediate_size,
                 norm_topk_prob=self.norm_topk_prob,
                 decoder_sparse_step=1,
-                mlp_only_layers=[i for i in range(self.num_layers) if i not in sparse],
+                mlp_only_layers=[i for i in range(self.num_layers) if i not in self.moe_layers],
             )
             if self.shared_expert_intermediate_size:
                 d["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size

@@ -28,6 +28,16 @@ from memlm.models.weights import build_model, unfuse_state_dict
 METHODS = ("layers", "ffn", "heads")
 
 
+def token_windows(tokenizer, documents, count: int, seq_len: int) -> list[list[int]]:
+    """The first `count` full windows of `seq_len` tokens of the documents, joined in order (deterministic)."""
+    ids: list[int] = []
+    for doc in documents:
+        ids += tokenizer.encode(doc + "\n\n", add_special_tokens=False)
+        if len(ids) >= count * seq_len:
+            break
+    return [ids[i : i + seq_len] for i in range(0, count * seq_len, seq_len) if len(ids[i : i + seq_len]) == seq_len]
+
+
 @torch.no_grad()
 def importance(model: LlamaModel, method: str, windows: list[list[int]]) -> list[list[float]] | list[float]:
     """Scores of the prunable units: per layer (layers), or per layer and channel / KV group."""

@@ -372,7 +372,7 @@ class _View:
     def response(self) -> dict:
         choices = []
         for i, r in enumerate(self.requests):
-            finish = _finish_reason(r)
+            finish = r.finish_reason
             if self.chat:
                 choice = {"index": i, "message": {"role": "assistant", "content": r.text},
                           "logprobs": self._chat_logprobs(r, 0, len(r.logprobs)) if self.logprobs is not None else None,
@@ -436,7 +436,7 @@ class _View:
                 choice["logprobs"] = self._chat_logprobs(r, start, len(r.logprobs))
             else:
                 choice["logprobs"] = self._completion_logprobs(r, start, len(r.logprobs))
-        choice["finish_reason"] = _finish_reason(r) if d.finish_reason else None
+        choice["finish_reason"] = r.finish_reason if d.finish_reason else None
         if wants_memory:
             choice["memory"] = self._step_memory(d)
         if d.finish_reason and self.body.return_memory_trace:
@@ -511,7 +511,3 @@ class _View:
         if r.memory_trace is not None:  # an LCM: the reasoning loop behind each token
             out["codebook"] = r.memory_trace
         return out
-
-
-def _finish_reason(r: EngineRequest) -> str | None:
-    return r.finish_reason
