@@ -3,12 +3,15 @@
 __version__ = "0.1.0"
 
 
-def load(name_or_path: str | None = None, dtype: str = "float32"):
-    """Load a model by name (default: the embedded SmolLM2-135M-Instruct) or path; return an Engine."""
+def load(name_or_path: str | None = None, dtype: str = "float32", activations: str = "float32"):
+    """Load a model by name (default: the embedded SmolLM2-135M-Instruct) or path; return an Engine.
+
+    dtype: float32, bfloat16, int8, or GGUF blocks q4_0 / q4_1 / q8_0 (native kernels); with those,
+    activations float32 (exact against the quantized weights) or q8_0 (llama.cpp's int8 blocks)."""
     from memlm.generation.engine import Engine
     from memlm.models.loading import DEFAULT_MODEL
 
-    return Engine.load(name_or_path or DEFAULT_MODEL, dtype=dtype)
+    return Engine.load(name_or_path or DEFAULT_MODEL, dtype=dtype, activations=activations)
 
 
 def __getattr__(name):  # lazy: `import memlm` stays cheap for the CLI's --help

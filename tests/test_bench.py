@@ -43,6 +43,13 @@ def _rows():
     return [row("memlm", 1, 60.0), row("memlm", 8, 200.0), row("hf", 1, 20.0), row("hf", 8, 80.0)]
 
 
+def _rows_with_llama_cpp():
+    q4 = [{**r, "dtype": "q4_1", "decode_tok_s": 2 * r["decode_tok_s"]} for r in _rows() if r["engine"] == "memlm"]
+    llama = [{**r, "engine": "llama.cpp", "dtype": "gguf file", "decode_tok_s": 100.0} for r in _rows()[2:]]
+    llama[0]["_outputs"] = [[1, 3]]  # differs from hf's [1, 2] after one token
+    return _rows() + q4 + llama
+
+
 def test_perplexity_is_finite_and_matches_one_forward():
     model = tiny_memlm()
     ids = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -77,13 +84,18 @@ def test_perplexity_windows_are_independent():
 
 def test_decode_ratios_and_result_shape():
     rows = _rows()
-    assert decode_ratios(rows) == {"1": 3.0, "8": 2.5}
+    assert decode_ratios(rows) == {"int8/hf": {"1": 3.0, "8": 2.5}}
+    several = decode_ratios(_rows_with_llama_cpp())
+    assert several["q4_1/hf"] == {"1": 6.0, "8": 5.0} and several["q4_1/llama.cpp"] == {"1": 1.2, "8": 4.0}
+    assert several["int8/llama.cpp"] == {"1": 0.6, "8": 2.0}
+    checks = decode._cross_check(_rows_with_llama_cpp(), 2)
+    assert checks[("llama.cpp", 1)] == (0.0, 0.5) and checks[("memlm q4_1", 8)] == (1.0, 1.0)
     result = build_result(rows, threads=2, new_tokens=64, model="m", quality={"ppl_delta": 0.1})
     assert list(result) == ["rows", "ratio_decode", "threads", "new_tokens", "model", "quality"]
     assert all(
         set(r) == {"engine", "batch", "dtype", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"} for r in result["rows"]
     )
-    assert result["ratio_decode"] == {"1": 3.0, "8": 2.5}
+    assert result["ratio_decode"] == {"int8/hf": {"1": 3.0, "8": 2.5}}
     json.dumps(result)  # serialisable as is
     assert build_result(rows[:1], 2, 64, "m", None)["ratio_decode"] == {}  # no hf row: no ratio
 
@@ -114,11 +126,13 @@ def test_report_prints():
 
     console = Console(file=StringIO(), width=120)
     quality = {
-        "ppl_float32": 10.0,
-        "ppl_int8": 10.5,
-        "ppl_delta": 0.5,
-        "greedy_identical_frac": 0.75,
-        "greedy_prefix_frac": 0.9,
+        "int8": {
+            "ppl_float32": 10.0,
+            "ppl_int8": 10.5,
+            "ppl_delta": 0.5,
+            "greedy_identical_frac": 0.75,
+            "greedy_prefix_frac": 0.9,
+        }
     }
     result = build_result(_rows(), 2, 64, "m", quality)
     print_report(result, console, decode._cross_check(_rows(), 64))
@@ -151,6 +165,26 @@ def test_bad_arguments_are_user_errors():
     from memlm.bench.decode import run_decode_bench
     from memlm.errors import MemlmError
 
-    for kwargs in ({"dtype": "int4"}, {"new_tokens": 1}, {"batch_sizes": (0,)}, {"threads": 0}):
+    for kwargs in (
+        {"dtype": "int4"},
+        {"dtype": "q4_1,int4"},
+        {"new_tokens": 1},
+        {"batch_sizes": (0,)},
+        {"threads": 0},
+        {"against": ("vllm",)},
+        {"against": ("llama.cpp",), "model": "some/folder"},  # not GGUF (or no llama-cpp-python)
+    ):
         with pytest.raises(MemlmError):
             run_decode_bench(**kwargs)
+
+
+def test_llama_cpp_reference_needs_a_gguf_file(tmp_path):
+    from memlm.bench.llama_cpp import gguf_file_of
+    from memlm.errors import MemlmError
+
+    assert gguf_file_of("smollm2-135m-instruct").suffix == ".gguf"
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    assert gguf_file_of(str(model)) == model
+    with pytest.raises(MemlmError, match="needs a GGUF model"):
+        gguf_file_of(str(tmp_path))

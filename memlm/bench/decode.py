@@ -11,11 +11,15 @@ the CPU. In each child:
 * prefill tok/s = real (unpadded) prompt tokens / best prefill time;
   decode tok/s  = batch * (new_tokens - 1) / (best full time - best prefill time).
 
-memlm runs in the requested dtype (int8 by default: dynamic int8 linears); transformers always
-runs in float32, the reference. With a non-float32 dtype the benchmark also measures what the
-dtype costs in quality, in another child: greedy agreement with memlm float32 on the prompts,
-and perplexity of both on a public-domain text sample (`sample.txt`), the dtype's scored token by
-token through the KV cache (int8 weights only serve single-token decode steps).
+memlm runs in each requested dtype (int8 by default; q4_0/q4_1/q8_0 run GGUF blocks natively).
+The reference engines: transformers, always in float32 (with a GGUF model, the file's weights
+dequantized: the exact reference), and llama.cpp (`--against llama.cpp`, when llama-cpp-python is
+importable), which runs the same GGUF file with the same threads, prompt ids and token counts.
+Every engine's greedy output is compared token for token with transformers' at the same batch.
+For each non-float32 dtype the benchmark also measures what it costs in quality, in another
+child: greedy agreement with memlm float32 on the prompts one at a time, and perplexity of both on
+a public-domain text sample (`sample.txt`), the dtype's scored token by token through the KV cache
+(the path generated tokens take).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from typing import Any
 from memlm.atomic import write_json_atomic
 
 SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
-ENGINES = ("memlm", "hf")
+ENGINES = ("memlm", "hf", "llama.cpp")
+REFERENCES = ("hf", "llama.cpp")
 PPL_WINDOW = 256
 
 # Varied natural requests: short and long, factual, creative, code, reasoning.
@@ -120,15 +125,18 @@ def greedy_agreement(
     return identical, prefix
 
 
-def decode_ratios(rows: Sequence[dict]) -> dict[str, float | None]:
-    """memlm decode tok/s / hf decode tok/s at each batch size both engines were measured at."""
-    by = {(r["engine"], r["batch"]): r["decode_tok_s"] for r in rows}
-    ratios: dict[str, float | None] = {}
-    for batch in sorted({r["batch"] for r in rows}):
-        ours, theirs = by.get(("memlm", batch)), by.get(("hf", batch))
-        if ours is None or theirs is None:
-            continue
-        ratios[str(batch)] = round(ours / theirs, 3) if theirs > 0 else None
+def decode_ratios(rows: Sequence[dict]) -> dict[str, dict[str, float | None]]:
+    """{"<memlm dtype>/<reference engine>": {batch: memlm decode tok/s / the reference's}} for every
+    memlm dtype and reference engine measured at the same batch size."""
+    memlm = {(r["dtype"], r["batch"]): r["decode_tok_s"] for r in rows if r["engine"] == "memlm"}
+    refs = {(r["engine"], r["batch"]): r["decode_tok_s"] for r in rows if r["engine"] != "memlm"}
+    ratios: dict[str, dict[str, float | None]] = {}
+    for (dtype, batch), ours in sorted(memlm.items()):
+        for engine in REFERENCES:
+            theirs = refs.get((engine, batch))
+            if theirs is None or ours is None:
+                continue
+            ratios.setdefault(f"{dtype}/{engine}", {})[str(batch)] = round(ours / theirs, 3) if theirs > 0 else None
     return ratios
 
 
@@ -274,6 +282,16 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
                 )
             return out[:, longest:].tolist()
 
+    elif engine == "llama.cpp":
+        from memlm.bench.llama_cpp import LlamaCppGreedy, gguf_file_of, tokenizer_of
+
+        path = gguf_file_of(model)
+        prompt_ids = encode_prompts(tokenizer_of(path), batch_prompts(PROMPTS, batch))
+        runner = LlamaCppGreedy(path, threads, batch, max(len(p) for p in prompt_ids) + new_tokens + 8)
+
+        def run(n: int):
+            return runner.generate(prompt_ids, n)
+
     else:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
@@ -283,7 +301,7 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
     return {
         "engine": engine,
         "batch": batch,
-        "dtype": dtype if engine == "memlm" else "float32",
+        "dtype": dtype if engine == "memlm" else "float32" if engine == "hf" else "gguf file",
         "prefill_tok_s": round(prompt_tokens / prefill, 2),
         "decode_tok_s": round(batch * (new_tokens - 1) / decode_time, 2) if decode_time > 0 else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -318,6 +336,7 @@ def _quality(model: str, dtype: str, new_tokens: int, threads: int) -> dict:
         "ppl_float32": round(ppl_ref, 4),
         f"ppl_{dtype}": round(ppl, 4),
         "ppl_delta": round(ppl - ppl_ref, 4),
+        "ppl_delta_pct": round(100 * (ppl - ppl_ref) / ppl_ref, 3),
         "greedy_identical_frac": round(identical, 4),
         "greedy_prefix_frac": round(prefix, 4),
     }
@@ -326,7 +345,7 @@ def _quality(model: str, dtype: str, new_tokens: int, threads: int) -> dict:
 # ---- report ------------------------------------------------------------------------------------------
 
 
-def print_report(result: dict, console, cross_check: dict[int, tuple[float, float]] | None = None) -> None:
+def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple[float, float]] | None = None) -> None:
     from rich.table import Table
 
     table = Table(
@@ -346,42 +365,40 @@ def print_report(result: dict, console, cross_check: dict[int, tuple[float, floa
             f"{r['peak_rss_mb']:.0f}",
         )
     console.print(table)
-    ratios = ", ".join(f"batch {b}: {'-' if x is None else f'{x:.2f}x'}" for b, x in result["ratio_decode"].items())
-    console.print(f"decode speed memlm / hf: {ratios}")
-    if cross_check:
-        for batch, (identical, prefix) in cross_check.items():
-            console.print(
-                f"memlm vs hf greedy outputs (batch {batch}): "
-                f"{identical:.0%} identical, mean common prefix {prefix:.0%}"
-            )
-    q = result.get("quality") or {}
-    if q:
-        dtype = next(k[4:] for k in q if k.startswith("ppl_") and k not in ("ppl_float32", "ppl_delta"))
+    for pair, by_batch in result["ratio_decode"].items():
+        dtype, engine = pair.split("/", 1)
+        ratios = ", ".join(f"batch {b}: {'-' if x is None else f'{x:.2f}x'}" for b, x in by_batch.items())
+        console.print(f"decode speed memlm {dtype} / {engine}: {ratios}")
+    for (label, batch), (identical, prefix) in (cross_check or {}).items():
+        console.print(
+            f"{label} vs hf float32 greedy outputs (batch {batch}): "
+            f"{identical:.0%} identical, mean common prefix {prefix:.0%}"
+        )
+    for dtype, q in (result.get("quality") or {}).items():
         console.print(
             f"quality {dtype} vs float32: perplexity {q['ppl_float32']:.3f} -> {q[f'ppl_{dtype}']:.3f} "
-            f"(delta {q['ppl_delta']:+.3f}) on {SAMPLE_TEXT.name}, {dtype} scored token by token"
-        )
-        console.print(
-            f"greedy agreement with float32 ({result['new_tokens']} tokens, {len(PROMPTS)} prompts): "
+            f"(delta {q['ppl_delta']:+.3f}) on {SAMPLE_TEXT.name}, {dtype} scored token by token; "
+            f"greedy ({result['new_tokens']} tokens, {len(PROMPTS)} prompts one at a time): "
             f"{q['greedy_identical_frac']:.0%} identical, mean common prefix {q['greedy_prefix_frac']:.0%}"
         )
 
 
-def _cross_check(rows: Sequence[dict], new_tokens: int) -> dict[int, tuple[float, float]]:
-    """Greedy memlm outputs against transformers' at each batch (both forbid end tokens until
-    new_tokens, so the sequences are comparable token for token)."""
-    by = {(r["engine"], r["batch"]): r for r in rows}
+def _cross_check(rows: Sequence[dict], new_tokens: int) -> dict[tuple[str, int], tuple[float, float]]:
+    """Every engine's greedy outputs against transformers' float32 ones at the same batch (all
+    forbid end tokens until new_tokens, so the sequences are comparable token for token)."""
+    refs = {r["batch"]: r for r in rows if r["engine"] == "hf"}
     out = {}
-    for batch in sorted({r["batch"] for r in rows}):
-        ours, ref = by.get(("memlm", batch)), by.get(("hf", batch))
-        if ours is None or ref is None:
+    for row in rows:
+        ref = refs.get(row["batch"])
+        if row["engine"] == "hf" or ref is None:
             continue
         identical = prefix_sum = 0.0
-        for a, b in zip(ours["_outputs"], ref["_outputs"], strict=True):
+        for a, b in zip(row["_outputs"], ref["_outputs"], strict=True):
             identical += a == b
             prefix_sum += common_prefix(a, b) / len(a) if a else 1.0
-        n = len(ours["_outputs"])
-        out[batch] = (identical / n, prefix_sum / n)
+        n = len(row["_outputs"])
+        label = f"memlm {row['dtype']}" if row["engine"] == "memlm" else row["engine"]
+        out[(label, row["batch"])] = (identical / n, prefix_sum / n)
     return out
 
 
@@ -393,21 +410,28 @@ def run_decode_bench(
     batch_sizes: Sequence[int] = (1, 8),
     new_tokens: int = 64,
     threads: int = 2,
-    dtype: str = "int8",
+    dtype: str | Sequence[str] = "int8",
     json_path: str | None = None,
     quality: bool = True,
     console=None,
     repeats: int = 3,
+    against: Sequence[str] = ("hf",),
 ) -> dict:
-    """Measure memlm (in `dtype`) and transformers (float32) decoding; return (and optionally
+    """Measure memlm in each dtype (a comma-separated string or a list) and the reference engines
+    in `against` (hf: transformers float32; llama.cpp: the same GGUF file); return (and optionally
     write) the result dict described in bench/README.md."""
     import importlib.util
 
     from memlm.errors import InvalidRequestError, MemlmError
     from memlm.models.loading import DTYPES
 
-    if dtype not in DTYPES:
-        raise InvalidRequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtypes = [d.strip() for d in (dtype.split(",") if isinstance(dtype, str) else dtype) if d.strip()]
+    unknown = [d for d in dtypes if d.partition(":")[0] not in DTYPES or d.partition(":")[2] not in ("", "q8_0")]
+    if not dtypes or unknown:
+        raise InvalidRequestError(f"unknown dtype {(unknown or [''])[0]!r}; choose from {', '.join(DTYPES)}")
+    against = [a.strip() for a in against if a.strip()]
+    if any(a not in REFERENCES for a in against):
+        raise InvalidRequestError(f"--against takes {' and '.join(REFERENCES)}, not {', '.join(against)}")
     if new_tokens < 2:
         raise InvalidRequestError("new_tokens must be >= 2 (decode speed is measured past the first token)")
     batch_sizes = [int(b) for b in batch_sizes]
@@ -415,24 +439,32 @@ def run_decode_bench(
         raise InvalidRequestError("batch sizes must be >= 1")
     if threads < 1 or repeats < 1:
         raise InvalidRequestError("threads and repeats must be >= 1")
-    if importlib.util.find_spec("transformers") is None:
+    if "hf" in against and importlib.util.find_spec("transformers") is None:
         raise MemlmError("the decode benchmark compares against transformers: pip install 'memlm[bench]'")
+    if "llama.cpp" in against:
+        from memlm.bench.llama_cpp import gguf_file_of
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise MemlmError("--against llama.cpp needs llama-cpp-python: pip install llama-cpp-python")
+        gguf_file_of(model)  # a clear error now, not in a child process
     if console is None:
         from rich.console import Console
 
         console = Console()
 
+    runs = [("memlm", d) for d in dtypes] + [(engine, "float32") for engine in against]
     rows = []
-    for engine in ENGINES:
+    for engine, d in runs:
         for batch in batch_sizes:
-            label = f"{engine} ({dtype if engine == 'memlm' else 'float32'})"
-            console.print(f"[dim]measuring {label}, batch {batch} ...[/dim]")
-            rows.append(_measure_watched(console, _measure, engine, model, dtype, batch, new_tokens, threads, repeats))
+            what = d if engine == "memlm" else "reference"
+            console.print(f"[dim]measuring {engine} ({what}), batch {batch} ...[/dim]")
+            rows.append(_measure_watched(console, _measure, engine, model, d, batch, new_tokens, threads, repeats))
 
-    q = None
-    if quality and dtype != "float32":
-        console.print(f"[dim]measuring quality of {dtype} against float32 ...[/dim]")
-        q = _measure_watched(console, _quality, model, dtype, new_tokens, threads)
+    q = {}
+    for d in dtypes if quality else ():
+        if d != "float32":
+            console.print(f"[dim]measuring quality of {d} against float32 ...[/dim]")
+            q[d] = _measure_watched(console, _quality, model, d, new_tokens, threads)
 
     result = build_result(rows, threads, new_tokens, model, q)
     print_report(result, console, _cross_check(rows, new_tokens))

@@ -177,6 +177,20 @@ class KVCache:
             self.attention_last.zero_()
         self.attention_last[:, : step.width] += last
 
+    def write_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(key buffer, value buffer, slots [B, T], width) of the chunk being written: for a native
+        decode step that writes its keys and values into the buffers itself instead of `update`."""
+        step = self._step
+        return self._k, self._v, step.slots, step.width
+
+    def observe_attention_total(self, received: torch.Tensor) -> None:
+        """Record a one-token-per-row step's attention [B, width], already averaged over heads and
+        layers: what `observe_attention` accumulates over the layers of such a step."""
+        width = received.shape[1]
+        self.attention_sum[:, :width] += received
+        self.attention_last.zero_()
+        self.attention_last[:, :width] = received
+
     def end(self) -> None:
         self.lengths += self._step.real
         self.last_step, self._step = self._step, None

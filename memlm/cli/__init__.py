@@ -32,7 +32,14 @@ lcm_app = typer.Typer(no_args_is_help=True, help="Codebook-memory (LCM) models: 
 app.add_typer(lcm_app, name="lcm")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name or path (HF folder or .gguf).")]
-DtypeOpt = Annotated[str, typer.Option(help="Weights: float32, bfloat16, or int8 (dynamic int8 linears).")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Weights: float32, bfloat16, int8 (dynamic int8 linears), or GGUF blocks q4_0, q4_1, q8_0 "
+        "(native kernels; a GGUF file's own blocks are used as they are). Add :q8_0 (e.g. q4_1:q8_0) to "
+        "quantize activations per block like llama.cpp: faster, not exact."
+    ),
+]
 TriggerOpt = Annotated[
     str | None, typer.Option(help="Override the memory's trigger: always, never, or learned (if it has one).")
 ]
@@ -297,11 +304,20 @@ def bench_decode(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per sequence.")] = 64,
     threads: Annotated[int, typer.Option(help="torch threads for each engine.")] = 2,
-    dtype: DtypeOpt = "int8",
+    dtype: Annotated[
+        str,
+        typer.Option(help="memlm weights, comma-separated: float32, bfloat16, int8, q4_0, q4_1, q8_0 (:q8_0 = int8 "
+                     "activation blocks, e.g. q4_1:q8_0)."),
+    ] = "int8",
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
-    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Report int8 vs fp32 quality.")] = True,
+    quality: Annotated[
+        bool, typer.Option("--quality/--no-quality", help="Report each dtype's quality against float32.")
+    ] = True,
+    against: Annotated[
+        str, typer.Option(help="Reference engines, comma-separated: hf (transformers fp32), llama.cpp (same GGUF).")
+    ] = "hf",
 ):
-    """memlm vs Hugging Face transformers generate: prefill and decode tok/s, peak RSS."""
+    """memlm vs Hugging Face transformers (and llama.cpp): prefill and decode tok/s, peak RSS, quality."""
     sizes = tuple(_int_list(batch_sizes, "--batch-sizes"))
     if new_tokens < 2 or threads < 1:
         raise MemlmError("batch sizes and threads must be >= 1, new tokens >= 2")
@@ -315,6 +331,7 @@ def bench_decode(
         dtype=dtype,
         json_path=json_path,
         quality=quality,
+        against=tuple(against.split(",")),
     )
 
 

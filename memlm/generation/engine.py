@@ -83,10 +83,10 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: str = "float32", **scheduling) -> Engine:
+    def load(cls, name_or_path: str, dtype: str = "float32", activations: str = "float32", **scheduling) -> Engine:
         from memlm.models.loading import load_model
 
-        m = load_model(name_or_path, dtype)
+        m = load_model(name_or_path, dtype, activations)
         return cls(m.model, m.tokenizer, m.name, m.source, m.dtype, m.num_parameters, **scheduling)
 
     # ---- prompts -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from memlm.errors import ModelFormatError
 from memlm.models.config import ModelConfig
+from memlm.models.qweight import QWeight, format_of_gguf_type
 from memlm.tokenizer import Tokenizer
 
 _SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -123,7 +124,14 @@ def dequantize(tensor) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def _unpermute_index(rows: int, n_head: int) -> torch.Tensor:
+    """`_unpermute` as a row index, for quantized weights whose rows move as they are."""
+    return torch.from_numpy(_unpermute(np.arange(rows)[:, None], n_head)[:, 0].copy())
+
+
+def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConfig, dict, Tokenizer]:
+    """(config, weights under Hugging Face names, tokenizer). Weights are fp32 tensors; with
+    `keep_quantized`, matrices stored as Q4_0/Q4_1/Q8_0 come as `QWeight`s holding the file's bits."""
     reader = open_gguf(path)
     fields = read_fields(reader)
     tokenizer = Tokenizer.from_gguf(fields)
@@ -131,9 +139,17 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     config = config_from_gguf(fields, tokenizer, has_output="output.weight" in names)
     if "rope_freqs.weight" in names:
         raise ModelFormatError("GGUF files with per-dimension rope_freqs (Llama 3.1 style) are not supported yet")
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | QWeight] = {}
     for tensor in reader.tensors:
         hf_name = _hf_name(tensor.name)
+        fmt = format_of_gguf_type(tensor.tensor_type) if keep_quantized and len(tensor.shape) == 2 else None
+        if fmt is not None:
+            q = QWeight.from_gguf_blocks(tensor.data, fmt, (int(tensor.shape[1]), int(tensor.shape[0])))
+            if config.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = config.num_heads if "attn_q" in tensor.name else config.num_kv_heads
+                q = q.select_rows(_unpermute_index(q.shape[0], heads))
+            weights[hf_name] = q
+            continue
         w = dequantize(tensor)
         if config.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, config.num_heads if "attn_q" in tensor.name else config.num_kv_heads)

@@ -6,15 +6,18 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from memlm.errors import ModelFormatError
 from memlm.models.config import ModelConfig
+from memlm.models.qweight import unpack_quantized
 from memlm.tokenizer import Tokenizer
 
 
-def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict, Tokenizer]:
+    """(config, weights, tokenizer). Weights are tensors under HF names, and `QWeight`s for the
+    quantized matrices of a folder memlm wrote from a GGUF file's blocks."""
     folder = Path(folder)
     config_dict = _read_json(folder / "config.json")
     generation = folder / "generation_config.json"
@@ -29,7 +32,9 @@ def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            weights.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt") as handle:
+                metadata = handle.metadata()
+            weights.update(unpack_quantized(load_file(str(f)), metadata))
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"cannot read {f}: {e}") from None
     return config, weights, Tokenizer.from_folder(folder)

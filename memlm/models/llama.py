@@ -172,6 +172,8 @@ class LlamaModel(nn.Module):
         return self.norm.weight.device
 
     supports_eviction = True  # its state is a KV cache: eviction policies apply
+    # With quantized weights and the native kernels: runs one-token-per-row steps in one call.
+    native_decoder = None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
@@ -198,6 +200,9 @@ class LlamaModel(nn.Module):
         With a cache, the chunk is appended to each row's history; without one, the chunk is a
         whole sequence attended causally, or as `mask` [B, 1, T, T] (True = may attend) says.
         """
+        native = self.native_decoder
+        if native is not None and cache is not None and mask is None and native.accepts(embeds, positions, cache):
+            return self.norm(native.step(self, embeds, positions, cache))
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_scaling, embeds.dtype)
         if mask is not None:
             if cache is not None:

@@ -35,7 +35,11 @@ from memlm.models.weights import build_model
 from memlm.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# GGUF block formats run natively (models/qweight.py, kernels/): a GGUF file's tensors in these
+# formats are used as they are; float weights (HF folders, F32/F16 GGUF tensors) are quantized at load.
+QUANTIZED_DTYPES = ("q4_0", "q4_1", "q8_0")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+DTYPES |= {q: torch.float32 for q in QUANTIZED_DTYPES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +95,23 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
     raise ModelNotFoundError(f"unknown model {name_or_path!r}: not a known name ({known}) nor an existing path")
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
-    """A model by name, HF folder, GGUF file, or LoRA adapter folder (its base model + the adapter, merged)."""
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activations: str = "float32") -> LoadedModel:
+    """A model by name, HF folder, GGUF file, or LoRA adapter folder (its base model + the adapter, merged).
+
+    `activations` (quantized dtypes only): float32 keeps the exact product with the quantized
+    weights; q8_0 quantizes activations per block like llama.cpp (faster, slightly less exact).
+    The dtype may carry it after a colon: "q4_1:q8_0"."""
+    spec = dtype
+    dtype, _, suffix = dtype.partition(":")
+    activations = suffix or activations
     if dtype not in DTYPES:
         raise MemlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    kind, path = resolve(name_or_path)
+    quantized = dtype in QUANTIZED_DTYPES
+    if quantized and name_or_path.lower() in EMBEDDED:  # its GGUF file's own blocks, not fp32 weights
+        key = name_or_path.lower()
+        kind, path = "hf", _cached_conversion(key, EMBEDDED[key], keep_quantized=True)
+    else:
+        kind, path = resolve(name_or_path)
     if kind == "hf" and LCMConfig.is_lcm_folder(path):
         return _load_lcm(name_or_path, path, dtype)
     adapter = None
@@ -106,20 +122,50 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32") -> Loa
         kind, path = resolve(str(relative) if relative.exists() else base)
         if kind == "adapter":
             raise ModelFormatError(f"{adapter}: its base model {base!r} is itself an adapter")
-    config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path)
+    config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized and not adapter)
     config = _with_tokenizer_eos(config, tokenizer)
     # An adapter merges in fp32, then the model takes the requested precision.
     model = build_model(config, weights, torch.float32 if adapter else DTYPES[dtype])
     if adapter is not None:
         apply_adapter(model, adapter)
         model.to(DTYPES[dtype])
-    num_parameters = sum(p.numel() for p in model.parameters())
     if dtype == "int8":
         quantize_int8(model)
+    elif quantized:
+        _quantize(model, dtype, activations)
+    elif activations != "float32":
+        raise MemlmError(f"--activations {activations} needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)})")
+    num_parameters = count_parameters(model)
     source = _describe_source(name_or_path, kind, path)
     if adapter is not None:
         source = f"LoRA adapter {adapter} on {source}"
-    return LoadedModel(name_or_path, model, tokenizer, source, dtype, num_parameters)
+    return LoadedModel(name_or_path, model, tokenizer, source, spec, num_parameters)
+
+
+def _quantize(model: LlamaModel, fmt: str, activations: str) -> None:
+    from memlm.models.native_decode import NativeDecoder
+    from memlm.models.qlinear import quantize_model, set_activations
+
+    # MoE experts ([E, out, in] parameters) stay fp32; their routers too (routing is sensitive).
+    quantize_model(model, fmt)
+    set_activations(model, activations)
+    model.native_decoder = NativeDecoder.for_model(model)
+
+
+def count_parameters(model) -> int:
+    """Parameters, quantized matrices included, each shared tensor once (tied embeddings)."""
+    from memlm.models.qlinear import QEmbedding, QLinear
+
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    for module in model.modules():
+        if isinstance(module, QLinear | QEmbedding) and id(module.qweight.qs) not in seen:
+            seen.add(id(module.qweight.qs))
+            total += module.qweight.shape[0] * module.qweight.shape[1]
+    return total
 
 
 def _with_tokenizer_eos(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
@@ -143,13 +189,16 @@ def _describe_source(name: str, kind: str, path: Path) -> str:
     return f"{'GGUF file' if kind == 'gguf' else 'Hugging Face folder'} {path}"
 
 
-def _cached_conversion(name: str, embedded: EmbeddedModel) -> Path:
+def _cached_conversion(name: str, embedded: EmbeddedModel, keep_quantized: bool = False) -> Path:
+    """The embedded GGUF as a folder under $MEMLM_HOME: fp32 weights, or (keep_quantized) the
+    file's Q4_0/Q4_1/Q8_0 blocks as they are, which memory-maps in a fraction of a second where
+    parsing the GGUF's metadata takes seconds."""
     home = memlm_home()
-    target = home / "models" / name
+    target = home / "models" / (f"{name}-gguf-blocks" if keep_quantized else name)
     if (target / "config.json").is_file():
         return target
     source = embedded.path()
-    config, weights, tokenizer = read_gguf(source)
+    config, weights, tokenizer = read_gguf(source, keep_quantized=keep_quantized)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
@@ -182,11 +231,15 @@ def save_model(folder: str | Path, model: LlamaModel, tokenizer: Tokenizer, note
 
 def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer):
     """A folder both memlm and transformers load: config.json, model.safetensors, tokenizer files."""
+    from memlm.models.qweight import pack_quantized
+
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.contiguous() for k, v in weights.items()}
+    weights = dict(weights)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tensors, quantized = pack_quantized(weights)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", **quantized})
     (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids)}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -197,8 +250,8 @@ def _load_lcm(name: str, path: Path, dtype: str) -> LoadedModel:
     """A codebook-memory (LCM) model folder: its own model family, served by the same Engine."""
     from memlm.lcm.checkpoint import load_lcm
 
-    if dtype == "int8":
-        raise MemlmError("--dtype int8 is for Llama-family models; an LCM model runs in float32 or bfloat16")
+    if dtype not in ("float32", "bfloat16"):
+        raise MemlmError(f"--dtype {dtype} is for Llama-family models; an LCM model runs in float32 or bfloat16")
     model = load_lcm(path).to(DTYPES[dtype])
     tokenizer = Tokenizer.from_folder(path)
     parameters = sum(p.numel() for p in model.parameters())  # tied weights count once

@@ -9,6 +9,16 @@ import torch
 from memlm.errors import ModelFormatError
 from memlm.models.config import ModelConfig
 from memlm.models.llama import LlamaModel
+from memlm.models.qweight import QWeight
+
+
+def _cat_rows(parts: list) -> torch.Tensor | QWeight:
+    """Stack matrices' rows (fusing q/k/v or gate/up). Quantized ones of one format keep their blocks
+    as they are; a mix of formats (GGUF files may store q, k and v differently) becomes fp32."""
+    quantized = [isinstance(p, QWeight) for p in parts]
+    if all(quantized) and len({p.format for p in parts}) == 1:
+        return QWeight.cat(parts)
+    return torch.cat([p.dequantize() if q else p for p, q in zip(parts, quantized, strict=True)], dim=0)
 
 
 def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -31,7 +41,7 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
-        out[dst + "self_attn.qkv_proj.weight"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"], dim=0)
+        out[dst + "self_attn.qkv_proj.weight"] = _cat_rows([take(attn + f"{p}_proj.weight") for p in "qkv"])
         if cfg.qkv_bias:
             out[dst + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
         out[dst + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
@@ -46,9 +56,7 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         if cfg.is_moe_layer(i):
             out.update(_fuse_moe(hf, take, src, dst, cfg))
             continue
-        out[dst + "mlp.gate_up_proj.weight"] = torch.cat(
-            [take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")], dim=0
-        )
+        out[dst + "mlp.gate_up_proj.weight"] = _cat_rows([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
         if cfg.mlp_bias:
             out[dst + "mlp.gate_up_proj.bias"] = torch.cat([take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")])
             out[dst + "mlp.down_proj.bias"] = take(mlp + "down_proj.bias")
@@ -136,20 +144,30 @@ def unfuse_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_model(cfg: ModelConfig, hf_state_dict: dict[str, torch.Tensor], dtype=torch.float32) -> LlamaModel:
+def build_model(cfg: ModelConfig, hf_state_dict: dict, dtype=torch.float32) -> LlamaModel:
+    """A model from HF-named weights: fp32 tensors, or `QWeight`s that become quantized layers."""
+    from memlm.models.qlinear import install_quantized, tie_quantized_head
+
     fused = fuse_hf_state_dict(hf_state_dict, cfg)
+    quantized = {k: fused.pop(k) for k in list(fused) if isinstance(fused[k], QWeight)}
     with _skip_init():
         model = LlamaModel(cfg)
-    for name, tensor in fused.items():
+    for name, tensor in (fused | quantized).items():
         expected = _param_shape(model, name)
         if tuple(tensor.shape) != expected:
             raise ModelFormatError(f"tensor {name} has shape {tuple(tensor.shape)}, config implies {expected}")
     result = model.load_state_dict({k: v.to(dtype) for k, v in fused.items()}, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in result.missing_keys if k not in quantized]
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing:
         raise ModelFormatError(f"weights are missing {len(missing)} tensors, e.g. {missing[0]!r}")
+    for name, weight in quantized.items():
+        install_quantized(model, name, weight)
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        if "embed_tokens.weight" in quantized:
+            tie_quantized_head(model, tied=True)
+        else:
+            model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,165 @@
+"""memlm's native CPU kernels, compiled on first use and cached.
+
+`quant_kernels.cpp` is plain C++ with AVX2/FMA/F16C intrinsics and a C ABI, loaded with ctypes:
+it needs g++ (or $CXX) but no torch headers, so it compiles in about two seconds. It runs its loops
+on OpenMP threads from the libgomp torch already loaded: one thread team, sized by
+torch.set_num_threads, serves torch and the kernels. The shared library
+is cached under $MEMLM_HOME/kernels, named by a hash of its source and flags, and written
+atomically (compiled to a temporary name, then renamed), so concurrent first uses cannot load a
+half-written file.
+
+`native()` returns the loaded library, or None on a machine without AVX2/FMA/F16C or without a
+compiler; callers then take the portable path (dequantize + torch matmul), and a one-line notice
+says why, once per process. MEMLM_NATIVE=0 forces the portable path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("quant_kernels.cpp")
+FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+ABI_VERSION = 3
+
+
+class QMat(ctypes.Structure):
+    _fields_ = [
+        ("format", ctypes.c_int32),
+        ("out", ctypes.c_int32),
+        ("inp", ctypes.c_int32),
+        ("qs", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+class LayerDesc(ctypes.Structure):
+    _fields_ = [
+        ("attn_norm", ctypes.c_void_p),
+        ("qkv", QMat),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
+        ("o", QMat),
+        ("ffn_norm", ctypes.c_void_p),
+        ("gate_up", QMat),
+        ("down", QMat),
+    ]
+
+
+class ModelDesc(ctypes.Structure):
+    _fields_ = [
+        ("layers", ctypes.c_int32),
+        ("hidden", ctypes.c_int32),
+        ("heads", ctypes.c_int32),
+        ("kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("intermediate", ctypes.c_int32),
+        ("eps", ctypes.c_float),
+        ("quantized_activations", ctypes.c_int32),
+        ("layer", ctypes.POINTER(LayerDesc)),
+    ]
+
+
+class DecodeArgs(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("batch", ctypes.c_int32),
+        ("cos", ctypes.c_void_p),
+        ("ssin", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("k_stride", ctypes.c_int64 * 4),
+        ("v_stride", ctypes.c_int64 * 4),
+        ("slots", ctypes.c_void_p),
+        ("attention", ctypes.c_void_p),
+        ("width", ctypes.c_int32),
+    ]
+
+
+def cpu_supports_kernels() -> bool:
+    """Whether this CPU has the instruction sets the kernels are compiled for (x86-64 Linux flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return all(f in flags for f in REQUIRED_CPU_FLAGS)
+
+
+def library_path() -> Path:
+    from memlm.models.loading import memlm_home
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return memlm_home() / "kernels" / f"memlm_quant_{digest}.so"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build(target: Path) -> Path:
+    """Compile the kernels into `target` atomically; raise RuntimeError with the compiler's message."""
+    compiler_path = compiler()
+    if compiler_path is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler_path, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _notice(message: str) -> None:
+    print(f"memlm: {message}; using the portable quantized path (dequantize + torch matmul)", file=sys.stderr)
+
+
+@functools.cache
+def native() -> ctypes.CDLL | None:
+    """The kernels library, built on first use; None (with a one-line notice) where it cannot run."""
+    if os.environ.get("MEMLM_NATIVE", "1") == "0":
+        return None
+    if not cpu_supports_kernels():
+        _notice(f"this CPU lacks {'/'.join(REQUIRED_CPU_FLAGS)}")
+        return None
+    target = library_path()
+    try:
+        if not target.is_file():
+            build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as e:
+        _notice(f"native kernels unavailable ({e})")
+        return None
+    if lib.mk_abi_version() != ABI_VERSION:
+        _notice(f"{target} has another ABI version")
+        return None
+    _declare(lib)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.mk_matmul.argtypes = [ctypes.POINTER(QMat), p, i64, i64, p, i64, ctypes.c_int32]
+    lib.mk_dequantize.argtypes = [ctypes.POINTER(QMat), p, i64, p]
+    lib.mk_model_new.argtypes = [ctypes.POINTER(ModelDesc)]
+    lib.mk_model_new.restype = p
+    lib.mk_model_free.argtypes = [p]
+    lib.mk_decode.argtypes = [p, ctypes.POINTER(DecodeArgs)]
+    for fn in (lib.mk_matmul, lib.mk_dequantize, lib.mk_model_free, lib.mk_decode):
+        fn.restype = None

@@ -1,0 +1,697 @@
+// memlm's native CPU kernels: GGUF-quantized (Q4_0, Q4_1, Q8_0) matrix products with fp32
+// activations, and a whole decode step of a Llama-family model in one call.
+//
+// Plain C++17 with AVX2/FMA/F16C intrinsics and a C ABI (loaded with ctypes): no torch headers,
+// so it compiles in about a second and does not depend on torch's ABI.
+//
+// Weights are stored structure-of-arrays, bit for bit the GGUF block contents split in columns:
+//   qs  [out, in/2] (4-bit; byte j of a 32-value block holds value j in its low nibble and value
+//       j+16 in its high nibble) or [out, in] int8 (Q8_0)
+//   d   [out, in/32] float16 block scales, m [out, in/32] float16 block minimums (Q4_1 only)
+// Dequantized values are computed exactly as the gguf package's reference does (a multiply, then
+// an add for Q4_1; this file is compiled with -ffp-contract=off so nothing fuses them): a kernel
+// multiplies the reference fp32 weights, only its summation order differs from a fp32 matmul.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int QK = 32;  // values per quantization block
+enum Format : int32_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+
+// ---- threads -----------------------------------------------------------------------------------
+// OpenMP, from the same runtime torch uses: the extension links libgomp.so.1, and the dynamic
+// loader hands it the copy torch already loaded. One thread team serves torch's ops and these
+// kernels, sized by torch.set_num_threads; a second pool of spinning threads would fight torch's
+// for the two cores between every kernel call and every torch op (measured: 2x slower steps).
+
+inline int threads() { return omp_get_max_threads(); }
+
+// fn(task) for task in [0, tasks), spread over the team; returns when all are done.
+template <class Fn>
+void parallel(int tasks, const Fn& fn) {
+  if (tasks <= 1 || threads() == 1) {
+    for (int t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::min(tasks, threads()))
+  for (int t = 0; t < tasks; ++t) fn(t);
+}
+
+// ---- small vector helpers --------------------------------------------------------------------
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// exp(x) for 8 lanes, Cephes-style: 2^n * p(r) with a degree-6 polynomial; about 1 ulp, and
+// exactly 0 below the float range (softmax of -inf scores must give 0).
+inline __m256 exp_ps(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  return _mm256_andnot_ps(underflow, y);
+}
+
+// ---- quantized matrices ----------------------------------------------------------------------
+
+}  // namespace
+
+extern "C" {
+
+struct QMat {
+  int32_t format;
+  int32_t out, in;
+  const uint8_t* qs;
+  const uint16_t* d;
+  const uint16_t* m;  // Q4_1 only
+  const float* bias;  // optional, [out]
+};
+
+}  // extern "C"
+
+namespace {
+
+// One block (32 values) of output row `row`, block `b`, dequantized into four vectors of 8: the
+// reference values, for `dequantize` and the embedding lookup.
+template <int F>
+inline void dequant_block(const QMat& w, int64_t row, int64_t b, __m256 v[4]);
+
+// The block's integer codes as floats (Q4: 0..15, Q8_0: -128..127), before scale and offset.
+template <int F>
+inline void block_codes(const QMat& w, int64_t row, int64_t b, __m256 f[4]) {
+  if constexpr (F == Q8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + row * w.in + b * QK;
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m128i a = _mm256_castsi256_si128(raw), c = _mm256_extracti128_si256(raw, 1);
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+  } else {
+    const uint8_t* q = w.qs + row * (w.in / 2) + b * (QK / 2);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+
+template <int F>
+inline void dequant_block(const QMat& w, int64_t row, int64_t b, __m256 v[4]) {
+  const int64_t blocks = w.in / QK;
+  const __m256 d = _mm256_set1_ps(half_to_float(w.d[row * blocks + b]));
+  __m256 f[4];
+  block_codes<F>(w, row, b, f);
+  if constexpr (F == Q4_0) {
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(d, _mm256_sub_ps(f[i], eight));
+  } else if constexpr (F == Q4_1) {
+    const __m256 m = _mm256_set1_ps(half_to_float(w.m[row * blocks + b]));
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_add_ps(_mm256_mul_ps(d, f[i]), m);
+  } else {
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(d, f[i]);
+  }
+}
+
+// sum_b s[b] * sx[b] with s float16 (per-block scales or minimums of one row).
+inline float dot_half(const uint16_t* s, const float* sx, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + b))),
+                          _mm256_loadu_ps(sx + b), acc);
+  float total = hsum(acc);
+  for (; b < n; ++b) total += half_to_float(s[b]) * sx[b];
+  return total;
+}
+
+// y[r, o] = sum_k x[r, k] * W[o, k] for NB activation rows and output rows [o0, o1).
+//
+// Factored per block: sum_i (d q_i + m) x_i = d * sum_i q_i x_i + m * sum_i x_i, and for Q4_0
+// d (q_i - 8) gives d * sum_i q_i x_i - 8 d * sum_i x_i. The inner loop only converts codes and
+// multiplies; the offset terms are one short dot product per row over the blocks, with the block
+// sums of x (`sx`, computed once per matmul). Each block's codes serve all NB rows. ACC block
+// accumulators per row and OR output rows at a time keep independent FMA chains in flight.
+template <int F, int NB, int ACC, int OR>
+void matmul_rows(const QMat& w, const float* x, int64_t ldx, const float* sx, float* y, int64_t ldy, int o0, int o1) {
+  const int64_t blocks = w.in / QK;
+  int o = o0;
+  for (; o + OR <= o1; o += OR) {
+    __m256 acc[OR][NB][ACC];
+#pragma GCC unroll 16
+    for (int j = 0; j < OR; ++j)
+#pragma GCC unroll 16
+      for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 4
+        for (int a = 0; a < ACC; ++a) acc[j][r][a] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+#pragma GCC unroll 4
+      for (int j = 0; j < OR; ++j) {
+        __m256 f[4];
+        block_codes<F>(w, o + j, b, f);
+        const __m256 d = _mm256_set1_ps(half_to_float(w.d[(o + j) * blocks + b]));
+#pragma GCC unroll 16
+        for (int r = 0; r < NB; ++r) {
+          const float* xr = x + r * ldx + b * QK;
+          __m256 t = _mm256_mul_ps(f[0], _mm256_loadu_ps(xr));
+          t = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xr + 8), t);
+          t = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xr + 16), t);
+          t = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xr + 24), t);
+          acc[j][r][b % ACC] = _mm256_fmadd_ps(d, t, acc[j][r][b % ACC]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < OR; ++j) {
+      const int64_t row = o + j;
+#pragma GCC unroll 16
+      for (int r = 0; r < NB; ++r) {
+        __m256 s = acc[j][r][0];
+#pragma GCC unroll 4
+        for (int a = 1; a < ACC; ++a) s = _mm256_add_ps(s, acc[j][r][a]);
+        float total = hsum(s);
+        if constexpr (F == Q4_1) total += dot_half(w.m + row * blocks, sx + r * blocks, blocks);
+        if constexpr (F == Q4_0) total -= 8.0f * dot_half(w.d + row * blocks, sx + r * blocks, blocks);
+        y[r * ldy + row] = total + (w.bias ? w.bias[row] : 0.0f);
+      }
+    }
+  }
+  if (o < o1) matmul_rows<F, NB, ACC, 1>(w, x, ldx, sx, y, ldy, o, o1);
+}
+
+template <int F>
+void matmul_group(const QMat& w, const float* x, int64_t ldx, const float* sx, float* y, int64_t ldy, int nb, int o0,
+                  int o1) {
+  switch (nb) {
+    case 1: return matmul_rows<F, 1, 2, 2>(w, x, ldx, sx, y, ldy, o0, o1);
+    case 2: return matmul_rows<F, 2, 2, 1>(w, x, ldx, sx, y, ldy, o0, o1);
+    case 3: return matmul_rows<F, 3, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
+    case 4: return matmul_rows<F, 4, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
+    case 5: return matmul_rows<F, 5, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
+    case 6: return matmul_rows<F, 6, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
+    case 7: return matmul_rows<F, 7, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
+    default: return matmul_rows<F, 8, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
+  }
+}
+
+// y[n, out] = x[n, in] W^T (+ bias). Output rows are split into one contiguous range per thread
+// (a shared task counter costs a cache-line transfer per grab, which small matrices feel);
+// activation rows go in groups of up to 8 per pass over the weights.
+void matmul(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy) {
+  const int64_t blocks = w.in / QK;
+  std::vector<float> sx(static_cast<size_t>(n * blocks));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + r * ldx + b * QK;
+      __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                               _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+      sx[r * blocks + b] = hsum(s);
+    }
+  const int tasks = std::max(1, std::min(threads(), w.out / 16));
+  parallel(tasks, [&](int t) {
+    const int o0 = static_cast<int>(int64_t(w.out) * t / tasks) & ~1;
+    const int o1 = t + 1 == tasks ? w.out : static_cast<int>(int64_t(w.out) * (t + 1) / tasks) & ~1;
+    for (int64_t r = 0; r < n; r += 8) {
+      const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
+      const float* xr = x + r * ldx;
+      const float* sxr = sx.data() + r * blocks;
+      float* yr = y + r * ldy;
+      switch (w.format) {
+        case Q4_0: matmul_group<Q4_0>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
+        case Q4_1: matmul_group<Q4_1>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
+        default: matmul_group<Q8_0>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
+      }
+    }
+  });
+}
+
+// ---- the quantized-activation path (llama.cpp's on AVX2) --------------------------------------
+// Activations are quantized once per matmul to int8 per 32-value block (scale amax/127, round to
+// nearest), and each block's dot product runs on integers: _mm256_maddubs_epi16 multiplies the
+// unsigned 4-bit codes (or |q| for Q8_0, with the sign moved onto x) by the int8 activations and
+// adds pairs, _mm256_madd_epi16 widens to int32. Per block and row the float work is one convert
+// and one FMA, so batches cost far fewer FP operations than the fp32-activation kernel; the price
+// is the activations' rounding (perplexity within a fraction of a percent, see bench/README.md).
+
+struct QuantizedActivations {
+  std::vector<int8_t> q;      // [n, in]
+  std::vector<float> scale;   // [n, blocks]
+  std::vector<float> sum;     // [n, blocks]: scale * sum of the block's codes (for offsets)
+  // The same per group of 8 rows, rows innermost ([groups, blocks, 8], zeros past n): the
+  // batched kernel scales 8 rows' block dot products with one vector multiply.
+  std::vector<float> scale8, sum8;
+};
+
+void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, QuantizedActivations& out) {
+  const int64_t blocks = in / QK;
+  out.q.resize(static_cast<size_t>(n * in));
+  out.scale.resize(static_cast<size_t>(n * blocks));
+  out.sum.resize(static_cast<size_t>(n * blocks));
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + r * ldx + b * QK;
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float d = _mm_cvtss_f32(m4) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+      // Round to nearest (even), as the default rounding mode does, then pack 32 int32 to int8.
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+      const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // undo lane interleave
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + r * in + b * QK), packed);
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      out.scale[r * blocks + b] = d;
+      out.sum[r * blocks + b] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+    }
+  const int64_t groups = (n + 7) / 8;
+  out.scale8.assign(static_cast<size_t>(groups * blocks * 8), 0.0f);
+  out.sum8.assign(static_cast<size_t>(groups * blocks * 8), 0.0f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t at = ((r / 8) * blocks + b) * 8 + r % 8;
+      out.scale8[at] = out.scale[r * blocks + b];
+      out.sum8[at] = out.sum[r * blocks + b];
+    }
+}
+
+template <int F>
+inline __m256i block_bytes(const QMat& w, int64_t row, int64_t b);
+
+// Lane i = the sum of the 8 int32 lanes of v[i], for 8 vectors (a transpose-and-add tree).
+inline __m256i row_sums(const __m256i v[8]) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// 5 to 8 activation rows at once: each row's block dot product stays an int32 vector until a
+// transpose-and-add tree puts the 8 rows' totals in the lanes of one vector, which is scaled,
+// offset and accumulated with a handful of vector operations for all rows together.
+template <int F, int NB>
+void matmul_rows_q8_batch(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0,
+                          int o1) {
+  const int64_t blocks = w.in / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const float* scale8 = xa.scale8.data() + (r0 / 8) * blocks * 8;
+  const float* sum8 = xa.sum8.data() + (r0 / 8) * blocks * 8;
+  for (int o = o0; o < o1; ++o) {
+    __m256 acc = _mm256_setzero_ps(), offset = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m256i q = block_bytes<F>(w, o, b);
+      __m256i magnitude = q;
+      if constexpr (F == Q8_0) magnitude = _mm256_sign_epi8(q, q);
+      __m256i dots[8];
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        if (r >= NB) {
+          dots[r] = _mm256_setzero_si256();
+          continue;
+        }
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + (r0 + r) * w.in + b * QK));
+        if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q);
+        dots[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones);
+      }
+      const __m256 d = _mm256_set1_ps(half_to_float(w.d[o * blocks + b]));
+      const __m256 totals = _mm256_cvtepi32_ps(row_sums(dots));
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_loadu_ps(scale8 + b * 8)), totals, acc);
+      if constexpr (F == Q4_0)
+        offset = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(-8.0f)), _mm256_loadu_ps(sum8 + b * 8), offset);
+      if constexpr (F == Q4_1)
+        offset = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(w.m[o * blocks + b])), _mm256_loadu_ps(sum8 + b * 8),
+                                 offset);
+    }
+    alignas(32) float out[8];
+    _mm256_store_ps(out, _mm256_add_ps(acc, offset));
+    const float bias = w.bias ? w.bias[o] : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) y[r * ldy + o] = out[r] + bias;
+  }
+}
+
+template <int F>
+inline __m256i block_bytes(const QMat& w, int64_t row, int64_t b) {
+  if constexpr (F == Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const int8_t*>(w.qs) + row * w.in + b * QK));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + row * (w.in / 2) + b * (QK / 2)));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+  }
+}
+
+template <int F, int NB>
+void matmul_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
+  const int64_t blocks = w.in / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int o = o0; o < o1; ++o) {
+    __m256 acc[NB];
+    float offset[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m256i q = block_bytes<F>(w, o, b);
+      const float d = half_to_float(w.d[o * blocks + b]);
+      __m256i magnitude = q;
+      if constexpr (F == Q8_0) magnitude = _mm256_sign_epi8(q, q);
+      float m = 0.0f;
+      if constexpr (F == Q4_1) m = half_to_float(w.m[o * blocks + b]);
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        const int64_t row = r0 + r;
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + row * w.in + b * QK));
+        if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones);
+        const float scale = xa.scale[row * blocks + b];
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * scale), _mm256_cvtepi32_ps(dot), acc[r]);
+        if constexpr (F == Q4_0) offset[r] -= 8.0f * d * xa.sum[row * blocks + b];
+        if constexpr (F == Q4_1) offset[r] += m * xa.sum[row * blocks + b];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) y[r * ldy + o] = hsum(acc[r]) + offset[r] + (w.bias ? w.bias[o] : 0.0f);
+  }
+}
+
+template <int F>
+void matmul_group_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int nb, int o0,
+                     int o1) {
+  switch (nb) {
+    case 1: return matmul_rows_q8<F, 1>(w, xa, r0, y, ldy, o0, o1);
+    case 2: return matmul_rows_q8<F, 2>(w, xa, r0, y, ldy, o0, o1);
+    case 3: return matmul_rows_q8<F, 3>(w, xa, r0, y, ldy, o0, o1);
+    case 4: return matmul_rows_q8<F, 4>(w, xa, r0, y, ldy, o0, o1);
+    case 5: return matmul_rows_q8_batch<F, 5>(w, xa, r0, y, ldy, o0, o1);
+    case 6: return matmul_rows_q8_batch<F, 6>(w, xa, r0, y, ldy, o0, o1);
+    case 7: return matmul_rows_q8_batch<F, 7>(w, xa, r0, y, ldy, o0, o1);
+    default: return matmul_rows_q8_batch<F, 8>(w, xa, r0, y, ldy, o0, o1);
+  }
+}
+
+void matmul_q8(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy) {
+  // One buffer per calling thread, reused across calls; the workers read it through this pointer
+  // (naming a thread_local inside the task would give each worker its own, empty one).
+  thread_local QuantizedActivations buffer;
+  const QuantizedActivations* act = &buffer;
+  quantize_activations(x, n, ldx, w.in, buffer);
+  const int tasks = std::max(1, std::min(threads(), w.out / 16));
+  parallel(tasks, [&](int t) {
+    const int o0 = static_cast<int>(int64_t(w.out) * t / tasks);
+    const int o1 = static_cast<int>(int64_t(w.out) * (t + 1) / tasks);
+    for (int64_t r = 0; r < n; r += 8) {
+      const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
+      float* yr = y + r * ldy;
+      switch (w.format) {
+        case Q4_0: matmul_group_q8<Q4_0>(w, *act, r, yr, ldy, nb, o0, o1); break;
+        case Q4_1: matmul_group_q8<Q4_1>(w, *act, r, yr, ldy, nb, o0, o1); break;
+        default: matmul_group_q8<Q8_0>(w, *act, r, yr, ldy, nb, o0, o1); break;
+      }
+    }
+  });
+}
+
+// The activation mode of a matmul: fp32 (exact against the reference weights) or int8 blocks.
+void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool q8) {
+  if (q8) matmul_q8(w, x, n, ldx, y, ldy);
+  else matmul(w, x, n, ldx, y, ldy);
+}
+
+template <int F>
+void dequantize_row(const QMat& w, int64_t row, float* out) {
+  for (int64_t b = 0; b < w.in / QK; ++b) {
+    __m256 v[4];
+    dequant_block<F>(w, row, b, v);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * QK + 8 * i, v[i]);
+  }
+}
+
+void dequantize_rows(const QMat& w, const int64_t* rows, int64_t n, float* out) {
+  const int64_t per_task = std::max<int64_t>(1, 16384 / w.in);
+  const int tasks = static_cast<int>((n + per_task - 1) / per_task);
+  parallel(tasks, [&](int t) {
+    for (int64_t i = t * per_task; i < std::min(n, (t + 1) * per_task); ++i) {
+      const int64_t row = rows ? rows[i] : i;
+      switch (w.format) {
+        case Q4_0: dequantize_row<Q4_0>(w, row, out + i * w.in); break;
+        case Q4_1: dequantize_row<Q4_1>(w, row, out + i * w.in); break;
+        default: dequantize_row<Q8_0>(w, row, out + i * w.in); break;
+      }
+    }
+  });
+}
+
+// ---- the layers around the matmuls -----------------------------------------------------------
+
+void rms_norm(const float* x, const float* weight, float eps, int n, float* out) {
+  __m256 ss = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    ss = _mm256_fmadd_ps(v, v, ss);
+  }
+  float sum = hsum(ss);
+  for (; i < n; ++i) sum += x[i] * x[i];
+  const float scale = 1.0f / std::sqrt(sum / n + eps);
+  for (i = 0; i < n; ++i) out[i] = x[i] * scale * weight[i];
+}
+
+// x * cos + roll(x, d/2) * signed_sin, in place (the half-split RoPE of Hugging Face checkpoints).
+void rope(float* x, const float* cos, const float* ssin, int d) {
+  const int h = d / 2;
+  float tmp[512];
+  std::memcpy(tmp, x, sizeof(float) * d);
+  for (int i = 0; i < d; ++i) x[i] = tmp[i] * cos[i] + tmp[(i + h) % d] * ssin[i];
+}
+
+float dot(const float* a, const float* b, int n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void softmax(float* p, int n) {
+  float mx = -INFINITY;
+  for (int i = 0; i < n; ++i) mx = std::max(mx, p[i]);
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vs = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i), vmx));
+    _mm256_storeu_ps(p + i, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  float sum = hsum(vs);
+  for (; i < n; ++i) {
+    p[i] = std::exp(p[i] - mx);
+    sum += p[i];
+  }
+  const float inv = 1.0f / sum;
+  for (i = 0; i < n; ++i) p[i] *= inv;
+}
+
+void silu_mul(const float* gate, const float* up, int n, float* out) {
+  int i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(gate + i);
+    __m256 e = exp_ps(_mm256_sub_ps(zero, g));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+}  // namespace
+
+// ---- whole-model decode step -----------------------------------------------------------------
+
+extern "C" {
+
+struct LayerDesc {
+  const float* attn_norm;
+  QMat qkv;
+  const float* q_norm;  // optional (Qwen3)
+  const float* k_norm;
+  QMat o;
+  const float* ffn_norm;
+  QMat gate_up;
+  QMat down;
+};
+
+struct ModelDesc {
+  int32_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+  float eps;
+  int32_t quantized_activations;  // 1: int8 activation blocks in every matmul
+  const LayerDesc* layer;
+};
+
+struct DecodeArgs {
+  float* x;  // [batch, hidden] embeddings in, final hidden states (before the last norm) out
+  int32_t batch;
+  const float* cos;   // [batch, head_dim]
+  const float* ssin;  // [batch, head_dim] signed sin
+  float* k;           // cache buffers and their strides (elements) over layer, row, head, slot
+  float* v;
+  int64_t k_stride[4];
+  int64_t v_stride[4];
+  const int64_t* slots;  // [batch] slot this token is written to; it attends to slots 0..slot
+  float* attention;      // optional [batch, width]: head-mean attention / layers, summed over layers
+  int32_t width;
+};
+
+}  // extern "C"
+
+namespace {
+
+struct Model {
+  ModelDesc desc;
+  std::vector<LayerDesc> layers;
+  std::vector<float> h, qkv, att, gu, act, tmp, probs;
+};
+
+void decode(Model& model, const DecodeArgs& a) {
+  const ModelDesc& c = model.desc;
+  const int B = a.batch, D = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim, I = c.intermediate;
+  const int q_size = H * hd, kv_size = KV * hd, qkv_size = q_size + 2 * kv_size, group = H / KV;
+  int max_len = 0;
+  for (int b = 0; b < B; ++b) max_len = std::max<int>(max_len, static_cast<int>(a.slots[b]) + 1);
+  model.h.resize(static_cast<size_t>(B) * D);
+  model.qkv.resize(static_cast<size_t>(B) * qkv_size);
+  model.att.resize(static_cast<size_t>(B) * q_size);
+  model.gu.resize(static_cast<size_t>(B) * 2 * I);
+  model.act.resize(static_cast<size_t>(B) * I);
+  model.tmp.resize(static_cast<size_t>(B) * D);
+  model.probs.resize(static_cast<size_t>(B) * H * max_len);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const bool q8 = c.quantized_activations != 0;
+  if (a.attention) std::memset(a.attention, 0, sizeof(float) * B * a.width);
+
+  for (int l = 0; l < c.layers; ++l) {
+    const LayerDesc& L = model.layers[l];
+    for (int b = 0; b < B; ++b) rms_norm(a.x + b * D, L.attn_norm, c.eps, D, model.h.data() + b * D);
+    matmul_any(L.qkv, model.h.data(), B, D, model.qkv.data(), qkv_size, q8);
+    float* kl = a.k + l * a.k_stride[0];
+    float* vl = a.v + l * a.v_stride[0];
+    for (int b = 0; b < B; ++b) {
+      float* row = model.qkv.data() + b * qkv_size;
+      for (int h = 0; h < H + KV; ++h) {
+        float* head = row + h * hd;
+        if (L.q_norm) rms_norm(head, h < H ? L.q_norm : L.k_norm, c.eps, hd, head);
+        rope(head, a.cos + b * hd, a.ssin + b * hd, hd);
+      }
+      for (int g = 0; g < KV; ++g) {
+        const int64_t slot = a.slots[b];
+        std::memcpy(kl + b * a.k_stride[1] + g * a.k_stride[2] + slot * a.k_stride[3], row + q_size + g * hd,
+                    sizeof(float) * hd);
+        std::memcpy(vl + b * a.v_stride[1] + g * a.v_stride[2] + slot * a.v_stride[3], row + q_size + kv_size + g * hd,
+                    sizeof(float) * hd);
+      }
+    }
+    parallel(B * H, [&](int t) {
+      const int b = t / H, h = t % H, g = h / group, n = static_cast<int>(a.slots[b]) + 1;
+      const float* q = model.qkv.data() + b * qkv_size + h * hd;
+      const float* keys = kl + b * a.k_stride[1] + g * a.k_stride[2];
+      const float* vals = vl + b * a.v_stride[1] + g * a.v_stride[2];
+      float* p = model.probs.data() + (static_cast<size_t>(b) * H + h) * max_len;
+      for (int j = 0; j < n; ++j) p[j] = dot(q, keys + j * a.k_stride[3], hd) * scale;
+      softmax(p, n);
+      float* out = model.att.data() + b * q_size + h * hd;
+      std::memset(out, 0, sizeof(float) * hd);
+      for (int j = 0; j < n; ++j) {
+        const float* vj = vals + j * a.v_stride[3];
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int i = 0; i < hd; i += 8)
+          _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + i), _mm256_loadu_ps(out + i)));
+      }
+    });
+    if (a.attention) {
+      const float w = 1.0f / (H * c.layers);
+      for (int b = 0; b < B; ++b) {
+        const int n = static_cast<int>(a.slots[b]) + 1;
+        for (int h = 0; h < H; ++h) {
+          const float* p = model.probs.data() + (static_cast<size_t>(b) * H + h) * max_len;
+          for (int j = 0; j < n; ++j) a.attention[b * a.width + j] += p[j] * w;
+        }
+      }
+    }
+    matmul_any(L.o, model.att.data(), B, q_size, model.tmp.data(), D, q8);
+    for (int i = 0; i < B * D; ++i) a.x[i] += model.tmp[i];
+    for (int b = 0; b < B; ++b) rms_norm(a.x + b * D, L.ffn_norm, c.eps, D, model.h.data() + b * D);
+    matmul_any(L.gate_up, model.h.data(), B, D, model.gu.data(), 2 * I, q8);
+    for (int b = 0; b < B; ++b)
+      silu_mul(model.gu.data() + b * 2 * I, model.gu.data() + b * 2 * I + I, I, model.act.data() + b * I);
+    matmul_any(L.down, model.act.data(), B, I, model.tmp.data(), D, q8);
+    for (int i = 0; i < B * D; ++i) a.x[i] += model.tmp[i];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t mk_abi_version() { return 3; }
+
+int32_t mk_threads() { return threads(); }
+
+void mk_matmul(const QMat* w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, int32_t q8) {
+  matmul_any(*w, x, n, ldx, y, ldy, q8 != 0);
+}
+
+void mk_dequantize(const QMat* w, const int64_t* rows, int64_t n, float* out) { dequantize_rows(*w, rows, n, out); }
+
+void* mk_model_new(const ModelDesc* desc) {
+  auto* model = new Model();
+  model->desc = *desc;
+  model->layers.assign(desc->layer, desc->layer + desc->layers);
+  model->desc.layer = nullptr;
+  return model;
+}
+
+void mk_model_free(void* model) { delete static_cast<Model*>(model); }
+
+void mk_decode(void* model, const DecodeArgs* args) { decode(*static_cast<Model*>(model), *args); }
+
+}  // extern "C"

@@ -1,0 +1,168 @@
+"""Linear and embedding layers over quantized weights (`QWeight`), and turning a model into them.
+
+`QLinear` multiplies with the quantized weight directly through the native kernels (fp32
+activations, each weight byte read once per group of 8 activation rows). Long chunks (prefill,
+latent insertion) dequantize the weight once into a scratch fp32 matrix and use torch's GEMM,
+which is compute-bound there and faster than any GEMV. Without the native kernels (another CPU,
+CUDA, no compiler) the portable path dequantizes with the torch reference and calls F.linear.
+
+Quantized models are for inference: fp32 stays the reference and the training path, and a LoRA
+adapter is merged into the fp32 weights before they are quantized.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.errors import MemlmError
+from memlm.models.qweight import BLOCK, FORMATS, QWeight
+
+# Up to this many activation rows, the native kernel beats dequantize + GEMM (it reads the weight
+# once per 8 rows); past it, GEMM's compute efficiency wins. Measured on the embedded model.
+NATIVE_MAX_ROWS = 32
+
+
+def qmat(weight: QWeight, bias: torch.Tensor | None = None):
+    """The kernels' descriptor of a weight (pointers into its tensors: keep them alive)."""
+    from memlm.kernels import QMat
+
+    m = weight.m.data_ptr() if weight.m is not None else None
+    b = bias.data_ptr() if bias is not None else None
+    return QMat(weight.format.code, weight.shape[0], weight.shape[1], weight.qs.data_ptr(), weight.d.data_ptr(), m, b)
+
+
+def _native_ok(x: torch.Tensor, weight: QWeight):
+    from memlm.kernels import native
+
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    return native()
+
+
+ACTIVATIONS = ("float32", "q8_0")
+
+
+class QLinear(nn.Module):
+    """y = x W^T + b with W quantized. `activations`: float32 multiplies the reference weights
+    exactly (up to summation order); q8_0 quantizes each 32-value block of x to int8 first, as
+    llama.cpp does, for integer dot products (faster, most of all in batches)."""
+
+    activations = "float32"
+
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = weight
+        self.bias = nn.Parameter(bias.float().contiguous(), requires_grad=False) if bias is not None else None
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._desc = qmat(weight, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight (a fresh tensor: for inspection and export, not the hot path)."""
+        return self.qweight.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = _native_ok(x, self.qweight)
+        rows = x.numel() // self.in_features
+        if lib is None or rows > NATIVE_MAX_ROWS:
+            w = self.dequantized_native(lib) if lib is not None else self.qweight.to(x.device).dequantize()
+            return F.linear(x, w.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+        x2 = x.reshape(rows, self.in_features).contiguous()
+        y = torch.empty(rows, self.out_features)
+        q8 = int(self.activations == "q8_0")
+        lib.mk_matmul(
+            ctypes.byref(self._desc), x2.data_ptr(), rows, self.in_features, y.data_ptr(), self.out_features, q8
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized_native(self, lib) -> torch.Tensor:
+        out = torch.empty(self.qweight.shape)
+        lib.mk_dequantize(ctypes.byref(self._desc), None, self.out_features, out.data_ptr())
+        return out
+
+    def extra_repr(self) -> str:
+        fmt = self.qweight.format.name
+        return f"{self.in_features}, {self.out_features}, format={fmt}, bias={self.bias is not None}"
+
+
+class QEmbedding(nn.Module):
+    """Token embeddings looked up from a quantized table: only the rows asked for are dequantized."""
+
+    def __init__(self, weight: QWeight):
+        super().__init__()
+        self.qweight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self._desc = qmat(weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.long).contiguous()
+        lib = _native_ok(torch.empty(0), self.qweight) if ids.device.type == "cpu" else None
+        if lib is None:
+            out = self.qweight.to(ids.device).dequantize(flat)
+        else:
+            out = torch.empty(flat.numel(), self.embedding_dim)
+            lib.mk_dequantize(ctypes.byref(self._desc), flat.data_ptr(), flat.numel(), out.data_ptr())
+        return out.view(*ids.shape, self.embedding_dim)
+
+
+# ---- turning a model's layers into quantized ones ----------------------------------------------
+
+
+def install_quantized(model: nn.Module, name: str, weight: QWeight) -> None:
+    """Put `weight` in place of the parameter `name` (e.g. 'layers.0.mlp.down_proj.weight')."""
+    path, _, leaf = name.rpartition(".")
+    if leaf != "weight":
+        raise MemlmError(f"only weights are quantized, not {name}")
+    parent_name, _, child_name = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    child = getattr(parent, child_name)
+    if isinstance(child, nn.Embedding | QEmbedding):
+        setattr(parent, child_name, QEmbedding(weight))
+    else:
+        bias = child.bias if isinstance(child, nn.Linear | QLinear) else None
+        setattr(parent, child_name, QLinear(weight, bias))
+
+
+def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
+    """Quantize every float nn.Linear and nn.Embedding of a Llama-family model to `fmt`, in place.
+
+    Layers already quantized (read as they are from a GGUF file) are left alone. Tied embeddings
+    stay tied: the LM head multiplies with the embedding table's quantized blocks. Matrices whose
+    input size is not a multiple of 32 (no GGUF block layout) stay in float32.
+    """
+    if fmt not in FORMATS:
+        raise MemlmError(f"unknown quantized format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    tied = model.config.tie_word_embeddings
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if tied and child is model.lm_head:
+                continue  # shares the embedding table: tied again below
+            if type(child) is nn.Linear and child.in_features % BLOCK == 0:
+                setattr(parent, name, QLinear(QWeight.quantize(child.weight, fmt), child.bias))
+            elif type(child) is nn.Embedding and child.embedding_dim % BLOCK == 0:
+                setattr(parent, name, QEmbedding(QWeight.quantize(child.weight, fmt)))
+    tie_quantized_head(model, tied)
+    return model
+
+
+def tie_quantized_head(model: nn.Module, tied: bool) -> None:
+    """With tied embeddings, the LM head reads the embedding table's quantized blocks."""
+    if tied and isinstance(model.embed_tokens, QEmbedding):
+        model.lm_head = QLinear(model.embed_tokens.qweight)
+
+
+def set_activations(model: nn.Module, activations: str) -> None:
+    """Choose how every quantized linear layer of the model treats its input (see QLinear)."""
+    if activations not in ACTIVATIONS:
+        raise MemlmError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    for module in model.modules():
+        if isinstance(module, QLinear):
+            module.activations = activations

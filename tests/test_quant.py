@@ -1,0 +1,284 @@
+"""GGUF block formats run natively: dequantization against the gguf package, the kernels against
+the reference on random and odd shapes, the native decode step against the layer-by-layer model,
+loading GGUF blocks as they are, and the portable fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memlm.kernels as kernels
+import tests.test_gguf as gguf_tests
+from conftest import hf_tiny, tiny_memlm
+from memlm.models.loading import load_model
+from memlm.models.native_decode import NativeDecoder
+from memlm.models.qlinear import QEmbedding, QLinear, quantize_model
+from memlm.models.qweight import FORMATS, QWeight, pack_quantized, unpack_quantized
+
+gguf = pytest.importorskip("gguf")
+lib = kernels.native()
+# Skipped only where the kernels cannot exist; where they can, a failed build fails these tests.
+can_build = kernels.cpu_supports_kernels() and kernels.compiler() is not None
+needs_native = pytest.mark.skipif(not can_build, reason="native kernels need x86-64 AVX2/FMA/F16C and a compiler")
+
+
+def test_kernels_build_where_they_can():
+    assert (lib is not None) == can_build
+
+
+def _random_blocks(fmt, out: int, inp: int, seed: int) -> np.ndarray:
+    """Arbitrary GGUF blocks (not only what a quantizer emits): random codes, random finite scales."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(out, inp // 32, fmt.block_bytes), dtype=np.uint8)
+    scales = (rng.standard_normal((out, inp // 32, 2)) * 0.05).astype(np.float16).view(np.uint8)
+    blocks[..., 0:2] = scales[..., 0:2]
+    if fmt.has_min:
+        blocks[..., 2:4] = scales[..., 2:4]
+    return blocks.reshape(out, -1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS)
+def test_dequantization_equals_gguf_bit_for_bit(fmt):
+    raw = _random_blocks(fmt, 7, 96, seed=fmt.code)
+    q = QWeight.from_gguf_blocks(raw, fmt, (7, 96))
+    reference = gguf.quants.dequantize(raw, fmt.gguf_type).reshape(7, 96)
+    assert np.array_equal(q.dequantize().numpy().view(np.uint32), reference.view(np.uint32))
+    assert np.array_equal(q.to_gguf_blocks(), raw)  # the split layout holds the same bits
+    rows = torch.tensor([6, 0, 3])
+    assert torch.equal(q.dequantize(rows), q.dequantize()[rows])
+    if lib is not None:  # the native dequantization too (no fused multiply-add)
+        native = QLinear(q).dequantized_native(lib).numpy()
+        assert np.array_equal(native.view(np.uint32), reference.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_is_the_gguf_quantizer_and_rows_fuse_exactly(fmt):
+    w = torch.randn(10, 64)
+    q = QWeight.quantize(w, fmt)
+    assert np.array_equal(q.to_gguf_blocks(), gguf.quants.quantize(w.numpy(), FORMATS[fmt].gguf_type))
+    a, b = q.split_rows((4, 6))
+    fused = QWeight.cat([a, b])
+    assert torch.equal(fused.dequantize(), q.dequantize())
+    # Within a step of each block's scale: |max|/8 (Q4_0), range/15 (Q4_1), |max|/127 (Q8_0).
+    step = w.view(10, 2, 32).abs().amax(-1, keepdim=True) * (2 / 15 if fmt.startswith("q4") else 1 / 127)
+    assert ((q.dequantize() - w).view(10, 2, 32).abs() <= step * 1.01).all()
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(1, 32), (37, 96), (576, 576), (193, 1536)])
+def test_kernel_matches_reference_on_random_and_odd_shapes(fmt, shape):
+    out, inp = shape
+    q = QWeight.quantize(torch.randn(out, inp) * 0.1, fmt)
+    bias = torch.randn(out)
+    layer = QLinear(q, bias)
+    reference = q.dequantize().double()
+    for rows in (1, 2, 3, 5, 8, 9, 17, 40):  # every kernel width, a remainder group, and the GEMM path
+        x = torch.randn(rows, inp)
+        got = layer(x).double()
+        want = F.linear(x.double(), reference, bias.double())
+        # fp32 accumulation over `inp` products, in another order than the float64 reference.
+        tolerance = 1e-5 * inp**0.5 * (x.abs().max() * reference.abs().max()).item() + 1e-5
+        assert (got - want).abs().max().item() < tolerance, (rows, (got - want).abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_activation_kernel_equals_its_reference(fmt):
+    """q8_0 activations: x rounded per 32-block to int8 (scale amax/127), then multiplied with the
+    reference weights; the integer kernel must equal that product up to fp32 rounding."""
+    out, inp = 37, 1536
+    q = QWeight.quantize(torch.randn(out, inp) * 0.1, fmt)
+    layer = QLinear(q, torch.randn(out))
+    layer.activations = "q8_0"
+    for rows in (1, 3, 8, 9):
+        x = torch.randn(rows, inp)
+        x[0, 5] = 300.0  # a massive activation stays inside its own block
+        blocks = x.view(rows, -1, 32)
+        scale = blocks.abs().amax(-1, keepdim=True) / 127
+        rounded = (torch.round(blocks / scale) * scale).view(rows, inp)
+        want = F.linear(rounded.double(), q.dequantize().double(), layer.bias.double())
+        got = layer(x).double()
+        assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-4
+
+
+@needs_native
+def test_embedding_lookup_dequantizes_the_rows_asked_for():
+    q = QWeight.quantize(torch.randn(50, 64), "q8_0")
+    ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
+    assert torch.equal(QEmbedding(q)(ids), q.dequantize()[ids])
+
+
+def _quantized_twin(fmt: str, **overrides):
+    """A tiny model quantized to `fmt`, and the fp32 model with exactly its dequantized weights."""
+    model = tiny_memlm(seed=3, **overrides)
+    reference = tiny_memlm(seed=3, **overrides)
+    quantize_model(model, fmt)
+    model.native_decoder = NativeDecoder.for_model(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, QLinear | QEmbedding):
+                reference.get_submodule(name).weight.copy_(module.qweight.dequantize())
+    return model, reference
+
+
+def _decode(model, prompts: list[list[int]], steps: int, track_attention=False):
+    """Prefill ragged prompts (right-padded chunk), then greedy one-token steps -> (logits, cache)."""
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    cache = model.new_state(batch, 64, track_attention=track_attention)
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    positions = torch.full((batch, longest), -1)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], positions[i, : len(p)] = torch.tensor(p), torch.arange(len(p))
+    hidden = model(model.embed(ids), positions, cache)
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    logits = [model.logits(hidden[torch.arange(batch), last])]
+    for _ in range(steps):
+        token = logits[-1].argmax(-1)
+        pos = cache.lengths.clone()[:, None]
+        logits.append(model.logits(model(model.embed(token[:, None]), pos, cache)[:, 0]))
+    return torch.stack(logits, 1), cache
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", [{}, {"arch": "qwen3", "qk_norm": True}, {"arch": "qwen2", "qkv_bias": True}])
+def test_native_decode_matches_the_fp32_model_with_the_same_weights(fmt, arch):
+    model, reference = _quantized_twin(fmt, **arch)
+    assert model.native_decoder is not None
+    prompts = [[5, 9, 2, 77, 31], [8, 1], [100, 3, 3, 3, 3, 3, 7]]  # rows of different lengths
+    with torch.inference_mode():
+        got, _ = _decode(model, prompts, steps=6)
+        want, _ = _decode(reference, prompts, steps=6)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@needs_native
+@pytest.mark.parametrize("activations", ["float32", "q8_0"])
+def test_native_decode_batched_equals_one_by_one_and_records_attention(activations):
+    from memlm.models.qlinear import set_activations
+
+    model, _ = _quantized_twin("q4_1")
+    set_activations(model, activations)
+    model.native_decoder = NativeDecoder.for_model(model)
+    prompts = [[5, 9, 2, 77, 31], [8, 1], [100, 3, 3, 3, 3, 3, 7]]
+    with torch.inference_mode():
+        batched, cache = _decode(model, prompts, steps=5, track_attention=True)
+        for i, p in enumerate(prompts):
+            alone, _ = _decode(model, [p], steps=5)
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-5)
+        # The layer-by-layer path (same quantized layers) records the same attention statistics.
+        native = model.native_decoder
+        model.native_decoder = None
+        _, slow_cache = _decode(model, prompts, steps=5, track_attention=True)
+        model.native_decoder = native
+    torch.testing.assert_close(cache.attention_sum, slow_cache.attention_sum, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cache.attention_last, slow_cache.attention_last, atol=1e-5, rtol=1e-4)
+    assert torch.equal(cache.lengths, slow_cache.lengths)
+
+
+def test_portable_fallback_is_chosen_and_agrees(monkeypatch, capsys):
+    model, reference = _quantized_twin("q8_0")
+    prompts = [[5, 9, 2], [8, 1, 4, 4]]
+    monkeypatch.setenv("MEMLM_NATIVE", "0")
+    kernels.native.cache_clear()
+    try:
+        assert kernels.native() is None
+        assert NativeDecoder.for_model(model) is None
+        model.native_decoder = None
+        with torch.inference_mode():
+            got, _ = _decode(model, prompts, steps=4)
+            want, _ = _decode(reference, prompts, steps=4)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        kernels.native.cache_clear()
+
+
+def test_no_compiler_falls_back_with_a_one_line_notice(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MEMLM_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setattr(kernels, "cpu_supports_kernels", lambda: True)
+    kernels.native.cache_clear()
+    try:
+        assert kernels.native() is None
+    finally:
+        kernels.native.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "portable quantized path" in err[0]
+    assert not list(tmp_path.glob("kernels/*.so"))  # nothing half-written left behind
+
+
+@pytest.fixture(scope="module")
+def quantized_gguf(tmp_path_factory):
+    """A tiny GGUF whose matrices are all stored in native formats (Q4_1 and Q8_0)."""
+    storage = dict.fromkeys(gguf_tests.STORAGE, gguf.GGMLQuantizationType.Q4_1)
+    storage.update(attn_output=gguf.GGMLQuantizationType.Q8_0, token_embd=gguf.GGMLQuantizationType.Q8_0)
+    hf = hf_tiny("llama", vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("qgguf") / "tiny-q.gguf"
+    saved = gguf_tests.STORAGE
+    gguf_tests.STORAGE = storage
+    try:
+        stored = gguf_tests.write_tiny_gguf(path, hf)
+    finally:
+        gguf_tests.STORAGE = saved
+    return path, stored
+
+
+def test_gguf_blocks_are_used_as_they_are(quantized_gguf):
+    path, stored = quantized_gguf
+    quantized = load_model(str(path), dtype="q4_0")  # the file's formats win over the requested one
+    reference = load_model(str(path), dtype="float32")
+    model = quantized.model
+    assert isinstance(model.embed_tokens, QEmbedding) and model.embed_tokens.qweight.format.name == "q8_0"
+    assert np.array_equal(model.lm_head.qweight.to_gguf_blocks(), stored["output.weight"][0])
+    down = model.layers[1].mlp.down_proj.qweight
+    assert down.format.name == "q4_1"
+    assert np.array_equal(down.to_gguf_blocks(), stored["blk.1.ffn_down.weight"][0])
+    assert model.layers[0].self_attn.o_proj.qweight.format.name == "q8_0"
+    assert quantized.num_parameters == reference.num_parameters
+    ids = torch.randint(0, 257, (1, 12))
+    with torch.inference_mode():
+        got = model.logits(model(model.embed(ids), torch.arange(12)[None]))
+        want = reference.model.logits(reference.model(reference.model.embed(ids), torch.arange(12)[None]))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_weights_round_trip_through_safetensors_metadata():
+    weights = {"a.weight": QWeight.quantize(torch.randn(4, 64), "q4_1"), "b": torch.randn(3)}
+    tensors, metadata = pack_quantized(weights)
+    back = unpack_quantized(tensors, metadata)
+    assert torch.equal(back["b"], weights["b"])
+    assert back["a.weight"].shape == (4, 64)
+    assert torch.equal(back["a.weight"].dequantize(), weights["a.weight"].dequantize())
+
+
+def test_bad_dtype_is_a_clear_error():
+    from memlm.errors import MemlmError
+
+    with pytest.raises(MemlmError, match="unknown dtype"):
+        load_model("tiny-test", dtype="q3_k")
+
+
+@needs_native
+@pytest.mark.embedded
+def test_embedded_q4_1_decodes_as_its_fp32_dequantized_model():
+    """The embedded Q4_1 file run on its own blocks against the same file dequantized to fp32: the
+    kernels multiply the reference weights exactly and differ from fp32 GEMM only in summation
+    order, so logits agree to ~1e-4 (atol 1e-3 over 30 layers) and greedy output is identical."""
+    import memlm
+
+    fast, reference = memlm.load("smollm2-135m-instruct", dtype="q4_1"), memlm.load("smollm2-135m-instruct")
+    assert fast.model.native_decoder is not None
+    params = memlm.SamplingParams(max_new_tokens=24, min_new_tokens=24)
+    prompts = [fast.tokenizer.encode(p) for p in ("The capital of France is", "def fibonacci(n):")]
+    got = [c.token_ids for c in fast.generate_tokens(prompts, params)]
+    want = [c.token_ids for c in reference.generate_tokens(prompts, params)]
+    assert got == want
+    ids = torch.tensor([prompts[0]])
+    with torch.inference_mode():
+        positions = torch.arange(ids.shape[1])[None]
+        a, b = (e.model.logits(e.model(e.model.embed(ids), positions)) for e in (fast, reference))
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
