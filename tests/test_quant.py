@@ -282,3 +282,111 @@ def test_embedded_q4_1_decodes_as_its_fp32_dequantized_model():
         positions = torch.arange(ids.shape[1])[None]
         a, b = (e.model.logits(e.model(e.model.embed(ids), positions)) for e in (fast, reference))
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def _engines(fmt: str = "q4_1"):
+    """An Engine on a tiny quantized model and one on the fp32 model with its dequantized weights."""
+    from conftest import byte_tokenizer
+    from memlm.generation.engine import Engine
+
+    model, reference = _quantized_twin(fmt, vocab_size=257, eos_token_ids=(256,))
+    return Engine(model, byte_tokenizer(), name="q"), Engine(reference, byte_tokenizer(), name="f")
+
+
+@needs_native
+@pytest.mark.parametrize("policy", ["window", "sinks", "h2o", "tova", "clear", "learned"])
+def test_engine_with_eviction_policies_on_the_native_path(policy, monkeypatch):
+    from memlm.cache import make_policy
+    from memlm.generation.params import SamplingParams
+
+    fast, reference = _engines()
+    steps = _count_native_steps(monkeypatch)
+    prompts = ["abc", "brown fox", "xyz xyz"]
+    params = SamplingParams(max_new_tokens=24, min_new_tokens=24)
+    options = {}
+    if policy == "learned":  # DynTS: an importance predictor on the final hidden states
+        from memlm.cache.importance import ImportancePredictor
+
+        torch.manual_seed(0)
+        options = {"predictor": ImportancePredictor(64), "window": 4}
+    got = fast.generate(prompts, params, kv_policy=make_policy(policy, 16, **options))
+    want = reference.generate(prompts, params, kv_policy=make_policy(policy, 16, **options))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert steps  # the native step served the decode steps
+
+
+def _count_native_steps(monkeypatch) -> list:
+    calls, step = [], NativeDecoder.step
+    monkeypatch.setattr(NativeDecoder, "step", lambda self, *a: calls.append(1) or step(self, *a))
+    return calls
+
+
+@needs_native
+def test_latent_memory_weaver_lora_runs_beside_quantized_weights(monkeypatch):
+    """The weaver's LoRA wraps QLinear layers; the native step stands aside while an adapter is on."""
+    from memlm.generation.params import SamplingParams
+    from memlm.models.lora import lora_layers
+    from tests.test_latent import _memory
+
+    fast, reference = _engines()
+    steps = _count_native_steps(monkeypatch)
+    memories = [_memory(e, seed=1) for e in (fast, reference)]
+    with torch.no_grad():  # the same adapters and projections in both
+        for (_, a), (_, b) in zip(lora_layers(fast.model), lora_layers(reference.model), strict=True):
+            a.lora_a.copy_(b.lora_a), a.lora_b.copy_(b.lora_b)
+        for pa, pb in zip(memories[0].weaver.parameters(), memories[1].weaver.parameters(), strict=True):
+            if pa.shape == pb.shape and pa is not pb:
+                pa.copy_(pb)
+    assert any(isinstance(layer.base, QLinear) for _, layer in lora_layers(fast.model))
+    params = SamplingParams(max_new_tokens=20, min_new_tokens=20)
+    prompts = ["12+34=", "a. b, c."]
+    got = fast.generate(prompts, params, memory=memories[0])
+    want = reference.generate(prompts, params, memory=memories[1])
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert steps and all(c.insertions for c in got)  # latents went in, and plain steps ran natively
+
+
+def test_an_adapter_is_merged_in_fp32_then_quantized(tmp_path):
+    from conftest import byte_tokenizer, memlm_twin
+    from memlm.models.loading import save_model
+    from memlm.models.lora import add_lora, lora_layers, save_adapter
+
+    hf = hf_tiny("llama", vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16)
+    base = save_model(tmp_path / "base", memlm_twin(hf), byte_tokenizer())
+    model = load_model(str(base)).model
+    add_lora(model, rank=4)
+    torch.manual_seed(0)
+    for _, layer in lora_layers(model):
+        layer.lora_b.data.normal_(std=0.05)
+    save_adapter(tmp_path / "adapter", model, {"base_model": str(base)}, dtype=torch.float32)
+    merged = load_model(str(tmp_path / "adapter")).model
+    quantized = load_model(str(tmp_path / "adapter"), dtype="q8_0").model
+    assert isinstance(quantized.layers[0].mlp.down_proj, QLinear)
+    expected = quantize_model(merged, "q8_0")  # the merged fp32 weights, quantized by the reference
+    for name, module in quantized.named_modules():
+        if isinstance(module, QLinear):
+            assert torch.equal(module.qweight.qs, expected.get_submodule(name).qweight.qs), name
+
+
+def test_embedded_style_block_folder_is_written_once_and_loads_the_same(tmp_path, monkeypatch):
+    from memlm.models import loading
+    from memlm.models.loading import EmbeddedModel
+
+    hf = hf_tiny("llama", vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16)
+    path = tmp_path / "pkg" / "tiny.gguf"
+    path.parent.mkdir()
+    storage = dict.fromkeys(gguf_tests.STORAGE, gguf.GGMLQuantizationType.Q4_0)
+    monkeypatch.setattr(gguf_tests, "STORAGE", storage)
+    gguf_tests.write_tiny_gguf(path, hf)
+    monkeypatch.setattr(EmbeddedModel, "path", lambda self: path)
+    monkeypatch.setitem(loading.EMBEDDED, "tiny-q", EmbeddedModel("none", "none==0", "tiny.gguf"))
+    monkeypatch.setenv("MEMLM_HOME", str(tmp_path / "home"))
+    first = load_model("tiny-q", dtype="q4_0:q8_0")
+    assert sorted(p.name for p in (tmp_path / "home" / "models").iterdir()) == ["tiny-q-gguf-blocks"]
+    monkeypatch.setattr(loading, "read_gguf", lambda *a, **k: pytest.fail("the GGUF is parsed only once"))
+    second = load_model("tiny-q", dtype="q4_0:q8_0")
+    assert first.dtype == "q4_0:q8_0" and second.model.layers[0].mlp.down_proj.activations == "q8_0"
+    ids = torch.randint(0, 257, (2, 9))
+    with torch.inference_mode():
+        a, b = (m.model.logits(m.model(m.model.embed(ids), torch.arange(9).expand(2, 9))) for m in (first, second))
+    assert torch.equal(a, b)

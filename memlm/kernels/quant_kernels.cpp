@@ -212,7 +212,7 @@ template <int F>
 void matmul_group(const QMat& w, const float* x, int64_t ldx, const float* sx, float* y, int64_t ldy, int nb, int o0,
                   int o1) {
   switch (nb) {
-    case 1: return matmul_rows<F, 1, 2, 2>(w, x, ldx, sx, y, ldy, o0, o1);
+    case 1: return matmul_rows<F, 1, 2, 4>(w, x, ldx, sx, y, ldy, o0, o1);
     case 2: return matmul_rows<F, 2, 2, 1>(w, x, ldx, sx, y, ldy, o0, o1);
     case 3: return matmul_rows<F, 3, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
     case 4: return matmul_rows<F, 4, 1, 1>(w, x, ldx, sx, y, ldy, o0, o1);
@@ -238,8 +238,8 @@ void matmul(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int
     }
   const int tasks = std::max(1, std::min(threads(), w.out / 16));
   parallel(tasks, [&](int t) {
-    const int o0 = static_cast<int>(int64_t(w.out) * t / tasks) & ~1;
-    const int o1 = t + 1 == tasks ? w.out : static_cast<int>(int64_t(w.out) * (t + 1) / tasks) & ~1;
+    const int o0 = static_cast<int>(int64_t(w.out) * t / tasks) & ~3;
+    const int o1 = t + 1 == tasks ? w.out : static_cast<int>(int64_t(w.out) * (t + 1) / tasks) & ~3;
     for (int64_t r = 0; r < n; r += 8) {
       const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
       const float* xr = x + r * ldx;

@@ -201,7 +201,7 @@ class LlamaModel(nn.Module):
         whole sequence attended causally, or as `mask` [B, 1, T, T] (True = may attend) says.
         """
         native = self.native_decoder
-        if native is not None and cache is not None and mask is None and native.accepts(embeds, positions, cache):
+        if native is not None and cache is not None and mask is None and native.accepts(self, embeds, positions, cache):
             return self.norm(native.step(self, embeds, positions, cache))
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_scaling, embeds.dtype)
         if mask is not None:

@@ -27,14 +27,22 @@ from memlm.errors import MemlmError, ModelFormatError
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """A plain Linear, or a quantized one (the adapter then runs beside the quantized base)."""
+    from memlm.models.qlinear import QLinear
+
+    return isinstance(module, nn.Linear | QLinear)
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base = base
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else torch.float32
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
@@ -63,9 +71,12 @@ def add_lora(
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
+            if child_name in targets and _is_linear(child):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
+    # A quantized model's native decode step knows nothing of adapters: it only runs while
+    # every adapter is switched off (see NativeDecoder.accepts).
+    model.lora_modules = [layer for _, layer in lora_layers(model)]
     if not wrapped:
         raise MemlmError(f"no Linear layer named {', '.join(targets)} to put LoRA on")
     return wrapped
@@ -126,9 +137,12 @@ def merge_lora(model: nn.Module) -> None:
     for name, layer in list(lora_layers(model)):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if not isinstance(layer.base, nn.Linear):
+            raise MemlmError("an adapter on quantized weights runs beside them; merge it before quantizing")
         with torch.no_grad():
             layer.base.weight += layer.delta().to(layer.base.weight.dtype)
         setattr(parent, child_name, layer.base)
+    model.lora_modules = []
 
 
 # ---- adapter folders ---------------------------------------------------------------------------
@@ -309,7 +323,9 @@ def _merge_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict
         start = sum(sizes[:index])
         delta = (b.float() @ a.float()) * scaling
         if delta.shape != (sizes[index], target.shape[1]):
-            raise ModelFormatError(f"{folder}: {module} has shape {tuple(delta.shape)}, the model expects "
-                                   f"{(sizes[index], target.shape[1])}")
+            raise ModelFormatError(
+                f"{folder}: {module} has shape {tuple(delta.shape)}, the model expects "
+                f"{(sizes[index], target.shape[1])}"
+            )
         with torch.no_grad():
             target[start : start + sizes[index]] += delta.to(target.dtype)

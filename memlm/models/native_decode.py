@@ -9,8 +9,9 @@ latent memory) to the Python model, unchanged.
 
 It serves chunks of one token per row on a plain KV cache (the shape of every decode step,
 batched or not, rows of different lengths included) and records the attention statistics H2O and
-TOVA need when the cache tracks them. Anything else (prefill, latent insertion, joining rows)
-takes the layer-by-layer path, whose linear layers are quantized too.
+TOVA need when the cache tracks them. Anything else (prefill, latent insertion, joining rows, a
+step with a LoRA adapter switched on, such as the latent weaver's) takes the layer-by-layer path,
+whose linear layers are quantized too.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ class NativeDecoder:
         lib = native()
         return cls(lib, model) if lib is not None and cls.supports(model) else None
 
-    def accepts(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> bool:
+    def accepts(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache) -> bool:
         return (
             embeds.shape[1] == 1
+            and not any(layer.enabled for layer in getattr(model, "lora_modules", ()))
             and embeds.dtype == torch.float32
             and embeds.device.type == "cpu"
             and type(cache) is KVCache
