@@ -37,7 +37,7 @@ lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check memlm tests
 
 bench: $(VENV)/.stamp-test
-	$(BIN)/memlm bench decode --batch-sizes 1,8 --new-tokens 64 --threads 2 --dtype int8 --json bench/results/decode.json
+	$(BIN)/memlm bench decode --batch-sizes 1,8 --new-tokens 64 --threads 2 --dtype q4_1,q4_1:q8_0,int8,float32 --json bench/results/decode.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -161,3 +161,118 @@ def test_the_auxiliary_loss_keeps_the_experts_in_use():
     entropy = lambda load: -(load * load.clamp_min(1e-9).log()).sum().item()
     assert collapsed.max() > 0.9  # one expert takes nearly everything
     assert balanced.max() < 0.5 and entropy(balanced) > entropy(collapsed) + 0.5
+
+
+def _write_moe_gguf(path, hf):
+    """Write a transformers MoE model as llama.cpp's converter names it (Mixtral under the llama
+    architecture with permuted Q/K rows; experts as [E, out, in] tensors, gate and up apart)."""
+    import gguf
+    import numpy as np
+
+    cfg, arch = hf.config, {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[hf.config.model_type]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)))
+    w.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    tok = byte_tokenizer()
+    vocab = sorted(tok.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([])
+    w.add_eos_token_id(256)
+    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+             "mlp.experts.down_proj": "ffn_down_exps.weight",
+             "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+             "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+             "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+             "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+             "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+    names |= {f"self_attn.{p}_proj.{k}": f"attn_{p}.{k}" for p in "qkv" for k in ("weight", "bias")}
+    state = hf.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for name, tensor in state.items():
+        array = tensor.numpy().astype(np.float32)
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                   "lm_head.weight": "output.weight"}[name]
+            w.add_tensor(out, array)
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        if rest == "mlp.experts.gate_up_proj":  # [E, 2I, H] -> gate and up, Q8_0 blocks
+            gate, up = np.split(array, 2, axis=1)
+            for part, data in (("gate", gate), ("up", up)):
+                quantized = gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            continue
+        if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            heads = cfg.num_attention_heads if "q_proj" in rest else cfg.num_key_value_heads
+            rows = array.shape[0]
+            array = array.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(rows, -1)
+        if rest == "mlp.shared_expert_gate.weight":
+            array = array.reshape(-1)  # llama.cpp stores this gate as a vector
+        w.add_tensor(f"blk.{layer}.{names[rest]}", array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_gguf_files_of_each_family_load_with_logits_equal_to_transformers(arch, tmp_path):
+    import gguf
+
+    from memlm.models.gguf_file import read_gguf
+    from memlm.models.weights import build_model
+
+    hf = hf_moe(arch, vocab_size=257, tie_word_embeddings=arch == "qwen3_moe")
+    path = tmp_path / f"{arch}.gguf"
+    _write_moe_gguf(path, hf)
+    config, weights, _ = read_gguf(path)
+    assert (config.arch, config.moe_layers) == (arch, (0, 1))
+    # transformers with exactly what the file holds: its experts went through Q8_0 blocks.
+    reference = {k: v.clone() for k, v in hf.state_dict().items()}
+    for name, tensor in weights.items():
+        if name.endswith("experts.gate_up_proj"):
+            reference[name] = tensor
+            blocks = gguf.quants.quantize(hf.state_dict()[name].numpy(), gguf.GGMLQuantizationType.Q8_0)
+            expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+            assert torch.equal(tensor, torch.from_numpy(expected.reshape(tensor.shape)))
+    hf.load_state_dict(reference)
+    model = build_model(config, weights)
+    ids = torch.randint(0, 257, (2, 11))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    torch.testing.assert_close(_logits(model, ids), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_quantized_moe_model_keeps_its_experts_and_router_in_float(tmp_path):
+    from memlm.models.loading import load_model
+    from memlm.models.qlinear import QLinear
+
+    hf = hf_moe("qwen2_moe", vocab_size=257)
+    path = tmp_path / "moe.gguf"
+    _write_moe_gguf(path, hf)
+    reference, quantized = load_model(str(path)).model, load_model(str(path), dtype="q8_0").model
+    block = quantized.layers[0].mlp
+    assert isinstance(quantized.layers[0].self_attn.qkv_proj, QLinear)
+    assert isinstance(block.shared.gate_up_proj, QLinear) and block.experts_gate_up.dtype == torch.float32
+    assert quantized.native_decoder is None  # MoE layers take the layer-by-layer path
+    ids = torch.randint(0, 257, (2, 11))
+    torch.testing.assert_close(_logits(quantized, ids), _logits(reference, ids), atol=2e-2, rtol=0)

@@ -18,7 +18,11 @@ from memlm.models.config import ModelConfig
 from memlm.models.qweight import QWeight, format_of_gguf_type
 from memlm.tokenizer import Tokenizer
 
-_SUPPORTED = ("llama", "qwen2", "qwen3")
+_SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+# GGUF architecture -> memlm's MoE family. Mixtral files say "llama" and carry an expert count.
+_MOE_FAMILIES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Renormalise the chosen experts' weights when the file does not say (transformers' defaults).
+_NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 
 # GGUF tensor suffix -> Hugging Face name (inside model.layers.N.)
 _LAYER_NAMES = {
@@ -36,6 +40,15 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # Mixture of experts: the router, the experts as [E, out, in] tensors, Qwen2-MoE's shared expert.
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",  # joined with up into gate_up_proj below
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -63,7 +76,9 @@ def open_gguf(path: str | Path):
         raise ModelFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def config_from_gguf(fields: dict[str, Any], tokenizer: Tokenizer, has_output: bool) -> ModelConfig:
+def config_from_gguf(
+    fields: dict[str, Any], tokenizer: Tokenizer, has_output: bool, moe_layers: tuple[int, ...] = ()
+) -> ModelConfig:
     arch = fields.get("general.architecture")
     if arch not in _SUPPORTED:
         raise ModelFormatError(f"GGUF architecture {arch!r} is not supported ({', '.join(_SUPPORTED)})")
@@ -84,8 +99,24 @@ def config_from_gguf(fields: dict[str, Any], tokenizer: Tokenizer, has_output: b
     elif scaling_type != "none":
         raise ModelFormatError(f"GGUF rope scaling {scaling_type!r} is not supported")
     eos = [i for i in (tokenizer.eos_token_id,) if i is not None]
+    moe: dict[str, Any] = {}
+    experts = int(fields.get(f"{arch}.expert_count") or 0)
+    if experts and arch in _MOE_FAMILIES:
+        family = _MOE_FAMILIES[arch]
+        moe = dict(
+            num_experts=experts,
+            experts_per_token=int(get("expert_used_count")),
+            expert_intermediate_size=int(
+                fields.get(f"{arch}.expert_feed_forward_length") or get("feed_forward_length")
+            ),
+            shared_expert_intermediate_size=int(fields.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+            norm_topk_prob=bool(fields.get(f"{arch}.expert_weights_norm", _NORM_TOPK[family])),
+            moe_layers=moe_layers,
+        )
+    elif arch in ("qwen2moe", "qwen3moe"):
+        raise ModelFormatError(f"GGUF file of architecture {arch} lacks {arch}.expert_count")
     return ModelConfig(
-        arch=arch,
+        arch=_MOE_FAMILIES[arch] if moe else arch,
         vocab_size=int(fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"])),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
@@ -99,10 +130,11 @@ def config_from_gguf(fields: dict[str, Any], tokenizer: Tokenizer, has_output: b
         rope_scaling=scaling,
         max_position_embeddings=int(get("context_length", 2048)),
         tie_word_embeddings=not has_output,
-        qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
+        qkv_bias=arch in ("qwen2", "qwen2moe"),
+        qk_norm=arch in ("qwen3", "qwen3moe"),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=tuple(eos),
+        **moe,
     )
 
 
@@ -136,7 +168,9 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
     fields = read_fields(reader)
     tokenizer = Tokenizer.from_gguf(fields)
     names = {t.name for t in reader.tensors}
-    config = config_from_gguf(fields, tokenizer, has_output="output.weight" in names)
+    moe_layers = tuple(sorted(int(n.split(".")[1]) for n in names if n.endswith(".ffn_gate_inp.weight")))
+    config = config_from_gguf(fields, tokenizer, "output.weight" in names, moe_layers)
+    permuted = config.arch in ("llama", "mixtral")  # llama.cpp's convert reorders Q/K rows for these
     if "rope_freqs.weight" in names:
         raise ModelFormatError("GGUF files with per-dimension rope_freqs (Llama 3.1 style) are not supported yet")
     weights: dict[str, torch.Tensor | QWeight] = {}
@@ -145,16 +179,28 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
         fmt = format_of_gguf_type(tensor.tensor_type) if keep_quantized and len(tensor.shape) == 2 else None
         if fmt is not None:
             q = QWeight.from_gguf_blocks(tensor.data, fmt, (int(tensor.shape[1]), int(tensor.shape[0])))
-            if config.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            if permuted and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = config.num_heads if "attn_q" in tensor.name else config.num_kv_heads
                 q = q.select_rows(_unpermute_index(q.shape[0], heads))
             weights[hf_name] = q
             continue
         w = dequantize(tensor)
-        if config.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+        if permuted and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, config.num_heads if "attn_q" in tensor.name else config.num_kv_heads)
         weights[hf_name] = torch.from_numpy(w if w.flags.writeable else w.copy())
-    return config, weights, tokenizer
+    return config, _join_experts(weights), tokenizer
+
+
+def _join_experts(weights: dict) -> dict:
+    """GGUF keeps experts' gate and up apart ([E, I, H] each); transformers 5 (and memlm) fuse
+    them into gate_up_proj [E, 2I, H]. The shared expert's gate is [1, H] there, [H] in some files."""
+    for name in [n for n in weights if n.endswith("mlp.experts.gate_proj")]:
+        prefix = name[: -len("gate_proj")]
+        weights[prefix + "gate_up_proj"] = torch.cat((weights.pop(name), weights.pop(prefix + "up_proj")), dim=1)
+    for name in [n for n in weights if n.endswith("mlp.shared_expert_gate.weight")]:
+        if isinstance(weights[name], torch.Tensor):
+            weights[name] = weights[name].reshape(1, -1)
+    return weights
 
 
 def _hf_name(name: str) -> str:
