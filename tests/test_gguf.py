@@ -54,10 +54,8 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{HF_TO_GGUF[rest]}.weight"
 
 
-def write_tiny_gguf(path, hf_model, chat_template="{{ messages[0]['content'] }}"):
-    """Write `hf_model` as llama.cpp would; return {gguf name: (stored array, type)}."""
-    cfg = hf_model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+def add_shape_and_byte_tokenizer(w, cfg, rope_theta: float = 10000.0) -> None:
+    """The metadata every tiny test GGUF carries: the transformer's shape and the byte tokenizer."""
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -65,8 +63,7 @@ def write_tiny_gguf(path, hf_model, chat_template="{{ messages[0]['content'] }}"
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_freq_base(rope_theta)
     tok = byte_tokenizer()
     vocab = sorted(tok.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
     w.add_tokenizer_model("gpt2")
@@ -75,6 +72,14 @@ def write_tiny_gguf(path, hf_model, chat_template="{{ messages[0]['content'] }}"
     w.add_token_types([3 if t == "<eos>" else 1 for t, _ in vocab])
     w.add_token_merges([])
     w.add_eos_token_id(256)
+
+
+def write_tiny_gguf(path, hf_model, chat_template="{{ messages[0]['content'] }}"):
+    """Write `hf_model` as llama.cpp would; return {gguf name: (stored array, type)}."""
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_shape_and_byte_tokenizer(w, cfg)
+    w.add_vocab_size(cfg.vocab_size)
     w.add_chat_template(chat_template)
     stored = {}
     for hf_name, tensor in hf_model.state_dict().items():

@@ -169,32 +169,20 @@ def _write_moe_gguf(path, hf):
     import gguf
     import numpy as np
 
+    from tests.test_gguf import add_shape_and_byte_tokenizer
+
     cfg, arch = hf.config, {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[hf.config.model_type]
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    add_shape_and_byte_tokenizer(w, cfg, float(rope.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)))
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    w.add_rope_freq_base(float(rope.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)))
     w.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch != "llama":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    tok = byte_tokenizer()
-    vocab = sorted(tok.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([1] * len(vocab))
-    w.add_token_merges([])
-    w.add_eos_token_id(256)
     names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
              "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
              "mlp.experts.down_proj": "ffn_down_exps.weight",
