@@ -390,3 +390,29 @@ def test_embedded_style_block_folder_is_written_once_and_loads_the_same(tmp_path
     with torch.inference_mode():
         a, b = (m.model.logits(m.model(m.model.embed(ids), torch.arange(9).expand(2, 9))) for m in (first, second))
     assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.skipif(kernels.best_variant() is None, reason="this CPU runs only the AVX2 build")
+def test_the_vnni_build_equals_the_avx2_build_bit_for_bit():
+    import ctypes
+
+    builds = []
+    for variant in (None, kernels.best_variant()):
+        path = kernels.library_path(variant)
+        if not path.is_file():
+            kernels.build(path, variant)
+        lib_ = ctypes.CDLL(str(path))
+        kernels._declare(lib_)
+        builds.append(lib_)
+    assert [b.mk_variant() for b in builds] == [0, 1]
+    for fmt in FORMATS:
+        layer = QLinear(QWeight.quantize(torch.randn(40, 320), fmt))
+        x = torch.randn(8, 320)
+        outs = []
+        for b in builds:
+            for rows in (1, 8):
+                y = torch.empty(rows, 40)
+                b.mk_matmul(ctypes.byref(layer._desc), x.data_ptr(), rows, 320, y.data_ptr(), 40, 1)
+                outs.append(y)
+        assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3]), fmt

@@ -28,6 +28,9 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+# Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
+# vectors (the int8-activation kernels; results are identical to the AVX2 build's).
+VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
 ABI_VERSION = 3
 
 
@@ -86,28 +89,44 @@ class DecodeArgs(ctypes.Structure):
     ]
 
 
-def cpu_supports_kernels() -> bool:
-    """Whether this CPU has the instruction sets the kernels are compiled for (x86-64 Linux flags)."""
+def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(f in flags for f in REQUIRED_CPU_FLAGS)
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
-def library_path() -> Path:
+def cpu_supports_kernels() -> bool:
+    """Whether this CPU has the instruction sets the kernels are compiled for (x86-64 Linux flags)."""
+    return all(f in cpu_flags() for f in REQUIRED_CPU_FLAGS)
+
+
+def best_variant() -> str | None:
+    """The richest build this CPU runs (None: the AVX2 one). MEMLM_KERNELS=avx2 forces the base."""
+    if os.environ.get("MEMLM_KERNELS") == "avx2":
+        return None
+    flags = cpu_flags()
+    return next((name for name, (needed, _) in VARIANTS.items() if all(f in flags for f in needed)), None)
+
+
+def _flags(variant: str | None) -> list[str]:
+    return FLAGS + (VARIANTS[variant][1] if variant else [])
+
+
+def library_path(variant: str | None = None) -> Path:
     from memlm.models.loading import memlm_home
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    return memlm_home() / "kernels" / f"memlm_quant_{digest}.so"
+    flags = _flags(variant)
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    return memlm_home() / "kernels" / f"memlm_quant_{variant or 'avx2'}_{digest}.so"
 
 
 def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def build(target: Path) -> Path:
+def build(target: Path, variant: str | None = None) -> Path:
     """Compile the kernels into `target` atomically; raise RuntimeError with the compiler's message."""
     compiler_path = compiler()
     if compiler_path is None:
@@ -116,7 +135,8 @@ def build(target: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler_path, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        command = [compiler_path, *_flags(variant), str(SOURCE), "-o", tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)
@@ -138,13 +158,18 @@ def native() -> ctypes.CDLL | None:
     if not cpu_supports_kernels():
         _notice(f"this CPU lacks {'/'.join(REQUIRED_CPU_FLAGS)}")
         return None
-    target = library_path()
-    try:
-        if not target.is_file():
-            build(target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError) as e:
-        _notice(f"native kernels unavailable ({e})")
+    lib = None
+    for variant in dict.fromkeys((best_variant(), None)):  # the richest build first, then AVX2
+        target = library_path(variant)
+        try:
+            if not target.is_file():
+                build(target, variant)
+            lib = ctypes.CDLL(str(target))
+            break
+        except (OSError, RuntimeError) as e:
+            error = e
+    if lib is None:
+        _notice(f"native kernels unavailable ({error})")
         return None
     if lib.mk_abi_version() != ABI_VERSION:
         _notice(f"{target} has another ABI version")
@@ -161,5 +186,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mk_model_new.restype = p
     lib.mk_model_free.argtypes = [p]
     lib.mk_decode.argtypes = [p, ctypes.POINTER(DecodeArgs)]
+    lib.mk_variant.restype = ctypes.c_int32
     for fn in (lib.mk_matmul, lib.mk_dequantize, lib.mk_model_free, lib.mk_decode):
         fn.restype = None

@@ -103,25 +103,24 @@ template <int F>
 inline void dequant_block(const QMat& w, int64_t row, int64_t b, __m256 v[4]);
 
 // The block's integer codes as floats (Q4: 0..15, Q8_0: -128..127), before scale and offset.
+// Each group of 8 bytes is loaded and widened to int32 lanes in one instruction (vpmovzxbd /
+// vpmovsxbd with a memory operand); a 4-bit byte then gives its low nibble by a mask and its high
+// nibble by a shift, with no byte shuffles.
 template <int F>
 inline void block_codes(const QMat& w, int64_t row, int64_t b, __m256 f[4]) {
   if constexpr (F == Q8_0) {
     const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + row * w.in + b * QK;
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    const __m128i a = _mm256_castsi256_si128(raw), c = _mm256_extracti128_si256(raw, 1);
-    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
-    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
-    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
-    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+    for (int i = 0; i < 4; ++i)
+      f[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
   } else {
     const uint8_t* q = w.qs + row * (w.in / 2) + b * (QK / 2);
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    f[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));  // values 0..7
+    f[1] = _mm256_cvtepi32_ps(_mm256_and_si256(c, mask));  // values 8..15
+    f[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));    // values 16..23
+    f[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));    // values 24..31
   }
 }
 
@@ -223,12 +222,10 @@ void matmul_group(const QMat& w, const float* x, int64_t ldx, const float* sx, f
   }
 }
 
-// y[n, out] = x[n, in] W^T (+ bias). Output rows are split into one contiguous range per thread
-// (a shared task counter costs a cache-line transfer per grab, which small matrices feel);
-// activation rows go in groups of up to 8 per pass over the weights.
-void matmul(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy) {
-  const int64_t blocks = w.in / QK;
-  std::vector<float> sx(static_cast<size_t>(n * blocks));
+// The block sums of x for the fp32-activation kernel: sx[r * blocks + b] = sum of x[r, 32b .. 32b+31].
+void block_sums(const float* x, int64_t n, int64_t ldx, int64_t in, std::vector<float>& sx) {
+  const int64_t blocks = in / QK;
+  sx.resize(static_cast<size_t>(n * blocks));
   for (int64_t r = 0; r < n; ++r)
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + r * ldx + b * QK;
@@ -236,23 +233,35 @@ void matmul(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int
                                _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
       sx[r * blocks + b] = hsum(s);
     }
-  const int tasks = std::max(1, std::min(threads(), w.out / 16));
-  parallel(tasks, [&](int t) {
-    const int o0 = static_cast<int>(int64_t(w.out) * t / tasks) & ~3;
-    const int o1 = t + 1 == tasks ? w.out : static_cast<int>(int64_t(w.out) * (t + 1) / tasks) & ~3;
-    for (int64_t r = 0; r < n; r += 8) {
-      const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
-      const float* xr = x + r * ldx;
-      const float* sxr = sx.data() + r * blocks;
-      float* yr = y + r * ldy;
-      switch (w.format) {
-        case Q4_0: matmul_group<Q4_0>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
-        case Q4_1: matmul_group<Q4_1>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
-        default: matmul_group<Q8_0>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
-      }
-    }
-  });
 }
+
+// Output rows [o0, o1) of y = x W^T for all n activation rows, 8 at a time per pass over the weights.
+void rows_fp32(const QMat& w, const float* x, int64_t n, int64_t ldx, const float* sx, float* y, int64_t ldy, int o0,
+               int o1) {
+  const int64_t blocks = w.in / QK;
+  for (int64_t r = 0; r < n; r += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
+    const float* xr = x + r * ldx;
+    const float* sxr = sx + r * blocks;
+    float* yr = y + r * ldy;
+    switch (w.format) {
+      case Q4_0: matmul_group<Q4_0>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
+      case Q4_1: matmul_group<Q4_1>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
+      default: matmul_group<Q8_0>(w, xr, ldx, sxr, yr, ldy, nb, o0, o1); break;
+    }
+  }
+}
+
+// Thread t's share of `out` output rows among `parts`: one contiguous range each, starting at a
+// multiple of 4 (the batch-1 kernel's output rows per pass). A shared task counter would cost a
+// cache-line transfer per grab, which small matrices feel.
+inline void share(int out, int t, int parts, int& o0, int& o1) {
+  o0 = static_cast<int>(int64_t(out) * t / parts) & ~3;
+  o1 = t + 1 == parts ? out : static_cast<int>(int64_t(out) * (t + 1) / parts) & ~3;
+}
+
+// How many threads a matrix is worth: a slice under 16 rows costs more to hand out than to compute.
+inline int parts_for(int out, int team) { return std::max(1, std::min(team, out / 16)); }
 
 // ---- the quantized-activation path (llama.cpp's on AVX2) --------------------------------------
 // Activations are quantized once per matmul to int8 per 32-value block (scale amax/127, round to
@@ -316,6 +325,25 @@ void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, Qu
 template <int F>
 inline __m256i block_bytes(const QMat& w, int64_t row, int64_t b);
 
+// Sums of 4 adjacent products of unsigned by signed bytes, as 8 int32. With AVX512-VNNI (and VL)
+// it is one instruction; on AVX2, maddubs (pairs into int16) then madd (pairs into int32). The
+// codes here never saturate int16 (at most 2 * 128 * 127), so both give identical results.
+inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+extern "C" int32_t mk_variant() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Lane i = the sum of the 8 int32 lanes of v[i], for 8 vectors (a transpose-and-add tree).
 inline __m256i row_sums(const __m256i v[8]) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
@@ -330,7 +358,6 @@ template <int F, int NB>
 void matmul_rows_q8_batch(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0,
                           int o1) {
   const int64_t blocks = w.in / QK;
-  const __m256i ones = _mm256_set1_epi16(1);
   const float* scale8 = xa.scale8.data() + (r0 / 8) * blocks * 8;
   const float* sum8 = xa.sum8.data() + (r0 / 8) * blocks * 8;
   for (int o = o0; o < o1; ++o) {
@@ -348,7 +375,7 @@ void matmul_rows_q8_batch(const QMat& w, const QuantizedActivations& xa, int64_t
         }
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + (r0 + r) * w.in + b * QK));
         if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q);
-        dots[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones);
+        dots[r] = dot_u8_s8(magnitude, xv);
       }
       const __m256 d = _mm256_set1_ps(half_to_float(w.d[o * blocks + b]));
       const __m256 totals = _mm256_cvtepi32_ps(row_sums(dots));
@@ -381,7 +408,6 @@ inline __m256i block_bytes(const QMat& w, int64_t row, int64_t b) {
 template <int F, int NB>
 void matmul_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
   const int64_t blocks = w.in / QK;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int o = o0; o < o1; ++o) {
     __m256 acc[NB];
     float offset[NB];
@@ -399,7 +425,7 @@ void matmul_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, f
         const int64_t row = r0 + r;
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + row * w.in + b * QK));
         if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q);
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones);
+        const __m256i dot = dot_u8_s8(magnitude, xv);
         const float scale = xa.scale[row * blocks + b];
         acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * scale), _mm256_cvtepi32_ps(dot), acc[r]);
         if constexpr (F == Q4_0) offset[r] -= 8.0f * d * xa.sum[row * blocks + b];
@@ -426,32 +452,50 @@ void matmul_group_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, 
   }
 }
 
-void matmul_q8(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy) {
-  // One buffer per calling thread, reused across calls; the workers read it through this pointer
-  // (naming a thread_local inside the task would give each worker its own, empty one).
-  thread_local QuantizedActivations buffer;
-  const QuantizedActivations* act = &buffer;
-  quantize_activations(x, n, ldx, w.in, buffer);
-  const int tasks = std::max(1, std::min(threads(), w.out / 16));
-  parallel(tasks, [&](int t) {
-    const int o0 = static_cast<int>(int64_t(w.out) * t / tasks);
-    const int o1 = static_cast<int>(int64_t(w.out) * (t + 1) / tasks);
-    for (int64_t r = 0; r < n; r += 8) {
-      const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
-      float* yr = y + r * ldy;
-      switch (w.format) {
-        case Q4_0: matmul_group_q8<Q4_0>(w, *act, r, yr, ldy, nb, o0, o1); break;
-        case Q4_1: matmul_group_q8<Q4_1>(w, *act, r, yr, ldy, nb, o0, o1); break;
-        default: matmul_group_q8<Q8_0>(w, *act, r, yr, ldy, nb, o0, o1); break;
-      }
+void rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t n, float* y, int64_t ldy, int o0, int o1) {
+  for (int64_t r = 0; r < n; r += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
+    float* yr = y + r * ldy;
+    switch (w.format) {
+      case Q4_0: matmul_group_q8<Q4_0>(w, xa, r, yr, ldy, nb, o0, o1); break;
+      case Q4_1: matmul_group_q8<Q4_1>(w, xa, r, yr, ldy, nb, o0, o1); break;
+      default: matmul_group_q8<Q8_0>(w, xa, r, yr, ldy, nb, o0, o1); break;
     }
-  });
+  }
 }
 
-// The activation mode of a matmul: fp32 (exact against the reference weights) or int8 blocks.
+// A matmul's activations, prepared once (block sums, or int8 blocks) and read by every thread.
+struct Input {
+  bool q8 = false;
+  const float* x = nullptr;
+  int64_t n = 0, ldx = 0;
+  std::vector<float> sx;
+  QuantizedActivations xa;
+
+  void prepare(const QMat& w, const float* x_, int64_t n_, int64_t ldx_, bool q8_) {
+    x = x_, n = n_, ldx = ldx_, q8 = q8_;
+    if (q8) quantize_activations(x, n, ldx, w.in, xa);
+    else block_sums(x, n, ldx, w.in, sx);
+  }
+
+  void rows(const QMat& w, float* y, int64_t ldy, int o0, int o1) const {
+    if (q8) rows_q8(w, xa, n, y, ldy, o0, o1);
+    else rows_fp32(w, x, n, ldx, sx.data(), y, ldy, o0, o1);
+  }
+};
+
+// y[n, out] = x[n, in] W^T (+ bias), activations fp32 (exact against the reference weights) or
+// int8 blocks; output rows split over the thread team.
 void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool q8) {
-  if (q8) matmul_q8(w, x, n, ldx, y, ldy);
-  else matmul(w, x, n, ldx, y, ldy);
+  thread_local Input input;  // reused across calls by each calling thread
+  const Input* in = &input;  // the team reads the caller's (a thread_local named in a task is the worker's own)
+  input.prepare(w, x, n, ldx, q8);
+  const int parts = parts_for(w.out, threads());
+  parallel(parts, [&](int t) {
+    int o0, o1;
+    share(w.out, t, parts, o0, o1);
+    in->rows(w, y, ldy, o0, o1);
+  });
 }
 
 template <int F>
