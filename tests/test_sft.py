@@ -62,6 +62,24 @@ def test_splits_do_not_overlap_and_are_reproducible():
         task.problems(3, "dev")
 
 
+def test_long_multiplication_is_worked_as_taught_and_scores():
+    task = get_task("long_mult")
+    entry = {"metadata": {"expression": "478 * 718"}, "answer": "343204"}
+    assert task.worked(entry) == [
+        "478 * 8: 8*8=64 c6, 7*8+6=62 c6, 4*8+6=38 -> 3824",
+        "478 * 1: 8*1=8 c0, 7*1=7 c0, 4*1=4 -> 478, shifted 4780",
+        "478 * 7: 8*7=56 c5, 7*7+5=54 c5, 4*7+5=33 -> 3346, shifted 334600",
+        "3824 + 4780: 4+0=4, 2+8=10 c1, 8+7+1=16 c1, 3+4+1=8 -> 8604",
+        "8604 + 334600: 4+0=4, 0+0=0, 6+6=12 c1, 8+4+1=13 c1, 0+3+1=4, 0+3=3 -> 343204",
+    ]
+    problems = task.problems(40, "train") + task.problems(40, "val")
+    for p in problems:  # every worked solution reaches the generator's answer and scores 1
+        assert task.score(task.solution(p), p) == 1.0
+    assert task.score(f"Answer: {int(problems[0].answer) + 10}", problems[0]) == 0.0
+    splits = [{p.question for p in task.problems(300, split)} for split in ("train", "val", "test")]
+    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+
+
 # ---- saving models and LoRA --------------------------------------------------------------------
 
 

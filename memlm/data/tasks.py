@@ -111,7 +111,55 @@ def _chain_sum_steps(entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _column_addition(a: int, b: int) -> str:
+    """a + b digit by digit from the right, each column with its carry: "4+0=4, 2+8=10 c1, ... -> s"."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    columns, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        columns.append(f"{x}+{y}{f'+{carry}' if carry else ''}={total}" + (" c1" if total >= 10 else ""))
+        carry = total // 10
+    return f"{a} + {b}: {', '.join(columns)} -> {a + b}"
+
+
+def _long_multiplication_steps(entry: dict[str, Any]) -> list[str]:
+    """Long multiplication as taught: one row per digit of the second factor, each digit product
+    with its carry (scratch work), the row's partial product shifted into place (a result needed
+    later), then the partial products added column by column."""
+    left, right = (int(t) for t in entry["metadata"]["expression"].split("*"))
+    lines, partials = [], []
+    for place, digit in enumerate(int(d) for d in str(right)[::-1]):
+        steps, carry = [], 0
+        for i, a in enumerate(int(d) for d in str(left)[::-1]):
+            value = a * digit + carry
+            last = i == len(str(left)) - 1
+            product = f"{a}*{digit}" + (f"+{carry}" if carry else "")
+            steps.append(f"{product}={value}" if last else f"{product}={value} c{value // 10}")
+            carry = value // 10
+        partial = left * digit * 10**place
+        shifted = f", shifted {partial}" if place else ""
+        lines.append(f"{left} * {digit}: {', '.join(steps)} -> {left * digit}{shifted}")
+        partials.append(partial)
+    total = partials[0]
+    for partial in partials[1:]:
+        lines.append(_column_addition(total, partial))
+        total += partial
+    if total != int(entry["answer"]):
+        raise AssertionError(f"worked solution of {entry['metadata']['expression']!r} gives {total}")
+    return lines
+
+
 TASKS: dict[str, Task] = {
+    # Long thinking after a short question, the regime a KV budget is for (DynTS): 3- and 4-digit
+    # factors, ~20% of the trace is prompt, and most thinking tokens (digit products, column sums)
+    # are scratch work that only the next step reads; the partial products are read again later.
+    "long_mult": Task(
+        "long_mult",
+        "products",
+        {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 4},
+        _long_multiplication_steps,
+    ),
     # 10-14 one-digit terms: ~120 reasoning tokens, and a 135M model can learn every step of it.
     "chain_sum": Task(
         "chain_sum",
