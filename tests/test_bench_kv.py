@@ -45,8 +45,11 @@ def test_bench_kv_rows_budgets_json_and_plot(tiny_model_and_predictor, tmp_path)
         max_new_tokens=40,
         probe_n=2,
         probe_filler=120,
+        window=4,
+        ratio=0.25,
     )
     saved = json.loads((tmp_path / "kv.json").read_text())
+    assert (saved["learned_window"], saved["learned_ratio"]) == (4, 0.25)
     assert saved == json.loads(json.dumps(report))
     rows = saved["rows"]
     assert [(r["policy"], r["budget"]) for r in rows] == [
@@ -68,3 +71,8 @@ def test_bench_kv_refuses_learned_without_a_predictor(tiny_model_and_predictor):
         run_kv_bench(model, "chain_sum_short", [64], ["learned"], n=1)
     with pytest.raises(MemlmError, match="unknown KV policy 'lru'"):
         run_kv_bench(model, "chain_sum_short", [64], ["lru"], n=1)
+    predictor = tiny_model_and_predictor[1]
+    with pytest.raises(MemlmError, match="ratio must be in"):
+        run_kv_bench(model, "chain_sum_short", [64], ["learned"], n=1, predictor=predictor, ratio=0)
+    with pytest.raises(MemlmError, match="larger than the window"):
+        run_kv_bench(model, "chain_sum_short", [64], ["learned"], n=1, predictor=predictor, window=64)

@@ -11,7 +11,7 @@ from conftest import hf_tiny, memlm_twin, tiny_engine
 from memlm.cache import RowView, make_policy
 from memlm.cache.importance import ImportancePredictor, load_predictor, save_predictor
 from memlm.cache.policies import LearnedPolicy
-from memlm.errors import InvalidRequestError, ModelFormatError
+from memlm.errors import InvalidRequestError, MemlmError, ModelFormatError
 from memlm.generation.params import SamplingParams
 from memlm.train.predictor import (
     Labelled,
@@ -179,6 +179,48 @@ def test_labels_are_the_answers_attention_as_transformers_computes_it():
         torch.testing.assert_close(got.labels, expected, atol=1e-5, rtol=1e-4)
         hidden = out.hidden_states[-1][0, trace.prompt_length : trace.think_end]
         torch.testing.assert_close(got.hidden, hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_future_labels_on_a_hand_made_attention_matrix():
+    from memlm.train.predictor import future_importance
+
+    received = torch.tensor(  # rows: queries 0..3, columns: keys 0..3
+        [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.2, 0.6, 0.2, 0.0], [0.1, 0.1, 0.7, 0.1]]
+    )
+    # Keys 1 and 2. Query q saw q + 1 keys: key 1 got 0.6 x 3 = 1.8 from query 2 and 0.1 x 4 = 0.4
+    # from query 3; key 2 got 0.7 x 4 = 2.8 from query 3. A query never counts for itself or earlier keys.
+    torch.testing.assert_close(future_importance(received, 1, 3, "future_max"), torch.tensor([1.8, 2.8]))
+    decayed = future_importance(received, 1, 3, "future_decay", decay=0.5)  # weights 1 (next query), 0.5, ...
+    torch.testing.assert_close(decayed, torch.tensor([(1.8 + 0.5 * 0.4) / 1.5, 2.8]))
+    assert future_importance(received, 3, 4, "future_max").tolist() == [0.0]  # no later query
+    with pytest.raises(MemlmError, match="unknown importance label"):
+        future_importance(received, 1, 3, "future_mean")
+
+
+def test_the_recorded_attention_gives_the_published_label_too():
+    """One pass recording every query's attention reproduces label_traces' answer label, and its
+    future labels are built from those same rows."""
+    from memlm.train.predictor import _AttentionRecorder, _padded, label_traces_future
+
+    model = memlm_twin(hf_tiny())
+    torch.manual_seed(1)
+    traces = [
+        Trace(torch.randint(0, 128, (n,)).tolist(), prompt, think) for n, prompt, think in ((20, 4, 15), (13, 3, 9))
+    ]
+    published = label_traces(model, traces, batch_size=2)
+    cache = _AttentionRecorder.for_model(model.config, 2, 20, track_attention=True)
+    with torch.no_grad():
+        model(*_padded(model, [t.ids for t in traces], [0, 0]), cache)
+    for row, (t, got) in enumerate(zip(traces, published, strict=True)):
+        received = cache.received[row, : len(t.ids), : len(t.ids)]
+        torch.testing.assert_close(received.sum(-1), torch.ones(len(t.ids)))  # each query's attention sums to 1
+        assert received.triu(1).abs().max() == 0  # causal
+        answer = received[t.think_end :, t.prompt_length : t.think_end].mean(0) * t.think_end
+        torch.testing.assert_close(answer, got.labels, atol=1e-5, rtol=1e-4)
+    future = label_traces_future(model, traces, "future_max", 0.95, batch_size=2)
+    assert [len(f.labels) for f in future] == [len(p.labels) for p in published]
+    for f, p in zip(future, published, strict=True):
+        torch.testing.assert_close(f.hidden, p.hidden, atol=1e-5, rtol=1e-4)  # the same features
 
 
 def test_marker_index_finds_the_token_where_the_marker_starts():

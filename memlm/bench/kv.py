@@ -83,7 +83,11 @@ def run_kv_bench(
     probe_filler: int = 256,
     dtype: str = "float32",
     console=None,
+    window: int | None = None,
+    ratio: float | None = None,
 ) -> dict:
+    """`window` and `ratio` set the learned policy's recent window and keep ratio (its defaults
+    when None); the report records the values used."""
     from rich.console import Console
 
     from memlm.data.evaluate import evaluate_task
@@ -103,6 +107,10 @@ def run_kv_bench(
         from memlm.cache.importance import load_predictor
 
         options["learned"] = {"predictor": load_predictor(predictor, engine.config, model)[0]}
+        options["learned"] |= {k: v for k, v in (("window", window), ("ratio", ratio)) if v is not None}
+    if "learned" in policies:  # a bad window or ratio fails now; the report records what ran
+        learned = make_policy("learned", max(budgets), **options["learned"])
+        window, ratio = learned.window, learned.ratio
     problems = task.problems(n, "test")
     probes = build_probes(engine.tokenizer, probe_n, probe_filler) if probe_n else []
 
@@ -148,6 +156,8 @@ def run_kv_bench(
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "predictor": predictor,
+        "learned_window": window if "learned" in policies else None,
+        "learned_ratio": ratio if "learned" in policies else None,
         "mean_full_trace_tokens": trace if full_row is not None else None,
         "rows": rows,
     }

@@ -91,6 +91,13 @@ def generate(
     kv_predictor: Annotated[
         str | None, typer.Option(help="Importance predictor folder for --kv-policy learned.")
     ] = None,
+    kv_window: Annotated[
+        int | None, typer.Option(help="--kv-policy learned: the most recent tokens always kept (default 8).")
+    ] = None,
+    kv_ratio: Annotated[
+        float | None,
+        typer.Option(help="--kv-policy learned: share of older tokens an eviction keeps, in (0, 1] (default 0.5)."),
+    ] = None,
     memory: Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")] = None,
     trigger: TriggerOpt = None,
     show_insertions: Annotated[
@@ -111,6 +118,9 @@ def generate(
         from memlm.cache.importance import load_predictor
 
         options["predictor"], predictor_config = load_predictor(kv_predictor)
+        options |= {k: v for k, v in (("window", kv_window), ("ratio", kv_ratio)) if v is not None}
+    elif kv_window is not None or kv_ratio is not None:
+        raise MemlmError("--kv-window and --kv-ratio are options of --kv-policy learned")
     policy = make_policy(kv_policy, kv_budget, **options)  # bad names and budgets fail before the model loads
     if show_insertions and memory is None:
         raise MemlmError("--show-insertions needs --memory DIR")
@@ -385,6 +395,10 @@ def bench_kv(
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (tokens per sequence).")] = "96,112,128,160",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = ",".join(ALL_POLICIES),
     predictor: Annotated[str | None, typer.Option(help="Importance predictor folder (for learned).")] = None,
+    window: Annotated[int | None, typer.Option(help="learned: recent tokens always kept (default 8).")] = None,
+    ratio: Annotated[
+        float | None, typer.Option(help="learned: share of older tokens an eviction keeps (default 0.5).")
+    ] = None,
     n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
     probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
@@ -412,6 +426,8 @@ def bench_kv(
         max_new_tokens=max_new_tokens,
         probe_n=probe_n,
         dtype=dtype,
+        window=window,
+        ratio=ratio,
     )
 
 
@@ -541,6 +557,14 @@ def train_predictor(
     batch_tokens: Annotated[int, typer.Option(help="Thinking tokens per step.")] = 512,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Traces generated together.")] = 16,
+    label: Annotated[
+        str,
+        typer.Option(
+            help="Importance label: answer (attention from answer tokens, DynTS), future_max or future_decay "
+            "(from every later query)."
+        ),
+    ] = "answer",
+    decay: Annotated[float, typer.Option(help="future_decay: weight decay^(distance - 1).")] = 0.95,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
 ):
     """Train the DynTS importance predictor on the frozen model's own traces (MSE on attention labels)."""
@@ -559,6 +583,8 @@ def train_predictor(
             batch_tokens=batch_tokens,
             lr=lr,
             batch_size=batch_size,
+            label=label,
+            decay=decay,
             resume=resume,
         ),
         log=lambda m: print(m, file=sys.stderr),

@@ -10,6 +10,13 @@
    answer tokens, so the diagonal never enters a thinking token's label). Labels are multiplied
    by the number of keys the answer saw, so uniform attention scores 1 whatever the length.
    The features are the final-layer hidden states of the thinking tokens from the same pass.
+   Alternative labels (`label`), for traces where the reasoning itself re-reads earlier lines
+   (the answer of a long multiplication reads only the last partial sum, while each partial sum
+   was read by later lines): every later query counts, thinking and answer alike, each query's
+   attention scaled by the keys it saw (uniform = 1). `future_max` keeps a token's largest such
+   attention (one later step that needed it is enough); `future_decay` averages them weighted by
+   decay^(distance - 1) (nearby readers count most). Both come from one cache-less pass over the
+   whole trace that records every query's attention, mean over heads, summed over layers.
 3. Training: MSE on thinking tokens only, base model frozen, through the shared loop. Held-out
    traces (the task's validation split) give the loss and the rank agreement (Spearman and
    Kendall, per trace, averaged) between predicted and true importance, next to two baselines:
@@ -48,6 +55,14 @@ class Labelled:
     labels: torch.Tensor  # [n_think] attention the answer paid them (scaled: uniform = 1)
 
 
+LABELS = {
+    "answer": "mean attention from answer tokens (over queries, heads, layers) x keys seen",
+    "future_max": "max over every later query (thinking and answer) of its attention (heads, layers) x keys it saw",
+    "future_decay": "mean over every later query of its attention (heads, layers) x keys it saw, "
+    "weighted decay^(distance - 1)",
+}
+
+
 @dataclass(slots=True)
 class PredictorConfig:
     model: str
@@ -61,6 +76,8 @@ class PredictorConfig:
     lr: float = 1e-3
     batch_size: int = 16  # traces generated at once
     max_new_tokens: int = 256
+    label: str = "answer"  # one of LABELS
+    decay: float = 0.95  # for the future_decay label
     seed: int = 0
     resume: bool = False
     progress: bool = True
@@ -105,6 +122,54 @@ def label_traces(model, traces: list[Trace], batch_size: int = 16) -> list[Label
         for row, t in enumerate(chunk):
             received = cache.attention_sum[row, t.prompt_length : t.think_end] / len(tails[row])
             out.append(Labelled(hidden[row, t.prompt_length : t.think_end].float().cpu(), received.cpu() * t.think_end))
+    return out
+
+
+class _AttentionRecorder(KVCache):
+    """A cache that keeps what every query of the chunk paid every key: [B, T, T], the mean over
+    heads summed over layers / layers (the same average as the DynTS label)."""
+
+    received: torch.Tensor | None = None
+
+    def observe_attention(self, layer: int, weights: torch.Tensor) -> None:
+        received = weights.float().mean(dim=1) / self.num_layers
+        self.received = received if layer == 0 else self.received + received
+
+
+def future_importance(received: torch.Tensor, start: int, end: int, kind: str, decay: float = 0.95) -> torch.Tensor:
+    """Labels of the keys start..end-1 from every later query of one trace.
+
+    `received` [T, T]: what query q paid key k (rows: queries). Query q saw q + 1 keys, so its
+    attention is scaled by q + 1 (uniform attention scores 1). `future_max`: the largest scaled
+    attention any later query paid the key; `future_decay`: their mean weighted by
+    decay^(q - k - 1). A key no later query saw gets 0."""
+    length = received.shape[0]
+    scaled = received[:, start:end] * torch.arange(1, length + 1, dtype=received.dtype)[:, None]
+    distance = torch.arange(length)[:, None] - torch.arange(start, end)[None, :]  # q - k
+    later = distance > 0
+    if kind == "future_max":
+        return torch.where(later, scaled, torch.zeros(())).amax(dim=0)
+    if kind == "future_decay":
+        weights = torch.where(later, decay ** (distance - 1).clamp(min=0).to(received.dtype), torch.zeros(()))
+        return (weights * scaled).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+    raise MemlmError(f"unknown importance label {kind!r}; choose one of {', '.join(LABELS)}")
+
+
+@torch.inference_mode()
+def label_traces_future(model, traces: list[Trace], kind: str, decay: float, batch_size: int = 8) -> list[Labelled]:
+    """`future_max` / `future_decay` labels: one pass over each whole trace, recording attention."""
+    out = []
+    for start in range(0, len(traces), batch_size):
+        chunk = traces[start : start + batch_size]
+        longest = max(len(t.ids) for t in chunk)
+        cache = _AttentionRecorder.for_model(
+            model.config, len(chunk), longest, model.dtype, model.device, track_attention=True
+        )
+        hidden = model(*_padded(model, [t.ids for t in chunk], [0] * len(chunk)), cache)
+        for row, t in enumerate(chunk):
+            n = len(t.ids)
+            labels = future_importance(cache.received[row, :n, :n], t.prompt_length, t.think_end, kind, decay)
+            out.append(Labelled(hidden[row, t.prompt_length : t.think_end].float().cpu(), labels.cpu()))
     return out
 
 
@@ -181,6 +246,10 @@ def _mean(values) -> float:
 def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
     from memlm.generation.engine import Engine
 
+    if cfg.label not in LABELS:
+        raise MemlmError(f"unknown importance label {cfg.label!r}; choose one of {', '.join(LABELS)}")
+    if not 0 < cfg.decay < 1:
+        raise MemlmError(f"--decay must be in (0, 1), got {cfg.decay}")
     task = get_task(cfg.task)
     engine = Engine.load(cfg.model)
     log(f"traces: {cfg.n_train} training and {cfg.n_val} validation problems of {cfg.task}")
@@ -189,7 +258,10 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
         traces = collect_traces(engine, task, task.problems(n, split), cfg.marker, cfg.batch_size, cfg.max_new_tokens)
         if not traces:
             raise MemlmError(f"no {split} trace contains the end-of-thinking marker {cfg.marker!r}")
-        splits[split] = label_traces(engine.model, traces, cfg.batch_size)
+        if cfg.label == "answer":
+            splits[split] = label_traces(engine.model, traces, cfg.batch_size)
+        else:
+            splits[split] = label_traces_future(engine.model, traces, cfg.label, cfg.decay, min(cfg.batch_size, 8))
         log(f"  {split}: {len(traces)}/{n} traces have the marker, {sum(len(d.labels) for d in splits[split])} tokens")
 
     return fit_predictor(engine.config.hidden_size, splits["train"], splits["val"], cfg)
@@ -229,7 +301,8 @@ def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[L
         "base_model": cfg.model,
         "task": cfg.task,
         "marker": cfg.marker,
-        "label": "mean attention from answer tokens (over queries, heads, layers) x keys seen",
+        "label": cfg.label,
+        "label_definition": LABELS[cfg.label] + (f" (decay {cfg.decay})" if cfg.label == "future_decay" else ""),
         "train_traces": len(train_data),
         "train_tokens": int(targets.numel()),
         "steps": cfg.steps,
