@@ -50,6 +50,12 @@ def test_bench_kv_rows_budgets_json_and_plot(tiny_model_and_predictor, tmp_path)
     )
     saved = json.loads((tmp_path / "kv.json").read_text())
     assert (saved["learned_window"], saved["learned_ratio"]) == (4, 0.25)
+    cost = saved["learned_cost"]  # the predictor's and eviction's share of a decode step, batch 1 and 8
+    assert [c["batch"] for c in cost] == [1, 8]
+    for c in cost:
+        assert c["steps"] > 0 and c["step_ms"] > 0
+        assert 0 < c["predictor_frac"] < 1 and 0 < c["eviction_frac"] < 1
+        assert c["overhead_frac"] == pytest.approx(c["predictor_frac"] + c["eviction_frac"], abs=2e-4)
     assert saved == json.loads(json.dumps(report))
     rows = saved["rows"]
     assert [(r["policy"], r["budget"]) for r in rows] == [

@@ -147,6 +147,15 @@ def run_kv_bench(
             rows.append(row)
     if full_row is not None:  # the reference, repeated at every budget
         rows = [{**full_row, "budget": b} for b in budgets] + rows
+    cost = None
+    if "learned" in policies:  # at the smallest budget: the most evictions
+        factory = _factory("learned", min(budgets), options["learned"])
+        cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
+        for c in cost:
+            console.print(
+                f"learned policy cost, batch {c['batch']}: predictor {c['predictor_frac']:.1%} + eviction "
+                f"{c['eviction_frac']:.1%} of a {c['step_ms']:.1f} ms decode step"
+            )
     report = {
         "model": model,
         "task": task_name,
@@ -159,6 +168,7 @@ def run_kv_bench(
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
         "mean_full_trace_tokens": trace if full_row is not None else None,
+        "learned_cost": cost,
         "rows": rows,
     }
     print_report(report, console)
@@ -167,6 +177,33 @@ def run_kv_bench(
     if plot_path:
         plot_report(report, plot_path)
     return report
+
+
+def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_tokens: int) -> dict:
+    """What a policy's predictor and eviction cost per decode step, against the whole step, with
+    `batch` requests decoded together (the engine's phase timings over decode-only steps)."""
+    from memlm.generation.params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    chosen = [problems[i % len(problems)] for i in range(batch)]
+    engine.timings = {}
+    try:
+        engine.generate([task.messages(p) for p in chosen], params, kv_policy=[factory() for _ in chosen])
+        timings = engine.timings
+    finally:
+        engine.timings = None
+    steps = timings.get("steps", 0)
+    total = sum(v for k, v in timings.items() if k != "steps")
+    if not steps or total <= 0:
+        raise MemlmError("no decode step was timed")
+    return {
+        "batch": batch,
+        "steps": steps,
+        "step_ms": round(1000 * total / steps, 3),
+        "predictor_frac": round(timings.get("predictor", 0.0) / total, 4),
+        "eviction_frac": round(timings.get("eviction", 0.0) / total, 4),
+        "overhead_frac": round((timings.get("predictor", 0.0) + timings.get("eviction", 0.0)) / total, 4),
+    }
 
 
 def _factory(policy: str, budget: int, options: dict) -> Callable:

@@ -81,6 +81,9 @@ class Engine:
         self._batch: _Batch | None = None
         self._structured = None
         self._ids = itertools.count()
+        # Wall-clock per phase of decode steps (steps no request joins), summed: set to {} to record
+        # (benchmarks: what a KV policy's predictor and eviction cost against the whole step).
+        self.timings: dict[str, float] | None = None
 
     @classmethod
     def load(cls, name_or_path: str, dtype: str = "float32", activations: str = "float32", **scheduling) -> Engine:
@@ -344,11 +347,15 @@ class Engine:
         if batch is None:
             return []
         state, device = batch.state, self.model.device
+        clock = _PhaseClock(None if joining else self.timings)
         inserted = [0 if r.pending_latents is None else r.pending_latents.shape[0] for r in rows]
         hidden, real = self._feed(rows, state)
+        clock("forward")
         if batch.scored:
             _score(state, hidden, rows)
+        clock("predictor")
         evicted = _evict(state, rows)
+        clock("eviction")
         kv_tokens = state.lengths.tolist() if getattr(state, "supports_eviction", True) else [None] * len(rows)
         last_hidden = hidden[torch.arange(len(rows), device=device), real - 1]
         raw = self.model.logits(last_hidden[:, None])[:, 0]
@@ -393,6 +400,8 @@ class Engine:
                 for r, latents in zip(wanted, session.inference_latents(wanted), strict=True):
                     r.pending_latents = latents
         self._retire()
+        clock("sampling")
+        clock.count_step()
         return deltas
 
     def _join(self, joining: list[Request]) -> None:
@@ -554,6 +563,23 @@ def _slots_needed(r: Request) -> int:
     if r.kv_policy is None:
         return total
     return min(total, max(r.kv_policy.budget, len(r.prompt_ids)) + 1)
+
+
+class _PhaseClock:
+    """Adds the time since the previous mark to `totals[phase]` (nothing when totals is None)."""
+
+    def __init__(self, totals: dict[str, float] | None):
+        self.totals, self.last = totals, time.perf_counter() if totals is not None else 0.0
+
+    def __call__(self, phase: str) -> None:
+        if self.totals is not None:
+            now = time.perf_counter()
+            self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+            self.last = now
+
+    def count_step(self) -> None:
+        if self.totals is not None:
+            self.totals["steps"] = self.totals.get("steps", 0) + 1
 
 
 def _score(cache, hidden: torch.Tensor, active: list[Request]) -> None:
