@@ -90,6 +90,7 @@ def test_quantized_activation_kernel_equals_its_reference(fmt):
     """q8_0 activations: x rounded per 32-block to int8 (scale amax/127), then multiplied with the
     reference weights; the integer kernel must equal that product up to fp32 rounding."""
     out, inp = 37, 1536
+    torch.manual_seed(7)
     q = QWeight.quantize(torch.randn(out, inp) * 0.1, fmt)
     layer = QLinear(q, torch.randn(out))
     layer.activations = "q8_0"
@@ -98,7 +99,9 @@ def test_quantized_activation_kernel_equals_its_reference(fmt):
         x[0, 5] = 300.0  # a massive activation stays inside its own block
         blocks = x.view(rows, -1, 32)
         scale = blocks.abs().amax(-1, keepdim=True) / 127
-        rounded = (torch.round(blocks / scale) * scale).view(rows, inp)
+        # x times the reciprocal scale, rounded half to even: the kernel's arithmetic exactly (a
+        # division would round a few values near .5 the other way).
+        rounded = (torch.round(blocks * (1 / scale)) * scale).view(rows, inp)
         want = F.linear(rounded.double(), q.dequantize().double(), layer.bias.double())
         got = layer(x).double()
         assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-4
@@ -416,3 +419,33 @@ def test_the_vnni_build_equals_the_avx2_build_bit_for_bit():
                 b.mk_matmul(ctypes.byref(layer._desc), x.data_ptr(), rows, 320, y.data_ptr(), 40, 1)
                 outs.append(y)
         assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3]), fmt
+
+
+@needs_native
+def test_short_padded_chunks_run_natively_and_equal_the_layer_by_layer_path(monkeypatch):
+    """A mixed step: one row feeds a token while another inserts six (right-padded chunk)."""
+    model, _ = _quantized_twin("q4_1")
+    steps = _count_native_steps(monkeypatch)
+
+    def run(native: bool):
+        saved, model.native_decoder = model.native_decoder, model.native_decoder if native else None
+        try:
+            cache = model.new_state(2, 32)
+            with torch.inference_mode():
+                model(model.embed(torch.tensor([[3, 4, 5], [6, 7, 0]])), torch.tensor([[0, 1, 2], [0, 1, -1]]), cache)
+                embeds = model.embed(torch.tensor([[9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]]))
+                positions = torch.tensor([[3, -1, -1, -1, -1, -1], [2, 3, 4, 5, 6, 7]])
+                return model(embeds, positions, cache), cache
+        finally:
+            model.native_decoder = saved
+
+    (fast, fast_cache), (slow, slow_cache) = run(True), run(False)
+    assert len(steps) == 2  # both chunks of the native run went through the native step
+    real = torch.tensor([[1, 0, 0, 0, 0, 0], [1] * 6], dtype=torch.bool)
+    torch.testing.assert_close(fast[real], slow[real], atol=1e-5, rtol=1e-4)
+    assert fast[~real].abs().max() == 0
+    assert torch.equal(fast_cache.lengths, slow_cache.lengths)
+    for row, length in enumerate(fast_cache.lengths.tolist()):  # the live slots (padding is never kept)
+        for a, b in ((fast_cache.k, slow_cache.k), (fast_cache.v, slow_cache.v)):
+            torch.testing.assert_close(a[:, row, :, :length], b[:, row, :, :length], atol=1e-5, rtol=1e-4)
+    assert fast_cache.lengths.tolist() == [4, 8]

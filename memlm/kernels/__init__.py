@@ -31,7 +31,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
 # vectors (the int8-activation kernels; results are identical to the AVX2 build's).
 VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
-ABI_VERSION = 3
+ABI_VERSION = 6
 
 
 class QMat(ctypes.Structure):
@@ -43,6 +43,10 @@ class QMat(ctypes.Structure):
         ("d", ctypes.c_void_p),
         ("m", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("lora_a", ctypes.c_void_p),
+        ("lora_bt", ctypes.c_void_p),
+        ("rank", ctypes.c_int32),
+        ("scaling", ctypes.c_float),
     ]
 
 
@@ -76,16 +80,18 @@ class ModelDesc(ctypes.Structure):
 class DecodeArgs(ctypes.Structure):
     _fields_ = [
         ("x", ctypes.c_void_p),
-        ("batch", ctypes.c_int32),
+        ("tokens", ctypes.c_int32),
         ("cos", ctypes.c_void_p),
         ("ssin", ctypes.c_void_p),
         ("k", ctypes.c_void_p),
         ("v", ctypes.c_void_p),
         ("k_stride", ctypes.c_int64 * 4),
         ("v_stride", ctypes.c_int64 * 4),
-        ("slots", ctypes.c_void_p),
+        ("row", ctypes.c_void_p),
+        ("slot", ctypes.c_void_p),
         ("attention", ctypes.c_void_p),
         ("width", ctypes.c_int32),
+        ("lora", ctypes.c_int32),
     ]
 
 

@@ -91,6 +91,13 @@ struct QMat {
   const uint16_t* d;
   const uint16_t* m;  // Q4_1 only
   const float* bias;  // optional, [out]
+  // An optional LoRA adapter beside the weights: y += scaling * (x A^T) B^T, with A [rank, in] and
+  // B^T [rank, out] (fp32, B transposed so the update streams along output rows), applied when the
+  // caller asks for it (the latent weaver's pass).
+  const float* lora_a;
+  const float* lora_bt;
+  int32_t rank;
+  float scaling;
 };
 
 }  // extern "C"
@@ -486,15 +493,43 @@ struct Input {
 
 // y[n, out] = x[n, in] W^T (+ bias), activations fp32 (exact against the reference weights) or
 // int8 blocks; output rows split over the thread team.
-void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool q8) {
+float dot(const float* a, const float* b, int n);
+
+// y[:, o0:o1] += scaling * h B^T[:, o0:o1], with h = x A^T [n, rank] computed once by the caller.
+void add_lora_rows(const QMat& w, const float* h, int64_t n, float* y, int64_t ldy, int o0, int o1) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* yr = y + r * ldy;
+    for (int j = 0; j < w.rank; ++j) {
+      const float s = w.scaling * h[r * w.rank + j];
+      const float* bt = w.lora_bt + int64_t(j) * w.out;
+      const __m256 vs = _mm256_set1_ps(s);
+      int o = o0;
+      for (; o + 8 <= o1; o += 8)
+        _mm256_storeu_ps(yr + o, _mm256_fmadd_ps(vs, _mm256_loadu_ps(bt + o), _mm256_loadu_ps(yr + o)));
+      for (; o < o1; ++o) yr[o] += s * bt[o];
+    }
+  }
+}
+
+void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool q8,
+                bool lora = false) {
   thread_local Input input;  // reused across calls by each calling thread
+  thread_local std::vector<float> down;
   const Input* in = &input;  // the team reads the caller's (a thread_local named in a task is the worker's own)
   input.prepare(w, x, n, ldx, q8);
+  const bool adapted = lora && w.lora_a != nullptr;
+  if (adapted) {  // x A^T: n x rank dot products over `in`, small next to the matmul
+    down.resize(static_cast<size_t>(n * w.rank));
+    for (int64_t r = 0; r < n; ++r)
+      for (int j = 0; j < w.rank; ++j) down[r * w.rank + j] = dot(x + r * ldx, w.lora_a + int64_t(j) * w.in, w.in);
+  }
+  const float* h = down.data();
   const int parts = parts_for(w.out, threads());
   parallel(parts, [&](int t) {
     int o0, o1;
     share(w.out, t, parts, o0, o1);
     in->rows(w, y, ldy, o0, o1);
+    if (adapted) add_lora_rows(w, h, n, y, ldy, o0, o1);
   });
 }
 
@@ -613,17 +648,20 @@ struct ModelDesc {
 };
 
 struct DecodeArgs {
-  float* x;  // [batch, hidden] embeddings in, final hidden states (before the last norm) out
-  int32_t batch;
-  const float* cos;   // [batch, head_dim]
-  const float* ssin;  // [batch, head_dim] signed sin
-  float* k;           // cache buffers and their strides (elements) over layer, row, head, slot
+  float* x;            // [tokens, hidden] embeddings in, final hidden states (before the last norm) out
+  int32_t tokens;      // real tokens of the chunk, rows in order (padding removed)
+  const float* cos;    // [tokens, head_dim]
+  const float* ssin;   // [tokens, head_dim] signed sin
+  float* k;            // cache buffers and their strides (elements) over layer, row, head, slot
   float* v;
   int64_t k_stride[4];
   int64_t v_stride[4];
-  const int64_t* slots;  // [batch] slot this token is written to; it attends to slots 0..slot
-  float* attention;      // optional [batch, width]: head-mean attention / layers, summed over layers
+  const int64_t* row;   // [tokens] the batch row of each token
+  const int64_t* slot;  // [tokens] the slot it is written to; it attends to its row's slots 0..slot
+  float* attention;     // optional [batch, width], one token per row only: head-mean attention / layers,
+                        // summed over layers, written at row[t]
   int32_t width;
+  int32_t lora;         // 1: apply the projections' LoRA adapters
 };
 
 }  // extern "C"
@@ -636,53 +674,57 @@ struct Model {
   std::vector<float> h, qkv, att, gu, act, tmp, probs;
 };
 
+// Every layer for a chunk of tokens, each token in its own row at its own slot: decode steps (one
+// token per row), and short chunks (latents inserted, rows joining) with the padding removed.
+// A token's keys and values are written before attention runs, so a token attends to the chunk's
+// earlier tokens of its row as causal attention does.
 void decode(Model& model, const DecodeArgs& a) {
   const ModelDesc& c = model.desc;
-  const int B = a.batch, D = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim, I = c.intermediate;
+  const int N = a.tokens, D = c.hidden, H = c.heads, KV = c.kv_heads, hd = c.head_dim, I = c.intermediate;
   const int q_size = H * hd, kv_size = KV * hd, qkv_size = q_size + 2 * kv_size, group = H / KV;
   int max_len = 0;
-  for (int b = 0; b < B; ++b) max_len = std::max<int>(max_len, static_cast<int>(a.slots[b]) + 1);
-  model.h.resize(static_cast<size_t>(B) * D);
-  model.qkv.resize(static_cast<size_t>(B) * qkv_size);
-  model.att.resize(static_cast<size_t>(B) * q_size);
-  model.gu.resize(static_cast<size_t>(B) * 2 * I);
-  model.act.resize(static_cast<size_t>(B) * I);
-  model.tmp.resize(static_cast<size_t>(B) * D);
-  model.probs.resize(static_cast<size_t>(B) * H * max_len);
+  for (int t = 0; t < N; ++t) max_len = std::max<int>(max_len, static_cast<int>(a.slot[t]) + 1);
+  model.h.resize(static_cast<size_t>(N) * D);
+  model.qkv.resize(static_cast<size_t>(N) * qkv_size);
+  model.att.resize(static_cast<size_t>(N) * q_size);
+  model.gu.resize(static_cast<size_t>(N) * 2 * I);
+  model.act.resize(static_cast<size_t>(N) * I);
+  model.tmp.resize(static_cast<size_t>(N) * D);
+  model.probs.resize(static_cast<size_t>(N) * H * max_len);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const bool q8 = c.quantized_activations != 0;
-  if (a.attention) std::memset(a.attention, 0, sizeof(float) * B * a.width);
+  const bool q8 = c.quantized_activations != 0, lora = a.lora != 0;
 
   for (int l = 0; l < c.layers; ++l) {
     const LayerDesc& L = model.layers[l];
-    for (int b = 0; b < B; ++b) rms_norm(a.x + b * D, L.attn_norm, c.eps, D, model.h.data() + b * D);
-    matmul_any(L.qkv, model.h.data(), B, D, model.qkv.data(), qkv_size, q8);
+    for (int t = 0; t < N; ++t) rms_norm(a.x + t * D, L.attn_norm, c.eps, D, model.h.data() + t * D);
+    matmul_any(L.qkv, model.h.data(), N, D, model.qkv.data(), qkv_size, q8, lora);
     float* kl = a.k + l * a.k_stride[0];
     float* vl = a.v + l * a.v_stride[0];
-    for (int b = 0; b < B; ++b) {
-      float* row = model.qkv.data() + b * qkv_size;
+    for (int t = 0; t < N; ++t) {
+      float* tok = model.qkv.data() + t * qkv_size;
       for (int h = 0; h < H + KV; ++h) {
-        float* head = row + h * hd;
+        float* head = tok + h * hd;
         if (L.q_norm) rms_norm(head, h < H ? L.q_norm : L.k_norm, c.eps, hd, head);
-        rope(head, a.cos + b * hd, a.ssin + b * hd, hd);
+        rope(head, a.cos + t * hd, a.ssin + t * hd, hd);
       }
+      const int64_t b = a.row[t], slot = a.slot[t];
       for (int g = 0; g < KV; ++g) {
-        const int64_t slot = a.slots[b];
-        std::memcpy(kl + b * a.k_stride[1] + g * a.k_stride[2] + slot * a.k_stride[3], row + q_size + g * hd,
+        std::memcpy(kl + b * a.k_stride[1] + g * a.k_stride[2] + slot * a.k_stride[3], tok + q_size + g * hd,
                     sizeof(float) * hd);
-        std::memcpy(vl + b * a.v_stride[1] + g * a.v_stride[2] + slot * a.v_stride[3], row + q_size + kv_size + g * hd,
+        std::memcpy(vl + b * a.v_stride[1] + g * a.v_stride[2] + slot * a.v_stride[3], tok + q_size + kv_size + g * hd,
                     sizeof(float) * hd);
       }
     }
-    parallel(B * H, [&](int t) {
-      const int b = t / H, h = t % H, g = h / group, n = static_cast<int>(a.slots[b]) + 1;
-      const float* q = model.qkv.data() + b * qkv_size + h * hd;
+    parallel(N * H, [&](int task) {
+      const int t = task / H, h = task % H, g = h / group, n = static_cast<int>(a.slot[t]) + 1;
+      const int64_t b = a.row[t];
+      const float* q = model.qkv.data() + t * qkv_size + h * hd;
       const float* keys = kl + b * a.k_stride[1] + g * a.k_stride[2];
       const float* vals = vl + b * a.v_stride[1] + g * a.v_stride[2];
-      float* p = model.probs.data() + (static_cast<size_t>(b) * H + h) * max_len;
+      float* p = model.probs.data() + (static_cast<size_t>(t) * H + h) * max_len;
       for (int j = 0; j < n; ++j) p[j] = dot(q, keys + j * a.k_stride[3], hd) * scale;
       softmax(p, n);
-      float* out = model.att.data() + b * q_size + h * hd;
+      float* out = model.att.data() + t * q_size + h * hd;
       std::memset(out, 0, sizeof(float) * hd);
       for (int j = 0; j < n; ++j) {
         const float* vj = vals + j * a.v_stride[3];
@@ -693,22 +735,23 @@ void decode(Model& model, const DecodeArgs& a) {
     });
     if (a.attention) {
       const float w = 1.0f / (H * c.layers);
-      for (int b = 0; b < B; ++b) {
-        const int n = static_cast<int>(a.slots[b]) + 1;
+      for (int t = 0; t < N; ++t) {
+        const int n = static_cast<int>(a.slot[t]) + 1;
+        float* received = a.attention + a.row[t] * a.width;
         for (int h = 0; h < H; ++h) {
-          const float* p = model.probs.data() + (static_cast<size_t>(b) * H + h) * max_len;
-          for (int j = 0; j < n; ++j) a.attention[b * a.width + j] += p[j] * w;
+          const float* p = model.probs.data() + (static_cast<size_t>(t) * H + h) * max_len;
+          for (int j = 0; j < n; ++j) received[j] += p[j] * w;
         }
       }
     }
-    matmul_any(L.o, model.att.data(), B, q_size, model.tmp.data(), D, q8);
-    for (int i = 0; i < B * D; ++i) a.x[i] += model.tmp[i];
-    for (int b = 0; b < B; ++b) rms_norm(a.x + b * D, L.ffn_norm, c.eps, D, model.h.data() + b * D);
-    matmul_any(L.gate_up, model.h.data(), B, D, model.gu.data(), 2 * I, q8);
-    for (int b = 0; b < B; ++b)
-      silu_mul(model.gu.data() + b * 2 * I, model.gu.data() + b * 2 * I + I, I, model.act.data() + b * I);
-    matmul_any(L.down, model.act.data(), B, I, model.tmp.data(), D, q8);
-    for (int i = 0; i < B * D; ++i) a.x[i] += model.tmp[i];
+    matmul_any(L.o, model.att.data(), N, q_size, model.tmp.data(), D, q8, lora);
+    for (int i = 0; i < N * D; ++i) a.x[i] += model.tmp[i];
+    for (int t = 0; t < N; ++t) rms_norm(a.x + t * D, L.ffn_norm, c.eps, D, model.h.data() + t * D);
+    matmul_any(L.gate_up, model.h.data(), N, D, model.gu.data(), 2 * I, q8, lora);
+    for (int t = 0; t < N; ++t)
+      silu_mul(model.gu.data() + t * 2 * I, model.gu.data() + t * 2 * I + I, I, model.act.data() + t * I);
+    matmul_any(L.down, model.act.data(), N, I, model.tmp.data(), D, q8, lora);
+    for (int i = 0; i < N * D; ++i) a.x[i] += model.tmp[i];
   }
 }
 
@@ -716,7 +759,7 @@ void decode(Model& model, const DecodeArgs& a) {
 
 extern "C" {
 
-int32_t mk_abi_version() { return 3; }
+int32_t mk_abi_version() { return 6; }
 
 int32_t mk_threads() { return threads(); }
 

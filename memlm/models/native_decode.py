@@ -1,17 +1,18 @@
-"""A whole decode step of a quantized Llama-family model in one native call.
+"""Every layer of a short chunk of a quantized Llama-family model in one native call.
 
 A token's decode step is ~20 torch ops per layer (norms, projections, RoPE, cache writes,
 attention, residuals): ~600 ops for a 30-layer model, whose Python dispatch alone costs several
-milliseconds, about as long as reading the 4-bit weights. `mk_decode` runs every layer of a step
-in C++ (OpenMP threads for the matmuls and attention heads) and leaves the
-embedding lookup, the final norm, the LM head and everything around them (sampling, eviction,
-latent memory) to the Python model, unchanged.
+milliseconds, about as long as reading the 4-bit weights. `mk_decode` runs every layer in C++
+(OpenMP threads for the matmuls and attention heads) and leaves the embedding lookup, the final
+norm, the LM head and everything around them (sampling, eviction, latent memory) to the Python
+model, unchanged.
 
-It serves chunks of one token per row on a plain KV cache (the shape of every decode step,
-batched or not, rows of different lengths included) and records the attention statistics H2O and
-TOVA need when the cache tracks them. Anything else (prefill, latent insertion, joining rows, a
-step with a LoRA adapter switched on, such as the latent weaver's) takes the layer-by-layer path,
-whose linear layers are quantized too.
+It takes the chunk's real tokens (padding removed), each with its row and cache slot: decode
+steps (one token per row, rows of different lengths), and short chunks of up to NATIVE_MAX_TOKENS
+tokens: latents inserted into the reasoner, the latent weaver's own pass (its LoRA adapters run
+beside the quantized weights), requests joining a running batch, and mixed steps. It records the
+attention statistics H2O and TOVA need when the cache tracks them (decode steps). Longer chunks
+(prefill) and chunks that track attention over several tokens go layer by layer through QLinear.
 """
 
 from __future__ import annotations
@@ -24,39 +25,73 @@ from memlm.cache.kv_cache import KVCache
 from memlm.models.qlinear import QLinear, qmat
 from memlm.models.rope import rope_cos_sin
 
+# Chunks up to this many real tokens run natively: the kernels read each weight once per 8 tokens,
+# which beats the layer-by-layer path's dequantize + GEMM below ~32 tokens (see qlinear.py).
+NATIVE_MAX_TOKENS = 32
+
+
+def _quantized(module) -> tuple[QLinear | None, object]:
+    """(the QLinear, its LoRA wrapper or None) of a projection, or (None, None) if not quantized."""
+    from memlm.models.lora import LoRALinear
+
+    if isinstance(module, LoRALinear):
+        return (module.base, module) if isinstance(module.base, QLinear) else (None, None)
+    return (module, None) if isinstance(module, QLinear) else (None, None)
+
 
 class NativeDecoder:
     def __init__(self, lib, model):
+        self.lib, self.config, self._handle = lib, model.config, None
+        self._build(model)
+
+    def _build(self, model) -> None:
+        """Describe every layer to the kernels, LoRA adapters included (rebuilt when they change)."""
         from memlm.kernels import LayerDesc, ModelDesc
 
         cfg = model.config
-        self.lib, self.config = lib, cfg
+        self._adapters = self._adapter_signature(model)
+        self._keep = []  # tensors the descriptors point into that nothing else holds
         null = None
         layers = (LayerDesc * cfg.num_layers)()
         for i, block in enumerate(model.layers):
             attn, mlp = block.self_attn, block.mlp
+
+            def desc(module):
+                linear, lora = _quantized(module)
+                if lora is None:
+                    return qmat(linear.qweight, linear.bias)
+                bt = lora.lora_b.detach().t().contiguous().float()
+                self._keep.append(bt)
+                return qmat(linear.qweight, linear.bias, lora, bt)
+
             layers[i] = LayerDesc(
                 block.input_layernorm.weight.data_ptr(),
-                qmat(attn.qkv_proj.qweight, attn.qkv_proj.bias),
+                desc(attn.qkv_proj),
                 attn.q_norm.weight.data_ptr() if attn.q_norm is not None else null,
                 attn.k_norm.weight.data_ptr() if attn.k_norm is not None else null,
-                qmat(attn.o_proj.qweight, attn.o_proj.bias),
+                desc(attn.o_proj),
                 block.post_attention_layernorm.weight.data_ptr(),
-                qmat(mlp.gate_up_proj.qweight, mlp.gate_up_proj.bias),
-                qmat(mlp.down_proj.qweight, mlp.down_proj.bias),
+                desc(mlp.gate_up_proj),
+                desc(mlp.down_proj),
             )
+        first = model.layers[0].self_attn.qkv_proj
+        activations = _quantized(first)[0].activations
         desc = ModelDesc(
-            cfg.num_layers,
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-            cfg.rms_norm_eps,
-            int(model.layers[0].self_attn.qkv_proj.activations == "q8_0"),
-            layers,
-        )
-        self._handle = lib.mk_model_new(ctypes.byref(desc))
+            cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.intermediate_size, cfg.rms_norm_eps, int(activations == "q8_0"), layers,
+        )  # fmt: skip
+        if self._handle:
+            self.lib.mk_model_free(self._handle)
+        self._handle = self.lib.mk_model_new(ctypes.byref(desc))
+
+    @staticmethod
+    def _adapter_signature(model) -> list:
+        """What the descriptors depend on: each adapter's tensors, and B's version (the kernels read
+        a transposed copy of B, refreshed when B changes in place, e.g. a memory loaded into it)."""
+        return [
+            (id(m.lora_a), id(m.lora_b), m.lora_b._version, m.lora_a.data_ptr())
+            for m in getattr(model, "lora_modules", ())
+        ]
 
     def __del__(self):
         handle = getattr(self, "_handle", None)
@@ -75,8 +110,8 @@ class NativeDecoder:
             attn, mlp = block.self_attn, block.mlp
             if not isinstance(mlp, GatedMLP):
                 return False
-            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if not all(isinstance(lin, QLinear) and lin.qweight.device.type == "cpu" for lin in linears):
+            linears = [_quantized(m)[0] for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if not all(lin is not None and lin.qweight.device.type == "cpu" for lin in linears):
                 return False
         return True
 
@@ -88,43 +123,54 @@ class NativeDecoder:
         return cls(lib, model) if lib is not None and cls.supports(model) else None
 
     def accepts(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache) -> bool:
-        return (
-            embeds.shape[1] == 1
-            and not any(layer.enabled for layer in getattr(model, "lora_modules", ()))
-            and embeds.dtype == torch.float32
-            and embeds.device.type == "cpu"
-            and type(cache) is KVCache
-            and cache.k.dtype == torch.float32
-            and bool((positions >= 0).all())
-        )
+        if type(cache) is not KVCache or cache.k.dtype != torch.float32:
+            return False
+        if embeds.dtype != torch.float32 or embeds.device.type != "cpu":
+            return False
+        adapters = getattr(model, "lora_modules", ())
+        if len({layer.enabled for layer in adapters}) > 1:  # some adapters on, some off
+            return False
+        if cache.track_attention and embeds.shape[1] > 1:  # statistics per query: the layer-by-layer path
+            return False
+        return embeds.shape[1] == 1 or int((positions >= 0).sum()) <= NATIVE_MAX_TOKENS
 
     def step(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run one token per row through all layers -> hidden [B, 1, d] before the final norm."""
+        """Run the chunk's real tokens through all layers -> hidden [B, T, d] before the final norm
+        (zeros at padding)."""
         from memlm.kernels import DecodeArgs
 
-        batch, hidden = embeds.shape[0], embeds.shape[2]
+        adapters = getattr(model, "lora_modules", ())
+        if adapters and self._adapter_signature(model) != self._adapters:
+            self._build(model)
+        lora = int(bool(adapters) and adapters[0].enabled)
+        batch, chunk, hidden = embeds.shape
+        real = positions >= 0
+        dense = bool(real.all())
         cos, ssin = rope_cos_sin(positions, model.inv_freq, model.attention_scaling, torch.float32)
-        cos, ssin = cos.reshape(batch, -1).contiguous(), ssin.reshape(batch, -1).contiguous()
         cache.begin(positions)
         k, v, slots, width = cache.write_target()
-        slots = slots[:, 0].contiguous()
-        x = embeds.reshape(batch, hidden).clone()
+        rows = torch.arange(batch)[:, None].expand(batch, chunk)
+        if dense:
+            x = embeds.reshape(batch * chunk, hidden).clone()
+            rows, slots = rows.reshape(-1), slots.reshape(-1)
+            cos, ssin = cos.reshape(batch * chunk, -1), ssin.reshape(batch * chunk, -1)
+        else:
+            x = embeds[real].clone()
+            rows, slots = rows[real], slots[real]
+            cos, ssin = cos[:, 0][real], ssin[:, 0][real]
+        rows, slots, cos, ssin = rows.contiguous(), slots.contiguous(), cos.contiguous(), ssin.contiguous()
         received = torch.zeros(batch, width) if cache.track_attention else None
         args = DecodeArgs(
-            x.data_ptr(),
-            batch,
-            cos.data_ptr(),
-            ssin.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            (ctypes.c_int64 * 4)(*k.stride()[:4]),
-            (ctypes.c_int64 * 4)(*v.stride()[:4]),
-            slots.data_ptr(),
-            received.data_ptr() if received is not None else None,
-            width,
-        )
+            x.data_ptr(), x.shape[0], cos.data_ptr(), ssin.data_ptr(), k.data_ptr(), v.data_ptr(),
+            (ctypes.c_int64 * 4)(*k.stride()[:4]), (ctypes.c_int64 * 4)(*v.stride()[:4]),
+            rows.data_ptr(), slots.data_ptr(), received.data_ptr() if received is not None else None, width, lora,
+        )  # fmt: skip
         self.lib.mk_decode(self._handle, ctypes.byref(args))
         if received is not None:
             cache.observe_attention_total(received)
         cache.end()
-        return x.view(batch, 1, hidden)
+        if dense:
+            return x.view(batch, chunk, hidden)
+        out = embeds.new_zeros(batch, chunk, hidden)
+        out[real] = x
+        return out

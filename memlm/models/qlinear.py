@@ -26,13 +26,19 @@ from memlm.models.qweight import BLOCK, FORMATS, QWeight
 NATIVE_MAX_ROWS = 32
 
 
-def qmat(weight: QWeight, bias: torch.Tensor | None = None):
-    """The kernels' descriptor of a weight (pointers into its tensors: keep them alive)."""
+def qmat(weight: QWeight, bias: torch.Tensor | None = None, lora=None, lora_bt: torch.Tensor | None = None):
+    """The kernels' descriptor of a weight, and optionally of a LoRA adapter beside it (a
+    LoRALinear, with its B transposed and contiguous in `lora_bt`): pointers into their tensors,
+    so keep them alive."""
     from memlm.kernels import QMat
 
     m = weight.m.data_ptr() if weight.m is not None else None
     b = bias.data_ptr() if bias is not None else None
-    return QMat(weight.format.code, weight.shape[0], weight.shape[1], weight.qs.data_ptr(), weight.d.data_ptr(), m, b)
+    desc = QMat(weight.format.code, weight.shape[0], weight.shape[1], weight.qs.data_ptr(), weight.d.data_ptr(), m, b)
+    if lora is not None:
+        desc.lora_a, desc.lora_bt = lora.lora_a.data_ptr(), lora_bt.data_ptr()
+        desc.rank, desc.scaling = lora.rank, lora.scaling
+    return desc
 
 
 def _native_ok(x: torch.Tensor, weight: QWeight):
