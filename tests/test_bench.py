@@ -188,3 +188,12 @@ def test_llama_cpp_reference_needs_a_gguf_file(tmp_path):
     assert gguf_file_of(str(model)) == model
     with pytest.raises(MemlmError, match="needs a GGUF model"):
         gguf_file_of(str(tmp_path))
+
+
+def test_plot_has_a_bar_per_engine_and_dtype(tmp_path):
+    from memlm.bench.decode import plot_result
+
+    result = build_result(_rows_with_llama_cpp(), 2, 64, "m", None)
+    plot_result(result, str(tmp_path / "decode.png"))
+    assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.png"]  # written atomically

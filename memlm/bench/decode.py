@@ -402,6 +402,39 @@ def _cross_check(rows: Sequence[dict], new_tokens: int) -> dict[tuple[str, int],
     return out
 
 
+def plot_result(result: dict, path: str) -> None:
+    """Decode tok/s of every engine and dtype, one group of bars per batch size; PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memlm.atomic import atomic_write
+
+    rows = [r for r in result["rows"] if r["decode_tok_s"] is not None]
+    labels = list(dict.fromkeys(f"{r['engine']} {r['dtype']}" if r["engine"] == "memlm" else r["engine"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, label in enumerate(labels):
+        values = {
+            r["batch"]: r["decode_tok_s"]
+            for r in rows
+            if (f"{r['engine']} {r['dtype']}" if r["engine"] == "memlm" else r["engine"]) == label
+        }
+        xs = [j + i * width for j in range(len(batches)) if batches[j] in values]
+        bars = ax.bar(xs, [values[b] for b in batches if b in values], width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode tok/s (summed over the batch)")
+    ax.set_title(f"{result['model']}, {result['threads']} threads, {result['new_tokens']} new tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
 # ---- entry point ---------------------------------------------------------------------------------------
 
 
@@ -416,6 +449,7 @@ def run_decode_bench(
     console=None,
     repeats: int = 3,
     against: Sequence[str] = ("hf",),
+    plot_path: str | None = None,
 ) -> dict:
     """Measure memlm in each dtype (a comma-separated string or a list) and the reference engines
     in `against` (hf: transformers float32; llama.cpp: the same GGUF file); return (and optionally
@@ -471,4 +505,7 @@ def run_decode_bench(
     if json_path:
         write_json_atomic(json_path, result)
         console.print(f"wrote {json_path}")
+    if plot_path:
+        plot_result(result, plot_path)
+        console.print(f"wrote {plot_path}")
     return result

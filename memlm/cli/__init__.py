@@ -326,6 +326,7 @@ def bench_decode(
     against: Annotated[
         str, typer.Option(help="Reference engines, comma-separated: hf (transformers fp32), llama.cpp (same GGUF).")
     ] = "hf",
+    plot: Annotated[str | None, typer.Option(help="Write a PNG of decode tok/s per engine and batch here.")] = None,
 ):
     """memlm vs Hugging Face transformers (and llama.cpp): prefill and decode tok/s, peak RSS, quality."""
     sizes = tuple(_int_list(batch_sizes, "--batch-sizes"))
@@ -342,6 +343,7 @@ def bench_decode(
         json_path=json_path,
         quality=quality,
         against=tuple(against.split(",")),
+        plot_path=plot,
     )
 
 
