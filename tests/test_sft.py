@@ -80,6 +80,22 @@ def test_long_multiplication_is_worked_as_taught_and_scores():
     assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
 
 
+@pytest.mark.embedded
+def test_long_multiplication_has_the_published_shape_and_fits_its_budget():
+    """Short question, long thinking (DynTS's regime): prompt at most 20% of the trace, thinking
+    over 300 tokens on average, and the task's generation budget fits every worked solution."""
+    from memlm.models.loading import resolve
+    from memlm.tokenizer import Tokenizer
+
+    task = get_task("long_mult")
+    tokenizer = Tokenizer.from_folder(resolve("smollm2-135m-instruct")[1])
+    problems = task.problems(100, "test")
+    traces = [len(tokenizer.encode(task.solution(p), add_special_tokens=False)) for p in problems]
+    prompts = [len(tokenizer.encode(tokenizer.apply_chat_template(task.messages(p)))) for p in problems]
+    assert sum(traces) / len(traces) > 300 and max(traces) < task.max_new_tokens
+    assert max(p / (p + t) for p, t in zip(prompts, traces, strict=True)) <= 0.2
+
+
 # ---- saving models and LoRA --------------------------------------------------------------------
 
 

@@ -78,7 +78,7 @@ def run_kv_bench(
     json_path: str | None = None,
     plot_path: str | None = None,
     batch_size: int = 16,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     probe_n: int = 32,
     probe_filler: int = 256,
     dtype: str = "float32",
@@ -101,6 +101,7 @@ def run_kv_bench(
     if "learned" in policies and predictor is None:
         raise MemlmError("the learned policy needs --predictor DIR (from `memlm train predictor`)")
     task = get_task(task_name)
+    max_new_tokens = max_new_tokens or task.max_new_tokens
     engine = Engine.load(model, dtype=dtype)
     options = {}
     if predictor is not None:

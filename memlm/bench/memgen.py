@@ -36,7 +36,7 @@ def run_memgen_bench(
     json_path: str | None = None,
     plot_path: str | None = None,
     batch_size: int = 16,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     speed_tokens: int = 128,
     console=None,
 ) -> dict:

@@ -404,7 +404,9 @@ def bench_kv(
     n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
     probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 640).")
+    ] = None,
     dtype: DtypeOpt = "float32",
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Write a PNG of accuracy vs budget here.")] = None,
@@ -476,7 +478,9 @@ def evaluate(
     task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
     n: Annotated[int, typer.Option(help="Held-out problems (the task's test split).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 640).")
+    ] = None,
     dtype: DtypeOpt = "float32",
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     show: Annotated[int, typer.Option(help="Print this many completions.")] = 0,

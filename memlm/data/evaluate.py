@@ -34,14 +34,15 @@ def evaluate_task(
     task: Task,
     problems: list[Problem],
     batch_size: int = 8,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     policy_factory: Callable[[], KVPolicy | None] | None = None,
     progress: Callable[[int], None] | None = None,
     memory=None,
 ) -> TaskResult:
     """Greedy completions of every problem; `policy_factory` gives each request its KV policy;
-    `memory` (a LatentMemory) weaves latent memory into every answer."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    `memory` (a LatentMemory) weaves latent memory into every answer. `max_new_tokens`: the task's
+    own budget when None."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens or task.max_new_tokens)
     texts, scores, tokens, peak, elapsed, insertions = [], [], 0, 0, 0.0, 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]

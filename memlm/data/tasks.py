@@ -47,6 +47,7 @@ class Task:
     dataset: str  # reasoning-gym dataset name
     config: dict[str, Any] = field(default_factory=dict)
     worked: Callable[[dict[str, Any]], list[str]] | None = None  # reasoning lines of a worked solution
+    max_new_tokens: int = 256  # a generation budget that fits any worked solution of the task
 
     def problems(self, n: int, split: str = "test", seed: int | None = None) -> list[Problem]:
         """`n` problems of a split ("train" or "test"), or of an explicit seed."""
@@ -159,6 +160,7 @@ TASKS: dict[str, Task] = {
         "products",
         {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 4},
         _long_multiplication_steps,
+        max_new_tokens=640,  # traces run to ~540 tokens
     ),
     # 10-14 one-digit terms: ~120 reasoning tokens, and a 135M model can learn every step of it.
     "chain_sum": Task(

@@ -75,7 +75,7 @@ class PredictorConfig:
     batch_tokens: int = 512
     lr: float = 1e-3
     batch_size: int = 16  # traces generated at once
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # the task's own budget when None
     label: str = "answer"  # one of LABELS
     decay: float = 0.95  # for the future_decay label
     seed: int = 0
@@ -255,7 +255,8 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
     log(f"traces: {cfg.n_train} training and {cfg.n_val} validation problems of {cfg.task}")
     splits = {}
     for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
-        traces = collect_traces(engine, task, task.problems(n, split), cfg.marker, cfg.batch_size, cfg.max_new_tokens)
+        budget = cfg.max_new_tokens or task.max_new_tokens
+        traces = collect_traces(engine, task, task.problems(n, split), cfg.marker, cfg.batch_size, budget)
         if not traces:
             raise MemlmError(f"no {split} trace contains the end-of-thinking marker {cfg.marker!r}")
         if cfg.label == "answer":
