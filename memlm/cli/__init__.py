@@ -571,6 +571,7 @@ def train_predictor(
         ),
     ] = "answer",
     decay: Annotated[float, typer.Option(help="future_decay: weight decay^(distance - 1).")] = 0.95,
+    dtype: DtypeOpt = "float32",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
 ):
     """Train the DynTS importance predictor on the frozen model's own traces (MSE on attention labels)."""
@@ -591,6 +592,7 @@ def train_predictor(
             batch_size=batch_size,
             label=label,
             decay=decay,
+            dtype=dtype,
             resume=resume,
         ),
         log=lambda m: print(m, file=sys.stderr),

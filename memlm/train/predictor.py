@@ -78,6 +78,7 @@ class PredictorConfig:
     max_new_tokens: int | None = None  # the task's own budget when None
     label: str = "answer"  # one of LABELS
     decay: float = 0.95  # for the future_decay label
+    dtype: str = "float32"  # the model's weights while tracing and labelling (q4_1: the GGUF's own blocks, faster)
     seed: int = 0
     resume: bool = False
     progress: bool = True
@@ -251,7 +252,7 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
     if not 0 < cfg.decay < 1:
         raise MemlmError(f"--decay must be in (0, 1), got {cfg.decay}")
     task = get_task(cfg.task)
-    engine = Engine.load(cfg.model)
+    engine = Engine.load(cfg.model, dtype=cfg.dtype)
     log(f"traces: {cfg.n_train} training and {cfg.n_val} validation problems of {cfg.task}")
     splits = {}
     for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
@@ -303,6 +304,7 @@ def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[L
         "task": cfg.task,
         "marker": cfg.marker,
         "label": cfg.label,
+        "dtype": cfg.dtype,
         "label_definition": LABELS[cfg.label] + (f" (decay {cfg.decay})" if cfg.label == "future_decay" else ""),
         "train_traces": len(train_data),
         "train_tokens": int(targets.numel()),
