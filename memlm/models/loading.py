@@ -96,7 +96,8 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activations: str = "float32") -> LoadedModel:
-    """A model by name, HF folder, GGUF file, or LoRA adapter folder (its base model + the adapter, merged).
+    """A model by name, HF folder, GGUF file, or LoRA adapter folder (its base model + the adapter:
+    merged, or beside the weights when they are quantized).
 
     `activations` (quantized dtypes only): float32 keeps the exact product with the quantized
     weights; q8_0 quantizes activations per block like llama.cpp (faster, slightly less exact).
@@ -119,20 +120,25 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
         adapter = path
         base = read_adapter_config(path)["base_model"]
         relative = path / base
-        kind, path = resolve(str(relative) if relative.exists() else base)
+        base = str(relative) if relative.exists() else base
+        if quantized and base.lower() in EMBEDDED:  # the GGUF's own blocks: the weights it was trained on
+            kind, path = "hf", _cached_conversion(base.lower(), EMBEDDED[base.lower()], keep_quantized=True)
+        else:
+            kind, path = resolve(base)
         if kind == "adapter":
             raise ModelFormatError(f"{adapter}: its base model {base!r} is itself an adapter")
-    config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized and not adapter)
+    config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized)
     config = _with_tokenizer_eos(config, tokenizer)
-    # An adapter merges in fp32, then the model takes the requested precision.
-    model = build_model(config, weights, torch.float32 if adapter else DTYPES[dtype])
-    if adapter is not None:
+    # An adapter merges in fp32, then the model takes the requested precision; on quantized weights
+    # it stays beside them (merged into 4-bit blocks, most of a fine-tune's delta rounds away).
+    model = build_model(config, weights, torch.float32 if adapter and not quantized else DTYPES[dtype])
+    if adapter is not None and not quantized:
         apply_adapter(model, adapter)
         model.to(DTYPES[dtype])
     if dtype == "int8":
         quantize_int8(model)
     elif quantized:
-        _quantize(model, dtype, activations)
+        _quantize(model, dtype, activations, adapter)
     elif activations != "float32":
         raise MemlmError(f"--activations {activations} needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)})")
     num_parameters = count_parameters(model)
@@ -142,13 +148,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
     return LoadedModel(name_or_path, model, tokenizer, source, spec, num_parameters)
 
 
-def _quantize(model: LlamaModel, fmt: str, activations: str) -> None:
+def _quantize(model: LlamaModel, fmt: str, activations: str, adapter: Path | None = None) -> None:
     from memlm.models.native_decode import NativeDecoder
     from memlm.models.qlinear import quantize_model, set_activations
 
     # MoE experts ([E, out, in] parameters) stay fp32; their routers too (routing is sensitive).
     quantize_model(model, fmt)
     set_activations(model, activations)
+    if adapter is not None:
+        apply_adapter(model, adapter, merge=False)
     model.native_decoder = NativeDecoder.for_model(model)
 
 

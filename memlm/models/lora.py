@@ -273,8 +273,8 @@ def _peft_config(folder: Path, config: dict) -> dict:
 
 
 def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
-    """Put the adapter of `folder` on `model` (merged into the weights by default); -> its config.
-    A PEFT folder is always merged."""
+    """Put the adapter of `folder` on `model`, merged into the weights (default) or beside them (a
+    quantized model: merging into 4-bit blocks would round most of a fine-tune away); -> its config."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -285,7 +285,7 @@ def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
     except (SafetensorError, OSError) as e:
         raise ModelFormatError(f"cannot read {weights}: {e}") from None
     if config["format"] == "peft":
-        _merge_peft(model, tensors, config, folder)
+        (_merge_peft if merge else _attach_peft)(model, tensors, config, folder)
         model.requires_grad_(False)
         return config
     add_lora(model, config["rank"], config["alpha"], tuple(config["targets"]))
@@ -298,6 +298,58 @@ def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
         merge_lora(model)
     model.requires_grad_(False)
     return config
+
+
+def _peft_parts(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path):
+    """PEFT's per-projection adapters, grouped by memlm's (possibly fused) module:
+    -> {module path: [(row start, rows, A, B * scaling), ...]}."""
+    scaling = config["alpha"] / (math.sqrt(config["rank"]) if config["rslora"] else config["rank"])
+    modules = sorted({key[: key.index(".lora_")] for key in tensors if ".lora_" in key})
+    if len(modules) * 2 != len(tensors):
+        raise ModelFormatError(f"{folder}: expected only lora_A / lora_B tensors in {PEFT_WEIGHTS}")
+    fused_of = {part: (fused, i) for fused, parts in _FUSED_PARTS.items() for i, part in enumerate(parts)}
+    groups: dict[str, list] = {}
+    for module in modules:
+        path = module.removeprefix(_PEFT_PREFIX).removeprefix("model.").replace(".shared_expert.", ".shared.")
+        parent, _, part = path.rpartition(".")
+        try:
+            a, b = tensors[f"{module}.lora_A.weight"].float(), tensors[f"{module}.lora_B.weight"].float()
+        except KeyError:
+            raise ModelFormatError(f"{folder}: {module} lacks lora_A or lora_B") from None
+        fused, index = fused_of.get(part, (part, 0))
+        try:
+            target = model.get_submodule(f"{parent}.{fused}")
+        except AttributeError:
+            raise ModelFormatError(f"{folder}: LoRA on {module!r}, which this model does not have") from None
+        sizes = _part_sizes(model.config, fused, target.out_features)
+        if (b.shape[0], a.shape[1]) != (sizes[index], target.in_features):
+            raise ModelFormatError(
+                f"{folder}: {module} has shape {(b.shape[0], a.shape[1])}, the model expects "
+                f"{(sizes[index], target.in_features)}"
+            )
+        groups.setdefault(f"{parent}.{fused}", []).append((sum(sizes[:index]), sizes[index], a, b * scaling))
+    return groups
+
+
+def _attach_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
+    """The adapter beside the weights, unmerged: per fused module one LoRALinear whose A stacks the
+    parts' A and whose B places each part's B (scaled) in its rows and columns, block-diagonal, so
+    B A equals the parts' deltas exactly (rank: the parts' ranks summed)."""
+    for path, parts in _peft_parts(model, tensors, config, folder).items():
+        parent_name, _, child_name = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child_name)
+        rank = sum(a.shape[0] for _, _, a, _ in parts)
+        layer = LoRALinear(base, rank, float(rank))  # scaling 1: B carries PEFT's scaling
+        with torch.no_grad():
+            layer.lora_a.copy_(torch.cat([a for _, _, a, _ in parts]))
+            layer.lora_b.zero_()
+            column = 0
+            for start, rows, a, b in parts:
+                layer.lora_b[start : start + rows, column : column + a.shape[0]] = b
+                column += a.shape[0]
+        setattr(parent, child_name, layer)
+    model.lora_modules = [layer for _, layer in lora_layers(model)]
 
 
 def _merge_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
