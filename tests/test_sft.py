@@ -143,13 +143,19 @@ def test_lora_starts_as_identity_shares_base_weights_and_merges_exactly():
     torch.testing.assert_close(_logits(model, ids), adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_adapter_folder_loads_as_a_model_and_rejects_mismatches(tiny_folder, tmp_path):
-    folder, base = tiny_folder
+def _randomly_adapted(folder):
+    """The model of `folder` with a rank-4 adapter on every projection, B away from zero."""
     model = load_model(str(folder)).model
     add_lora(model, rank=4, alpha=8)
     with torch.no_grad():
         for _, lora in lora_layers(model):
             lora.lora_b.normal_(std=0.05)
+    return model
+
+
+def test_adapter_folder_loads_as_a_model_and_rejects_mismatches(tiny_folder, tmp_path):
+    folder, base = tiny_folder
+    model = _randomly_adapted(folder)
     config = {
         "base_model": str(folder),
         "rank": 4,
@@ -179,11 +185,7 @@ def test_adapter_folders_of_the_earlier_format_still_load(tiny_folder, tmp_path)
     from memlm.models.lora import lora_state_dict
 
     folder, _ = tiny_folder
-    model = load_model(str(folder)).model
-    add_lora(model, rank=4, alpha=8)
-    with torch.no_grad():
-        for _, lora in lora_layers(model):
-            lora.lora_b.normal_(std=0.05)
+    model = _randomly_adapted(folder)
     old = tmp_path / "old"
     old.mkdir()
     save_file(lora_state_dict(model), str(old / "adapter.safetensors"))

@@ -176,17 +176,17 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
     weights: dict[str, torch.Tensor | QWeight] = {}
     for tensor in reader.tensors:
         hf_name = _hf_name(tensor.name)
+        heads = None  # Q/K rows to un-permute, by head count
+        if permuted and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_heads if "attn_q" in tensor.name else config.num_kv_heads
         fmt = format_of_gguf_type(tensor.tensor_type) if keep_quantized and len(tensor.shape) == 2 else None
         if fmt is not None:
             q = QWeight.from_gguf_blocks(tensor.data, fmt, (int(tensor.shape[1]), int(tensor.shape[0])))
-            if permuted and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-                heads = config.num_heads if "attn_q" in tensor.name else config.num_kv_heads
-                q = q.select_rows(_unpermute_index(q.shape[0], heads))
-            weights[hf_name] = q
+            weights[hf_name] = q.select_rows(_unpermute_index(q.shape[0], heads)) if heads else q
             continue
         w = dequantize(tensor)
-        if permuted and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = _unpermute(w, config.num_heads if "attn_q" in tensor.name else config.num_kv_heads)
+        if heads:
+            w = _unpermute(w, heads)
         weights[hf_name] = torch.from_numpy(w if w.flags.writeable else w.copy())
     return config, _join_experts(weights), tokenizer
 

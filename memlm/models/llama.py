@@ -172,7 +172,7 @@ class LlamaModel(nn.Module):
         return self.norm.weight.device
 
     supports_eviction = True  # its state is a KV cache: eviction policies apply
-    # With quantized weights and the native kernels: runs one-token-per-row steps in one call.
+    # With quantized weights and the native kernels: runs decode steps and short chunks in one call.
     native_decoder = None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

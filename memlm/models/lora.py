@@ -302,7 +302,7 @@ def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
 
 def _peft_parts(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path):
     """PEFT's per-projection adapters, grouped by memlm's (possibly fused) module:
-    -> {module path: [(row start, rows, A, B * scaling), ...]}."""
+    -> (scaling, {module path: [(row start, rows, A, B), ...]})."""
     scaling = config["alpha"] / (math.sqrt(config["rank"]) if config["rslora"] else config["rank"])
     modules = sorted({key[: key.index(".lora_")] for key in tensors if ".lora_" in key})
     if len(modules) * 2 != len(tensors):
@@ -321,32 +321,35 @@ def _peft_parts(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict
             target = model.get_submodule(f"{parent}.{fused}")
         except AttributeError:
             raise ModelFormatError(f"{folder}: LoRA on {module!r}, which this model does not have") from None
-        sizes = _part_sizes(model.config, fused, target.out_features)
-        if (b.shape[0], a.shape[1]) != (sizes[index], target.in_features):
+        # A (quantized) Linear knows its shape; other adapted modules (an MoE router) by their weight.
+        rows, columns = (
+            (target.out_features, target.in_features) if hasattr(target, "in_features") else tuple(target.weight.shape)
+        )
+        sizes = _part_sizes(model.config, fused, rows)
+        if (b.shape[0], a.shape[1]) != (sizes[index], columns):
             raise ModelFormatError(
-                f"{folder}: {module} has shape {(b.shape[0], a.shape[1])}, the model expects "
-                f"{(sizes[index], target.in_features)}"
+                f"{folder}: {module} has shape {(b.shape[0], a.shape[1])}, the model expects {(sizes[index], columns)}"
             )
-        groups.setdefault(f"{parent}.{fused}", []).append((sum(sizes[:index]), sizes[index], a, b * scaling))
-    return groups
+        groups.setdefault(f"{parent}.{fused}", []).append((sum(sizes[:index]), sizes[index], a, b))
+    return scaling, groups
 
 
 def _attach_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
     """The adapter beside the weights, unmerged: per fused module one LoRALinear whose A stacks the
     parts' A and whose B places each part's B (scaled) in its rows and columns, block-diagonal, so
     B A equals the parts' deltas exactly (rank: the parts' ranks summed)."""
-    for path, parts in _peft_parts(model, tensors, config, folder).items():
+    scaling, groups = _peft_parts(model, tensors, config, folder)
+    for path, parts in groups.items():
         parent_name, _, child_name = path.rpartition(".")
         parent = model.get_submodule(parent_name)
-        base = getattr(parent, child_name)
         rank = sum(a.shape[0] for _, _, a, _ in parts)
-        layer = LoRALinear(base, rank, float(rank))  # scaling 1: B carries PEFT's scaling
+        layer = LoRALinear(getattr(parent, child_name), rank, float(rank))  # scaling 1: B carries PEFT's
         with torch.no_grad():
             layer.lora_a.copy_(torch.cat([a for _, _, a, _ in parts]))
             layer.lora_b.zero_()
             column = 0
             for start, rows, a, b in parts:
-                layer.lora_b[start : start + rows, column : column + a.shape[0]] = b
+                layer.lora_b[start : start + rows, column : column + a.shape[0]] = b * scaling
                 column += a.shape[0]
         setattr(parent, child_name, layer)
     model.lora_modules = [layer for _, layer in lora_layers(model)]
@@ -354,30 +357,9 @@ def _attach_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dic
 
 def _merge_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
     """Add each PEFT module's B @ A * scaling to the rows of memlm's (possibly fused) weight it belongs to."""
-    scaling = config["alpha"] / (math.sqrt(config["rank"]) if config["rslora"] else config["rank"])
-    modules = sorted({key[: key.index(".lora_")] for key in tensors if ".lora_" in key})
-    if len(modules) * 2 != len(tensors):
-        raise ModelFormatError(f"{folder}: expected only lora_A / lora_B tensors in {PEFT_WEIGHTS}")
-    fused_of = {part: (fused, i) for fused, parts in _FUSED_PARTS.items() for i, part in enumerate(parts)}
-    for module in modules:
-        path = module.removeprefix(_PEFT_PREFIX).removeprefix("model.").replace(".shared_expert.", ".shared.")
-        parent, _, part = path.rpartition(".")
-        try:
-            a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
-        except KeyError:
-            raise ModelFormatError(f"{folder}: {module} lacks lora_A or lora_B") from None
-        fused, index = fused_of.get(part, (part, 0))
-        try:
-            target = model.get_submodule(f"{parent}.{fused}").weight
-        except AttributeError:
-            raise ModelFormatError(f"{folder}: LoRA on {module!r}, which this model does not have") from None
-        sizes = _part_sizes(model.config, fused, target.shape[0])
-        start = sum(sizes[:index])
-        delta = (b.float() @ a.float()) * scaling
-        if delta.shape != (sizes[index], target.shape[1]):
-            raise ModelFormatError(
-                f"{folder}: {module} has shape {tuple(delta.shape)}, the model expects "
-                f"{(sizes[index], target.shape[1])}"
-            )
+    scaling, groups = _peft_parts(model, tensors, config, folder)
+    for path, parts in groups.items():
+        target = model.get_submodule(path).weight
         with torch.no_grad():
-            target[start : start + sizes[index]] += delta.to(target.dtype)
+            for start, rows, a, b in parts:
+                target[start : start + rows] += ((b @ a) * scaling).to(target.dtype)

@@ -8,7 +8,7 @@ norm, the LM head and everything around them (sampling, eviction, latent memory)
 model, unchanged.
 
 It takes the chunk's real tokens (padding removed), each with its row and cache slot: decode
-steps (one token per row, rows of different lengths), and short chunks of up to NATIVE_MAX_TOKENS
+steps (one token per row, rows of different lengths), and short chunks of up to NATIVE_MAX_ROWS
 tokens: latents inserted into the reasoner, the latent weaver's own pass (its LoRA adapters run
 beside the quantized weights), requests joining a running batch, and mixed steps. It records the
 attention statistics H2O and TOVA need when the cache tracks them (decode steps). Longer chunks
@@ -22,12 +22,8 @@ import ctypes
 import torch
 
 from memlm.cache.kv_cache import KVCache
-from memlm.models.qlinear import QLinear, qmat
+from memlm.models.qlinear import NATIVE_MAX_ROWS, QLinear, qmat
 from memlm.models.rope import rope_cos_sin
-
-# Chunks up to this many real tokens run natively: the kernels read each weight once per 8 tokens,
-# which beats the layer-by-layer path's dequantize + GEMM below ~32 tokens (see qlinear.py).
-NATIVE_MAX_TOKENS = 32
 
 
 def _quantized(module) -> tuple[QLinear | None, object]:
@@ -132,7 +128,8 @@ class NativeDecoder:
             return False
         if cache.track_attention and embeds.shape[1] > 1:  # statistics per query: the layer-by-layer path
             return False
-        return embeds.shape[1] == 1 or int((positions >= 0).sum()) <= NATIVE_MAX_TOKENS
+        # Up to the row count where the kernels beat dequantize + GEMM (the layer-by-layer path's choice too).
+        return embeds.shape[1] == 1 or int((positions >= 0).sum()) <= NATIVE_MAX_ROWS
 
     def step(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the chunk's real tokens through all layers -> hidden [B, T, d] before the final norm
