@@ -64,20 +64,25 @@ def test_splits_do_not_overlap_and_are_reproducible():
 
 def test_long_multiplication_is_worked_as_taught_and_scores():
     task = get_task("long_mult")
-    entry = {"metadata": {"expression": "478 * 718"}, "answer": "343204"}
+    entry = {"metadata": {"expression": "4786 * 718"}, "answer": "3436348"}
     assert task.worked(entry) == [
-        "478 * 8: 8*8=64 c6, 7*8+6=62 c6, 4*8+6=38 -> 3824",
-        "478 * 1: 8*1=8 c0, 7*1=7 c0, 4*1=4 -> 478, shifted 4780",
-        "478 * 7: 8*7=56 c5, 7*7+5=54 c5, 4*7+5=33 -> 3346, shifted 334600",
-        "3824 + 4780: 4+0=4, 2+8=10 c1, 8+7+1=16 c1, 3+4+1=8 -> 8604",
-        "8604 + 334600: 4+0=4, 0+0=0, 6+6=12 c1, 8+4+1=13 c1, 0+3+1=4, 0+3=3 -> 343204",
+        "4786 * 8: 6*8=48 c4, 8*8=64+4=68 c6, 7*8=56+6=62 c6, 4*8=32+6=38 -> 38288",
+        "4786 * 1: 6*1=6 c0, 8*1=8 c0, 7*1=7 c0, 4*1=4 -> 4786, shifted 47860",
+        "4786 * 7: 6*7=42 c4, 8*7=56+4=60 c6, 7*7=49+6=55 c5, 4*7=28+5=33 -> 33502, shifted 3350200",
+        "38288 + 47860: 8+0=8, 8+6=14 c1, 2+8+1=11 c1, 8+7+1=16 c1, 3+4+1=8 -> 86148",
+        "86148 + 3350200: 8+0=8, 4+0=4, 1+2=3, 6+0=6, 8+5=13 c1, 0+3+1=4, 0+3=3 -> 3436348",
     ]
+    with pytest.raises(AssertionError, match="gives"):  # the worked solution checks itself
+        task.worked({"metadata": {"expression": "4786 * 718"}, "answer": "3436349"})
     problems = task.problems(40, "train") + task.problems(40, "val")
     for p in problems:  # every worked solution reaches the generator's answer and scores 1
         assert task.score(task.solution(p), p) == 1.0
     assert task.score(f"Answer: {int(problems[0].answer) + 10}", problems[0]) == 0.0
     splits = [{p.question for p in task.problems(300, split)} for split in ("train", "val", "test")]
     assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+    for p in problems:  # the fixed shape: a 4-digit by a 3-digit factor without zero digits
+        left, right = p.entry["metadata"]["expression"].split(" * ")
+        assert len(left) == 4 and len(right) == 3 and "0" not in right
 
 
 @pytest.mark.embedded

@@ -109,3 +109,27 @@ def test_extra_metrics_are_averaged_over_the_log_window_beside_the_loss(tmp_path
     for r in rows:
         assert r["twice"] == pytest.approx(2 * r["loss"]) and r["step_parity"] == pytest.approx(0.5)
     assert rows[0]["loss"] == pytest.approx(sum(seen[:6]) / 6)
+
+
+def test_bf16_autocast_follows_the_hardware_and_the_config(tmp_path):
+    """By default the loop trains under bf16 autocast exactly where bf16 matmuls are native (this
+    CPU's AVX512-BF16 or AMX, a bf16 CUDA GPU); `bf16=` overrides it either way."""
+    from memlm.train import train
+    from memlm.train.loop import native_bf16
+
+    def run(bf16):
+        seen = []
+
+        def loss_fn(m, batch):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return m(batch).pow(2).mean()
+
+        cfg = TrainConfig(out_dir=str(tmp_path / str(bf16)), steps=2, lr=0.1, bf16=bf16, progress=False)
+        train(torch.nn.Linear(2, 1), loss_fn, lambda *a: torch.randn(4, 2), cfg)
+        return set(seen)
+
+    assert run(None) == {native_bf16(torch.device("cpu"))}
+    assert run(True) == {True} and run(False) == {False}
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512_bf16" in flags or "amx_tile" in flags:
+        assert native_bf16(torch.device("cpu"))

@@ -405,7 +405,7 @@ def bench_kv(
     probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 640).")
+        int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 512).")
     ] = None,
     dtype: DtypeOpt = "float32",
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
@@ -479,7 +479,7 @@ def evaluate(
     n: Annotated[int, typer.Option(help="Held-out problems (the task's test split).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 640).")
+        int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 512).")
     ] = None,
     dtype: DtypeOpt = "float32",
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,

@@ -20,6 +20,7 @@ numbers at once; the last line starts with the answer marker.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Task:
     config: dict[str, Any] = field(default_factory=dict)
     worked: Callable[[dict[str, Any]], list[str]] | None = None  # reasoning lines of a worked solution
     max_new_tokens: int = 256  # a generation budget that fits any worked solution of the task
+    source: Callable[[int, int], list[dict[str, Any]]] | None = None  # (n, seed) -> entries, else reasoning-gym
+    # An empty system text still displaces the chat template's default one (SmolLM2's adds 16 tokens).
+    system_prompt: str = SYSTEM_PROMPT
 
     def problems(self, n: int, split: str = "test", seed: int | None = None) -> list[Problem]:
         """`n` problems of a split ("train" or "test"), or of an explicit seed."""
@@ -57,11 +61,14 @@ class Task:
             if split not in SPLIT_SEEDS:
                 raise InvalidRequestError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SEEDS)}")
             seed = SPLIT_SEEDS[split]
-        data = reasoning_gym.create_dataset(self.dataset, size=n, seed=seed, **self.config)
+        if self.source is not None:
+            data = self.source(n, seed)
+        else:
+            data = reasoning_gym.create_dataset(self.dataset, size=n, seed=seed, **self.config)
         return [Problem(e["question"], str(e["answer"]), e) for e in data]
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem.question}]
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": problem.question}]
 
     def solution(self, problem: Problem) -> str:
         """The worked solution SFT trains on: reasoning lines, then the answer line."""
@@ -126,17 +133,17 @@ def _column_addition(a: int, b: int) -> str:
 
 def _long_multiplication_steps(entry: dict[str, Any]) -> list[str]:
     """Long multiplication as taught: one row per digit of the second factor, each digit product
-    with its carry (scratch work), the row's partial product shifted into place (a result needed
-    later), then the partial products added column by column."""
+    with its carry added as a step of its own (scratch work that only the next step reads), the
+    row's partial product shifted into place (a result read again later), then the partial
+    products added column by column."""
     left, right = (int(t) for t in entry["metadata"]["expression"].split("*"))
     lines, partials = [], []
     for place, digit in enumerate(int(d) for d in str(right)[::-1]):
         steps, carry = [], 0
         for i, a in enumerate(int(d) for d in str(left)[::-1]):
             value = a * digit + carry
-            last = i == len(str(left)) - 1
-            product = f"{a}*{digit}" + (f"+{carry}" if carry else "")
-            steps.append(f"{product}={value}" if last else f"{product}={value} c{value // 10}")
+            step = f"{a}*{digit}={a * digit}" + (f"+{carry}={value}" if carry else "")
+            steps.append(step if i == len(str(left)) - 1 else f"{step} c{value // 10}")
             carry = value // 10
         partial = left * digit * 10**place
         shifted = f", shifted {partial}" if place else ""
@@ -151,16 +158,38 @@ def _long_multiplication_steps(entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _long_multiplication_problems(n: int, seed: int) -> list[dict[str, Any]]:
+    """4-digit by 3-digit products, reasoning-gym's `products` entries (its question and scorer).
+    Fixed sizes and a multiplier without zero digits give every trace the same shape (4 steps a
+    row, 3 rows, 2 sums), so a 135M model learns the arithmetic rather than when each row ends."""
+    rng = random.Random(seed)
+    entries = []
+    for _ in range(n):
+        left = rng.randint(1000, 9999)
+        right = int("".join(str(rng.randint(1, 9)) for _ in range(3)))
+        expression = f"{left} * {right}"
+        question = f"Solve the following multiplication: {expression}. Give only the result as your final answer."
+        entries.append(
+            {
+                "question": question,
+                "answer": str(left * right),
+                "metadata": {"source_dataset": "products", "expression": expression},
+            }
+        )
+    return entries
+
+
 TASKS: dict[str, Task] = {
-    # Long thinking after a short question, the regime a KV budget is for (DynTS): 3- and 4-digit
-    # factors, ~20% of the trace is prompt, and most thinking tokens (digit products, column sums)
-    # are scratch work that only the next step reads; the partial products are read again later.
+    # Long thinking after a short question, the regime a KV budget is for (DynTS): 4-digit by
+    # 3-digit factors, ~10% of the trace is prompt, and most thinking tokens (digit products, column
+    # sums) are scratch work that only the next step reads; the partial products are read again later.
     "long_mult": Task(
         "long_mult",
         "products",
-        {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 4},
-        _long_multiplication_steps,
-        max_new_tokens=640,  # traces run to ~540 tokens
+        worked=_long_multiplication_steps,
+        max_new_tokens=512,  # traces run to ~420 tokens
+        source=_long_multiplication_problems,
+        system_prompt="",  # a fine-tuned model needs no instruction: the prompt stays 40 tokens
     ),
     # 10-14 one-digit terms: ~120 reasoning tokens, and a 135M model can learn every step of it.
     "chain_sum": Task(

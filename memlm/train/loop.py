@@ -33,6 +33,17 @@ METRICS = "metrics.jsonl"
 CURVE = "loss.png"
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware: a CUDA GPU that has them, or a CPU with AVX512-BF16 or
+    AMX (a SmolLM2 LoRA step there is 3.5x faster under autocast than in fp32; CPUs without
+    them only emulate bf16, which is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 @dataclass(slots=True)
 class TrainConfig:
     out_dir: str
@@ -98,7 +109,7 @@ def train(
     start = _load_checkpoint(out, model, optimizer, device) if cfg.resume else 0
     if not cfg.resume and dist.is_main:
         (out / METRICS).unlink(missing_ok=True)
-    use_bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16(device)
 
     progress = _progress(cfg, start, enabled=cfg.progress and dist.is_main)
     last: dict[str, Any] = {}
