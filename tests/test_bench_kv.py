@@ -82,3 +82,30 @@ def test_bench_kv_refuses_learned_without_a_predictor(tiny_model_and_predictor):
         run_kv_bench(model, "chain_sum_short", [64], ["learned"], n=1, predictor=predictor, ratio=0)
     with pytest.raises(MemlmError, match="larger than the window"):
         run_kv_bench(model, "chain_sum_short", [64], ["learned"], n=1, predictor=predictor, window=64)
+
+
+def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp_path):
+    """Several predictor folders: one learned row each, named by its label (or its folder where two
+    share a label), each row under its budget, the report mapping names to folders."""
+    model, answer = tiny_model_and_predictor
+    future, other = tmp_path / "future", tmp_path / "other"
+    save_predictor(future, ImportancePredictor(64), {"base_model": model, "label": "future_decay"})
+    save_predictor(other, ImportancePredictor(64), {"base_model": model, "label": "future_decay"})
+    report = run_kv_bench(
+        model,
+        "chain_sum_short",
+        [184],
+        ["learned"],
+        n=2,
+        predictor=f"{answer}, {future},{other}",
+        batch_size=2,
+        max_new_tokens=40,
+        probe_n=0,
+    )
+    assert report["predictors"] == {
+        "learned:answer": answer,
+        "learned:future_decay": str(future),
+        "learned:other": str(other),
+    }
+    assert [r["policy"] for r in report["rows"]] == list(report["predictors"])
+    assert all(r["peak_kv_tokens"] <= 185 for r in report["rows"])

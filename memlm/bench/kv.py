@@ -74,7 +74,7 @@ def run_kv_bench(
     budgets: list[int],
     policies: list[str],
     n: int,
-    predictor: str | None = None,
+    predictor: str | list[str] | None = None,
     json_path: str | None = None,
     plot_path: str | None = None,
     batch_size: int = 16,
@@ -98,28 +98,27 @@ def run_kv_bench(
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
-    if "learned" in policies and predictor is None:
-        raise MemlmError("the learned policy needs --predictor DIR (from `memlm train predictor`)")
     task = get_task(task_name)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     engine = Engine.load(model, dtype=dtype)
-    options = {}
-    if predictor is not None:
-        from memlm.cache.importance import load_predictor
-
-        options["learned"] = {"predictor": load_predictor(predictor, engine.config, model)[0]}
-        options["learned"] |= {k: v for k, v in (("window", window), ("ratio", ratio)) if v is not None}
-    if "learned" in policies:  # a bad window or ratio fails now; the report records what ran
-        learned = make_policy("learned", max(budgets), **options["learned"])
+    given = predictor.split(",") if isinstance(predictor, str) else predictor or []
+    folders = [f for f in (g.strip() for g in given) if f]
+    if "learned" in policies and not folders:
+        raise MemlmError("the learned policy needs --predictor DIR (from `memlm train predictor`)")
+    variants = _learned_variants(folders, engine.config, model, window, ratio) if "learned" in policies else {}
+    if variants:  # a bad window or ratio fails now; the report records what ran
+        learned = make_policy("learned", max(budgets), **next(iter(variants.values()))[1])
         window, ratio = learned.window, learned.ratio
     problems = task.problems(n, "test")
     probes = build_probes(engine.tokenizer, probe_n, probe_filler) if probe_n else []
 
     rows, full_row = [], None
+    names = [v for p in policies if p != "full" for v in (variants if p == "learned" else [p])]
     configs = [("full", None)] if "full" in policies else []
-    configs += [(p, b) for p in policies if p != "full" for b in budgets]
+    configs += [(name, b) for name in names for b in budgets]
     for policy, budget in configs:
-        factory = None if policy == "full" else _factory(policy, budget, options.get(policy, {}))
+        options = variants[policy][1] if policy in variants else {}
+        factory = None if policy == "full" else _factory(policy.split(":")[0], budget, options)
         console.print(f"[dim]{policy:8s} budget {budget or '-':>5}[/dim]", end=" ")
         began = time.perf_counter()
         try:
@@ -149,8 +148,8 @@ def run_kv_bench(
     if full_row is not None:  # the reference, repeated at every budget
         rows = [{**full_row, "budget": b} for b in budgets] + rows
     cost = None
-    if "learned" in policies:  # at the smallest budget: the most evictions
-        factory = _factory("learned", min(budgets), options["learned"])
+    if variants:  # the first predictor's, at the smallest budget: the most evictions
+        factory = _factory("learned", min(budgets), next(iter(variants.values()))[1])
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
             console.print(
@@ -165,7 +164,8 @@ def run_kv_bench(
         "probe_filler_tokens": probe_filler,
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
-        "predictor": predictor,
+        "predictor": ",".join(folders) or None,
+        "predictors": {name: folder for name, (folder, _) in variants.items()},
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
         "mean_full_trace_tokens": trace if full_row is not None else None,
@@ -205,6 +205,24 @@ def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_t
         "eviction_frac": round(timings.get("eviction", 0.0) / total, 4),
         "overhead_frac": round((timings.get("predictor", 0.0) + timings.get("eviction", 0.0)) / total, 4),
     }
+
+
+def _learned_variants(folders: list[str], model_config, model: str, window, ratio) -> dict[str, tuple[str, dict]]:
+    """One learned policy per predictor folder: "learned" alone, "learned:<its label>" side by side
+    (the folder's name where two share a label) -> (folder, make_policy options)."""
+    from pathlib import Path
+
+    from memlm.cache.importance import load_predictor
+
+    variants = {}
+    for folder in folders:
+        predictor, config = load_predictor(folder, model_config, model)
+        name = "learned" if len(folders) == 1 else f"learned:{config.get('label', 'answer')}"
+        if name in variants:
+            name = f"learned:{Path(folder).name}"
+        options = {"predictor": predictor} | {k: v for k, v in (("window", window), ("ratio", ratio)) if v is not None}
+        variants[name] = (folder, options)
+    return variants
 
 
 def _factory(policy: str, budget: int, options: dict) -> Callable:

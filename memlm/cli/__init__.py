@@ -396,7 +396,10 @@ def bench_kv(
     task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (tokens per sequence).")] = "96,112,128,160",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = ",".join(ALL_POLICIES),
-    predictor: Annotated[str | None, typer.Option(help="Importance predictor folder (for learned).")] = None,
+    predictor: Annotated[
+        str | None,
+        typer.Option(help="Importance predictor folder for learned; comma-separated: one learned:<label> row each."),
+    ] = None,
     window: Annotated[int | None, typer.Option(help="learned: recent tokens always kept (default 8).")] = None,
     ratio: Annotated[
         float | None, typer.Option(help="learned: share of older tokens an eviction keeps (default 0.5).")
