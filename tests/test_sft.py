@@ -18,7 +18,7 @@ from memlm.models.lora import (
     save_adapter,
 )
 from memlm.models.weights import unfuse_state_dict
-from memlm.train.sft import IGNORE, SFTConfig, collate, encode_examples, run_sft
+from memlm.train.sft import IGNORE, SFTConfig, collate, encode_examples, parse_task_mix, run_sft
 
 
 @pytest.fixture
@@ -242,3 +242,33 @@ def test_sft_end_to_end_saves_an_adapter_that_loads_and_learns(tiny_folder, tmp_
     assert load_model(str(out / "adapter")).num_parameters == load_model(str(folder)).num_parameters
     with pytest.raises(MemlmError, match="rank"):
         run_sft(SFTConfig(str(folder), "chain_sum_short", str(out), lora_rank=-1))
+
+
+def test_sft_task_mix_shares_the_pool_and_evaluates_every_task(tiny_folder, tmp_path, monkeypatch):
+    assert parse_task_mix("long_mult:3, chain_sum:1") == [("long_mult", 0.75), ("chain_sum", 0.25)]
+    assert parse_task_mix("chain_sum") == [("chain_sum", 1.0)]
+    for bad, message in (("chain_sum:0", "weight > 0"), ("chain_sum:x", "weight > 0"), ("chess", "unknown task")):
+        with pytest.raises((MemlmError, InvalidRequestError), match=message):
+            parse_task_mix(bad)
+    with pytest.raises(MemlmError, match="twice"):
+        parse_task_mix("chain_sum,chain_sum:2")
+
+    import memlm.train.sft as sft
+
+    drawn = {}
+    encode = sft.encode_examples
+
+    def counting(tokenizer, task, problems):
+        drawn[task.name] = len(problems)
+        return encode(tokenizer, task, problems)
+
+    monkeypatch.setattr(sft, "encode_examples", counting)
+    folder, _ = tiny_folder
+    cfg = SFTConfig(
+        str(folder), "chain_sum_short:3,chain_sum:1", str(tmp_path / "mix"), steps=2, batch_size=2,
+        lora_rank=2, n_train=40, n_eval=1, warmup_steps=1, progress=False,
+    )
+    report = run_sft(cfg)
+    assert drawn == {"chain_sum_short": 30, "chain_sum": 10}
+    assert [e["task"] for e in report["evals"]] == ["chain_sum_short", "chain_sum"]
+    assert report["eval"] == report["evals"][0] and report["task"] == "chain_sum_short:3,chain_sum:1"

@@ -517,7 +517,13 @@ def evaluate(
 @train_app.command("sft")
 def train_sft(
     model: ModelOpt = DEFAULT_MODEL,
-    task: Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")] = "chain_sum",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Reasoning task (memlm.data.tasks), or a mix NAME:WEIGHT,... (shares of the training problems); "
+            "every task is evaluated."
+        ),
+    ] = "chain_sum",
     out: Annotated[str, typer.Option("--out", help="Output folder (adapter/ or model/, train/, eval.json).")] = "",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 250,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,

@@ -31,7 +31,7 @@ IGNORE = -100
 @dataclass(slots=True)
 class SFTConfig:
     model: str
-    task: str
+    task: str  # a task, or a mix "long_mult:3,chain_sum:1" (training shares by weight)
     out_dir: str
     steps: int = 300
     batch_size: int = 8
@@ -99,8 +99,27 @@ def collate(examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tens
     return {"ids": ids, "positions": positions, "labels": labels}
 
 
+def parse_task_mix(spec: str) -> list[tuple[str, float]]:
+    """"long_mult:3,chain_sum:1" -> [(name, share)] with shares summing to 1 (weights default to 1)."""
+    mix = []
+    for part in (p.strip() for p in spec.split(",")):
+        name, _, weight = part.partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = -1.0
+        if not name or value <= 0:
+            raise MemlmError(f"bad task {part!r} in --task: expected NAME or NAME:WEIGHT with a weight > 0")
+        get_task(name)
+        mix.append((name, value))
+    if len({name for name, _ in mix}) != len(mix):
+        raise MemlmError(f"a task appears twice in --task {spec!r}")
+    total = sum(w for _, w in mix)
+    return [(name, w / total) for name, w in mix]
+
+
 def run_sft(cfg: SFTConfig) -> dict:
-    task = get_task(cfg.task)
+    mix = parse_task_mix(cfg.task)
     if cfg.lora_rank < 0:
         raise MemlmError("--lora-rank must be >= 0 (0 = full fine-tune)")
     loaded = load_model(cfg.model)
@@ -111,7 +130,11 @@ def run_sft(cfg: SFTConfig) -> dict:
         model.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    examples = encode_examples(tokenizer, task, task.problems(cfg.n_train, "train"))
+    # A mix draws each task's share of the training problems; batches sample the pool uniformly.
+    examples = []
+    for name, share in mix:
+        task = get_task(name)
+        examples += encode_examples(tokenizer, task, task.problems(max(1, round(share * cfg.n_train)), "train"))
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         chosen = global_batch(len(examples), cfg.batch_size, cfg.seed, step, micro, rank, world)
@@ -158,7 +181,8 @@ def run_sft(cfg: SFTConfig) -> dict:
         merge_lora(model)
         artifact = save_model(out / "model", model, tokenizer, {"description": f"full SFT of {cfg.model}", **recipe})
     report = {"artifact": str(artifact), **recipe}
-    if cfg.n_eval:
-        report["eval"] = evaluate_saved(str(artifact), cfg.task, cfg.n_eval)
+    if cfg.n_eval:  # every task of the mix; "eval" is the first's
+        report["evals"] = [evaluate_saved(str(artifact), name, cfg.n_eval) for name, _ in mix]
+        report["eval"] = report["evals"][0]
     write_json_atomic(out / "eval.json", report)
     return report
