@@ -75,6 +75,8 @@ def test_bench_kv_refuses_learned_without_a_predictor(tiny_model_and_predictor):
     model, _ = tiny_model_and_predictor
     with pytest.raises(MemlmError, match="needs --predictor"):
         run_kv_bench(model, "chain_sum_short", [64], ["learned"], n=1)
+    with pytest.raises(MemlmError, match="--split must be val or test"):
+        run_kv_bench(model, "chain_sum_short", [64], ["window"], n=1, split="train")
     with pytest.raises(MemlmError, match="unknown KV policy 'lru'"):
         run_kv_bench(model, "chain_sum_short", [64], ["lru"], n=1)
     predictor = tiny_model_and_predictor[1]
@@ -101,7 +103,9 @@ def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp
         batch_size=2,
         max_new_tokens=40,
         probe_n=0,
+        split="val",
     )
+    assert report["split"] == "val"
     assert report["predictors"] == {
         "learned:answer": answer,
         "learned:future_decay": str(future),

@@ -85,9 +85,11 @@ def run_kv_bench(
     console=None,
     window: int | None = None,
     ratio: float | None = None,
+    split: str = "test",
 ) -> dict:
     """`window` and `ratio` set the learned policy's recent window and keep ratio (its defaults
-    when None); the report records the values used."""
+    when None); the report records the values used. `split`: the held-out problems ("val" to
+    choose settings, "test" to report them)."""
     from rich.console import Console
 
     from memlm.data.evaluate import evaluate_task
@@ -95,6 +97,8 @@ def run_kv_bench(
     from memlm.generation.engine import Engine
 
     console = console or Console(stderr=True)
+    if split not in ("val", "test"):
+        raise MemlmError(f"--split must be val or test (held-out problems), got {split!r}")
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
@@ -109,7 +113,7 @@ def run_kv_bench(
     if variants:  # a bad window or ratio fails now; the report records what ran
         learned = make_policy("learned", max(budgets), **next(iter(variants.values()))[1])
         window, ratio = learned.window, learned.ratio
-    problems = task.problems(n, "test")
+    problems = task.problems(n, split)
     probes = build_probes(engine.tokenizer, probe_n, probe_filler) if probe_n else []
 
     rows, full_row = [], None
@@ -160,6 +164,7 @@ def run_kv_bench(
         "model": model,
         "task": task_name,
         "n": n,
+        "split": split,
         "probe_n": probe_n,
         "probe_filler_tokens": probe_filler,
         "dtype": dtype,

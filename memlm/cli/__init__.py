@@ -405,6 +405,7 @@ def bench_kv(
         float | None, typer.Option(help="learned: share of older tokens an eviction keeps (default 0.5).")
     ] = None,
     n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
+    split: Annotated[str, typer.Option(help="Held-out split: val (to choose settings) or test (to report).")] = "test",
     probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
     max_new_tokens: Annotated[
@@ -435,6 +436,7 @@ def bench_kv(
         dtype=dtype,
         window=window,
         ratio=ratio,
+        split=split,
     )
 
 
