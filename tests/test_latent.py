@@ -275,6 +275,8 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
     _memory(Engine.load(str(folder)), max_inference_aug=2).save(tmp_path / "mem")
+    text = tmp_path / "prose.txt"
+    text.write_text("The river ran past the mill, and the miller, tired, slept. Then it rained.\n\n" * 4)
     report = run_memgen_bench(
         str(folder),
         "chain_sum_short",
@@ -285,6 +287,10 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
         batch_size=3,
         max_new_tokens=16,
         speed_tokens=12,
+        retain_task="chain_sum",
+        text=str(text),
+        text_windows=2,
+        text_tokens=24,
     )
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert rows == report["rows"] and [r["variant"] for r in rows] == ["vanilla", "weaver"]
@@ -293,3 +299,16 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
     assert rows[0]["fixed_len_speed_vs_vanilla"] == 1.0 and rows[1]["fixed_len_tok_s"] > 0
     assert rows[0]["single_speed_vs_vanilla"] == 1.0 and rows[1]["single_tok_s"] > 0
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    # forgetting: both variants answer the other task and score the same prose; the frozen reasoner
+    # alone is vanilla itself, and the weaver's latents (inserted at the prose's commas and full
+    # stops) change what it predicts
+    assert report["retain_task"] == "chain_sum" and report["text_windows"] == 2
+    assert all(0 <= r["retain_accuracy"] <= 1 for r in rows)
+    assert rows[0]["text_perplexity_vs_vanilla"] == 1.0 and rows[0]["text_perplexity"] > 1
+    assert rows[1]["text_perplexity"] != rows[0]["text_perplexity"]
+    from memlm.bench.decode import perplexity
+    from memlm.bench.memgen import _text_windows
+
+    windows = _text_windows(str(folder), str(text), 2, 24)  # the decode loop scores as one forward does
+    reference = perplexity(Engine.load(str(folder)).model, [t for w in windows for t in w], window=24)
+    assert rows[0]["text_perplexity"] == pytest.approx(reference, rel=1e-4)

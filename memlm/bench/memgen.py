@@ -7,6 +7,12 @@ trigger (`memlm train trigger`). Each answers the task's test split greedily; re
 variant: accuracy (the task's scorer), insertions per answer, decode tok/s and its ratio to
 vanilla. Variants without a path are left out.
 
+Forgetting (MemGen's case for a frozen reasoner): fine-tuning the reasoner's weights can cost
+what it could already do, a memory beside frozen weights should not. With `retain_task` each
+variant also answers that task's test problems, and with `text` it scores held-out prose
+(perplexity over `text_windows` windows, teacher-forced through the same decode loop, the memory
+weaving at its trigger points as it would while generating).
+
 Task decode speed mixes two things: what weaving costs, and how long the answers are (a model
 that rambles to the token limit decodes at a different batch occupancy than one that stops
 early). So each variant is also timed with every answer forced to exactly `speed_tokens` new
@@ -39,6 +45,10 @@ def run_memgen_bench(
     max_new_tokens: int | None = None,
     speed_tokens: int = 128,
     console=None,
+    retain_task: str | None = None,
+    text: str | None = None,
+    text_windows: int = 16,
+    text_tokens: int = 256,
 ) -> dict:
     from rich.console import Console
 
@@ -50,6 +60,9 @@ def run_memgen_bench(
     console = console or Console(stderr=True)
     task = get_task(task_name)
     problems = task.problems(n, "test")
+    retain = get_task(retain_task) if retain_task else None
+    retain_problems = retain.problems(n, "test") if retain else []
+    windows = _text_windows(model, text, text_windows, text_tokens) if text else []
     plan = [("vanilla", model, None), ("lora_sft", lora_sft, None)]
     plan += [("weaver", model, weaver), ("weaver_trigger", model, weaver_trigger)]
     rows = []
@@ -79,16 +92,52 @@ def run_memgen_bench(
             rows[-1]["fixed_len_tok_s"] = _fixed_length_tok_s(engine, task, [batch], memory, speed_tokens)
             singles = [[p] for p in problems[:SINGLE_STREAMS]]
             rows[-1]["single_tok_s"] = _fixed_length_tok_s(engine, task, singles, memory, speed_tokens)
+        if retain is not None:
+            kept = evaluate_task(engine, retain, retain_problems, batch_size, memory=memory)
+            rows[-1]["retain_accuracy"] = kept.accuracy
+        if windows:
+            rows[-1]["text_perplexity"] = text_perplexity(engine, windows, memory, batch_size)
     _add_ratio(rows, "decode_tok_s", "speed_vs_vanilla")
+    if windows:
+        _add_ratio(rows, "text_perplexity", "text_perplexity_vs_vanilla")
     _add_ratio(rows, "fixed_len_tok_s", "fixed_len_speed_vs_vanilla")
     _add_ratio(rows, "single_tok_s", "single_speed_vs_vanilla")
     report = {"model": model, "task": task_name, "n": n, "speed_tokens": speed_tokens, "rows": rows}
+    report |= {"retain_task": retain_task, "text": text, "text_windows": len(windows), "text_tokens": text_tokens}
     _print(report, console)
     if json_path:
         write_json_atomic(json_path, report)
     if plot_path:
         _plot(report, plot_path)
     return report
+
+
+def _text_windows(model: str, source: str, count: int, tokens: int) -> list[list[int]]:
+    """`count` windows of `tokens` tokens of a corpus (a name such as gensim:enwiki, or a text
+    file), with the model's tokenizer: the same text for every variant."""
+    from memlm.data.corpus import read_documents
+    from memlm.errors import MemlmError
+    from memlm.models.loading import load_model
+    from memlm.models.prune import token_windows
+
+    windows = token_windows(load_model(model).tokenizer, read_documents(source), count, tokens)
+    if not windows:
+        raise MemlmError(f"text {source!r} is shorter than one window of {tokens} tokens")
+    return windows
+
+
+def text_perplexity(engine, windows: list[list[int]], memory=None, batch_size: int = 16) -> float:
+    """exp(mean NLL) of every window's tokens after its first, teacher-forced through the engine's
+    decode loop (`Engine.score`), with the memory inserting wherever its trigger fires."""
+    import math
+
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        for scored in engine.score([w[:1] for w in chunk], [w[1:] for w in chunk], memory=memory):
+            total -= sum(scored.logprobs)
+            count += len(scored.logprobs)
+    return math.exp(total / count)
 
 
 def _fixed_length_tok_s(engine, task, batches, memory, tokens: int) -> float:
@@ -119,6 +168,10 @@ def _print(report: dict, console) -> None:
     columns = ["variant", "accuracy", "insertions / answer", "decode tok/s", "vs vanilla"]
     if report["speed_tokens"]:
         columns += ["vs vanilla, fixed length", "vs vanilla, one request"]
+    if report.get("retain_task"):
+        columns.append(f"{report['retain_task']} accuracy")
+    if report.get("text"):
+        columns.append("text perplexity")
     for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
 
@@ -130,6 +183,10 @@ def _print(report: dict, console) -> None:
         cells += [f"{r['decode_tok_s']:.1f}", ratio(r["speed_vs_vanilla"])]
         if report["speed_tokens"]:
             cells += [ratio(r["fixed_len_speed_vs_vanilla"]), ratio(r["single_speed_vs_vanilla"])]
+        if report.get("retain_task"):
+            cells.append(f"{r['retain_accuracy']:.3f}")
+        if report.get("text"):
+            cells.append(f"{r['text_perplexity']:.2f}")
         table.add_row(*cells)
     console.print(table)
 
@@ -144,7 +201,11 @@ def _plot(report: dict, path: str) -> None:
     names = [r["variant"] for r in rows]
     panels = [("accuracy", "accuracy"), ("insertions_per_answer", "insertions per answer")]
     panels.append(("speed_vs_vanilla", "decode speed / vanilla"))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    if report.get("retain_task"):
+        panels.append(("retain_accuracy", f"kept: {report['retain_task']} accuracy"))
+    if report.get("text"):
+        panels.append(("text_perplexity_vs_vanilla", "kept: text perplexity / vanilla"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     x = list(range(len(names)))
     for ax, (key, label) in zip(axes, panels, strict=True):
         if key == "speed_vs_vanilla" and report["speed_tokens"]:

@@ -454,18 +454,40 @@ def bench_memgen(
     speed_tokens: Annotated[
         int, typer.Option(help="Also time answers forced to this many new tokens, batched and one by one (0 = skip).")
     ] = 128,
+    retain_task: Annotated[
+        str | None, typer.Option(help="Forgetting: also score this task, one the reasoner could already do.")
+    ] = None,
+    text: Annotated[
+        str | None, typer.Option(help="Forgetting: perplexity on this text (gensim:enwiki, gensim:lee or a file).")
+    ] = None,
+    text_windows: Annotated[int, typer.Option(help="Windows of 256 tokens of --text.")] = 16,
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Write a PNG here.")] = None,
 ):
-    """Vanilla vs LoRA-SFT vs MemGen weaver vs weaver + learned trigger: accuracy, insertions, speed."""
+    """Vanilla vs LoRA-SFT vs MemGen weaver vs weaver + learned trigger: accuracy, insertions, speed,
+    and with --retain-task / --text what each keeps of what the reasoner could already do."""
     from memlm.bench.memgen import run_memgen_bench
     from memlm.data.tasks import get_task
 
     get_task(task)
-    if n < 1 or batch_size < 1 or speed_tokens < 0:
-        raise MemlmError("--n and --batch-size must be >= 1, --speed-tokens >= 0")
+    if retain_task:
+        get_task(retain_task)
+    if n < 1 or batch_size < 1 or speed_tokens < 0 or text_windows < 1:
+        raise MemlmError("--n, --batch-size and --text-windows must be >= 1, --speed-tokens >= 0")
     run_memgen_bench(
-        model, task, n, lora_sft, weaver, weaver_trigger, json_path, plot, batch_size, speed_tokens=speed_tokens
+        model,
+        task,
+        n,
+        lora_sft,
+        weaver,
+        weaver_trigger,
+        json_path,
+        plot,
+        batch_size,
+        speed_tokens=speed_tokens,
+        retain_task=retain_task,
+        text=text,
+        text_windows=text_windows,
     )
 
 
