@@ -113,17 +113,12 @@ def run_memgen_bench(
 
 
 def _text_windows(model: str, source: str, count: int, tokens: int) -> list[list[int]]:
-    """`count` windows of `tokens` tokens of a corpus (a name such as gensim:enwiki, or a text
-    file), with the model's tokenizer: the same text for every variant."""
-    from memlm.data.corpus import read_documents
-    from memlm.errors import MemlmError
+    """`count` windows of `tokens` tokens of a corpus with the model's tokenizer: the same text for
+    every variant."""
     from memlm.models.loading import load_model
-    from memlm.models.prune import token_windows
+    from memlm.models.prune import corpus_windows
 
-    windows = token_windows(load_model(model).tokenizer, read_documents(source), count, tokens)
-    if not windows:
-        raise MemlmError(f"text {source!r} is shorter than one window of {tokens} tokens")
-    return windows
+    return corpus_windows(load_model(model).tokenizer, source, count, tokens)
 
 
 def text_perplexity(engine, windows: list[list[int]], memory=None, batch_size: int = 16) -> float:

@@ -11,18 +11,6 @@ from memlm.cli import DEFAULT_MODEL, ModelOpt, _int_list, _out_dir, app, bench_a
 from memlm.errors import MemlmError
 
 
-def calibration_windows(tokenizer, source: str, windows: int, seq_len: int) -> list[list[int]]:
-    """The first `windows` windows of `seq_len` tokens of a corpus (a name such as gensim:enwiki, or a
-    text file), its documents joined in order: deterministic, so a pruning run can be repeated."""
-    from memlm.data.corpus import read_documents
-    from memlm.models.prune import token_windows
-
-    chunks = token_windows(tokenizer, read_documents(source), windows, seq_len)
-    if not chunks:
-        raise MemlmError(f"calibration text {source!r} is shorter than one window of {seq_len} tokens")
-    return chunks
-
-
 @app.command()
 def prune(
     model: ModelOpt = DEFAULT_MODEL,
@@ -42,7 +30,7 @@ def prune(
 ):
     """Remove the least important layers, FFN channels or attention-head groups; write a smaller model."""
     from memlm.models.loading import load_model, save_model
-    from memlm.models.prune import METHODS
+    from memlm.models.prune import METHODS, corpus_windows
     from memlm.models.prune import prune as prune_model
 
     if method not in METHODS:
@@ -56,7 +44,9 @@ def prune(
     if not hasattr(loaded.model, "layers"):
         raise MemlmError("memlm prune works on Llama-family models (this one is an LCM)")
     needs_text = criterion == "measured" or heal_steps
-    calibration = calibration_windows(loaded.tokenizer, calib, windows, seq_len) if needs_text else None
+    calibration = None
+    if needs_text:
+        calibration = corpus_windows(loaded.tokenizer, calib, windows, seq_len, "calibration text")
     pruned, report = prune_model(loaded.model, method, amount, calibration if criterion == "measured" else None,
                                  criterion, seed)
     if heal_steps:

@@ -38,6 +38,17 @@ def token_windows(tokenizer, documents, count: int, seq_len: int) -> list[list[i
     return [ids[i : i + seq_len] for i in range(0, count * seq_len, seq_len) if len(ids[i : i + seq_len]) == seq_len]
 
 
+def corpus_windows(tokenizer, source: str, count: int, seq_len: int, what: str = "text") -> list[list[int]]:
+    """`token_windows` of a corpus (a name such as gensim:enwiki, or a text file): deterministic, so
+    a run can be repeated; a corpus shorter than one window is a one-line error naming `what` it is."""
+    from memlm.data.corpus import read_documents
+
+    windows = token_windows(tokenizer, read_documents(source), count, seq_len)
+    if not windows:
+        raise MemlmError(f"{what} {source!r} is shorter than one window of {seq_len} tokens")
+    return windows
+
+
 @torch.no_grad()
 def importance(model: LlamaModel, method: str, windows: list[list[int]]) -> list[list[float]] | list[float]:
     """Scores of the prunable units: per layer (layers), or per layer and channel / KV group."""
