@@ -134,6 +134,15 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def digit_token_mask(self) -> list[bool]:
+        """Per token id: is the token made of ASCII digits only (a piece of a number, no leading space)?
+        Byte-level and sentencepiece vocabularies both spell digits as themselves."""
+        mask = [False] * self.vocab_size
+        for piece, token_id in self.backend.get_vocab(with_added_tokens=False).items():
+            if token_id < len(mask) and piece.isascii() and piece.isdigit():
+                mask[token_id] = True
+        return mask
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes of one token (a byte-level token may hold part of a UTF-8 character)."""
         piece = self.backend.id_to_token(token_id)

@@ -113,3 +113,29 @@ def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp
     }
     assert [r["policy"] for r in report["rows"]] == list(report["predictors"])
     assert all(r["peak_kv_tokens"] <= 185 for r in report["rows"])
+
+
+def test_bench_kv_puts_whole_number_rows_beside_the_others(tiny_model_and_predictor):
+    """--spans both: a `+spans` row beside each scored policy (h2o, tova, learned), none for the
+    others; --spans on: only the span rows; a bad mode is refused."""
+    model, predictor = tiny_model_and_predictor
+    report = run_kv_bench(
+        model,
+        "chain_sum_short",
+        [184],
+        ["window", "tova", "learned"],
+        n=2,
+        predictor=predictor,
+        batch_size=2,
+        max_new_tokens=40,
+        probe_n=0,
+        spans="both",
+    )
+    assert [r["policy"] for r in report["rows"]] == ["window", "tova", "tova+spans", "learned", "learned+spans"]
+    assert report["spans"] == "both"
+    assert all(r["peak_kv_tokens"] <= 185 for r in report["rows"])
+    kw = {"n": 1, "predictor": predictor, "max_new_tokens": 8, "probe_n": 0}
+    report = run_kv_bench(model, "chain_sum_short", [184], ["h2o", "learned"], spans="on", **kw)
+    assert [r["policy"] for r in report["rows"]] == ["h2o+spans", "learned+spans"]
+    with pytest.raises(MemlmError, match="--spans must be one of"):
+        run_kv_bench(model, "chain_sum_short", [184], ["h2o"], spans="yes", **kw)

@@ -25,6 +25,7 @@ def run(cli, *args, stdin=None):
         (["generate", "hi", "--dtype", "q4_1:q2"], "unknown activations"),
         (["generate", "hi", "--dtype", "float32:q8_0"], "needs a quantized dtype"),
         (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "64", "--kv-window", "4"], "options of --kv-policy"),
+        (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "64", "--kv-spans"], "option of --kv-policy h2o"),
         (["bench", "decode", "--batch-sizes", "1,x"], "batch-sizes"),
         (["generate", "hi", "--kv-policy", "lru", "--kv-budget", "64"], "unknown KV policy"),
         (["generate", "hi", "--kv-policy", "window"], "needs a budget"),
@@ -35,9 +36,11 @@ def run(cli, *args, stdin=None):
         (["train", "sft", "--out", "/tmp/x", "--task", "chess"], "unknown task"),
         (["train", "predictor", "--task", "chain_sum"], "--out is required"),
         (["train", "predictor", "--out", "/tmp/x", "--label", "bogus"], "unknown importance label"),
+        (["train", "predictor", "--out", "/tmp/x", "--label", "future_far", "--horizon", "-1"], "--horizon"),
         (["eval", "--task", "chess"], "unknown task"),
         (["bench", "kv", "--budgets", "64,x"], "budgets"),
         (["bench", "kv", "--policies", "window,lru"], "unknown KV policy"),
+        (["bench", "kv", "--spans", "yes"], "--spans must be one of"),
         (["bench", "kv", "--policies", "learned"], "needs --predictor"),
         (["generate", "hi", "--memory", "/no/dir"], "not a latent memory checkpoint"),
         (["generate", "hi", "--show-insertions"], "needs --memory"),
@@ -76,7 +79,8 @@ def test_generate_prints_the_answer(memlm_cli, embedded_engine):
 
 
 @pytest.mark.embedded
-def test_generate_with_a_kv_budget(memlm_cli, embedded_engine):
+@pytest.mark.parametrize("policy", [["sinks"], ["tova", "--kv-spans"]])
+def test_generate_with_a_kv_budget(memlm_cli, embedded_engine, policy):
     result = run(
         memlm_cli,
         "generate",
@@ -84,7 +88,7 @@ def test_generate_with_a_kv_budget(memlm_cli, embedded_engine):
         "--max-new-tokens",
         "40",
         "--kv-policy",
-        "sinks",
+        *policy,
         "--kv-budget",
         "48",
         "--no-stream",

@@ -193,6 +193,11 @@ def test_future_labels_on_a_hand_made_attention_matrix():
     decayed = future_importance(received, 1, 3, "future_decay", decay=0.5)  # weights 1 (next query), 0.5, ...
     torch.testing.assert_close(decayed, torch.tensor([(1.8 + 0.5 * 0.4) / 1.5, 2.8]))
     assert future_importance(received, 3, 4, "future_max").tolist() == [0.0]  # no later query
+    # future_far, horizon 1: only queries two or more tokens later count. Key 1: query 3 (0.4),
+    # not query 2 (distance 1, inside the window); key 2 has no such query.
+    torch.testing.assert_close(future_importance(received, 1, 3, "future_far", horizon=1), torch.tensor([0.4, 0.0]))
+    far = future_importance(received, 0, 3, "future_far", horizon=0)  # horizon 0 is future_max
+    torch.testing.assert_close(far, future_importance(received, 0, 3, "future_max"))
     with pytest.raises(MemlmError, match="unknown importance label"):
         future_importance(received, 1, 3, "future_mean")
 
@@ -258,3 +263,71 @@ def test_fit_predictor_learns_labels_and_saves_a_loadable_checkpoint(tmp_path):
     assert abs(metrics["spearman_recency"]) < 0.5  # the order of tokens says nothing here
     predictor, config = load_predictor(tmp_path / "pred", tiny_engine().config, "tiny")
     assert config["metrics"] == metrics and config["train_traces"] == 20
+
+
+def test_spans_keep_numbers_whole_on_a_hand_made_row():
+    from memlm.cache.policies import best_whole_spans, span_ids
+
+    # Slots 3-5 are one number (joins at 4 and 5), 7-8 another, 10-11 a third that runs into the window.
+    joins = torch.tensor([0, 0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 1], dtype=torch.bool)
+    assert span_ids(joins).tolist() == [0, 1, 2, 3, 3, 3, 4, 5, 5, 6, 7, 7]
+    importance = torch.tensor([0, 0, 0, 0.9, 0.1, 0.1, 0.8, 0.05, 0.7, 0.2, 0.0, 0.3])
+    row = RowView(torch.arange(12), prompt_length=3, importance=importance, joins_previous=joins)
+    # Token by token (window 1, room for 7 older): the prompt, then 3, 6, 8, 9: half of each number.
+    assert LearnedPolicy(8, Fixed(), window=1, ratio=1.0).select(row).tolist() == [0, 1, 2, 3, 6, 8, 9, 11]
+    # Whole numbers (room for 8 older): slot 10 joins the kept window slot 11, so it stays whatever it
+    # scores; then 3-5 as one span scoring 0.9 and 6 (0.8). 7-8 (0.7) goes whole.
+    spans = LearnedPolicy(9, Fixed(), window=1, ratio=1.0, spans=True)
+    assert spans.select(row).tolist() == [0, 1, 2, 3, 4, 5, 6, 10, 11]
+    # A span that does not fit whole is left out, freeing more than asked: after 3-5 and 6, the 5th
+    # slot would split 7-8 (0.7), so only 4 come back.
+    assert best_whole_spans(importance[:10], span_ids(joins)[:10], 5).tolist() == [3, 4, 5, 6]
+    # tova takes the same rule from its last-query attention (room for 5, the prompt unprotected).
+    row.attention_last = importance
+    assert make_policy("tova", 6, spans=True).select(row).tolist() == [3, 4, 5, 6, 10, 11]
+    with pytest.raises(InvalidRequestError, match="larger than the window"):
+        make_policy("h2o", 4, window=4, spans=True)
+
+
+class RecordingSpans(LearnedPolicy):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def select(self, row):
+        keep = super().select(row)
+        joins = None if row.joins_previous is None else row.joins_previous.clone()
+        self.seen.append((row.positions.clone(), joins, keep))
+        return keep
+
+
+@pytest.mark.parametrize("spans", [True, False])
+def test_engine_marks_numbers_and_the_policy_keeps_them_whole(spans):
+    engine = tiny_engine()
+    prompt = engine.tokenizer.encode("q")
+    text = "3140 * 7: 0*7=0 c0, 4*7=28 c2, 1*7=7+2=9 c0 -> 21980, shifted 219800 + 62800 = 282600"
+    continuation = engine.tokenizer.encode(text)
+    policy = RecordingSpans(24, Fixed(), window=4, ratio=0.7, end_of_thinking=None, spans=spans)
+    engine.score([prompt], [continuation], kv_policy=policy)
+    assert len(policy.seen) >= 5
+    tokens = prompt + continuation
+    digit = [chr(t).isdigit() if t < 128 else False for t in tokens]  # the byte tokenizer: one byte per token
+    split = False
+    for positions, joins, keep in policy.seen:
+        expected = [
+            i > 0 and digit[p] and digit[positions[i - 1]] and p == positions[i - 1] + 1
+            for i, p in enumerate(positions.tolist())
+        ]
+        kept = torch.zeros(len(positions), dtype=torch.bool)
+        kept[keep] = True
+        runs = torch.ones(len(positions), dtype=torch.bool)
+        runs[1:] = torch.tensor(expected[1:])
+        starts = (~runs).long().cumsum(0)  # run index per slot
+        for run in starts.unique():
+            members = kept[starts == run]
+            split |= bool(members.any() and not members.all())
+        if spans:
+            assert joins.tolist() == expected  # the engine's marks: digit after digit, next position
+        else:
+            assert joins is None
+    assert split != spans  # whole numbers with spans; without, some number lost part of its digits

@@ -86,10 +86,13 @@ def run_kv_bench(
     window: int | None = None,
     ratio: float | None = None,
     split: str = "test",
+    spans: str = "off",
 ) -> dict:
     """`window` and `ratio` set the learned policy's recent window and keep ratio (its defaults
     when None); the report records the values used. `split`: the held-out problems ("val" to
-    choose settings, "test" to report them)."""
+    choose settings, "test" to report them). `spans`: the scored policies (h2o, tova, learned)
+    keep numbers whole ("on"), token by token ("off"), or both side by side ("both": a `+spans`
+    row beside each)."""
     from rich.console import Console
 
     from memlm.data.evaluate import evaluate_task
@@ -99,6 +102,8 @@ def run_kv_bench(
     console = console or Console(stderr=True)
     if split not in ("val", "test"):
         raise MemlmError(f"--split must be val or test (held-out problems), got {split!r}")
+    if spans not in SPAN_MODES:
+        raise MemlmError(f"--spans must be one of {', '.join(SPAN_MODES)}, got {spans!r}")
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
@@ -118,11 +123,14 @@ def run_kv_bench(
 
     rows, full_row = [], None
     names = [v for p in policies if p != "full" for v in (variants if p == "learned" else [p])]
+    names = [v for name in names for v in _span_variants(name, spans)]
     configs = [("full", None)] if "full" in policies else []
     configs += [(name, b) for name in names for b in budgets]
     for policy, budget in configs:
-        options = variants[policy][1] if policy in variants else {}
-        factory = None if policy == "full" else _factory(policy.split(":")[0], budget, options)
+        kind, _, _ = policy.partition("+")
+        options = variants[kind][1] if kind in variants else {}
+        options = options | {"spans": True} if policy.endswith("+spans") else options
+        factory = None if policy == "full" else _factory(kind.split(":")[0], budget, options)
         console.print(f"[dim]{policy:8s} budget {budget or '-':>5}[/dim]", end=" ")
         began = time.perf_counter()
         try:
@@ -152,8 +160,9 @@ def run_kv_bench(
     if full_row is not None:  # the reference, repeated at every budget
         rows = [{**full_row, "budget": b} for b in budgets] + rows
     cost = None
-    if variants:  # the first predictor's, at the smallest budget: the most evictions
-        factory = _factory("learned", min(budgets), next(iter(variants.values()))[1])
+    if variants:  # the first predictor's, at the smallest budget (the most evictions), with spans if any ran
+        options = next(iter(variants.values()))[1] | ({"spans": True} if spans != "off" else {})
+        factory = _factory("learned", min(budgets), options)
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
             console.print(
@@ -173,6 +182,7 @@ def run_kv_bench(
         "predictors": {name: folder for name, (folder, _) in variants.items()},
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
+        "spans": spans,
         "mean_full_trace_tokens": trace if full_row is not None else None,
         "learned_cost": cost,
         "rows": rows,
@@ -228,6 +238,17 @@ def _learned_variants(folders: list[str], model_config, model: str, window, rati
         options = {"predictor": predictor} | {k: v for k, v in (("window", window), ("ratio", ratio)) if v is not None}
         variants[name] = (folder, options)
     return variants
+
+
+SPAN_MODES = ("off", "on", "both")
+SCORED = ("h2o", "tova", "learned")  # the policies that can keep numbers whole
+
+
+def _span_variants(name: str, spans: str) -> list[str]:
+    """The rows one policy gets: itself, its `+spans` form, or both."""
+    if spans == "off" or name.split(":")[0] not in SCORED:
+        return [name]
+    return [f"{name}+spans"] if spans == "on" else [name, f"{name}+spans"]
 
 
 def _factory(policy: str, budget: int, options: dict) -> Callable:

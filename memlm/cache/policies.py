@@ -4,6 +4,12 @@ A policy only decides *which slots of one row to keep*; the cache does the rest 
 positions stay the ones each key was rotated with and generation goes on without re-prefill.
 What a policy protects (the prompt, a recent window, attention sinks) is its own business.
 
+Scored policies (h2o, tova, learned) can keep *whole numbers* (`spans=True`): a number is several
+tokens (SmolLM2 writes one token per digit), and a later line that copies it needs every digit, so
+losing one digit of a kept number wastes the slots of the others. With spans on, the engine marks
+which slots continue the number of the slot before (`RowView.joins_previous`), each number scores
+as its best digit, and a number is kept or dropped whole.
+
 The engine asks a policy after every forward in which the row grew past its budget, so a row never
 holds more than `budget` tokens between steps, and `budget + chunk` while a chunk is written.
 """
@@ -29,6 +35,7 @@ class RowView:
     attention_last: torch.Tensor | None = None  # [n] attention from the newest query (TOVA)
     importance: torch.Tensor | None = None  # [n] learned importance of each slot (DynTS)
     protected_from: int | None = None  # positions from here on are the answer (after the end-of-thinking marker)
+    joins_previous: torch.Tensor | None = None  # [n] bool: this slot continues the previous slot's number (spans)
 
     @property
     def length(self) -> int:
@@ -40,6 +47,7 @@ class KVPolicy(ABC):
     needs_attention: ClassVar[bool] = False
     predictor = None  # an ImportancePredictor the engine runs on each new token's hidden state (DynTS)
     end_of_thinking: str | None = None  # text after which the engine reports `protected_from`
+    spans: bool = False  # keep numbers whole: the engine fills `RowView.joins_previous`
 
     def __init__(self, budget: int):
         if budget < 1:
@@ -115,23 +123,57 @@ class SinksPolicy(KVPolicy):
         return torch.cat((torch.arange(self.sinks), torch.arange(row.length - recent, row.length)))
 
 
+def span_ids(joins_previous: torch.Tensor) -> torch.Tensor:
+    """[n] bool (slot continues the slot before) -> [n] span index, 0 for the first span."""
+    starts = ~joins_previous
+    starts[:1] = True
+    return starts.long().cumsum(0) - 1
+
+
+def best_whole_spans(scores: torch.Tensor, span: torch.Tensor, count: int) -> torch.Tensor:
+    """At most `count` slot indices, best first, taking spans whole: a span scores as its best slot,
+    spans go in order of score (earlier first on ties), and the span that would not fit whole is
+    left out (so an eviction may free a few more slots than asked)."""
+    if count >= scores.numel():
+        return torch.arange(scores.numel())
+    best = torch.full((int(span[-1]) + 1,), float("-inf")).scatter_reduce(0, span, scores.float(), "amax")
+    order = best[span].sort(descending=True, stable=True).indices  # a span's slots stay together
+    chosen = order[:count]
+    cut = span[order[count - 1]] if count else None
+    if count and span[order[count]] == cut:
+        chosen = chosen[span[chosen] != cut]
+    return chosen
+
+
+def _top(scores: torch.Tensor, row: RowView, older: int, count: int, spans: bool) -> torch.Tensor:
+    """The `count` best of the older slots [0, older): token by token, or whole numbers with spans.
+    A number that runs into the kept recent slots is kept whole too."""
+    scores = scores[:older]
+    if not spans or row.joins_previous is None:
+        return scores.topk(count).indices
+    span = span_ids(row.joins_previous.to(scores.device))
+    if older < row.length and bool(row.joins_previous[older]):
+        scores = scores.masked_fill(span[:older] == span[older], float("inf"))
+    return best_whole_spans(scores, span[:older], count)
+
+
 class _ScoredPolicy(KVPolicy):
     """Keep a recent window, then the best-scoring older tokens up to the budget."""
 
     needs_attention = True
 
-    def __init__(self, budget: int, window: int):
+    def __init__(self, budget: int, window: int, spans: bool = False):
         super().__init__(budget)
         if budget <= window:
             raise InvalidRequestError(f"{self.name}: budget ({budget}) must be larger than the window ({window})")
-        self.window = window
+        self.window, self.spans = window, spans
 
     @abstractmethod
     def scores(self, row: RowView) -> torch.Tensor: ...
 
     def _keep(self, row: RowView) -> torch.Tensor:
         older = row.length - self.window
-        best = self.scores(row)[:older].topk(self.budget - self.window).indices
+        best = _top(self.scores(row), row, older, self.budget - self.window, self.spans)
         return torch.cat((best, torch.arange(older, row.length)))
 
 
@@ -140,8 +182,8 @@ class H2OPolicy(_ScoredPolicy):
 
     name = "h2o"
 
-    def __init__(self, budget: int, window: int | None = None):
-        super().__init__(budget, budget // 2 if window is None else window)
+    def __init__(self, budget: int, window: int | None = None, spans: bool = False):
+        super().__init__(budget, budget // 2 if window is None else window, spans)
 
     def scores(self, row: RowView) -> torch.Tensor:
         return row.attention_sum
@@ -152,8 +194,8 @@ class TOVAPolicy(_ScoredPolicy):
 
     name = "tova"
 
-    def __init__(self, budget: int, window: int = 1):
-        super().__init__(budget, window)  # the newest token itself always stays
+    def __init__(self, budget: int, window: int = 1, spans: bool = False):
+        super().__init__(budget, window, spans)  # the newest token itself always stays
 
     def scores(self, row: RowView) -> torch.Tensor:
         return row.attention_last
@@ -167,7 +209,7 @@ class LearnedPolicy(KVPolicy):
     `window` tokens always stay. When the row passes its budget, it keeps the window, the protected
     tokens, and the top `ratio` of the other older tokens, never more than the budget allows: with
     ratio < 1 one eviction frees several slots at once (fewer, larger evictions, as published);
-    with ratio 1 the row is trimmed back to exactly its budget.
+    with ratio 1 the row is trimmed back to exactly its budget. With `spans`, numbers go whole.
     """
 
     name = "learned"
@@ -179,6 +221,7 @@ class LearnedPolicy(KVPolicy):
         window: int = 8,
         ratio: float = 0.5,
         end_of_thinking: str | None = "Answer:",
+        spans: bool = False,
     ):
         super().__init__(budget)
         if predictor is None:
@@ -188,6 +231,7 @@ class LearnedPolicy(KVPolicy):
         if not 0 < ratio <= 1:
             raise InvalidRequestError(f"learned: ratio must be in (0, 1], got {ratio}")
         self.predictor, self.window, self.ratio, self.end_of_thinking = predictor, window, ratio, end_of_thinking
+        self.spans = spans
 
     def check_prompt(self, prompt_length: int) -> None:
         if prompt_length + self.window >= self.budget:
@@ -208,7 +252,7 @@ class LearnedPolicy(KVPolicy):
         scores = row.importance[:older].masked_fill(protected, float("inf"))
         fixed = int(protected.sum())
         count = min(self.budget - self.window, fixed + int(self.ratio * (older - fixed)))
-        best = scores.topk(count).indices
+        best = _top(scores, row, older, count, self.spans)
         return torch.cat((best, torch.arange(older, row.length)))
 
 

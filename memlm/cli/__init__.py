@@ -98,6 +98,9 @@ def generate(
         float | None,
         typer.Option(help="--kv-policy learned: share of older tokens an eviction keeps, in (0, 1] (default 0.5)."),
     ] = None,
+    kv_spans: Annotated[
+        bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, learned: keep or drop numbers whole.")
+    ] = False,
     memory: Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")] = None,
     trigger: TriggerOpt = None,
     show_insertions: Annotated[
@@ -121,6 +124,10 @@ def generate(
         options |= {k: v for k, v in (("window", kv_window), ("ratio", kv_ratio)) if v is not None}
     elif kv_window is not None or kv_ratio is not None:
         raise MemlmError("--kv-window and --kv-ratio are options of --kv-policy learned")
+    if kv_spans:
+        if kv_policy not in ("h2o", "tova", "learned"):
+            raise MemlmError("--kv-spans is an option of --kv-policy h2o, tova and learned")
+        options["spans"] = True
     policy = make_policy(kv_policy, kv_budget, **options)  # bad names and budgets fail before the model loads
     if show_insertions and memory is None:
         raise MemlmError("--show-insertions needs --memory DIR")
@@ -404,6 +411,10 @@ def bench_kv(
     ratio: Annotated[
         float | None, typer.Option(help="learned: share of older tokens an eviction keeps (default 0.5).")
     ] = None,
+    spans: Annotated[
+        str,
+        typer.Option(help="h2o, tova, learned keep numbers whole: off, on, or both (a +spans row beside each)."),
+    ] = "off",
     n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
     split: Annotated[str, typer.Option(help="Held-out split: val (to choose settings) or test (to report).")] = "test",
     probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
@@ -437,6 +448,7 @@ def bench_kv(
         window=window,
         ratio=ratio,
         split=split,
+        spans=spans,
     )
 
 
@@ -600,10 +612,13 @@ def train_predictor(
         str,
         typer.Option(
             help="Importance label: answer (attention from answer tokens, DynTS), future_max or future_decay "
-            "(from every later query)."
+            "(from every later query), future_far (from queries more than --horizon tokens later)."
         ),
     ] = "answer",
     decay: Annotated[float, typer.Option(help="future_decay: weight decay^(distance - 1).")] = 0.95,
+    horizon: Annotated[
+        int, typer.Option(help="future_far: only queries further than this count (the policy's --window).")
+    ] = 16,
     dtype: DtypeOpt = "float32",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
 ):
@@ -625,6 +640,7 @@ def train_predictor(
             batch_size=batch_size,
             label=label,
             decay=decay,
+            horizon=horizon,
             dtype=dtype,
             resume=resume,
         ),

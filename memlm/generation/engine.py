@@ -84,6 +84,15 @@ class Engine:
         # Wall-clock per phase of decode steps (steps no request joins), summed: set to {} to record
         # (benchmarks: what a KV policy's predictor and eviction cost against the whole step).
         self.timings: dict[str, float] | None = None
+        self._digit_mask: torch.Tensor | None = None
+
+    def _digit_tokens(self) -> torch.Tensor:
+        """[vocab] bool: which tokens are pieces of a number (built on first use, by span-keeping policies)."""
+        if self._digit_mask is None:
+            mask = self.tokenizer.digit_token_mask()
+            mask += [False] * max(0, self.config.vocab_size - len(mask))
+            self._digit_mask = torch.tensor(mask, dtype=torch.bool)
+        return self._digit_mask
 
     @classmethod
     def load(cls, name_or_path: str, dtype: str = "float32", activations: str = "float32", **scheduling) -> Engine:
@@ -354,7 +363,7 @@ class Engine:
         if batch.scored:
             _score(state, hidden, rows)
         clock("predictor")
-        evicted = _evict(state, rows)
+        evicted = _evict(state, rows, self._digit_tokens)
         clock("eviction")
         kv_tokens = state.lengths.tolist() if getattr(state, "supports_eviction", True) else [None] * len(rows)
         last_hidden = hidden[torch.arange(len(rows), device=device), real - 1]
@@ -595,8 +604,19 @@ def _score(cache, hidden: torch.Tensor, active: list[Request]) -> None:
     cache.record_importance(scores)
 
 
-def _evict(cache, active: list[Request]) -> dict[int, list[int]]:
+def _joins_previous(r: Request, positions: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+    """[n] bool: the slot holds a digit token fed right after the previous slot's digit token."""
+    positions = positions.cpu()
+    tokens = r.tokens_at(positions)
+    digit = digits[tokens.clamp(min=0)] & (tokens >= 0)
+    joins = torch.zeros_like(digit)
+    joins[1:] = digit[1:] & digit[:-1] & (positions[1:] == positions[:-1] + 1)
+    return joins
+
+
+def _evict(cache, active: list[Request], digit_tokens=None) -> dict[int, list[int]]:
     """After a forward: record each row's peak, and let its policy bring it back under budget.
+    `digit_tokens()` -> the tokenizer's [vocab] digit mask, for policies that keep numbers whole.
     -> per row that evicted, the positions it dropped."""
     if not getattr(cache, "supports_eviction", True):  # a recurrent state holds no tokens to evict
         return {}
@@ -614,6 +634,8 @@ def _evict(cache, active: list[Request]) -> dict[int, list[int]]:
             importance=cache.importance[row, :length] if cache.track_importance else None,
             protected_from=r.protected_from,
         )
+        if policy.spans and digit_tokens is not None:
+            view.joins_previous = _joins_previous(r, view.positions, digit_tokens())
         keep = policy.select(view)
         if keep is not None:
             dropped = torch.ones(length, dtype=torch.bool, device=keep.device)

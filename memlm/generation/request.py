@@ -124,6 +124,17 @@ class Request:
         delta, self.streamed = self.text[self.streamed : shown], max(self.streamed, shown)
         return delta
 
+    def tokens_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The token fed at each position, -1 where none was (a latent vector)."""
+        width = max(int(positions.max()) + 1 if positions.numel() else 0, len(self.prompt_ids))
+        table = torch.full((width,), -1, dtype=torch.long)
+        table[: len(self.prompt_ids)] = torch.tensor(self.prompt_ids, dtype=torch.long)
+        fed = [(p, t) for p, t in zip(self.output_positions, self.output_ids, strict=True) if p < width]
+        if fed:
+            where, ids = zip(*fed, strict=True)
+            table[list(where)] = torch.tensor(ids, dtype=torch.long)
+        return table[positions.cpu()]
+
     def _find_marker(self, marker: str, before: int) -> None:
         """Note the position of the token where `marker` starts, once the text shows it."""
         at = self.text.find(marker, max(0, before - len(marker)))

@@ -15,8 +15,12 @@
    was read by later lines): every later query counts, thinking and answer alike, each query's
    attention scaled by the keys it saw (uniform = 1). `future_max` keeps a token's largest such
    attention (one later step that needed it is enough); `future_decay` averages them weighted by
-   decay^(distance - 1) (nearby readers count most). Both come from one cache-less pass over the
-   whole trace that records every query's attention, mean over heads, summed over layers.
+   decay^(distance - 1) (nearby readers count most); `future_far` keeps the largest attention from
+   queries more than `horizon` tokens later: reads within the policy's recent window need no
+   score (the window keeps those tokens anyway), so the label rates only what must survive the
+   window, such as a partial product copied a hundred tokens later, and not the scratch a step
+   reads a few tokens after writing it. All come from one cache-less pass over the whole trace
+   that records every query's attention, mean over heads, summed over layers.
 3. Training: MSE on thinking tokens only, base model frozen, through the shared loop. Held-out
    traces (the task's validation split) give the loss and the rank agreement (Spearman and
    Kendall, per trace, averaged) between predicted and true importance, next to two baselines:
@@ -60,6 +64,8 @@ LABELS = {
     "future_max": "max over every later query (thinking and answer) of its attention (heads, layers) x keys it saw",
     "future_decay": "mean over every later query of its attention (heads, layers) x keys it saw, "
     "weighted decay^(distance - 1)",
+    "future_far": "max over every query more than `horizon` tokens later of its attention (heads, layers) "
+    "x keys it saw",
 }
 
 
@@ -78,6 +84,7 @@ class PredictorConfig:
     max_new_tokens: int | None = None  # the task's own budget when None
     label: str = "answer"  # one of LABELS
     decay: float = 0.95  # for the future_decay label
+    horizon: int = 16  # for the future_far label: match the learned policy's window
     dtype: str = "float32"  # the model's weights while tracing and labelling (q4_1: the GGUF's own blocks, faster)
     seed: int = 0
     resume: bool = False
@@ -137,19 +144,24 @@ class _AttentionRecorder(KVCache):
         self.received = received if layer == 0 else self.received + received
 
 
-def future_importance(received: torch.Tensor, start: int, end: int, kind: str, decay: float = 0.95) -> torch.Tensor:
+def future_importance(
+    received: torch.Tensor, start: int, end: int, kind: str, decay: float = 0.95, horizon: int = 16
+) -> torch.Tensor:
     """Labels of the keys start..end-1 from every later query of one trace.
 
     `received` [T, T]: what query q paid key k (rows: queries). Query q saw q + 1 keys, so its
     attention is scaled by q + 1 (uniform attention scores 1). `future_max`: the largest scaled
     attention any later query paid the key; `future_decay`: their mean weighted by
-    decay^(q - k - 1). A key no later query saw gets 0."""
+    decay^(q - k - 1); `future_far`: the largest from queries with q - k > horizon. A key no
+    counted query saw gets 0."""
     length = received.shape[0]
     scaled = received[:, start:end] * torch.arange(1, length + 1, dtype=received.dtype)[:, None]
     distance = torch.arange(length)[:, None] - torch.arange(start, end)[None, :]  # q - k
     later = distance > 0
     if kind == "future_max":
         return torch.where(later, scaled, torch.zeros(())).amax(dim=0)
+    if kind == "future_far":
+        return torch.where(distance > horizon, scaled, torch.zeros(())).amax(dim=0)
     if kind == "future_decay":
         weights = torch.where(later, decay ** (distance - 1).clamp(min=0).to(received.dtype), torch.zeros(()))
         return (weights * scaled).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
@@ -157,8 +169,10 @@ def future_importance(received: torch.Tensor, start: int, end: int, kind: str, d
 
 
 @torch.inference_mode()
-def label_traces_future(model, traces: list[Trace], kind: str, decay: float, batch_size: int = 8) -> list[Labelled]:
-    """`future_max` / `future_decay` labels: one pass over each whole trace, recording attention."""
+def label_traces_future(
+    model, traces: list[Trace], kind: str, decay: float, batch_size: int = 8, horizon: int = 16
+) -> list[Labelled]:
+    """`future_*` labels: one pass over each whole trace, recording attention."""
     out = []
     for start in range(0, len(traces), batch_size):
         chunk = traces[start : start + batch_size]
@@ -169,7 +183,7 @@ def label_traces_future(model, traces: list[Trace], kind: str, decay: float, bat
         hidden = model(*_padded(model, [t.ids for t in chunk], [0] * len(chunk)), cache)
         for row, t in enumerate(chunk):
             n = len(t.ids)
-            labels = future_importance(cache.received[row, :n, :n], t.prompt_length, t.think_end, kind, decay)
+            labels = future_importance(cache.received[row, :n, :n], t.prompt_length, t.think_end, kind, decay, horizon)
             out.append(Labelled(hidden[row, t.prompt_length : t.think_end].float().cpu(), labels.cpu()))
     return out
 
@@ -251,6 +265,8 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
         raise MemlmError(f"unknown importance label {cfg.label!r}; choose one of {', '.join(LABELS)}")
     if not 0 < cfg.decay < 1:
         raise MemlmError(f"--decay must be in (0, 1), got {cfg.decay}")
+    if cfg.horizon < 0:
+        raise MemlmError(f"--horizon must be >= 0, got {cfg.horizon}")
     task = get_task(cfg.task)
     engine = Engine.load(cfg.model, dtype=cfg.dtype)
     log(f"traces: {cfg.n_train} training and {cfg.n_val} validation problems of {cfg.task}")
@@ -263,10 +279,16 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
         if cfg.label == "answer":
             splits[split] = label_traces(engine.model, traces, cfg.batch_size)
         else:
-            splits[split] = label_traces_future(engine.model, traces, cfg.label, cfg.decay, min(cfg.batch_size, 8))
+            splits[split] = label_traces_future(
+                engine.model, traces, cfg.label, cfg.decay, min(cfg.batch_size, 8), cfg.horizon
+            )
         log(f"  {split}: {len(traces)}/{n} traces have the marker, {sum(len(d.labels) for d in splits[split])} tokens")
 
     return fit_predictor(engine.config.hidden_size, splits["train"], splits["val"], cfg)
+
+
+def _label_setting(cfg: PredictorConfig) -> str:
+    return {"future_decay": f" (decay {cfg.decay})", "future_far": f" (horizon {cfg.horizon})"}.get(cfg.label, "")
 
 
 def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[Labelled], cfg: PredictorConfig):
@@ -305,7 +327,7 @@ def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[L
         "marker": cfg.marker,
         "label": cfg.label,
         "dtype": cfg.dtype,
-        "label_definition": LABELS[cfg.label] + (f" (decay {cfg.decay})" if cfg.label == "future_decay" else ""),
+        "label_definition": LABELS[cfg.label] + _label_setting(cfg),
         "train_traces": len(train_data),
         "train_tokens": int(targets.numel()),
         "steps": cfg.steps,
