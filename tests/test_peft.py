@@ -85,3 +85,29 @@ def test_other_peft_methods_and_options_are_clear_errors(tmp_path):
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True, "base_model_name_or_path": str(folder)}))
     with pytest.raises(ModelFormatError, match="use_dora"):
         load_model(str(adapter))
+
+
+def test_an_adapter_on_an_adapter_merges_both(tmp_path):
+    """`memlm train sft --model ADAPTER` fine-tunes a fine-tuned model further: its adapter names the
+    first adapter as its base, and loading it merges both (the logits of the two applied in turn)."""
+    _, folder = _base(tmp_path)
+
+    def adapter_on(base: str, out, seed: int):
+        model = load_model(base).model
+        add_lora(model, rank=4, alpha=8)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_b.normal_(std=0.05)
+        save_adapter(out, model, {"base_model": base}, dtype=torch.float32)
+        return model
+
+    adapter_on(str(folder), tmp_path / "first", 3)
+    second = adapter_on(str(tmp_path / "first"), tmp_path / "second", 4)  # adapter 2 on top of merged adapter 1
+    ids = torch.randint(0, 257, (2, 9))
+    loaded = load_model(str(tmp_path / "second"))
+    assert loaded.source.count("LoRA adapter") == 2
+    torch.testing.assert_close(_memlm_logits(loaded.model, ids), _memlm_logits(second, ids), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(_memlm_logits(load_model(str(tmp_path / "first")).model, ids), _memlm_logits(second, ids))
+    with pytest.raises(ModelFormatError, match="stacked adapters load in float32"):
+        load_model(str(tmp_path / "second"), "q4_1")

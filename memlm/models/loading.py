@@ -125,8 +125,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
             kind, path = "hf", _cached_conversion(base.lower(), EMBEDDED[base.lower()], keep_quantized=True)
         else:
             kind, path = resolve(base)
-        if kind == "adapter":
-            raise ModelFormatError(f"{adapter}: its base model {base!r} is itself an adapter")
+        if kind == "adapter":  # fine-tuned further (`memlm train sft --model ADAPTER`): merge both
+            if quantized:
+                raise ModelFormatError(
+                    f"{adapter}: its base model {base!r} is itself an adapter; stacked adapters load "
+                    "in float32 or bfloat16 (merged), not beside quantized weights"
+                )
+            loaded = load_model(str(path), "float32")
+            apply_adapter(loaded.model, adapter)
+            loaded.model.to(DTYPES[dtype])
+            if dtype == "int8":
+                quantize_int8(loaded.model)
+            model, source = loaded.model, f"LoRA adapter {adapter} on {loaded.source}"
+            return LoadedModel(name_or_path, model, loaded.tokenizer, source, spec, count_parameters(model))
     config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized)
     config = _with_tokenizer_eos(config, tokenizer)
     # An adapter merges in fp32, then the model takes the requested precision; on quantized weights
