@@ -226,6 +226,13 @@ def test_group_rewards_penalise_insertions_beyond_the_correct_answers():
     assert group_rewards([0.0, 0.0], [1, 5], penalty=0.5, max_aug=4) == [0.0, 0.0]  # nothing to compare with
 
 
+def test_a_group_has_signal_only_when_mixed():
+    from memlm.train.trigger import is_mixed
+
+    assert is_mixed([1.0, 0.0, 0.0, 0.0]) and is_mixed([1.0, 1.0, 1.0, 0.0])
+    assert not is_mixed([0.0, 0.0, 0.0, 0.0]) and not is_mixed([1.0, 1.0, 1.0, 1.0])
+
+
 def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, monkeypatch):
     from memlm.data.tasks import Task
     from memlm.models.loading import save_model
@@ -266,6 +273,7 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
     logged = [json.loads(line) for line in (tmp_path / "t" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [5, 10, 15, 20]
     assert all(r["score"] == 1.0 and 0 <= r["insertions"] <= 6 and r["reward"] <= 1.0 for r in logged)
+    assert all(r["mixed"] == 0.0 for r in logged)  # every answer right: no group is mixed
 
 
 def test_bench_memgen_rows_json_and_plot(tmp_path):

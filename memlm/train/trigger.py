@@ -9,6 +9,10 @@ paper's reward-adaptive penalty). The advantage is the reward minus the group me
 the std normalisation, i.e. REINFORCE with a group baseline), and the loss is
 -advantage * sum(log pi(decision)) over the answer's decisions. The reasoner's hidden states at
 the delimiters do not depend on the trigger, so the recorded states give exact log-probabilities.
+
+RL only has signal in a *mixed* group, one that holds right and wrong answers: where all score the
+same, every advantage is 0. Each logged step reports `mixed`, the share of its groups that were, so
+a run shows whether its reasoner, temperature and group size give the trigger anything to learn.
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ def group_rewards(scores: list[float], insertions: list[int], penalty: float, ma
     return [s - penalty * max(0.0, n - allowed) / max(1, max_aug) for s, n in zip(scores, insertions, strict=True)]
 
 
+def is_mixed(scores: list[float]) -> bool:
+    """Does a group hold both a right (>= 0.5) and a wrong answer, so that its advantages differ?"""
+    right = sum(s >= 0.5 for s in scores)
+    return 0 < right < len(scores)
+
+
 def run_trigger_training(cfg: TriggerConfig) -> dict:
     from memlm.generation.engine import Engine
     from memlm.generation.params import SamplingParams
@@ -96,6 +106,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
             counts = [len(completions[i].insertions) - 1 for i in group]  # the prompt insertion is not the trigger's
             rewards = group_rewards(scores, counts, cfg.penalty, memory.max_inference_aug)
             baseline = sum(rewards) / len(rewards)
+            mixed = float(is_mixed(scores))
             for i, reward, score, count in zip(group, rewards, scores, counts, strict=True):
                 decisions = completions[i].decisions
                 states = [h.clone() for h, _ in decisions]  # leave inference mode: these feed autograd
@@ -107,6 +118,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
                         "reward": reward,
                         "score": score,
                         "insertions": float(count),
+                        "mixed": mixed,  # groups are equal in size: the mean over rollouts is the share of groups
                     }
                 )
         return rollouts
@@ -122,7 +134,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
         if not torch.is_tensor(total):  # no decision anywhere in the batch: a zero loss that still has a graph
             total = sum(p.sum() for p in model.parameters()) * 0.0
         n = len(rollouts)
-        stats = {key: sum(r[key] for r in rollouts) / n for key in ("reward", "score", "insertions")}
+        stats = {key: sum(r[key] for r in rollouts) / n for key in ("reward", "score", "insertions", "mixed")}
         return total / n, stats
 
     out = Path(cfg.out_dir)
