@@ -117,7 +117,7 @@ def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp
 
 def test_bench_kv_puts_whole_number_rows_beside_the_others(tiny_model_and_predictor):
     """--spans both: a `+spans` row beside each scored policy (h2o, tova, learned), none for the
-    others; --spans on: only the span rows; a bad mode is refused."""
+    others; --spans on: only the span rows; --spans tova: a span row for tova only; bad modes are refused."""
     model, predictor = tiny_model_and_predictor
     report = run_kv_bench(
         model,
@@ -137,5 +137,8 @@ def test_bench_kv_puts_whole_number_rows_beside_the_others(tiny_model_and_predic
     kw = {"n": 1, "predictor": predictor, "max_new_tokens": 8, "probe_n": 0}
     report = run_kv_bench(model, "chain_sum_short", [184], ["h2o", "learned"], spans="on", **kw)
     assert [r["policy"] for r in report["rows"]] == ["h2o+spans", "learned+spans"]
-    with pytest.raises(MemlmError, match="--spans must be one of"):
-        run_kv_bench(model, "chain_sum_short", [184], ["h2o"], spans="yes", **kw)
+    report = run_kv_bench(model, "chain_sum_short", [184], ["h2o", "tova", "learned"], spans="tova", **kw)
+    assert [r["policy"] for r in report["rows"]] == ["h2o", "tova", "tova+spans", "learned"]
+    for bad in ("yes", "tova,sinks"):
+        with pytest.raises(MemlmError, match="--spans must be one of"):
+            run_kv_bench(model, "chain_sum_short", [184], ["h2o"], spans=bad, **kw)

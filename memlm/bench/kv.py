@@ -92,7 +92,7 @@ def run_kv_bench(
     when None); the report records the values used. `split`: the held-out problems ("val" to
     choose settings, "test" to report them). `spans`: the scored policies (h2o, tova, learned)
     keep numbers whole ("on"), token by token ("off"), or both side by side ("both": a `+spans`
-    row beside each)."""
+    row beside each); or a comma-separated list of those that get a `+spans` row beside them."""
     from rich.console import Console
 
     from memlm.data.evaluate import evaluate_task
@@ -102,8 +102,7 @@ def run_kv_bench(
     console = console or Console(stderr=True)
     if split not in ("val", "test"):
         raise MemlmError(f"--split must be val or test (held-out problems), got {split!r}")
-    if spans not in SPAN_MODES:
-        raise MemlmError(f"--spans must be one of {', '.join(SPAN_MODES)}, got {spans!r}")
+    _span_variants("learned", spans)  # a bad mode fails now
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
@@ -161,7 +160,8 @@ def run_kv_bench(
         rows = [{**full_row, "budget": b} for b in budgets] + rows
     cost = None
     if variants:  # the first predictor's, at the smallest budget (the most evictions), with spans if any ran
-        options = next(iter(variants.values()))[1] | ({"spans": True} if spans != "off" else {})
+        with_spans = any(name.startswith("learned") and name.endswith("+spans") for name in names)
+        options = next(iter(variants.values()))[1] | ({"spans": True} if with_spans else {})
         factory = _factory("learned", min(budgets), options)
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
@@ -246,7 +246,13 @@ SCORED = ("h2o", "tova", "learned")  # the policies that can keep numbers whole
 
 def _span_variants(name: str, spans: str) -> list[str]:
     """The rows one policy gets: itself, its `+spans` form, or both."""
-    if spans == "off" or name.split(":")[0] not in SCORED:
+    listed = [s.strip() for s in spans.split(",") if s.strip()] if spans not in SPAN_MODES else []
+    if spans not in SPAN_MODES and (not listed or any(s not in SCORED for s in listed)):
+        raise MemlmError(
+            f"--spans must be one of {', '.join(SPAN_MODES)} or a list of {', '.join(SCORED)}, got {spans!r}"
+        )
+    kind = name.split(":")[0]
+    if spans == "off" or kind not in SCORED or (listed and kind not in listed):
         return [name]
     return [f"{name}+spans"] if spans == "on" else [name, f"{name}+spans"]
 

@@ -413,7 +413,10 @@ def bench_kv(
     ] = None,
     spans: Annotated[
         str,
-        typer.Option(help="h2o, tova, learned keep numbers whole: off, on, or both (a +spans row beside each)."),
+        typer.Option(
+            help="h2o, tova, learned keep numbers whole: off, on, both (a +spans row beside each), "
+            "or a comma-separated list of those policies that get a +spans row."
+        ),
     ] = "off",
     n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
     split: Annotated[str, typer.Option(help="Held-out split: val (to choose settings) or test (to report).")] = "test",
