@@ -135,8 +135,9 @@ def best_whole_spans(scores: torch.Tensor, span: torch.Tensor, count: int) -> to
     spans go in order of score (earlier first on ties), and the span that would not fit whole is
     left out (so an eviction may free a few more slots than asked)."""
     if count >= scores.numel():
-        return torch.arange(scores.numel())
-    best = torch.full((int(span[-1]) + 1,), float("-inf")).scatter_reduce(0, span, scores.float(), "amax")
+        return torch.arange(scores.numel(), device=scores.device)
+    best = torch.full((int(span[-1]) + 1,), float("-inf"), device=scores.device)
+    best = best.scatter_reduce(0, span, scores.float(), "amax")
     order = best[span].sort(descending=True, stable=True).indices  # a span's slots stay together
     chosen = order[:count]
     cut = span[order[count - 1]] if count else None
