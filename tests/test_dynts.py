@@ -43,11 +43,12 @@ class Recording(LearnedPolicy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.seen = []
+        self.seen, self.joins = [], []
 
     def select(self, row):
         keep = super().select(row)
         self.seen.append((row.positions.clone(), row.importance.clone(), row.prompt_length, row.protected_from, keep))
+        self.joins.append(None if row.joins_previous is None else row.joins_previous.clone())
         return keep
 
 
@@ -289,31 +290,19 @@ def test_spans_keep_numbers_whole_on_a_hand_made_row():
         make_policy("h2o", 4, window=4, spans=True)
 
 
-class RecordingSpans(LearnedPolicy):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen = []
-
-    def select(self, row):
-        keep = super().select(row)
-        joins = None if row.joins_previous is None else row.joins_previous.clone()
-        self.seen.append((row.positions.clone(), joins, keep))
-        return keep
-
-
 @pytest.mark.parametrize("spans", [True, False])
 def test_engine_marks_numbers_and_the_policy_keeps_them_whole(spans):
     engine = tiny_engine()
     prompt = engine.tokenizer.encode("q")
     text = "3140 * 7: 0*7=0 c0, 4*7=28 c2, 1*7=7+2=9 c0 -> 21980, shifted 219800 + 62800 = 282600"
     continuation = engine.tokenizer.encode(text)
-    policy = RecordingSpans(24, Fixed(), window=4, ratio=0.7, end_of_thinking=None, spans=spans)
+    policy = Recording(24, Fixed(), window=4, ratio=0.7, end_of_thinking=None, spans=spans)
     engine.score([prompt], [continuation], kv_policy=policy)
     assert len(policy.seen) >= 5
     tokens = prompt + continuation
     digit = [chr(t).isdigit() if t < 128 else False for t in tokens]  # the byte tokenizer: one byte per token
     split = False
-    for positions, joins, keep in policy.seen:
+    for (positions, _, _, _, keep), joins in zip(policy.seen, policy.joins, strict=True):
         expected = [
             i > 0 and digit[p] and digit[positions[i - 1]] and p == positions[i - 1] + 1
             for i, p in enumerate(positions.tolist())
