@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, hf_tiny, memlm_twin
-from memlm.errors import ModelFormatError
+from memlm.errors import MemlmError, ModelFormatError
 from memlm.models.loading import load_model, save_model
 from memlm.models.lora import add_lora, lora_layers, save_adapter
 
@@ -111,3 +111,5 @@ def test_an_adapter_on_an_adapter_merges_both(tmp_path):
     assert not torch.allclose(_memlm_logits(load_model(str(tmp_path / "first")).model, ids), _memlm_logits(second, ids))
     with pytest.raises(ModelFormatError, match="stacked adapters load in float32"):
         load_model(str(tmp_path / "second"), "q4_1")
+    with pytest.raises(MemlmError, match="needs a quantized dtype"):  # the same checks as any other model
+        load_model(str(tmp_path / "second"), "float32:q8_0")

@@ -115,7 +115,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
         kind, path = resolve(name_or_path)
     if kind == "hf" and LCMConfig.is_lcm_folder(path):
         return _load_lcm(name_or_path, path, dtype)
-    adapter = None
+    adapter, below = None, None
     if kind == "adapter":
         adapter = path
         base = read_adapter_config(path)["base_model"]
@@ -131,18 +131,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
                     f"{adapter}: its base model {base!r} is itself an adapter; stacked adapters load "
                     "in float32 or bfloat16 (merged), not beside quantized weights"
                 )
-            loaded = load_model(str(path), "float32")
-            apply_adapter(loaded.model, adapter)
-            loaded.model.to(DTYPES[dtype])
-            if dtype == "int8":
-                quantize_int8(loaded.model)
-            model, source = loaded.model, f"LoRA adapter {adapter} on {loaded.source}"
-            return LoadedModel(name_or_path, model, loaded.tokenizer, source, spec, count_parameters(model))
-    config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized)
-    config = _with_tokenizer_eos(config, tokenizer)
-    # An adapter merges in fp32, then the model takes the requested precision; on quantized weights
-    # it stays beside them (merged into 4-bit blocks, most of a fine-tune's delta rounds away).
-    model = build_model(config, weights, torch.float32 if adapter and not quantized else DTYPES[dtype])
+            below = load_model(str(path), "float32")  # the adapter underneath, merged into its base
+    if below is not None:
+        model, tokenizer, source = below.model, below.tokenizer, below.source
+    else:
+        config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized)
+        config = _with_tokenizer_eos(config, tokenizer)
+        # An adapter merges in fp32, then the model takes the requested precision; on quantized weights
+        # it stays beside them (merged into 4-bit blocks, most of a fine-tune's delta rounds away).
+        model = build_model(config, weights, torch.float32 if adapter and not quantized else DTYPES[dtype])
+        source = _describe_source(name_or_path, kind, path)
     if adapter is not None and not quantized:
         apply_adapter(model, adapter)
         model.to(DTYPES[dtype])
@@ -153,7 +151,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
     elif activations != "float32":
         raise MemlmError(f"--activations {activations} needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)})")
     num_parameters = count_parameters(model)
-    source = _describe_source(name_or_path, kind, path)
     if adapter is not None:
         source = f"LoRA adapter {adapter} on {source}"
     return LoadedModel(name_or_path, model, tokenizer, source, spec, num_parameters)
