@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from memlm.atomic import atomic_write, write_json_atomic
 from memlm.bench.decode import SAMPLE_TEXT
-from memlm.cache.policies import POLICIES, make_policy
+from memlm.cache.policies import POLICIES, SPAN_POLICIES, make_policy
 from memlm.errors import InvalidRequestError, MemlmError
 
 NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Keiko", "Luis"]
@@ -102,7 +102,7 @@ def run_kv_bench(
     console = console or Console(stderr=True)
     if split not in ("val", "test"):
         raise MemlmError(f"--split must be val or test (held-out problems), got {split!r}")
-    _span_variants("learned", spans)  # a bad mode fails now
+    spanned, plain = _span_rows(spans)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
@@ -122,7 +122,7 @@ def run_kv_bench(
 
     rows, full_row = [], None
     names = [v for p in policies if p != "full" for v in (variants if p == "learned" else [p])]
-    names = [v for name in names for v in _span_variants(name, spans)]
+    names = [v for name in names for v in _rows_of(name, spanned, plain)]
     configs = [("full", None)] if "full" in policies else []
     configs += [(name, b) for name in names for b in budgets]
     for policy, budget in configs:
@@ -160,8 +160,7 @@ def run_kv_bench(
         rows = [{**full_row, "budget": b} for b in budgets] + rows
     cost = None
     if variants:  # the first predictor's, at the smallest budget (the most evictions), with spans if any ran
-        with_spans = any(name.startswith("learned") and name.endswith("+spans") for name in names)
-        options = next(iter(variants.values()))[1] | ({"spans": True} if with_spans else {})
+        options = next(iter(variants.values()))[1] | ({"spans": True} if "learned" in spanned else {})
         factory = _factory("learned", min(budgets), options)
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
@@ -241,20 +240,25 @@ def _learned_variants(folders: list[str], model_config, model: str, window, rati
 
 
 SPAN_MODES = ("off", "on", "both")
-SCORED = ("h2o", "tova", "learned")  # the policies that can keep numbers whole
 
 
-def _span_variants(name: str, spans: str) -> list[str]:
-    """The rows one policy gets: itself, its `+spans` form, or both."""
-    listed = [s.strip() for s in spans.split(",") if s.strip()] if spans not in SPAN_MODES else []
-    if spans not in SPAN_MODES and (not listed or any(s not in SCORED for s in listed)):
+def _span_rows(spans: str) -> tuple[frozenset[str], bool]:
+    """--spans -> (the scored policies that get a `+spans` row, whether they keep their plain row)."""
+    if spans in SPAN_MODES:
+        return frozenset(SPAN_POLICIES if spans != "off" else ()), spans != "on"
+    listed = frozenset(s.strip() for s in spans.split(",") if s.strip())
+    if not listed or not listed <= set(SPAN_POLICIES):
         raise MemlmError(
-            f"--spans must be one of {', '.join(SPAN_MODES)} or a list of {', '.join(SCORED)}, got {spans!r}"
+            f"--spans must be one of {', '.join(SPAN_MODES)} or a list of {', '.join(SPAN_POLICIES)}, got {spans!r}"
         )
-    kind = name.split(":")[0]
-    if spans == "off" or kind not in SCORED or (listed and kind not in listed):
+    return listed, True
+
+
+def _rows_of(name: str, spanned: frozenset[str], plain: bool) -> list[str]:
+    """One policy's rows: itself, its `+spans` form, or both."""
+    if name.split(":")[0] not in spanned:
         return [name]
-    return [f"{name}+spans"] if spans == "on" else [name, f"{name}+spans"]
+    return [name, f"{name}+spans"] if plain else [f"{name}+spans"]
 
 
 def _factory(policy: str, budget: int, options: dict) -> Callable:

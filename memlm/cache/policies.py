@@ -260,6 +260,8 @@ class LearnedPolicy(KVPolicy):
 POLICIES: dict[str, type[KVPolicy]] = {
     p.name: p for p in (FullPolicy, WindowPolicy, ClearPolicy, SinksPolicy, H2OPolicy, TOVAPolicy, LearnedPolicy)
 }
+# The policies that rank slots by a score, and so can keep numbers whole (`spans=True`).
+SPAN_POLICIES = ("h2o", "tova", "learned")
 
 
 def make_policy(name: str, budget: int | None = None, **options) -> KVPolicy:

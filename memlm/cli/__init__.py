@@ -125,8 +125,10 @@ def generate(
     elif kv_window is not None or kv_ratio is not None:
         raise MemlmError("--kv-window and --kv-ratio are options of --kv-policy learned")
     if kv_spans:
-        if kv_policy not in ("h2o", "tova", "learned"):
-            raise MemlmError("--kv-spans is an option of --kv-policy h2o, tova and learned")
+        from memlm.cache.policies import SPAN_POLICIES
+
+        if kv_policy not in SPAN_POLICIES:
+            raise MemlmError(f"--kv-spans is an option of --kv-policy {', '.join(SPAN_POLICIES)}")
         options["spans"] = True
     policy = make_policy(kv_policy, kv_budget, **options)  # bad names and budgets fail before the model loads
     if show_insertions and memory is None:
