@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, tiny_engine, tiny_memlm
-from memlm.errors import InvalidRequestError, ModelFormatError
+from memlm.errors import InvalidRequestError, MemlmError, ModelFormatError
 from memlm.generation.params import SamplingParams
 from memlm.latent.delimiters import DelimiterSet
 from memlm.latent.memory import LatentMemory
@@ -155,11 +155,12 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         make_trigger("sometimes", 64)
 
 
-def test_training_forward_equals_generation_and_never_labels_latent_slots():
+@pytest.mark.parametrize("weaver_layers", [None, 1])
+def test_training_forward_equals_generation_and_never_labels_latent_slots(weaver_layers):
     from memlm.latent.training import IGNORE, LatentLM, interleave, make_example, weave_for_training
 
     engine = tiny_engine()
-    memory = _memory(engine, max_inference_aug=2)
+    memory = _memory(engine, max_inference_aug=2, weaver_layers=weaver_layers)
     prompt = engine.tokenizer.encode("notes:")
     target = engine.tokenizer.encode("a, b. c, d and the rest")
     example = make_example(memory, prompt, target)
@@ -183,6 +184,73 @@ def test_training_forward_equals_generation_and_never_labels_latent_slots():
     assert all(p.grad is None for n, p in engine.model.named_parameters() if "lora" not in n)
 
 
+def test_truncated_weaver_runs_and_adapts_only_the_first_layers(tmp_path):
+    engine = tiny_engine(num_layers=3)
+    memory = _memory(engine, weaver_layers=2)
+    names = [name for name, _ in lora_layers(engine.model)]
+    assert names and all(name.startswith(("layers.0.", "layers.1.")) for name in names)
+    assert memory.weaver.new_cache(1, 8).num_layers == 2
+    # Its latents are the reasoner's own first two layers (LoRA on) read by to_reasoner.
+    weaver = memory.weaver
+    ids = torch.tensor(engine.tokenizer.encode("ab,"))
+    x = torch.cat((weaver.to_weaver(engine.model.embed(ids)), weaver.queries("inference")))[None]
+    from memlm.models.lora import lora_switched
+
+    with torch.no_grad(), lora_switched(engine.model, True):
+        hidden = engine.model.norm(
+            engine.model.layers[1](
+                engine.model.layers[0](x, *_rope(engine.model, x.shape[1]), _causal(x.shape[1]), None),
+                *_rope(engine.model, x.shape[1]),
+                _causal(x.shape[1]),
+                None,
+            )
+        )
+        got = weaver.weave(weaver.new_cache(1, 16), [ids.tolist()], ["inference"])[0]
+    torch.testing.assert_close(got, weaver.to_reasoner(hidden[0, len(ids) :]), atol=1e-5, rtol=1e-5)
+
+    memory.save(tmp_path / "mem", dtype=None)
+    other = tiny_engine(num_layers=3)
+    loaded = LatentMemory.load(tmp_path / "mem", other)
+    assert loaded.config["weaver_layers"] == 2 and loaded.weaver.depth == 2
+    prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
+    expected = engine.score([prompt], [continuation], memory=memory)[0].logprobs
+    assert other.score([prompt], [continuation], memory=loaded)[0].logprobs == expected
+    with pytest.raises(MemlmError, match="layers must be 1..3"):
+        LatentMemory.create(tiny_engine(num_layers=3), weaver_layers=4)
+
+
+def test_delimiter_init_starts_as_newlines_in_the_text():
+    """An untrained weaver with init="delimiter" writes copies of the newline's embedding, so the
+    reasoner reads exactly the text with newline tokens where the latents go."""
+    engine = tiny_engine()
+    memory = LatentMemory.create(engine, prompt_latents=3, inference_latents=2, lora_rank=4, init="delimiter")
+    newline = engine.tokenizer.encode("\n")
+    tok = engine.tokenizer
+    prompt, continuation = tok.encode("sum:\n"), tok.encode("1 + 2 = 3\n3 + 4 = 7\nAnswer: 7")
+    got = engine.score([prompt], [continuation], memory=memory)[0]
+    assert got.insertions == [0, 10, 20]  # the prompt and both line ends
+    padded, real = [], []
+    for k, token in enumerate(continuation):
+        if k in got.insertions[1:]:
+            padded += newline * 2
+        real.append(len(padded))
+        padded.append(token)
+    text = engine.score([prompt + newline * 3], [padded])[0].logprobs
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor([text[i] for i in real]), atol=1e-5, rtol=0)
+    with pytest.raises(MemlmError, match="unknown weaver init"):
+        LatentMemory.create(tiny_engine(), init="zeros")
+
+
+def _rope(model, n):
+    from memlm.models.llama import rope_cos_sin
+
+    return rope_cos_sin(torch.arange(n)[None], model.inv_freq, model.attention_scaling, torch.float32)
+
+
+def _causal(n):
+    return torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+
+
 def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_path):
     from memlm.models.loading import save_model
     from memlm.train.weaver import WeaverConfig, run_weaver_training
@@ -201,6 +269,7 @@ def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_pat
         max_inference_aug=2,
         n_train=16,
         n_eval=2,
+        n_val_loss=3,
         warmup_steps=1,
         save_every=10,
         progress=False,
@@ -210,6 +279,10 @@ def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_pat
         json.loads(line)["loss"] for line in (tmp_path / "w" / "train" / "metrics.jsonl").read_text().splitlines()
     ]
     assert losses[-1] < losses[0]
+    # Held-out loss: before the first step and at each checkpoint, on validation problems.
+    rows = [json.loads(line) for line in (tmp_path / "w" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
+    assert report["val_loss"] == rows[-1]["val_loss"] and report["val_loss_start"] > 0
     assert report["eval"]["n"] == 2 and report["eval"]["insertions_per_answer"] >= 1  # the prompt insertion at least
     from memlm.generation.engine import Engine
 

@@ -230,6 +230,7 @@ def test_sft_end_to_end_saves_an_adapter_that_loads_and_learns(tiny_folder, tmp_
         lora_rank=4,
         n_train=32,
         n_eval=2,
+        n_val_loss=4,
         warmup_steps=2,
         save_every=6,
         progress=False,
@@ -237,6 +238,10 @@ def test_sft_end_to_end_saves_an_adapter_that_loads_and_learns(tiny_folder, tmp_
     report = run_sft(cfg)
     losses = [json.loads(line)["loss"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
+    # Held-out loss on validation problems: before the first step, then at checkpoints.
+    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [12]  # checkpoints that are log rows
+    assert report["val_loss"] == rows[-1]["val_loss"] < report["val_loss_start"]
     assert json.loads((out / "eval.json").read_text())["eval"]["n"] == 2
     assert report["trainable_parameters"] < sum(p.numel() for p in tiny_memlm().parameters())
     assert load_model(str(out / "adapter")).num_parameters == load_model(str(folder)).num_parameters
@@ -266,7 +271,7 @@ def test_sft_task_mix_shares_the_pool_and_evaluates_every_task(tiny_folder, tmp_
     folder, _ = tiny_folder
     cfg = SFTConfig(
         str(folder), "chain_sum_short:3,chain_sum:1", str(tmp_path / "mix"), steps=2, batch_size=2,
-        lora_rank=2, n_train=40, n_eval=1, warmup_steps=1, progress=False,
+        lora_rank=2, n_train=40, n_eval=1, n_val_loss=0, warmup_steps=1, progress=False,
     )
     report = run_sft(cfg)
     assert drawn == {"chain_sum_short": 30, "chain_sum": 10}

@@ -573,6 +573,9 @@ def train_sft(
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 32.0,
     n_train: Annotated[int, typer.Option(help="Training problems (train split).")] = 4000,
     n_eval: Annotated[int, typer.Option(help="Held-out problems scored at the end (0 = skip).")] = 64,
+    n_val_loss: Annotated[
+        int, typer.Option(help="Validation problems whose loss is logged at each checkpoint (0 = skip).")
+    ] = 32,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
@@ -593,6 +596,7 @@ def train_sft(
             lora_alpha=lora_alpha,
             n_train=n_train,
             n_eval=n_eval,
+            n_val_loss=n_val_loss,
             grad_accum=grad_accum,
             save_every=save_every,
             resume=resume,
@@ -666,8 +670,17 @@ def train_weaver(
     inference_latents: Annotated[int, typer.Option(help="Latents inserted at a delimiter.")] = 8,
     lora_rank: Annotated[int, typer.Option(help="The weaver's LoRA rank.")] = 16,
     max_inference_aug: Annotated[int, typer.Option(help="Most insertions per answer.")] = 8,
+    weaver_layers: Annotated[
+        int | None, typer.Option(help="Truncated weaver: only the reasoner's first N layers (default all).")
+    ] = None,
+    init: Annotated[
+        str, typer.Option(help="Latents at step 0: random, or delimiter (copies of the delimiter's embedding).")
+    ] = "random",
     n_train: Annotated[int, typer.Option(help="Training problems (train split).")] = 4000,
     n_eval: Annotated[int, typer.Option(help="Held-out problems scored at the end (0 = skip).")] = 64,
+    n_val_loss: Annotated[
+        int, typer.Option(help="Validation problems whose loss is logged at each checkpoint (0 = skip).")
+    ] = 32,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
 ):
@@ -690,8 +703,11 @@ def train_weaver(
             inference_latents=inference_latents,
             lora_rank=lora_rank,
             max_inference_aug=max_inference_aug,
+            weaver_layers=weaver_layers,
+            init=init,
             n_train=n_train,
             n_eval=n_eval,
+            n_val_loss=n_val_loss,
             save_every=save_every,
             resume=resume,
         )

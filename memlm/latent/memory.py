@@ -14,13 +14,14 @@ import torch
 
 from memlm.atomic import atomic_write
 from memlm.cache.importance import same_model
-from memlm.errors import ModelFormatError
+from memlm.errors import MemlmError, ModelFormatError
 from memlm.latent.delimiters import DEFAULT_DELIMITERS, DelimiterSet
 from memlm.latent.trigger import make_trigger
 from memlm.latent.weaver import Weaver
 from memlm.models.lora import lora_layers
 
 CONFIG_FILE = "latent_memory.json"
+WEAVER_INITS = ("random", "delimiter")
 WEIGHTS_FILE = "latent_memory.safetensors"
 
 
@@ -53,9 +54,21 @@ class LatentMemory:
         max_prompt_aug: int = 1,
         max_inference_aug: int = 8,
         delimiters=DEFAULT_DELIMITERS,
+        weaver_layers: int | None = None,
+        init: str = "random",
     ) -> LatentMemory:
-        """A fresh (untrained) memory on `engine`'s model; LoRA is added to that model in place."""
-        weaver = Weaver(engine.model, prompt_latents, inference_latents, lora_rank, lora_alpha)
+        """A fresh (untrained) memory on `engine`'s model; LoRA is added to that model in place.
+
+        `weaver_layers` truncates the weaver to the reasoner's first layers; `init` is "random" or
+        "delimiter" (latents start as copies of the newline's embedding, or of the first delimiter's
+        without a newline among them: see Weaver)."""
+        if init not in WEAVER_INITS:
+            raise MemlmError(f"unknown weaver init {init!r}; choose from {', '.join(WEAVER_INITS)}")
+        anchor = None
+        if init == "delimiter":
+            ids = engine.tokenizer.encode("\n" if "\n" in delimiters else delimiters[0], add_special_tokens=False)
+            anchor = engine.model.embed(torch.tensor(ids[-1:], device=engine.model.device))[0].detach()
+        weaver = Weaver(engine.model, prompt_latents, inference_latents, lora_rank, lora_alpha, weaver_layers, anchor)
         config = {
             "base_model": engine.name,
             "hidden_size": engine.config.hidden_size,
@@ -67,6 +80,8 @@ class LatentMemory:
             "max_prompt_aug": max_prompt_aug,
             "max_inference_aug": max_inference_aug,
             "delimiters": list(delimiters),
+            "weaver_layers": weaver.depth or engine.config.num_layers,
+            "init": init,
         }
         return cls(
             weaver,
@@ -121,6 +136,8 @@ class LatentMemory:
             config = json.loads((folder / CONFIG_FILE).read_text())
             shape = {k: config[k] for k in ("prompt_latents", "inference_latents", "lora_rank", "lora_alpha")}
             base, hidden = str(config["base_model"]), int(config["hidden_size"])
+            layers = config.get("weaver_layers")
+            layers = None if layers is None else int(layers)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelFormatError(f"{folder / CONFIG_FILE} is not a valid latent memory config: {e}") from None
         if hidden != engine.config.hidden_size or (check_name and not same_model(base, engine.name)):
@@ -142,6 +159,7 @@ class LatentMemory:
             max_prompt_aug=config.get("max_prompt_aug", 1),
             max_inference_aug=config.get("max_inference_aug", 8),
             delimiters=tuple(config.get("delimiters", DEFAULT_DELIMITERS)),
+            weaver_layers=layers,
             **shape,
         )
         memory.config = config

@@ -82,7 +82,7 @@ def weave_for_training(memory: LatentMemory, examples: list[LatentExample]) -> l
             start += k
         spans.append(mine)
     with lora_switched(model, True):
-        hidden = model(x, positions, mask=mask[:, None])
+        hidden = model(x, positions, mask=mask[:, None], depth=weaver.depth)
     return [[weaver.to_reasoner(hidden[b, s : s + k]) for s, k in mine] for b, mine in enumerate(spans)]
 
 
@@ -138,6 +138,15 @@ class LatentLM(torch.nn.Module):
         scored = labels != IGNORE
         logits = model.logits(hidden[scored])
         return F.cross_entropy(logits, labels[scored], reduction="sum"), scored.sum()
+
+    @torch.no_grad()
+    def heldout_loss(self, examples: list[LatentExample], batch: int = 8) -> float:
+        """Mean next-token loss (nats) over the real target tokens of `examples`."""
+        total, count = 0.0, 0
+        for start in range(0, len(examples), batch):
+            loss, n = self(examples[start : start + batch])
+            total, count = total + float(loss), count + int(n)
+        return total / max(count, 1)
 
     def token_logprobs(self, example: LatentExample) -> torch.Tensor:
         """log p of each target token (for tests and evaluation)."""

@@ -194,14 +194,23 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        depth: int | None = None,
     ) -> torch.Tensor:
         """Run [B, T, d] embeddings at positions [B, T] (negative = right padding) -> hidden [B, T, d].
 
         With a cache, the chunk is appended to each row's history; without one, the chunk is a
         whole sequence attended causally, or as `mask` [B, 1, T, T] (True = may attend) says.
+        `depth` runs only the first layers (a truncated weaver); the final norm still applies.
         """
+        layers = self.layers if depth is None else self.layers[:depth]
         native = self.native_decoder
-        if native is not None and cache is not None and mask is None and native.accepts(self, embeds, positions, cache):
+        if (
+            native is not None
+            and cache is not None
+            and mask is None
+            and len(layers) == len(self.layers)
+            and native.accepts(self, embeds, positions, cache)
+        ):
             return self.norm(native.step(self, embeds, positions, cache))
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_scaling, embeds.dtype)
         if mask is not None:
@@ -215,7 +224,7 @@ class LlamaModel(nn.Module):
             mask = cache.begin(positions)
         packing = Packing(positions >= 0) if Packing.worthwhile(positions) else None
         x = packing.pack(embeds) if packing is not None else embeds
-        for layer in self.layers:
+        for layer in layers:
             x = layer(x, cos, sin, mask, cache, packing)
         if cache is not None:
             cache.end()

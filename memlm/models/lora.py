@@ -62,14 +62,22 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(
-    model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=DEFAULT_TARGETS, dropout: float = 0.0
+    model: nn.Module,
+    rank: int = 16,
+    alpha: float = 32.0,
+    targets=DEFAULT_TARGETS,
+    dropout: float = 0.0,
+    depth: int | None = None,
 ) -> list[str]:
-    """Wrap every Linear whose attribute name is in `targets`; freeze everything else. -> wrapped names."""
+    """Wrap every Linear whose attribute name is in `targets` (in the first `depth` transformer
+    layers only, when given); freeze everything else. -> wrapped names."""
     if rank < 1:
         raise MemlmError(f"LoRA rank must be >= 1, got {rank}")
     model.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
+        if depth is not None and _layer_index(name) is not None and _layer_index(name) >= depth:
+            continue
         for child_name, child in list(module.named_children()):
             if child_name in targets and _is_linear(child):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
@@ -80,6 +88,12 @@ def add_lora(
     if not wrapped:
         raise MemlmError(f"no Linear layer named {', '.join(targets)} to put LoRA on")
     return wrapped
+
+
+def _layer_index(name: str) -> int | None:
+    """The transformer layer a module name lies in ("layers.3.self_attn" -> 3), or None."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

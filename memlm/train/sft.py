@@ -40,6 +40,7 @@ class SFTConfig:
     lora_alpha: float = 32.0
     n_train: int = 4000
     n_eval: int = 64
+    n_val_loss: int = 32  # validation problems (first task) whose teacher-forced loss is logged
     warmup_steps: int = 20
     grad_accum: int = 1
     save_every: int = 50
@@ -64,6 +65,19 @@ def sft_loss(lm: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     logits = lm(batch["ids"], batch["positions"], labels)
     return F.cross_entropy(logits.float(), labels[labels != IGNORE])
+
+
+@torch.no_grad()
+def heldout_loss(lm: TokenLM, examples: list[tuple[list[int], list[int]]], batch: int = 8) -> float:
+    """Mean next-token loss (nats) over the solution tokens of `examples`."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch):
+        b = collate(examples[start : start + batch])
+        labels = b["labels"].to(lm.model.device)
+        logits = lm(b["ids"].to(lm.model.device), b["positions"].to(lm.model.device), labels)
+        total += float(F.cross_entropy(logits.float(), labels[labels != IGNORE], reduction="sum"))
+        count += int((labels != IGNORE).sum())
+    return total / max(count, 1)
 
 
 def prompt_and_target(tokenizer, task, problem) -> tuple[list[int], list[int]]:
@@ -152,7 +166,11 @@ def run_sft(cfg: SFTConfig) -> dict:
         resume=cfg.resume,
         progress=cfg.progress,
     )
-    last = train(TokenLM(model), sft_loss, batch_fn, train_cfg)
+    first = get_task(mix[0][0])
+    val = encode_examples(tokenizer, first, first.problems(cfg.n_val_loss, "val")) if cfg.n_val_loss else []
+    evaluate = (lambda lm: {"val_loss": heldout_loss(lm, val)}) if val else None
+    start_loss = heldout_loss(TokenLM(model), val) if val and not cfg.resume else None
+    last = train(TokenLM(model), sft_loss, batch_fn, train_cfg, evaluate)
 
     if not is_main_process():
         return last
@@ -165,6 +183,8 @@ def run_sft(cfg: SFTConfig) -> dict:
         "trainable_parameters": trainable,
         "final_loss": last.get("loss"),
     }
+    if val:
+        recipe.update(val_loss_start=start_loss, val_loss=last.get("val_loss"))
     if cfg.lora_rank:
         artifact = save_adapter(
             out / "adapter",

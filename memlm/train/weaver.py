@@ -33,8 +33,11 @@ class WeaverConfig:
     lora_alpha: float = 32.0
     max_prompt_aug: int = 1
     max_inference_aug: int = 8
+    weaver_layers: int | None = None  # None: all of the reasoner's layers
+    init: str = "random"  # or "delimiter": latents start as copies of the delimiter's embedding
     n_train: int = 4000
     n_eval: int = 64
+    n_val_loss: int = 32  # validation problems whose teacher-forced loss is logged at checkpoints
     warmup_steps: int = 20
     save_every: int = 25
     seed: int = 0
@@ -59,11 +62,20 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
         trigger="always",
         max_prompt_aug=cfg.max_prompt_aug,
         max_inference_aug=cfg.max_inference_aug,
+        weaver_layers=cfg.weaver_layers,
+        init=cfg.init,
     )
     examples = [
         make_example(memory, *prompt_and_target(engine.tokenizer, task, p)) for p in task.problems(cfg.n_train, "train")
     ]
     lm = LatentLM(memory)
+    val = [
+        make_example(memory, *prompt_and_target(engine.tokenizer, task, p))
+        for p in task.problems(cfg.n_val_loss, "val")
+    ]
+    evaluate = (lambda model: {"val_loss": model.heldout_loss(val)}) if val else None
+    # The loss before any step: how much the untrained memory costs the reasoner.
+    start_loss = lm.heldout_loss(val) if val and not cfg.resume else None
 
     def batch_fn(step: int, micro: int, rank: int, world: int):  # the same draws as `memlm train sft`
         return [examples[i] for i in global_batch(len(examples), cfg.batch_size, cfg.seed, step, micro, rank, world)]
@@ -83,7 +95,7 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
         resume=cfg.resume,
         progress=cfg.progress,
     )
-    last = train(lm, loss_fn, batch_fn, train_cfg)
+    last = train(lm, loss_fn, batch_fn, train_cfg, evaluate)
 
     if not is_main_process():
         return last
@@ -93,6 +105,8 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
     )
     folder = memory.save(out / "memory")
     report = {"memory": str(folder), "final_loss": last.get("loss"), "trainable_parameters": trainable}
+    if val:
+        report.update(val_loss_start=start_loss, val_loss=last.get("val_loss"))
     if cfg.n_eval:
         report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
     write_json_atomic(out / "eval.json", report)
