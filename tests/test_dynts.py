@@ -68,9 +68,27 @@ def test_learned_keep_set_on_a_hand_made_row():
     assert 8 in LearnedPolicy(10, Fixed(), window=2, ratio=1.0).select(row).tolist()
 
 
+def test_rescore_gives_a_share_of_the_kept_slots_to_the_newest_querys_attention():
+    importance = torch.tensor([0, 0, 0, 0.9, 0.1, 0.8, 0.05, 0.7, 0.2, 0.3, 0.6, 0.0])
+    attention = torch.tensor([0.3, 0.1, 0.1, 0.01, 0.2, 0.02, 0.3, 0.03, 0.04, 0.1, 0.1, 0.2])
+    row = RowView(torch.arange(12), prompt_length=3, importance=importance, attention_last=attention)
+    # room for 8 older slots: the prompt (3) + 5 others; rescore 0.4 gives 2 of the 5 to
+    # attention (slots 6 and 4, the two the newest query reads most), the rest to the learned
+    # score (3, 5, 7): it would have kept 8 and 9 instead of 4 and 6.
+    policy = LearnedPolicy(10, Fixed(), window=2, ratio=1.0, rescore=0.4)
+    assert policy.needs_attention and not LearnedPolicy(10, Fixed()).needs_attention
+    assert policy.select(row).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]
+    # rescore 1 is TOVA beside the protected prompt (6, 4, 9, 8, 7); 0 is the learned score alone.
+    tova = LearnedPolicy(10, Fixed(), window=2, ratio=1.0, rescore=1.0)
+    assert tova.select(row).tolist() == [0, 1, 2, 4, 6, 7, 8, 9, 10, 11]
+    alone = LearnedPolicy(10, Fixed(), window=2, ratio=1.0, rescore=0.0)
+    assert alone.select(row).tolist() == [0, 1, 2, 3, 5, 7, 8, 9, 10, 11]
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
+        (lambda: make_policy("learned", 64, predictor=Fixed(), rescore=1.5), "rescore"),
         (lambda: make_policy("learned", 64), "needs an importance predictor"),
         (lambda: make_policy("learned", 8, predictor=Fixed(), window=8), "larger than the window"),
         (lambda: make_policy("learned", 64, predictor=Fixed(), ratio=0), "ratio"),

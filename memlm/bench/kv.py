@@ -86,13 +86,15 @@ def run_kv_bench(
     window: int | None = None,
     ratio: float | None = None,
     split: str = "test",
+    rescore: float | None = None,
     spans: str = "off",
 ) -> dict:
-    """`window` and `ratio` set the learned policy's recent window and keep ratio (its defaults
-    when None); the report records the values used. `split`: the held-out problems ("val" to
-    choose settings, "test" to report them). `spans`: the scored policies (h2o, tova, learned)
-    keep numbers whole ("on"), token by token ("off"), or both side by side ("both": a `+spans`
-    row beside each); or a comma-separated list of those that get a `+spans` row beside them."""
+    """`window`, `ratio` and `rescore` set the learned policy's recent window, keep ratio and share
+    re-scored by attention (its defaults when None); the report records the values used.
+    `split`: the held-out problems ("val" to choose settings, "test" to report them). `spans`: the
+    scored policies (h2o, tova, learned) keep numbers whole ("on"), token by token ("off"), or both
+    side by side ("both": a `+spans` row beside each); or a comma-separated list of those that get
+    a `+spans` row beside them."""
     from rich.console import Console
 
     from memlm.data.evaluate import evaluate_task
@@ -113,10 +115,11 @@ def run_kv_bench(
     folders = [f for f in (g.strip() for g in given) if f]
     if "learned" in policies and not folders:
         raise MemlmError("the learned policy needs --predictor DIR (from `memlm train predictor`)")
-    variants = _learned_variants(folders, engine.config, model, window, ratio) if "learned" in policies else {}
-    if variants:  # a bad window or ratio fails now; the report records what ran
+    tuning = {"window": window, "ratio": ratio, "rescore": rescore}
+    variants = _learned_variants(folders, engine.config, model, tuning) if "learned" in policies else {}
+    if variants:  # a bad window, ratio or rescore fails now; the report records what ran
         learned = make_policy("learned", max(budgets), **next(iter(variants.values()))[1])
-        window, ratio = learned.window, learned.ratio
+        window, ratio, rescore = learned.window, learned.ratio, learned.rescore
     problems = task.problems(n, split)
     probes = build_probes(engine.tokenizer, probe_n, probe_filler) if probe_n else []
 
@@ -181,6 +184,7 @@ def run_kv_bench(
         "predictors": {name: folder for name, (folder, _) in variants.items()},
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
+        "learned_rescore": rescore if "learned" in policies else None,
         "spans": spans,
         "mean_full_trace_tokens": trace if full_row is not None else None,
         "learned_cost": cost,
@@ -221,7 +225,7 @@ def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_t
     }
 
 
-def _learned_variants(folders: list[str], model_config, model: str, window, ratio) -> dict[str, tuple[str, dict]]:
+def _learned_variants(folders: list[str], model_config, model: str, tuning: dict) -> dict[str, tuple[str, dict]]:
     """One learned policy per predictor folder: "learned" alone, "learned:<its label>" side by side
     (the folder's name where two share a label) -> (folder, make_policy options)."""
     from pathlib import Path
@@ -234,7 +238,7 @@ def _learned_variants(folders: list[str], model_config, model: str, window, rati
         name = "learned" if len(folders) == 1 else f"learned:{config.get('label', 'answer')}"
         if name in variants:
             name = f"learned:{Path(folder).name}"
-        options = {"predictor": predictor} | {k: v for k, v in (("window", window), ("ratio", ratio)) if v is not None}
+        options = {"predictor": predictor} | {k: v for k, v in tuning.items() if v is not None}
         variants[name] = (folder, options)
     return variants
 

@@ -211,6 +211,12 @@ class LearnedPolicy(KVPolicy):
     tokens, and the top `ratio` of the other older tokens, never more than the budget allows: with
     ratio < 1 one eviction frees several slots at once (fewer, larger evictions, as published);
     with ratio 1 the row is trimmed back to exactly its budget. With `spans`, numbers go whole.
+
+    A score written once cannot tell when a token's use is over: a partial product the predictor
+    rightly scored high stays after the line that copies it is done. `rescore` gives that share of
+    the kept older slots to the newest query's attention (TOVA's signal, re-read at every
+    eviction) and the rest to the learned score: the predictor keeps what the future will need,
+    the current query what the present line is using.
     """
 
     name = "learned"
@@ -223,6 +229,7 @@ class LearnedPolicy(KVPolicy):
         ratio: float = 0.5,
         end_of_thinking: str | None = "Answer:",
         spans: bool = False,
+        rescore: float = 0.0,
     ):
         super().__init__(budget)
         if predictor is None:
@@ -231,8 +238,11 @@ class LearnedPolicy(KVPolicy):
             raise InvalidRequestError(f"learned: budget ({budget}) must be larger than the window ({window})")
         if not 0 < ratio <= 1:
             raise InvalidRequestError(f"learned: ratio must be in (0, 1], got {ratio}")
+        if not 0 <= rescore <= 1:
+            raise InvalidRequestError(f"learned: rescore must be in [0, 1], got {rescore}")
         self.predictor, self.window, self.ratio, self.end_of_thinking = predictor, window, ratio, end_of_thinking
-        self.spans = spans
+        self.spans, self.rescore = spans, rescore
+        self.needs_attention = rescore > 0
 
     def check_prompt(self, prompt_length: int) -> None:
         if prompt_length + self.window >= self.budget:
@@ -253,6 +263,10 @@ class LearnedPolicy(KVPolicy):
         scores = row.importance[:older].masked_fill(protected, float("inf"))
         fixed = int(protected.sum())
         count = min(self.budget - self.window, fixed + int(self.ratio * (older - fixed)))
+        if self.rescore:  # the current query's share first; the learned score fills the rest
+            current = row.attention_last[:older].masked_fill(protected, float("inf"))
+            now = _top(current, row, older, fixed + round(self.rescore * (count - fixed)), self.spans)
+            scores = scores.index_fill(0, now, float("inf"))
         best = _top(scores, row, older, count, self.spans)
         return torch.cat((best, torch.arange(older, row.length)))
 

@@ -98,6 +98,10 @@ def generate(
         float | None,
         typer.Option(help="--kv-policy learned: share of older tokens an eviction keeps, in (0, 1] (default 0.5)."),
     ] = None,
+    kv_rescore: Annotated[
+        float | None,
+        typer.Option(help="--kv-policy learned: share of kept older tokens chosen by current attention (default 0)."),
+    ] = None,
     kv_spans: Annotated[
         bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, learned: keep or drop numbers whole.")
     ] = False,
@@ -121,9 +125,10 @@ def generate(
         from memlm.cache.importance import load_predictor
 
         options["predictor"], predictor_config = load_predictor(kv_predictor)
-        options |= {k: v for k, v in (("window", kv_window), ("ratio", kv_ratio)) if v is not None}
-    elif kv_window is not None or kv_ratio is not None:
-        raise MemlmError("--kv-window and --kv-ratio are options of --kv-policy learned")
+        tuning = {"window": kv_window, "ratio": kv_ratio, "rescore": kv_rescore}
+        options |= {k: v for k, v in tuning.items() if v is not None}
+    elif kv_window is not None or kv_ratio is not None or kv_rescore is not None:
+        raise MemlmError("--kv-window, --kv-ratio and --kv-rescore are options of --kv-policy learned")
     if kv_spans:
         from memlm.cache.policies import SPAN_POLICIES
 
@@ -413,6 +418,10 @@ def bench_kv(
     ratio: Annotated[
         float | None, typer.Option(help="learned: share of older tokens an eviction keeps (default 0.5).")
     ] = None,
+    rescore: Annotated[
+        float | None,
+        typer.Option(help="learned: share of kept older tokens chosen by the newest query's attention (default 0)."),
+    ] = None,
     spans: Annotated[
         str,
         typer.Option(
@@ -452,6 +461,7 @@ def bench_kv(
         dtype=dtype,
         window=window,
         ratio=ratio,
+        rescore=rescore,
         split=split,
         spans=spans,
     )
