@@ -2,7 +2,7 @@
 # DynTS on long reasoning traces: the commands behind bench/results/kv.json (bench/README.md,
 # "Working memory under a KV budget"). Run from the repository root with memlm installed; each
 # stage writes under runs/ (or bench/results/ for the reported ones) and can be run alone:
-#   STAGES="sft predictors sweep choose bench transfer" bench/kv_long_mult.sh
+#   STAGES="sft predictors sweep choose bench transfer rescore rescore_test" bench/kv_long_mult.sh
 # Budgets and the learned policy's settings were fixed before the test runs: the budgets are 25%,
 # 40% and 60% of the mean full trace of the worked solutions (403 tokens on the test problems).
 # Window and ratio were to be chosen on validation problems (the sweep stage), but every setting
@@ -52,6 +52,25 @@ for stage in $STAGES; do
       $MEMLM bench kv --model $MODEL --task long_mult --split val --n 16 --probe-n 0 --budgets 160,240 \
         --batch-size 16 --policies tova,learned --predictor $CANDIDATES --window "$WINDOW" --ratio "$RATIO" \
         --spans both --dtype $DTYPE --max-new-tokens 448 --json runs/kv-choose.json
+      ;;
+    rescore)  # the learned policy re-scoring a share of its slots by the newest query's attention:
+      # share x ratio x spans on 16 validation problems at 40% and 60% (rule fixed before: the best
+      # mean of the two budgets goes to the test stage)
+      for rescore in 0.25 0.5 0.75; do
+        for ratio in 0.9 1.0; do
+          $MEMLM bench kv --model $MODEL --task long_mult --split val --n 16 --probe-n 0 --budgets 160,240 \
+            --batch-size 16 --policies learned --predictor runs/predictor-long-mult-future_far --window "$WINDOW" \
+            --ratio $ratio --rescore $rescore --spans both --dtype $DTYPE --max-new-tokens 448 \
+            --json runs/kv-rescore/s$rescore-r$ratio.json
+        done
+      done
+      ;;
+    rescore_test)  # the chosen re-scoring setting on the 64 test problems of the bench stage (same
+      # problems, batches and dtype, so its rows sit beside bench/results/kv.json's)
+      $MEMLM bench kv --model $MODEL --task long_mult --n 64 --budgets 100,160,240 --batch-size 32 \
+        --max-new-tokens 448 --probe-n 0 --policies learned --spans "${RESCORE_SPANS:-off}" \
+        --predictor bench/models/long-mult-predictor --window "$WINDOW" --ratio "${RESCORE_RATIO:-0.9}" \
+        --rescore "${RESCORE:-0.5}" --dtype $DTYPE --json bench/results/kv_rescore.json
       ;;
     bench)  # every policy at 25%, 40% and 60% of the mean full trace, 64 test problems 32 at a
       # time (the native step's rows), answers cut at 448 tokens (worked solutions end by 425), no

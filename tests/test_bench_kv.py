@@ -47,9 +47,10 @@ def test_bench_kv_rows_budgets_json_and_plot(tiny_model_and_predictor, tmp_path)
         probe_filler=120,
         window=4,
         ratio=0.25,
+        rescore=0.5,  # the engine then tracks attention for the learned rows too
     )
     saved = json.loads((tmp_path / "kv.json").read_text())
-    assert (saved["learned_window"], saved["learned_ratio"]) == (4, 0.25)
+    assert (saved["learned_window"], saved["learned_ratio"], saved["learned_rescore"]) == (4, 0.25, 0.5)
     cost = saved["learned_cost"]  # the predictor's and eviction's share of a decode step, batch 1 and 8
     assert [c["batch"] for c in cost] == [1, 8]
     for c in cost:

@@ -349,6 +349,68 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
     assert all(r["mixed"] == 0.0 for r in logged)  # every answer right: no group is mixed
 
 
+def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatch):
+    from itertools import count
+
+    from memlm.data.tasks import Task, get_task
+    from memlm.models.loading import save_model
+    from memlm.train.trigger import TriggerConfig, run_trigger_training, screen_problems
+
+    folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
+    from memlm.generation.engine import Engine
+
+    engine = Engine.load(str(folder))
+    _memory(engine, max_inference_aug=2).save(tmp_path / "weaver")
+    task = get_task("chain_sum_short")
+    problems = task.problems(6, "train")
+    # Problems 0 and 3 are sometimes right, 1 and 4 always right, 2 and 5 always wrong.
+    kinds = {p.question: ("mixed", "right", "wrong")[i % 3] for i, p in enumerate(problems)}
+    calls = count()
+
+    def score(self, text, problem):
+        kind = kinds[problem.question]
+        return {"right": 1.0, "wrong": 0.0}.get(kind, float(next(calls) % 2))
+
+    monkeypatch.setattr(Task, "score", score)
+    cfg = TriggerConfig(
+        str(folder),
+        str(tmp_path / "weaver"),
+        task.name,
+        str(tmp_path / "t"),
+        group_size=4,
+        temperature=1.0,
+        max_new_tokens=12,
+    )
+    memory = LatentMemory.load(tmp_path / "weaver", engine)
+    kept, summary = screen_problems(engine, memory, task, problems, cfg)
+    assert kept == [0, 3]
+    assert summary == {"screened": 6, "mixed": 2, "mixed_fraction": 2 / 6, "score": (2 * 4 + 2 * 2) / 24}
+
+    # RL then draws only those: every logged group is mixed.
+    cfg = TriggerConfig(
+        str(folder),
+        str(tmp_path / "weaver"),
+        task.name,
+        str(tmp_path / "t"),
+        steps=2,
+        problems_per_step=2,
+        group_size=4,
+        temperature=1.0,
+        max_new_tokens=12,
+        screen=6,
+        n_eval=0,
+        save_every=2,
+        progress=False,
+    )
+    report = run_trigger_training(cfg)
+    assert report["screening"]["mixed"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "t" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["mixed"] == 1.0
+    cfg.problems_per_step, cfg.resume = 3, False
+    with pytest.raises(MemlmError, match="only 2 of 6 screened problems gave a mixed group"):
+        run_trigger_training(cfg)
+
+
 def test_bench_memgen_rows_json_and_plot(tmp_path):
     from memlm.bench.memgen import run_memgen_bench
     from memlm.generation.engine import Engine

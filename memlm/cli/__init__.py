@@ -737,6 +737,9 @@ def train_trigger(
     temperature: Annotated[float, typer.Option(help="Token sampling temperature of the rollouts.")] = 0.7,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-3,
     penalty: Annotated[float, typer.Option(help="Weight of the insertion penalty.")] = 0.5,
+    screen: Annotated[
+        int, typer.Option(help="Screen this many training problems; RL draws only those with a mixed group (0 = off).")
+    ] = 0,
     n_eval: Annotated[int, typer.Option(help="Held-out problems scored at the end (0 = skip).")] = 64,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
 ):
@@ -758,6 +761,7 @@ def train_trigger(
             temperature=temperature,
             lr=lr,
             penalty=penalty,
+            screen=screen,
             n_eval=n_eval,
             resume=resume,
         )

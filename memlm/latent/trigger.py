@@ -34,6 +34,10 @@ class FixedTrigger(nn.Module):
         super().__init__()
         self.kind = kind
 
+    def probability(self, hidden: torch.Tensor) -> torch.Tensor:
+        """1 or 0 everywhere: sampling from a fixed trigger (while screening) decides as it does."""
+        return self.decide(hidden).float()
+
     def decide(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.full(hidden.shape[:-1], self.kind == "always", dtype=torch.bool, device=hidden.device)
 

@@ -13,6 +13,9 @@ the delimiters do not depend on the trigger, so the recorded states give exact l
 RL only has signal in a *mixed* group, one that holds right and wrong answers: where all score the
 same, every advantage is 0. Each logged step reports `mixed`, the share of its groups that were, so
 a run shows whether its reasoner, temperature and group size give the trigger anything to learn.
+A reasoner that half-solves a task on average does not half-solve each problem: some are always
+right, others always wrong. `screen` > 0 first generates one group for each of that many training
+problems (with the starting trigger, as RL would) and draws RL's problems only from the mixed ones.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
+from memlm.errors import MemlmError
 from memlm.train.loop import TrainConfig, train
 
 
@@ -46,6 +50,7 @@ class TriggerConfig:
     n_eval: int = 64
     max_new_tokens: int = 256
     save_every: int = 10
+    screen: int = 0  # training problems screened for mixed groups before RL (0: draw from all)
     seed: int = 0
     resume: bool = False
     progress: bool = True
@@ -66,9 +71,47 @@ def is_mixed(scores: list[float]) -> bool:
     return 0 < right < len(scores)
 
 
+def sample_groups(engine, memory, task, problems, group_size: int, temperature: float, max_new_tokens: int, rng):
+    """One group of sampled answers per problem, insertion decisions sampled from the trigger
+    (recorded on each completion). -> completions, problem by problem, group by group."""
+    from memlm.generation.params import SamplingParams
+
+    prompts = [task.messages(p) for p in problems for _ in range(group_size)]
+    params = [
+        SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=rng.randrange(2**31))
+        for _ in prompts
+    ]
+    memory.explore = torch.Generator().manual_seed(rng.randrange(2**31))
+    try:
+        return engine.generate(prompts, params, memory=memory)
+    finally:
+        memory.explore = None
+
+
+def screen_problems(engine, memory, task, problems, cfg: TriggerConfig) -> tuple[list[int], dict]:
+    """Indices of the problems whose group (sampled as RL samples it) is mixed, and a summary."""
+    rng = random.Random(cfg.seed * 7_919 + 1)
+    completions = sample_groups(
+        engine, memory, task, problems, cfg.group_size, cfg.temperature, cfg.max_new_tokens, rng
+    )
+    kept, right = [], 0
+    for index, problem in enumerate(problems):
+        group = completions[index * cfg.group_size : (index + 1) * cfg.group_size]
+        scores = [task.score(c.text, problem) for c in group]
+        right += sum(s >= 0.5 for s in scores)
+        if is_mixed(scores):
+            kept.append(index)
+    summary = {
+        "screened": len(problems),
+        "mixed": len(kept),
+        "mixed_fraction": len(kept) / max(1, len(problems)),
+        "score": right / max(1, len(problems) * cfg.group_size),
+    }
+    return kept, summary
+
+
 def run_trigger_training(cfg: TriggerConfig) -> dict:
     from memlm.generation.engine import Engine
-    from memlm.generation.params import SamplingParams
     from memlm.latent.memory import LatentMemory
     from memlm.latent.trigger import Trigger
 
@@ -84,21 +127,33 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
         trigger.head[-1].bias.fill_(torch.logit(torch.tensor(cfg.initial_p)).item())
     memory.trigger = trigger
     memory.config["trigger"] = "learned"
-    problems = task.problems(cfg.n_train, "train")
+    problems = task.problems(cfg.screen or cfg.n_train, "train")
+    screening = None
+    if cfg.screen:
+        trigger.eval()
+        kept, screening = screen_problems(engine, memory, task, problems, cfg)
+        if len(kept) < cfg.problems_per_step:
+            raise MemlmError(
+                f"only {len(kept)} of {cfg.screen} screened problems gave a mixed group; "
+                "screen more, or change --temperature or --group-size"
+            )
+        problems = [problems[i] for i in kept]
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         rng = random.Random(cfg.seed * 1_000_003 + step)
         chosen = rng.sample(range(len(problems)), cfg.problems_per_step)[rank::world]
-        prompts = [task.messages(problems[i]) for i in chosen for _ in range(cfg.group_size)]
-        params = [
-            SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=rng.randrange(2**31))
-            for _ in prompts
-        ]
-        memory.explore = torch.Generator().manual_seed(rng.randrange(2**31))
         trigger.eval()
-        completions = engine.generate(prompts, params, memory=memory)
+        completions = sample_groups(
+            engine,
+            memory,
+            task,
+            [problems[i] for i in chosen],
+            cfg.group_size,
+            cfg.temperature,
+            cfg.max_new_tokens,
+            rng,
+        )
         trigger.train()
-        memory.explore = None
         rollouts = []
         for g, index in enumerate(chosen):
             group = range(g * cfg.group_size, (g + 1) * cfg.group_size)
@@ -153,6 +208,8 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     memory.config.update({"trigger_steps": cfg.steps, "trigger_penalty": cfg.penalty})
     folder = memory.save(out / "memory")
     report = {"memory": str(folder), "final_loss": last.get("loss")}
+    if screening is not None:
+        report["screening"] = screening
     if cfg.n_eval:
         report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
     write_json_atomic(out / "eval.json", report)
