@@ -350,6 +350,7 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
 
 
 def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatch):
+    import dataclasses
     from itertools import count
 
     from memlm.data.tasks import Task, get_task
@@ -387,21 +388,7 @@ def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatc
     assert summary == {"screened": 6, "mixed": 2, "mixed_fraction": 2 / 6, "score": (2 * 4 + 2 * 2) / 24}
 
     # RL then draws only those: every logged group is mixed.
-    cfg = TriggerConfig(
-        str(folder),
-        str(tmp_path / "weaver"),
-        task.name,
-        str(tmp_path / "t"),
-        steps=2,
-        problems_per_step=2,
-        group_size=4,
-        temperature=1.0,
-        max_new_tokens=12,
-        screen=6,
-        n_eval=0,
-        save_every=2,
-        progress=False,
-    )
+    cfg = dataclasses.replace(cfg, steps=2, problems_per_step=2, screen=6, n_eval=0, save_every=2, progress=False)
     report = run_trigger_training(cfg)
     assert report["screening"]["mixed"] == 2
     logged = [json.loads(line) for line in (tmp_path / "t" / "train" / "metrics.jsonl").read_text().splitlines()]
