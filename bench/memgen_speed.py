@@ -34,12 +34,17 @@ problems = task.problems(8, "test")
 params = memlm.SamplingParams(temperature=0.0, max_new_tokens=args.tokens, ignore_eos=True)
 rows = []
 for dtype in args.dtype.split(","):
-    engine = memlm.load(args.model, dtype=dtype) if args.model else memlm.load(dtype=dtype)
-    variants = [("vanilla", None)] + [
-        (folder, LatentMemory.load(folder, engine, trigger="always")) for folder in memories
-    ]
+
+    def load(dtype=dtype):
+        return memlm.load(args.model, dtype=dtype) if args.model else memlm.load(dtype=dtype)
+
+    # One engine per memory: a memory's LoRA lives inside its engine's model.
+    variants = [("vanilla", load(), None)]
+    for folder in memories:
+        engine = load()
+        variants.append((folder, engine, LatentMemory.load(folder, engine, trigger="always")))
     for _ in range(2):
-        for name, memory in variants:
+        for name, engine, memory in variants:
             engine.generate([task.messages(problems[0])], memlm.SamplingParams(max_new_tokens=8), memory=memory)
             for batch in (1, 8):
                 chosen = problems[:batch]

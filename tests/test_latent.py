@@ -217,6 +217,8 @@ def test_truncated_weaver_runs_and_adapts_only_the_first_layers(tmp_path):
     assert other.score([prompt], [continuation], memory=loaded)[0].logprobs == expected
     with pytest.raises(MemlmError, match="layers must be 1..3"):
         LatentMemory.create(tiny_engine(num_layers=3), weaver_layers=4)
+    with pytest.raises(MemlmError, match="load each memory onto its own engine"):
+        LatentMemory.create(engine, lora_rank=4)  # a full weaver beside the truncated one
 
 
 def test_delimiter_init_starts_as_newlines_in_the_text():

@@ -52,8 +52,16 @@ class Weaver(nn.Module):
         if depth is not None and not 1 <= depth <= layers:
             raise MemlmError(f"the weaver's layers must be 1..{layers}, got {depth}")
         self.depth = None if depth == layers else depth
-        if not list(lora_layers(reasoner)):
+        present = list(lora_layers(reasoner))
+        if not present:
             add_lora(reasoner, lora_rank, lora_alpha, depth=self.depth)
+        else:  # adapters already on the model are shared: only a memory of the same shape may use them
+            deepest = max(int(name.split(".")[1]) for name, _ in present) + 1
+            if deepest != (self.depth or layers) or any(layer.rank != lora_rank for _, layer in present):
+                raise MemlmError(
+                    "this model already carries a latent memory's adapters of another shape; "
+                    "load each memory onto its own engine"
+                )
         for _, layer in lora_layers(reasoner):
             layer.enabled = False  # the reasoner's view by default
         object.__setattr__(self, "reasoner", reasoner)  # shared, not a submodule: never saved with the weaver
