@@ -2,7 +2,10 @@
 # DynTS on long reasoning traces: the commands behind bench/results/kv.json (bench/README.md,
 # "Working memory under a KV budget"). Run from the repository root with memlm installed; each
 # stage writes under runs/ (or bench/results/ for the reported ones) and can be run alone:
-#   STAGES="sft predictors sweep choose bench transfer rescore rescore_test" bench/kv_long_mult.sh
+#   STAGES="sft predictors sweep choose labels transfer rescore rescore_test prompt evict bench" bench/kv_long_mult.sh
+# The stages in the order they were run: `labels` is the first test run (the labels side by side,
+# bench/results/kv_long_mult_labels.json); `prompt` and `evict` train the predictor on prompt
+# tokens too and choose the policy that may evict them; `bench` is the current kv.json.
 # Budgets and the learned policy's settings were fixed before the test runs: the budgets are 25%,
 # 40% and 60% of the mean full trace of the worked solutions (403 tokens on the test problems).
 # Window and ratio were to be chosen on validation problems (the sweep stage), but every setting
@@ -12,11 +15,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMLM=${MEMLM:-memlm}
-STAGES=${STAGES:-sft predictors sweep choose bench transfer}
+STAGES=${STAGES:-sft predictors sweep choose labels transfer rescore rescore_test prompt evict bench}
 MODEL=bench/models/long-mult-lora  # the SFT adapter, committed (bf16, 7.8 MB)
 LABELS="answer future_decay future_far"
 CANDIDATES=runs/predictor-long-mult-answer,runs/predictor-long-mult-future_decay,runs/predictor-long-mult-future_far
 PREDICTORS=runs/predictor-long-mult-answer,runs/predictor-long-mult-future_far  # the published label and the chosen one
+PROMPT_PREDICTOR=runs/predictor-long-mult-future_far-prompt  # future_far on prompt tokens too (committed: bench/models)
 WINDOW=${WINDOW:-16}
 RATIO=${RATIO:-0.9}
 DTYPE=q4_1  # the embedded GGUF's own blocks with fp32 activations: exact, ~7x faster than float32 here
@@ -66,19 +70,44 @@ for stage in $STAGES; do
       done
       ;;
     rescore_test)  # the chosen re-scoring setting on the 64 test problems of the bench stage (same
-      # problems, batches and dtype, so its rows sit beside bench/results/kv.json's)
+      # problems, batches and dtype, so its rows sit beside bench/results/kv_long_mult_labels.json's)
       $MEMLM bench kv --model $MODEL --task long_mult --n 64 --budgets 100,160,240 --batch-size 32 \
         --max-new-tokens 448 --probe-n 0 --policies learned --spans "${RESCORE_SPANS:-off}" \
         --predictor bench/models/long-mult-predictor --window "$WINDOW" --ratio "${RESCORE_RATIO:-0.9}" \
         --rescore "${RESCORE:-0.5}" --dtype $DTYPE --json bench/results/kv_rescore.json
       ;;
-    bench)  # every policy at 25%, 40% and 60% of the mean full trace, 64 test problems 32 at a
+    labels)  # every policy at 25%, 40% and 60% of the mean full trace, 64 test problems 32 at a
       # time (the native step's rows), answers cut at 448 tokens (worked solutions end by 425), no
       # retrieval probe: what fitted one session's CPU time (~35 min)
       $MEMLM bench kv --model $MODEL --task long_mult --n 64 --budgets 100,160,240 --batch-size 32 \
         --max-new-tokens 448 --probe-n 0 --spans tova \
         --predictor $PREDICTORS --window "$WINDOW" --ratio "$RATIO" --dtype $DTYPE \
-        --json bench/results/kv.json --plot bench/results/kv.png
+        --json bench/results/kv_long_mult_labels.json --plot bench/results/kv_long_mult_labels.png
+      ;;
+    prompt)  # future_far on the prompt's tokens too (~23 min, mostly generating traces): a
+      # predictor that says so in its config, so the learned policy may evict prompt tokens
+      $MEMLM train predictor --model $MODEL --task long_mult --label future_far --horizon "$WINDOW" --dtype $DTYPE \
+        --n-train 256 --n-val 64 --batch-size 32 --prompt --out $PROMPT_PREDICTOR
+      mkdir -p bench/models/long-mult-predictor-prompt  # committed beside the earlier one (3.9 MB)
+      cp $PROMPT_PREDICTOR/{predictor.*,metrics.json} bench/models/long-mult-predictor-prompt/
+      ;;
+    evict)  # the evicting policy's ratio x rescore on the 16 validation problems at 40% and 60%
+      # (rule fixed before: the best mean of the two budgets; a tie goes to the smaller rescore)
+      mkdir -p runs/kv-evict
+      for setting in "0.9 0" "0.9 0.25" "1.0 0" "1.0 0.25" "1.0 0.5" "1.0 0.75"; do
+        set -- $setting
+        $MEMLM bench kv --model $MODEL --task long_mult --split val --n 16 --probe-n 0 --budgets 160,240 \
+          --batch-size 16 --policies learned --predictor $PROMPT_PREDICTOR --window "$WINDOW" --evict-prompt \
+          --ratio "$1" --rescore "$2" --dtype $DTYPE --max-new-tokens 448 --json runs/kv-evict/r$1-s$2.json
+      done
+      ;;
+    bench)  # every policy at 25%, 40% and 60%, 64 test problems; two learned rows at the chosen
+      # setting (ratio 1, rescore 0.5): the earlier future_far predictor keeping the prompt, and the
+      # one trained on prompt tokens evicting them (~30 min)
+      $MEMLM bench kv --model $MODEL --task long_mult --n 64 --budgets 100,160,240 --batch-size 32 \
+        --max-new-tokens 448 --probe-n 0 --spans tova \
+        --predictor runs/predictor-long-mult-future_far,$PROMPT_PREDICTOR --window "$WINDOW" --ratio 1.0 \
+        --rescore 0.5 --dtype $DTYPE --json bench/results/kv.json --plot bench/results/kv.png
       ;;
     transfer)  # the same model and predictors on chain sums, a task the predictors never saw (the
       # prompt is ~75 tokens, so the learned policy's prompt + window needs a budget above 96)

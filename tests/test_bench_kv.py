@@ -72,6 +72,20 @@ def test_bench_kv_rows_budgets_json_and_plot(tiny_model_and_predictor, tmp_path)
     assert (tmp_path / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_kv_evict_prompt_runs_budgets_below_the_prompt(tiny_model_and_predictor):
+    """A budget the prompt does not fit under: skipped when the prompt is kept (DynTS), run and held
+    with --evict-prompt, and the report says which."""
+    model, predictor = tiny_model_and_predictor
+    common = dict(n=2, predictor=predictor, batch_size=2, max_new_tokens=24, probe_n=0, window=4)
+    kept = run_kv_bench(model, "chain_sum_short", [96], ["learned"], **common)
+    assert kept["learned_evict_prompt"] == {"learned": False} and "never evicted" in kept["rows"][0]["skipped"]
+    evicting = run_kv_bench(model, "chain_sum_short", [96], ["learned"], evict_prompt=True, **common)
+    (row,) = evicting["rows"]
+    assert evicting["learned_evict_prompt"] == {"learned": True} and "skipped" not in row
+    assert row["peak_kv_tokens"] > 96  # the prompt was written whole, then trimmed
+    assert row["generated_tokens"] > 0
+
+
 def test_bench_kv_refuses_learned_without_a_predictor(tiny_model_and_predictor):
     model, _ = tiny_model_and_predictor
     with pytest.raises(MemlmError, match="needs --predictor"):
@@ -88,11 +102,13 @@ def test_bench_kv_refuses_learned_without_a_predictor(tiny_model_and_predictor):
 
 
 def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp_path):
-    """Several predictor folders: one learned row each, named by its label (or its folder where two
-    share a label), each row under its budget, the report mapping names to folders."""
+    """Several predictor folders: one learned row each, named by its label (+ ":prompt" where it may
+    evict prompt tokens, or its folder where two share a name), each row under its budget, the
+    report mapping names to folders."""
     model, answer = tiny_model_and_predictor
-    future, other = tmp_path / "future", tmp_path / "other"
+    future, scored, other = tmp_path / "future", tmp_path / "scored", tmp_path / "other"
     save_predictor(future, ImportancePredictor(64), {"base_model": model, "label": "future_decay"})
+    save_predictor(scored, ImportancePredictor(64), {"base_model": model, "label": "future_decay", "prompt": True})
     save_predictor(other, ImportancePredictor(64), {"base_model": model, "label": "future_decay"})
     report = run_kv_bench(
         model,
@@ -100,7 +116,7 @@ def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp
         [184],
         ["learned"],
         n=2,
-        predictor=f"{answer}, {future},{other}",
+        predictor=f"{answer}, {future},{scored},{other}",
         batch_size=2,
         max_new_tokens=40,
         probe_n=0,
@@ -110,8 +126,10 @@ def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp
     assert report["predictors"] == {
         "learned:answer": answer,
         "learned:future_decay": str(future),
+        "learned:future_decay:prompt": str(scored),
         "learned:other": str(other),
     }
+    assert report["learned_evict_prompt"] == {name: name.endswith(":prompt") for name in report["predictors"]}
     assert [r["policy"] for r in report["rows"]] == list(report["predictors"])
     assert all(r["peak_kv_tokens"] <= 185 for r in report["rows"])
 

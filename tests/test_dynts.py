@@ -85,6 +85,56 @@ def test_rescore_gives_a_share_of_the_kept_slots_to_the_newest_querys_attention(
     assert alone.select(row).tolist() == [0, 1, 2, 3, 5, 7, 8, 9, 10, 11]
 
 
+def test_evict_prompt_lets_prompt_tokens_compete_on_their_score():
+    importance = torch.tensor([5.0, 0.01, 0.02, 0.9, 0.1, 0.8, 0.05, 0.7, 0.2, 0.3, 0.6, 0.0])
+    row = RowView(torch.arange(12), prompt_length=3, importance=importance)
+    # By default the prompt (0-2) stays whatever it scores: 0, 1, 2 + the 5 best others.
+    assert LearnedPolicy(10, Fixed(), window=2, ratio=1.0).select(row).tolist() == [0, 1, 2, 3, 5, 7, 8, 9, 10, 11]
+    # With evict_prompt the prompt competes: the best 8 of slots 0-9 are 0 (a sink-like 5.0),
+    # 3, 5, 7, 9, 8, 4, 6; the dead prompt tokens 1 and 2 give up their slots.
+    evicting = LearnedPolicy(10, Fixed(), window=2, ratio=1.0, evict_prompt=True)
+    assert evicting.select(row).tolist() == [0, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    # The answer stays protected: slot 9 scoring -1 would go before prompt token 2 (0.02), but
+    # from position 9 on it is the answer.
+    row.importance[9] = -1.0
+    assert evicting.select(row).tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 10, 11]
+    row.protected_from = 9
+    assert evicting.select(row).tolist() == [0, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    # A prompt longer than the budget is no longer refused: it can be evicted.
+    evicting.check_prompt(40)
+
+
+def test_a_predictor_trained_on_prompt_tokens_evicts_them_by_default(tmp_path):
+    for prompt in (False, True):
+        save_predictor(tmp_path / str(prompt), ImportancePredictor(8), {"base_model": "m", "prompt": prompt})
+        predictor, _ = load_predictor(tmp_path / str(prompt))
+        assert predictor.scores_prompt is prompt
+        assert LearnedPolicy(64, predictor).evict_prompt is prompt  # follows the predictor
+        assert LearnedPolicy(64, predictor, evict_prompt=not prompt).evict_prompt is not prompt  # unless told
+    save_predictor(tmp_path / "old", ImportancePredictor(8), {"base_model": "m"})  # from before the flag
+    older, _ = load_predictor(tmp_path / "old")
+    assert not older.scores_prompt
+
+
+def test_engine_evicts_prompt_tokens_with_evict_prompt():
+    engine = tiny_engine()
+    predictor = Fixed()
+    policy = Recording(16, predictor, window=4, ratio=1.0, end_of_thinking=None, evict_prompt=True)
+    prompt = engine.tokenizer.encode("hello there, friend")  # 19 tokens: longer than the budget
+    out = engine.generate_tokens([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True), kv_policy=policy)[0]
+    assert len(out.token_ids) == 24
+    assert out.peak_kv_tokens <= len(prompt)  # the prompt is written whole, then trimmed to the budget
+    assert all(len(positions[keep]) <= 16 for positions, *_, keep in policy.seen)
+    by_position = torch.cat([c.flatten() for c in predictor.calls])
+    positions, importance, prompt_length, _, keep = policy.seen[-1]
+    assert torch.equal(importance, by_position[positions])
+    kept = set(positions[keep].tolist())
+    assert not set(range(prompt_length)) <= kept  # some prompt tokens went
+    older = positions[: len(positions) - 4]  # what competed: everything but the window
+    lost = sorted(set(older.tolist()) - kept)
+    assert by_position[lost].max() <= by_position[sorted(kept & set(older.tolist()))].min()  # the lowest went
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -198,6 +248,29 @@ def test_labels_are_the_answers_attention_as_transformers_computes_it():
         torch.testing.assert_close(got.labels, expected, atol=1e-5, rtol=1e-4)
         hidden = out.hidden_states[-1][0, trace.prompt_length : trace.think_end]
         torch.testing.assert_close(got.hidden, hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_labels_cover_the_prompt_with_the_same_values():
+    """--prompt: the prompt's tokens get labels from the same queries, and the thinking tokens'
+    labels and features are unchanged."""
+    from memlm.train.predictor import label_traces_future
+
+    model = memlm_twin(hf_tiny())
+    torch.manual_seed(2)
+    traces = [
+        Trace(torch.randint(0, 128, (n,)).tolist(), prompt, think) for n, prompt, think in ((20, 4, 15), (13, 3, 9))
+    ]
+    for label in ("answer", "future_far"):
+        if label == "answer":
+            plain, with_prompt = label_traces(model, traces, 2), label_traces(model, traces, 2, prompt=True)
+        else:
+            plain = label_traces_future(model, traces, label, 0.95, 2, horizon=2)
+            with_prompt = label_traces_future(model, traces, label, 0.95, 2, horizon=2, prompt=True)
+        for t, p, w in zip(traces, plain, with_prompt, strict=True):
+            assert len(w.labels) == t.think_end and len(p.labels) == t.think_end - t.prompt_length
+            torch.testing.assert_close(w.labels[t.prompt_length :], p.labels)
+            torch.testing.assert_close(w.hidden[t.prompt_length :], p.hidden)
+            assert w.labels[: t.prompt_length].abs().sum() > 0  # the prompt did receive attention
 
 
 def test_future_labels_on_a_hand_made_attention_matrix():

@@ -269,6 +269,7 @@ def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_pat
         inference_latents=2,
         lora_rank=4,
         max_inference_aug=2,
+        delimiters=("=",),  # insert where each line's result is about to be written
         n_train=16,
         n_eval=2,
         n_val_loss=3,
@@ -291,6 +292,10 @@ def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_pat
     engine = Engine.load(str(folder))
     memory = LatentMemory.load(tmp_path / "w" / "memory", engine)
     assert memory.config["task"] == "chain_sum_short"
+    assert memory.config["delimiters"] == ["="]  # the insertion points travel with the memory
+    text = "3 + 4 = 7\n7 - 2 = 5\n"
+    points = memory.delimiters.in_text(engine.tokenizer.encode(text, add_special_tokens=False))
+    assert [text[: i + 1][-2:] for i in points] == [" =", " ="]
 
 
 def test_group_rewards_penalise_insertions_beyond_the_correct_answers():

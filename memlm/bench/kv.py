@@ -88,9 +88,12 @@ def run_kv_bench(
     split: str = "test",
     rescore: float | None = None,
     spans: str = "off",
+    evict_prompt: bool | None = None,
 ) -> dict:
     """`window`, `ratio` and `rescore` set the learned policy's recent window, keep ratio and share
     re-scored by attention (its defaults when None); the report records the values used.
+    `evict_prompt`: the learned policy lets prompt tokens compete on their score (True), keeps
+    them all (False), or follows each predictor (None: on for one trained on prompt tokens).
     `split`: the held-out problems ("val" to choose settings, "test" to report them). `spans`: the
     scored policies (h2o, tova, learned) keep numbers whole ("on"), token by token ("off"), or both
     side by side ("both": a `+spans` row beside each); or a comma-separated list of those that get
@@ -115,7 +118,7 @@ def run_kv_bench(
     folders = [f for f in (g.strip() for g in given) if f]
     if "learned" in policies and not folders:
         raise MemlmError("the learned policy needs --predictor DIR (from `memlm train predictor`)")
-    tuning = {"window": window, "ratio": ratio, "rescore": rescore}
+    tuning = {"window": window, "ratio": ratio, "rescore": rescore, "evict_prompt": evict_prompt}
     variants = _learned_variants(folders, engine.config, model, tuning) if "learned" in policies else {}
     if variants:  # a bad window, ratio or rescore fails now; the report records what ran
         learned = make_policy("learned", max(budgets), **next(iter(variants.values()))[1])
@@ -162,9 +165,10 @@ def run_kv_bench(
     if full_row is not None:  # the reference, repeated at every budget
         rows = [{**full_row, "budget": b} for b in budgets] + rows
     cost = None
-    if variants:  # the first predictor's, at the smallest budget (the most evictions), with spans if any ran
+    ran = [r["budget"] for r in rows if r["policy"].startswith("learned") and "skipped" not in r]
+    if variants and ran:  # the first predictor's, at its smallest budget that ran (most evictions), spans if any ran
         options = next(iter(variants.values()))[1] | ({"spans": True} if "learned" in spanned else {})
-        factory = _factory("learned", min(budgets), options)
+        factory = _factory("learned", min(ran), options)
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
             console.print(
@@ -185,6 +189,9 @@ def run_kv_bench(
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
         "learned_rescore": rescore if "learned" in policies else None,
+        "learned_evict_prompt": {  # per learned row: whether its prompt tokens could be evicted
+            name: make_policy("learned", max(budgets), **opts).evict_prompt for name, (_, opts) in variants.items()
+        },
         "spans": spans,
         "mean_full_trace_tokens": trace if full_row is not None else None,
         "learned_cost": cost,
@@ -226,8 +233,9 @@ def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_t
 
 
 def _learned_variants(folders: list[str], model_config, model: str, tuning: dict) -> dict[str, tuple[str, dict]]:
-    """One learned policy per predictor folder: "learned" alone, "learned:<its label>" side by side
-    (the folder's name where two share a label) -> (folder, make_policy options)."""
+    """One learned policy per predictor folder: "learned" alone, "learned:<its label>" side by side,
+    with ":prompt" where that policy may evict prompt tokens (the folder's name where two still
+    share a name) -> (folder, make_policy options)."""
     from pathlib import Path
 
     from memlm.cache.importance import load_predictor
@@ -235,10 +243,11 @@ def _learned_variants(folders: list[str], model_config, model: str, tuning: dict
     variants = {}
     for folder in folders:
         predictor, config = load_predictor(folder, model_config, model)
-        name = "learned" if len(folders) == 1 else f"learned:{config.get('label', 'answer')}"
+        options = {"predictor": predictor} | {k: v for k, v in tuning.items() if v is not None}
+        evicts = make_policy("learned", 2**20, **options).evict_prompt
+        name = "learned" if len(folders) == 1 else f"learned:{config.get('label', 'answer')}" + ":prompt" * evicts
         if name in variants:
             name = f"learned:{Path(folder).name}"
-        options = {"predictor": predictor} | {k: v for k, v in tuning.items() if v is not None}
         variants[name] = (folder, options)
     return variants
 

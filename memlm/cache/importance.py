@@ -6,7 +6,9 @@ trained with MSE against the attention the answer tokens paid to each thinking t
 memlm/train/predictor.py); the `learned` KV policy keeps the best-scoring tokens.
 
 A checkpoint is a folder: predictor.safetensors + predictor.json, which names the base model the
-hidden states came from. Loading it for another model is an error, not a silent mismatch.
+hidden states came from. Loading it for another model is an error, not a silent mismatch. A
+predictor trained on prompt tokens too (`"prompt": true`, `memlm train predictor --prompt`) says
+so (`scores_prompt`), and the learned policy then lets prompt tokens compete by default.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ImportancePredictor(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
+        self.scores_prompt = False  # trained on prompt tokens too: fit to rank them against thinking tokens
         self.net = nn.Sequential(
             nn.Linear(hidden_size, 2 * hidden_size),
             nn.GELU(),
@@ -78,6 +81,7 @@ def load_predictor(folder: str | Path, model_config=None, model_name: str | None
         predictor.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ModelFormatError(f"cannot load {folder / WEIGHTS_FILE}: {str(e).splitlines()[0]}") from None
+    predictor.scores_prompt = bool(config.get("prompt", False))
     return predictor.eval().requires_grad_(False), config
 
 

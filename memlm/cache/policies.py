@@ -217,6 +217,13 @@ class LearnedPolicy(KVPolicy):
     the kept older slots to the newest query's attention (TOVA's signal, re-read at every
     eviction) and the rest to the learned score: the predictor keeps what the future will need,
     the current query what the present line is using.
+
+    `evict_prompt`: prompt tokens compete on their learned score like thinking tokens (only the
+    answer stays protected). DynTS keeps the whole prompt, which costs a short-budget row dearly
+    when the prompt is dead early: a long multiplication reads its factors until the last row is
+    written, then never again, and TOVA, which may drop them, gets those slots back. By default it
+    follows the predictor: on for one trained on prompt tokens too (`memlm train predictor
+    --prompt`), whose scores rank prompt and thinking tokens on one scale; off otherwise.
     """
 
     name = "learned"
@@ -230,6 +237,7 @@ class LearnedPolicy(KVPolicy):
         end_of_thinking: str | None = "Answer:",
         spans: bool = False,
         rescore: float = 0.0,
+        evict_prompt: bool | None = None,
     ):
         super().__init__(budget)
         if predictor is None:
@@ -242,17 +250,19 @@ class LearnedPolicy(KVPolicy):
             raise InvalidRequestError(f"learned: rescore must be in [0, 1], got {rescore}")
         self.predictor, self.window, self.ratio, self.end_of_thinking = predictor, window, ratio, end_of_thinking
         self.spans, self.rescore = spans, rescore
+        self.evict_prompt = getattr(predictor, "scores_prompt", False) if evict_prompt is None else evict_prompt
         self.needs_attention = rescore > 0
 
     def check_prompt(self, prompt_length: int) -> None:
-        if prompt_length + self.window >= self.budget:
+        if not self.evict_prompt and prompt_length + self.window >= self.budget:
             raise InvalidRequestError(
                 f"learned: the prompt ({prompt_length} tokens) and the window ({self.window}) must fit "
                 f"under the budget ({self.budget}); prompt tokens are never evicted"
             )
 
     def protected(self, row: RowView) -> torch.Tensor:
-        keep = row.positions < row.prompt_length
+        prompt_end = 0 if self.evict_prompt else row.prompt_length
+        keep = row.positions < prompt_end
         if row.protected_from is not None:
             keep |= row.positions >= row.protected_from
         return keep

@@ -105,6 +105,15 @@ def generate(
     kv_spans: Annotated[
         bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, learned: keep or drop numbers whole.")
     ] = False,
+    kv_evict_prompt: Annotated[
+        bool | None,
+        typer.Option(
+            "--kv-evict-prompt/--kv-keep-prompt",
+            help="--kv-policy learned: let prompt tokens compete on their score, or keep them all "
+            "(default: as the predictor was trained, --prompt or not).",
+            show_default=False,
+        ),
+    ] = None,
     memory: Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")] = None,
     trigger: TriggerOpt = None,
     show_insertions: Annotated[
@@ -126,9 +135,12 @@ def generate(
 
         options["predictor"], predictor_config = load_predictor(kv_predictor)
         tuning = {"window": kv_window, "ratio": kv_ratio, "rescore": kv_rescore}
+        tuning["evict_prompt"] = kv_evict_prompt
         options |= {k: v for k, v in tuning.items() if v is not None}
-    elif kv_window is not None or kv_ratio is not None or kv_rescore is not None:
-        raise MemlmError("--kv-window, --kv-ratio and --kv-rescore are options of --kv-policy learned")
+    elif kv_window is not None or kv_ratio is not None or kv_rescore is not None or kv_evict_prompt is not None:
+        raise MemlmError(
+            "--kv-window, --kv-ratio, --kv-rescore and --kv-evict-prompt are options of --kv-policy learned"
+        )
     if kv_spans:
         from memlm.cache.policies import SPAN_POLICIES
 
@@ -422,6 +434,15 @@ def bench_kv(
         float | None,
         typer.Option(help="learned: share of kept older tokens chosen by the newest query's attention (default 0)."),
     ] = None,
+    evict_prompt: Annotated[
+        bool | None,
+        typer.Option(
+            "--evict-prompt/--keep-prompt",
+            help="learned: let prompt tokens compete on their score, or keep them all (default: as each "
+            "predictor was trained, --prompt or not).",
+            show_default=False,
+        ),
+    ] = None,
     spans: Annotated[
         str,
         typer.Option(
@@ -462,6 +483,7 @@ def bench_kv(
         window=window,
         ratio=ratio,
         rescore=rescore,
+        evict_prompt=evict_prompt,
         split=split,
         spans=spans,
     )
@@ -615,6 +637,18 @@ def train_sft(
     print(json.dumps(report, indent=2))
 
 
+def _delimiters(given: list[str] | None) -> tuple[str, ...]:
+    """--delimiter values -> the memory's delimiters ('\\n' written on a command line is a newline)."""
+    from memlm.latent.delimiters import DEFAULT_DELIMITERS
+
+    if not given:
+        return DEFAULT_DELIMITERS
+    out = tuple(d.replace("\\n", "\n") for d in given)
+    if any(not d for d in out):
+        raise MemlmError("--delimiter must not be empty")
+    return out
+
+
 @train_app.command("predictor")
 def train_predictor(
     model: ModelOpt = DEFAULT_MODEL,
@@ -638,6 +672,9 @@ def train_predictor(
     horizon: Annotated[
         int, typer.Option(help="future_far: only queries further than this count (the policy's --window).")
     ] = 16,
+    prompt: Annotated[
+        bool, typer.Option("--prompt", help="Label prompt tokens too (for the learned policy's --evict-prompt).")
+    ] = False,
     dtype: DtypeOpt = "float32",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
 ):
@@ -660,6 +697,7 @@ def train_predictor(
             label=label,
             decay=decay,
             horizon=horizon,
+            prompt=prompt,
             dtype=dtype,
             resume=resume,
         ),
@@ -686,6 +724,13 @@ def train_weaver(
     init: Annotated[
         str, typer.Option(help="Latents at step 0: random, or delimiter (copies of the delimiter's embedding).")
     ] = "random",
+    delimiter: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Insertion point: latents go after a token ending in this text (repeatable; '\\n' is a "
+            "newline). Default: ',', '.', newline."
+        ),
+    ] = None,
     n_train: Annotated[int, typer.Option(help="Training problems (train split).")] = 4000,
     n_eval: Annotated[int, typer.Option(help="Held-out problems scored at the end (0 = skip).")] = 64,
     n_val_loss: Annotated[
@@ -715,6 +760,7 @@ def train_weaver(
             max_inference_aug=max_inference_aug,
             weaver_layers=weaver_layers,
             init=init,
+            delimiters=_delimiters(delimiter),
             n_train=n_train,
             n_eval=n_eval,
             n_val_loss=n_val_loss,

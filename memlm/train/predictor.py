@@ -21,10 +21,14 @@
    window, such as a partial product copied a hundred tokens later, and not the scratch a step
    reads a few tokens after writing it. All come from one cache-less pass over the whole trace
    that records every query's attention, mean over heads, summed over layers.
-3. Training: MSE on thinking tokens only, base model frozen, through the shared loop. Held-out
-   traces (the task's validation split) give the loss and the rank agreement (Spearman and
-   Kendall, per trace, averaged) between predicted and true importance, next to two baselines:
-   recency (later = more important) and a constant predictor for the loss.
+   With `prompt`, prompt tokens are labelled and trained on too (the same labels, from the same
+   queries), for a policy that may evict prompt tokens once their use is over (`evict_prompt`):
+   a long multiplication reads its factors until the last row is written, then never again.
+3. Training: MSE on the labelled tokens (thinking, and the prompt with `prompt`), base model
+   frozen, through the shared loop. Held-out traces (the task's validation split) give the loss
+   and the rank agreement (Spearman and Kendall, per trace, averaged) between predicted and true
+   importance, next to two baselines: recency (later = more important) and a constant predictor
+   for the loss.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ class Trace:
 
 @dataclass(slots=True)
 class Labelled:
-    hidden: torch.Tensor  # [n_think, d] final-layer hidden states of the thinking tokens
-    labels: torch.Tensor  # [n_think] attention the answer paid them (scaled: uniform = 1)
+    hidden: torch.Tensor  # [n, d] final-layer hidden states of the labelled tokens (thinking; + prompt)
+    labels: torch.Tensor  # [n] their importance label (scaled: uniform attention = 1)
 
 
 LABELS = {
@@ -85,6 +89,7 @@ class PredictorConfig:
     label: str = "answer"  # one of LABELS
     decay: float = 0.95  # for the future_decay label
     horizon: int = 16  # for the future_far label: match the learned policy's window
+    prompt: bool = False  # label prompt tokens too (for the learned policy's evict_prompt)
     dtype: str = "float32"  # the model's weights while tracing and labelling (q4_1: the GGUF's own blocks, faster)
     seed: int = 0
     resume: bool = False
@@ -114,8 +119,13 @@ def marker_index(tokenizer, output_ids: list[int], marker: str) -> int | None:
     return None if at < 0 else token_at_char(ends, at)
 
 
+def _first(trace: Trace, prompt: bool) -> int:
+    """The first labelled token: the trace's start with `prompt`, else its first thinking token."""
+    return 0 if prompt else trace.prompt_length
+
+
 @torch.inference_mode()
-def label_traces(model, traces: list[Trace], batch_size: int = 16) -> list[Labelled]:
+def label_traces(model, traces: list[Trace], batch_size: int = 16, prompt: bool = False) -> list[Labelled]:
     out = []
     for start in range(0, len(traces), batch_size):
         chunk = traces[start : start + batch_size]
@@ -128,8 +138,9 @@ def label_traces(model, traces: list[Trace], batch_size: int = 16) -> list[Label
         cache.attention_sum.zero_()  # from here on, only answer queries count
         model(*_padded(model, tails, [t.think_end for t in chunk]), cache)
         for row, t in enumerate(chunk):
-            received = cache.attention_sum[row, t.prompt_length : t.think_end] / len(tails[row])
-            out.append(Labelled(hidden[row, t.prompt_length : t.think_end].float().cpu(), received.cpu() * t.think_end))
+            first = _first(t, prompt)
+            received = cache.attention_sum[row, first : t.think_end] / len(tails[row])
+            out.append(Labelled(hidden[row, first : t.think_end].float().cpu(), received.cpu() * t.think_end))
     return out
 
 
@@ -170,7 +181,7 @@ def future_importance(
 
 @torch.inference_mode()
 def label_traces_future(
-    model, traces: list[Trace], kind: str, decay: float, batch_size: int = 8, horizon: int = 16
+    model, traces: list[Trace], kind: str, decay: float, batch_size: int = 8, horizon: int = 16, prompt: bool = False
 ) -> list[Labelled]:
     """`future_*` labels: one pass over each whole trace, recording attention."""
     out = []
@@ -182,9 +193,9 @@ def label_traces_future(
         )
         hidden = model(*_padded(model, [t.ids for t in chunk], [0] * len(chunk)), cache)
         for row, t in enumerate(chunk):
-            n = len(t.ids)
-            labels = future_importance(cache.received[row, :n, :n], t.prompt_length, t.think_end, kind, decay, horizon)
-            out.append(Labelled(hidden[row, t.prompt_length : t.think_end].float().cpu(), labels.cpu()))
+            n, first = len(t.ids), _first(t, prompt)
+            labels = future_importance(cache.received[row, :n, :n], first, t.think_end, kind, decay, horizon)
+            out.append(Labelled(hidden[row, first : t.think_end].float().cpu(), labels.cpu()))
     return out
 
 
@@ -277,12 +288,14 @@ def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
         if not traces:
             raise MemlmError(f"no {split} trace contains the end-of-thinking marker {cfg.marker!r}")
         if cfg.label == "answer":
-            splits[split] = label_traces(engine.model, traces, cfg.batch_size)
+            splits[split] = label_traces(engine.model, traces, cfg.batch_size, cfg.prompt)
         else:
             splits[split] = label_traces_future(
-                engine.model, traces, cfg.label, cfg.decay, min(cfg.batch_size, 8), cfg.horizon
+                engine.model, traces, cfg.label, cfg.decay, min(cfg.batch_size, 8), cfg.horizon, cfg.prompt
             )
-        log(f"  {split}: {len(traces)}/{n} traces have the marker, {sum(len(d.labels) for d in splits[split])} tokens")
+        what = "prompt and thinking" if cfg.prompt else "thinking"
+        tokens = sum(len(d.labels) for d in splits[split])
+        log(f"  {split}: {len(traces)}/{n} traces have the marker, {tokens} {what} tokens labelled")
 
     return fit_predictor(engine.config.hidden_size, splits["train"], splits["val"], cfg)
 
@@ -328,6 +341,7 @@ def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[L
         "label": cfg.label,
         "dtype": cfg.dtype,
         "label_definition": LABELS[cfg.label] + _label_setting(cfg),
+        "prompt": cfg.prompt,  # prompt tokens were labelled too: fit for the policy's evict_prompt
         "train_traces": len(train_data),
         "train_tokens": int(targets.numel()),
         "steps": cfg.steps,

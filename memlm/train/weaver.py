@@ -16,6 +16,7 @@ from pathlib import Path
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
+from memlm.latent.delimiters import DEFAULT_DELIMITERS
 from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
 
 
@@ -35,6 +36,7 @@ class WeaverConfig:
     max_inference_aug: int = 8
     weaver_layers: int | None = None  # None: all of the reasoner's layers
     init: str = "random"  # or "delimiter": latents start as copies of the delimiter's embedding
+    delimiters: tuple[str, ...] = DEFAULT_DELIMITERS  # insertion points: after a token ending in one of these
     n_train: int = 4000
     n_eval: int = 64
     n_val_loss: int = 32  # validation problems whose teacher-forced loss is logged at checkpoints
@@ -64,6 +66,7 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
         max_inference_aug=cfg.max_inference_aug,
         weaver_layers=cfg.weaver_layers,
         init=cfg.init,
+        delimiters=cfg.delimiters,
     )
     examples = [
         make_example(memory, *prompt_and_target(engine.tokenizer, task, p)) for p in task.problems(cfg.n_train, "train")
