@@ -4,6 +4,8 @@ Reads the runs of the sweep (default runs/sweep11: one folder per variant, each 
 weaver|sft ... --steps 60 --save-every 20 --n-val-loss 32`, commands in bench/README.md) and
 writes bench/results/memgen_sweep.json and memgen_sweep.png: training loss and held-out loss
 (32 validation problems, teacher-forced) against the step, every variant on the same axes.
+Variants already in the JSON and absent from the runs folder are kept (runs/ is not committed,
+so a later session adds its variants beside the earlier ones).
 """
 
 from __future__ import annotations
@@ -19,11 +21,24 @@ VARIANTS = {  # folder -> what changed against the first weaver row
     "delim_k2": "weaver: delimiter start, 2 latents",
     "delim_l10": "weaver: delimiter start, first 10 layers",
     "delim_lr3": "weaver: delimiter start, lr 3e-3",
+    "eq": "weaver: random start, latents after '=' (where each line's result is written), not at line ends",
 }
+RESULTS = Path("bench/results/memgen_sweep.json")
+
+
+def earlier() -> dict:
+    """The committed results, step keys back to ints."""
+    if not RESULTS.is_file():
+        return {}
+    out = json.loads(RESULTS.read_text())
+    for r in out.values():
+        for key in ("val_loss", "train_loss"):
+            r[key] = {int(step): value for step, value in r[key].items()}
+    return out
 
 
 def load(runs: Path) -> dict:
-    out = {}
+    out = earlier()
     for name, label in VARIANTS.items():
         folder = runs / name
         if not (folder / "eval.json").is_file():
@@ -52,7 +67,7 @@ def main() -> None:
             f"{name:11s} {r['val_loss_start']:7.3f} {v.get(20, float('nan')):7.3f} {v.get(40, float('nan')):7.3f} "
             f"{v.get(60, float('nan')):7.3f} {r['examples_per_s']:5.2f}"
         )
-    Path("bench/results/memgen_sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
     import matplotlib
 
