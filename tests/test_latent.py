@@ -313,6 +313,37 @@ def test_a_group_has_signal_only_when_mixed():
     assert not is_mixed([0.0, 0.0, 0.0, 0.0]) and not is_mixed([1.0, 1.0, 1.0, 1.0])
 
 
+def test_trigger_loss_stays_finite_for_a_saturated_trigger_under_bf16_autocast():
+    """A confident trigger under bf16 autocast (training runs under it on this CPU): P rounds to
+    exactly 1 there, and the old loss (log of a clamped P) was -inf for a skip and NaN (0 x -inf)
+    for a group without signal, after which every weight was NaN and the trigger never inserted."""
+    from memlm.latent.trigger import Trigger
+    from memlm.train.trigger import trigger_loss
+
+    torch.manual_seed(0)
+    trigger = Trigger(16)
+    with torch.no_grad():
+        trigger.head[-1].weight.zero_()
+        trigger.head[-1].bias.fill_(12.0)  # P(insert) = 1 - 6e-6 everywhere
+    states = torch.randn(3, 16)
+
+    def rollout(decisions, advantage):
+        stats = {"reward": 0.0, "score": 0.0, "insertions": float(sum(decisions)), "mixed": 1.0}
+        return {"states": states, "decisions": torch.tensor(decisions), "advantage": advantage, **stats}
+
+    rollouts = [rollout([1.0, 0.0, 1.0], 1.0), rollout([1.0, 1.0, 1.0], 0.0)]  # the second has no signal
+    with torch.autocast("cpu", torch.bfloat16):
+        assert trigger.probability(states).min() == 1.0  # what made log(1 - P) infinite
+        loss, stats = trigger_loss(trigger, rollouts)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in trigger.parameters())
+    # -(1.0 x (2 log P + log(1 - P))) / 2 rollouts, with float32 logsigmoid: about (12 + 1.2e-5) / 2.
+    logsig = torch.nn.functional.logsigmoid
+    expected = -(2 * logsig(torch.tensor(12.0)) + logsig(torch.tensor(-12.0))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert stats["insertions"] == 2.5
+
+
 def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, monkeypatch):
     from memlm.data.tasks import Task
     from memlm.models.loading import save_model

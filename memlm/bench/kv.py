@@ -244,7 +244,7 @@ def _learned_variants(folders: list[str], model_config, model: str, tuning: dict
     for folder in folders:
         predictor, config = load_predictor(folder, model_config, model)
         options = {"predictor": predictor} | {k: v for k, v in tuning.items() if v is not None}
-        evicts = make_policy("learned", 2**20, **options).evict_prompt
+        evicts = make_policy("learned", 2**20, **options).evict_prompt  # the flag, or the predictor's default
         name = "learned" if len(folders) == 1 else f"learned:{config.get('label', 'answer')}" + ":prompt" * evicts
         if name in variants:
             name = f"learned:{Path(folder).name}"

@@ -134,8 +134,7 @@ def generate(
         from memlm.cache.importance import load_predictor
 
         options["predictor"], predictor_config = load_predictor(kv_predictor)
-        tuning = {"window": kv_window, "ratio": kv_ratio, "rescore": kv_rescore}
-        tuning["evict_prompt"] = kv_evict_prompt
+        tuning = {"window": kv_window, "ratio": kv_ratio, "rescore": kv_rescore, "evict_prompt": kv_evict_prompt}
         options |= {k: v for k, v in tuning.items() if v is not None}
     elif kv_window is not None or kv_ratio is not None or kv_rescore is not None or kv_evict_prompt is not None:
         raise MemlmError(

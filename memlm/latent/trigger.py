@@ -21,9 +21,13 @@ class Trigger(nn.Module):
         super().__init__()
         self.head = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 1))
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d] hidden states at delimiters -> [...] log-odds of inserting."""
+        return self.head(hidden.to(self.head[0].weight.dtype)).squeeze(-1)
+
     def probability(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] hidden states at delimiters -> [...] P(insert)."""
-        return torch.sigmoid(self.head(hidden.to(self.head[0].weight.dtype)).squeeze(-1))
+        return torch.sigmoid(self.logits(hidden))
 
     def decide(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.probability(hidden) > 0.5

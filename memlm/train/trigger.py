@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
@@ -69,6 +70,28 @@ def is_mixed(scores: list[float]) -> bool:
     """Does a group hold both a right (>= 0.5) and a wrong answer, so that its advantages differ?"""
     right = sum(s >= 0.5 for s in scores)
     return 0 < right < len(scores)
+
+
+def trigger_loss(trigger, rollouts: list[dict]) -> tuple[torch.Tensor, dict]:
+    """REINFORCE with the group baseline: -advantage x log pi(decisions), mean over rollouts.
+
+    Log-probabilities come from the logits in float32 (logsigmoid), outside autocast: in bf16 a
+    confident trigger's P rounds to exactly 1, log(1 - P) is -inf, and a group whose advantage is
+    0 then multiplies 0 by -inf, which turned every weight into NaN (a NaN trigger never inserts,
+    which looked like learning to skip)."""
+    total = None
+    for r in rollouts:
+        if r["states"].shape[0] == 0 or r["advantage"] == 0:
+            continue  # no decision, or no signal (every answer of its group scored the same)
+        with torch.autocast(r["states"].device.type, enabled=False):
+            logits = trigger.logits(r["states"].float())
+        logp = torch.where(r["decisions"] > 0, F.logsigmoid(logits), F.logsigmoid(-logits)).sum()
+        total = -r["advantage"] * logp if total is None else total - r["advantage"] * logp
+    if total is None:  # nothing to learn from in the batch: a zero loss that still has a graph
+        total = sum(p.sum() for p in trigger.parameters()) * 0.0
+    n = len(rollouts)
+    stats = {key: sum(r[key] for r in rollouts) / n for key in ("reward", "score", "insertions", "mixed")}
+    return total / n, stats
 
 
 def sample_groups(engine, memory, task, problems, group_size: int, temperature: float, max_new_tokens: int, rng):
@@ -178,20 +201,6 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
                 )
         return rollouts
 
-    def loss_fn(model, rollouts):
-        total = 0.0
-        for r in rollouts:
-            if r["states"].shape[0] == 0:
-                continue
-            p = model.probability(r["states"]).clamp(1e-6, 1 - 1e-6)
-            logp = torch.where(r["decisions"] > 0, p.log(), (1 - p).log()).sum()
-            total = total - r["advantage"] * logp
-        if not torch.is_tensor(total):  # no decision anywhere in the batch: a zero loss that still has a graph
-            total = sum(p.sum() for p in model.parameters()) * 0.0
-        n = len(rollouts)
-        stats = {key: sum(r[key] for r in rollouts) / n for key in ("reward", "score", "insertions", "mixed")}
-        return total / n, stats
-
     out = Path(cfg.out_dir)
     train_cfg = TrainConfig(
         out_dir=str(out / "train"),
@@ -204,7 +213,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
         resume=cfg.resume,
         progress=cfg.progress,
     )
-    last = train(trigger, loss_fn, batch_fn, train_cfg)
+    last = train(trigger, trigger_loss, batch_fn, train_cfg)
     memory.config.update({"trigger_steps": cfg.steps, "trigger_penalty": cfg.penalty})
     folder = memory.save(out / "memory")
     report = {"memory": str(folder), "final_loss": last.get("loss")}
