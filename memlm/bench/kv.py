@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from memlm.atomic import atomic_write, write_json_atomic
 from memlm.bench.decode import SAMPLE_TEXT
-from memlm.cache.policies import POLICIES, SPAN_POLICIES, make_policy
+from memlm.cache.policies import POLICIES, SPAN_POLICIES, evicts_prompt, make_policy
 from memlm.errors import InvalidRequestError, MemlmError
 
 NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Keiko", "Luis"]
@@ -189,9 +189,8 @@ def run_kv_bench(
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
         "learned_rescore": rescore if "learned" in policies else None,
-        "learned_evict_prompt": {  # per learned row: whether its prompt tokens could be evicted
-            name: make_policy("learned", max(budgets), **opts).evict_prompt for name, (_, opts) in variants.items()
-        },
+        # per learned row: whether its prompt tokens could be evicted
+        "learned_evict_prompt": {name: opts["evict_prompt"] for name, (_, opts) in variants.items()},
         "spans": spans,
         "mean_full_trace_tokens": trace if full_row is not None else None,
         "learned_cost": cost,
@@ -244,8 +243,9 @@ def _learned_variants(folders: list[str], model_config, model: str, tuning: dict
     for folder in folders:
         predictor, config = load_predictor(folder, model_config, model)
         options = {"predictor": predictor} | {k: v for k, v in tuning.items() if v is not None}
-        evicts = make_policy("learned", 2**20, **options).evict_prompt  # the flag, or the predictor's default
-        name = "learned" if len(folders) == 1 else f"learned:{config.get('label', 'answer')}" + ":prompt" * evicts
+        options["evict_prompt"] = evicts_prompt(predictor, tuning.get("evict_prompt"))  # resolved once, per row
+        label = f"learned:{config.get('label', 'answer')}" + ":prompt" * options["evict_prompt"]
+        name = "learned" if len(folders) == 1 else label
         if name in variants:
             name = f"learned:{Path(folder).name}"
         variants[name] = (folder, options)

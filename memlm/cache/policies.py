@@ -202,6 +202,12 @@ class TOVAPolicy(_ScoredPolicy):
         return row.attention_last
 
 
+def evicts_prompt(predictor, evict_prompt: bool | None = None) -> bool:
+    """Whether a learned policy lets prompt tokens compete: the flag where given, else whether the
+    predictor was trained on prompt tokens too (`scores_prompt`)."""
+    return getattr(predictor, "scores_prompt", False) if evict_prompt is None else evict_prompt
+
+
 class LearnedPolicy(KVPolicy):
     """DynTS: a learned importance per token, prompt and answer tokens never evicted.
 
@@ -250,7 +256,7 @@ class LearnedPolicy(KVPolicy):
             raise InvalidRequestError(f"learned: rescore must be in [0, 1], got {rescore}")
         self.predictor, self.window, self.ratio, self.end_of_thinking = predictor, window, ratio, end_of_thinking
         self.spans, self.rescore = spans, rescore
-        self.evict_prompt = getattr(predictor, "scores_prompt", False) if evict_prompt is None else evict_prompt
+        self.evict_prompt = evicts_prompt(predictor, evict_prompt)
         self.needs_attention = rescore > 0
 
     def check_prompt(self, prompt_length: int) -> None:
