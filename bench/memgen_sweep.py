@@ -22,6 +22,8 @@ VARIANTS = {  # folder -> what changed against the first weaver row
     "delim_l10": "weaver: delimiter start, first 10 layers",
     "delim_lr3": "weaver: delimiter start, lr 3e-3",
     "eq": "weaver: random start, latents after '=' (where each line's result is written), not at line ends",
+    "states": "weaver: random start, reads the reasoner's KV cache (its states) instead of input embeddings",
+    "states_gated": "weaver: gated start (newline copies + gate x states, gate at 0), reads the reasoner's KV cache",
 }
 RESULTS = Path("bench/results/memgen_sweep.json")
 

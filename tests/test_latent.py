@@ -156,6 +156,80 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("weaver_layers", [None, 1])
+def test_states_weaver_training_equals_generation_batched_and_gets_gradients(weaver_layers):
+    """A weaver that reads the reasoner's KV cache: the segment-by-segment twin gives the engine's
+    log-probabilities, for a batch of examples with different insertion points as for each alone."""
+    from memlm.latent.training import LatentLM, make_example
+
+    engine = tiny_engine()
+    memory = _memory(engine, max_inference_aug=2, weaver_layers=weaver_layers, weaver_input="states")
+    assert memory.weaver.to_weaver is None and memory.weaver.reads_states
+    tok = engine.tokenizer
+    pairs = [("notes:", "a, b. c, d and the rest"), ("q", "no delimiter"), ("sum:\n", "1 + 2 = 3\nAnswer: 3")]
+    examples = [make_example(memory, tok.encode(p), tok.encode(t)) for p, t in pairs]
+    lm = LatentLM(memory)
+    with torch.no_grad():
+        hidden, targets = lm.scored_states(examples)
+        logprobs = torch.log_softmax(engine.model.logits(hidden), -1)[torch.arange(targets.numel()), targets]
+    assert targets.tolist() == [t for ex in examples for t in ex.target]  # each target token once, in order
+    offset = 0
+    for ex in examples:
+        generation = engine.score([ex.prompt], [ex.target], memory=memory)[0]
+        assert generation.insertions == ex.points  # the prompt's latents come at output 0 here too
+        n = len(ex.target)
+        torch.testing.assert_close(
+            logprobs[offset : offset + n], torch.tensor(generation.logprobs), atol=1e-4, rtol=1e-4
+        )
+        offset += n
+    # Batched generation equals each row alone (the weaver's queries share the batch's cache).
+    batched = engine.score([ex.prompt for ex in examples], [ex.target for ex in examples], memory=memory)
+    for ex, b in zip(examples, batched, strict=True):
+        alone = engine.score([ex.prompt], [ex.target], memory=memory)[0]
+        assert b.insertions == alone.insertions
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=1e-5)
+    # Gradients reach the queries, the projection and every adapter, through the cached latents.
+    loss, count = lm(examples)
+    (loss / count).backward()
+    assert memory.weaver.inference_queries.grad is not None and memory.weaver.prompt_queries.grad is not None
+    assert all(p.grad is not None for p in memory.weaver.lora_parameters())
+    assert all(p.grad is None for n, p in engine.model.named_parameters() if "lora" not in n)
+
+
+def test_states_weaver_leaves_the_cache_and_eviction_statistics_as_they_were(tmp_path):
+    from memlm.cache.policies import make_policy
+
+    engine = tiny_engine()
+    memory = _memory(engine, weaver_input="states")
+    state = engine.model.new_state(2, 32, track_attention=True)
+    ids = torch.tensor([engine.tokenizer.encode("abc, d."), engine.tokenizer.encode("xy, zw.")])
+    with torch.no_grad():
+        engine.model.forward_tokens(ids, torch.arange(ids.shape[1])[None].expand(2, -1), state)
+    before = (state.lengths.clone(), state.attention_sum.clone(), state.positions.clone(), state.k.clone())
+    with torch.no_grad():
+        latents = memory.weaver.weave_states(state, [7, 7], ["inference", None])
+    assert latents[1] is None and latents[0].shape == (2, engine.config.hidden_size)
+    assert torch.equal(state.lengths, before[0]) and torch.equal(state.attention_sum, before[1])
+    assert torch.equal(state.positions, before[2])
+    assert torch.equal(state.k[:, :, :, :7], before[3][:, :, :, :7])
+    # Saved and loaded, a states memory reads states again; generation under an eviction policy runs.
+    memory.save(tmp_path / "mem", dtype=None)
+    other = tiny_engine()
+    loaded = LatentMemory.load(tmp_path / "mem", other)
+    assert loaded.config["weaver_input"] == "states" and loaded.weaver.reads_states
+    prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
+    assert (
+        other.score([prompt], [continuation], memory=loaded)[0].logprobs
+        == engine.score([prompt], [continuation], memory=memory)[0].logprobs
+    )
+    out = engine.generate_tokens(
+        [prompt], SamplingParams(max_new_tokens=12, ignore_eos=True), memory=memory, kv_policy=make_policy("h2o", 12)
+    )[0]
+    assert len(out.token_ids) == 12 and out.insertions[0] == 0
+    with pytest.raises(MemlmError, match="unknown weaver input"):
+        LatentMemory.create(tiny_engine(), weaver_input="logits")
+
+
+@pytest.mark.parametrize("weaver_layers", [None, 1])
 def test_training_forward_equals_generation_and_never_labels_latent_slots(weaver_layers):
     from memlm.latent.training import IGNORE, LatentLM, interleave, make_example, weave_for_training
 
@@ -221,11 +295,12 @@ def test_truncated_weaver_runs_and_adapts_only_the_first_layers(tmp_path):
         LatentMemory.create(engine, lora_rank=4)  # a full weaver beside the truncated one
 
 
-def test_delimiter_init_starts_as_newlines_in_the_text():
-    """An untrained weaver with init="delimiter" writes copies of the newline's embedding, so the
-    reasoner reads exactly the text with newline tokens where the latents go."""
+@pytest.mark.parametrize("init", ["delimiter", "gated"])
+def test_delimiter_init_starts_as_newlines_in_the_text(init):
+    """An untrained weaver with init="delimiter" (or "gated") writes copies of the newline's
+    embedding, so the reasoner reads exactly the text with newline tokens where the latents go."""
     engine = tiny_engine()
-    memory = LatentMemory.create(engine, prompt_latents=3, inference_latents=2, lora_rank=4, init="delimiter")
+    memory = LatentMemory.create(engine, prompt_latents=3, inference_latents=2, lora_rank=4, init=init)
     newline = engine.tokenizer.encode("\n")
     tok = engine.tokenizer
     prompt, continuation = tok.encode("sum:\n"), tok.encode("1 + 2 = 3\n3 + 4 = 7\nAnswer: 7")
@@ -241,6 +316,41 @@ def test_delimiter_init_starts_as_newlines_in_the_text():
     torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor([text[i] for i in real]), atol=1e-5, rtol=0)
     with pytest.raises(MemlmError, match="unknown weaver init"):
         LatentMemory.create(tiny_engine(), init="zeros")
+
+
+def test_gated_weaver_opens_its_gate_first_and_then_trains_through_it(tmp_path):
+    from memlm.latent.training import LatentLM, make_example
+
+    engine = tiny_engine()
+    memory = LatentMemory.create(engine, prompt_latents=3, inference_latents=2, lora_rank=4, init="gated")
+    weaver, tok = memory.weaver, engine.tokenizer
+    with torch.no_grad():
+        for _, layer in lora_layers(engine.model):
+            layer.lora_b.normal_(std=0.05)
+    example = make_example(memory, tok.encode("sum:\n"), tok.encode("1 + 2 = 3\n3 + 4 = 7\nAnswer: 7"))
+    loss, count = LatentLM(memory)([example])
+    (loss / count).backward()
+    # Shut, the gate is the way in: it has a gradient, the adapters behind it none yet.
+    assert float(weaver.gate.grad.abs()) > 0
+    assert all(float(p.grad.abs().max()) == 0 for p in weaver.lora_parameters())
+    memory.weaver.zero_grad()
+    for p in weaver.lora_parameters():
+        p.grad = None
+    with torch.no_grad():
+        weaver.gate.fill_(0.02)
+    loss, count = LatentLM(memory)([example])
+    (loss / count).backward()
+    assert any(float(p.grad.abs().max()) > 0 for p in weaver.lora_parameters())
+    # The gate is part of the checkpoint: a loaded memory writes the same latents.
+    memory.save(tmp_path / "mem", dtype=None)
+    other = tiny_engine()
+    loaded = LatentMemory.load(tmp_path / "mem", other)
+    assert float(loaded.weaver.gate.detach()) == pytest.approx(0.02)
+    prompt, target = tok.encode("a, b."), tok.encode(" c, d.")
+    assert (
+        other.score([prompt], [target], memory=loaded)[0].logprobs
+        == engine.score([prompt], [target], memory=memory)[0].logprobs
+    )
 
 
 def _rope(model, n):
@@ -443,6 +553,8 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
     _memory(Engine.load(str(folder)), max_inference_aug=2).save(tmp_path / "mem")
+    learned = _memory(Engine.load(str(folder)), max_inference_aug=2, trigger="learned", weaver_input="states")
+    learned.save(tmp_path / "learned")
     text = tmp_path / "prose.txt"
     text.write_text("The river ran past the mill, and the miller, tired, slept. Then it rained.\n\n" * 4)
     report = run_memgen_bench(
@@ -450,6 +562,7 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
         "chain_sum_short",
         3,
         weaver=str(tmp_path / "mem"),
+        weaver_trigger=str(tmp_path / "learned"),
         json_path=str(tmp_path / "m.json"),
         plot_path=str(tmp_path / "m.png"),
         batch_size=3,
@@ -461,8 +574,14 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
         text_tokens=24,
     )
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
-    assert rows == report["rows"] and [r["variant"] for r in rows] == ["vanilla", "weaver"]
+    assert rows == report["rows"]
+    assert [r["variant"] for r in rows] == ["vanilla", "weaver", "weaver_trigger", "weaver_never"]
     assert rows[0]["insertions_per_answer"] == 0 and rows[1]["insertions_per_answer"] >= 1
+    # `never` keeps only the prompt's latents; the learned trigger lies between the extremes.
+    assert rows[3]["insertions_per_answer"] == 1 and rows[3]["weaver_input"] == "states"
+    assert 1 <= rows[2]["insertions_per_answer"] <= 3
+    assert rows[1]["weaver_input"] == "embeddings" and "weaver_input" not in rows[0]
+    rows = rows[:2]  # the checks below compare vanilla and the weaver
     assert rows[0]["speed_vs_vanilla"] == 1.0 and rows[1]["speed_vs_vanilla"] > 0
     assert rows[0]["fixed_len_speed_vs_vanilla"] == 1.0 and rows[1]["fixed_len_tok_s"] > 0
     assert rows[0]["single_speed_vs_vanilla"] == 1.0 and rows[1]["single_tok_s"] > 0

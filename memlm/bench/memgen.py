@@ -1,11 +1,12 @@
-"""`memlm bench memgen`: does latent memory help? Four variants on the same held-out problems.
+"""`memlm bench memgen`: does latent memory help? Five variants on the same held-out problems.
 
 (a) vanilla: the base reasoner; (b) lora_sft: the reasoner fine-tuned with LoRA on the same data
 and step budget (`memlm train sft`); (c) weaver: the frozen reasoner with the MemGen weaver and
 the `always` trigger (`memlm train weaver`); (d) weaver_trigger: the same weaver with the learned
-trigger (`memlm train trigger`). Each answers the task's test split greedily; reported per
-variant: accuracy (the task's scorer), insertions per answer, decode tok/s and its ratio to
-vanilla. Variants without a path are left out.
+trigger (`memlm train trigger`), and (e) weaver_never: that folder with the `never` trigger (the
+prompt's latents only), so the trigger is judged between its two extremes. Each answers the
+task's test split greedily; reported per variant: accuracy (the task's scorer), insertions per
+answer, decode tok/s and its ratio to vanilla. Variants without a path are left out.
 
 Forgetting (MemGen's case for a frozen reasoner): fine-tuning the reasoner's weights can cost
 what it could already do, a memory beside frozen weights should not. With `retain_task` each
@@ -28,7 +29,7 @@ import time
 
 from memlm.atomic import atomic_write, write_json_atomic
 
-VARIANTS = ("vanilla", "lora_sft", "weaver", "weaver_trigger")
+VARIANTS = ("vanilla", "lora_sft", "weaver", "weaver_trigger", "weaver_never")
 SINGLE_STREAMS = 2  # requests timed one at a time
 
 
@@ -64,7 +65,11 @@ def run_memgen_bench(
     retain_problems = retain.problems(n, "test") if retain else []
     windows = _text_windows(model, text, text_windows, text_tokens) if text else []
     plan = [("vanilla", model, None), ("lora_sft", lora_sft, None)]
-    plan += [("weaver", model, weaver), ("weaver_trigger", model, weaver_trigger)]
+    plan += [
+        ("weaver", model, weaver),
+        ("weaver_trigger", model, weaver_trigger),
+        ("weaver_never", model, weaver_trigger),
+    ]
     rows = []
     for variant, model_path, memory_path in plan:
         if model_path is None or (variant.startswith("weaver") and memory_path is None):
@@ -72,7 +77,7 @@ def run_memgen_bench(
         engine = Engine.load(model_path)
         # (c) is the weaver with the `always` trigger whatever folder it comes from, so one folder
         # trained by `memlm train trigger` can serve both (c) and (d).
-        trigger = {"weaver": "always", "weaver_trigger": "learned"}.get(variant)
+        trigger = {"weaver": "always", "weaver_trigger": "learned", "weaver_never": "never"}.get(variant)
         memory = LatentMemory.load(memory_path, engine, trigger=trigger) if memory_path else None
         console.print(f"[dim]{variant}...[/dim]")
         result = evaluate_task(engine, task, problems, batch_size, max_new_tokens, memory=memory)
@@ -87,6 +92,11 @@ def run_memgen_bench(
                 "generated_tokens": result.generated_tokens,
             }
         )
+        if memory is not None:  # what the memory is: the weaver's input and start
+            rows[-1] |= {
+                "weaver_input": memory.config.get("weaver_input", "embeddings"),
+                "init": memory.config.get("init"),
+            }
         if speed_tokens:
             batch = problems[:batch_size]
             rows[-1]["fixed_len_tok_s"] = _fixed_length_tok_s(engine, task, [batch], memory, speed_tokens)

@@ -721,8 +721,19 @@ def train_weaver(
         int | None, typer.Option(help="Truncated weaver: only the reasoner's first N layers (default all).")
     ] = None,
     init: Annotated[
-        str, typer.Option(help="Latents at step 0: random, or delimiter (copies of the delimiter's embedding).")
+        str,
+        typer.Option(
+            help="Latents at step 0: random; delimiter (copies of the delimiter's embedding); gated (those "
+            "copies, plus the weaver's states behind a gate that starts shut)."
+        ),
     ] = "random",
+    weaver_input: Annotated[
+        str,
+        typer.Option(
+            help="What the weaver reads: embeddings (its own pass over the tokens) or states (the "
+            "reasoner's KV cache)."
+        ),
+    ] = "embeddings",
     delimiter: Annotated[
         list[str] | None,
         typer.Option(
@@ -745,6 +756,10 @@ def train_weaver(
     from memlm.data.tasks import get_task
 
     get_task(task)  # an unknown task fails before the model loads
+    from memlm.latent.weaver import WEAVER_INPUTS
+
+    if weaver_input not in WEAVER_INPUTS:
+        raise MemlmError(f"unknown weaver input {weaver_input!r}; choose from {', '.join(WEAVER_INPUTS)}")
     report = run_weaver_training(
         WeaverConfig(
             model=model,
@@ -759,6 +774,7 @@ def train_weaver(
             max_inference_aug=max_inference_aug,
             weaver_layers=weaver_layers,
             init=init,
+            weaver_input=weaver_input,
             delimiters=_delimiters(delimiter),
             n_train=n_train,
             n_eval=n_eval,

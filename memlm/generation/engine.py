@@ -403,10 +403,12 @@ class Engine:
             deltas.append(StreamDelta(r.index, text, r.finish_reason, token_id=token, position=position, **seen))
         if batch.history is not None:
             batch.history.record(took, [chosen[row] for row in took])
+        state_row = {id(r): row for row, r in enumerate(rows)}
         for session in batch.sessions.values():
             wanted = [r for r in session.requests if id(r) in inserting]
             if wanted:
-                for r, latents in zip(wanted, session.inference_latents(wanted), strict=True):
+                woven = session.inference_latents(wanted, state, [state_row[id(r)] for r in wanted])
+                for r, latents in zip(wanted, woven, strict=True):
                     r.pending_latents = latents
         self._retire()
         clock("sampling")

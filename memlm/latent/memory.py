@@ -21,7 +21,7 @@ from memlm.latent.weaver import Weaver
 from memlm.models.lora import lora_layers
 
 CONFIG_FILE = "latent_memory.json"
-WEAVER_INITS = ("random", "delimiter")
+WEAVER_INITS = ("random", "delimiter", "gated")
 WEIGHTS_FILE = "latent_memory.safetensors"
 
 
@@ -56,19 +56,32 @@ class LatentMemory:
         delimiters=DEFAULT_DELIMITERS,
         weaver_layers: int | None = None,
         init: str = "random",
+        weaver_input: str = "embeddings",
     ) -> LatentMemory:
         """A fresh (untrained) memory on `engine`'s model; LoRA is added to that model in place.
 
         `weaver_layers` truncates the weaver to the reasoner's first layers; `init` is "random" or
         "delimiter" (latents start as copies of the newline's embedding, or of the first delimiter's
-        without a newline among them: see Weaver)."""
+        without a newline among them: see Weaver) or "gated" (those copies plus the weaver's
+        projected states behind a gate that starts shut); `weaver_input` is what the weaver reads,
+        "embeddings" or the reasoner's "states" (see Weaver)."""
         if init not in WEAVER_INITS:
             raise MemlmError(f"unknown weaver init {init!r}; choose from {', '.join(WEAVER_INITS)}")
         anchor = None
-        if init == "delimiter":
+        if init in ("delimiter", "gated"):
             ids = engine.tokenizer.encode("\n" if "\n" in delimiters else delimiters[0], add_special_tokens=False)
             anchor = engine.model.embed(torch.tensor(ids[-1:], device=engine.model.device))[0].detach()
-        weaver = Weaver(engine.model, prompt_latents, inference_latents, lora_rank, lora_alpha, weaver_layers, anchor)
+        weaver = Weaver(
+            engine.model,
+            prompt_latents,
+            inference_latents,
+            lora_rank,
+            lora_alpha,
+            weaver_layers,
+            anchor,
+            weaver_input,
+            gated=init == "gated",
+        )
         config = {
             "base_model": engine.name,
             "hidden_size": engine.config.hidden_size,
@@ -82,6 +95,7 @@ class LatentMemory:
             "delimiters": list(delimiters),
             "weaver_layers": weaver.depth or engine.config.num_layers,
             "init": init,
+            "weaver_input": weaver_input,
         }
         return cls(
             weaver,
@@ -160,6 +174,8 @@ class LatentMemory:
             max_inference_aug=config.get("max_inference_aug", 8),
             delimiters=tuple(config.get("delimiters", DEFAULT_DELIMITERS)),
             weaver_layers=layers,
+            weaver_input=str(config.get("weaver_input", "embeddings")),
+            init=str(config.get("init", "random")),  # a gated weaver has one more tensor, its gate
             **shape,
         )
         memory.config = config
@@ -188,7 +204,11 @@ class LatentMemory:
 class LatentSession:
     """A LatentMemory in use by some requests of a running batch: the weaver's cache (one row per
     request, in `requests` order) and what each request has read and inserted so far. Requests join
-    (`add`) and leave (`keep`) as the engine's batch changes."""
+    (`add`) and leave (`keep`) as the engine's batch changes.
+
+    A weaver that reads the reasoner's states has no cache of its own. Its prompt latents need the
+    reasoner's pass over the prompt, so they come one step later, the way a delimiter's do: the
+    token sampled after the prompt is dropped, and the next one is sampled after the latents."""
 
     def __init__(self, memory: LatentMemory):
         self.memory = memory
@@ -197,21 +217,26 @@ class LatentSession:
         self.fed: list[int] = []  # tokens of each request the weaver has read
         self.inserted: list[int] = []  # inference insertions so far
         self.last_at: list[int] = []  # output length at the last insertion (never twice in a row)
+        self.awaiting_prompt: list[bool] = []  # states weaver: prompt latents still to write
 
     def add(self, requests: list) -> list[torch.Tensor | None]:
-        """Take these requests in; -> the latents to insert right after each prompt (None: none)."""
-        capacity = max(len(r.prompt_ids) for r in requests) + self.memory.extra_slots() + 16
-        fresh = self.memory.weaver.new_cache(len(requests), capacity)
-        if self.cache is None:
-            self.cache = fresh
-        else:
-            self.cache.extend(fresh)
+        """Take these requests in; -> the latents to insert right after each prompt (None: none,
+        or, for a weaver that reads the reasoner's states, not yet)."""
+        states = self.memory.weaver.reads_states
+        if not states:
+            capacity = max(len(r.prompt_ids) for r in requests) + self.memory.extra_slots() + 16
+            fresh = self.memory.weaver.new_cache(len(requests), capacity)
+            if self.cache is None:
+                self.cache = fresh
+            else:
+                self.cache.extend(fresh)
         first = len(self.requests)
         self.requests += requests
         self.fed += [0] * len(requests)
         self.inserted += [0] * len(requests)
         self.last_at += [-1] * len(requests)
-        if self.memory.prompt_latents() == 0:
+        self.awaiting_prompt += [states and self.memory.prompt_latents() > 0] * len(requests)
+        if self.memory.prompt_latents() == 0 or states:
             return [None] * len(requests)
         rows = range(first, len(self.requests))
         latents = self._weave({row: self.requests[row].prompt_ids for row in rows}, "prompt")
@@ -223,16 +248,19 @@ class LatentSession:
         """The requests that insert now: their last token is a delimiter (given the token sampled after
         it), they have insertions left, and the trigger fires on the delimiter's hidden state.
         `requests` are some of this session's, `following` their sampled tokens, `hidden` [n, d]."""
-        memory, candidates = self.memory, []
+        memory, candidates, prompt = self.memory, [], []
         for i, (r, token) in enumerate(zip(requests, following, strict=True)):
             row, output = self.requests.index(r), r.output_ids
+            if self.awaiting_prompt[row]:  # the prompt's latents are not the trigger's to decide
+                prompt.append(r)
+                continue
             if not output or self.inserted[row] >= memory.max_inference_aug or self.last_at[row] == len(output):
                 continue
             previous = output[-2] if len(output) > 1 else r.prompt_ids[-1]
             if memory.delimiters.is_insertion_point(previous, output[-1], token):
                 candidates.append(i)
         if not candidates:
-            return []
+            return prompt
         states = hidden[candidates]
         if memory.explore is not None:  # exploring: sample, and remember what was decided where
             p = memory.trigger.probability(states).float()
@@ -241,14 +269,29 @@ class LatentSession:
                 requests[i].decisions.append((state.detach().float().cpu(), yes))
         else:
             fire = memory.trigger.decide(states).tolist()
-        return [requests[i] for i, yes in zip(candidates, fire, strict=True) if yes]
+        return prompt + [requests[i] for i, yes in zip(candidates, fire, strict=True) if yes]
 
-    def inference_latents(self, inserting: list) -> list[torch.Tensor]:
-        """Latents for these requests, from everything they have read and written so far."""
+    def inference_latents(self, inserting: list, state=None, state_rows: list[int] | None = None) -> list[torch.Tensor]:
+        """Latents for these requests, from everything they have read and written so far.
+
+        A weaver that reads the reasoner's states reads them from `state` (the reasoner's cache),
+        where request `inserting[i]` is row `state_rows[i]`."""
         rows = [self.requests.index(r) for r in inserting]
-        latents = self._weave({row: self.requests[row].prompt_ids + self.requests[row].output_ids for row in rows})
+        if self.memory.weaver.reads_states:
+            kinds: list[str | None] = [None] * state.batch_size
+            starts = [0] * state.batch_size
+            for row, at in zip(rows, state_rows, strict=True):
+                kinds[at] = "prompt" if self.awaiting_prompt[row] else "inference"
+                starts[at] = self.requests[row].next_position
+            woven = self.memory.weaver.weave_states(state, starts, kinds)
+            latents = {row: woven[at] for row, at in zip(rows, state_rows, strict=True)}
+        else:
+            latents = self._weave({row: self.requests[row].prompt_ids + self.requests[row].output_ids for row in rows})
         for row in rows:
-            self.inserted[row] += 1
+            if self.awaiting_prompt[row]:
+                self.awaiting_prompt[row] = False
+            else:
+                self.inserted[row] += 1
             self.last_at[row] = len(self.requests[row].output_ids)
         return [latents[row] for row in rows]
 
@@ -264,11 +307,13 @@ class LatentSession:
     def keep(self, requests: list) -> None:
         """Only these requests stay (in this order, a subsequence of the current one)."""
         rows = [self.requests.index(r) for r in requests]
-        self.cache.select_rows(rows)
+        if self.cache is not None:
+            self.cache.select_rows(rows)
         self.requests = list(requests)
         self.fed = [self.fed[i] for i in rows]
         self.inserted = [self.inserted[i] for i in rows]
         self.last_at = [self.last_at[i] for i in rows]
+        self.awaiting_prompt = [self.awaiting_prompt[i] for i in rows]
 
 
 def mark_insertions(tokenizer, token_ids: list[int], insertions: list[int], mark: str = "⟨mem⟩") -> str:

@@ -1,13 +1,22 @@
 """The MemGen weaver: the reasoner's own weights plus LoRA, writing latent memory.
 
-The weaver reads the sequence so far, as the reasoner's input embeddings (projected by
-`to_weaver`; the reference implementation feeds input embeddings too, which lets the weaver keep
-its own incremental cache over the tokens), appends K learned query vectors (`prompt_queries`
-after the prompt, `inference_queries` at a delimiter), and returns the last-layer hidden states
-of those queries projected into the reasoner's embedding space (`to_reasoner`). The reasoner
-then reads them as K extra positions of its context.
+The weaver appends K learned query vectors (`prompt_queries` after the prompt,
+`inference_queries` at a delimiter) to the sequence so far and returns the last-layer hidden
+states of those queries projected into the reasoner's embedding space (`to_reasoner`). The
+reasoner then reads them as K extra positions of its context. What the queries attend to is the
+weaver's `input`:
 
-Two choices decide how fast it learns (measured in bench/README.md, "the weaver sweep"):
+* "embeddings": the sequence's input embeddings (projected by `to_weaver`), read by the weaver
+  itself with LoRA on, in its own incremental cache over the real tokens (the reference
+  implementation's choice). The weaver recomputes the whole prefix with its adapted weights.
+* "states": the reasoner's own keys and values, layer by layer, in the reasoner's KV cache: what
+  the reasoner computed for the prefix, latents inserted so far included (its hidden states at
+  every layer, as attention sees them). Only the K queries run with LoRA on, over that cache,
+  and are dropped from it again: no second cache, no catching up on the tokens since the last
+  insertion. The price is in training: each insertion's latents depend on the reasoner's pass
+  over the earlier ones, so the differentiable twin runs segment by segment (training.py).
+
+Two more choices decide how fast it learns (measured in bench/README.md, "the weaver sweep"):
 
 * `depth`: a truncated weaver runs only the reasoner's first `depth` layers (LoRA on those only),
   cheaper per insertion and per training step.
@@ -17,6 +26,12 @@ Two choices decide how fast it learns (measured in bench/README.md, "the weaver 
   own embedding are nearly neutral (0.38; "\n" after "\n" is text the reasoner has seen). With an
   anchor, `to_reasoner` starts at weight 0 and bias `anchor`, so step 0 writes those copies and
   training moves away from a reasoner that still works, as LoRA's zero-initialised B does.
+  That start has no route from the weaver's hidden states, though (weight 0), so the LoRA inside
+  the weaver gets no gradient until the projection has grown one. `gated` keeps both: latent =
+  anchor + g * W h, W the pass-through projection and g a scalar gate that starts at 0 (so step 0
+  still writes the anchor copies) and moves GATE_GAIN times faster than the other parameters
+  (Adam moves a parameter by about lr a step; a gate moving at lr would stay near 0 for
+  hundreds of steps).
 
 Weaver and reasoner are one LlamaModel: LoRA wrappers share the frozen base weights and stay
 switched off except inside the weaver's own forward, so the engine, which runs the model as is,
@@ -34,6 +49,8 @@ from memlm.models.llama import LlamaModel
 from memlm.models.lora import add_lora, lora_layers, lora_switched
 
 QUERY_KINDS = ("prompt", "inference")
+WEAVER_INPUTS = ("embeddings", "states")
+GATE_GAIN = 25.0  # the gate's effective learning rate, as a multiple of the weaver's
 
 
 class Weaver(nn.Module):
@@ -46,8 +63,13 @@ class Weaver(nn.Module):
         lora_alpha: float = 32.0,
         depth: int | None = None,
         anchor: torch.Tensor | None = None,
+        input: str = "embeddings",
+        gated: bool = False,
     ):
         super().__init__()
+        if input not in WEAVER_INPUTS:
+            raise MemlmError(f"unknown weaver input {input!r}; choose from {', '.join(WEAVER_INPUTS)}")
+        self.input = input
         layers = reasoner.config.num_layers
         if depth is not None and not 1 <= depth <= layers:
             raise MemlmError(f"the weaver's layers must be 1..{layers}, got {depth}")
@@ -69,16 +91,22 @@ class Weaver(nn.Module):
         scale = float(reasoner.embed_tokens.weight.std())
         self.prompt_queries = nn.Parameter(torch.randn(prompt_latents, d, dtype=reasoner.dtype) * scale)
         self.inference_queries = nn.Parameter(torch.randn(inference_latents, d, dtype=reasoner.dtype) * scale)
-        self.to_weaver = nn.Linear(d, d, dtype=reasoner.dtype)
+        # Reading the reasoner's states, the weaver sees no embeddings of its own to project.
+        self.to_weaver = nn.Linear(d, d, dtype=reasoner.dtype) if input == "embeddings" else None
         self.to_reasoner = nn.Linear(d, d, dtype=reasoner.dtype)
         with torch.no_grad():  # start as "pass through": embeddings in, hidden states out at embedding scale
-            self.to_weaver.weight.copy_(torch.eye(d))
-            self.to_weaver.bias.zero_()
+            if self.to_weaver is not None:
+                self.to_weaver.weight.copy_(torch.eye(d))
+                self.to_weaver.bias.zero_()
             self.to_reasoner.weight.copy_(torch.eye(d) * scale)
             self.to_reasoner.bias.zero_()
             if anchor is not None:  # start as copies of the anchor embedding (see the module doc)
-                self.to_reasoner.weight.zero_()
+                if not gated:
+                    self.to_reasoner.weight.zero_()
                 self.to_reasoner.bias.copy_(anchor)
+        if gated and anchor is None:
+            raise MemlmError("a gated weaver starts from an anchor embedding")
+        self.gate = nn.Parameter(torch.zeros(1, dtype=reasoner.dtype)) if gated else None
 
     @property
     def num_latents(self) -> dict[str, int]:
@@ -89,6 +117,17 @@ class Weaver(nn.Module):
 
     def queries(self, kind: str) -> torch.Tensor:
         return self.prompt_queries if kind == "prompt" else self.inference_queries
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The queries' last hidden states [K, d] -> latent embeddings for the reasoner [K, d]."""
+        if self.gate is None:
+            return self.to_reasoner(hidden)
+        route = hidden @ self.to_reasoner.weight.T
+        return self.to_reasoner.bias + (GATE_GAIN * self.gate) * route
+
+    @property
+    def reads_states(self) -> bool:
+        return self.input == "states"
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         model, config = self.reasoner, self.reasoner.config
@@ -135,5 +174,41 @@ class Weaver(nn.Module):
                 out.append(None)
                 continue
             n, k = len(pending[row]), self.num_latents[kind]
-            out.append(self.to_reasoner(hidden[row, n : n + k]))
+            out.append(self.project(hidden[row, n : n + k]))
         return out
+
+    def weave_states(self, cache, starts: list[int], kinds: list[str | None]) -> list[torch.Tensor | None]:
+        """Latent memory for the rows whose kind is not None, read from the reasoner's own `cache`.
+
+        Each such row's queries run at positions `starts[row]` onwards (where its latents will go),
+        attend to everything the row's cache holds, and leave the cache as they found it: its
+        lengths, and no attention statistics from them (an eviction policy must not count what
+        the weaver looked at). -> per row, [K, d] latent embeddings for the reasoner, or None.
+        `cache` is a KVCache, or training's differentiable segment cache (training.py).
+        """
+        model = self.reasoner
+        batch = len(kinds)
+        width = max((self.num_latents[kind] for kind in kinds if kind is not None), default=0)
+        if width == 0:
+            return [None] * batch
+        x = torch.zeros(batch, width, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        positions = torch.full((batch, width), -1, dtype=torch.long, device=model.device)
+        for row, kind in enumerate(kinds):
+            if kind is not None:
+                k = self.num_latents[kind]
+                x[row, :k] = self.queries(kind)
+                positions[row, :k] = torch.arange(starts[row], starts[row] + k)
+        lengths, tracking = cache.lengths.clone(), cache.track_attention
+        last_step = getattr(cache, "last_step", None)
+        cache.track_attention = False
+        try:
+            with lora_switched(model, True):
+                hidden = model(x, positions, cache, depth=self.depth)
+        finally:
+            cache.track_attention = tracking
+            cache.truncate(lengths)  # forget the queries
+            cache.last_step = last_step
+        return [
+            None if kind is None else self.project(hidden[row, : self.num_latents[kind]])
+            for row, kind in enumerate(kinds)
+        ]
