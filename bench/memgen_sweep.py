@@ -24,6 +24,8 @@ VARIANTS = {  # folder -> what changed against the first weaver row
     "eq": "weaver: random start, latents after '=' (where each line's result is written), not at line ends",
     "states": "weaver: random start, reads the reasoner's KV cache (its states) instead of input embeddings",
     "states_gated": "weaver: gated start (newline copies + gate x states, gate at 0), reads the reasoner's KV cache",
+    "kv_delim": "weaver: reads the reasoner's KV cache and writes keys and values there (queries start as newlines)",
+    "kv_random": "weaver: reads the reasoner's KV cache and writes keys and values there (random queries)",
 }
 RESULTS = Path("bench/results/memgen_sweep.json")
 

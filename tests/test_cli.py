@@ -50,6 +50,8 @@ def run(cli, *args, stdin=None):
         (["eval", "--trigger", "learned"], "--trigger needs --memory"),
         (["train", "weaver"], "--out is required"),
         (["train", "weaver", "--out", "/tmp/x", "--task", "chess"], "unknown task"),
+        (["train", "weaver", "--out", "/tmp/x", "--weaver-output", "logits"], "unknown weaver output"),
+        (["train", "weaver", "--out", "/tmp/x", "--weaver-output", "kv"], "needs --weaver-input states"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(memlm_cli, args, message):

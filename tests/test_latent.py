@@ -21,7 +21,8 @@ def _memory(engine, seed=0, **options):
     with torch.no_grad():  # a trained-looking memory: adapters and projections away from identity
         for _, layer in lora_layers(engine.model):
             layer.lora_b.normal_(std=0.05)
-        memory.weaver.to_reasoner.weight.add_(torch.randn_like(memory.weaver.to_reasoner.weight) * 0.05)
+        if memory.weaver.to_reasoner is not None:  # a "kv" weaver has no projection
+            memory.weaver.to_reasoner.weight.add_(torch.randn_like(memory.weaver.to_reasoner.weight) * 0.05)
     return memory
 
 
@@ -227,6 +228,115 @@ def test_states_weaver_leaves_the_cache_and_eviction_statistics_as_they_were(tmp
     assert len(out.token_ids) == 12 and out.insertions[0] == 0
     with pytest.raises(MemlmError, match="unknown weaver input"):
         LatentMemory.create(tiny_engine(), weaver_input="logits")
+
+
+def test_kv_weaver_training_equals_generation_batched_and_gets_gradients():
+    """A weaver whose queries' keys and values stay in the reasoner's cache: the segment twin gives
+    the engine's log-probabilities, batched and alone; the token sampled at an insertion point is
+    kept (each target token is scored once, from before the latents)."""
+    from memlm.latent.training import LatentLM, make_example
+
+    engine = tiny_engine()
+    memory = _memory(engine, max_inference_aug=2, weaver_input="states", weaver_output="kv")
+    assert memory.weaver.writes_kv and memory.weaver.to_reasoner is None
+    tok = engine.tokenizer
+    pairs = [("notes:", "a, b. c, d and the rest"), ("q", "no delimiter"), ("sum:\n", "1 + 2 = 3\nAnswer: 3")]
+    examples = [make_example(memory, tok.encode(p), tok.encode(t)) for p, t in pairs]
+    lm = LatentLM(memory)
+    with torch.no_grad():
+        hidden, targets = lm.scored_states(examples)
+        logprobs = torch.log_softmax(engine.model.logits(hidden), -1)[torch.arange(targets.numel()), targets]
+    assert targets.tolist() == [t for ex in examples for t in ex.target]
+    offset = 0
+    for ex in examples:
+        generation = engine.score([ex.prompt], [ex.target], memory=memory)[0]
+        assert generation.insertions == ex.points
+        n = len(ex.target)
+        torch.testing.assert_close(
+            logprobs[offset : offset + n], torch.tensor(generation.logprobs), atol=1e-4, rtol=1e-4
+        )
+        offset += n
+    batched = engine.score([ex.prompt for ex in examples], [ex.target for ex in examples], memory=memory)
+    for ex, b in zip(examples, batched, strict=True):
+        alone = engine.score([ex.prompt], [ex.target], memory=memory)[0]
+        assert b.insertions == alone.insertions
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=1e-5)
+    loss, count = lm(examples)
+    (loss / count).backward()
+    assert memory.weaver.inference_queries.grad is not None and memory.weaver.prompt_queries.grad is not None
+    # Only keys and values are kept, so past the last layer's qkv projection nothing reaches the loss.
+    last = engine.config.num_layers - 1
+    for name, layer in lora_layers(engine.model):
+        dead = name.startswith(f"layers.{last}.") and "qkv" not in name
+        assert (layer.lora_a.grad is None) == dead and (layer.lora_b.grad is None) == dead, name
+    assert all(p.grad is None for n, p in engine.model.named_parameters() if "lora" not in n)
+
+
+def test_kv_weaver_delimiter_start_writes_the_keys_and_values_of_newlines():
+    """Untrained (LoRA's B = 0), a "kv" weaver with the delimiter start writes exactly what the frozen
+    reasoner computes for newline tokens in the latent slots: scoring with the memory equals a plain
+    forward over the text with K newlines after each insertion point, each target token read from
+    the real token before it (the latents come after the token that predicts the next one)."""
+    engine = tiny_engine()
+    memory = LatentMemory.create(
+        engine, prompt_latents=3, inference_latents=2, lora_rank=4, max_inference_aug=2,
+        init="delimiter", weaver_input="states", weaver_output="kv",
+    )
+    tok, model = engine.tokenizer, engine.model
+    prompt, target = tok.encode("notes:"), tok.encode("a, b. c, d and the rest")
+    result = engine.score([prompt], [target], memory=memory)[0]
+    assert result.insertions == [0, 2, 5]
+    newline = tok.encode("\n")[-1]
+    ids, predictor = list(prompt), []  # predictor[j]: the index whose logits score target[j]
+    for j, token in enumerate(target):
+        predictor.append(len(ids) - 1)
+        if j in result.insertions:
+            ids += [newline] * (3 if j == 0 else 2)
+        ids.append(token)
+    with torch.no_grad():
+        logits = model.logits(model.forward_tokens(torch.tensor([ids]), torch.arange(len(ids))[None], None))[0]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    expected = torch.stack([logprobs[i, t] for i, t in zip(predictor, target, strict=True)])
+    torch.testing.assert_close(torch.tensor(result.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_weaver_slots_in_the_cache_checkpoint_and_errors(tmp_path):
+    from memlm.cache.policies import make_policy
+
+    engine = tiny_engine()
+    memory = _memory(engine, weaver_input="states", weaver_output="kv")
+    state = engine.model.new_state(2, 32, track_attention=True)
+    ids = torch.tensor([engine.tokenizer.encode("abc, d."), engine.tokenizer.encode("xy, zw.")])
+    with torch.no_grad():
+        engine.model.forward_tokens(ids, torch.arange(ids.shape[1])[None].expand(2, -1), state)
+    before = (state.attention_sum.clone(), state.k.clone())
+    with torch.no_grad():
+        written = memory.weaver.write_states(state, [7, 7], ["inference", None])
+    assert written == [2, 0] and state.lengths.tolist() == [9, 7]
+    assert state.positions[0, 7:9].tolist() == [7, 8]
+    assert torch.equal(state.attention_sum, before[0])  # the weaver's reads are not counted
+    assert torch.equal(state.k[:, :, :, :7], before[1][:, :, :, :7])
+    assert not torch.equal(state.k[:, 0, :, 7:9], before[1][:, 0, :, 7:9])
+    # Saved and loaded, it writes keys and values again; under an eviction policy generation runs
+    # and the latent slots are not tokens.
+    memory.save(tmp_path / "mem", dtype=None)
+    other = tiny_engine()
+    loaded = LatentMemory.load(tmp_path / "mem", other)
+    assert loaded.config["weaver_output"] == "kv" and loaded.weaver.writes_kv
+    prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
+    assert (
+        other.score([prompt], [continuation], memory=loaded)[0].logprobs
+        == engine.score([prompt], [continuation], memory=memory)[0].logprobs
+    )
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    out = engine.generate_tokens([prompt], params, memory=memory, kv_policy=make_policy("h2o", 12))[0]
+    assert len(out.token_ids) == 12 and out.insertions[0] == 0
+    with pytest.raises(MemlmError, match="reads the reasoner's states"):
+        LatentMemory.create(tiny_engine(), weaver_output="kv")
+    with pytest.raises(MemlmError, match="all layers"):
+        LatentMemory.create(tiny_engine(), weaver_input="states", weaver_output="kv", weaver_layers=1)
+    with pytest.raises(MemlmError, match="unknown weaver output"):
+        LatentMemory.create(tiny_engine(), weaver_output="logits")
 
 
 @pytest.mark.parametrize("weaver_layers", [None, 1])

@@ -92,9 +92,10 @@ def run_memgen_bench(
                 "generated_tokens": result.generated_tokens,
             }
         )
-        if memory is not None:  # what the memory is: the weaver's input and start
+        if memory is not None:  # what the memory is: the weaver's input, output and start
             rows[-1] |= {
                 "weaver_input": memory.config.get("weaver_input", "embeddings"),
+                "weaver_output": memory.config.get("weaver_output", "embeddings"),
                 "init": memory.config.get("init"),
             }
         if speed_tokens:

@@ -734,6 +734,13 @@ def train_weaver(
             "reasoner's KV cache)."
         ),
     ] = "embeddings",
+    weaver_output: Annotated[
+        str,
+        typer.Option(
+            help="What the weaver writes: embeddings (latent tokens the reasoner reads) or kv (the latent "
+            "slots' keys and values at every layer; needs --weaver-input states)."
+        ),
+    ] = "embeddings",
     delimiter: Annotated[
         list[str] | None,
         typer.Option(
@@ -756,10 +763,14 @@ def train_weaver(
     from memlm.data.tasks import get_task
 
     get_task(task)  # an unknown task fails before the model loads
-    from memlm.latent.weaver import WEAVER_INPUTS
+    from memlm.latent.weaver import WEAVER_INPUTS, WEAVER_OUTPUTS
 
     if weaver_input not in WEAVER_INPUTS:
         raise MemlmError(f"unknown weaver input {weaver_input!r}; choose from {', '.join(WEAVER_INPUTS)}")
+    if weaver_output not in WEAVER_OUTPUTS:
+        raise MemlmError(f"unknown weaver output {weaver_output!r}; choose from {', '.join(WEAVER_OUTPUTS)}")
+    if weaver_output == "kv" and (weaver_input != "states" or weaver_layers is not None or init == "gated"):
+        raise MemlmError("--weaver-output kv needs --weaver-input states, all layers and an ungated init")
     report = run_weaver_training(
         WeaverConfig(
             model=model,
@@ -775,6 +786,7 @@ def train_weaver(
             weaver_layers=weaver_layers,
             init=init,
             weaver_input=weaver_input,
+            weaver_output=weaver_output,
             delimiters=_delimiters(delimiter),
             n_train=n_train,
             n_eval=n_eval,

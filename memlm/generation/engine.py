@@ -381,6 +381,7 @@ class Engine:
             tokens = torch.where(torch.tensor(forced, device=device) >= 0, torch.tensor(forced, device=device), tokens)
         chosen = tokens.tolist()
         inserting = self._choose_insertions(batch, rows, chosen, last_hidden)
+        written = self._write_latents(batch, rows, inserting)
 
         deltas, took = [], []
         for row, (r, token) in enumerate(zip(rows, chosen, strict=True)):
@@ -390,10 +391,11 @@ class Engine:
                 continue
             if traces is not None and r.memory_trace is not None:
                 r.memory_trace.append(traces[row])
-            if id(r) in inserting:  # the peeked token is dropped: the next one is sampled after the latents
+            if id(r) in inserting:
                 r.insertions.append(len(r.output_ids))
-                deltas.append(StreamDelta(r.index, "", None, **seen))
-                continue
+                if id(r) not in written:  # the peeked token is dropped: the next one is sampled after the latents
+                    deltas.append(StreamDelta(r.index, "", None, **seen))
+                    continue
             took.append(row)
             if r.wants_logprobs:
                 _record_logprobs(r, raw[row], token)
@@ -405,7 +407,7 @@ class Engine:
             batch.history.record(took, [chosen[row] for row in took])
         state_row = {id(r): row for row, r in enumerate(rows)}
         for session in batch.sessions.values():
-            wanted = [r for r in session.requests if id(r) in inserting]
+            wanted = [r for r in session.requests if id(r) in inserting and id(r) not in written]
             if wanted:
                 woven = session.inference_latents(wanted, state, [state_row[id(r)] for r in wanted])
                 for r, latents in zip(wanted, woven, strict=True):
@@ -508,6 +510,23 @@ class Engine:
         allowed = torch.ones(len(rows), vocab, dtype=torch.bool)
         allowed[constrained] = allowed_tokens([rows[row].grammar for row in constrained], vocab)
         return allowed.to(self.model.device)
+
+    def _write_latents(self, batch: _Batch, rows: list[Request], inserting: set[int]) -> set[int]:
+        """Memories that write keys and values insert now: their latent slots go into the cache at each
+        inserting row's next position, and the token just sampled is fed after them (not dropped).
+        -> ids of the requests that inserted this way."""
+        written: set[int] = set()
+        state_row = {id(r): row for row, r in enumerate(rows)}
+        for session in batch.sessions.values():
+            wanted = [r for r in session.requests if id(r) in inserting]
+            if not wanted or not session.memory.weaver.writes_kv:
+                continue
+            slots = session.write_latents(wanted, batch.state, [state_row[id(r)] for r in wanted])
+            for r, k in zip(wanted, slots, strict=True):
+                r.insertion_positions.append((r.next_position, k))
+                r.next_position += k
+                written.add(id(r))
+        return written
 
     def _choose_insertions(self, batch: _Batch, rows: list[Request], chosen: list[int], hidden) -> set[int]:
         """ids of the requests whose latent memory inserts now (instead of taking the sampled token)."""

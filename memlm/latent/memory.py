@@ -57,6 +57,7 @@ class LatentMemory:
         weaver_layers: int | None = None,
         init: str = "random",
         weaver_input: str = "embeddings",
+        weaver_output: str = "embeddings",
     ) -> LatentMemory:
         """A fresh (untrained) memory on `engine`'s model; LoRA is added to that model in place.
 
@@ -64,7 +65,8 @@ class LatentMemory:
         "delimiter" (latents start as copies of the newline's embedding, or of the first delimiter's
         without a newline among them: see Weaver) or "gated" (those copies plus the weaver's
         projected states behind a gate that starts shut); `weaver_input` is what the weaver reads,
-        "embeddings" or the reasoner's "states" (see Weaver)."""
+        "embeddings" or the reasoner's "states"; `weaver_output` what it writes, latent "embeddings"
+        or the latent slots' keys and values, "kv" (see Weaver)."""
         if init not in WEAVER_INITS:
             raise MemlmError(f"unknown weaver init {init!r}; choose from {', '.join(WEAVER_INITS)}")
         anchor = None
@@ -81,6 +83,7 @@ class LatentMemory:
             anchor,
             weaver_input,
             gated=init == "gated",
+            output=weaver_output,
         )
         config = {
             "base_model": engine.name,
@@ -96,6 +99,7 @@ class LatentMemory:
             "weaver_layers": weaver.depth or engine.config.num_layers,
             "init": init,
             "weaver_input": weaver_input,
+            "weaver_output": weaver_output,
         }
         return cls(
             weaver,
@@ -175,6 +179,7 @@ class LatentMemory:
             delimiters=tuple(config.get("delimiters", DEFAULT_DELIMITERS)),
             weaver_layers=layers,
             weaver_input=str(config.get("weaver_input", "embeddings")),
+            weaver_output=str(config.get("weaver_output", "embeddings")),
             init=str(config.get("init", "random")),  # a gated weaver has one more tensor, its gate
             **shape,
         )
@@ -208,7 +213,8 @@ class LatentSession:
 
     A weaver that reads the reasoner's states has no cache of its own. Its prompt latents need the
     reasoner's pass over the prompt, so they come one step later, the way a delimiter's do: the
-    token sampled after the prompt is dropped, and the next one is sampled after the latents."""
+    token sampled after the prompt is dropped, and the next one is sampled after the latents.
+    A weaver that writes keys and values keeps that token instead (`write_latents`)."""
 
     def __init__(self, memory: LatentMemory):
         self.memory = memory
@@ -287,13 +293,30 @@ class LatentSession:
             latents = {row: woven[at] for row, at in zip(rows, state_rows, strict=True)}
         else:
             latents = self._weave({row: self.requests[row].prompt_ids + self.requests[row].output_ids for row in rows})
+        self._inserted(rows)
+        return [latents[row] for row in rows]
+
+    def write_latents(self, inserting: list, state, state_rows: list[int]) -> list[int]:
+        """A "kv" weaver's insertion for these requests: their latent slots go straight into `state`
+        (the reasoner's cache, request `inserting[i]` at row `state_rows[i]`), at each request's
+        next position, before the token just sampled is fed. -> slots written per request."""
+        rows = [self.requests.index(r) for r in inserting]
+        kinds: list[str | None] = [None] * state.batch_size
+        starts = [0] * state.batch_size
+        for row, at in zip(rows, state_rows, strict=True):
+            kinds[at] = "prompt" if self.awaiting_prompt[row] else "inference"
+            starts[at] = self.requests[row].next_position
+        written = self.memory.weaver.write_states(state, starts, kinds)
+        self._inserted(rows)
+        return [written[at] for at in state_rows]
+
+    def _inserted(self, rows: list[int]) -> None:
         for row in rows:
             if self.awaiting_prompt[row]:
                 self.awaiting_prompt[row] = False
             else:
                 self.inserted[row] += 1
             self.last_at[row] = len(self.requests[row].output_ids)
-        return [latents[row] for row in rows]
 
     def _weave(self, sequences: dict[int, list[int]], kind: str = "inference") -> list:
         n = len(self.requests)

@@ -19,6 +19,10 @@ it, latents 0..j-1 included. So its twin runs the generation order segment by se
 `SegmentCache` that keeps the graph: the reasoner over [latents j-1, target part j] (appended),
 then the weaver's queries over that cache (LoRA on, dropped again), for every insertion point.
 Rows of a batch advance together, each at its own positions; a row with nothing left pads.
+A weaver that writes keys and values (`Weaver.output == "kv"`) runs the same order, except that
+its queries' keys and values stay in the cache as the latent slots (no reasoner pass over them),
+and the token after an insertion point is predicted from the delimiter, before the latents, as
+generation keeps the token it sampled there.
 """
 
 from __future__ import annotations
@@ -186,6 +190,7 @@ def reasoner_states_pass(memory: LatentMemory, examples: list[LatentExample]) ->
     batch, rounds = len(examples), max(len(p) for p in plans)
     cache = SegmentCache(batch, model.config.num_layers, device)
     following = [_next_labels(weaver, ex, plan) for ex, plan in zip(examples, plans, strict=True)]
+    kv = weaver.writes_kv
     pending: list[torch.Tensor | None] = [None] * batch  # latents each row feeds before its next tokens
     next_pos = [0] * batch  # the row's position = its index in the interleaved sequence
     picked: list[torch.Tensor] = []  # per round, the states that predict a target token
@@ -216,7 +221,10 @@ def reasoner_states_pass(memory: LatentMemory, examples: list[LatentExample]) ->
             next_pos[b] += part.shape[0]
         picked.append(hidden[torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)])
         kinds = [plans[b][r][1] if r < len(plans[b]) else None for b in range(batch)]
-        pending = weaver.weave_states(cache, next_pos, kinds)
+        if kv:  # the latent slots are the queries' own keys and values, left in the cache
+            next_pos = [p + k for p, k in zip(next_pos, weaver.write_states(cache, next_pos, kinds), strict=True)]
+        else:
+            pending = weaver.weave_states(cache, next_pos, kinds)
     # Example by example, in sequence order (rounds interleave the rows).
     ranked = sorted(range(len(order)), key=order.__getitem__)
     hidden = torch.cat(picked)[torch.tensor(ranked, dtype=torch.long, device=device)]
@@ -225,14 +233,22 @@ def reasoner_states_pass(memory: LatentMemory, examples: list[LatentExample]) ->
 
 
 def _next_labels(weaver, example: LatentExample, plan) -> list[int]:
-    """For each index of the interleaved sequence, the real target token after it (or IGNORE)."""
-    labels = []
+    """For each index of the interleaved sequence, the real target token after it (or IGNORE).
+
+    Latent embeddings are read by the reasoner, so the token after them is predicted from the last
+    latent; latent keys and values ("kv") are not, so it is predicted from the token before them."""
+    at = []  # the token at each index: a target token, IGNORE (prompt), or None (a latent slot)
     for r, (tokens, _) in enumerate(plan):
         if r > 0 and plan[r - 1][1] is not None:
-            labels += [IGNORE] * weaver.num_latents[plan[r - 1][1]]
+            at += [None] * weaver.num_latents[plan[r - 1][1]]
         prompt = len(example.prompt) if r == 0 else 0
-        labels += [IGNORE] * prompt + tokens[prompt:]
-    return labels[1:] + [IGNORE]
+        at += [IGNORE] * prompt + tokens[prompt:]
+    labels, following = [IGNORE] * len(at), IGNORE
+    for i in reversed(range(len(at))):
+        if at[i] is None and weaver.writes_kv:
+            continue
+        labels[i], following = following, IGNORE if at[i] is None else at[i]
+    return labels
 
 
 class LatentLM(torch.nn.Module):

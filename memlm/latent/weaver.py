@@ -16,6 +16,20 @@ weaver's `input`:
   insertion. The price is in training: each insertion's latents depend on the reasoner's pass
   over the earlier ones, so the differentiable twin runs segment by segment (training.py).
 
+What the weaver writes is its `output`:
+
+* "embeddings": K latent embeddings (`to_reasoner` of the queries' last hidden states), which the
+  reasoner then reads as K extra tokens, computing their keys and values itself with its frozen
+  weights (MemGen's form). The token sampled at the insertion point is dropped and sampled
+  again after the latents.
+* "kv" (reading "states" only): the queries' own keys and values at every layer, computed with
+  LoRA on, stay in the reasoner's cache as the K latent slots. The reasoner never re-reads them
+  as tokens, so the memory reaches each layer directly (deep prefix tuning, made dynamic),
+  the insertion costs the weaver's pass alone, and the token sampled at the insertion point is
+  kept: the latents go in before it is fed. With the delimiter start the queries begin as copies
+  of the newline's embedding and LoRA's B starts at 0, so step 0 writes exactly the keys and
+  values of newlines (nearly harmless, see `anchor`) while LoRA already has a route to the loss.
+
 Two more choices decide how fast it learns (measured in bench/README.md, "the weaver sweep"):
 
 * `depth`: a truncated weaver runs only the reasoner's first `depth` layers (LoRA on those only),
@@ -50,6 +64,7 @@ from memlm.models.lora import add_lora, lora_layers, lora_switched
 
 QUERY_KINDS = ("prompt", "inference")
 WEAVER_INPUTS = ("embeddings", "states")
+WEAVER_OUTPUTS = ("embeddings", "kv")
 GATE_GAIN = 25.0  # the gate's effective learning rate, as a multiple of the weaver's
 
 
@@ -65,14 +80,20 @@ class Weaver(nn.Module):
         anchor: torch.Tensor | None = None,
         input: str = "embeddings",
         gated: bool = False,
+        output: str = "embeddings",
     ):
         super().__init__()
         if input not in WEAVER_INPUTS:
             raise MemlmError(f"unknown weaver input {input!r}; choose from {', '.join(WEAVER_INPUTS)}")
-        self.input = input
+        if output not in WEAVER_OUTPUTS:
+            raise MemlmError(f"unknown weaver output {output!r}; choose from {', '.join(WEAVER_OUTPUTS)}")
+        self.input, self.output = input, output
         layers = reasoner.config.num_layers
         if depth is not None and not 1 <= depth <= layers:
             raise MemlmError(f"the weaver's layers must be 1..{layers}, got {depth}")
+        if output == "kv" and (input != "states" or depth not in (None, layers) or gated):
+            # its slots live in the reasoner's cache, so they need a key and value at every layer
+            raise MemlmError("a weaver that writes keys and values reads the reasoner's states, at all layers, ungated")
         self.depth = None if depth == layers else depth
         present = list(lora_layers(reasoner))
         if not present:
@@ -91,6 +112,14 @@ class Weaver(nn.Module):
         scale = float(reasoner.embed_tokens.weight.std())
         self.prompt_queries = nn.Parameter(torch.randn(prompt_latents, d, dtype=reasoner.dtype) * scale)
         self.inference_queries = nn.Parameter(torch.randn(inference_latents, d, dtype=reasoner.dtype) * scale)
+        self.gate = None
+        if output == "kv":  # the queries' keys and values are the memory: nothing to project
+            self.to_weaver = self.to_reasoner = None
+            if anchor is not None:  # start as the anchor's keys and values (see the module doc)
+                with torch.no_grad():
+                    self.prompt_queries.copy_(anchor.expand_as(self.prompt_queries))
+                    self.inference_queries.copy_(anchor.expand_as(self.inference_queries))
+            return
         # Reading the reasoner's states, the weaver sees no embeddings of its own to project.
         self.to_weaver = nn.Linear(d, d, dtype=reasoner.dtype) if input == "embeddings" else None
         self.to_reasoner = nn.Linear(d, d, dtype=reasoner.dtype)
@@ -128,6 +157,10 @@ class Weaver(nn.Module):
     @property
     def reads_states(self) -> bool:
         return self.input == "states"
+
+    @property
+    def writes_kv(self) -> bool:
+        return self.output == "kv"
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         model, config = self.reasoner, self.reasoner.config
@@ -186,11 +219,25 @@ class Weaver(nn.Module):
         the weaver looked at). -> per row, [K, d] latent embeddings for the reasoner, or None.
         `cache` is a KVCache, or training's differentiable segment cache (training.py).
         """
+        hidden = self._run_queries(cache, starts, kinds, keep=False)
+        return [
+            None if kind is None else self.project(hidden[row, : self.num_latents[kind]])
+            for row, kind in enumerate(kinds)
+        ]
+
+    def write_states(self, cache, starts: list[int], kinds: list[str | None]) -> list[int]:
+        """A "kv" weaver's insertion: the queries of the rows whose kind is not None run at positions
+        `starts[row]` onwards over the reasoner's `cache`, and their keys and values stay there as
+        the row's latent slots (no attention statistics recorded). -> slots written per row."""
+        self._run_queries(cache, starts, kinds, keep=True)
+        return [0 if kind is None else self.num_latents[kind] for kind in kinds]
+
+    def _run_queries(self, cache, starts: list[int], kinds: list[str | None], keep: bool) -> torch.Tensor | None:
         model = self.reasoner
         batch = len(kinds)
         width = max((self.num_latents[kind] for kind in kinds if kind is not None), default=0)
         if width == 0:
-            return [None] * batch
+            return None
         x = torch.zeros(batch, width, model.config.hidden_size, dtype=model.dtype, device=model.device)
         positions = torch.full((batch, width), -1, dtype=torch.long, device=model.device)
         for row, kind in enumerate(kinds):
@@ -203,12 +250,9 @@ class Weaver(nn.Module):
         cache.track_attention = False
         try:
             with lora_switched(model, True):
-                hidden = model(x, positions, cache, depth=self.depth)
+                return model(x, positions, cache, depth=self.depth)
         finally:
             cache.track_attention = tracking
-            cache.truncate(lengths)  # forget the queries
+            if not keep:
+                cache.truncate(lengths)  # forget the queries
             cache.last_step = last_step
-        return [
-            None if kind is None else self.project(hidden[row, : self.num_latents[kind]])
-            for row, kind in enumerate(kinds)
-        ]

@@ -37,6 +37,7 @@ class WeaverConfig:
     weaver_layers: int | None = None  # None: all of the reasoner's layers
     init: str = "random"  # or "delimiter": latents start as copies of the delimiter's embedding
     weaver_input: str = "embeddings"  # or "states": the queries read the reasoner's own KV cache
+    weaver_output: str = "embeddings"  # or "kv": the queries' keys and values stay in that cache
     delimiters: tuple[str, ...] = DEFAULT_DELIMITERS  # insertion points: after a token ending in one of these
     n_train: int = 4000
     n_eval: int = 64
@@ -69,6 +70,7 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
         init=cfg.init,
         delimiters=cfg.delimiters,
         weaver_input=cfg.weaver_input,
+        weaver_output=cfg.weaver_output,
     )
     examples = [
         make_example(memory, *prompt_and_target(engine.tokenizer, task, p)) for p in task.problems(cfg.n_train, "train")
