@@ -331,6 +331,10 @@ def test_kv_weaver_slots_in_the_cache_checkpoint_and_errors(tmp_path):
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     out = engine.generate_tokens([prompt], params, memory=memory, kv_policy=make_policy("h2o", 12))[0]
     assert len(out.token_ids) == 12 and out.insertions[0] == 0
+    # Each step's deltas count the latents written in it (the server's metrics read them).
+    requests = engine._submit([prompt], params, None, memory)
+    inserted = sum(d.inserted for deltas in engine._drive(requests) for d in deltas)
+    assert inserted == 3 + 2 * (len(requests[0].completion().insertions) - 1) > 3
     with pytest.raises(MemlmError, match="reads the reasoner's states"):
         LatentMemory.create(tiny_engine(), weaver_output="kv")
     with pytest.raises(MemlmError, match="all layers"):

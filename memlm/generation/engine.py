@@ -382,6 +382,9 @@ class Engine:
         chosen = tokens.tolist()
         inserting = self._choose_insertions(batch, rows, chosen, last_hidden)
         written = self._write_latents(batch, rows, inserting)
+        for row, r in enumerate(rows):
+            if id(r) in written:  # latents written this step count as this step's insertion
+                inserted[row] += r.insertion_positions[-1][1]
 
         deltas, took = [], []
         for row, (r, token) in enumerate(zip(rows, chosen, strict=True)):
