@@ -2,14 +2,14 @@
 # MemGen in its setting with a weaver that writes keys and values (bench/README.md, "A weaver that
 # writes keys and values"). Run from the repository root with memlm installed; each stage writes
 # under runs/ (bench/results/ for the reported ones) and can be run alone:
-#   STAGES="sweep full sft bench speed trigger bench_trigger" bench/memgen_kv.sh
+#   STAGES="sweep full trigger bench speed tokens" bench/memgen_kv.sh   (and `sft`, not rerun here: see its stage)
 # The budget and the rule were fixed before the runs: the sweep's 60 steps x 8 and its rule (the
 # lowest held-out loss at step 60 wins); the full runs are 250 steps x 8 for both the weaver and
-# LoRA-SFT, the same draws; the benchmark is 64 test problems, greedy, as in memgen.json.
+# LoRA-SFT, the same draws; the benchmark is 64 test problems, greedy, as in memgen_mixed_embeddings.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMLM=${MEMLM:-memlm}
-STAGES=${STAGES:-sweep full sft bench speed trigger bench_trigger}
+STAGES=${STAGES:-sweep full trigger bench speed tokens}
 REASONER=bench/models/chain-sum-lora  # the frozen reasoner: the committed chain-sum adapter, merged
 TASK=chain_sum_mixed                  # 8-12 terms of one or two digits: it half-solves them
 KV="--weaver-input states --weaver-output kv --init delimiter"
@@ -22,30 +22,34 @@ for stage in $STAGES; do
         --out runs/sweep11/kv_delim $KV
       python bench/memgen_sweep.py
       ;;
-    full)  # the weaver at the full budget, the same draws as memgen.json's (~55 min, bf16)
+    full)  # the weaver at the full budget, the same draws as memgen_mixed_embeddings.json's (~55 min, bf16)
       $MEMLM train weaver --model $REASONER --task $TASK --steps 250 --n-eval 0 --save-every 50 \
         --out runs/weaver-mixed-kv $KV
       ;;
-    sft)  # LoRA-SFT of the reasoner itself on the same data and steps (~15 min, bf16)
+    sft)  # LoRA-SFT of the reasoner itself on the same data and steps (~15 min, bf16). Not rerun on
+          # 2026-12-05: its row is memgen_mixed_embeddings.json's (the same command, problems and dtype)
       $MEMLM train sft --model $REASONER --task $TASK --steps 250 --n-eval 0 --save-every 50 --out runs/sft-mixed
       ;;
-    bench)  # vanilla, LoRA-SFT, the weaver (always), plus what each forgets (~15 min)
-      $MEMLM bench memgen --model $REASONER --task $TASK --n 64 --lora-sft runs/sft-mixed/adapter \
-        --weaver runs/weaver-mixed-kv/memory $FORGET --speed-tokens 0 \
+    trigger)  # RL of the trigger on the trained weaver, problems screened for mixed groups (~15 min)
+      $MEMLM train trigger --model $REASONER --memory runs/weaver-mixed-kv/memory --task $TASK \
+        --out runs/trigger-mixed-kv --steps 10 --problems-per-step 4 --group-size 8 --temperature 0.7 \
+        --screen 16 --n-eval 0
+      mkdir -p bench/models/chain-sum-mixed-memgen-kv  # the committed memory: weaver + trigger (8 MB, bf16)
+      cp runs/trigger-mixed-kv/memory/* bench/models/chain-sum-mixed-memgen-kv/
+      ;;
+    bench)  # vanilla, the weaver (always), the learned trigger and never (one folder), what each forgets
+      SFT=(); [ -d runs/sft-mixed/adapter ] && SFT=(--lora-sft runs/sft-mixed/adapter)
+      $MEMLM bench memgen --model $REASONER --task $TASK --n 64 "${SFT[@]}" --weaver runs/weaver-mixed-kv/memory \
+        --weaver-trigger runs/trigger-mixed-kv/memory $FORGET --speed-tokens 0 \
         --json bench/results/memgen.json --plot bench/results/memgen.png
       ;;
     speed)  # decode time with the memory against vanilla, batch 1 and 8, fp32 and q4_1 (~6 min)
       python bench/memgen_speed.py --model $REASONER --memory runs/weaver-mixed-kv/memory \
         --task $TASK --json bench/results/memgen_speed_kv.json
       ;;
-    trigger)  # RL of the trigger, problems screened for mixed groups (~15 min)
-      $MEMLM train trigger --model $REASONER --memory runs/weaver-mixed-kv/memory --task $TASK \
-        --out runs/trigger-mixed-kv --steps 10 --problems-per-step 4 --group-size 8 --temperature 0.7 \
-        --screen 16 --n-eval 0
-      ;;
-    bench_trigger)  # the learned trigger and `never` (one folder serves both), beside vanilla again
-      $MEMLM bench memgen --model $REASONER --task $TASK --n 64 --weaver-trigger runs/trigger-mixed-kv/memory \
-        $FORGET --speed-tokens 0 --json bench/results/memgen_trigger.json --plot bench/results/memgen_trigger.png
+    tokens)  # where the loss goes: result digits, copied digits, the rest (64 validation problems, ~3 min)
+      python bench/memgen_tokens.py --model $REASONER --memory runs/weaver-mixed-kv/memory --task $TASK --n 64 \
+        --json bench/results/memgen_tokens_kv.json
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
