@@ -8,7 +8,6 @@ digits would all be greedy hits. Usage:
 
 import argparse
 import collections
-import json
 
 import torch
 
@@ -43,7 +42,7 @@ def measure(engine, prompts, targets, memory=None) -> dict:
             nll[kind].append(-logprob)
             hits[kind].append(hit)
         solved.append(all(h for k, h in zip(labels, completion.greedy_hits, strict=True) if k == "result"))
-    row = {k: {"nll": sum(v) / len(v), "greedy_hits": sum(hits[k]) / len(hits[k]), "tokens": len(v)} for k, v in nll.items()}
+    row = {k: {"nll": sum(v) / len(v), "greedy_hits": sum(hits[k]) / len(v), "tokens": len(v)} for k, v in nll.items()}
     row["all_results"] = sum(solved) / len(solved)
     return row
 
@@ -70,7 +69,8 @@ def main() -> None:
             print(f"{name:8s} {kind:8s} {r['tokens']:6d} {r['nll']:7.3f} {r['greedy_hits']:6.3f}")
         print(f"{name:8s} all results right: {row['all_results']:.3f}")
     if args.json:
-        write_json_atomic(args.json, {"model": args.model, "memory": args.memory, "task": args.task, "n": args.n, **rows})
+        meta = {"model": args.model, "memory": args.memory, "task": args.task, "n": args.n}
+        write_json_atomic(args.json, meta | rows)
 
 
 if __name__ == "__main__":

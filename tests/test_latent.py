@@ -156,15 +156,12 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         make_trigger("sometimes", 64)
 
 
-@pytest.mark.parametrize("weaver_layers", [None, 1])
-def test_states_weaver_training_equals_generation_batched_and_gets_gradients(weaver_layers):
-    """A weaver that reads the reasoner's KV cache: the segment-by-segment twin gives the engine's
-    log-probabilities, for a batch of examples with different insertion points as for each alone."""
+def _twin_equals_engine(engine, memory):
+    """The segment-by-segment twin of a weaver that reads the reasoner's states gives the engine's
+    log-probabilities, for a batch of examples with different insertion points as for each alone;
+    -> (the twin, the examples) for a backward pass."""
     from memlm.latent.training import LatentLM, make_example
 
-    engine = tiny_engine()
-    memory = _memory(engine, max_inference_aug=2, weaver_layers=weaver_layers, weaver_input="states")
-    assert memory.weaver.to_weaver is None and memory.weaver.reads_states
     tok = engine.tokenizer
     pairs = [("notes:", "a, b. c, d and the rest"), ("q", "no delimiter"), ("sum:\n", "1 + 2 = 3\nAnswer: 3")]
     examples = [make_example(memory, tok.encode(p), tok.encode(t)) for p, t in pairs]
@@ -188,12 +185,36 @@ def test_states_weaver_training_equals_generation_batched_and_gets_gradients(wea
         alone = engine.score([ex.prompt], [ex.target], memory=memory)[0]
         assert b.insertions == alone.insertions
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=1e-5)
+    return lm, examples
+
+
+@pytest.mark.parametrize("weaver_layers", [None, 1])
+def test_states_weaver_training_equals_generation_batched_and_gets_gradients(weaver_layers):
+    """A weaver that reads the reasoner's KV cache and writes latent embeddings."""
+    engine = tiny_engine()
+    memory = _memory(engine, max_inference_aug=2, weaver_layers=weaver_layers, weaver_input="states")
+    assert memory.weaver.to_weaver is None and memory.weaver.reads_states
+    lm, examples = _twin_equals_engine(engine, memory)
     # Gradients reach the queries, the projection and every adapter, through the cached latents.
     loss, count = lm(examples)
     (loss / count).backward()
     assert memory.weaver.inference_queries.grad is not None and memory.weaver.prompt_queries.grad is not None
+    assert memory.weaver.to_reasoner.weight.grad is not None
     assert all(p.grad is not None for p in memory.weaver.lora_parameters())
     assert all(p.grad is None for n, p in engine.model.named_parameters() if "lora" not in n)
+
+
+def _reloaded_scores_equal(engine, memory, folder):
+    """Save `memory` exactly, load it onto a fresh engine: it scores a text as the original does."""
+    memory.save(folder / "mem", dtype=None)
+    other = tiny_engine()
+    loaded = LatentMemory.load(folder / "mem", other)
+    prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
+    assert (
+        other.score([prompt], [continuation], memory=loaded)[0].logprobs
+        == engine.score([prompt], [continuation], memory=memory)[0].logprobs
+    )
+    return loaded
 
 
 def test_states_weaver_leaves_the_cache_and_eviction_statistics_as_they_were(tmp_path):
@@ -213,15 +234,9 @@ def test_states_weaver_leaves_the_cache_and_eviction_statistics_as_they_were(tmp
     assert torch.equal(state.positions, before[2])
     assert torch.equal(state.k[:, :, :, :7], before[3][:, :, :, :7])
     # Saved and loaded, a states memory reads states again; generation under an eviction policy runs.
-    memory.save(tmp_path / "mem", dtype=None)
-    other = tiny_engine()
-    loaded = LatentMemory.load(tmp_path / "mem", other)
+    loaded = _reloaded_scores_equal(engine, memory, tmp_path)
     assert loaded.config["weaver_input"] == "states" and loaded.weaver.reads_states
-    prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
-    assert (
-        other.score([prompt], [continuation], memory=loaded)[0].logprobs
-        == engine.score([prompt], [continuation], memory=memory)[0].logprobs
-    )
+    prompt = engine.tokenizer.encode("a, b.")
     out = engine.generate_tokens(
         [prompt], SamplingParams(max_new_tokens=12, ignore_eos=True), memory=memory, kv_policy=make_policy("h2o", 12)
     )[0]
@@ -231,36 +246,12 @@ def test_states_weaver_leaves_the_cache_and_eviction_statistics_as_they_were(tmp
 
 
 def test_kv_weaver_training_equals_generation_batched_and_gets_gradients():
-    """A weaver whose queries' keys and values stay in the reasoner's cache: the segment twin gives
-    the engine's log-probabilities, batched and alone; the token sampled at an insertion point is
-    kept (each target token is scored once, from before the latents)."""
-    from memlm.latent.training import LatentLM, make_example
-
+    """A weaver whose queries' keys and values stay in the reasoner's cache: the token sampled at an
+    insertion point is kept (each target token is scored once, from before the latents)."""
     engine = tiny_engine()
     memory = _memory(engine, max_inference_aug=2, weaver_input="states", weaver_output="kv")
     assert memory.weaver.writes_kv and memory.weaver.to_reasoner is None
-    tok = engine.tokenizer
-    pairs = [("notes:", "a, b. c, d and the rest"), ("q", "no delimiter"), ("sum:\n", "1 + 2 = 3\nAnswer: 3")]
-    examples = [make_example(memory, tok.encode(p), tok.encode(t)) for p, t in pairs]
-    lm = LatentLM(memory)
-    with torch.no_grad():
-        hidden, targets = lm.scored_states(examples)
-        logprobs = torch.log_softmax(engine.model.logits(hidden), -1)[torch.arange(targets.numel()), targets]
-    assert targets.tolist() == [t for ex in examples for t in ex.target]
-    offset = 0
-    for ex in examples:
-        generation = engine.score([ex.prompt], [ex.target], memory=memory)[0]
-        assert generation.insertions == ex.points
-        n = len(ex.target)
-        torch.testing.assert_close(
-            logprobs[offset : offset + n], torch.tensor(generation.logprobs), atol=1e-4, rtol=1e-4
-        )
-        offset += n
-    batched = engine.score([ex.prompt for ex in examples], [ex.target for ex in examples], memory=memory)
-    for ex, b in zip(examples, batched, strict=True):
-        alone = engine.score([ex.prompt], [ex.target], memory=memory)[0]
-        assert b.insertions == alone.insertions
-        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=1e-5)
+    lm, examples = _twin_equals_engine(engine, memory)
     loss, count = lm(examples)
     (loss / count).backward()
     assert memory.weaver.inference_queries.grad is not None and memory.weaver.prompt_queries.grad is not None
@@ -319,15 +310,9 @@ def test_kv_weaver_slots_in_the_cache_checkpoint_and_errors(tmp_path):
     assert not torch.equal(state.k[:, 0, :, 7:9], before[1][:, 0, :, 7:9])
     # Saved and loaded, it writes keys and values again; under an eviction policy generation runs
     # and the latent slots are not tokens.
-    memory.save(tmp_path / "mem", dtype=None)
-    other = tiny_engine()
-    loaded = LatentMemory.load(tmp_path / "mem", other)
+    loaded = _reloaded_scores_equal(engine, memory, tmp_path)
     assert loaded.config["weaver_output"] == "kv" and loaded.weaver.writes_kv
-    prompt, continuation = engine.tokenizer.encode("a, b."), engine.tokenizer.encode(" c, d.")
-    assert (
-        other.score([prompt], [continuation], memory=loaded)[0].logprobs
-        == engine.score([prompt], [continuation], memory=memory)[0].logprobs
-    )
+    prompt = engine.tokenizer.encode("a, b.")
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     out = engine.generate_tokens([prompt], params, memory=memory, kv_policy=make_policy("h2o", 12))[0]
     assert len(out.token_ids) == 12 and out.insertions[0] == 0

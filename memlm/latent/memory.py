@@ -284,12 +284,7 @@ class LatentSession:
         where request `inserting[i]` is row `state_rows[i]`."""
         rows = [self.requests.index(r) for r in inserting]
         if self.memory.weaver.reads_states:
-            kinds: list[str | None] = [None] * state.batch_size
-            starts = [0] * state.batch_size
-            for row, at in zip(rows, state_rows, strict=True):
-                kinds[at] = "prompt" if self.awaiting_prompt[row] else "inference"
-                starts[at] = self.requests[row].next_position
-            woven = self.memory.weaver.weave_states(state, starts, kinds)
+            woven = self.memory.weaver.weave_states(state, *self._state_layout(rows, state, state_rows))
             latents = {row: woven[at] for row, at in zip(rows, state_rows, strict=True)}
         else:
             latents = self._weave({row: self.requests[row].prompt_ids + self.requests[row].output_ids for row in rows})
@@ -301,14 +296,18 @@ class LatentSession:
         (the reasoner's cache, request `inserting[i]` at row `state_rows[i]`), at each request's
         next position, before the token just sampled is fed. -> slots written per request."""
         rows = [self.requests.index(r) for r in inserting]
+        written = self.memory.weaver.write_states(state, *self._state_layout(rows, state, state_rows))
+        self._inserted(rows)
+        return [written[at] for at in state_rows]
+
+    def _state_layout(self, rows: list[int], state, state_rows: list[int]) -> tuple[list[int], list[str | None]]:
+        """Per row of the reasoner's `state`: where the queries start, and which to run (None: none)."""
         kinds: list[str | None] = [None] * state.batch_size
         starts = [0] * state.batch_size
         for row, at in zip(rows, state_rows, strict=True):
             kinds[at] = "prompt" if self.awaiting_prompt[row] else "inference"
             starts[at] = self.requests[row].next_position
-        written = self.memory.weaver.write_states(state, starts, kinds)
-        self._inserted(rows)
-        return [written[at] for at in state_rows]
+        return starts, kinds
 
     def _inserted(self, rows: list[int]) -> None:
         for row in rows:
