@@ -2,7 +2,7 @@
 # MemGen in its setting with a weaver that writes keys and values (bench/README.md, "A weaver that
 # writes keys and values"). Run from the repository root with memlm installed; each stage writes
 # under runs/ (bench/results/ for the reported ones) and can be run alone:
-#   STAGES="sweep full trigger bench speed tokens" bench/memgen_kv.sh   (and `sft`, not rerun here: see its stage)
+#   STAGES="sweep full trigger bench speed tokens trigger_lr1e2" bench/memgen_kv.sh   (and `sft`, not rerun here: see its stage)
 # The budget and the rule were fixed before the runs: the sweep's 60 steps x 8 and its rule (the
 # lowest held-out loss at step 60 wins); the full runs are 250 steps x 8 for both the weaver and
 # LoRA-SFT, the same draws; the benchmark is 64 test problems, greedy, as in memgen_mixed_embeddings.json.
@@ -36,6 +36,14 @@ for stage in $STAGES; do
         --screen 16 --n-eval 0
       mkdir -p bench/models/chain-sum-mixed-memgen-kv  # the committed memory: weaver + trigger (8 MB, bf16)
       cp runs/trigger-mixed-kv/memory/* bench/models/chain-sum-mixed-memgen-kv/
+      ;;
+    trigger_lr1e2)  # the same RL at the previous session's lr 1e-2 (run after the first had barely moved)
+      $MEMLM train trigger --model $REASONER --memory runs/weaver-mixed-kv/memory --task $TASK \
+        --out runs/trigger-mixed-kv-lr1e2 --steps 10 --problems-per-step 4 --group-size 8 --temperature 0.7 \
+        --screen 16 --n-eval 0 --lr 1e-2
+      $MEMLM bench memgen --model $REASONER --task $TASK --n 64 --weaver-trigger runs/trigger-mixed-kv-lr1e2/memory \
+        $FORGET --speed-tokens 0 --json bench/results/memgen_trigger_lr1e2.json \
+        --plot bench/results/memgen_trigger_lr1e2.png
       ;;
     bench)  # vanilla, the weaver (always), the learned trigger and never (one folder), what each forgets
       SFT=(); [ -d runs/sft-mixed/adapter ] && SFT=(--lora-sft runs/sft-mixed/adapter)
