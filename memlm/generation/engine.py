@@ -381,10 +381,10 @@ class Engine:
             tokens = torch.where(torch.tensor(forced, device=device) >= 0, torch.tensor(forced, device=device), tokens)
         chosen = tokens.tolist()
         inserting = self._choose_insertions(batch, rows, chosen, last_hidden)
-        written = self._write_latents(batch, rows, inserting)
-        for row, r in enumerate(rows):
-            if id(r) in written:  # latents written this step count as this step's insertion
-                inserted[row] += r.insertion_positions[-1][1]
+        state_row = {id(r): row for row, r in enumerate(rows)}
+        written = self._write_latents(batch, inserting, state_row)
+        for key, slots in written.items():  # latents written this step count as this step's insertion
+            inserted[state_row[key]] += slots
 
         deltas, took = [], []
         for row, (r, token) in enumerate(zip(rows, chosen, strict=True)):
@@ -408,7 +408,6 @@ class Engine:
             deltas.append(StreamDelta(r.index, text, r.finish_reason, token_id=token, position=position, **seen))
         if batch.history is not None:
             batch.history.record(took, [chosen[row] for row in took])
-        state_row = {id(r): row for row, r in enumerate(rows)}
         for session in batch.sessions.values():
             wanted = [r for r in session.requests if id(r) in inserting and id(r) not in written]
             if wanted:
@@ -514,12 +513,11 @@ class Engine:
         allowed[constrained] = allowed_tokens([rows[row].grammar for row in constrained], vocab)
         return allowed.to(self.model.device)
 
-    def _write_latents(self, batch: _Batch, rows: list[Request], inserting: set[int]) -> set[int]:
+    def _write_latents(self, batch: _Batch, inserting: set[int], state_row: dict[int, int]) -> dict[int, int]:
         """Memories that write keys and values insert now: their latent slots go into the cache at each
         inserting row's next position, and the token just sampled is fed after them (not dropped).
-        -> ids of the requests that inserted this way."""
-        written: set[int] = set()
-        state_row = {id(r): row for row, r in enumerate(rows)}
+        `state_row`: request id -> its row of the batch's state. -> request id -> slots written."""
+        written: dict[int, int] = {}
         for session in batch.sessions.values():
             wanted = [r for r in session.requests if id(r) in inserting]
             if not wanted or not session.memory.weaver.writes_kv:
@@ -528,7 +526,7 @@ class Engine:
             for r, k in zip(wanted, slots, strict=True):
                 r.insertion_positions.append((r.next_position, k))
                 r.next_position += k
-                written.add(id(r))
+                written[id(r)] = k
         return written
 
     def _choose_insertions(self, batch: _Batch, rows: list[Request], chosen: list[int], hidden) -> set[int]:
