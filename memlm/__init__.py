@@ -8,8 +8,8 @@ def load(name_or_path: str | None = None, dtype: str = "float32", activations: s
 
     dtype: float32, bfloat16, int8, or GGUF blocks q4_0 / q4_1 / q8_0 (native kernels); with those,
     activations float32 (exact against the quantized weights) or q8_0 (llama.cpp's int8 blocks)."""
+    from memlm.formats.loading import DEFAULT_MODEL
     from memlm.generation.engine import Engine
-    from memlm.models.loading import DEFAULT_MODEL
 
     return Engine.load(name_or_path or DEFAULT_MODEL, dtype=dtype, activations=activations)
 

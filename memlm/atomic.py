@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from memlm.errors import MemlmError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file in `path`'s folder, then rename it over `path`.
@@ -45,8 +47,6 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create an output folder (and its parents), or fail with one line: a file in the way, no
     permission, a read-only disk. Commands call it before any work, so a bad --out costs nothing."""
-    from memlm.errors import MemlmError
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from memlm.formats.weights import build_model
 from memlm.models.config import ModelConfig
-from memlm.models.weights import build_model
 
 # One cache for the whole run; CI may point MEMLM_HOME elsewhere.
 os.environ.setdefault("MEMLM_HOME", str(Path.home() / ".cache" / "memlm"))
@@ -79,7 +79,7 @@ def embedded_engine():
 
 @pytest.fixture(scope="session")
 def embedded_folder(embedded_engine) -> Path:
-    from memlm.models.loading import resolve
+    from memlm.formats.loading import resolve
 
     return resolve("smollm2-135m-instruct")[1]
 

@@ -8,7 +8,7 @@ from conftest import byte_tokenizer, tiny_memlm
 from memlm.bench.kv import build_probes, run_kv_bench
 from memlm.cache.importance import ImportancePredictor, save_predictor
 from memlm.errors import MemlmError
-from memlm.models.loading import save_model
+from memlm.formats.loading import save_model
 
 
 @pytest.fixture

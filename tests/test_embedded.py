@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from memlm.formats.loading import EMBEDDED
 from memlm.generation.params import SamplingParams
-from memlm.models.loading import EMBEDDED
 
 pytestmark = pytest.mark.embedded
 

@@ -6,8 +6,8 @@ import torch
 
 from conftest import byte_tokenizer, hf_tiny
 from memlm.errors import ModelFormatError
-from memlm.models.gguf_file import read_gguf
-from memlm.models.weights import build_model
+from memlm.formats.gguf_file import read_gguf
+from memlm.formats.weights import build_model
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

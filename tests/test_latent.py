@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, tiny_engine, tiny_memlm
+from memlm.adapters.lora import lora_layers
 from memlm.errors import InvalidRequestError, MemlmError, ModelFormatError
 from memlm.generation.params import SamplingParams
 from memlm.latent.delimiters import DelimiterSet
 from memlm.latent.memory import LatentMemory
 from memlm.latent.trigger import make_trigger
-from memlm.models.lora import lora_layers
 
 
 def _memory(engine, seed=0, **options):
@@ -367,7 +367,7 @@ def test_truncated_weaver_runs_and_adapts_only_the_first_layers(tmp_path):
     weaver = memory.weaver
     ids = torch.tensor(engine.tokenizer.encode("ab,"))
     x = torch.cat((weaver.to_weaver(engine.model.embed(ids)), weaver.queries("inference")))[None]
-    from memlm.models.lora import lora_switched
+    from memlm.adapters.lora import lora_switched
 
     with torch.no_grad(), lora_switched(engine.model, True):
         hidden = engine.model.norm(
@@ -463,7 +463,7 @@ def _causal(n):
 
 
 def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_path):
-    from memlm.models.loading import save_model
+    from memlm.formats.loading import save_model
     from memlm.train.weaver import WeaverConfig, run_weaver_training
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
@@ -555,7 +555,7 @@ def test_trigger_loss_stays_finite_for_a_saturated_trigger_under_bf16_autocast()
 
 def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, monkeypatch):
     from memlm.data.tasks import Task
-    from memlm.models.loading import save_model
+    from memlm.formats.loading import save_model
     from memlm.train.trigger import TriggerConfig, run_trigger_training
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
@@ -601,7 +601,7 @@ def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatc
     from itertools import count
 
     from memlm.data.tasks import Task, get_task
-    from memlm.models.loading import save_model
+    from memlm.formats.loading import save_model
     from memlm.train.trigger import TriggerConfig, run_trigger_training, screen_problems
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
@@ -647,8 +647,8 @@ def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatc
 
 def test_bench_memgen_rows_json_and_plot(tmp_path):
     from memlm.bench.memgen import run_memgen_bench
+    from memlm.formats.loading import save_model
     from memlm.generation.engine import Engine
-    from memlm.models.loading import save_model
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
     _memory(Engine.load(str(folder)), max_inference_aug=2).save(tmp_path / "mem")

@@ -302,8 +302,8 @@ def test_kv_policies_and_latent_memory_need_a_kv_cache():
 
 
 def test_checkpoint_round_trip_and_corrupt_folders(tmp_path):
+    from memlm.formats.loading import load_model
     from memlm.lcm.checkpoint import load_lcm, save_lcm
-    from memlm.models.loading import load_model
 
     model = tiny_lcm()
     model.memory.safety.add_danger(torch.ones(1, 16), torch.tensor([0.5]))

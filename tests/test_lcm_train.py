@@ -148,7 +148,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(data, tmp_path):
 
 
 def test_transformer_baseline_and_eval_lcm_end_to_end(stages, data, tmp_path, memlm_cli):
-    from memlm.models.loading import load_model
+    from memlm.formats.loading import load_model
     from memlm.train.pretrain import LMTrainConfig, run_pretrain
 
     root, _ = stages

@@ -8,8 +8,8 @@ from test_gguf import write_tiny_gguf
 
 from conftest import hf_tiny
 from memlm.errors import ModelFormatError, ModelNotFoundError
-from memlm.models import loading
-from memlm.models.loading import EmbeddedModel, load_model, resolve
+from memlm.formats import loading
+from memlm.formats.loading import EmbeddedModel, load_model, resolve
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_dense_and_sparse_layers_mix_as_the_config_says():
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_saved_folder_loads_in_transformers_and_memlm(arch, tmp_path):
-    from memlm.models.loading import load_model, save_model
+    from memlm.formats.loading import load_model, save_model
 
     hf = hf_moe(arch, vocab_size=257)
     model = memlm_twin(hf)
@@ -226,8 +226,8 @@ def _write_moe_gguf(path, hf):
 def test_gguf_files_of_each_family_load_with_logits_equal_to_transformers(arch, tmp_path):
     import gguf
 
-    from memlm.models.gguf_file import read_gguf
-    from memlm.models.weights import build_model
+    from memlm.formats.gguf_file import read_gguf
+    from memlm.formats.weights import build_model
 
     hf = hf_moe(arch, vocab_size=257, tie_word_embeddings=arch == "qwen3_moe")
     path = tmp_path / f"{arch}.gguf"
@@ -251,8 +251,8 @@ def test_gguf_files_of_each_family_load_with_logits_equal_to_transformers(arch, 
 
 
 def test_a_quantized_moe_model_keeps_its_experts_and_router_in_float(tmp_path):
-    from memlm.models.loading import load_model
-    from memlm.models.qlinear import QLinear
+    from memlm.formats.loading import load_model
+    from memlm.quant.qlinear import QLinear
 
     hf = hf_moe("qwen2_moe", vocab_size=257)
     path = tmp_path / "moe.gguf"

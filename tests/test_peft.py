@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, hf_tiny, memlm_twin
+from memlm.adapters.lora import add_lora, lora_layers, save_adapter
 from memlm.errors import MemlmError, ModelFormatError
-from memlm.models.loading import load_model, save_model
-from memlm.models.lora import add_lora, lora_layers, save_adapter
+from memlm.formats.loading import load_model, save_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -7,7 +7,7 @@ import transformers
 
 from conftest import byte_tokenizer, hf_tiny, memlm_twin
 from memlm.errors import MemlmError
-from memlm.models.prune import importance, prune
+from memlm.surgery.prune import importance, prune
 
 
 def _model(arch="llama", **overrides):
@@ -61,7 +61,7 @@ def test_pruned_ffn_channels_and_head_groups_equal_zeroing_them(arch):
 
 @pytest.mark.parametrize("method", ["layers", "ffn", "heads"])
 def test_the_pruned_folder_loads_in_transformers(method, tmp_path):
-    from memlm.models.loading import load_model, save_model
+    from memlm.formats.loading import load_model, save_model
 
     pruned, _ = prune(_model(), method, 0.25 if method != "heads" else 0.5, _windows())
     folder = save_model(tmp_path / method, pruned, byte_tokenizer())
@@ -73,8 +73,8 @@ def test_the_pruned_folder_loads_in_transformers(method, tmp_path):
 
 
 def test_healing_lowers_the_loss_on_its_text_and_leaves_plain_weights(tmp_path):
-    from memlm.models.lora import lora_layers
-    from memlm.models.prune import heal
+    from memlm.adapters.lora import lora_layers
+    from memlm.train.heal import heal
 
     source = _model()
     pruned, _ = prune(source, "layers", 0.5, _windows())
@@ -119,7 +119,7 @@ def test_the_prune_command_writes_a_loadable_smaller_model(tmp_path, memlm_cli):
     import json
     import subprocess
 
-    from memlm.models.loading import load_model, save_model
+    from memlm.formats.loading import load_model, save_model
 
     base = save_model(tmp_path / "base", _model(), byte_tokenizer())
     text = tmp_path / "calib.txt"

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import memlm.kernels as kernels
 import tests.test_gguf as gguf_tests
 from conftest import hf_tiny, tiny_memlm
-from memlm.models.loading import load_model
+from memlm.formats.loading import load_model
 from memlm.models.native_decode import NativeDecoder
-from memlm.models.qlinear import QEmbedding, QLinear, quantize_model
-from memlm.models.qweight import FORMATS, QWeight, pack_quantized, unpack_quantized
+from memlm.quant.qlinear import QEmbedding, QLinear, quantize_model
+from memlm.quant.qweight import FORMATS, QWeight, pack_quantized, unpack_quantized
 
 gguf = pytest.importorskip("gguf")
 lib = kernels.native()
@@ -162,7 +162,7 @@ def test_native_decode_matches_the_fp32_model_with_the_same_weights(fmt, arch):
 @needs_native
 @pytest.mark.parametrize("activations", ["float32", "q8_0"])
 def test_native_decode_batched_equals_one_by_one_and_records_attention(activations):
-    from memlm.models.qlinear import set_activations
+    from memlm.quant.qlinear import set_activations
 
     model, _ = _quantized_twin("q4_1")
     set_activations(model, activations)
@@ -327,8 +327,8 @@ def _count_native_steps(monkeypatch) -> list:
 @needs_native
 def test_latent_memory_weaver_lora_runs_beside_quantized_weights(monkeypatch):
     """The weaver's LoRA wraps QLinear layers; the native step stands aside while an adapter is on."""
+    from memlm.adapters.lora import lora_layers
     from memlm.generation.params import SamplingParams
-    from memlm.models.lora import lora_layers
     from tests.test_latent import _memory
 
     fast, reference = _engines()
@@ -354,8 +354,8 @@ def test_an_adapter_runs_beside_quantized_weights(tmp_path, fmt):
     """A fine-tune's delta is small next to a 4-bit block's step: merged into the blocks it rounds
     away; beside them it stays, changing the quantized model's logits as it changes fp32's."""
     from conftest import byte_tokenizer, memlm_twin
-    from memlm.models.loading import save_model
-    from memlm.models.lora import LoRALinear, add_lora, lora_layers, save_adapter
+    from memlm.adapters.lora import LoRALinear, add_lora, lora_layers, save_adapter
+    from memlm.formats.loading import save_model
 
     hf = hf_tiny("llama", vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16)
     base = save_model(tmp_path / "base", memlm_twin(hf), byte_tokenizer())
@@ -385,8 +385,8 @@ def test_an_adapter_runs_beside_quantized_weights(tmp_path, fmt):
 
 
 def test_embedded_style_block_folder_is_written_once_and_loads_the_same(tmp_path, monkeypatch):
-    from memlm.models import loading
-    from memlm.models.loading import EmbeddedModel
+    from memlm.formats import loading
+    from memlm.formats.loading import EmbeddedModel
 
     hf = hf_tiny("llama", vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16)
     path = tmp_path / "pkg" / "tiny.gguf"

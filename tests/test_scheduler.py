@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import tiny_engine
+from memlm.cache.eviction import kv_record
 from memlm.cache.policies import make_policy
 from memlm.errors import InvalidRequestError, QueueFullError
 from memlm.generation.params import SamplingParams
+from memlm.latent.hook import latent_record
 
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
@@ -123,10 +125,10 @@ def test_memory_options_change_only_their_own_request():
     assert got[0].token_ids == reference.generate(prompts[0], GREEDY).token_ids
     alone = reference.generate(prompts[1], GREEDY, kv_policy=make_policy("window", 12))
     assert got[1].token_ids == alone.token_ids and got[1].peak_kv_tokens <= 13
-    assert budgeted.evicted_positions and got[0].peak_kv_tokens == len(plain.prompt_ids) + 23
+    assert kv_record(budgeted).evicted_positions and got[0].peak_kv_tokens == len(plain.prompt_ids) + 23
     alone = reference.generate(prompts[2], GREEDY, memory=ref_memory)
     assert got[2].token_ids == alone.token_ids and got[2].insertions == alone.insertions
-    assert got[2].insertions[0] == 0 and plain.insertions is None
+    assert got[2].insertions[0] == 0 and latent_record(plain) is None and got[0].insertions is None
 
 
 def test_lcm_rows_join_mid_batch_too():

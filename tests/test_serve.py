@@ -33,7 +33,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    from memlm.models.loading import save_model
+    from memlm.formats.loading import save_model
 
     model = tiny_memlm(vocab_size=257, eos_token_ids=(256,), max_position_embeddings=32768)
     folder = save_model(tmp_path_factory.mktemp("tiny") / "tiny", model, byte_tokenizer())

@@ -6,10 +6,7 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, hf_tiny, memlm_twin, tiny_memlm
-from memlm.data.tasks import extract_answer, get_task, split_reasoning
-from memlm.errors import InvalidRequestError, MemlmError, ModelFormatError
-from memlm.models.loading import load_model, save_model
-from memlm.models.lora import (
+from memlm.adapters.lora import (
     add_lora,
     apply_adapter,
     lora_disabled,
@@ -17,7 +14,10 @@ from memlm.models.lora import (
     merge_lora,
     save_adapter,
 )
-from memlm.models.weights import unfuse_state_dict
+from memlm.data.tasks import extract_answer, get_task, split_reasoning
+from memlm.errors import InvalidRequestError, MemlmError, ModelFormatError
+from memlm.formats.loading import load_model, save_model
+from memlm.formats.weights import unfuse_state_dict
 from memlm.train.sft import IGNORE, SFTConfig, collate, encode_examples, parse_task_mix, run_sft
 
 
@@ -89,7 +89,7 @@ def test_long_multiplication_is_worked_as_taught_and_scores():
 def test_long_multiplication_has_the_published_shape_and_fits_its_budget():
     """Short question, long thinking (DynTS's regime): prompt at most 20% of the trace, thinking
     over 300 tokens on average, and the task's generation budget fits every worked solution."""
-    from memlm.models.loading import resolve
+    from memlm.formats.loading import resolve
     from memlm.tokenizer import Tokenizer
 
     task = get_task("long_mult")
@@ -187,7 +187,7 @@ def test_adapter_folder_loads_as_a_model_and_rejects_mismatches(tiny_folder, tmp
 def test_adapter_folders_of_the_earlier_format_still_load(tiny_folder, tmp_path):
     from safetensors.torch import save_file
 
-    from memlm.models.lora import lora_state_dict
+    from memlm.adapters.lora import lora_state_dict
 
     folder, _ = tiny_folder
     model = _randomly_adapted(folder)

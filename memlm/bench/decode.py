@@ -255,7 +255,7 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
         import transformers
         from transformers import AutoModelForCausalLM
 
-        from memlm.models.loading import resolve
+        from memlm.formats.loading import resolve
         from memlm.tokenizer import Tokenizer
 
         transformers.logging.set_verbosity_error()
@@ -457,7 +457,7 @@ def run_decode_bench(
     import importlib.util
 
     from memlm.errors import InvalidRequestError, MemlmError
-    from memlm.models.loading import DTYPES
+    from memlm.formats.loading import DTYPES
 
     dtypes = [d.strip() for d in (dtype.split(",") if isinstance(dtype, str) else dtype) if d.strip()]
     unknown = [d for d in dtypes if d.partition(":")[0] not in DTYPES or d.partition(":")[2] not in ("", "q8_0")]

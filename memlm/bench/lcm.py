@@ -122,7 +122,7 @@ def _lcm_fn(folder: str, val: TokenData):
 
 
 def _load_llama(folder: str):
-    from memlm.models.loading import load_model
+    from memlm.formats.loading import load_model
 
     return load_model(folder).model
 

@@ -17,7 +17,7 @@ from memlm.errors import MemlmError
 
 def gguf_file_of(model: str) -> Path:
     """The GGUF file behind a model name or path (llama.cpp reads nothing else)."""
-    from memlm.models.loading import EMBEDDED
+    from memlm.formats.loading import EMBEDDED
 
     if model.lower() in EMBEDDED:
         return EMBEDDED[model.lower()].path()
@@ -29,7 +29,7 @@ def gguf_file_of(model: str) -> Path:
 
 def tokenizer_of(path: Path):
     """memlm's tokenizer of a GGUF file: every engine gets the same prompt ids."""
-    from memlm.models.gguf_file import open_gguf, read_fields
+    from memlm.formats.gguf_file import open_gguf, read_fields
     from memlm.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(read_fields(open_gguf(path)))

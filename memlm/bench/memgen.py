@@ -126,8 +126,8 @@ def run_memgen_bench(
 def _text_windows(model: str, source: str, count: int, tokens: int) -> list[list[int]]:
     """`count` windows of `tokens` tokens of a corpus with the model's tokenizer: the same text for
     every variant."""
-    from memlm.models.loading import load_model
-    from memlm.models.prune import corpus_windows
+    from memlm.data.corpus import corpus_windows
+    from memlm.formats.loading import load_model
 
     return corpus_windows(load_model(model).tokenizer, source, count, tokens)
 

@@ -42,9 +42,9 @@ def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers"
     from rich.table import Table
 
     from memlm.bench.decode import perplexity
-    from memlm.data.corpus import read_documents
-    from memlm.models.loading import load_model
-    from memlm.models.prune import prune, token_windows
+    from memlm.data.corpus import read_documents, token_windows
+    from memlm.formats.loading import load_model
+    from memlm.surgery.prune import prune
 
     torch.set_num_threads(threads)
     loaded = load_model(model_name)
@@ -76,7 +76,7 @@ def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers"
                 if heal_steps and criterion == "measured" and method in heal_methods:
                     import tempfile
 
-                    from memlm.models.prune import heal
+                    from memlm.train.heal import heal
 
                     with tempfile.TemporaryDirectory() as scratch:
                         heal(pruned, calibration, heal_steps, scratch, progress=False)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memlm.cache.eviction import EvictionHook, ImportanceHook
+
 
 @dataclass(slots=True)
 class _Step:
@@ -28,6 +30,8 @@ class _Step:
 
 
 class KVCache:
+    supports_eviction = True  # its rows hold tokens a KV policy may drop
+
     def __init__(
         self,
         num_layers: int,
@@ -254,6 +258,10 @@ class KVCache:
         if importance and not self.track_importance:
             self.track_importance = True
             self.importance = torch.zeros(shape, device=device)
+
+    def row_hooks(self, tokenizer, vocab_size: int) -> list:
+        """The cache's part in the decode loop: learned importance and eviction (memlm.cache.eviction)."""
+        return [ImportanceHook(), EvictionHook(tokenizer, vocab_size)]
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these rows of the batch (e.g. drop finished sequences)."""

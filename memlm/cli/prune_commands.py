@@ -1,4 +1,4 @@
-"""`memlm prune`: structured pruning of a Llama-family model (memlm/models/prune.py)."""
+"""`memlm prune`: structured pruning of a Llama-family model (memlm/surgery/prune.py)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def prune(
     ] = 0,
 ):
     """Remove the least important layers, FFN channels or attention-head groups; write a smaller model."""
-    from memlm.models.loading import load_model, save_model
-    from memlm.models.prune import METHODS, corpus_windows
-    from memlm.models.prune import prune as prune_model
+    from memlm.data.corpus import corpus_windows
+    from memlm.formats.loading import load_model, save_model
+    from memlm.surgery.prune import METHODS
+    from memlm.surgery.prune import prune as prune_model
 
     if method not in METHODS:
         raise MemlmError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -52,7 +53,7 @@ def prune(
     if heal_steps:
         import tempfile
 
-        from memlm.models.prune import heal
+        from memlm.train.heal import heal
 
         with tempfile.TemporaryDirectory() as scratch:  # the loop's checkpoints; the model is saved below
             last = heal(pruned, calibration, heal_steps, scratch, batch_size=min(4, len(calibration)), seed=seed)

@@ -40,7 +40,7 @@ def serve(
 
     import uvicorn
 
-    from memlm.models.loading import EMBEDDED, resolve
+    from memlm.formats.loading import EMBEDDED, resolve
     from memlm.serve.app import create_app
 
     if not 0 < port < 65536:

@@ -190,3 +190,22 @@ def _remove_nested(text: str, open_: str, close: str) -> str:
     if depth == 0:
         out.append(text[start:])
     return "".join(out)
+
+
+def token_windows(tokenizer, documents, count: int, seq_len: int) -> list[list[int]]:
+    """The first `count` full windows of `seq_len` tokens of the documents, joined in order (deterministic)."""
+    ids: list[int] = []
+    for doc in documents:
+        ids += tokenizer.encode(doc + "\n\n", add_special_tokens=False)
+        if len(ids) >= count * seq_len:
+            break
+    return [ids[i : i + seq_len] for i in range(0, count * seq_len, seq_len) if len(ids[i : i + seq_len]) == seq_len]
+
+
+def corpus_windows(tokenizer, source: str, count: int, seq_len: int, what: str = "text") -> list[list[int]]:
+    """`token_windows` of a corpus (a name such as gensim:enwiki, or a text file): deterministic, so
+    a run can be repeated; a corpus shorter than one window is a one-line error naming `what` it is."""
+    windows = token_windows(tokenizer, read_documents(source), count, seq_len)
+    if not windows:
+        raise MemlmError(f"{what} {source!r} is shorter than one window of {seq_len} tokens")
+    return windows

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from memlm.cache.policies import KVPolicy
-from memlm.data.tasks import Problem, Task
+from memlm.data.tasks import Problem, Task, get_task
+from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
+from memlm.latent.memory import LatentMemory
 
 
 @dataclass(slots=True)
@@ -75,15 +77,10 @@ def evaluate_task(
 def evaluate_saved(model: str, task_name: str, n: int, memory: str | None = None, batch_size: int = 16) -> dict:
     """Held-out accuracy of what a trainer saved (a model path, and a latent memory folder or not),
     loaded fresh from disk: the test split, greedy decoding."""
-    from memlm.data.tasks import get_task
-    from memlm.generation.engine import Engine
-
     task = get_task(task_name)
     engine = Engine.load(model)
     latent = None
     if memory is not None:
-        from memlm.latent.memory import LatentMemory
-
         latent = LatentMemory.load(memory, engine)
     result = evaluate_task(engine, task, task.problems(n, "test"), batch_size=batch_size, memory=latent)
     return {"task": task_name, **result.summary()}

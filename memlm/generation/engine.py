@@ -1,12 +1,17 @@
 """The decode loop: tokenize, prefill, decode incrementally with the model's state (a KV cache, or
 LCM's recurrent sums), sample, stop, detokenize. Batched and streamed, with continuous batching.
 
-The loop is step-wise (`add_request`, `step`, `abort`): at each step waiting requests join the
-running batch, and every row feeds its chunk in one forward -- a joining request its whole prompt,
-a running one its last token, a row of a latent memory the latents it inserts -- as one
-right-padded chunk (the model packs it, so padding costs no matmul work). Then every row samples
-one token. Finished and aborted requests leave the batch at once. `generate`, `stream` and `score`
-are thin users of the same steps, so the server and the library cannot drift apart.
+The loop is step-wise (`add_request`, `step`, `abort`). A step:
+
+    admit -> join -> feed -> forward -> [hooks: after_forward] -> logits + sample
+          -> [hooks: after_sample] -> take tokens -> [hooks: after_take] -> retire
+
+Waiting requests join the running batch; every row feeds its chunk in one forward (batch.py); every
+row samples one token. Memories take part through row hooks (hooks.py): the model's state brings
+its own (a KV cache its eviction, the LCM its halts) and a request's `memory` brings one (latent
+memory). The engine names none of them. Finished and aborted requests leave the batch at once.
+`generate`, `stream` and `score` are thin users of the same steps, so the server and the library
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,24 +19,22 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 import torch
 
-from memlm.cache.policies import FullPolicy, KVPolicy, RowView
+from memlm.cache.policies import FullPolicy, KVPolicy
 from memlm.errors import InvalidRequestError
+from memlm.formats.loading import load_model
+from memlm.generation.batch import Batch, PhaseClock, feed
 from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher
+from memlm.generation.hooks import RowMemory, RowStep
 from memlm.generation.params import SamplingParams
 from memlm.generation.request import Completion, Request, StreamDelta
 from memlm.generation.sampling import BatchSampler, TokenHistory
 from memlm.generation.scheduler import Scheduler
-from memlm.models.llama import LlamaModel
+from memlm.generation.structured import StructuredOutput, allowed_tokens
 from memlm.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from memlm.latent.memory import LatentMemory, LatentSession
-    from memlm.lcm.model import LCMModel
 
 Message = dict[str, str]
 Prompt = str | list[Message]
@@ -44,25 +47,10 @@ __all__ = ["Completion", "Engine", "Request", "StreamDelta"]
 _INITIAL_OUTPUT_SLOTS = 1024
 
 
-@dataclass
-class _Batch:
-    """The running batch: the model's state (one row per running request, in the scheduler's order)
-    and what sampling and latent memory keep beside it."""
-
-    state: object  # KVCache or LCMState
-    history: TokenHistory | None = None  # only while some request uses penalties
-    sessions: dict[int, LatentSession] = field(default_factory=dict)  # id(memory) -> its session
-    sampler: BatchSampler | None = None  # rebuilt when the membership changes
-
-    @property
-    def scored(self) -> bool:
-        return bool(getattr(self.state, "track_importance", False))
-
-
 class Engine:
     def __init__(
         self,
-        model: LlamaModel | LCMModel,
+        model,  # LlamaModel or LCMModel: embed / forward_tokens / logits / new_state
         tokenizer: Tokenizer,
         name: str = "",
         source: str = "",
@@ -78,26 +66,15 @@ class Engine:
         self.config = model.config
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.scheduler = Scheduler(max_batch, max_queue, max_prefill_tokens)
-        self._batch: _Batch | None = None
+        self._batch: Batch | None = None
         self._structured = None
         self._ids = itertools.count()
         # Wall-clock per phase of decode steps (steps no request joins), summed: set to {} to record
         # (benchmarks: what a KV policy's predictor and eviction cost against the whole step).
         self.timings: dict[str, float] | None = None
-        self._digit_mask: torch.Tensor | None = None
-
-    def _digit_tokens(self) -> torch.Tensor:
-        """[vocab] bool: which tokens are pieces of a number (built on first use, by span-keeping policies)."""
-        if self._digit_mask is None:
-            mask = self.tokenizer.digit_token_mask()
-            mask += [False] * max(0, self.config.vocab_size - len(mask))
-            self._digit_mask = torch.tensor(mask, dtype=torch.bool)
-        return self._digit_mask
 
     @classmethod
     def load(cls, name_or_path: str, dtype: str = "float32", activations: str = "float32", **scheduling) -> Engine:
-        from memlm.models.loading import load_model
-
         m = load_model(name_or_path, dtype, activations)
         return cls(m.model, m.tokenizer, m.name, m.source, m.dtype, m.num_parameters, **scheduling)
 
@@ -134,13 +111,14 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         params: ParamsArg = None,
         kv_policy: PolicyArg = None,
-        memory: LatentMemory | None = None,
+        memory: RowMemory | None = None,
     ) -> Completion | list[Completion]:
         """Complete one prompt (-> Completion) or a batch (-> list of Completions, in order).
 
         `params` and `kv_policy` are one for all requests or one per request. A KV policy keeps
-        the request's cache under its token budget (see memlm.cache.policies). A LatentMemory
-        inserts latent embeddings after the prompt and at delimiters (see memlm.latent)."""
+        the request's cache under its token budget (see memlm.cache.policies). A `memory` brings
+        its own row hook: a LatentMemory inserts latents after the prompt and at delimiters (see
+        memlm.latent)."""
         ids, single = self._batch_prompts(prompts)
         completions = self.generate_tokens(ids, params, kv_policy, memory)
         return completions[0] if single else completions
@@ -150,7 +128,7 @@ class Engine:
         prompt_ids: list[list[int]],
         params: ParamsArg = None,
         kv_policy: PolicyArg = None,
-        memory: LatentMemory | None = None,
+        memory: RowMemory | None = None,
     ) -> list[Completion]:
         requests = self._submit(prompt_ids, params, kv_policy, memory)
         for _ in self._drive(requests):
@@ -162,7 +140,7 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         params: ParamsArg = None,
         kv_policy: PolicyArg = None,
-        memory: LatentMemory | None = None,
+        memory: RowMemory | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as they become final; each request's last delta carries its finish_reason."""
         ids, _ = self._batch_prompts(prompts)
@@ -174,7 +152,7 @@ class Engine:
         prompt_ids: list[list[int]],
         continuations: list[list[int]],
         kv_policy: PolicyArg = None,
-        memory: LatentMemory | None = None,
+        memory: RowMemory | None = None,
     ) -> list[Completion]:
         """Teacher forcing: feed each continuation after its prompt through the same decode loop
         (cache, eviction policy and all) and report, per continuation token, its log-probability
@@ -237,7 +215,7 @@ class Engine:
         prompt: Prompt | list[int],
         params: SamplingParams | None = None,
         kv_policy: KVPolicy | None = None,
-        memory: LatentMemory | None = None,
+        memory: RowMemory | None = None,
         request_id: str | None = None,
     ) -> Request:
         """Queue one request (a prompt, a chat, or token ids); it joins the running batch at a coming
@@ -274,15 +252,13 @@ class Engine:
     def kv_usage(self) -> tuple[int, int]:
         """(token slots in use, token slots allocated) over the running batch's KV cache (0, 0 without one)."""
         state = self._batch.state if self._batch is not None else None
-        if state is None or not hasattr(state, "capacity"):
+        if state is None or not state.supports_eviction:  # a recurrent state holds no token slots
             return 0, 0
         return int(state.lengths.sum()), state.batch_size * state.capacity
 
     def structured_output(self):
         """The structured-output compiler for this tokenizer (built on first use)."""
         if self._structured is None:
-            from memlm.generation.structured import StructuredOutput
-
             self._structured = StructuredOutput(self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
         return self._structured
 
@@ -291,7 +267,7 @@ class Engine:
         ids: list[int],
         p: SamplingParams,
         policy: KVPolicy | None = None,
-        memory: LatentMemory | None = None,
+        memory: RowMemory | None = None,
         index: int | None = None,
         request_id: str | None = None,
     ) -> Request:
@@ -337,10 +313,6 @@ class Engine:
             memory,
             grammar,
         )
-        if memory is not None:
-            request.insertions = []
-            if memory.explore is not None:
-                request.decisions = []
         return request
 
     # ---- one step -------------------------------------------------------------------------------------
@@ -355,65 +327,21 @@ class Engine:
         batch, rows = self._batch, self.scheduler.running
         if batch is None:
             return []
-        state, device = batch.state, self.model.device
-        clock = _PhaseClock(None if joining else self.timings)
-        inserted = [0 if r.pending_latents is None else r.pending_latents.shape[0] for r in rows]
-        hidden, real = self._feed(rows, state)
+        state, hooks = batch.state, list(batch.hooks.values())
+        clock = PhaseClock(None if joining else self.timings)
+        steps = [RowStep(inserted=0 if r.pending_embeds is None else r.pending_embeds.shape[0]) for r in rows]
+        hidden, last = feed(self.model, rows, state)
         clock("forward")
-        if batch.scored:
-            _score(state, hidden, rows)
-        clock("predictor")
-        evicted = _evict(state, rows, self._digit_tokens)
-        clock("eviction")
-        kv_tokens = state.lengths.tolist() if getattr(state, "supports_eviction", True) else [None] * len(rows)
-        last_hidden = hidden[torch.arange(len(rows), device=device), real - 1]
-        raw = self.model.logits(last_hidden[:, None])[:, 0]
-
-        halted = state.halted.tolist() if hasattr(state, "halted") else None
-        traces = getattr(state, "traces", None)
-        logits = self._suppress_early_end(raw, rows)
-        allowed = self._allowed(rows)
-        if batch.sampler is None:
-            batch.sampler = BatchSampler([r.params for r in rows], [r.generator for r in rows], device)
-        tokens = batch.sampler(logits, batch.history, allowed)
-        if any(r.forced is not None for r in rows):
-            forced = [r.forced[len(r.output_ids)] if r.forced is not None else -1 for r in rows]
-            tokens = torch.where(torch.tensor(forced, device=device) >= 0, torch.tensor(forced, device=device), tokens)
-        chosen = tokens.tolist()
-        inserting = self._choose_insertions(batch, rows, chosen, last_hidden)
-        state_row = {id(r): row for row, r in enumerate(rows)}
-        written = self._write_latents(batch, inserting, state_row)
-        for key, slots in written.items():  # latents written this step count as this step's insertion
-            inserted[state_row[key]] += slots
-
-        deltas, took = [], []
-        for row, (r, token) in enumerate(zip(rows, chosen, strict=True)):
-            seen = dict(request=r, evicted=evicted.get(row, []), inserted=inserted[row], kv_tokens=kv_tokens[row])
-            if halted is not None and halted[row]:
-                deltas.append(StreamDelta(r.index, r.halt(), r.finish_reason, **seen))
-                continue
-            if traces is not None and r.memory_trace is not None:
-                r.memory_trace.append(traces[row])
-            if id(r) in inserting:
-                r.insertions.append(len(r.output_ids))
-                if id(r) not in written:  # the peeked token is dropped: the next one is sampled after the latents
-                    deltas.append(StreamDelta(r.index, "", None, **seen))
-                    continue
-            took.append(row)
-            if r.wants_logprobs:
-                _record_logprobs(r, raw[row], token)
-            position = r.next_position
-            text = r.append(token)
-            r.pending_ids = [token]
-            deltas.append(StreamDelta(r.index, text, r.finish_reason, token_id=token, position=position, **seen))
-        if batch.history is not None:
-            batch.history.record(took, [chosen[row] for row in took])
-        for session in batch.sessions.values():
-            wanted = [r for r in session.requests if id(r) in inserting and id(r) not in written]
-            if wanted:
-                woven = session.inference_latents(wanted, state, [state_row[id(r)] for r in wanted])
-                for r, latents in zip(wanted, woven, strict=True):
-                    r.pending_latents = latents
+        for hook in hooks:
+            hook.after_forward(rows, state, hidden, steps)
+            clock(hook.phase)
+        raw = self.model.logits(last[:, None])[:, 0]
+        tokens = self._sample(batch, rows, raw).tolist()
+        for hook in hooks:
+            hook.after_sample(rows, state, tokens, last, steps)
+        deltas = self._take(batch, rows, tokens, raw, steps)
+        for hook in hooks:
+            hook.after_take(rows, state, steps)
         self._retire()
         clock("sampling")
         clock.count_step()
@@ -421,7 +349,7 @@ class Engine:
 
     def _join(self, joining: list[Request]) -> None:
         """New rows for these requests: a fresh state appended to the batch's, each row's first chunk
-        its prompt (and the latents a memory writes for it)."""
+        its prompt; each hook takes in the rows it serves."""
         policies = [r.kv_policy for r in joining if r.kv_policy is not None]
         extra = max((r.memory.extra_slots() for r in joining if r.memory is not None), default=0)
         capacity = max(min(_slots_needed(r), len(r.prompt_ids) + _INITIAL_OUTPUT_SLOTS) for r in joining) + extra
@@ -433,7 +361,8 @@ class Engine:
         )
         batch = self._batch
         if batch is None:
-            batch = self._batch = _Batch(fresh)
+            hooks = fresh.row_hooks(self.tokenizer, self.config.vocab_size)
+            batch = self._batch = Batch(fresh, {("state", i): hook for i, hook in enumerate(hooks)})
         else:
             batch.state.extend(fresh)
             batch.sampler = None
@@ -442,105 +371,62 @@ class Engine:
             batch.history.extend([r.prompt_ids for r in self.scheduler.running if r not in joining])
         if batch.history is not None:
             batch.history.extend([r.prompt_ids for r in joining])
-        traced, now = hasattr(batch.state, "traces"), time.monotonic()
+        now = time.monotonic()
         for r in joining:
             r.pending_ids, r.next_position, r.joined = list(r.prompt_ids), 0, now
-            if traced:
-                r.memory_trace = []
-        by_memory: dict[int, list[Request]] = {}
+        served: dict[object, list[Request]] = {key: list(joining) for key in batch.hooks}  # the state's: all
         for r in joining:
             if r.memory is not None:
-                by_memory.setdefault(id(r.memory), []).append(r)
-        for key, group in by_memory.items():
-            if key not in batch.sessions:
-                from memlm.latent.memory import LatentSession
+                if id(r.memory) not in batch.hooks:
+                    batch.hooks[id(r.memory)] = r.memory.row_hook()
+                served.setdefault(id(r.memory), []).append(r)
+        for key, rows in served.items():
+            batch.hooks[key].join(rows, batch.state)
 
-                batch.sessions[key] = LatentSession(group[0].memory)
-            for r, latents in zip(group, batch.sessions[key].add(group), strict=True):
-                if latents is not None:  # latent memory right after the prompt
-                    r.pending_latents = latents
-                    r.insertions.append(0)
+    def _sample(self, batch: Batch, rows: list[Request], raw: torch.Tensor) -> torch.Tensor:
+        """One token per row: penalties, grammar masks and min_new_tokens applied; teacher-forced rows
+        take their given token."""
+        logits = self._suppress_early_end(raw, rows)
+        if batch.sampler is None:
+            batch.sampler = BatchSampler([r.params for r in rows], [r.generator for r in rows], self.model.device)
+        tokens = batch.sampler(logits, batch.history, self._allowed(rows))
+        if any(r.forced is not None for r in rows):
+            forced = torch.tensor(
+                [r.forced[len(r.output_ids)] if r.forced is not None else -1 for r in rows], device=tokens.device
+            )
+            tokens = torch.where(forced >= 0, forced, tokens)
+        return tokens
 
-    def _feed(self, rows: list[Request], state) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over every row's pending chunk (right-padded). -> (hidden [B, T, d], real tokens [B])."""
-        model, device = self.model, self.model.device
-        sizes = [len(r.pending_ids) + (0 if r.pending_latents is None else r.pending_latents.shape[0]) for r in rows]
-        starts = torch.tensor([r.next_position for r in rows], device=device)
-        real = torch.tensor(sizes, device=device)
-        width = max(sizes)
-        if width == 1 and all(r.pending_latents is None for r in rows):  # plain decode: one token per row
-            ids = torch.tensor([r.pending_ids for r in rows], device=device)
-            hidden = model.forward_tokens(ids, starts[:, None], state)
-        else:
-            steps = torch.arange(width, device=device)[None, :]
-            positions = torch.where(steps < real[:, None], starts[:, None] + steps, -1)
-            if all(r.pending_latents is None for r in rows):
-                ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-                for row, r in enumerate(rows):
-                    ids[row, : len(r.pending_ids)] = torch.tensor(r.pending_ids, device=device)
-                hidden = model.forward_tokens(ids, positions, state)
+    def _take(self, batch: Batch, rows: list[Request], tokens: list[int], raw, steps: list[RowStep]):
+        """Each row takes its token (unless a hook said otherwise) -> its StreamDelta."""
+        deltas, took = [], []
+        for row, (r, token, step) in enumerate(zip(rows, tokens, steps, strict=True)):
+            seen = dict(request=r, evicted=step.evicted, inserted=step.inserted, kv_tokens=step.kv_tokens)
+            if step.halted:
+                deltas.append(StreamDelta(r.index, r.halt(), r.finish_reason, **seen))
+            elif not step.take:
+                deltas.append(StreamDelta(r.index, "", None, **seen))
             else:
-                hidden = model(self._embed_chunk(rows, width), positions, state)
-        for r, n in zip(rows, sizes, strict=True):
-            if r.pending_latents is not None:
-                first = r.next_position + len(r.pending_ids)
-                r.insertion_positions.append((first, r.pending_latents.shape[0]))
-            r.next_position += n
-            r.pending_ids, r.pending_latents = [], None
-        return hidden, real
-
-    def _embed_chunk(self, rows: list[Request], width: int) -> torch.Tensor:
-        """Each row's pending tokens embedded, then its pending latents: [B, width, d], zero padding."""
-        model = self.model
-        embeds = torch.zeros(len(rows), width, model.config.hidden_size, dtype=model.dtype, device=model.device)
-        for row, r in enumerate(rows):
-            n = len(r.pending_ids)
-            if n:
-                embeds[row, :n] = model.embed(torch.tensor(r.pending_ids, device=model.device))
-            if r.pending_latents is not None:
-                embeds[row, n : n + r.pending_latents.shape[0]] = r.pending_latents.to(model.dtype)
-        return embeds
+                took.append(row)
+                if r.wants_logprobs:
+                    _record_logprobs(r, raw[row], token)
+                position = r.next_position
+                text = r.append(token)
+                r.pending_ids = [token]
+                deltas.append(StreamDelta(r.index, text, r.finish_reason, token_id=token, position=position, **seen))
+        if batch.history is not None:
+            batch.history.record(took, [tokens[row] for row in took])
+        return deltas
 
     def _allowed(self, rows: list[Request]) -> torch.Tensor | None:
         """[B, V] bool: what structured-output grammars allow next (None when no row has one)."""
         constrained = [row for row, r in enumerate(rows) if r.grammar is not None]
         if not constrained:
             return None
-        from memlm.generation.structured import allowed_tokens
-
         vocab = self.config.vocab_size
         allowed = torch.ones(len(rows), vocab, dtype=torch.bool)
         allowed[constrained] = allowed_tokens([rows[row].grammar for row in constrained], vocab)
         return allowed.to(self.model.device)
-
-    def _write_latents(self, batch: _Batch, inserting: set[int], state_row: dict[int, int]) -> dict[int, int]:
-        """Memories that write keys and values insert now: their latent slots go into the cache at each
-        inserting row's next position, and the token just sampled is fed after them (not dropped).
-        `state_row`: request id -> its row of the batch's state. -> request id -> slots written."""
-        written: dict[int, int] = {}
-        for session in batch.sessions.values():
-            wanted = [r for r in session.requests if id(r) in inserting]
-            if not wanted or not session.memory.weaver.writes_kv:
-                continue
-            slots = session.write_latents(wanted, batch.state, [state_row[id(r)] for r in wanted])
-            for r, k in zip(wanted, slots, strict=True):
-                r.insertion_positions.append((r.next_position, k))
-                r.next_position += k
-                written[id(r)] = k
-        return written
-
-    def _choose_insertions(self, batch: _Batch, rows: list[Request], chosen: list[int], hidden) -> set[int]:
-        """ids of the requests whose latent memory inserts now (instead of taking the sampled token)."""
-        if not batch.sessions:
-            return set()
-        where = {id(r): row for row, r in enumerate(rows)}
-        inserting = set()
-        for session in batch.sessions.values():
-            members = [r for r in session.requests if r.forced is None or len(r.output_ids) < len(r.forced)]
-            index = [where[id(r)] for r in members]
-            picked = session.choose(members, [chosen[i] for i in index], hidden[index])
-            inserting |= {id(r) for r in picked}
-        return inserting
 
     def _retire(self) -> None:
         """Finished and aborted requests leave the batch: their rows are dropped from every state."""
@@ -556,12 +442,9 @@ class Engine:
         batch.state.select_rows(index)
         if batch.history is not None:
             batch.history.select_rows(index)
-        for key, session in list(batch.sessions.items()):
-            staying = [r for r in session.requests if not r.finished]
-            if staying:
-                session.keep(staying)
-            else:
-                del batch.sessions[key]
+        for key, hook in list(batch.hooks.items()):
+            if not hook.retire(keep, self.scheduler.running):
+                del batch.hooks[key]
         batch.sampler = None
 
     def _suppress_early_end(self, logits: torch.Tensor, active: list[Request]) -> torch.Tensor:
@@ -594,76 +477,3 @@ def _slots_needed(r: Request) -> int:
     if r.kv_policy is None:
         return total
     return min(total, max(r.kv_policy.budget, len(r.prompt_ids)) + 1)
-
-
-class _PhaseClock:
-    """Adds the time since the previous mark to `totals[phase]` (nothing when totals is None)."""
-
-    def __init__(self, totals: dict[str, float] | None):
-        self.totals, self.last = totals, time.perf_counter() if totals is not None else 0.0
-
-    def __call__(self, phase: str) -> None:
-        if self.totals is not None:
-            now = time.perf_counter()
-            self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
-            self.last = now
-
-    def count_step(self) -> None:
-        if self.totals is not None:
-            self.totals["steps"] = self.totals.get("steps", 0) + 1
-
-
-def _score(cache, hidden: torch.Tensor, active: list[Request]) -> None:
-    """Give each new token its learned importance (rows grouped by predictor: one call each)."""
-    scores = torch.zeros(hidden.shape[:2], device=hidden.device)
-    groups: dict[int, tuple[object, list[int]]] = {}
-    for row, r in enumerate(active):
-        predictor = r.kv_policy.predictor if r.kv_policy is not None else None
-        if predictor is not None:
-            groups.setdefault(id(predictor), (predictor, []))[1].append(row)
-    for predictor, rows in groups.values():
-        scores[rows] = predictor(hidden[rows]).float()
-    cache.record_importance(scores)
-
-
-def _joins_previous(r: Request, positions: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
-    """[n] bool: the slot holds a digit token fed right after the previous slot's digit token."""
-    positions = positions.cpu()
-    tokens = r.tokens_at(positions)
-    digit = digits[tokens.clamp(min=0)] & (tokens >= 0)
-    joins = torch.zeros_like(digit)
-    joins[1:] = digit[1:] & digit[:-1] & (positions[1:] == positions[:-1] + 1)
-    return joins
-
-
-def _evict(cache, active: list[Request], digit_tokens=None) -> dict[int, list[int]]:
-    """After a forward: record each row's peak, and let its policy bring it back under budget.
-    `digit_tokens()` -> the tokenizer's [vocab] digit mask, for policies that keep numbers whole.
-    -> per row that evicted, the positions it dropped."""
-    if not getattr(cache, "supports_eviction", True):  # a recurrent state holds no tokens to evict
-        return {}
-    lengths, evicted = cache.lengths.tolist(), {}
-    for row, (r, length) in enumerate(zip(active, lengths, strict=True)):
-        r.peak_kv_tokens = max(r.peak_kv_tokens, length)
-        policy = r.kv_policy
-        if policy is None or length <= policy.budget:
-            continue
-        view = RowView(
-            positions=cache.positions[row, :length],
-            prompt_length=len(r.prompt_ids),
-            attention_sum=cache.attention_sum[row, :length] if cache.track_attention else None,
-            attention_last=cache.attention_last[row, :length] if cache.track_attention else None,
-            importance=cache.importance[row, :length] if cache.track_importance else None,
-            protected_from=r.protected_from,
-        )
-        if policy.spans and digit_tokens is not None:
-            view.joins_previous = _joins_previous(r, view.positions, digit_tokens())
-        keep = policy.select(view)
-        if keep is not None:
-            dropped = torch.ones(length, dtype=torch.bool, device=keep.device)
-            dropped[keep] = False
-            positions = view.positions[dropped.to(view.positions.device)].tolist()
-            r.evicted_positions += positions
-            evicted[row] = positions
-            cache.compact(row, keep)
-    return evicted

@@ -1,6 +1,7 @@
 """One request's life in the engine: its prompt, parameters and memory options, the tokens and text
-it has produced, and what its memory did (evictions, latent insertions). Also the two records the
-engine hands out: `StreamDelta` after each step and `Completion` at the end."""
+it has produced. What each memory keeps about it is that memory's own record (`records`, written by
+its row hook: memlm.generation.hooks). Also the two records the engine hands out: `StreamDelta`
+after each step and `Completion` at the end."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from memlm.cache.policies import KVPolicy
-from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher, token_at_char
+from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher
 from memlm.generation.params import SamplingParams
 
 if TYPE_CHECKING:
+    from memlm.generation.hooks import RowMemory
     from memlm.generation.structured import Grammar
-    from memlm.latent.memory import LatentMemory
 
 
 @dataclass(slots=True)
@@ -27,13 +28,12 @@ class Completion:
     prompt_token_ids: list[int]
     finish_reason: str  # "stop" (end token, stop string or stop token), "length", "halted" (LCM danger grid), "abort"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
-    peak_kv_tokens: int = 0  # most tokens this sequence held in the KV cache at once
+    peak_kv_tokens: int = 0  # KV cache: most tokens this sequence held at once
     logprobs: list[float] | None = None  # log p of each token (teacher forcing, or SamplingParams.logprobs)
     greedy_hits: list[bool] | None = None  # teacher forcing: was each given token the most likely one
     insertions: list[int] | None = None  # latent memory: inserted after this many output tokens (0 = the prompt)
     memory_trace: list[dict] | None = None  # codebook memory: the reasoning loop behind each output token
     top_logprobs: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs > 0: the alternatives
-    decisions: list[tuple[torch.Tensor, bool]] | None = None  # exploring trigger: (hidden state, inserted?)
 
 
 @dataclass(slots=True)
@@ -62,27 +62,21 @@ class Request:
     stops: StopMatcher
     generator: torch.Generator | None
     kv_policy: KVPolicy | None = None
-    memory: LatentMemory | None = None
+    memory: RowMemory | None = None  # a memory that brings its own row hook (latent memory)
     grammar: Grammar | None = None
     arrival: float = field(default_factory=time.monotonic)
     joined: float | None = None  # when it joined the running batch (the end of its time in the queue)
-    peak_kv_tokens: int = 0
-    protected_from: int | None = None  # position where the policy's end-of-thinking marker begins
     next_position: int = 0  # where the next fed token goes
     pending_ids: list[int] = field(default_factory=list)  # to feed at the next step: the prompt, or the last token
-    pending_latents: torch.Tensor | None = None  # [K, d] to feed at the next step instead of a token
+    pending_embeds: torch.Tensor | None = None  # [K, d] vectors a memory feeds after the pending tokens
+    records: dict[str, object] = field(default_factory=dict)  # each row hook's record of this request
     output_ids: list[int] = field(default_factory=list)
     output_positions: list[int] = field(default_factory=list)  # where each output token was (or will be) fed
-    evicted_positions: list[int] = field(default_factory=list)
     text_ends: list[int] = field(default_factory=list)  # len(text) after each output token
     forced: list[int] | None = None  # teacher forcing: the tokens to feed instead of sampling
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     greedy_hits: list[bool] = field(default_factory=list)
-    insertions: list[int] | None = None
-    insertion_positions: list[tuple[int, int]] = field(default_factory=list)  # (first position, latents)
-    decisions: list[tuple[torch.Tensor, bool]] | None = None
-    memory_trace: list[dict] | None = None
     text: str = ""
     streamed: int = 0
     finish_reason: str | None = None
@@ -113,9 +107,6 @@ class Request:
             elif self.grammar is not None and self.grammar.done:
                 self._finish("stop")
             self.text_ends.append(len(self.text))
-            marker = self.kv_policy.end_of_thinking if self.kv_policy is not None else None
-            if marker and self.protected_from is None:
-                self._find_marker(marker, before)
             hit = self.stops.find(self.text, before)
             if hit is not None:
                 self.text = self.text[: hit[0]]
@@ -135,12 +126,6 @@ class Request:
             table[list(where)] = torch.tensor(ids, dtype=torch.long)
         return table[positions.cpu()]
 
-    def _find_marker(self, marker: str, before: int) -> None:
-        """Note the position of the token where `marker` starts, once the text shows it."""
-        at = self.text.find(marker, max(0, before - len(marker)))
-        if at >= 0:
-            self.protected_from = len(self.prompt_ids) + token_at_char(self.text_ends, at)
-
     def halt(self) -> str:
         """The model's danger grid stopped this request: end it without another token."""
         self._finish("halted", "danger")
@@ -156,6 +141,9 @@ class Request:
 
     def completion(self) -> Completion:
         scored = self.wants_logprobs
+        memories = {}
+        for record in self.records.values():
+            memories.update(record.completion_fields())
         return Completion(
             self.index,
             self.text,
@@ -163,22 +151,8 @@ class Request:
             self.prompt_ids,
             self.finish_reason,
             self.stop_reason,
-            self.peak_kv_tokens,
-            self.logprobs if scored else None,
-            self.greedy_hits if self.forced is not None else None,
-            self.insertions,
-            self.memory_trace,
-            self.top_logprobs if scored and self.params.logprobs else None,
-            self.decisions,
+            logprobs=self.logprobs if scored else None,
+            greedy_hits=self.greedy_hits if self.forced is not None else None,
+            top_logprobs=self.top_logprobs if scored and self.params.logprobs else None,
+            **memories,
         )
-
-    def kv_trace(self) -> dict:
-        """Per token, prompt and output: is it still in the KV cache? And where latents went in."""
-        evicted = set(self.evicted_positions)
-        return {
-            "prompt": [p not in evicted for p in range(len(self.prompt_ids))],
-            "output": [p not in evicted for p in self.output_positions],
-            "insertions": list(self.insertions or []),
-            "evictions": len(self.evicted_positions),
-            "peak_kv_tokens": self.peak_kv_tokens,
-        }

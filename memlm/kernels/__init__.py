@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from memlm.paths import kernels_dir
+
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -121,11 +123,9 @@ def _flags(variant: str | None) -> list[str]:
 
 
 def library_path(variant: str | None = None) -> Path:
-    from memlm.models.loading import memlm_home
-
     flags = _flags(variant)
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    return memlm_home() / "kernels" / f"memlm_quant_{variant or 'avx2'}_{digest}.so"
+    return kernels_dir() / f"memlm_quant_{variant or 'avx2'}_{digest}.so"
 
 
 def compiler() -> str | None:

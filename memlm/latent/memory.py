@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from memlm.adapters.lora import lora_layers
 from memlm.atomic import atomic_write
 from memlm.cache.importance import same_model
 from memlm.errors import MemlmError, ModelFormatError
 from memlm.latent.delimiters import DEFAULT_DELIMITERS, DelimiterSet
+from memlm.latent.hook import LatentHook
 from memlm.latent.trigger import make_trigger
 from memlm.latent.weaver import Weaver
-from memlm.models.lora import lora_layers
 
 CONFIG_FILE = "latent_memory.json"
 WEAVER_INITS = ("random", "delimiter", "gated")
@@ -38,9 +39,6 @@ class LatentMemory:
         self.weaver, self.trigger, self.delimiters = weaver, trigger, delimiters
         self.max_prompt_aug, self.max_inference_aug = max_prompt_aug, max_inference_aug
         self.config = config or {}
-        # RL (memlm train trigger): sample decisions from the learned trigger with this generator; each
-        # request then records (hidden state, decision) at every delimiter (`Completion.decisions`)
-        self.explore: torch.Generator | None = None
 
     @classmethod
     def create(
@@ -112,6 +110,10 @@ class LatentMemory:
 
     def prompt_latents(self) -> int:
         return self.weaver.num_latents["prompt"] if self.max_prompt_aug > 0 else 0
+
+    def row_hook(self) -> LatentHook:
+        """What runs this memory in the decode loop, for the requests of one batch that use it."""
+        return LatentHook(self)
 
     def extra_slots(self) -> int:
         """Most latent slots one sequence can add to the reasoner's cache."""
@@ -204,138 +206,6 @@ class LatentMemory:
                     getattr(layers[layer_name], part).copy_(tensor)
             if self.config.get("trigger") == "learned":
                 self.trigger.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("trigger.")})
-
-
-class LatentSession:
-    """A LatentMemory in use by some requests of a running batch: the weaver's cache (one row per
-    request, in `requests` order) and what each request has read and inserted so far. Requests join
-    (`add`) and leave (`keep`) as the engine's batch changes.
-
-    A weaver that reads the reasoner's states has no cache of its own. Its prompt latents need the
-    reasoner's pass over the prompt, so they come one step later, the way a delimiter's do: the
-    token sampled after the prompt is dropped, and the next one is sampled after the latents.
-    A weaver that writes keys and values keeps that token instead (`write_latents`)."""
-
-    def __init__(self, memory: LatentMemory):
-        self.memory = memory
-        self.requests: list = []
-        self.cache = None
-        self.fed: list[int] = []  # tokens of each request the weaver has read
-        self.inserted: list[int] = []  # inference insertions so far
-        self.last_at: list[int] = []  # output length at the last insertion (never twice in a row)
-        self.awaiting_prompt: list[bool] = []  # states weaver: prompt latents still to write
-
-    def add(self, requests: list) -> list[torch.Tensor | None]:
-        """Take these requests in; -> the latents to insert right after each prompt (None: none,
-        or, for a weaver that reads the reasoner's states, not yet)."""
-        states = self.memory.weaver.reads_states
-        if not states:
-            capacity = max(len(r.prompt_ids) for r in requests) + self.memory.extra_slots() + 16
-            fresh = self.memory.weaver.new_cache(len(requests), capacity)
-            if self.cache is None:
-                self.cache = fresh
-            else:
-                self.cache.extend(fresh)
-        first = len(self.requests)
-        self.requests += requests
-        self.fed += [0] * len(requests)
-        self.inserted += [0] * len(requests)
-        self.last_at += [-1] * len(requests)
-        self.awaiting_prompt += [states and self.memory.prompt_latents() > 0] * len(requests)
-        if self.memory.prompt_latents() == 0 or states:
-            return [None] * len(requests)
-        rows = range(first, len(self.requests))
-        latents = self._weave({row: self.requests[row].prompt_ids for row in rows}, "prompt")
-        for row in rows:
-            self.last_at[row] = 0
-        return [latents[row] for row in rows]
-
-    def choose(self, requests: list, following: list[int], hidden: torch.Tensor) -> list:
-        """The requests that insert now: their last token is a delimiter (given the token sampled after
-        it), they have insertions left, and the trigger fires on the delimiter's hidden state.
-        `requests` are some of this session's, `following` their sampled tokens, `hidden` [n, d]."""
-        memory, candidates, prompt = self.memory, [], []
-        for i, (r, token) in enumerate(zip(requests, following, strict=True)):
-            row, output = self.requests.index(r), r.output_ids
-            if self.awaiting_prompt[row]:  # the prompt's latents are not the trigger's to decide
-                prompt.append(r)
-                continue
-            if not output or self.inserted[row] >= memory.max_inference_aug or self.last_at[row] == len(output):
-                continue
-            previous = output[-2] if len(output) > 1 else r.prompt_ids[-1]
-            if memory.delimiters.is_insertion_point(previous, output[-1], token):
-                candidates.append(i)
-        if not candidates:
-            return prompt
-        states = hidden[candidates]
-        if memory.explore is not None:  # exploring: sample, and remember what was decided where
-            p = memory.trigger.probability(states).float()
-            fire = (torch.rand(p.shape, generator=memory.explore).to(p.device) < p).tolist()  # a CPU generator
-            for i, state, yes in zip(candidates, states, fire, strict=True):
-                requests[i].decisions.append((state.detach().float().cpu(), yes))
-        else:
-            fire = memory.trigger.decide(states).tolist()
-        return prompt + [requests[i] for i, yes in zip(candidates, fire, strict=True) if yes]
-
-    def inference_latents(self, inserting: list, state=None, state_rows: list[int] | None = None) -> list[torch.Tensor]:
-        """Latents for these requests, from everything they have read and written so far.
-
-        A weaver that reads the reasoner's states reads them from `state` (the reasoner's cache),
-        where request `inserting[i]` is row `state_rows[i]`."""
-        rows = [self.requests.index(r) for r in inserting]
-        if self.memory.weaver.reads_states:
-            woven = self.memory.weaver.weave_states(state, *self._state_layout(rows, state, state_rows))
-            latents = {row: woven[at] for row, at in zip(rows, state_rows, strict=True)}
-        else:
-            latents = self._weave({row: self.requests[row].prompt_ids + self.requests[row].output_ids for row in rows})
-        self._inserted(rows)
-        return [latents[row] for row in rows]
-
-    def write_latents(self, inserting: list, state, state_rows: list[int]) -> list[int]:
-        """A "kv" weaver's insertion for these requests: their latent slots go straight into `state`
-        (the reasoner's cache, request `inserting[i]` at row `state_rows[i]`), at each request's
-        next position, before the token just sampled is fed. -> slots written per request."""
-        rows = [self.requests.index(r) for r in inserting]
-        written = self.memory.weaver.write_states(state, *self._state_layout(rows, state, state_rows))
-        self._inserted(rows)
-        return [written[at] for at in state_rows]
-
-    def _state_layout(self, rows: list[int], state, state_rows: list[int]) -> tuple[list[int], list[str | None]]:
-        """Per row of the reasoner's `state`: where the queries start, and which to run (None: none)."""
-        kinds: list[str | None] = [None] * state.batch_size
-        starts = [0] * state.batch_size
-        for row, at in zip(rows, state_rows, strict=True):
-            kinds[at] = "prompt" if self.awaiting_prompt[row] else "inference"
-            starts[at] = self.requests[row].next_position
-        return starts, kinds
-
-    def _inserted(self, rows: list[int]) -> None:
-        for row in rows:
-            if self.awaiting_prompt[row]:
-                self.awaiting_prompt[row] = False
-            else:
-                self.inserted[row] += 1
-            self.last_at[row] = len(self.requests[row].output_ids)
-
-    def _weave(self, sequences: dict[int, list[int]], kind: str = "inference") -> list:
-        n = len(self.requests)
-        pending = [sequences[row][self.fed[row] :] if row in sequences else [] for row in range(n)]
-        kinds = [kind if row in sequences else None for row in range(n)]
-        latents = self.memory.weaver.weave(self.cache, pending, kinds)
-        for row, seq in sequences.items():
-            self.fed[row] = len(seq)
-        return latents
-
-    def keep(self, requests: list) -> None:
-        """Only these requests stay (in this order, a subsequence of the current one)."""
-        rows = [self.requests.index(r) for r in requests]
-        if self.cache is not None:
-            self.cache.select_rows(rows)
-        self.requests = list(requests)
-        self.fed = [self.fed[i] for i in rows]
-        self.inserted = [self.inserted[i] for i in rows]
-        self.last_at = [self.last_at[i] for i in rows]
-        self.awaiting_prompt = [self.awaiting_prompt[i] for i in rows]
 
 
 def mark_insertions(tokenizer, token_ids: list[int], insertions: list[int], mark: str = "⟨mem⟩") -> str:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from memlm.adapters.lora import lora_switched
 from memlm.latent.memory import LatentMemory
-from memlm.models.lora import lora_switched
 
 IGNORE = -100
 

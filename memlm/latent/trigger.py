@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memlm.errors import InvalidRequestError
+
 TRIGGERS = ("always", "never", "learned")
 
 
@@ -29,7 +31,8 @@ class Trigger(nn.Module):
         """[..., d] hidden states at delimiters -> [...] P(insert)."""
         return torch.sigmoid(self.logits(hidden))
 
-    def decide(self, hidden: torch.Tensor) -> torch.Tensor:
+    def decide(self, hidden: torch.Tensor, requests: list | None = None) -> torch.Tensor:
+        """[n, d] hidden states at the delimiters of these requests -> [n] bool: insert now."""
         return self.probability(hidden) > 0.5
 
 
@@ -42,7 +45,7 @@ class FixedTrigger(nn.Module):
         """1 or 0 everywhere: sampling from a fixed trigger (while screening) decides as it does."""
         return self.decide(hidden).float()
 
-    def decide(self, hidden: torch.Tensor) -> torch.Tensor:
+    def decide(self, hidden: torch.Tensor, requests: list | None = None) -> torch.Tensor:
         return torch.full(hidden.shape[:-1], self.kind == "always", dtype=torch.bool, device=hidden.device)
 
 
@@ -51,6 +54,5 @@ def make_trigger(kind: str, hidden_size: int) -> nn.Module:
         return Trigger(hidden_size)
     if kind in ("always", "never"):
         return FixedTrigger(kind)
-    from memlm.errors import InvalidRequestError
 
     raise InvalidRequestError(f"unknown trigger {kind!r}; choose one of {', '.join(TRIGGERS)}")

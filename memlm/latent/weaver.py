@@ -57,10 +57,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memlm.adapters.lora import add_lora, lora_layers, lora_switched
 from memlm.cache.kv_cache import KVCache
 from memlm.errors import MemlmError
 from memlm.models.llama import LlamaModel
-from memlm.models.lora import add_lora, lora_layers, lora_switched
 
 QUERY_KINDS = ("prompt", "inference")
 WEAVER_INPUTS = ("embeddings", "states")

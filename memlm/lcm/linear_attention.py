@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.models.layers import RMSNorm
+from memlm.models.moe import MoEBlock
+
 CHUNK = 256  # tokens computed in parallel at once: bounds the [T, T] score memory of long prefills
 
 
@@ -59,16 +62,6 @@ class BlockState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.kv, self.k_sum, self.conv))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class CausalConv(nn.Module):
@@ -146,8 +139,6 @@ class Block(nn.Module):
         self.conv = CausalConv(width, kernel)
         self.attention = LinearAttention(width, heads)
         if experts:
-            from memlm.models.moe import MoEBlock
-
             self.mlp = MoEBlock(width, hidden, experts, top_k, normalize=True)
         else:
             self.mlp = GLU(width, hidden)

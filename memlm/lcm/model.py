@@ -19,6 +19,7 @@ from torch import nn
 
 from memlm.errors import InvalidRequestError
 from memlm.lcm.config import GRID_NAMES, LCMConfig
+from memlm.lcm.hook import HaltHook
 from memlm.lcm.linear_attention import BlockState, Stack
 from memlm.lcm.memory import CodebookMemory, LoopTrace
 
@@ -93,6 +94,10 @@ class LCMState:
         if self.history is not None:
             self.history = self.history + other.history
         self.traces = list(self.traces) + list(other.traces)
+
+    def row_hooks(self, tokenizer, vocab_size: int) -> list:
+        """The state's part in the decode loop: halts and loop traces (memlm.lcm.hook)."""
+        return [HaltHook()]
 
     def recurrent_bytes_per_sequence(self) -> int:
         batch = max(1, int(self.lengths.shape[0]))

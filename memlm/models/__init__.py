@@ -1,7 +1,7 @@
-"""Model definitions and weight loading."""
+"""Architectures only: the Llama family (dense and MoE), its config, RoPE and shared layers.
+Reading and writing files is memlm.formats; quantized weights memlm.quant; adapters memlm.adapters."""
 
 from memlm.models.config import ModelConfig
 from memlm.models.llama import LlamaModel
-from memlm.models.loading import DEFAULT_MODEL, EMBEDDED, LoadedModel, load_model
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "LlamaModel", "LoadedModel", "ModelConfig", "load_model"]
+__all__ = ["LlamaModel", "ModelConfig"]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.models.layers import GatedMLP
+
 DISPATCHES = ("grouped", "gathered", "loop")
 
 
@@ -62,8 +64,6 @@ class MoEBlock(nn.Module):
         nn.init.normal_(self.experts_down, std=0.02)
         self.shared = None
         if shared_intermediate:
-            from memlm.models.llama import GatedMLP
-
             self.shared = GatedMLP(hidden, shared_intermediate)
             self.shared_gate = nn.Linear(hidden, 1, bias=False)
         self.dispatch = "grouped"

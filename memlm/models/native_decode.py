@@ -21,15 +21,16 @@ import ctypes
 
 import torch
 
+from memlm.adapters.lora import LoRALinear
 from memlm.cache.kv_cache import KVCache
-from memlm.models.qlinear import NATIVE_MAX_ROWS, QLinear, qmat
+from memlm.kernels import DecodeArgs, LayerDesc, ModelDesc, native
+from memlm.models.llama import GatedMLP
 from memlm.models.rope import rope_cos_sin
+from memlm.quant.qlinear import NATIVE_MAX_ROWS, QLinear, qmat
 
 
 def _quantized(module) -> tuple[QLinear | None, object]:
     """(the QLinear, its LoRA wrapper or None) of a projection, or (None, None) if not quantized."""
-    from memlm.models.lora import LoRALinear
-
     if isinstance(module, LoRALinear):
         return (module.base, module) if isinstance(module.base, QLinear) else (None, None)
     return (module, None) if isinstance(module, QLinear) else (None, None)
@@ -42,8 +43,6 @@ class NativeDecoder:
 
     def _build(self, model) -> None:
         """Describe every layer to the kernels, LoRA adapters included (rebuilt when they change)."""
-        from memlm.kernels import LayerDesc, ModelDesc
-
         cfg = model.config
         self._adapters = self._adapter_signature(model)
         self._keep = []  # tensors the descriptors point into that nothing else holds
@@ -97,8 +96,6 @@ class NativeDecoder:
     @staticmethod
     def supports(model) -> bool:
         """Every layer's projections quantized, a dense MLP, float32 norms, a head size the step handles."""
-        from memlm.models.llama import GatedMLP
-
         cfg = model.config
         if cfg.head_dim % 8 or cfg.head_dim > 512 or model.dtype != torch.float32:
             return False
@@ -113,8 +110,6 @@ class NativeDecoder:
 
     @classmethod
     def for_model(cls, model) -> NativeDecoder | None:
-        from memlm.kernels import native
-
         lib = native()
         return cls(lib, model) if lib is not None and cls.supports(model) else None
 
@@ -134,8 +129,6 @@ class NativeDecoder:
     def step(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the chunk's real tokens through all layers -> hidden [B, T, d] before the final norm
         (zeros at padding)."""
-        from memlm.kernels import DecodeArgs
-
         adapters = getattr(model, "lora_modules", ())
         if adapters and self._adapter_signature(model) != self._adapters:
             self._build(model)

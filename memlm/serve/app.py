@@ -23,9 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from memlm.cache.eviction import kv_record
 from memlm.errors import InvalidRequestError, MemlmError, QueueFullError
 from memlm.generation.request import Request as EngineRequest
 from memlm.generation.request import StreamDelta
+from memlm.latent.hook import latent_record
+from memlm.lcm.hook import KEY as LCM_KEY
 from memlm.serve.metrics import Metrics
 from memlm.serve.protocol import (
     ChatCompletionRequest,
@@ -495,19 +498,22 @@ class _View:
         }
 
     def _memory_trace(self, r: EngineRequest) -> dict:
+        """Per token, prompt and output: is it still in the KV cache? Where latents went in; for an
+        LCM, the reasoning loop behind each token. Read from each memory's record of the request."""
         decode = self.engine.tokenizer.decode
-        trace = r.kv_trace()
+        kv, latent, lcm = kv_record(r), latent_record(r), r.records.get(LCM_KEY)
+        evicted = set(kv.evicted_positions) if kv is not None else set()
         out = {
             "kv_policy": r.kv_policy.name if r.kv_policy is not None else "full",
             "kv_budget": r.kv_policy.budget if r.kv_policy is not None else None,
-            "prompt_tokens": [{"token": decode([t], skip_special_tokens=False), "in_cache": kept}
-                              for t, kept in zip(r.prompt_ids, trace["prompt"], strict=True)],
-            "completion_tokens": [{"token": decode([t], skip_special_tokens=False), "in_cache": kept}
-                                  for t, kept in zip(r.output_ids, trace["output"], strict=True)],
-            "insertions": trace["insertions"],
-            "evictions": trace["evictions"],
-            "peak_kv_tokens": trace["peak_kv_tokens"],
+            "prompt_tokens": [{"token": decode([t], skip_special_tokens=False), "in_cache": p not in evicted}
+                              for p, t in enumerate(r.prompt_ids)],
+            "completion_tokens": [{"token": decode([t], skip_special_tokens=False), "in_cache": p not in evicted}
+                                  for t, p in zip(r.output_ids, r.output_positions, strict=True)],
+            "insertions": list(latent.insertions) if latent is not None else [],
+            "evictions": len(evicted),
+            "peak_kv_tokens": kv.peak_kv_tokens if kv is not None else 0,
         }
-        if r.memory_trace is not None:  # an LCM: the reasoning loop behind each token
-            out["codebook"] = r.memory_trace
+        if lcm is not None:  # an LCM: the reasoning loop behind each token
+            out["codebook"] = lcm.trace
         return out

@@ -29,6 +29,7 @@ from memlm.lcm.checkpoint import load_lcm, save_lcm
 from memlm.lcm.config import LCMConfig
 from memlm.lcm.memory import CodeUsage
 from memlm.lcm.model import LCMModel
+from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
 from memlm.train.heldout import bits_per_byte, lcm_logits
 from memlm.train.loop import is_main_process, train
 from memlm.train.pretrain import loop_config
@@ -75,8 +76,6 @@ ROUTER_Z_WEIGHT = 0.001  # router z-loss (ST-MoE)
 
 def _router_losses(model: LCMModel, loss: torch.Tensor, extras: dict) -> torch.Tensor:
     """Add the MoE decoder's load-balancing and z losses; log its balance (1 = even) and busiest expert."""
-    from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
-
     logits = router_logits_of(model.decoder)
     if not logits:
         return loss

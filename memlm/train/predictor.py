@@ -46,6 +46,7 @@ from memlm.cache.kv_cache import KVCache
 from memlm.data.tasks import ANSWER_MARKER, Task, get_task
 from memlm.errors import MemlmError
 from memlm.generation.detokenizer import IncrementalDetokenizer, token_at_char
+from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
 from memlm.train.loop import TrainConfig, train
 
@@ -270,8 +271,6 @@ def _mean(values) -> float:
 
 
 def run_predictor_training(cfg: PredictorConfig, log=print) -> dict:
-    from memlm.generation.engine import Engine
-
     if cfg.label not in LABELS:
         raise MemlmError(f"unknown importance label {cfg.label!r}; choose one of {', '.join(LABELS)}")
     if not 0 < cfg.decay < 1:

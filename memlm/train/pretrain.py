@@ -16,9 +16,9 @@ from torch import nn
 
 from memlm.atomic import ensure_dir, write_json_atomic
 from memlm.data.packed import TokenData
+from memlm.formats.loading import save_model
 from memlm.models.config import ModelConfig
 from memlm.models.llama import LlamaModel
-from memlm.models.loading import save_model
 from memlm.tokenizer import Tokenizer
 from memlm.train.heldout import bits_per_byte, llama_logits
 from memlm.train.loop import TrainConfig, is_main_process, train

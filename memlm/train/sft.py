@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.adapters.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_adapter
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.errors import MemlmError
+from memlm.formats.loading import load_model, save_model
 from memlm.models.llama import LlamaModel
-from memlm.models.loading import load_model, save_model
-from memlm.models.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_adapter
 from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
 
 IGNORE = -100

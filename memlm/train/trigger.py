@@ -31,6 +31,10 @@ from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.errors import MemlmError
+from memlm.generation.engine import Engine
+from memlm.generation.params import SamplingParams
+from memlm.latent.memory import LatentMemory
+from memlm.latent.trigger import Trigger
 from memlm.train.loop import TrainConfig, train
 
 
@@ -94,27 +98,44 @@ def trigger_loss(trigger, rollouts: list[dict]) -> tuple[torch.Tensor, dict]:
     return total / n, stats
 
 
-def sample_groups(engine, memory, task, problems, group_size: int, temperature: float, max_new_tokens: int, rng):
-    """One group of sampled answers per problem, insertion decisions sampled from the trigger
-    (recorded on each completion). -> completions, problem by problem, group by group."""
-    from memlm.generation.params import SamplingParams
+class ExploringTrigger:
+    """The trigger as RL samples it: each decision drawn from P(insert) with its own generator, and
+    remembered per request (by its index in the batch) with the hidden state it was made on. The
+    trainer puts it in the memory's place while it samples; generation knows nothing of it."""
 
+    def __init__(self, trigger, generator: torch.Generator):
+        self.trigger, self.generator = trigger, generator
+        self.decisions: dict[int, list[tuple[torch.Tensor, bool]]] = {}
+
+    def decide(self, hidden: torch.Tensor, requests: list) -> torch.Tensor:
+        p = self.trigger.probability(hidden).float()
+        fire = torch.rand(p.shape, generator=self.generator).to(p.device) < p  # a CPU generator
+        for r, state, yes in zip(requests, hidden, fire.tolist(), strict=True):
+            self.decisions.setdefault(r.index, []).append((state.detach().float().cpu(), yes))
+        return fire
+
+
+def sample_groups(engine, memory, task, problems, group_size: int, temperature: float, max_new_tokens: int, rng):
+    """One group of sampled answers per problem, insertion decisions sampled from the trigger.
+    -> (completions, problem by problem, group by group; each one's decisions: (hidden, inserted?))."""
     prompts = [task.messages(p) for p in problems for _ in range(group_size)]
     params = [
         SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=rng.randrange(2**31))
         for _ in prompts
     ]
-    memory.explore = torch.Generator().manual_seed(rng.randrange(2**31))
+    trigger = memory.trigger
+    explorer = memory.trigger = ExploringTrigger(trigger, torch.Generator().manual_seed(rng.randrange(2**31)))
     try:
-        return engine.generate(prompts, params, memory=memory)
+        completions = engine.generate(prompts, params, memory=memory)
     finally:
-        memory.explore = None
+        memory.trigger = trigger
+    return completions, [explorer.decisions.get(i, []) for i in range(len(prompts))]
 
 
 def screen_problems(engine, memory, task, problems, cfg: TriggerConfig) -> tuple[list[int], dict]:
     """Indices of the problems whose group (sampled as RL samples it) is mixed, and a summary."""
     rng = random.Random(cfg.seed * 7_919 + 1)
-    completions = sample_groups(
+    completions, _ = sample_groups(
         engine, memory, task, problems, cfg.group_size, cfg.temperature, cfg.max_new_tokens, rng
     )
     kept, right = [], 0
@@ -134,10 +155,6 @@ def screen_problems(engine, memory, task, problems, cfg: TriggerConfig) -> tuple
 
 
 def run_trigger_training(cfg: TriggerConfig) -> dict:
-    from memlm.generation.engine import Engine
-    from memlm.latent.memory import LatentMemory
-    from memlm.latent.trigger import Trigger
-
     task = get_task(cfg.task)
     engine = Engine.load(cfg.model)
     memory = LatentMemory.load(cfg.memory, engine)
@@ -166,7 +183,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
         rng = random.Random(cfg.seed * 1_000_003 + step)
         chosen = rng.sample(range(len(problems)), cfg.problems_per_step)[rank::world]
         trigger.eval()
-        completions = sample_groups(
+        completions, decisions_of = sample_groups(
             engine,
             memory,
             task,
@@ -186,7 +203,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
             baseline = sum(rewards) / len(rewards)
             mixed = float(is_mixed(scores))
             for i, reward, score, count in zip(group, rewards, scores, counts, strict=True):
-                decisions = completions[i].decisions
+                decisions = decisions_of[i]
                 states = [h.clone() for h, _ in decisions]  # leave inference mode: these feed autograd
                 rollouts.append(
                     {

@@ -16,8 +16,12 @@ from pathlib import Path
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
+from memlm.generation.engine import Engine
 from memlm.latent.delimiters import DEFAULT_DELIMITERS
+from memlm.latent.memory import LatentMemory
+from memlm.latent.training import LatentLM, make_example
 from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
+from memlm.train.sft import prompt_and_target
 
 
 @dataclass(slots=True)
@@ -50,11 +54,6 @@ class WeaverConfig:
 
 
 def run_weaver_training(cfg: WeaverConfig) -> dict:
-    from memlm.generation.engine import Engine
-    from memlm.latent.memory import LatentMemory
-    from memlm.latent.training import LatentLM, make_example
-    from memlm.train.sft import prompt_and_target
-
     task = get_task(cfg.task)
     engine = Engine.load(cfg.model)
     memory = LatentMemory.create(

@@ -9,7 +9,8 @@ import torch
 from memlm.errors import ModelFormatError
 from memlm.models.config import ModelConfig
 from memlm.models.llama import LlamaModel
-from memlm.models.qweight import QWeight
+from memlm.quant.qlinear import install_quantized, tie_quantized_head
+from memlm.quant.qweight import QWeight
 
 
 def _cat_rows(parts: list) -> torch.Tensor | QWeight:
@@ -146,8 +147,6 @@ def unfuse_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: ModelConfig, hf_state_dict: dict, dtype=torch.float32) -> LlamaModel:
     """A model from HF-named weights: fp32 tensors, or `QWeight`s that become quantized layers."""
-    from memlm.models.qlinear import install_quantized, tie_quantized_head
-
     fused = fuse_hf_state_dict(hf_state_dict, cfg)
     quantized = {k: fused.pop(k) for k in list(fused) if isinstance(fused[k], QWeight)}
     with _skip_init():

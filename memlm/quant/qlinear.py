@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.errors import MemlmError
-from memlm.models.qweight import BLOCK, FORMATS, QWeight
+from memlm.kernels import QMat, native
+from memlm.quant.qweight import BLOCK, FORMATS, QWeight
 
 # Up to this many activation rows, the native kernel beats dequantize + GEMM (it reads the weight
 # once per 8 rows); past it, GEMM's compute efficiency wins. Measured on the embedded model.
@@ -30,8 +31,6 @@ def qmat(weight: QWeight, bias: torch.Tensor | None = None, lora=None, lora_bt: 
     """The kernels' descriptor of a weight, and optionally of a LoRA adapter beside it (a
     LoRALinear, with its B transposed and contiguous in `lora_bt`): pointers into their tensors,
     so keep them alive."""
-    from memlm.kernels import QMat
-
     m = weight.m.data_ptr() if weight.m is not None else None
     b = bias.data_ptr() if bias is not None else None
     desc = QMat(weight.format.code, weight.shape[0], weight.shape[1], weight.qs.data_ptr(), weight.d.data_ptr(), m, b)
@@ -42,8 +41,6 @@ def qmat(weight: QWeight, bias: torch.Tensor | None = None, lora=None, lora_bt: 
 
 
 def _native_ok(x: torch.Tensor, weight: QWeight):
-    from memlm.kernels import native
-
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.device.type != "cpu":
         return None
     return native()

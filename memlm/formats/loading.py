@@ -22,20 +22,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from memlm.adapters.lora import apply_adapter, is_adapter_folder, read_adapter_config
 from memlm.atomic import atomic_folder
 from memlm.errors import MemlmError, ModelFormatError, ModelNotFoundError
+from memlm.formats.gguf_file import read_gguf
+from memlm.formats.hf_folder import read_hf_folder
+from memlm.formats.weights import build_model, unfuse_state_dict
+from memlm.lcm.checkpoint import load_lcm
 from memlm.lcm.config import LCMConfig
 from memlm.models.config import ModelConfig
-from memlm.models.gguf_file import read_gguf
-from memlm.models.hf_folder import read_hf_folder
 from memlm.models.llama import LlamaModel
-from memlm.models.lora import apply_adapter, is_adapter_folder, read_adapter_config
-from memlm.models.quant import quantize_int8
-from memlm.models.weights import build_model
+from memlm.models.native_decode import NativeDecoder
+from memlm.paths import conversions_dir
+from memlm.quant.int8 import quantize_int8
+from memlm.quant.qlinear import QEmbedding, QLinear, quantize_model, set_activations
+from memlm.quant.qweight import pack_quantized
 from memlm.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# GGUF block formats run natively (models/qweight.py, kernels/): a GGUF file's tensors in these
+# GGUF block formats run natively (quant/qweight.py, kernels/): a GGUF file's tensors in these
 # formats are used as they are; float weights (HF folders, F32/F16 GGUF tensors) are quantized at load.
 QUANTIZED_DTYPES = ("q4_0", "q4_1", "q8_0")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
@@ -73,10 +78,6 @@ class LoadedModel:
     source: str  # where the weights came from, for `memlm info`
     dtype: str
     num_parameters: int
-
-
-def memlm_home() -> Path:
-    return Path(os.environ.get("MEMLM_HOME") or Path.home() / ".cache" / "memlm")
 
 
 def resolve(name_or_path: str) -> tuple[str, Path]:
@@ -157,9 +158,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
 
 
 def _quantize(model: LlamaModel, fmt: str, activations: str, adapter: Path | None = None) -> None:
-    from memlm.models.native_decode import NativeDecoder
-    from memlm.models.qlinear import quantize_model, set_activations
-
     # MoE experts ([E, out, in] parameters) stay fp32; their routers too (routing is sensitive).
     quantize_model(model, fmt)
     set_activations(model, activations)
@@ -170,8 +168,6 @@ def _quantize(model: LlamaModel, fmt: str, activations: str, adapter: Path | Non
 
 def count_parameters(model) -> int:
     """Parameters, quantized matrices included, each shared tensor once (tied embeddings)."""
-    from memlm.models.qlinear import QEmbedding, QLinear
-
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
@@ -209,8 +205,7 @@ def _cached_conversion(name: str, embedded: EmbeddedModel, keep_quantized: bool 
     """The embedded GGUF as a folder under $MEMLM_HOME: fp32 weights, or (keep_quantized) the
     file's Q4_0/Q4_1/Q8_0 blocks as they are, which memory-maps in a fraction of a second where
     parsing the GGUF's metadata takes seconds."""
-    home = memlm_home()
-    target = home / "models" / (f"{name}-gguf-blocks" if keep_quantized else name)
+    target = conversions_dir() / (f"{name}-gguf-blocks" if keep_quantized else name)
     if (target / "config.json").is_file():
         return target
     source = embedded.path()
@@ -235,8 +230,6 @@ def _cached_conversion(name: str, embedded: EmbeddedModel, keep_quantized: bool 
 def save_model(folder: str | Path, model: LlamaModel, tokenizer: Tokenizer, note: dict | None = None) -> Path:
     """Save a model (e.g. fine-tuned) as a Hugging Face folder, atomically: a reader sees the old
     folder or the complete new one, never a half-written one. `note` lands in memlm_source.json."""
-    from memlm.models.weights import unfuse_state_dict
-
     with atomic_folder(folder) as tmp:
         weights = {k: v.float().cpu() for k, v in unfuse_state_dict(model).items()}
         write_hf_folder(tmp, model.config, weights, tokenizer)
@@ -247,8 +240,6 @@ def save_model(folder: str | Path, model: LlamaModel, tokenizer: Tokenizer, note
 
 def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer):
     """A folder both memlm and transformers load: config.json, model.safetensors, tokenizer files."""
-    from memlm.models.qweight import pack_quantized
-
     folder.mkdir(parents=True, exist_ok=True)
     weights = dict(weights)
     if config.tie_word_embeddings:
@@ -264,8 +255,6 @@ def write_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.
 
 def _load_lcm(name: str, path: Path, dtype: str) -> LoadedModel:
     """A codebook-memory (LCM) model folder: its own model family, served by the same Engine."""
-    from memlm.lcm.checkpoint import load_lcm
-
     if dtype not in ("float32", "bfloat16"):
         raise MemlmError(f"--dtype {dtype} is for Llama-family models; an LCM model runs in float32 or bfloat16")
     model = load_lcm(path).to(DTYPES[dtype])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from memlm.errors import ModelFormatError
 from memlm.models.config import ModelConfig
-from memlm.models.qweight import unpack_quantized
+from memlm.quant.qweight import unpack_quantized
 from memlm.tokenizer import Tokenizer
 
 

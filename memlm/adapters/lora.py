@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memlm.atomic import atomic_write
 from memlm.errors import MemlmError, ModelFormatError
+from memlm.quant.qlinear import QLinear
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def _is_linear(module: nn.Module) -> bool:
     """A plain Linear, or a quantized one (the adapter then runs beside the quantized base)."""
-    from memlm.models.qlinear import QLinear
-
     return isinstance(module, nn.Linear | QLinear)
 
 
@@ -183,8 +183,6 @@ def save_adapter(folder: str | Path, model: nn.Module, config: dict, dtype=torch
     """Write the adapter in PEFT's format, atomically. `config` must name `base_model`; it is kept
     under the "memlm" key (rank, alpha, targets and training details)."""
     from safetensors.torch import save_file
-
-    from memlm.atomic import atomic_write
 
     if "base_model" not in config:
         raise MemlmError("an adapter config must name its base_model")

@@ -15,7 +15,7 @@ import torch
 
 from memlm.errors import ModelFormatError
 from memlm.models.config import ModelConfig
-from memlm.models.qweight import QWeight, format_of_gguf_type
+from memlm.quant.qweight import QWeight, format_of_gguf_type
 from memlm.tokenizer import Tokenizer
 
 _SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")

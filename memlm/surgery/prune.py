@@ -22,31 +22,10 @@ from dataclasses import replace
 import torch
 
 from memlm.errors import MemlmError
+from memlm.formats.weights import build_model, unfuse_state_dict
 from memlm.models.llama import LlamaModel
-from memlm.models.weights import build_model, unfuse_state_dict
 
 METHODS = ("layers", "ffn", "heads")
-
-
-def token_windows(tokenizer, documents, count: int, seq_len: int) -> list[list[int]]:
-    """The first `count` full windows of `seq_len` tokens of the documents, joined in order (deterministic)."""
-    ids: list[int] = []
-    for doc in documents:
-        ids += tokenizer.encode(doc + "\n\n", add_special_tokens=False)
-        if len(ids) >= count * seq_len:
-            break
-    return [ids[i : i + seq_len] for i in range(0, count * seq_len, seq_len) if len(ids[i : i + seq_len]) == seq_len]
-
-
-def corpus_windows(tokenizer, source: str, count: int, seq_len: int, what: str = "text") -> list[list[int]]:
-    """`token_windows` of a corpus (a name such as gensim:enwiki, or a text file): deterministic, so
-    a run can be repeated; a corpus shorter than one window is a one-line error naming `what` it is."""
-    from memlm.data.corpus import read_documents
-
-    windows = token_windows(tokenizer, read_documents(source), count, seq_len)
-    if not windows:
-        raise MemlmError(f"{what} {source!r} is shorter than one window of {seq_len} tokens")
-    return windows
 
 
 @torch.no_grad()
@@ -175,29 +154,3 @@ def _drop_groups(state: dict, cfg, keep: list[list[int]]):
         out[attn + "o_proj.weight"] = state[attn + "o_proj.weight"][:, q_rows]
     kv = len(keep[0])
     return out, replace(cfg, num_heads=kv * group, num_kv_heads=kv)
-
-
-def heal(model: LlamaModel, windows: list[list[int]], steps: int, out_dir: str, lr: float = 1e-3,
-         lora_rank: int = 16, batch_size: int = 4, seed: int = 0, progress: bool = True) -> dict:
-    """A short LoRA fine-tune of the pruned model on general text (next-token loss over the given
-    windows, through the shared training loop), merged back into its weights. -> the last log row."""
-    from memlm.models.lora import add_lora, merge_lora
-    from memlm.train.loop import TrainConfig, global_batch, train
-    from memlm.train.sft import TokenLM, sft_loss
-
-    if steps < 1 or not windows:
-        raise MemlmError("healing needs --heal-steps >= 1 and some text")
-    data = torch.tensor(windows)
-
-    def batch_fn(step: int, micro: int, rank: int, world: int):
-        rows = data[global_batch(len(windows), batch_size, seed, step, micro, rank, world)]
-        positions = torch.arange(rows.shape[1] - 1)[None].expand(rows.shape[0], -1)
-        return {"ids": rows[:, :-1], "positions": positions, "labels": rows[:, 1:]}
-
-    add_lora(model, lora_rank, 2.0 * lora_rank)
-    cfg = TrainConfig(out_dir=out_dir, steps=steps, lr=lr, warmup_steps=max(1, steps // 10),
-                      save_every=steps, log_every=max(1, steps // 10), seed=seed, progress=progress)
-    last = train(TokenLM(model), sft_loss, batch_fn, cfg)
-    merge_lora(model)
-    model.eval().requires_grad_(False)
-    return last

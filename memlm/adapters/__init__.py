@@ -1,0 +1,1 @@
+"""Adapters beside frozen weights: LoRA, read and written in PEFT's format."""

@@ -1,0 +1,152 @@
+"""Working memory in the decode loop: the KV cache's two row hooks (memlm.generation.hooks).
+
+After every forward, `ImportanceHook` gives each new token its learned importance (rows grouped by
+predictor, one call each), and `EvictionHook` records each row's peak and lets its policy bring it
+back under budget (`policy.select` over a `RowView`; the cache compacts). Each request's record
+(`KVRecord`, in `request.records["kv"]`) holds its peak, what it lost, and where its answer starts
+(the policy's end-of-thinking marker, once the text shows it: answer tokens are never evicted).
+
+Both hooks implement the RowHook protocol structurally: this package sits below the engine.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+
+from memlm.cache.policies import RowView
+
+KEY = "kv"
+
+
+@dataclass(slots=True)
+class KVRecord:
+    """One request's life in the KV cache."""
+
+    peak_kv_tokens: int = 0  # most tokens held at once
+    evicted_positions: list[int] = field(default_factory=list)
+    protected_from: int | None = None  # position where the end-of-thinking marker begins
+    scanned: int = 0  # characters of the text already searched for that marker
+
+    def completion_fields(self) -> dict:
+        return {"peak_kv_tokens": self.peak_kv_tokens}
+
+
+def kv_record(request) -> KVRecord | None:
+    return request.records.get(KEY)
+
+
+class ImportanceHook:
+    """DynTS: the learned importance of each token written, from its final hidden state."""
+
+    key, phase = "importance", "predictor"
+
+    def join(self, rows, state) -> None:
+        pass
+
+    def after_forward(self, rows, state, hidden: torch.Tensor, steps) -> None:
+        if not state.track_importance:
+            return
+        scores = torch.zeros(hidden.shape[:2], device=hidden.device)
+        groups: dict[int, tuple[object, list[int]]] = {}
+        for row, r in enumerate(rows):
+            predictor = r.kv_policy.predictor if r.kv_policy is not None else None
+            if predictor is not None:
+                groups.setdefault(id(predictor), (predictor, []))[1].append(row)
+        for predictor, members in groups.values():
+            scores[members] = predictor(hidden[members]).float()
+        state.record_importance(scores)
+
+    def after_sample(self, rows, state, tokens, last, steps) -> None:
+        pass
+
+    def after_take(self, rows, state, steps) -> None:
+        pass
+
+    def retire(self, keep, rows) -> bool:
+        return True
+
+
+class EvictionHook:
+    """Each row under its policy's budget after every forward; peaks and evictions on the record."""
+
+    key, phase = KEY, "eviction"
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._digits: torch.Tensor | None = None
+
+    def digit_tokens(self) -> torch.Tensor:
+        """[vocab] bool: which tokens are pieces of a number (built on first use, by span-keeping policies)."""
+        if self._digits is None:
+            mask = self.tokenizer.digit_token_mask()
+            mask += [False] * max(0, self.vocab_size - len(mask))
+            self._digits = torch.tensor(mask, dtype=torch.bool)
+        return self._digits
+
+    def join(self, rows, state) -> None:
+        for r in rows:
+            r.records[KEY] = KVRecord()
+
+    def after_forward(self, rows, state, hidden, steps) -> None:
+        lengths = state.lengths.tolist()
+        for row, (r, length) in enumerate(zip(rows, lengths, strict=True)):
+            record: KVRecord = r.records[KEY]
+            record.peak_kv_tokens = max(record.peak_kv_tokens, length)
+            policy = r.kv_policy
+            if policy is not None and length > policy.budget:
+                steps[row].evicted = self._evict(state, row, length, r, record)
+        for step, length in zip(steps, state.lengths.tolist(), strict=True):
+            step.kv_tokens = length
+
+    def _evict(self, cache, row: int, length: int, r, record: KVRecord) -> list[int]:
+        view = RowView(
+            positions=cache.positions[row, :length],
+            prompt_length=len(r.prompt_ids),
+            attention_sum=cache.attention_sum[row, :length] if cache.track_attention else None,
+            attention_last=cache.attention_last[row, :length] if cache.track_attention else None,
+            importance=cache.importance[row, :length] if cache.track_importance else None,
+            protected_from=record.protected_from,
+        )
+        if r.kv_policy.spans:
+            view.joins_previous = joins_previous(r, view.positions, self.digit_tokens())
+        keep = r.kv_policy.select(view)
+        if keep is None:
+            return []
+        dropped = torch.ones(length, dtype=torch.bool, device=keep.device)
+        dropped[keep] = False
+        positions = view.positions[dropped.to(view.positions.device)].tolist()
+        record.evicted_positions += positions
+        cache.compact(row, keep)
+        return positions
+
+    def after_sample(self, rows, state, tokens, last, steps) -> None:
+        pass
+
+    def after_take(self, rows, state, steps) -> None:
+        """Find where each answer starts, once the text shows the policy's end-of-thinking marker."""
+        for r in rows:
+            marker = r.kv_policy.end_of_thinking if r.kv_policy is not None else None
+            record: KVRecord = r.records[KEY]
+            if not marker or record.protected_from is not None:
+                continue
+            at = r.text.find(marker, max(0, record.scanned - len(marker)))
+            record.scanned = len(r.text)
+            if at >= 0:
+                # the output token whose text reaches past the marker's first character
+                record.protected_from = len(r.prompt_ids) + bisect.bisect_right(r.text_ends, at)
+
+    def retire(self, keep, rows) -> bool:
+        return True
+
+
+def joins_previous(r, positions: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+    """[n] bool: the slot holds a digit token fed right after the previous slot's digit token."""
+    positions = positions.cpu()
+    tokens = r.tokens_at(positions)
+    digit = digits[tokens.clamp(min=0)] & (tokens >= 0)
+    joins = torch.zeros_like(digit)
+    joins[1:] = digit[1:] & digit[:-1] & (positions[1:] == positions[:-1] + 1)
+    return joins

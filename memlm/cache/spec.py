@@ -1,0 +1,84 @@
+"""One KV-policy spec: every option a user can give a policy, checked once, built into a KVPolicy.
+
+The command line (`--kv-*`), `memlm bench kv`, the server's request fields (`kv_policy`,
+`kv_budget`, `kv_options`) and the Python API (`Engine.generate(kv_policy=PolicySpec(...))`) all
+go through `PolicySpec`, so a new policy option is a field here, its row in `OPTION_GROUPS`, and
+its command-line flag.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, fields
+
+from memlm.cache.importance import load_predictor
+from memlm.cache.policies import POLICIES, SPAN_POLICIES, KVPolicy, make_policy
+from memlm.errors import InvalidRequestError
+
+# Options that only some policies take: (options, the policies that take them). A group is named
+# whole in its error, so a user sees everything that goes with the policy.
+OPTION_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("window", "ratio", "rescore", "evict_prompt"), ("learned",)),
+    (("spans",), SPAN_POLICIES),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    name: str = "full"
+    budget: int | None = None  # most tokens a row keeps
+    predictor: str | None = None  # learned: the importance predictor's folder (`memlm train predictor`)
+    window: int | None = None  # learned: the most recent tokens always kept (default 8)
+    ratio: float | None = None  # learned: share of older tokens an eviction keeps, in (0, 1] (default 0.5)
+    rescore: float | None = None  # learned: share of kept older tokens chosen by current attention (default 0)
+    evict_prompt: bool | None = None  # learned: prompt tokens compete on their score (default: as trained)
+    spans: bool = False  # h2o, tova, learned: keep or drop numbers whole
+
+    def __post_init__(self):
+        """Everything that can be checked without loading anything: names, budgets, which options go
+        with which policy. A bad spec fails here, before a model or predictor loads."""
+        if self.name not in POLICIES:
+            raise InvalidRequestError(f"unknown KV policy {self.name!r}; choose one of {', '.join(POLICIES)}")
+        if self.name != "full" and self.budget is None:
+            raise InvalidRequestError(f"KV policy {self.name!r} needs a budget (--kv-budget)")
+        defaults = {f.name: f.default for f in fields(self)}
+        for options, policies in OPTION_GROUPS:
+            if self.name not in policies and any(getattr(self, o) != defaults[o] for o in options):
+                flags = [flag(o) for o in options]
+                said = f"{flags[0]} is an option"
+                if len(flags) > 1:
+                    said = f"{', '.join(flags[:-1])} and {flags[-1]} are options"
+                raise InvalidRequestError(f"{said} of --kv-policy {', '.join(policies)}")
+        if self.name == "learned" and self.predictor is None:
+            raise InvalidRequestError("--kv-policy learned needs --kv-predictor DIR (from `memlm train predictor`)")
+
+    @classmethod
+    def from_options(cls, name: str | None, budget: int | None, options: dict | None) -> PolicySpec:
+        """A spec from a name, a budget and a dict of the other options (the server's `kv_options`)."""
+        known = {f.name for f in fields(cls)} - {"name", "budget"}
+        unknown = sorted(set(options or {}) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown KV policy option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(name or "full", budget, **(options or {}))
+
+    def build(self, predictor=None) -> KVPolicy | None:
+        """The policy for one request (None: no eviction). A learned policy's predictor is the one
+        given (already loaded and checked against the model), else loaded from `self.predictor`."""
+        if self.name == "full":
+            return None
+        options = {k: v for k, v in asdict(self).items() if k not in ("name", "budget", "predictor") and v is not None}
+        if not options.get("spans"):
+            options.pop("spans")
+        if self.name == "learned":
+            options["predictor"] = predictor if predictor is not None else _load(self.predictor)
+        return make_policy(self.name, self.budget, **options)
+
+
+def flag(option: str) -> str:
+    """The command-line flag of an option (the server's field is its name: `kv_options.window`)."""
+    return "--kv-" + option.replace("_", "-")
+
+
+@functools.lru_cache(maxsize=8)
+def _load(folder: str):
+    return load_predictor(folder)[0]
