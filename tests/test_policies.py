@@ -5,7 +5,8 @@ import torch
 
 from conftest import tiny_engine, tiny_memlm
 from memlm.cache import KVCache, RowView, make_policy
-from memlm.cache.policies import H2OPolicy, SinksPolicy, TOVAPolicy, WindowPolicy
+from memlm.cache.policies import POLICIES, H2OPolicy, SinksPolicy, TOVAPolicy, WindowPolicy
+from memlm.cache.spec import PolicySpec
 from memlm.errors import InvalidRequestError
 from memlm.generation.params import SamplingParams
 
@@ -106,3 +107,37 @@ def test_policy_classes_are_exported_by_name():
     assert isinstance(make_policy("sinks", 8), SinksPolicy) and make_policy("sinks", 8).sinks == 4
     assert make_policy("h2o", 10).window == 5 and isinstance(make_policy("h2o", 10), H2OPolicy)
     assert isinstance(make_policy("tova", 4), TOVAPolicy)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(name="lru", budget=8), "unknown KV policy 'lru'"),
+        (dict(name="window"), "needs a budget"),
+        (dict(name="sinks", budget=64, window=4), "--kv-window, --kv-ratio, --kv-rescore and --kv-evict-prompt are"),
+        (dict(name="tova", budget=64, evict_prompt=False), "options of --kv-policy learned"),
+        (dict(name="window", budget=64, spans=True), "--kv-spans is an option of --kv-policy h2o, tova, learned"),
+        (dict(name="learned", budget=64), "needs --kv-predictor"),
+    ],
+)
+def test_policy_spec_checks_every_option_once(options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        PolicySpec(**options)
+
+
+def test_policy_spec_builds_the_policy_its_options_name():
+    assert PolicySpec().build() is None and PolicySpec.from_options(None, None, None).build() is None
+    policy = PolicySpec.from_options("tova", 24, {"spans": True}).build()
+    assert isinstance(policy, POLICIES["tova"]) and policy.budget == 24 and policy.spans
+    assert not PolicySpec("h2o", 24).build().spans
+    with pytest.raises(InvalidRequestError, match="unknown KV policy option 'depth'"):
+        PolicySpec.from_options("tova", 24, {"depth": 3})
+
+
+def test_engine_takes_a_policy_spec_as_it_takes_the_policy():
+    engine = tiny_engine()
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    by_spec = engine.generate(["abcdef", "xy"], params, kv_policy=PolicySpec("sinks", 12))
+    by_policy = engine.generate(["abcdef", "xy"], params, kv_policy=make_policy("sinks", 12))
+    assert [c.token_ids for c in by_spec] == [c.token_ids for c in by_policy]
+    assert max(c.peak_kv_tokens for c in by_spec) <= 13

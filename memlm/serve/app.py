@@ -24,6 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memlm.cache.eviction import kv_record
+from memlm.cache.policies import POLICIES, KVPolicy
+from memlm.cache.spec import PolicySpec
 from memlm.errors import InvalidRequestError, MemlmError, QueueFullError
 from memlm.generation.request import Request as EngineRequest
 from memlm.generation.request import StreamDelta
@@ -231,8 +233,6 @@ def create_app(
 
 
 def _policy_names(state: ServerState) -> list[str]:
-    from memlm.cache.policies import POLICIES
-
     return [name for name in POLICIES if name != "learned" or state.predictor is not None]
 
 
@@ -246,10 +246,24 @@ def _user_error(fn):
 # ---- one generation request ---------------------------------------------------------------------------
 
 
+def _policy(state: ServerState, body: _Common) -> KVPolicy | None:
+    """The request's KV policy from kv_policy, kv_budget and kv_options (memlm.cache.spec), or None."""
+    options = dict(body.kv_options or {})
+    if "predictor" in options:  # a client never names a folder on the server
+        raise InvalidRequestError("kv_options.predictor: the server's predictor is chosen at start (--kv-predictor)")
+    if body.kv_policy is None:
+        if body.kv_budget is not None or options:
+            raise InvalidRequestError("kv_budget needs a kv_policy (window, clear, sinks, h2o, tova, learned)")
+        return None
+    if body.kv_policy == "learned":
+        if state.predictor is None:
+            raise InvalidRequestError("kv_policy 'learned' needs a server started with --kv-predictor DIR")
+        options["predictor"] = "--kv-predictor"  # the server's, loaded and checked at start
+    return PolicySpec.from_options(body.kv_policy, body.kv_budget, options).build(state.predictor)
+
+
 def _build(state: ServerState, engine, body: _Common, prompts: list, logprobs, default_max) -> list[EngineRequest]:
     """Validate everything and make the engine requests (prompt-major, then choice), or raise APIError."""
-    from memlm.cache.policies import make_policy
-
     memory = None
     if body.memory is not None:
         memory = state.memories.get(body.memory)
@@ -258,14 +272,7 @@ def _build(state: ServerState, engine, body: _Common, prompts: list, logprobs, d
             raise APIError(404, f"memory {body.memory!r} not found; loaded: {loaded}", "not_found_error", "memory")
     requests = []
     try:
-        policy = None
-        if body.kv_policy is not None:
-            if body.kv_policy == "learned" and state.predictor is None:
-                raise InvalidRequestError("kv_policy 'learned' needs a server started with --kv-predictor DIR")
-            options = {"predictor": state.predictor} if body.kv_policy == "learned" else {}
-            policy = make_policy(body.kv_policy, body.kv_budget, **options)
-        elif body.kv_budget is not None:
-            raise InvalidRequestError("kv_budget needs a kv_policy (window, clear, sinks, h2o, tova, learned)")
+        policy = _policy(state, body)
         limit = engine.config.max_position_embeddings
         for prompt in prompts:
             ids = prompt if _is_ids(prompt) else engine.encode_prompt(prompt)

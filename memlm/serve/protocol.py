@@ -1,8 +1,9 @@
 """The OpenAI request bodies memlm accepts, and their translation into engine requests.
 
 Field names and meanings follow OpenAI's API (and vLLM's extensions: top_k, min_p,
-repetition_penalty). memlm's own extras: `kv_policy` and `kv_budget` (the request's working
-memory), `memory` (a latent memory the server loaded with --memory), `return_memory_trace`.
+repetition_penalty). memlm's own extras: `kv_policy`, `kv_budget` and `kv_options` (the request's
+working memory: the other options of memlm.cache.spec.PolicySpec, e.g. {"spans": true}), `memory`
+(a latent memory the server loaded with --memory), `return_memory_trace`.
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send more still work.
 """
 
@@ -42,6 +43,7 @@ class _Common(BaseModel):
     # memlm: memory per request
     kv_policy: str | None = None
     kv_budget: int | None = Field(default=None, ge=1)
+    kv_options: dict[str, Any] | None = None  # PolicySpec's other fields: window, ratio, rescore, spans, ...
     memory: str | None = None
     return_memory_trace: bool = False
 
