@@ -8,6 +8,7 @@ def load(name_or_path: str | None = None, dtype: str = "float32", activations: s
 
     dtype: float32, bfloat16, int8, or GGUF blocks q4_0 / q4_1 / q8_0 (native kernels); with those,
     activations float32 (exact against the quantized weights) or q8_0 (llama.cpp's int8 blocks)."""
+    # lazy: `import memlm` (every CLI start, `memlm --help`) must not load torch
     from memlm.formats.loading import DEFAULT_MODEL
     from memlm.generation.engine import Engine
 

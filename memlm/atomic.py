@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,8 +35,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     """Write JSON atomically; if serialising fails the old file is left untouched."""
-    import json
-
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2)

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
@@ -178,9 +180,6 @@ def _token_content(token: Any) -> str | None:
 
 def _compile_template(source: str):
     """Compile a chat template the way transformers does (sandboxed, trimmed blocks)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message: str):
         raise InvalidRequestError(f"chat template: {message}")
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memlm.atomic import atomic_write
@@ -182,8 +184,6 @@ def is_adapter_folder(path: Path) -> bool:
 def save_adapter(folder: str | Path, model: nn.Module, config: dict, dtype=torch.bfloat16) -> Path:
     """Write the adapter in PEFT's format, atomically. `config` must name `base_model`; it is kept
     under the "memlm" key (rank, alpha, targets and training details)."""
-    from safetensors.torch import save_file
-
     if "base_model" not in config:
         raise MemlmError("an adapter config must name its base_model")
     folder = Path(folder)
@@ -287,9 +287,6 @@ def _peft_config(folder: Path, config: dict) -> dict:
 def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
     """Put the adapter of `folder` on `model`, merged into the weights (default) or beside them (a
     quantized model: merging into 4-bit blocks would round most of a fine-tune away); -> its config."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     config = read_adapter_config(folder)
     weights = folder / (PEFT_WEIGHTS if config["format"] == "peft" else ADAPTER_WEIGHTS)
     try:

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memlm.atomic import atomic_write
@@ -47,8 +49,6 @@ class ImportancePredictor(nn.Module):
 
 def save_predictor(folder: str | Path, predictor: ImportancePredictor, config: dict) -> Path:
     """Weights and a JSON config naming `base_model`, each written atomically."""
-    from safetensors.torch import save_file
-
     if "base_model" not in config:
         raise ValueError("a predictor config must name its base_model")
     folder = Path(folder)
@@ -62,9 +62,6 @@ def save_predictor(folder: str | Path, predictor: ImportancePredictor, config: d
 
 def load_predictor(folder: str | Path, model_config=None, model_name: str | None = None):
     """-> (predictor, config). With a model's config (and name), checks the predictor fits it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise ModelFormatError(f"{folder} is not an importance predictor (no {CONFIG_FILE})")

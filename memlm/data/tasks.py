@@ -55,7 +55,7 @@ class Task:
 
     def problems(self, n: int, split: str = "test", seed: int | None = None) -> list[Problem]:
         """`n` problems of a split ("train" or "test"), or of an explicit seed."""
-        import reasoning_gym
+        import reasoning_gym  # lazy: it imports every task family it knows (seconds)
 
         if seed is None:
             if split not in SPLIT_SEEDS:
@@ -77,7 +77,7 @@ class Task:
 
     def score(self, completion: str, problem: Problem) -> float:
         """The task's own scorer on the extracted answer (0.0 when there is no answer line)."""
-        import reasoning_gym
+        import reasoning_gym  # lazy: it imports every task family it knows (seconds)
 
         answer = extract_answer(completion)
         if answer is None:

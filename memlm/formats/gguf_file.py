@@ -68,7 +68,7 @@ def read_fields(reader) -> dict[str, Any]:
 
 
 def open_gguf(path: str | Path):
-    import gguf
+    import gguf  # lazy: gguf (numpy's block tables) loads only when a GGUF file is read
 
     try:
         return gguf.GGUFReader(str(path))
@@ -146,7 +146,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def dequantize(tensor) -> np.ndarray:
     """One GGUF tensor -> float32 array in PyTorch (row-major, [out, in]) order."""
-    from gguf.quants import dequantize as gguf_dequantize
+    from gguf.quants import dequantize as gguf_dequantize  # lazy: as open_gguf
 
     try:
         values = gguf_dequantize(tensor.data, tensor.tensor_type)

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -185,7 +185,6 @@ def _with_tokenizer_eos(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfi
     eos = tokenizer.eos_token_id
     if eos is None or eos in config.eos_token_ids:
         return config
-    from dataclasses import replace
 
     return replace(config, eos_token_ids=(*config.eos_token_ids, eos))
 

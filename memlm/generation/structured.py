@@ -39,7 +39,7 @@ class StructuredOutput:
     """Compiles response formats for one tokenizer (built once per engine: ~0.3 s)."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
-        import llguidance
+        import llguidance  # lazy: its native library loads only for a request with a response_format
 
         self._llg = llguidance
         self.vocab_size = vocab_size

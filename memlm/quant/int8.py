@@ -23,6 +23,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 
 class Int8DecodeLinear(nn.Module):
@@ -30,7 +31,6 @@ class Int8DecodeLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         self.full = linear
         with warnings.catch_warnings():

@@ -18,6 +18,7 @@ exactly: fusing q/k/v or gate/up projections costs nothing and changes no bit.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,7 @@ class Format:
 
     @property
     def gguf_type(self):
-        import gguf
+        import gguf  # lazy: only to name a block type to the gguf package
 
         return getattr(gguf.GGMLQuantizationType, self.name.upper())
 
@@ -96,7 +97,7 @@ class QWeight:
     @classmethod
     def quantize(cls, weight: torch.Tensor, fmt: Format | str) -> QWeight:
         """Quantize a float [out, in] matrix with the gguf package's reference quantizer."""
-        from gguf.quants import quantize
+        from gguf.quants import quantize  # lazy: quantizing float weights is a load-time job
 
         fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
         w = weight.detach().float().cpu().contiguous().numpy()
@@ -166,8 +167,6 @@ QUANTIZED_KEY = "memlm.quantized"
 
 def pack_quantized(weights: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Weights (tensors and QWeights) -> (plain tensors, safetensors metadata)."""
-    import json
-
     tensors, formats = {}, {}
     for name, w in weights.items():
         if isinstance(w, QWeight):
@@ -182,8 +181,6 @@ def pack_quantized(weights: dict) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def unpack_quantized(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict:
     """The inverse of `pack_quantized`."""
-    import json
-
     if not metadata or QUANTIZED_KEY not in metadata:
         return tensors
     out = dict(tensors)

@@ -27,7 +27,7 @@ class ServerProcess:
         self.saw_loading = False  # /health answered 503 (with an error body) before it answered 200
 
     def wait_ready(self, timeout: float = 180) -> ServerProcess:
-        import httpx
+        import httpx  # lazy: httpx comes with the test extras, not the runtime
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -56,7 +56,7 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a Prometheus metric's samples (those with these labels) from /metrics."""
-        import httpx
+        import httpx  # lazy: httpx comes with the test extras, not the runtime
 
         total = 0.0
         for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
