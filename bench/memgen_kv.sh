@@ -20,7 +20,7 @@ for stage in $STAGES; do
     sweep)  # the sweep's protocol: 60 steps x 8, held-out loss on 32 validation problems (~15 min)
       $MEMLM train weaver --model $REASONER --task $TASK --steps 60 --n-eval 0 --save-every 20 --n-val-loss 32 \
         --out runs/sweep11/kv_delim $KV
-      python bench/memgen_sweep.py
+      python -m memlm.bench.memgen_sweep
       ;;
     full)  # the weaver at the full budget, the same draws as memgen_mixed_embeddings.json's (~55 min, bf16)
       $MEMLM train weaver --model $REASONER --task $TASK --steps 250 --n-eval 0 --save-every 50 \
@@ -52,11 +52,11 @@ for stage in $STAGES; do
         --json bench/results/memgen.json --plot bench/results/memgen.png
       ;;
     speed)  # decode time with the memory against vanilla, batch 1 and 8, fp32 and q4_1 (~6 min)
-      python bench/memgen_speed.py --model $REASONER --memory runs/weaver-mixed-kv/memory \
+      python -m memlm.bench.memgen_speed --model $REASONER --memory runs/weaver-mixed-kv/memory \
         --task $TASK --json bench/results/memgen_speed_kv.json
       ;;
     tokens)  # where the loss goes: result digits, copied digits, the rest (64 validation problems, ~3 min)
-      python bench/memgen_tokens.py --model $REASONER --memory runs/weaver-mixed-kv/memory --task $TASK --n 64 \
+      python -m memlm.bench.memgen_tokens --model $REASONER --memory runs/weaver-mixed-kv/memory --task $TASK --n 64 \
         --json bench/results/memgen_tokens_kv.json
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

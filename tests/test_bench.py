@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_memlm
+from memlm.atomic import write_json_atomic
 from memlm.bench import decode
 from memlm.bench.decode import (
     PROMPTS,
@@ -23,7 +24,6 @@ from memlm.bench.decode import (
     greedy_agreement,
     perplexity,
     print_report,
-    write_json_atomic,
 )
 
 
@@ -197,3 +197,28 @@ def test_plot_has_a_bar_per_engine_and_dtype(tmp_path):
     plot_result(result, str(tmp_path / "decode.png"))
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.png"]  # written atomically
+
+
+def test_report_helper_writes_json_and_plot_atomically_and_says_where(tmp_path):
+    from rich.console import Console
+
+    from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
+
+    console = Console(file=StringIO(), width=120)
+    print_table(console, "the title", ["name", "tok/s"], [["memlm", "12.5"]], left=("name",))
+
+    def plot(result, path):
+        fig, ax = pyplot().subplots()
+        ax.bar([0], [result["x"]])
+        save_figure(fig, path)
+
+    json_path, png_path = tmp_path / "out" / "r.json", tmp_path / "out" / "r.png"
+    write_outputs({"x": 1}, console, str(json_path), str(png_path), plot)
+    out = console.file.getvalue()
+    assert "the title" in out and "memlm" in out and "12.5" in out
+    assert f"wrote {json_path}" in out and f"wrote {png_path}" in out
+    assert json.loads(json_path.read_text()) == {"x": 1} and json_path.read_text().endswith("}\n")
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["r.json", "r.png"]  # no temporaries left
+    write_outputs({"x": 1}, None)  # nothing asked for: nothing written, nothing said
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["r.json", "r.png"]

@@ -24,7 +24,9 @@ a public-domain text sample (`sample.txt`), the dtype's scored token by token th
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +35,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from memlm.atomic import write_json_atomic
+import psutil
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+import memlm
+from memlm.bench.llama_cpp import LlamaCppGreedy, gguf_file_of, tokenizer_of
+from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
+from memlm.cache.kv_cache import KVCache
+from memlm.errors import InvalidRequestError, MemlmError
+from memlm.formats.loading import DTYPES, resolve
+from memlm.tokenizer import Tokenizer
 
 SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
 ENGINES = ("memlm", "hf", "llama.cpp")
@@ -76,11 +89,6 @@ def perplexity(model, ids: Sequence[int], window: int = PPL_WINDOW, incremental:
     one token at a time through a KV cache (teacher forcing): the path generated tokens take, which
     is where memlm's int8 mode uses its int8 weights (chunks of several tokens run in fp32).
     """
-    import torch
-    import torch.nn.functional as F
-
-    from memlm.cache.kv_cache import KVCache
-
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(ids), window):
@@ -153,8 +161,6 @@ def build_result(rows: Sequence[dict], threads: int, new_tokens: int, model: str
 
 
 def peak_rss_mb() -> float:
-    import resource
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KB on Linux
 
@@ -167,8 +173,6 @@ class CpuWatch:
     """
 
     def __init__(self):
-        import psutil
-
         self.start = time.time()
         self.used: dict[tuple[int, float], float] = {}
         for p in psutil.process_iter():
@@ -180,8 +184,6 @@ class CpuWatch:
 
     def busy(self, threshold: float = 20.0) -> list[str]:
         """Other processes (not this one nor its children) that used over `threshold`% of a core."""
-        import psutil
-
         elapsed = max(time.time() - self.start, 1e-3)
         me = psutil.Process()
         mine = {me.pid, *(c.pid for c in me.children(recursive=True))}
@@ -236,11 +238,7 @@ def _best_times(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tup
 
 def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, threads: int, repeats: int):
     """Child: measure one engine at one batch size. Returns a result row plus its outputs."""
-    import torch
-
     torch.set_num_threads(threads)
-    import memlm
-
     if engine == "memlm":
         mm = memlm.load(model, dtype=dtype)
         prompt_ids = encode_prompts(mm.tokenizer, batch_prompts(PROMPTS, batch))
@@ -252,11 +250,8 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
     elif engine == "hf":
         # Only memlm's tokenizer is loaded here (same prompt ids for both engines): peak RSS is a
         # high-water mark, and loading memlm's model first would count it against transformers.
-        import transformers
-        from transformers import AutoModelForCausalLM
-
-        from memlm.formats.loading import resolve
-        from memlm.tokenizer import Tokenizer
+        import transformers  # lazy: an optional extra, and in the memlm child it would count in peak RSS
+        from transformers import AutoModelForCausalLM  # lazy: as above
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
@@ -283,8 +278,6 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
             return out[:, longest:].tolist()
 
     elif engine == "llama.cpp":
-        from memlm.bench.llama_cpp import LlamaCppGreedy, gguf_file_of, tokenizer_of
-
         path = gguf_file_of(model)
         prompt_ids = encode_prompts(tokenizer_of(path), batch_prompts(PROMPTS, batch))
         runner = LlamaCppGreedy(path, threads, batch, max(len(p) for p in prompt_ids) + new_tokens + 8)
@@ -311,11 +304,7 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
 
 def _quality(model: str, dtype: str, new_tokens: int, threads: int) -> dict:
     """Child: what `dtype` costs against float32 (greedy agreement, perplexity on sample.txt)."""
-    import torch
-
     torch.set_num_threads(threads)
-    import memlm
-
     text = SAMPLE_TEXT.read_text(encoding="utf-8")
     params = memlm.SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     results = {}
@@ -346,25 +335,22 @@ def _quality(model: str, dtype: str, new_tokens: int, threads: int) -> dict:
 
 
 def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple[float, float]] | None = None) -> None:
-    from rich.table import Table
-
-    table = Table(
-        title=f"decode benchmark: {result['model']}, {result['new_tokens']} new tokens, "
-        f"{result['threads']} threads, greedy"
+    title = (
+        f"decode benchmark: {result['model']}, {result['new_tokens']} new tokens, {result['threads']} threads, greedy"
     )
-    for name in ("engine", "batch", "dtype", "prefill tok/s", "decode tok/s", "peak RSS MB"):
-        table.add_column(name, justify="left" if name in ("engine", "dtype") else "right")
-    for r in result["rows"]:
-        decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-        table.add_row(
+    columns = ("engine", "batch", "dtype", "prefill tok/s", "decode tok/s", "peak RSS MB")
+    rows = [
+        [
             r["engine"],
             str(r["batch"]),
             r["dtype"],
             f"{r['prefill_tok_s']:.1f}",
-            decode,
+            "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}",
             f"{r['peak_rss_mb']:.0f}",
-        )
-    console.print(table)
+        ]
+        for r in result["rows"]
+    ]
+    print_table(console, title, columns, rows, left=("engine", "dtype"))
     for pair, by_batch in result["ratio_decode"].items():
         dtype, engine = pair.split("/", 1)
         ratios = ", ".join(f"batch {b}: {'-' if x is None else f'{x:.2f}x'}" for b, x in by_batch.items())
@@ -404,13 +390,7 @@ def _cross_check(rows: Sequence[dict], new_tokens: int) -> dict[tuple[str, int],
 
 def plot_result(result: dict, path: str) -> None:
     """Decode tok/s of every engine and dtype, one group of bars per batch size; PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memlm.atomic import atomic_write
-
+    plt = pyplot()
     rows = [r for r in result["rows"] if r["decode_tok_s"] is not None]
     labels = list(dict.fromkeys(f"{r['engine']} {r['dtype']}" if r["engine"] == "memlm" else r["engine"] for r in rows))
     batches = sorted({r["batch"] for r in rows})
@@ -431,8 +411,7 @@ def plot_result(result: dict, path: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- entry point ---------------------------------------------------------------------------------------
@@ -454,11 +433,6 @@ def run_decode_bench(
     """Measure memlm in each dtype (a comma-separated string or a list) and the reference engines
     in `against` (hf: transformers float32; llama.cpp: the same GGUF file); return (and optionally
     write) the result dict described in bench/README.md."""
-    import importlib.util
-
-    from memlm.errors import InvalidRequestError, MemlmError
-    from memlm.formats.loading import DTYPES
-
     dtypes = [d.strip() for d in (dtype.split(",") if isinstance(dtype, str) else dtype) if d.strip()]
     unknown = [d for d in dtypes if d.partition(":")[0] not in DTYPES or d.partition(":")[2] not in ("", "q8_0")]
     if not dtypes or unknown:
@@ -476,14 +450,10 @@ def run_decode_bench(
     if "hf" in against and importlib.util.find_spec("transformers") is None:
         raise MemlmError("the decode benchmark compares against transformers: pip install 'memlm[bench]'")
     if "llama.cpp" in against:
-        from memlm.bench.llama_cpp import gguf_file_of
-
         if importlib.util.find_spec("llama_cpp") is None:
             raise MemlmError("--against llama.cpp needs llama-cpp-python: pip install llama-cpp-python")
         gguf_file_of(model)  # a clear error now, not in a child process
     if console is None:
-        from rich.console import Console
-
         console = Console()
 
     runs = [("memlm", d) for d in dtypes] + [(engine, "float32") for engine in against]
@@ -502,10 +472,5 @@ def run_decode_bench(
 
     result = build_result(rows, threads, new_tokens, model, q)
     print_report(result, console, _cross_check(rows, new_tokens))
-    if json_path:
-        write_json_atomic(json_path, result)
-        console.print(f"wrote {json_path}")
-    if plot_path:
-        plot_result(result, plot_path)
-        console.print(f"wrote {plot_path}")
+    write_outputs(result, console, json_path, plot_path, plot_result)
     return result

@@ -20,8 +20,8 @@ import random
 import time
 from collections.abc import Callable
 
-from memlm.atomic import atomic_write, write_json_atomic
 from memlm.bench.decode import SAMPLE_TEXT
+from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
 from memlm.cache.policies import POLICIES, SPAN_POLICIES, evicts_prompt, make_policy
 from memlm.errors import InvalidRequestError, MemlmError
 
@@ -197,10 +197,7 @@ def run_kv_bench(
         "rows": rows,
     }
     print_report(report, console)
-    if json_path:
-        write_json_atomic(json_path, report)
-    if plot_path:
-        plot_report(report, plot_path)
+    write_outputs(report, console, json_path, plot_path, plot_report)
     return report
 
 
@@ -280,31 +277,24 @@ def _factory(policy: str, budget: int, options: dict) -> Callable:
 
 
 def print_report(report: dict, console) -> None:
-    from rich.table import Table
-
     trace = report.get("mean_full_trace_tokens")
     title = f"KV budget vs accuracy: {report['task']} (n={report['n']})"
     if trace:
         title += f", full trace {trace:.0f} tokens on average"
-    table = Table(title=title)
-    for column in ("policy", "budget", "accuracy", "probe", "peak KV (KiB)", "decode tok/s"):
-        table.add_column(column, justify="left" if column == "policy" else "right")
+    rows = []
     for r in report["rows"]:
         if "skipped" in r:
-            table.add_row(r["policy"], str(r["budget"]), "skipped", "", "", "")
+            rows.append([r["policy"], str(r["budget"]), "skipped", "", "", ""])
             continue
         probe = "" if r["probe_accuracy"] is None else f"{r['probe_accuracy']:.2f}"
         kib = f"{r['peak_kv_bytes'] / 1024:.0f}"
-        table.add_row(r["policy"], str(r["budget"]), f"{r['accuracy']:.3f}", probe, kib, f"{r['decode_tok_s']:.1f}")
-    console.print(table)
+        rows.append([r["policy"], str(r["budget"]), f"{r['accuracy']:.3f}", probe, kib, f"{r['decode_tok_s']:.1f}"])
+    columns = ("policy", "budget", "accuracy", "probe", "peak KV (KiB)", "decode tok/s")
+    print_table(console, title, columns, rows, left=("policy",))
 
 
 def plot_report(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in report["rows"] if "skipped" not in r]
     probe = any(r.get("probe_accuracy") is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(11 if probe else 6, 4), squeeze=False)
@@ -322,5 +312,4 @@ def plot_report(report: dict, path: str) -> None:
     trace = report.get("mean_full_trace_tokens")
     fig.suptitle(f"{report['model']}" + (f" (full trace {trace:.0f} tokens)" if trace else ""), fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from memlm.atomic import atomic_write, write_json_atomic
+from memlm.bench.report import pyplot, save_figure, write_outputs
 from memlm.data.packed import TokenData
 from memlm.errors import MemlmError
+from memlm.formats.loading import load_model
 from memlm.lcm.checkpoint import load_lcm
 from memlm.lcm.config import GRID_NAMES, LCMConfig
 from memlm.lcm.memory import CodeUsage
@@ -98,10 +99,7 @@ def run_lcm_bench(cfg: LCMBenchConfig, json_path: str | None = None, plot_path: 
     result["reencode"] = _reencode(model, val, cfg, say)
     transformer = _load_llama(cfg.transformer[0]) if cfg.transformer else None
     result["decode_cost"] = _decode_cost(model, transformer, cfg, say)
-    if json_path:
-        write_json_atomic(json_path, result)
-    if plot_path:
-        plot(result, plot_path)
+    write_outputs(result, None, json_path, plot_path, plot)
     return result
 
 
@@ -122,8 +120,6 @@ def _lcm_fn(folder: str, val: TokenData):
 
 
 def _load_llama(folder: str):
-    from memlm.formats.loading import load_model
-
     return load_model(folder).model
 
 
@@ -316,11 +312,7 @@ def _time_steps(step, start: int, steps: int) -> float:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0, 0]
     names = list(result["main"])
@@ -363,5 +355,4 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylabel("held-out tokens")
         ax.set_title("loop steps per token")
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from memlm.errors import MemlmError
+from memlm.formats.gguf_file import open_gguf, read_fields
+from memlm.formats.loading import EMBEDDED
+from memlm.tokenizer import Tokenizer
 
 
 def gguf_file_of(model: str) -> Path:
     """The GGUF file behind a model name or path (llama.cpp reads nothing else)."""
-    from memlm.formats.loading import EMBEDDED
-
     if model.lower() in EMBEDDED:
         return EMBEDDED[model.lower()].path()
     path = Path(model).expanduser()
@@ -29,9 +30,6 @@ def gguf_file_of(model: str) -> Path:
 
 def tokenizer_of(path: Path):
     """memlm's tokenizer of a GGUF file: every engine gets the same prompt ids."""
-    from memlm.formats.gguf_file import open_gguf, read_fields
-    from memlm.tokenizer import Tokenizer
-
     return Tokenizer.from_gguf(read_fields(open_gguf(path)))
 
 
@@ -45,7 +43,7 @@ def _first(module, *names):
 
 class LlamaCppGreedy:
     def __init__(self, path: Path, threads: int, sequences: int, max_tokens_per_sequence: int):
-        import llama_cpp as ll
+        import llama_cpp as ll  # lazy: llama-cpp-python is optional, never a CI dependency
 
         self.ll = ll
         # llama.cpp logs every load and context to stderr; the benchmark's table is the output.

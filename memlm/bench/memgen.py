@@ -25,9 +25,19 @@ position the weaver reads or the reasoner attends to costs its share.
 
 from __future__ import annotations
 
+import math
 import time
 
-from memlm.atomic import atomic_write, write_json_atomic
+from rich.console import Console
+
+from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
+from memlm.data.corpus import corpus_windows
+from memlm.data.evaluate import evaluate_task
+from memlm.data.tasks import get_task
+from memlm.formats.loading import load_model
+from memlm.generation.engine import Engine
+from memlm.generation.params import SamplingParams
+from memlm.latent.memory import LatentMemory
 
 VARIANTS = ("vanilla", "lora_sft", "weaver", "weaver_trigger", "weaver_never")
 SINGLE_STREAMS = 2  # requests timed one at a time
@@ -51,13 +61,6 @@ def run_memgen_bench(
     text_windows: int = 16,
     text_tokens: int = 256,
 ) -> dict:
-    from rich.console import Console
-
-    from memlm.data.evaluate import evaluate_task
-    from memlm.data.tasks import get_task
-    from memlm.generation.engine import Engine
-    from memlm.latent.memory import LatentMemory
-
     console = console or Console(stderr=True)
     task = get_task(task_name)
     problems = task.problems(n, "test")
@@ -116,27 +119,19 @@ def run_memgen_bench(
     report = {"model": model, "task": task_name, "n": n, "speed_tokens": speed_tokens, "rows": rows}
     report |= {"retain_task": retain_task, "text": text, "text_windows": len(windows), "text_tokens": text_tokens}
     _print(report, console)
-    if json_path:
-        write_json_atomic(json_path, report)
-    if plot_path:
-        _plot(report, plot_path)
+    write_outputs(report, console, json_path, plot_path, _plot)
     return report
 
 
 def _text_windows(model: str, source: str, count: int, tokens: int) -> list[list[int]]:
     """`count` windows of `tokens` tokens of a corpus with the model's tokenizer: the same text for
     every variant."""
-    from memlm.data.corpus import corpus_windows
-    from memlm.formats.loading import load_model
-
     return corpus_windows(load_model(model).tokenizer, source, count, tokens)
 
 
 def text_perplexity(engine, windows: list[list[int]], memory=None, batch_size: int = 16) -> float:
     """exp(mean NLL) of every window's tokens after its first, teacher-forced through the engine's
     decode loop (`Engine.score`), with the memory inserting wherever its trigger fires."""
-    import math
-
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
@@ -149,8 +144,6 @@ def text_perplexity(engine, windows: list[list[int]], memory=None, batch_size: i
 def _fixed_length_tok_s(engine, task, batches, memory, tokens: int) -> float:
     """Decode tok/s over these batches of problems, every answer exactly `tokens` long (prefill
     included); the engine is already warm from the task run."""
-    from memlm.generation.params import SamplingParams
-
     params = SamplingParams(temperature=0.0, max_new_tokens=tokens, ignore_eos=True)
     generated, elapsed = 0, 0.0
     for problems in batches:
@@ -168,9 +161,6 @@ def _add_ratio(rows: list[dict], key: str, ratio_key: str) -> None:
 
 
 def _print(report: dict, console) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"MemGen on {report['task']} (n={report['n']})")
     columns = ["variant", "accuracy", "insertions / answer", "decode tok/s", "vs vanilla"]
     if report["speed_tokens"]:
         columns += ["vs vanilla, fixed length", "vs vanilla, one request"]
@@ -178,12 +168,11 @@ def _print(report: dict, console) -> None:
         columns.append(f"{report['retain_task']} accuracy")
     if report.get("text"):
         columns.append("text perplexity")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "variant" else "right")
 
     def ratio(value):
         return f"{value:.2f}x" if value else ""
 
+    rows = []
     for r in report["rows"]:
         cells = [r["variant"], f"{r['accuracy']:.3f}", f"{r['insertions_per_answer']:.2f}"]
         cells += [f"{r['decode_tok_s']:.1f}", ratio(r["speed_vs_vanilla"])]
@@ -193,16 +182,12 @@ def _print(report: dict, console) -> None:
             cells.append(f"{r['retain_accuracy']:.3f}")
         if report.get("text"):
             cells.append(f"{r['text_perplexity']:.2f}")
-        table.add_row(*cells)
-    console.print(table)
+        rows.append(cells)
+    print_table(console, f"MemGen on {report['task']} (n={report['n']})", columns, rows, left=("variant",))
 
 
 def _plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report["rows"]
     names = [r["variant"] for r in rows]
     panels = [("accuracy", "accuracy"), ("insertions_per_answer", "insertions per answer")]
@@ -229,5 +214,4 @@ def _plot(report: dict, path: str) -> None:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{report['model']} on {report['task']} (n={report['n']})", fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)

@@ -17,8 +17,9 @@ import statistics
 import time
 
 import torch
+from rich.console import Console
 
-from memlm.atomic import write_json_atomic
+from memlm.bench.report import print_table, write_outputs
 from memlm.models.moe import MoEBlock
 
 CONFIGS = {  # name -> (hidden, expert intermediate, experts, top-k)
@@ -42,9 +43,6 @@ def _time(block: MoEBlock, x: torch.Tensor, repeats: int, budget_s: float = 5.0)
 
 
 def run_moe_bench(threads: int = 2, repeats: int = 20, json_path: str | None = None) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     torch.set_num_threads(threads)
     rows = []
     for name, (hidden, intermediate, experts, top_k) in CONFIGS.items():
@@ -66,13 +64,11 @@ def run_moe_bench(threads: int = 2, repeats: int = 20, json_path: str | None = N
             rows.append(row)
     result = {"benchmark": "moe-dispatch", "threads": threads, "repeats": repeats, "configs": CONFIGS,
               "rows": rows, "date": time.strftime("%Y-%m-%d")}
-    table = Table(title=f"MoE block dispatch, float32, {threads} threads (median of {repeats})")
-    for column in ("config", "shape", "loop", "grouped", "gathered", "grouped vs loop", "gathered vs loop"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(r["config"], r["shape"], f"{r['loop_ms']:.3f} ms", f"{r['grouped_ms']:.3f} ms",
-                      f"{r['gathered_ms']:.3f} ms", f"{r['grouped_speedup']:.2f}x", f"{r['gathered_speedup']:.2f}x")
-    Console(width=140).print(table)
-    if json_path:
-        write_json_atomic(json_path, result)
+    console = Console(width=140)
+    columns = ("config", "shape", "loop", "grouped", "gathered", "grouped vs loop", "gathered vs loop")
+    cells = [[r["config"], r["shape"], f"{r['loop_ms']:.3f} ms", f"{r['grouped_ms']:.3f} ms",
+              f"{r['gathered_ms']:.3f} ms", f"{r['grouped_speedup']:.2f}x", f"{r['gathered_speedup']:.2f}x"]
+             for r in rows]
+    print_table(console, f"MoE block dispatch, float32, {threads} threads (median of {repeats})", columns, cells)
+    write_outputs(result, console, json_path)
     return result

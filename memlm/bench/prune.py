@@ -13,17 +13,23 @@ merged) and measured again.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 
 import torch
+from rich.console import Console
 
-from memlm.atomic import atomic_write, write_json_atomic
+from memlm.bench.decode import perplexity
+from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
+from memlm.data.corpus import read_documents, token_windows
+from memlm.formats.loading import load_model
+from memlm.generation.engine import Engine
+from memlm.generation.params import SamplingParams
+from memlm.surgery.prune import prune
+from memlm.train.heal import heal
 
 
 def decode_speed(model, tokenizer, batch: int, new_tokens: int = 32) -> float:
-    from memlm.generation.engine import Engine
-    from memlm.generation.params import SamplingParams
-
     engine = Engine(model, tokenizer)
     prompts = [[{"role": "user", "content": f"Tell me about topic number {i}."}] for i in range(batch)]
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -38,14 +44,6 @@ def decode_speed(model, tokenizer, batch: int, new_tokens: int = 32) -> float:
 def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers", "ffn", "heads"), threads: int = 2,
                     windows: int = 16, seq_len: int = 256, json_path: str | None = None,
                     plot_path: str | None = None, heal_steps: int = 0, heal_methods=("layers",)) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
-    from memlm.bench.decode import perplexity
-    from memlm.data.corpus import read_documents, token_windows
-    from memlm.formats.loading import load_model
-    from memlm.surgery.prune import prune
-
     torch.set_num_threads(threads)
     loaded = load_model(model_name)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -74,10 +72,6 @@ def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers"
                 removed = report[method] if method == "layers" else None
                 rows.append(measure(pruned, method=method, amount=amount, criterion=criterion, removed=removed))
                 if heal_steps and criterion == "measured" and method in heal_methods:
-                    import tempfile
-
-                    from memlm.train.heal import heal
-
                     with tempfile.TemporaryDirectory() as scratch:
                         heal(pruned, calibration, heal_steps, scratch, progress=False)
                     label = f"measured+{heal_steps} healing"
@@ -92,28 +86,18 @@ def run_prune_bench(model_name: str, amounts=(0.1, 0.25, 0.4), methods=("layers"
               "healing": {"steps": heal_steps, "methods": list(heal_methods), "lora_rank": 16, "batch": 4,
                           "text": "the calibration windows"} if heal_steps else None, "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
-    table = Table(title=f"structured pruning of {model_name}, {threads} threads")
-    for column in ("method", "amount", "criterion", "parameters", "perplexity", "vs original", "b1 speed-up",
-                   "b8 speed-up"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(r["method"], f"{r['amount']:.0%}", r["criterion"], f"{r['parameters'] / 1e6:.1f} M",
-                      f"{r['perplexity']:.1f}", f"{r['perplexity_ratio']:.2f}x", f"{r['decode_b1_speedup']:.2f}x",
-                      f"{r['decode_b8_speedup']:.2f}x")
-    console.print(table)
-    if json_path:
-        write_json_atomic(json_path, result)
-    if plot_path:
-        _plot(result, plot_path)
+    columns = ("method", "amount", "criterion", "parameters", "perplexity", "vs original", "b1 speed-up",
+               "b8 speed-up")
+    cells = [[r["method"], f"{r['amount']:.0%}", r["criterion"], f"{r['parameters'] / 1e6:.1f} M",
+              f"{r['perplexity']:.1f}", f"{r['perplexity_ratio']:.2f}x", f"{r['decode_b1_speedup']:.2f}x",
+              f"{r['decode_b8_speedup']:.2f}x"] for r in rows]
+    print_table(console, f"structured pruning of {model_name}, {threads} threads", columns, cells)
+    write_outputs(result, console, json_path, plot_path, _plot)
     return result
 
 
 def _plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["rows"][1:]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for method, color in zip(("layers", "ffn", "heads"), ("C0", "C1", "C2"), strict=True):
@@ -133,5 +117,4 @@ def _plot(result: dict, path: str) -> None:
     left.legend(fontsize=8)
     fig.suptitle(f"memlm prune — {result['model']}")
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)

@@ -21,7 +21,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from memlm.atomic import write_json_atomic
+import torch
+from rich.console import Console
+
+import memlm
+from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
+from memlm.cache.policies import make_policy
+from memlm.generation.params import SamplingParams
+from memlm.latent.memory import LatentMemory
+from memlm.serve.launch import ServerProcess
 
 QUESTIONS = [
     "What is the capital of France, and what is it famous for?",
@@ -116,7 +124,7 @@ def _extra(spec: Spec) -> dict:
 
 
 def _client(url: str):
-    from openai import OpenAI
+    from openai import OpenAI  # lazy: a test and benchmark extra, not a memlm dependency
 
     return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
@@ -199,18 +207,10 @@ def check_answers(levels: dict[int | str, list[Outcome]], references: dict[int, 
 def references_alone(model: str, dtype: str, specs: list[Spec], max_tokens: int, memory_dir: str | None,
                      threads: int) -> dict[int, str]:
     """What `Engine.generate` gives for each greedy request on its own."""
-    import torch
-
-    import memlm
-    from memlm.cache.policies import make_policy
-    from memlm.generation.params import SamplingParams
-
     torch.set_num_threads(threads)
     engine = memlm.load(model, dtype=dtype)
     memory = None
     if memory_dir is not None:
-        from memlm.latent.memory import LatentMemory
-
         memory = LatentMemory.load(memory_dir, engine)
     out = {}
     for spec in specs:
@@ -237,10 +237,6 @@ def run_serve_bench(
     seconds: float = 60.0,
     workload: str = "mixed",
 ) -> dict:
-    from rich.console import Console
-
-    from memlm.serve.launch import ServerProcess
-
     console = Console(width=150)
     memory_name = "bench" if memory and workload == "mixed" else None
     pool = request_pool(memory_name, workload)
@@ -285,39 +281,26 @@ def run_serve_bench(
         "date": time.strftime("%Y-%m-%d"),
     }
     _print(console, result)
-    if json_path:
-        write_json_atomic(json_path, result)
-    if plot_path:
-        _plot(result, plot_path)
+    write_outputs(result, console, json_path, plot_path, _plot)
     return result
 
 
 def _print(console, result: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"memlm serve, {result['workload']} requests, {result['model']} ({result['dtype']}, "
-                        f"{result['threads']} threads), {result['max_tokens']} max tokens")
-    for column in ("clients", "requests", "tokens", "tokens/s", "speed-up", "TTFT p50", "TTFT p99",
-                   "latency p50", "latency p99"):
-        table.add_column(column, justify="right")
-    for r in result["rows"]:
-        table.add_row(str(r["clients"]), str(r["requests"]), str(r["tokens"]), f"{r['tokens_per_s']:.1f}",
-                      f"{r.get('speedup_vs_sequential', 1.0):.2f}x", f"{r['ttft_p50_s']:.2f} s",
-                      f"{r['ttft_p99_s']:.2f} s", f"{r['latency_p50_s']:.2f} s", f"{r['latency_p99_s']:.2f} s")
-    console.print(table)
+    title = (f"memlm serve, {result['workload']} requests, {result['model']} ({result['dtype']}, "
+             f"{result['threads']} threads), {result['max_tokens']} max tokens")
+    columns = ("clients", "requests", "tokens", "tokens/s", "speed-up", "TTFT p50", "TTFT p99", "latency p50",
+               "latency p99")
+    cells = [[str(r["clients"]), str(r["requests"]), str(r["tokens"]), f"{r['tokens_per_s']:.1f}",
+              f"{r.get('speedup_vs_sequential', 1.0):.2f}x", f"{r['ttft_p50_s']:.2f} s", f"{r['ttft_p99_s']:.2f} s",
+              f"{r['latency_p50_s']:.2f} s", f"{r['latency_p99_s']:.2f} s"] for r in result["rows"]]
+    print_table(console, title, columns, cells)
     c = result["check"]
     console.print(f"lost {c['lost']}, duplicated {c['duplicated']}, greedy answers different from alone "
                   f"{c['crossed_or_different']} of {c['greedy_checked']}")
 
 
 def _plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memlm.atomic import atomic_write
-
+    plt = pyplot()
     rows = [r for r in result["rows"] if isinstance(r["clients"], int)]
     n = [r["clients"] for r in rows]
     sequential = result["rows"][0]["tokens_per_s"]
@@ -335,5 +318,4 @@ def _plot(result: dict, path: str) -> None:
     right.legend()
     fig.suptitle(f"memlm serve — {result['workload']} requests, {result['model']} on {result['threads']} CPU threads")
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)

@@ -5,7 +5,7 @@ For each: tokenizer setup, compiling one JSON schema, and the time to compute th
 at every token of a valid document. Run with both installed (xgrammar is not a memlm dependency):
 
     .venv/bin/pip install xgrammar==0.2.8
-    .venv/bin/python bench/structured_choice.py
+    .venv/bin/python -m memlm.bench.structured_choice
 
 Measured 2026-11-25 (this machine): llguidance setup 0.33 s, compile 0.83 ms, mask 0.010 ms median
 (1.2 ms worst, the first); xgrammar setup 0.22 s, compile 4.9 ms, mask 0.003 ms median (0.1 ms worst).
@@ -13,10 +13,13 @@ Both masks are noise beside a ~25 ms decode step; llguidance compiles a request'
 and has no dependencies, while xgrammar pulls in triton and transformers. memlm uses llguidance.
 """
 
+import argparse
 import json
 import statistics
 import time
 
+import llguidance
+import llguidance.torch as llt
 import torch
 
 import memlm
@@ -36,9 +39,6 @@ DOCUMENT = json.dumps({"name": "Ada Lovelace", "age": 36, "tags": ["math", "poet
 
 
 def with_llguidance(tokenizer, vocab):
-    import llguidance
-    import llguidance.torch as llt
-
     start = time.perf_counter()
     lltok = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab, eos_token=tokenizer.eos_token_id)
     setup = time.perf_counter() - start
@@ -54,8 +54,8 @@ def with_llguidance(tokenizer, vocab):
 
 
 def with_xgrammar(tokenizer, vocab):
-    import xgrammar
-    from transformers import PreTrainedTokenizerFast
+    import xgrammar  # lazy: not a memlm dependency (installed by hand for this comparison)
+    from transformers import PreTrainedTokenizerFast  # lazy: an optional extra, pulled in by xgrammar
 
     start = time.perf_counter()
     info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend), vocab)
@@ -88,4 +88,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

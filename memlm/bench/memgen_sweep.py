@@ -1,4 +1,4 @@
-"""The weaver sweep's table and loss curves (`python bench/memgen_sweep.py [RUNS_DIR]`).
+"""The weaver sweep's table and loss curves (`python -m memlm.bench.memgen_sweep [RUNS_DIR]`).
 
 Reads the runs of the sweep (default runs/sweep11: one folder per variant, each from `memlm train
 weaver|sft ... --steps 60 --save-every 20 --n-val-loss 32`, commands in bench/README.md) and
@@ -10,9 +10,13 @@ so a later session adds its variants beside the earlier ones).
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
+
+from rich.console import Console
+
+from memlm.bench.report import pyplot, save_figure, write_outputs
 
 VARIANTS = {  # folder -> what changed against the first weaver row
     "sft": "LoRA-SFT of the reasoner (reference)",
@@ -28,6 +32,7 @@ VARIANTS = {  # folder -> what changed against the first weaver row
     "kv_random": "weaver: reads the reasoner's KV cache and writes keys and values there (random queries)",
 }
 RESULTS = Path("bench/results/memgen_sweep.json")
+FIGURE = Path("bench/results/memgen_sweep.png")
 
 
 def earlier() -> dict:
@@ -60,7 +65,11 @@ def load(runs: Path) -> dict:
 
 
 def main() -> None:
-    runs = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/sweep11")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "runs", nargs="?", default="runs/sweep11", help="the sweep's runs folder (default runs/sweep11)"
+    )
+    runs = Path(parser.parse_args().runs)
     results = load(runs)
     if not results:
         raise SystemExit(f"no sweep runs under {runs}")
@@ -71,14 +80,12 @@ def main() -> None:
             f"{name:11s} {r['val_loss_start']:7.3f} {v.get(20, float('nan')):7.3f} {v.get(40, float('nan')):7.3f} "
             f"{v.get(60, float('nan')):7.3f} {r['examples_per_s']:5.2f}"
         )
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_outputs(results, Console(), str(RESULTS), str(FIGURE), plot)
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+def plot(results: dict, path: str) -> None:
+    """Training and held-out loss against the step, every variant on the same axes."""
+    fig, (train_ax, val_ax) = pyplot().subplots(1, 2, figsize=(11, 4), sharey=True)
     for name, r in results.items():
         style = {"color": "black", "linewidth": 2} if name == "sft" else {}
         steps = sorted(r["train_loss"])
@@ -91,7 +98,7 @@ def main() -> None:
     val_ax.legend(fontsize=8)
     fig.suptitle("Weaver sweep on chain_sum_mixed: 60 steps x 8 examples, the same draws")
     fig.tight_layout()
-    fig.savefig("bench/results/memgen_sweep.png", dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

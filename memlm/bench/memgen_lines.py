@@ -1,9 +1,9 @@
 """Where does the MemGen weaver's help run out? Per line of held-out worked chain-sum solutions,
 the frozen reasoner's teacher-forced loss (nats/token) and greedy hit rate, alone and with the
-committed latent memory (`always` trigger). Usage: python bench/memgen_lines.py [N_PROBLEMS]"""
+committed latent memory (`always` trigger). Usage: python -m memlm.bench.memgen_lines [N_PROBLEMS]"""
 
+import argparse
 import collections
-import sys
 from pathlib import Path
 
 from memlm.data.tasks import get_task
@@ -11,7 +11,7 @@ from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
 from memlm.train.sft import prompt_and_target
 
-MEMORY = Path(__file__).resolve().parent / "models" / "chain-sum-memgen"
+MEMORY = Path(__file__).resolve().parents[2] / "bench" / "models" / "chain-sum-memgen"
 
 
 def per_line(engine, prompts, targets, memory=None) -> tuple[float, dict[int, tuple[float, float]]]:
@@ -40,4 +40,6 @@ def main(n: int = 24) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 24)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("n", nargs="?", type=int, default=24, help="held-out problems (default 24)")
+    main(parser.parse_args().n)

@@ -4,14 +4,15 @@ nats/token and greedy hit rate per kind of token, the frozen reasoner alone and 
 `operand` (digits before "=": copied from the line above and the prompt), `other` (spaces, signs,
 "=", newlines, "Answer:", the end token). `all results` is the share of solutions whose result
 digits would all be greedy hits. Usage:
-    python bench/memgen_tokens.py --model M --memory DIR [--task T] [--n N] [--json OUT]"""
+    python -m memlm.bench.memgen_tokens --model M --memory DIR [--task T] [--n N] [--json OUT]"""
 
 import argparse
 import collections
 
 import torch
+from rich.console import Console
 
-from memlm.atomic import write_json_atomic
+from memlm.bench.report import write_json
 from memlm.data.tasks import get_task
 from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
@@ -48,7 +49,7 @@ def measure(engine, prompts, targets, memory=None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--memory", required=True)
     parser.add_argument("--task", default="chain_sum_mixed")
@@ -70,7 +71,7 @@ def main() -> None:
         print(f"{name:8s} all results right: {row['all_results']:.3f}")
     if args.json:
         meta = {"model": args.model, "memory": args.memory, "task": args.task, "n": args.n}
-        write_json_atomic(args.json, meta | rows)
+        write_json(args.json, meta | rows, Console())
 
 
 if __name__ == "__main__":

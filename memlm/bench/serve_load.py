@@ -1,4 +1,4 @@
-"""The serve load test as a script: `python bench/serve_load.py [memlm bench serve options]`.
+"""The serve load test as a script: `python -m memlm.bench.serve_load [memlm bench serve options]`.
 
 The committed results came from:
 
@@ -8,10 +8,11 @@ The committed results came from:
         --json bench/results/serve_plain.json --plot bench/results/serve_plain.png
 """
 
+import runpy
 import sys
 
-from memlm.cli import main
-
 if __name__ == "__main__":
+    # `python -m memlm bench serve ...`: run as the command line's entry point, not imported, so
+    # memlm.bench does not depend on memlm.cli (which depends on memlm.bench).
     sys.argv = [sys.argv[0], "bench", "serve", *sys.argv[1:]]
-    main()
+    runpy.run_module("memlm", run_name="__main__")
