@@ -19,11 +19,20 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
 
 from memlm.bench.decode import SAMPLE_TEXT
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
-from memlm.cache.policies import POLICIES, SPAN_POLICIES, evicts_prompt, make_policy
+from memlm.cache.importance import load_predictor
+from memlm.cache.policies import POLICIES, SPAN_POLICIES, evicts_prompt
+from memlm.cache.spec import PolicySpec
+from memlm.data.evaluate import evaluate_task
+from memlm.data.tasks import get_task
 from memlm.errors import InvalidRequestError, MemlmError
+from memlm.generation.engine import Engine
+from memlm.generation.params import SamplingParams
 
 NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Keiko", "Luis"]
 PROBE_SYSTEM = "Read the notes carefully. You will be asked about them."
@@ -98,12 +107,6 @@ def run_kv_bench(
     scored policies (h2o, tova, learned) keep numbers whole ("on"), token by token ("off"), or both
     side by side ("both": a `+spans` row beside each); or a comma-separated list of those that get
     a `+spans` row beside them."""
-    from rich.console import Console
-
-    from memlm.data.evaluate import evaluate_task
-    from memlm.data.tasks import get_task
-    from memlm.generation.engine import Engine
-
     console = console or Console(stderr=True)
     if split not in ("val", "test"):
         raise MemlmError(f"--split must be val or test (held-out problems), got {split!r}")
@@ -121,7 +124,7 @@ def run_kv_bench(
     tuning = {"window": window, "ratio": ratio, "rescore": rescore, "evict_prompt": evict_prompt}
     variants = _learned_variants(folders, engine.config, model, tuning) if "learned" in policies else {}
     if variants:  # a bad window, ratio or rescore fails now; the report records what ran
-        learned = make_policy("learned", max(budgets), **next(iter(variants.values()))[1])
+        learned = _factory("learned", max(budgets), next(iter(variants.values())))()
         window, ratio, rescore = learned.window, learned.ratio, learned.rescore
     problems = task.problems(n, split)
     probes = build_probes(engine.tokenizer, probe_n, probe_filler) if probe_n else []
@@ -133,9 +136,9 @@ def run_kv_bench(
     configs += [(name, b) for name in names for b in budgets]
     for policy, budget in configs:
         kind, _, _ = policy.partition("+")
-        options = variants[kind][1] if kind in variants else {}
-        options = options | {"spans": True} if policy.endswith("+spans") else options
-        factory = None if policy == "full" else _factory(kind.split(":")[0], budget, options)
+        factory = None
+        if policy != "full":
+            factory = _factory(kind.split(":")[0], budget, variants.get(kind), policy.endswith("+spans"))
         console.print(f"[dim]{policy:8s} budget {budget or '-':>5}[/dim]", end=" ")
         began = time.perf_counter()
         try:
@@ -167,8 +170,7 @@ def run_kv_bench(
     cost = None
     ran = [r["budget"] for r in rows if r["policy"].startswith("learned") and "skipped" not in r]
     if variants and ran:  # the first predictor's, at its smallest budget that ran (most evictions), spans if any ran
-        options = next(iter(variants.values()))[1] | ({"spans": True} if "learned" in spanned else {})
-        factory = _factory("learned", min(ran), options)
+        factory = _factory("learned", min(ran), next(iter(variants.values())), "learned" in spanned)
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
             console.print(
@@ -185,12 +187,12 @@ def run_kv_bench(
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "predictor": ",".join(folders) or None,
-        "predictors": {name: folder for name, (folder, _) in variants.items()},
+        "predictors": {name: folder for name, (folder, _, _) in variants.items()},
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
         "learned_rescore": rescore if "learned" in policies else None,
         # per learned row: whether its prompt tokens could be evicted
-        "learned_evict_prompt": {name: opts["evict_prompt"] for name, (_, opts) in variants.items()},
+        "learned_evict_prompt": {name: opts["evict_prompt"] for name, (_, _, opts) in variants.items()},
         "spans": spans,
         "mean_full_trace_tokens": trace if full_row is not None else None,
         "learned_cost": cost,
@@ -204,8 +206,6 @@ def run_kv_bench(
 def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_tokens: int) -> dict:
     """What a policy's predictor and eviction cost per decode step, against the whole step, with
     `batch` requests decoded together (the engine's phase timings over decode-only steps)."""
-    from memlm.generation.params import SamplingParams
-
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     chosen = [problems[i % len(problems)] for i in range(batch)]
     engine.timings = {}
@@ -228,24 +228,20 @@ def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_t
     }
 
 
-def _learned_variants(folders: list[str], model_config, model: str, tuning: dict) -> dict[str, tuple[str, dict]]:
+def _learned_variants(folders: list[str], model_config, model: str, tuning: dict) -> dict[str, tuple]:
     """One learned policy per predictor folder: "learned" alone, "learned:<its label>" side by side,
     with ":prompt" where that policy may evict prompt tokens (the folder's name where two still
-    share a name) -> (folder, make_policy options)."""
-    from pathlib import Path
-
-    from memlm.cache.importance import load_predictor
-
+    share a name) -> (folder, loaded predictor, its PolicySpec options)."""
     variants = {}
     for folder in folders:
         predictor, config = load_predictor(folder, model_config, model)
-        options = {"predictor": predictor} | {k: v for k, v in tuning.items() if v is not None}
+        options = {k: v for k, v in tuning.items() if v is not None}
         options["evict_prompt"] = evicts_prompt(predictor, tuning.get("evict_prompt"))  # resolved once, per row
         label = f"learned:{config.get('label', 'answer')}" + ":prompt" * options["evict_prompt"]
         name = "learned" if len(folders) == 1 else label
         if name in variants:
             name = f"learned:{Path(folder).name}"
-        variants[name] = (folder, options)
+        variants[name] = (folder, predictor, options)
     return variants
 
 
@@ -271,9 +267,13 @@ def _rows_of(name: str, spanned: frozenset[str], plain: bool) -> list[str]:
     return [name, f"{name}+spans"] if plain else [f"{name}+spans"]
 
 
-def _factory(policy: str, budget: int, options: dict) -> Callable:
-    make_policy(policy, budget, **options)  # fail now, once, on a bad (policy, budget)
-    return lambda: make_policy(policy, budget, **options)
+def _factory(policy: str, budget: int, variant: tuple | None, spans: bool = False) -> Callable:
+    """A fresh policy per request (policies hold no per-row state, but rows never share one): the
+    row's PolicySpec, with a learned variant's folder, loaded predictor and options."""
+    folder, predictor, options = variant or (None, None, {})
+    spec = PolicySpec(policy, budget, predictor=folder, spans=spans, **options)
+    spec.build(predictor)  # fail now, once, on a bad (policy, budget)
+    return lambda: spec.build(predictor)
 
 
 def print_report(report: dict, console) -> None:

@@ -3,7 +3,7 @@
 A request's `response_format` becomes a grammar; before each sampling step the grammar says which
 tokens may come next (a mask over the vocabulary) and after it the chosen token advances the
 grammar. The grammar engine is llguidance: chosen over xgrammar by measurement on SmolLM2's
-49152-token vocabulary (bench/structured_choice.py): both compute a mask in microseconds (noise
+49152-token vocabulary (memlm/bench/structured_choice.py): both compute a mask in microseconds (noise
 beside a ~25 ms decode step), llguidance compiles a schema in 0.8 ms against 4.9 ms, and it has no
 dependencies while xgrammar pulls in triton and transformers.
 """
