@@ -348,7 +348,7 @@ def test_fit_predictor_learns_labels_and_saves_a_loadable_checkpoint(tmp_path):
         hidden = torch.randn(n, 64)
         return Labelled(hidden, torch.nn.functional.softplus(2 * hidden[:, 0] - hidden[:, 1]))
 
-    cfg = PredictorConfig("tiny", "chain_sum", str(tmp_path / "pred"), steps=300, batch_tokens=128, progress=False)
+    cfg = PredictorConfig.of("tiny", "chain_sum", str(tmp_path / "pred"), steps=300, batch_tokens=128, progress=False)
     metrics = fit_predictor(64, [trace() for _ in range(20)], [trace() for _ in range(4)], cfg)
     assert metrics["val_mse"] < 0.2 * metrics["val_mse_constant"]
     assert metrics["spearman"] > 0.8 and metrics["kendall"] > 0.6

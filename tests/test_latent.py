@@ -464,21 +464,24 @@ def _causal(n):
 
 def test_weaver_training_end_to_end_saves_a_memory_that_generation_loads(tmp_path):
     from memlm.formats.loading import save_model
+    from memlm.latent.spec import WeaverSpec
     from memlm.train.weaver import WeaverConfig, run_weaver_training
 
     folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
-    cfg = WeaverConfig(
+    cfg = WeaverConfig.of(
         str(folder),
         "chain_sum_short",
         str(tmp_path / "w"),
+        spec=WeaverSpec(
+            prompt_latents=2,
+            inference_latents=2,
+            lora_rank=4,
+            max_inference_aug=2,
+            delimiters=("=",),  # insert where each line's result is about to be written
+        ),
         steps=20,
         batch_size=4,
         lr=3e-3,
-        prompt_latents=2,
-        inference_latents=2,
-        lora_rank=4,
-        max_inference_aug=2,
-        delimiters=("=",),  # insert where each line's result is about to be written
         n_train=16,
         n_eval=2,
         n_val_loss=3,
@@ -564,7 +567,7 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
     engine = Engine.load(str(folder))
     _memory(engine, max_inference_aug=6).save(tmp_path / "weaver")
     monkeypatch.setattr(Task, "score", lambda self, text, problem: 1.0)  # every answer right: only the penalty differs
-    cfg = TriggerConfig(
+    cfg = TriggerConfig.of(
         str(folder),
         str(tmp_path / "weaver"),
         "chain_sum_short",
@@ -620,7 +623,7 @@ def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatc
         return {"right": 1.0, "wrong": 0.0}.get(kind, float(next(calls) % 2))
 
     monkeypatch.setattr(Task, "score", score)
-    cfg = TriggerConfig(
+    cfg = TriggerConfig.of(
         str(folder),
         str(tmp_path / "weaver"),
         task.name,
@@ -635,12 +638,13 @@ def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatc
     assert summary == {"screened": 6, "mixed": 2, "mixed_fraction": 2 / 6, "score": (2 * 4 + 2 * 2) / 24}
 
     # RL then draws only those: every logged group is mixed.
-    cfg = dataclasses.replace(cfg, steps=2, problems_per_step=2, screen=6, n_eval=0, save_every=2, progress=False)
+    train = dataclasses.replace(cfg.train, steps=2, save_every=2, log_every=2, progress=False)
+    cfg = dataclasses.replace(cfg, train=train, problems_per_step=2, screen=6, n_eval=0)
     report = run_trigger_training(cfg)
     assert report["screening"]["mixed"] == 2
     logged = [json.loads(line) for line in (tmp_path / "t" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["mixed"] == 1.0
-    cfg.problems_per_step, cfg.resume = 3, False
+    cfg.problems_per_step, cfg.train.resume = 3, False
     with pytest.raises(MemlmError, match="only 2 of 6 screened problems gave a mixed group"):
         run_trigger_training(cfg)
 

@@ -37,7 +37,7 @@ def stages(data, tmp_path_factory):
     reports = {}
     init = None
     for stage, steps in ((1, 4), (2, 4), (3, 2)):
-        cfg = LCMTrainConfig(
+        cfg = LCMTrainConfig.of(
             str(data), str(root / f"s{stage}"), stage, init=init, steps=steps, intermediate_size=48, **SHAPE, **SHORT
         )
         reports[stage] = run_lcm_stage(cfg)
@@ -89,7 +89,7 @@ def test_a_trained_lcm_generates_through_the_engine(stages):
 @pytest.mark.parametrize("memory", ["continuous", "single"])
 def test_retrained_variants_share_the_stage_1_decoder(stages, data, tmp_path, memory):
     root, _ = stages
-    cfg = LCMTrainConfig(
+    cfg = LCMTrainConfig.of(
         str(data), str(tmp_path / memory), 2, init=str(root / "s1" / "model"), steps=3, memory=memory, **SHORT
     )
     report = run_lcm_stage(cfg)  # restarts are due at step 2: a memory without grids must go past them
@@ -106,7 +106,7 @@ def test_an_moe_decoder_trains_with_the_balancing_loss_and_generates(data, tmp_p
     from memlm.models.moe import MoEBlock
 
     out = tmp_path / "moe"
-    cfg = LCMTrainConfig(str(data), str(out), 1, steps=3, intermediate_size=24, decoder_experts=4,
+    cfg = LCMTrainConfig.of(str(data), str(out), 1, steps=3, intermediate_size=24, decoder_experts=4,
                          decoder_experts_per_token=2, **SHAPE, **SHORT)
     run_lcm_stage(cfg)
     logged = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -121,13 +121,15 @@ def test_an_moe_decoder_trains_with_the_balancing_loss_and_generates(data, tmp_p
 
 def test_stage_2_needs_a_stage_1_model(data, tmp_path):
     with pytest.raises(MemlmError, match="needs --init"):
-        run_lcm_stage(LCMTrainConfig(str(data), str(tmp_path / "x"), 2, **SHORT))
-    alone = LCMTrainConfig(
+        run_lcm_stage(LCMTrainConfig.of(str(data), str(tmp_path / "x"), 2, **SHORT))
+    alone = LCMTrainConfig.of(
         str(data), str(tmp_path / "dec"), 1, steps=1, memory="none", intermediate_size=48, **SHAPE, **SHORT
     )
     run_lcm_stage(alone)
     with pytest.raises(MemlmError, match="decoder-only"):
-        run_lcm_stage(LCMTrainConfig(str(data), str(tmp_path / "y"), 2, init=str(tmp_path / "dec" / "model"), **SHORT))
+        run_lcm_stage(
+            LCMTrainConfig.of(str(data), str(tmp_path / "y"), 2, init=str(tmp_path / "dec" / "model"), **SHORT)
+        )
 
 
 class _Exploit:
@@ -139,7 +141,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(data, tmp_path):
     out = tmp_path / "run"
     (out / "train").mkdir(parents=True)
     (out / "train" / "checkpoint.pt").write_bytes(pickle.dumps({"step": 1, "model": _Exploit()}))
-    cfg = LCMTrainConfig(str(data), str(out), 1, steps=2, resume=True, intermediate_size=48, **SHAPE, **SHORT)
+    cfg = LCMTrainConfig.of(str(data), str(out), 1, steps=2, resume=True, intermediate_size=48, **SHAPE, **SHORT)
     with pytest.raises(MemlmError, match="cannot read"):
         run_lcm_stage(cfg)
     from pathlib import Path
@@ -152,7 +154,7 @@ def test_transformer_baseline_and_eval_lcm_end_to_end(stages, data, tmp_path, me
     from memlm.train.pretrain import LMTrainConfig, run_pretrain
 
     root, _ = stages
-    lm = LMTrainConfig(
+    lm = LMTrainConfig.of(
         str(data),
         str(tmp_path / "lm"),
         steps=2,

@@ -220,7 +220,7 @@ def test_sft_examples_train_only_on_the_solution():
 def test_sft_end_to_end_saves_an_adapter_that_loads_and_learns(tiny_folder, tmp_path):
     folder, _ = tiny_folder
     out = tmp_path / "sft"
-    cfg = SFTConfig(
+    cfg = SFTConfig.of(
         str(folder),
         "chain_sum_short",
         str(out),
@@ -246,7 +246,7 @@ def test_sft_end_to_end_saves_an_adapter_that_loads_and_learns(tiny_folder, tmp_
     assert report["trainable_parameters"] < sum(p.numel() for p in tiny_memlm().parameters())
     assert load_model(str(out / "adapter")).num_parameters == load_model(str(folder)).num_parameters
     with pytest.raises(MemlmError, match="rank"):
-        run_sft(SFTConfig(str(folder), "chain_sum_short", str(out), lora_rank=-1))
+        run_sft(SFTConfig.of(str(folder), "chain_sum_short", str(out), lora_rank=-1))
 
 
 def test_sft_task_mix_shares_the_pool_and_evaluates_every_task(tiny_folder, tmp_path, monkeypatch):
@@ -269,7 +269,7 @@ def test_sft_task_mix_shares_the_pool_and_evaluates_every_task(tiny_folder, tmp_
 
     monkeypatch.setattr(sft, "encode_examples", counting)
     folder, _ = tiny_folder
-    cfg = SFTConfig(
+    cfg = SFTConfig.of(
         str(folder), "chain_sum_short:3,chain_sum:1", str(tmp_path / "mix"), steps=2, batch_size=2,
         lora_rank=2, n_train=40, n_eval=1, n_val_loss=0, warmup_steps=1, progress=False,
     )

@@ -7,6 +7,7 @@ different model, or a folder that is not one, is a clear error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,14 +16,14 @@ import torch
 from memlm.adapters.lora import lora_layers
 from memlm.atomic import atomic_write
 from memlm.cache.importance import same_model
-from memlm.errors import MemlmError, ModelFormatError
-from memlm.latent.delimiters import DEFAULT_DELIMITERS, DelimiterSet
+from memlm.errors import ModelFormatError
+from memlm.latent.delimiters import DelimiterSet
 from memlm.latent.hook import LatentHook
+from memlm.latent.spec import WeaverSpec
 from memlm.latent.trigger import make_trigger
 from memlm.latent.weaver import Weaver
 
 CONFIG_FILE = "latent_memory.json"
-WEAVER_INITS = ("random", "delimiter", "gated")
 WEIGHTS_FILE = "latent_memory.safetensors"
 
 
@@ -41,23 +42,9 @@ class LatentMemory:
         self.config = config or {}
 
     @classmethod
-    def create(
-        cls,
-        engine,
-        prompt_latents: int = 8,
-        inference_latents: int = 8,
-        lora_rank: int = 16,
-        lora_alpha: float = 32.0,
-        trigger: str = "always",
-        max_prompt_aug: int = 1,
-        max_inference_aug: int = 8,
-        delimiters=DEFAULT_DELIMITERS,
-        weaver_layers: int | None = None,
-        init: str = "random",
-        weaver_input: str = "embeddings",
-        weaver_output: str = "embeddings",
-    ) -> LatentMemory:
-        """A fresh (untrained) memory on `engine`'s model; LoRA is added to that model in place.
+    def create(cls, engine, spec: WeaverSpec | None = None, **options) -> LatentMemory:
+        """A fresh (untrained) memory of shape `spec` on `engine`'s model; LoRA is added to that
+        model in place. Without a spec, the keyword options are a WeaverSpec's fields.
 
         `weaver_layers` truncates the weaver to the reasoner's first layers; `init` is "random" or
         "delimiter" (latents start as copies of the newline's embedding, or of the first delimiter's
@@ -65,46 +52,38 @@ class LatentMemory:
         projected states behind a gate that starts shut); `weaver_input` is what the weaver reads,
         "embeddings" or the reasoner's "states"; `weaver_output` what it writes, latent "embeddings"
         or the latent slots' keys and values, "kv" (see Weaver)."""
-        if init not in WEAVER_INITS:
-            raise MemlmError(f"unknown weaver init {init!r}; choose from {', '.join(WEAVER_INITS)}")
+        if spec is None:
+            spec = WeaverSpec.of(engine.config.num_layers, **options)
+        elif options:
+            raise TypeError("LatentMemory.create takes a WeaverSpec or keyword options, not both")
         anchor = None
-        if init in ("delimiter", "gated"):
+        if spec.init in ("delimiter", "gated"):
+            delimiters = spec.delimiters
             ids = engine.tokenizer.encode("\n" if "\n" in delimiters else delimiters[0], add_special_tokens=False)
             anchor = engine.model.embed(torch.tensor(ids[-1:], device=engine.model.device))[0].detach()
         weaver = Weaver(
             engine.model,
-            prompt_latents,
-            inference_latents,
-            lora_rank,
-            lora_alpha,
-            weaver_layers,
+            spec.prompt_latents,
+            spec.inference_latents,
+            spec.lora_rank,
+            spec.lora_alpha,
+            spec.weaver_layers,
             anchor,
-            weaver_input,
-            gated=init == "gated",
-            output=weaver_output,
+            spec.weaver_input,
+            gated=spec.init == "gated",
+            output=spec.weaver_output,
         )
         config = {
             "base_model": engine.name,
             "hidden_size": engine.config.hidden_size,
-            "prompt_latents": prompt_latents,
-            "inference_latents": inference_latents,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-            "trigger": trigger,
-            "max_prompt_aug": max_prompt_aug,
-            "max_inference_aug": max_inference_aug,
-            "delimiters": list(delimiters),
-            "weaver_layers": weaver.depth or engine.config.num_layers,
-            "init": init,
-            "weaver_input": weaver_input,
-            "weaver_output": weaver_output,
+            **spec.to_json(engine.config.num_layers),
         }
         return cls(
             weaver,
-            make_trigger(trigger, engine.config.hidden_size),
-            DelimiterSet.for_tokenizer(engine.tokenizer, delimiters),
-            max_prompt_aug,
-            max_inference_aug,
+            make_trigger(spec.trigger, engine.config.hidden_size),
+            DelimiterSet.for_tokenizer(engine.tokenizer, spec.delimiters),
+            spec.max_prompt_aug,
+            spec.max_inference_aug,
             config,
         )
 
@@ -154,10 +133,8 @@ class LatentMemory:
             raise ModelFormatError(f"{folder} is not a latent memory checkpoint (no {CONFIG_FILE})")
         try:
             config = json.loads((folder / CONFIG_FILE).read_text())
-            shape = {k: config[k] for k in ("prompt_latents", "inference_latents", "lora_rank", "lora_alpha")}
+            spec = WeaverSpec.from_json(config, engine.config.num_layers)
             base, hidden = str(config["base_model"]), int(config["hidden_size"])
-            layers = config.get("weaver_layers")
-            layers = None if layers is None else int(layers)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelFormatError(f"{folder / CONFIG_FILE} is not a valid latent memory config: {e}") from None
         if hidden != engine.config.hidden_size or (check_name and not same_model(base, engine.name)):
@@ -173,18 +150,8 @@ class LatentMemory:
                 raise ModelFormatError(f"latent memory {folder} has no learned trigger (saved with {saved!r})")
             tensors = {k: v for k, v in tensors.items() if not k.startswith("trigger.")}
             config = {**config, "trigger": trigger}
-        memory = cls.create(
-            engine,
-            trigger=config.get("trigger", "always"),
-            max_prompt_aug=config.get("max_prompt_aug", 1),
-            max_inference_aug=config.get("max_inference_aug", 8),
-            delimiters=tuple(config.get("delimiters", DEFAULT_DELIMITERS)),
-            weaver_layers=layers,
-            weaver_input=str(config.get("weaver_input", "embeddings")),
-            weaver_output=str(config.get("weaver_output", "embeddings")),
-            init=str(config.get("init", "random")),  # a gated weaver has one more tensor, its gate
-            **shape,
-        )
+            spec = dataclasses.replace(spec, trigger=trigger)
+        memory = cls.create(engine, spec)  # a gated weaver has one more tensor, its gate
         memory.config = config
         memory.load_state_dict(tensors, folder)
         return memory

@@ -63,8 +63,6 @@ from memlm.errors import MemlmError
 from memlm.models.llama import LlamaModel
 
 QUERY_KINDS = ("prompt", "inference")
-WEAVER_INPUTS = ("embeddings", "states")
-WEAVER_OUTPUTS = ("embeddings", "kv")
 GATE_GAIN = 25.0  # the gate's effective learning rate, as a multiple of the weaver's
 
 
@@ -83,17 +81,12 @@ class Weaver(nn.Module):
         output: str = "embeddings",
     ):
         super().__init__()
-        if input not in WEAVER_INPUTS:
-            raise MemlmError(f"unknown weaver input {input!r}; choose from {', '.join(WEAVER_INPUTS)}")
-        if output not in WEAVER_OUTPUTS:
-            raise MemlmError(f"unknown weaver output {output!r}; choose from {', '.join(WEAVER_OUTPUTS)}")
+        # The options themselves were checked by WeaverSpec (LatentMemory.create builds from one);
+        # here only what needs the reasoner: its number of layers and the adapters already on it.
         self.input, self.output = input, output
         layers = reasoner.config.num_layers
         if depth is not None and not 1 <= depth <= layers:
             raise MemlmError(f"the weaver's layers must be 1..{layers}, got {depth}")
-        if output == "kv" and (input != "states" or depth not in (None, layers) or gated):
-            # its slots live in the reasoner's cache, so they need a key and value at every layer
-            raise MemlmError("a weaver that writes keys and values reads the reasoner's states, at all layers, ungated")
         self.depth = None if depth == layers else depth
         present = list(lora_layers(reasoner))
         if not present:

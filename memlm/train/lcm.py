@@ -31,8 +31,8 @@ from memlm.lcm.memory import CodeUsage
 from memlm.lcm.model import LCMModel
 from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
 from memlm.train.heldout import bits_per_byte, lcm_logits
-from memlm.train.loop import is_main_process, train
-from memlm.train.pretrain import loop_config
+from memlm.train.loop import TrainConfig, is_main_process, split_loop, train
+from memlm.train.pretrain import FROM_SCRATCH
 
 STAGE_LR = {1: 3e-3, 2: 2e-3, 3: 5e-4}
 LOSS_WEIGHTS = {"vq": 1.0, "contrastive": 0.1, "orthogonality": 0.1}
@@ -41,19 +41,11 @@ LOSS_WEIGHTS = {"vq": 1.0, "contrastive": 0.1, "orthogonality": 0.1}
 @dataclass(slots=True)
 class LCMTrainConfig:
     data: str
-    out_dir: str
+    train: TrainConfig  # out_dir: the output folder (the loop writes to out_dir/train); see `loop`
     stage: int
     init: str | None = None  # the previous stage's model folder (stages 2 and 3)
-    steps: int = 240
     batch_size: int = 16
     seq_len: int = 256
-    lr: float | None = None  # default per stage (STAGE_LR)
-    warmup_steps: int = 20
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
-    log_every: int = 10
-    save_every: int = 40
     eval_windows: int = 32
     restart_every: int = 40  # dead-code restarts (stages 2 and 3)
     # The model's shape, for stage 1 (later stages take it from --init).
@@ -68,6 +60,20 @@ class LCMTrainConfig:
     max_loop_steps: int = 3
     decoder_experts: int = 0  # > 0: MoE FFNs in the decoder, trained with the load-balancing loss
     decoder_experts_per_token: int = 2
+
+    @staticmethod
+    def loop(out_dir: str, stage: int, **given) -> TrainConfig:
+        """This trainer's loop: 240 steps at the stage's lr (STAGE_LR; also where lr is None), 20
+        warmup steps, weight decay 0.01, a log row every 10 steps and a checkpoint every 40, unless given."""
+        if given.get("lr") is None:
+            given["lr"] = STAGE_LR.get(stage, STAGE_LR[1])  # a stage that is none is refused by run_lcm_stage
+        return TrainConfig(out_dir=out_dir, **(FROM_SCRATCH | {"steps": 240} | given))
+
+    @classmethod
+    def of(cls, data: str, out_dir: str, stage: int, **options) -> LCMTrainConfig:
+        """From flat options: the loop's (steps, lr, seed, ...) go to `train`."""
+        loop, own = split_loop(options)
+        return cls(data, cls.loop(out_dir, stage, **loop), stage, **own)
 
 
 ROUTER_AUX_WEIGHT = 0.01  # load-balancing loss (Switch / Mixtral)
@@ -89,10 +95,10 @@ def _router_losses(model: LCMModel, loss: torch.Tensor, extras: dict) -> torch.T
 def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
     if cfg.stage not in (1, 2, 3):
         raise MemlmError(f"--stage must be 1, 2 or 3, got {cfg.stage}")
-    out = ensure_dir(cfg.out_dir)
+    out = ensure_dir(cfg.train.out_dir)
     train_data = TokenData.open(cfg.data, "train")
     val_data = TokenData.open(cfg.data, "val")
-    torch.manual_seed(cfg.seed)  # the initialisation is part of the seed
+    torch.manual_seed(cfg.train.seed)  # the initialisation is part of the seed
     if cfg.stage == 1:
         if cfg.init is not None:
             model, step_offset = _from_init(cfg.init, train_data, cfg.memory)
@@ -110,7 +116,7 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
     stats: dict = {"restarted": 0, "usage": None, "summary": {}}  # usage: CodeUsage since the last restart
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        ids = train_data.random_windows(cfg.batch_size, cfg.seq_len + 1, cfg.seed, step_offset + step, micro)
+        ids = train_data.random_windows(cfg.batch_size, cfg.seq_len + 1, cfg.train.seed, step_offset + step, micro)
         return {"ids": ids[rank::world], "step": step, "micro": micro}
 
     def loss_fn(lm, batch):
@@ -148,18 +154,17 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
                 metrics[f"usage_{name}_perplexity"] = grid["perplexity"]
         return metrics
 
-    lr = cfg.lr if cfg.lr is not None else STAGE_LR[cfg.stage]
-    last = train(model, loss_fn, batch_fn, loop_config(cfg, out, lr), evaluate)
+    last = train(model, loss_fn, batch_fn, cfg.train.inside("train"), evaluate)
     if not is_main_process():
         return last
     report = {
         "stage": cfg.stage,
-        "steps": cfg.steps,
-        "total_steps": step_offset + cfg.steps,
-        "tokens_seen": (step_offset + cfg.steps) * cfg.batch_size * cfg.seq_len,
+        "steps": cfg.train.steps,
+        "total_steps": step_offset + cfg.train.steps,
+        "tokens_seen": (step_offset + cfg.train.steps) * cfg.batch_size * cfg.seq_len,
         "parameters": sum(p.numel() for p in model.parameters()),  # tied weights count once
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "lr": lr,
+        "lr": cfg.train.lr,
         "init": cfg.init,
         "data": cfg.data,
         "final": last,

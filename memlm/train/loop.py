@@ -13,17 +13,22 @@ processes therefore take the same steps as one process given the whole global ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as td
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from memlm.atomic import atomic_write, ensure_dir
 from memlm.errors import MemlmError
@@ -64,6 +69,20 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1 or self.grad_accum < 1 or self.lr <= 0:
             raise MemlmError("steps and grad_accum must be >= 1 and lr > 0")
+
+    def inside(self, name: str = "train") -> TrainConfig:
+        """The same settings writing into a subfolder of out_dir: a trainer's config names its output
+        folder, and the loop's checkpoint, metrics and curve go to out_dir/train."""
+        return replace(self, out_dir=str(Path(self.out_dir) / name))
+
+
+LOOP_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+
+
+def split_loop(options: dict) -> tuple[dict, dict]:
+    """Flat options -> (the shared loop's: steps, lr, seed, ...; the rest: the trainer's own)."""
+    loop = {k: v for k, v in options.items() if k in LOOP_FIELDS}
+    return loop, {k: v for k, v in options.items() if k not in LOOP_FIELDS}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -171,16 +190,12 @@ def train(
 def global_batch(num_examples: int, batch_size: int, seed: int, step: int, micro: int, rank: int, world: int):
     """Indices of this rank's share of a micro-batch drawn from (seed, step, micro): the same
     global batch for any world size, so trainers that share data draw the same examples."""
-    import random
-
     rng = random.Random(seed * 1_000_003 + step * 101 + micro)
     return rng.sample(range(num_examples), batch_size)[rank::world]
 
 
 def is_main_process() -> bool:
     """False on the non-zero ranks of a torchrun job (they neither save nor evaluate)."""
-    import torch.distributed as td
-
     return not (td.is_available() and td.is_initialized() and td.get_rank() != 0)
 
 
@@ -223,6 +238,7 @@ def _load_checkpoint(out: Path, model, optimizer, device) -> int:
 
 
 def _plot(out: Path) -> None:
+    # in-function: matplotlib is slow to import, and choosing its backend is a process-wide side effect
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,8 +287,6 @@ class _Progress:
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self.bar = Progress(
                 TextColumn("train"),
                 BarColumn(),
@@ -310,8 +324,6 @@ class _Distributed:
         cuda = torch.cuda.is_available()
         if world == 1:
             return cls(0, 1, torch.device("cuda" if cuda else "cpu"))
-        import torch.distributed as td
-
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if not td.is_initialized():
             td.init_process_group(backend="nccl" if cuda else "gloo")
@@ -327,15 +339,11 @@ class _Distributed:
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
     def accumulating(self, wrapped: nn.Module, sync: bool):
         """All-reduce gradients only on the last micro-batch of an accumulation (`sync`)."""
-        import contextlib
-
         if self.world == 1 or sync:
             return contextlib.nullcontext()
         return wrapped.no_sync()
@@ -343,20 +351,14 @@ class _Distributed:
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
-        import torch.distributed as td
-
         t = torch.tensor([value], device=self.device)
         td.all_reduce(t)
         return float(t) / self.world
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as td
-
             td.barrier()
 
     def close(self) -> None:
         if self.world > 1:
-            import torch.distributed as td
-
             td.destroy_process_group()

@@ -48,7 +48,7 @@ from memlm.errors import MemlmError
 from memlm.generation.detokenizer import IncrementalDetokenizer, token_at_char
 from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
-from memlm.train.loop import TrainConfig, train
+from memlm.train.loop import TrainConfig, split_loop, train
 
 
 @dataclass(slots=True)
@@ -78,13 +78,11 @@ LABELS = {
 class PredictorConfig:
     model: str
     task: str
-    out_dir: str
+    train: TrainConfig  # out_dir: the output folder (the loop writes to out_dir/train); see `loop`
     n_train: int = 512
     n_val: int = 64
     marker: str = ANSWER_MARKER
-    steps: int = 1500
     batch_tokens: int = 512
-    lr: float = 1e-3
     batch_size: int = 16  # traces generated at once
     max_new_tokens: int | None = None  # the task's own budget when None
     label: str = "answer"  # one of LABELS
@@ -92,9 +90,22 @@ class PredictorConfig:
     horizon: int = 16  # for the future_far label: match the learned policy's window
     prompt: bool = False  # label prompt tokens too (for the learned policy's evict_prompt)
     dtype: str = "float32"  # the model's weights while tracing and labelling (q4_1: the GGUF's own blocks, faster)
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
+
+    @staticmethod
+    def loop(out_dir: str, **given) -> TrainConfig:
+        """This trainer's loop: 1500 steps at lr 1e-3; warmup, checkpoints and logs scaled to the
+        steps (min(100, steps / 10) warmup steps, a checkpoint every max(100, steps / 5), a log row
+        every min(50, steps)), unless given."""
+        steps = given.get("steps", 1500)
+        defaults = {"steps": 1500, "lr": 1e-3, "warmup_steps": min(100, steps // 10)}
+        defaults |= {"save_every": max(100, steps // 5), "log_every": min(50, steps)}
+        return TrainConfig(out_dir=out_dir, **(defaults | given))
+
+    @classmethod
+    def of(cls, model: str, task: str, out_dir: str, **options) -> PredictorConfig:
+        """From flat options: the loop's (steps, lr, seed, ...) go to `train`."""
+        loop, own = split_loop(options)
+        return cls(model, task, cls.loop(out_dir, **loop), **own)
 
 
 def collect_traces(engine, task: Task, problems, marker: str, batch_size: int, max_new_tokens: int) -> list[Trace]:
@@ -304,33 +315,22 @@ def _label_setting(cfg: PredictorConfig) -> str:
 
 
 def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[Labelled], cfg: PredictorConfig):
-    """MSE on the thinking tokens of `train_data`; metrics on `val_data`; save to cfg.out_dir."""
+    """MSE on the thinking tokens of `train_data`; metrics on `val_data`; save to cfg.train.out_dir."""
     features = torch.cat([d.hidden for d in train_data])
     targets = torch.cat([d.labels for d in train_data])
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     predictor = ImportancePredictor(hidden_size)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        rng = random.Random(cfg.seed * 1_000_003 + step)
+        rng = random.Random(cfg.train.seed * 1_000_003 + step)
         index = torch.tensor(rng.sample(range(len(targets)), min(cfg.batch_tokens, len(targets))))[rank::world]
         return {"hidden": features[index], "labels": targets[index]}
 
     def loss_fn(model, batch):
         return F.mse_loss(model(batch["hidden"]), batch["labels"])
 
-    out = Path(cfg.out_dir)
-    train_cfg = TrainConfig(
-        out_dir=str(out / "train"),
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=min(100, cfg.steps // 10),
-        save_every=max(100, cfg.steps // 5),
-        log_every=min(50, cfg.steps),
-        seed=cfg.seed,
-        resume=cfg.resume,
-        progress=cfg.progress,
-    )
-    last = train(predictor, loss_fn, batch_fn, train_cfg)
+    out = Path(cfg.train.out_dir)
+    last = train(predictor, loss_fn, batch_fn, cfg.train.inside("train"))
     predictor.eval()
     metrics = {"train_loss": last.get("loss"), **evaluate_predictor(predictor, val_data)}
     config = {
@@ -343,7 +343,7 @@ def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[L
         "prompt": cfg.prompt,  # prompt tokens were labelled too: fit for the policy's evict_prompt
         "train_traces": len(train_data),
         "train_tokens": int(targets.numel()),
-        "steps": cfg.steps,
+        "steps": cfg.train.steps,
         "metrics": metrics,
     }
     save_predictor(out, predictor, config)

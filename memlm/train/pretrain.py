@@ -8,7 +8,6 @@ the data's tokenizer, which memlm, transformers and `memlm eval lcm` load as is.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,29 +20,36 @@ from memlm.models.config import ModelConfig
 from memlm.models.llama import LlamaModel
 from memlm.tokenizer import Tokenizer
 from memlm.train.heldout import bits_per_byte, llama_logits
-from memlm.train.loop import TrainConfig, is_main_process, train
+from memlm.train.loop import TrainConfig, is_main_process, split_loop, train
+
+# The loop's settings for a model trained from scratch on packed data (`train lm`, `train lcm`).
+FROM_SCRATCH = {"warmup_steps": 20, "log_every": 10, "save_every": 40, "weight_decay": 0.01}
 
 
 @dataclass(slots=True)
 class LMTrainConfig:
     data: str
-    out_dir: str
-    steps: int = 480
+    train: TrainConfig  # out_dir: the output folder (the loop writes to out_dir/train); see `loop`
     batch_size: int = 16
     seq_len: int = 256
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    seed: int = 0
     hidden_size: int = 192
     num_layers: int = 6
     num_heads: int = 4
     intermediate_size: int = 512
     max_position_embeddings: int = 8192
-    resume: bool = False
-    progress: bool = True
-    log_every: int = 10
-    save_every: int = 40
     eval_windows: int = 32
+
+    @staticmethod
+    def loop(out_dir: str, **given) -> TrainConfig:
+        """This trainer's loop: 480 steps at lr 3e-3, 20 warmup steps, weight decay 0.01, a log row
+        every 10 steps and a checkpoint every 40, unless given."""
+        return TrainConfig(out_dir=out_dir, **(FROM_SCRATCH | {"steps": 480, "lr": 3e-3} | given))
+
+    @classmethod
+    def of(cls, data: str, out_dir: str, **options) -> LMTrainConfig:
+        """From flat options: the loop's (steps, lr, seed, ...) go to `train`."""
+        loop, own = split_loop(options)
+        return cls(data, cls.loop(out_dir, **loop), **own)
 
 
 class CausalLM(nn.Module):
@@ -56,22 +62,6 @@ class CausalLM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
         return self.model.logits(self.model(self.model.embed(ids), positions))
-
-
-def loop_config(cfg, out: Path, lr: float) -> TrainConfig:
-    """The shared loop's settings for a model trained from scratch on packed data (`train lm`, `train lcm`)."""
-    return TrainConfig(
-        out_dir=str(out / "train"),
-        steps=cfg.steps,
-        lr=lr,
-        warmup_steps=cfg.warmup_steps,
-        log_every=cfg.log_every,
-        save_every=cfg.save_every,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        progress=cfg.progress,
-        weight_decay=0.01,
-    )
 
 
 def transformer_config(cfg: LMTrainConfig, header: dict) -> ModelConfig:
@@ -100,15 +90,15 @@ def new_transformer(config: ModelConfig, seed: int) -> LlamaModel:
 
 
 def run_pretrain(cfg: LMTrainConfig) -> dict:
-    out = ensure_dir(cfg.out_dir)
+    out = ensure_dir(cfg.train.out_dir)
     train_data = TokenData.open(cfg.data, "train")
     val_data = TokenData.open(cfg.data, "val")
     config = transformer_config(cfg, train_data.header)
-    model = new_transformer(config, cfg.seed)
+    model = new_transformer(config, cfg.train.seed)
     lm = CausalLM(model)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        return train_data.random_windows(cfg.batch_size, cfg.seq_len + 1, cfg.seed, step, micro)[rank::world]
+        return train_data.random_windows(cfg.batch_size, cfg.seq_len + 1, cfg.train.seed, step, micro)[rank::world]
 
     def loss_fn(wrapped, ids):
         logits = wrapped(ids[:, :-1])
@@ -117,13 +107,13 @@ def run_pretrain(cfg: LMTrainConfig) -> dict:
     def evaluate(m) -> dict:
         return {"val_bpb": bits_per_byte(llama_logits(m.model), val_data, cfg.seq_len, cfg.eval_windows)}
 
-    last = train(lm, loss_fn, batch_fn, loop_config(cfg, out, cfg.lr), evaluate)
+    last = train(lm, loss_fn, batch_fn, cfg.train.inside("train"), evaluate)
     if not is_main_process():
         return last
     report = {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "total_steps": cfg.steps,
-        "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "total_steps": cfg.train.steps,
+        "tokens_seen": cfg.train.steps * cfg.batch_size * cfg.seq_len,
         "final": last,
         "recipe": asdict(cfg),
     }

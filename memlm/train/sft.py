@@ -23,7 +23,7 @@ from memlm.data.tasks import get_task
 from memlm.errors import MemlmError
 from memlm.formats.loading import load_model, save_model
 from memlm.models.llama import LlamaModel
-from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
+from memlm.train.loop import TrainConfig, global_batch, is_main_process, split_loop, train
 
 IGNORE = -100
 
@@ -32,21 +32,25 @@ IGNORE = -100
 class SFTConfig:
     model: str
     task: str  # a task, or a mix "long_mult:3,chain_sum:1" (training shares by weight)
-    out_dir: str
-    steps: int = 300
+    train: TrainConfig  # out_dir: the output folder (the loop writes to out_dir/train); see `loop`
     batch_size: int = 8
-    lr: float = 1e-3
     lora_rank: int = 16  # 0: full fine-tune
     lora_alpha: float = 32.0
     n_train: int = 4000
     n_eval: int = 64
     n_val_loss: int = 32  # validation problems (first task) whose teacher-forced loss is logged
-    warmup_steps: int = 20
-    grad_accum: int = 1
-    save_every: int = 50
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
+
+    @staticmethod
+    def loop(out_dir: str, **given) -> TrainConfig:
+        """This trainer's loop: 300 steps at lr 1e-3, 20 warmup steps, a checkpoint every 50, unless given."""
+        defaults = {"steps": 300, "lr": 1e-3, "warmup_steps": 20, "save_every": 50}
+        return TrainConfig(out_dir=out_dir, **(defaults | given))
+
+    @classmethod
+    def of(cls, model: str, task: str, out_dir: str, **options) -> SFTConfig:
+        """From flat options: the loop's (steps, lr, seed, ...) go to `train`."""
+        loop, own = split_loop(options)
+        return cls(model, task, cls.loop(out_dir, **loop), **own)
 
 
 class TokenLM(nn.Module):
@@ -151,34 +155,23 @@ def run_sft(cfg: SFTConfig) -> dict:
         examples += encode_examples(tokenizer, task, task.problems(max(1, round(share * cfg.n_train)), "train"))
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        chosen = global_batch(len(examples), cfg.batch_size, cfg.seed, step, micro, rank, world)
+        chosen = global_batch(len(examples), cfg.batch_size, cfg.train.seed, step, micro, rank, world)
         return collate([examples[i] for i in chosen])
 
-    out = Path(cfg.out_dir)
-    train_cfg = TrainConfig(
-        out_dir=str(out / "train"),
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        grad_accum=cfg.grad_accum,
-        save_every=cfg.save_every,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        progress=cfg.progress,
-    )
+    out = Path(cfg.train.out_dir)
     first = get_task(mix[0][0])
     val = encode_examples(tokenizer, first, first.problems(cfg.n_val_loss, "val")) if cfg.n_val_loss else []
     evaluate = (lambda lm: {"val_loss": heldout_loss(lm, val)}) if val else None
-    start_loss = heldout_loss(TokenLM(model), val) if val and not cfg.resume else None
-    last = train(TokenLM(model), sft_loss, batch_fn, train_cfg, evaluate)
+    start_loss = heldout_loss(TokenLM(model), val) if val and not cfg.train.resume else None
+    last = train(TokenLM(model), sft_loss, batch_fn, cfg.train.inside("train"), evaluate)
 
     if not is_main_process():
         return last
     recipe = {
         "task": cfg.task,
-        "steps": cfg.steps,
+        "steps": cfg.train.steps,
         "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
+        "lr": cfg.train.lr,
         "n_train": cfg.n_train,
         "trainable_parameters": trainable,
         "final_loss": last.get("loss"),

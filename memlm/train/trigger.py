@@ -35,7 +35,7 @@ from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
 from memlm.latent.memory import LatentMemory
 from memlm.latent.trigger import Trigger
-from memlm.train.loop import TrainConfig, train
+from memlm.train.loop import TrainConfig, split_loop, train
 
 
 @dataclass(slots=True)
@@ -43,22 +43,30 @@ class TriggerConfig:
     model: str
     memory: str  # a trained weaver (`memlm train weaver`)
     task: str
-    out_dir: str
-    steps: int = 60
+    train: TrainConfig  # out_dir: the output folder (the loop writes to out_dir/train); see `loop`
     problems_per_step: int = 4
     group_size: int = 4
     temperature: float = 0.7
-    lr: float = 3e-3
     penalty: float = 0.5
     initial_p: float = 0.9  # start close to `always`, then learn to skip
     n_train: int = 4000
     n_eval: int = 64
     max_new_tokens: int = 256
-    save_every: int = 10
     screen: int = 0  # training problems screened for mixed groups before RL (0: draw from all)
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
+
+    @staticmethod
+    def loop(out_dir: str, **given) -> TrainConfig:
+        """This trainer's loop: 60 steps at lr 3e-3, no warmup, a checkpoint every 10, a log row every
+        min(5, steps), unless given."""
+        steps = given.get("steps", 60)
+        defaults = {"steps": 60, "lr": 3e-3, "save_every": 10, "log_every": min(5, steps)}
+        return TrainConfig(out_dir=out_dir, **(defaults | given))
+
+    @classmethod
+    def of(cls, model: str, memory: str, task: str, out_dir: str, **options) -> TriggerConfig:
+        """From flat options: the loop's (steps, lr, seed, ...) go to `train`."""
+        loop, own = split_loop(options)
+        return cls(model, memory, task, cls.loop(out_dir, **loop), **own)
 
 
 def group_rewards(scores: list[float], insertions: list[int], penalty: float, max_aug: int) -> list[float]:
@@ -134,7 +142,7 @@ def sample_groups(engine, memory, task, problems, group_size: int, temperature: 
 
 def screen_problems(engine, memory, task, problems, cfg: TriggerConfig) -> tuple[list[int], dict]:
     """Indices of the problems whose group (sampled as RL samples it) is mixed, and a summary."""
-    rng = random.Random(cfg.seed * 7_919 + 1)
+    rng = random.Random(cfg.train.seed * 7_919 + 1)
     completions, _ = sample_groups(
         engine, memory, task, problems, cfg.group_size, cfg.temperature, cfg.max_new_tokens, rng
     )
@@ -161,7 +169,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     memory.weaver.requires_grad_(False)
     for p in memory.weaver.lora_parameters():
         p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     trigger = Trigger(engine.config.hidden_size)
     with torch.no_grad():
         trigger.head[-1].bias.fill_(torch.logit(torch.tensor(cfg.initial_p)).item())
@@ -180,7 +188,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
         problems = [problems[i] for i in kept]
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        rng = random.Random(cfg.seed * 1_000_003 + step)
+        rng = random.Random(cfg.train.seed * 1_000_003 + step)
         chosen = rng.sample(range(len(problems)), cfg.problems_per_step)[rank::world]
         trigger.eval()
         completions, decisions_of = sample_groups(
@@ -218,20 +226,9 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
                 )
         return rollouts
 
-    out = Path(cfg.out_dir)
-    train_cfg = TrainConfig(
-        out_dir=str(out / "train"),
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=0,
-        save_every=cfg.save_every,
-        log_every=min(5, cfg.steps),
-        seed=cfg.seed,
-        resume=cfg.resume,
-        progress=cfg.progress,
-    )
-    last = train(trigger, trigger_loss, batch_fn, train_cfg)
-    memory.config.update({"trigger_steps": cfg.steps, "trigger_penalty": cfg.penalty})
+    out = Path(cfg.train.out_dir)
+    last = train(trigger, trigger_loss, batch_fn, cfg.train.inside("train"))
+    memory.config.update({"trigger_steps": cfg.train.steps, "trigger_penalty": cfg.penalty})
     folder = memory.save(out / "memory")
     report = {"memory": str(folder), "final_loss": last.get("loss")}
     if screening is not None:

@@ -10,17 +10,17 @@ MB) that `--memory DIR` takes; held-out accuracy is measured on what was saved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.generation.engine import Engine
-from memlm.latent.delimiters import DEFAULT_DELIMITERS
 from memlm.latent.memory import LatentMemory
+from memlm.latent.spec import WeaverSpec
 from memlm.latent.training import LatentLM, make_example
-from memlm.train.loop import TrainConfig, global_batch, is_main_process, train
+from memlm.train.loop import TrainConfig, global_batch, is_main_process, split_loop, train
 from memlm.train.sft import prompt_and_target
 
 
@@ -28,49 +28,30 @@ from memlm.train.sft import prompt_and_target
 class WeaverConfig:
     model: str
     task: str
-    out_dir: str
-    steps: int = 250
+    train: TrainConfig  # out_dir: the output folder (the loop writes to out_dir/train); see `loop`
+    spec: WeaverSpec = field(default_factory=WeaverSpec)  # the memory's shape, written whole into its folder
     batch_size: int = 8
-    lr: float = 1e-3
-    prompt_latents: int = 8
-    inference_latents: int = 8
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    max_prompt_aug: int = 1
-    max_inference_aug: int = 8
-    weaver_layers: int | None = None  # None: all of the reasoner's layers
-    init: str = "random"  # or "delimiter": latents start as copies of the delimiter's embedding
-    weaver_input: str = "embeddings"  # or "states": the queries read the reasoner's own KV cache
-    weaver_output: str = "embeddings"  # or "kv": the queries' keys and values stay in that cache
-    delimiters: tuple[str, ...] = DEFAULT_DELIMITERS  # insertion points: after a token ending in one of these
     n_train: int = 4000
     n_eval: int = 64
     n_val_loss: int = 32  # validation problems whose teacher-forced loss is logged at checkpoints
-    warmup_steps: int = 20
-    save_every: int = 25
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
+
+    @staticmethod
+    def loop(out_dir: str, **given) -> TrainConfig:
+        """This trainer's loop: 250 steps at lr 1e-3, 20 warmup steps, a checkpoint every 25, unless given."""
+        defaults = {"steps": 250, "lr": 1e-3, "warmup_steps": 20, "save_every": 25}
+        return TrainConfig(out_dir=out_dir, **(defaults | given))
+
+    @classmethod
+    def of(cls, model: str, task: str, out_dir: str, spec: WeaverSpec | None = None, **options) -> WeaverConfig:
+        """From flat options: the loop's (steps, lr, seed, ...) go to `train`."""
+        loop, own = split_loop(options)
+        return cls(model, task, cls.loop(out_dir, **loop), spec or WeaverSpec(), **own)
 
 
 def run_weaver_training(cfg: WeaverConfig) -> dict:
     task = get_task(cfg.task)
     engine = Engine.load(cfg.model)
-    memory = LatentMemory.create(
-        engine,
-        prompt_latents=cfg.prompt_latents,
-        inference_latents=cfg.inference_latents,
-        lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        trigger="always",
-        max_prompt_aug=cfg.max_prompt_aug,
-        max_inference_aug=cfg.max_inference_aug,
-        weaver_layers=cfg.weaver_layers,
-        init=cfg.init,
-        delimiters=cfg.delimiters,
-        weaver_input=cfg.weaver_input,
-        weaver_output=cfg.weaver_output,
-    )
+    memory = LatentMemory.create(engine, cfg.spec)
     examples = [
         make_example(memory, *prompt_and_target(engine.tokenizer, task, p)) for p in task.problems(cfg.n_train, "train")
     ]
@@ -81,33 +62,24 @@ def run_weaver_training(cfg: WeaverConfig) -> dict:
     ]
     evaluate = (lambda model: {"val_loss": model.heldout_loss(val)}) if val else None
     # The loss before any step: how much the untrained memory costs the reasoner.
-    start_loss = lm.heldout_loss(val) if val and not cfg.resume else None
+    start_loss = lm.heldout_loss(val) if val and not cfg.train.resume else None
 
     def batch_fn(step: int, micro: int, rank: int, world: int):  # the same draws as `memlm train sft`
-        return [examples[i] for i in global_batch(len(examples), cfg.batch_size, cfg.seed, step, micro, rank, world)]
+        chosen = global_batch(len(examples), cfg.batch_size, cfg.train.seed, step, micro, rank, world)
+        return [examples[i] for i in chosen]
 
     def loss_fn(model, batch):
         total, count = model(batch)
         return total / count
 
-    out = Path(cfg.out_dir)
-    train_cfg = TrainConfig(
-        out_dir=str(out / "train"),
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        save_every=cfg.save_every,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        progress=cfg.progress,
-    )
-    last = train(lm, loss_fn, batch_fn, train_cfg, evaluate)
+    out = Path(cfg.train.out_dir)
+    last = train(lm, loss_fn, batch_fn, cfg.train.inside("train"), evaluate)
 
     if not is_main_process():
         return last
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     memory.config.update(
-        {"task": cfg.task, "steps": cfg.steps, "batch_size": cfg.batch_size, "trainable_parameters": trainable}
+        {"task": cfg.task, "steps": cfg.train.steps, "batch_size": cfg.batch_size, "trainable_parameters": trainable}
     )
     folder = memory.save(out / "memory")
     report = {"memory": str(folder), "final_loss": last.get("loss"), "trainable_parameters": trainable}

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from typing import Annotated
 
 import typer
 
-from memlm.cli import DEFAULT_MODEL, ModelOpt, _int_list, _out_dir, app, bench_app
+from memlm.cli.options import DEFAULT_MODEL, ModelOpt, check_out
+from memlm.data.corpus import corpus_windows
 from memlm.errors import MemlmError
 
 
-@app.command()
 def prune(
     model: ModelOpt = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="layers, ffn (intermediate channels) or heads (KV groups).")] = "layers",
@@ -29,10 +30,11 @@ def prune(
     ] = 0,
 ):
     """Remove the least important layers, FFN channels or attention-head groups; write a smaller model."""
-    from memlm.data.corpus import corpus_windows
+    # lazy: the model, the surgery and healing load torch
     from memlm.formats.loading import load_model, save_model
     from memlm.surgery.prune import METHODS
     from memlm.surgery.prune import prune as prune_model
+    from memlm.train.heal import heal
 
     if method not in METHODS:
         raise MemlmError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -40,7 +42,7 @@ def prune(
         raise MemlmError(f"--amount is a fraction in (0, 1), got {amount}")
     if windows < 1 or seq_len < 2 or heal_steps < 0:
         raise MemlmError("--windows must be >= 1, --seq-len >= 2 and --heal-steps >= 0")
-    _out_dir(out)
+    check_out(out)
     loaded = load_model(model)
     if not hasattr(loaded.model, "layers"):
         raise MemlmError("memlm prune works on Llama-family models (this one is an LCM)")
@@ -51,10 +53,6 @@ def prune(
     pruned, report = prune_model(loaded.model, method, amount, calibration if criterion == "measured" else None,
                                  criterion, seed)
     if heal_steps:
-        import tempfile
-
-        from memlm.train.heal import heal
-
         with tempfile.TemporaryDirectory() as scratch:  # the loop's checkpoints; the model is saved below
             last = heal(pruned, calibration, heal_steps, scratch, batch_size=min(4, len(calibration)), seed=seed)
         report["healing"] = {"steps": heal_steps, "lora_rank": 16, "final_loss": last.get("loss")}
@@ -64,22 +62,3 @@ def prune(
     save_model(out, pruned, loaded.tokenizer, note=note)
     summary = {k: v for k, v in report.items() if k != "scores"}
     print(json.dumps({"out": out, "parameters_before": before, "parameters_after": after, **summary}))
-
-
-@bench_app.command("prune")
-def bench_prune(
-    model: ModelOpt = DEFAULT_MODEL,
-    amounts: Annotated[str, typer.Option(help="Comma-separated percentages to remove.")] = "10,25,40",
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
-    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
-    plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
-    heal_steps: Annotated[int, typer.Option(help="Also heal the measured layer-pruned models this many steps.")] = 0,
-):
-    """Each method at each amount, measured criterion vs random: parameters, held-out perplexity, decode tok/s."""
-    from memlm.bench.prune import run_prune_bench
-
-    percents = _int_list(amounts, "--amounts")
-    if max(percents) >= 100 or threads < 1 or heal_steps < 0:
-        raise MemlmError("--amounts are percentages below 100; --threads >= 1; --heal-steps >= 0")
-    run_prune_bench(model, tuple(p / 100 for p in percents), threads=threads, json_path=json_path, plot_path=plot,
-                    heal_steps=heal_steps)

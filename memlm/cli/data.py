@@ -7,7 +7,12 @@ from typing import Annotated
 
 import typer
 
-from memlm.cli import _out_dir, data_app
+from memlm.cli.options import check_out
+from memlm.data.bpe import train_tokenizer
+from memlm.data.corpus import DEFAULT_CORPUS, read_corpus
+from memlm.errors import MemlmError
+
+data_app = typer.Typer(no_args_is_help=True, help="Training data: BPE tokenizers and packed token files.")
 
 CorpusOpt = Annotated[
     list[str] | None,
@@ -16,8 +21,6 @@ CorpusOpt = Annotated[
 
 
 def _corpus(corpus: list[str] | None):
-    from memlm.data.corpus import DEFAULT_CORPUS, read_corpus
-
     return read_corpus(list(corpus or DEFAULT_CORPUS))
 
 
@@ -28,9 +31,7 @@ def data_tokenizer(
     out: Annotated[str, typer.Option("--out", help="Output folder (tokenizer.json).")] = "",
 ):
     """Train a byte-level BPE tokenizer on a corpus."""
-    from memlm.data.bpe import train_tokenizer
-
-    _out_dir(out)
+    check_out(out)
     documents, files = _corpus(corpus)
     backend = train_tokenizer(documents, vocab_size, out)
     print(
@@ -47,12 +48,11 @@ def data_pack(
     seed: Annotated[int, typer.Option(help="Seed of the document split.")] = 0,
 ):
     """Tokenize a corpus into uint16/uint32 memmaps with a verifying header, split by document."""
-    from memlm.data.packed import pack
-    from memlm.errors import MemlmError
+    from memlm.data.packed import pack  # lazy: torch
 
     if not tokenizer:
         raise MemlmError("--tokenizer is required")
-    _out_dir(out)
+    check_out(out)
     documents, files = _corpus(corpus)
     headers = pack(tokenizer, documents, files, out, val_fraction, seed)
     summary = {s: {k: h[k] for k in ("tokens", "documents", "dtype", "vocab_size")} for s, h in headers.items()}

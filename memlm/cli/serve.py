@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from memlm.cli import DEFAULT_MODEL, DtypeOpt, ModelOpt, app
+from memlm.cli.options import DEFAULT_MODEL, DtypeOpt, ModelOpt
 from memlm.errors import MemlmError
 
 
-@app.command()
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
     dtype: DtypeOpt = "float32",
@@ -36,8 +36,7 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
 ):
     """Serve a model over HTTP with OpenAI's API, per-request memory options, metrics and a memory page."""
-    import logging
-
+    # lazy: uvicorn, FastAPI and the model loader (torch) load only when the server starts
     import uvicorn
 
     from memlm.formats.loading import EMBEDDED, resolve
@@ -57,20 +56,19 @@ def serve(
     name = served_model_name or (model.lower() if model.lower() in EMBEDDED else Path(model).resolve().name)
 
     def load():
+        # lazy: torch and the engine, on the server's engine thread
         import torch
 
         import memlm
+        from memlm.cache.importance import check_predictor, load_predictor
+        from memlm.latent.memory import LatentMemory
 
         if threads:
             torch.set_num_threads(threads)
         engine = memlm.load(model, dtype=dtype)
-        from memlm.latent.memory import LatentMemory
-
         loaded = {key: LatentMemory.load(folder, engine) for key, folder in memories.items()}
         predictor = None
         if kv_predictor is not None:
-            from memlm.cache.importance import check_predictor, load_predictor
-
             predictor, config = load_predictor(kv_predictor)
             check_predictor(kv_predictor, config, engine.config, model)
         return engine, loaded, predictor

@@ -1,0 +1,245 @@
+"""`memlm bench ...`: benchmarks that print a table and write JSON (decode, serve, moe, kv, memgen, prune)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from memlm.cli.options import (
+    ALL_POLICIES,
+    DEFAULT_MODEL,
+    BatchSizeOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    TaskOpt,
+    int_list,
+)
+from memlm.data.tasks import get_task
+from memlm.errors import MemlmError
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON.")
+
+
+@bench_app.command("decode")
+def bench_decode(
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per sequence.")] = 64,
+    threads: Annotated[int, typer.Option(help="torch threads for each engine.")] = 2,
+    dtype: Annotated[
+        str,
+        typer.Option(help="memlm weights, comma-separated: float32, bfloat16, int8, q4_0, q4_1, q8_0 (:q8_0 = int8 "
+                     "activation blocks, e.g. q4_1:q8_0)."),
+    ] = "int8",
+    json_path: JsonOpt = None,
+    quality: Annotated[
+        bool, typer.Option("--quality/--no-quality", help="Report each dtype's quality against float32.")
+    ] = True,
+    against: Annotated[
+        str, typer.Option(help="Reference engines, comma-separated: hf (transformers fp32), llama.cpp (same GGUF).")
+    ] = "hf",
+    plot: Annotated[str | None, typer.Option(help="Write a PNG of decode tok/s per engine and batch here.")] = None,
+):
+    """memlm vs Hugging Face transformers (and llama.cpp): prefill and decode tok/s, peak RSS, quality."""
+    sizes = tuple(int_list(batch_sizes, "--batch-sizes"))
+    if new_tokens < 2 or threads < 1:
+        raise MemlmError("batch sizes and threads must be >= 1, new tokens >= 2")
+    from memlm.bench.decode import run_decode_bench  # lazy: torch and the engines
+
+    run_decode_bench(
+        model=model,
+        batch_sizes=sizes,
+        new_tokens=new_tokens,
+        threads=threads,
+        dtype=dtype,
+        json_path=json_path,
+        quality=quality,
+        against=tuple(against.split(",")),
+        plot_path=plot,
+    )
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    clients: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients.")] = "1,4,16,64",
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every request.")] = 64,
+    threads: Annotated[int, typer.Option(help="torch threads of the server.")] = 2,
+    dtype: DtypeOpt = "float32",
+    memory: Annotated[str | None, typer.Option(help="A latent memory folder: some requests use it.")] = None,
+    json_path: JsonOpt = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
+    seconds: Annotated[float, typer.Option(help="Each level: clients send requests back to back this long.")] = 60.0,
+    workload: Annotated[
+        str, typer.Option(help="mixed: sampling, KV policies and --memory mixed in; plain: greedy requests only.")
+    ] = "mixed",
+):
+    """Concurrent streaming clients (openai client) against memlm serve on loopback: throughput, TTFT,
+    latency against one-at-a-time, and a check that no answer is lost, duplicated or crossed."""
+    levels = tuple(int_list(clients, "--clients"))
+    if max_tokens < 1 or threads < 1 or not 1 <= seconds <= 600:
+        raise MemlmError("--max-tokens and --threads must be >= 1, --seconds in 1..600")
+    if workload not in ("mixed", "plain"):
+        raise MemlmError(f"--workload is mixed or plain, not {workload!r}")
+    if max(levels) > 256:
+        raise MemlmError("--clients: at most 256 concurrent clients (the benchmark is bounded)")
+    from memlm.bench.serve import run_serve_bench  # lazy: the server and its clients
+
+    run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot, seconds, workload)
+
+
+@bench_app.command("moe")
+def bench_moe(
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed runs per cell (the median is reported).")] = 20,
+    json_path: JsonOpt = None,
+):
+    """MoE dispatch: grouped (sort + offsets) and gathered (bmm) against the per-expert loop."""
+    if threads < 1 or repeats < 1:
+        raise MemlmError("--threads and --repeats must be >= 1")
+    from memlm.bench.moe import run_moe_bench  # lazy: torch
+
+    run_moe_bench(threads, repeats, json_path)
+
+
+@bench_app.command("kv")
+def bench_kv(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: TaskOpt = "chain_sum",
+    budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (tokens per sequence).")] = "96,112,128,160",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = ",".join(ALL_POLICIES),
+    predictor: Annotated[
+        str | None,
+        typer.Option(help="Importance predictor folder for learned; comma-separated: one learned:<label> row each."),
+    ] = None,
+    window: Annotated[int | None, typer.Option(help="learned: recent tokens always kept (default 8).")] = None,
+    ratio: Annotated[
+        float | None, typer.Option(help="learned: share of older tokens an eviction keeps (default 0.5).")
+    ] = None,
+    rescore: Annotated[
+        float | None,
+        typer.Option(help="learned: share of kept older tokens chosen by the newest query's attention (default 0)."),
+    ] = None,
+    evict_prompt: Annotated[
+        bool | None,
+        typer.Option(
+            "--evict-prompt/--keep-prompt",
+            help="learned: let prompt tokens compete on their score, or keep them all (default: as each "
+            "predictor was trained, --prompt or not).",
+            show_default=False,
+        ),
+    ] = None,
+    spans: Annotated[
+        str,
+        typer.Option(
+            help="h2o, tova, learned keep numbers whole: off, on, both (a +spans row beside each), "
+            "or a comma-separated list of those policies that get a +spans row."
+        ),
+    ] = "off",
+    n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
+    split: Annotated[str, typer.Option(help="Held-out split: val (to choose settings) or test (to report).")] = "test",
+    probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
+    batch_size: BatchSizeOpt = 16,
+    max_new_tokens: MaxTokensOpt = None,
+    dtype: DtypeOpt = "float32",
+    json_path: JsonOpt = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG of accuracy vs budget here.")] = None,
+):
+    """Accuracy, peak KV bytes and decode tok/s for each (policy, budget), plus a retrieval probe."""
+    sizes = int_list(budgets, "--budgets")
+    if n < 1 or batch_size < 1 or probe_n < 0:
+        raise MemlmError("--n and --batch-size must be >= 1, --probe-n >= 0")
+    from memlm.bench.kv import run_kv_bench  # lazy: torch and the engine
+
+    run_kv_bench(
+        model,
+        task,
+        sizes,
+        [p.strip() for p in policies.split(",") if p.strip()],
+        n,
+        predictor=predictor,
+        json_path=json_path,
+        plot_path=plot,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        probe_n=probe_n,
+        dtype=dtype,
+        window=window,
+        ratio=ratio,
+        rescore=rescore,
+        evict_prompt=evict_prompt,
+        split=split,
+        spans=spans,
+    )
+
+
+@bench_app.command("memgen")
+def bench_memgen(
+    model: ModelOpt = DEFAULT_MODEL,
+    task: TaskOpt = "chain_sum",
+    n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
+    lora_sft: Annotated[str | None, typer.Option(help="LoRA-SFT adapter folder (`memlm train sft`).")] = None,
+    weaver: Annotated[str | None, typer.Option(help="Weaver memory folder (`memlm train weaver`).")] = None,
+    weaver_trigger: Annotated[
+        str | None, typer.Option(help="Weaver + learned trigger memory folder (`memlm train trigger`).")
+    ] = None,
+    batch_size: BatchSizeOpt = 16,
+    speed_tokens: Annotated[
+        int, typer.Option(help="Also time answers forced to this many new tokens, batched and one by one (0 = skip).")
+    ] = 128,
+    retain_task: Annotated[
+        str | None, typer.Option(help="Forgetting: also score this task, one the reasoner could already do.")
+    ] = None,
+    text: Annotated[
+        str | None, typer.Option(help="Forgetting: perplexity on this text (gensim:enwiki, gensim:lee or a file).")
+    ] = None,
+    text_windows: Annotated[int, typer.Option(help="Windows of 256 tokens of --text.")] = 16,
+    json_path: JsonOpt = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG here.")] = None,
+):
+    """Vanilla vs LoRA-SFT vs MemGen weaver vs weaver + learned trigger: accuracy, insertions, speed,
+    and with --retain-task / --text what each keeps of what the reasoner could already do."""
+    from memlm.bench.memgen import run_memgen_bench  # lazy: torch and the engine
+
+    get_task(task)
+    if retain_task:
+        get_task(retain_task)
+    if n < 1 or batch_size < 1 or speed_tokens < 0 or text_windows < 1:
+        raise MemlmError("--n, --batch-size and --text-windows must be >= 1, --speed-tokens >= 0")
+    run_memgen_bench(
+        model,
+        task,
+        n,
+        lora_sft,
+        weaver,
+        weaver_trigger,
+        json_path,
+        plot,
+        batch_size,
+        speed_tokens=speed_tokens,
+        retain_task=retain_task,
+        text=text,
+        text_windows=text_windows,
+    )
+
+
+@bench_app.command("prune")
+def bench_prune(
+    model: ModelOpt = DEFAULT_MODEL,
+    amounts: Annotated[str, typer.Option(help="Comma-separated percentages to remove.")] = "10,25,40",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    json_path: JsonOpt = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
+    heal_steps: Annotated[int, typer.Option(help="Also heal the measured layer-pruned models this many steps.")] = 0,
+):
+    """Each method at each amount, measured criterion vs random: parameters, held-out perplexity, decode tok/s."""
+    from memlm.bench.prune import run_prune_bench  # lazy: torch
+
+    percents = int_list(amounts, "--amounts")
+    if max(percents) >= 100 or threads < 1 or heal_steps < 0:
+        raise MemlmError("--amounts are percentages below 100; --threads >= 1; --heal-steps >= 0")
+    run_prune_bench(model, tuple(p / 100 for p in percents), threads=threads, json_path=json_path, plot_path=plot,
+                    heal_steps=heal_steps)

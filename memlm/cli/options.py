@@ -1,0 +1,205 @@
+"""What the command modules share: option types (each defined once), and the helpers behind them:
+integer lists, --out checked first, the engine, sampling parameters, a latent memory, the KV-policy
+group (-> a PolicySpec) and the training-loop group (-> a trainer's config with its TrainConfig).
+
+Nothing here imports torch: `memlm --help` stays fast. What needs it is imported inside the helper
+that runs it, when a command runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Annotated
+
+import typer
+
+from memlm.atomic import ensure_dir
+from memlm.errors import MemlmError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+ALL_POLICIES = ("full", "window", "clear", "sinks", "h2o", "tova", "learned")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name or path (HF folder or .gguf).")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Weights: float32, bfloat16, int8 (dynamic int8 linears), or GGUF blocks q4_0, q4_1, q8_0 "
+        "(native kernels; a GGUF file's own blocks are used as they are). Add :q8_0 (e.g. q4_1:q8_0) to "
+        "quantize activations per block like llama.cpp: faster, not exact."
+    ),
+]
+TaskOpt = Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")]
+JsonOpt = Annotated[str | None, typer.Option("--json", help="Write results here.")]
+MemoryOpt = Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")]
+TriggerOpt = Annotated[
+    str | None, typer.Option(help="Override the memory's trigger: always, never, or learned (if it has one).")
+]
+DataOpt = Annotated[str, typer.Option("--data", help="Packed token data folder (from `memlm data pack`).")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Requests decoded together.")]
+MaxTokensOpt = Annotated[
+    int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 512).")
+]
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """"1,8,16" -> [1, 8, 16]: positive integers, or a one-line error naming `option`."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MemlmError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise MemlmError(f"{option} needs positive integers")
+    return values
+
+
+def check_out(out: str) -> None:
+    """Check --out before any work: required, and a folder that can be created and written."""
+    if not out:
+        raise MemlmError("--out is required")
+    ensure_dir(out)
+
+
+def load_engine(model: str, dtype: str):
+    import memlm  # lazy: the engine loads torch
+
+    return memlm.load(model, dtype=dtype)
+
+
+def load_memory(folder: str | None, engine, trigger: str | None = None):
+    """--memory DIR (with --trigger) on `engine`, or None."""
+    if folder is None:
+        if trigger is not None:
+            raise MemlmError("--trigger needs --memory DIR")
+        return None
+    from memlm.latent.memory import LatentMemory  # lazy: torch
+
+    return LatentMemory.load(folder, engine, trigger=trigger)
+
+
+# ---- sampling (memlm generate; chat names the same options without help) -----------------------
+
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy.")]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")]
+MinPOpt = Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability.")]
+RepetitionPenaltyOpt = Annotated[float, typer.Option(help="> 1 discourages repeats.")]
+StopOpt = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+SeedSamplingOpt = Annotated[int | None, typer.Option(help="Seed for sampling.")]
+
+
+def sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed):
+    from memlm.generation.params import SamplingParams  # lazy: the generation package loads torch
+
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=list(stop or []),
+        seed=seed,
+    )
+
+
+# ---- the KV-policy group (memlm generate) -----------------------------------------------------
+
+KvPolicyOpt = Annotated[str, typer.Option(help="KV-cache eviction: full, window, clear, sinks, h2o, tova, learned.")]
+KvBudgetOpt = Annotated[int | None, typer.Option(help="Most tokens the KV cache keeps (with --kv-policy).")]
+KvPredictorOpt = Annotated[str | None, typer.Option(help="Importance predictor folder for --kv-policy learned.")]
+KvWindowOpt = Annotated[
+    int | None, typer.Option(help="--kv-policy learned: the most recent tokens always kept (default 8).")
+]
+KvRatioOpt = Annotated[
+    float | None,
+    typer.Option(help="--kv-policy learned: share of older tokens an eviction keeps, in (0, 1] (default 0.5)."),
+]
+KvRescoreOpt = Annotated[
+    float | None,
+    typer.Option(help="--kv-policy learned: share of kept older tokens chosen by current attention (default 0)."),
+]
+KvSpansOpt = Annotated[
+    bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, learned: keep or drop numbers whole.")
+]
+KvEvictPromptOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--kv-evict-prompt/--kv-keep-prompt",
+        help="--kv-policy learned: let prompt tokens compete on their score, or keep them all "
+        "(default: as the predictor was trained, --prompt or not).",
+        show_default=False,
+    ),
+]
+
+
+def policy_spec(policy, budget, predictor, window, ratio, rescore, evict_prompt, spans):
+    """The --kv-* group -> a PolicySpec, checked (names, budgets, which options go with which policy)."""
+    from memlm.cache.spec import PolicySpec  # lazy: the policies load torch
+
+    return PolicySpec(
+        name=policy,
+        budget=budget,
+        predictor=predictor,
+        window=window,
+        ratio=ratio,
+        rescore=rescore,
+        evict_prompt=evict_prompt,
+        spans=spans,
+    )
+
+
+def load_kv_predictor(spec) -> tuple:
+    """A learned spec's predictor, loaded from its folder: (predictor, its config), else (None, None).
+    Check it against the model with `check_kv_predictor` once the model is loaded."""
+    if spec.name != "learned":
+        return None, None
+    from memlm.cache.importance import load_predictor  # lazy: torch
+
+    return load_predictor(spec.predictor)
+
+
+def check_kv_predictor(spec, config: dict | None, engine, model: str) -> None:
+    if config is not None:
+        from memlm.cache.importance import check_predictor  # lazy: torch
+
+        check_predictor(spec.predictor, config, engine.config, model)
+
+
+# ---- the training-loop group (memlm train ...) -------------------------------------------------
+# Every trainer takes --out, --steps, --lr, --save-every, --resume (some --grad-accum, --seed); their
+# values become the trainer's TrainConfig (`trainer_config`). The defaults are each command's own.
+
+StepsOpt = Annotated[int, typer.Option(help="Optimizer steps.")]
+StageStepsOpt = Annotated[int, typer.Option(help="Optimizer steps of this stage.")]
+LrOpt = Annotated[float, typer.Option(help="Peak learning rate.")]
+SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
+SaveEveryBpbOpt = Annotated[int, typer.Option(help="Checkpoint (and held-out bits/byte) every N steps.")]
+GradAccumOpt = Annotated[int, typer.Option(help="Micro-batches per step.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the initialisation and the data order.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")]
+
+# a command's argument -> the TrainConfig field it sets
+LOOP_OPTIONS = {
+    "out": "out_dir",
+    "steps": "steps",
+    "lr": "lr",
+    "save_every": "save_every",
+    "grad_accum": "grad_accum",
+    "seed": "seed",
+    "resume": "resume",
+}
+
+
+def pick(cls, args: dict) -> dict:
+    """The arguments named like the fields of dataclass `cls`."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in args.items() if k in names}
+
+
+def trainer_config(cls, args: dict, **given):
+    """A trainer's config from a command's arguments (`dict(locals())`, taken first thing): the
+    training-loop group becomes its `train` (`cls.of` adds that trainer's own loop defaults), the
+    arguments named like its fields fill them, and `given` adds the rest (renamed or built)."""
+    loop = {field: args[name] for name, field in LOOP_OPTIONS.items() if name in args}
+    return cls.of(**(pick(cls, args) | loop | given))
