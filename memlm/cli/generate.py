@@ -74,8 +74,8 @@ def generate(
     ] = False,
 ):
     """Complete one prompt and print the result."""
+    spec = policy_spec(**{name: value for name, value in locals().items() if name.startswith("kv_")})
     params = sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
-    spec = policy_spec(kv_policy, kv_budget, kv_predictor, kv_window, kv_ratio, kv_rescore, kv_evict_prompt, kv_spans)
     predictor, predictor_config = load_kv_predictor(spec)
     policy = spec.build(predictor)  # bad names and budgets fail before the model loads
     if show_insertions and memory is None:

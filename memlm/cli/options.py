@@ -133,20 +133,12 @@ KvEvictPromptOpt = Annotated[
 ]
 
 
-def policy_spec(policy, budget, predictor, window, ratio, rescore, evict_prompt, spans):
-    """The --kv-* group -> a PolicySpec, checked (names, budgets, which options go with which policy)."""
+def policy_spec(**kv):
+    """The --kv-* group (a command's `kv_<option>` parameters, passed by name) -> a PolicySpec, checked
+    (names, budgets, which options go with which policy). A new spec field needs only its flag."""
     from memlm.cache.spec import PolicySpec  # lazy: the policies load torch
 
-    return PolicySpec(
-        name=policy,
-        budget=budget,
-        predictor=predictor,
-        window=window,
-        ratio=ratio,
-        rescore=rescore,
-        evict_prompt=evict_prompt,
-        spans=spans,
-    )
+    return PolicySpec(name=kv.pop("kv_policy"), **{name.removeprefix("kv_"): value for name, value in kv.items()})
 
 
 def load_kv_predictor(spec) -> tuple:

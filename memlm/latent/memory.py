@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from memlm.adapters.lora import lora_layers
 from memlm.atomic import atomic_write
@@ -110,8 +112,6 @@ class LatentMemory:
 
     def save(self, folder: str | Path, dtype: torch.dtype | None = torch.bfloat16) -> Path:
         """Write the checkpoint folder; floating tensors in `dtype` (bf16 halves it, like adapters)."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -125,9 +125,6 @@ class LatentMemory:
     def load(cls, folder: str | Path, engine, check_name: bool = True, trigger: str | None = None) -> LatentMemory:
         """Load a checkpoint onto `engine`'s model. `trigger` overrides the saved trigger: a folder
         with a learned trigger can also run `always` or `never` (one folder serves both variants)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():
             raise ModelFormatError(f"{folder} is not a latent memory checkpoint (no {CONFIG_FILE})")
