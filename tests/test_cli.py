@@ -26,6 +26,8 @@ def run(cli, *args, stdin=None):
         (["generate", "hi", "--dtype", "float32:q8_0"], "needs a quantized dtype"),
         (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "64", "--kv-window", "4"], "options of --kv-policy"),
         (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "64", "--kv-spans"], "option of --kv-policy h2o"),
+        (["generate", "hi", "--kv-policy", "clear", "--kv-budget", "8", "--kv-sinks", "2"], "of --kv-policy sinks"),
+        (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "2", "--kv-sinks", "2"], "larger than the 2 sink"),
         (["generate", "hi", "--kv-policy", "tova", "--kv-budget", "64", "--kv-evict-prompt"], "options of --kv-policy"),
         (["train", "weaver", "--out", "/tmp/x", "--delimiter", ""], "--delimiter must not be empty"),
         (["bench", "decode", "--batch-sizes", "1,x"], "batch-sizes"),

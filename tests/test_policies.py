@@ -118,6 +118,7 @@ def test_policy_classes_are_exported_by_name():
         (dict(name="tova", budget=64, evict_prompt=False), "options of --kv-policy learned"),
         (dict(name="window", budget=64, spans=True), "--kv-spans is an option of --kv-policy h2o, tova, learned"),
         (dict(name="learned", budget=64), "needs --kv-predictor"),
+        (dict(name="window", budget=64, sinks=2), "--kv-sinks is an option of --kv-policy sinks"),
     ],
 )
 def test_policy_spec_checks_every_option_once(options, message):
@@ -130,6 +131,8 @@ def test_policy_spec_builds_the_policy_its_options_name():
     policy = PolicySpec.from_options("tova", 24, {"spans": True}).build()
     assert isinstance(policy, POLICIES["tova"]) and policy.budget == 24 and policy.spans
     assert not PolicySpec("h2o", 24).build().spans
+    assert PolicySpec.from_options("sinks", 24, {"sinks": 2}).build().sinks == 2
+    assert PolicySpec("sinks", 24).build().sinks == 4  # the policy's own default
     with pytest.raises(InvalidRequestError, match="unknown KV policy option 'depth'"):
         PolicySpec.from_options("tova", 24, {"depth": 3})
 

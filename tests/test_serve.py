@@ -287,6 +287,8 @@ def _post(server, path, body, headers=None, raw=None):
         ({"messages": _chat("x"), "kv_policy": "tova", "kv_budget": 8, "kv_options": {"predictor": "/etc"}}, 400,
          "chosen at start"),
         ({"messages": _chat("x"), "kv_options": {"spans": True}}, 400, "kv_policy"),
+        ({"messages": _chat("x"), "kv_policy": "window", "kv_budget": 8, "kv_options": {"sinks": 2}}, 400,
+         "--kv-sinks is an option of --kv-policy sinks"),
         ({"messages": _chat("x"), "response_format": {"type": "json_schema",
                                                       "json_schema": {"schema": {"type": "nonsense"}}}}, 400, "schema"),
         ({"messages": _chat("x"), "response_format": {"type": "yaml"}}, 400, "response_format"),

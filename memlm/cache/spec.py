@@ -20,6 +20,7 @@ from memlm.errors import InvalidRequestError
 OPTION_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("window", "ratio", "rescore", "evict_prompt"), ("learned",)),
     (("spans",), SPAN_POLICIES),
+    (("sinks",), ("sinks",)),
 )
 
 
@@ -33,6 +34,7 @@ class PolicySpec:
     rescore: float | None = None  # learned: share of kept older tokens chosen by current attention (default 0)
     evict_prompt: bool | None = None  # learned: prompt tokens compete on their score (default: as trained)
     spans: bool = False  # h2o, tova, learned: keep or drop numbers whole
+    sinks: int | None = None  # sinks: the first tokens always kept, attention sinks (default 4)
 
     def __post_init__(self):
         """Everything that can be checked without loading anything: names, budgets, which options go

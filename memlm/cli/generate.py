@@ -17,6 +17,7 @@ from memlm.cli.options import (
     KvPredictorOpt,
     KvRatioOpt,
     KvRescoreOpt,
+    KvSinksOpt,
     KvSpansOpt,
     KvWindowOpt,
     MaxNewTokensOpt,
@@ -64,6 +65,7 @@ def generate(
     kv_rescore: KvRescoreOpt = None,
     kv_spans: KvSpansOpt = False,
     kv_evict_prompt: KvEvictPromptOpt = None,
+    kv_sinks: KvSinksOpt = None,
     memory: MemoryOpt = None,
     trigger: TriggerOpt = None,
     show_insertions: Annotated[

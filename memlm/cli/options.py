@@ -122,6 +122,9 @@ KvRescoreOpt = Annotated[
 KvSpansOpt = Annotated[
     bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, learned: keep or drop numbers whole.")
 ]
+KvSinksOpt = Annotated[
+    int | None, typer.Option(help="--kv-policy sinks: the first tokens always kept (attention sinks; default 4).")
+]
 KvEvictPromptOpt = Annotated[
     bool | None,
     typer.Option(
