@@ -30,7 +30,7 @@ What the weaver writes is its `output`:
   of the newline's embedding and LoRA's B starts at 0, so step 0 writes exactly the keys and
   values of newlines (nearly harmless, see `anchor`) while LoRA already has a route to the loss.
 
-Two more choices decide how fast it learns (measured in bench/README.md, "the weaver sweep"):
+Two more choices decide how fast it learns (measured in bench/NOTEBOOK.md, "the weaver sweep"):
 
 * `depth`: a truncated weaver runs only the reasoner's first `depth` layers (LoRA on those only),
   cheaper per insertion and per training step.
