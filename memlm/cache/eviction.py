@@ -41,7 +41,7 @@ def kv_record(request) -> KVRecord | None:
 class ImportanceHook:
     """DynTS: the learned importance of each token written, from its final hidden state."""
 
-    key, phase = "importance", "predictor"
+    phase = "predictor"
 
     def join(self, rows, state) -> None:
         pass
@@ -72,7 +72,7 @@ class ImportanceHook:
 class EvictionHook:
     """Each row under its policy's budget after every forward; peaks and evictions on the record."""
 
-    key, phase = KEY, "eviction"
+    phase = "eviction"
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -91,15 +91,14 @@ class EvictionHook:
             r.records[KEY] = KVRecord()
 
     def after_forward(self, rows, state, hidden, steps) -> None:
-        lengths = state.lengths.tolist()
-        for row, (r, length) in enumerate(zip(rows, lengths, strict=True)):
+        lengths = state.lengths.tolist()  # one host sync; what eviction drops is subtracted, not re-read
+        for row, (r, length, step) in enumerate(zip(rows, lengths, steps, strict=True)):
             record: KVRecord = r.records[KEY]
             record.peak_kv_tokens = max(record.peak_kv_tokens, length)
             policy = r.kv_policy
             if policy is not None and length > policy.budget:
-                steps[row].evicted = self._evict(state, row, length, r, record)
-        for step, length in zip(steps, state.lengths.tolist(), strict=True):
-            step.kv_tokens = length
+                step.evicted = self._evict(state, row, length, r, record)
+            step.kv_tokens = length - len(step.evicted)
 
     def _evict(self, cache, row: int, length: int, r, record: KVRecord) -> list[int]:
         view = RowView(

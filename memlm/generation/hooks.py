@@ -15,7 +15,7 @@ requests, in the order of the state's rows) and the state itself, never the engi
 Hooks come from where the memory lives: a state brings its own (`ModelState.row_hooks`: a KV cache
 its eviction, the LCM's state its halts and traces) and a request's `memory` option brings one
 (`RowMemory.row_hook`: latent memory), shared by every request using that memory. What a hook
-keeps about a request is its own record in `request.records[hook.key]`; a record may add fields to
+keeps about a request is its own record in `request.records` (under its module's KEY); a record may add fields to
 the request's Completion (`completion_fields`). The engine names no memory.
 """
 
@@ -62,7 +62,6 @@ class RowHook(Protocol):
     """One memory's part in the step. A structural protocol: the cache and the LCM, which sit below
     this package, implement it without importing it."""
 
-    key: str  # where its records live in `request.records`
     phase: str  # the timing phase its after_forward counts in (Engine.timings)
 
     def join(self, rows: Rows, state: ModelState) -> None: ...

@@ -43,7 +43,7 @@ def latent_record(request) -> LatentRecord | None:
 
 
 class LatentHook:
-    key, phase = KEY, "latent"
+    phase = "latent"
 
     def __init__(self, memory):
         self.memory = memory

@@ -20,7 +20,7 @@ class LCMRecord:
 
 
 class HaltHook:
-    key, phase = KEY, "memory"
+    phase = "memory"
 
     def join(self, rows, state) -> None:
         for r in rows:
