@@ -1,7 +1,11 @@
-"""A preallocated KV cache for a batch of sequences of different lengths.
+"""The KV cache of a batch of sequences of different lengths.
 
-Layout: keys and values are one tensor each, [layers, batch, kv_heads, capacity, head_dim]. Each
-row (sequence) fills its slots from 0 to `lengths[row]`; slot order is time order. Keys are stored
+Each row (sequence) fills its slots from 0 to `lengths[row]`; slot order is time order. Where the
+keys and values live is the store's business (kv_store.py): one contiguous tensor per batch
+(`ContiguousStore`, [layers, batch, kv_heads, capacity, width]), or blocks of an engine-wide pool
+through a block table per row (`PagedStore`, blocks.py), in fp32, bf16 or ggml's q8_0/q4_0 blocks
+(kv_format.py), keys optionally rotated. This class keeps what every store shares: the lengths,
+the slot bookkeeping that moves with the slots, and the forward-pass protocol. Keys are stored
 *after* RoPE, and `positions[row, slot]` remembers the position each slot was rotated with, so
 evicting tokens is only "keep these slots" (`compact`): no re-rotation, no re-prefill, and the
 remaining tokens keep attending exactly as before.
@@ -18,7 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from memlm.cache.blocks import BlockPool
 from memlm.cache.eviction import EvictionHook, ImportanceHook
+from memlm.cache.kv_format import kv_format, rotate, stored_as
+from memlm.cache.kv_store import ContiguousStore, NativeKV, PagedStore
+from memlm.cache.prefix import BlockHook
 
 
 @dataclass(slots=True)
@@ -27,6 +35,7 @@ class _Step:
     slots: torch.Tensor  # [B, T] slot each new token is written to
     width: int  # number of slots attention looks at: max(lengths) + T
     real: torch.Tensor  # [B] number of non-padding tokens in the chunk
+    is_real: torch.Tensor  # [B, T] bool: not padding
 
 
 class KVCache:
@@ -43,14 +52,21 @@ class KVCache:
         device: torch.device | str = "cpu",
         track_attention: bool = False,
         track_importance: bool = False,
+        kv_type: str | None = None,
+        rotate_keys: bool = False,
+        pool: BlockPool | None = None,
     ):
-        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
-        # Keys and values live in buffers that may hold more rows than the batch uses (`k` and `v`
-        # are views of the first `_rows`): requests joining a running batch are written into spare
-        # rows, and leaving ones are closed up by moving only the rows after them.
-        self._k = torch.zeros(shape, dtype=dtype, device=device)
-        self._v = torch.zeros(shape, dtype=dtype, device=device)
-        self._rows = batch_size
+        """A contiguous cache in `dtype` (or `kv_type`), or, given a pool, rows of its blocks (the
+        pool's format and rotation then apply)."""
+        if pool is not None:
+            self.store: ContiguousStore | PagedStore = PagedStore(pool, batch_size)
+            self.format, self.rotate_keys = pool.format, pool.rotate
+        else:
+            self.format = kv_format(kv_type, head_dim) if kv_type else stored_as(dtype)
+            self.store = ContiguousStore(num_layers, batch_size, num_kv_heads, head_dim, capacity, self.format, device)
+            self.rotate_keys = rotate_keys
+        self.compute_dtype = dtype  # what attention reads: the model's dtype
+        self._capacity = capacity
         self.positions = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         # Attention statistics for eviction policies, per slot, averaged over heads and layers:
@@ -75,6 +91,9 @@ class KVCache:
         device="cpu",
         track_attention=False,
         track_importance=False,
+        pool: BlockPool | None = None,
+        kv_type: str | None = None,
+        rotate_keys: bool = False,
     ) -> KVCache:
         return cls(
             config.num_layers,
@@ -86,6 +105,9 @@ class KVCache:
             device,
             track_attention,
             track_importance,
+            kv_type,
+            rotate_keys,
+            pool,
         )
 
     def _per_slot(self) -> list[tuple[str, int]]:
@@ -98,46 +120,45 @@ class KVCache:
     # ---- shape -------------------------------------------------------------------------------
 
     @property
+    def paged(self) -> bool:
+        return self.store.paged
+
+    @property
     def k(self) -> torch.Tensor:
-        """[layers, batch, kv_heads, capacity, head_dim]"""
-        return self._k[:, : self._rows]
+        """The contiguous store's keys [layers, batch, kv_heads, capacity, width] (stored form)."""
+        return self.store.k
 
     @property
     def v(self) -> torch.Tensor:
-        return self._v[:, : self._rows]
+        return self.store.v
 
     @property
     def batch_size(self) -> int:
-        return self._rows
+        return self.lengths.shape[0]
 
     @property
     def capacity(self) -> int:
-        return self._k.shape[3]
+        """Slots each row may use before the bookkeeping grows (the store may hold fewer)."""
+        return self._capacity
 
     @property
     def bytes_per_token(self) -> int:
-        num_layers, _, heads, _, head_dim = self.k.shape
-        return 2 * num_layers * heads * head_dim * self.k.element_size()
+        if self.paged:
+            return int(self.store.pool.bytes_per_token)
+        k = self.store.k
+        return 2 * self.num_layers * k.shape[2] * k.shape[4] * k.element_size()
 
     def bytes_in_use(self) -> int:
         """Bytes of keys and values held by live tokens across the batch."""
         return int(self.lengths.sum()) * self.bytes_per_token
 
     def bytes_allocated(self) -> int:
-        return self._k.numel() * self._k.element_size() * 2
+        return self.store.bytes_allocated()
 
     def ensure_capacity(self, needed: int) -> None:
-        """Grow the preallocated buffers (doubling) so every row can hold `needed` slots."""
-        if needed > self.capacity:
-            self._grow_to(max(needed, 2 * self.capacity))
-
-    def _grow_to(self, new_capacity: int) -> None:
-        grow = new_capacity - self.capacity
-        pad = (0, 0, 0, grow)  # last dim untouched, capacity dim grown
-        self._k = torch.nn.functional.pad(self._k, pad)
-        self._v = torch.nn.functional.pad(self._v, pad)
-        for name, empty in self._per_slot():
-            setattr(self, name, torch.nn.functional.pad(getattr(self, name), (0, grow), value=empty))
+        """Grow the per-slot bookkeeping (doubling) so every row can hold `needed` slots."""
+        if needed > self._capacity:
+            self._grow_exactly(max(needed, 2 * self._capacity))
 
     # ---- one forward pass --------------------------------------------------------------------
 
@@ -146,29 +167,41 @@ class KVCache:
         when nothing needs masking (attention kernels are much faster without a mask).
 
         `positions` is [B, T]; a negative position marks right-padding (the row has fewer new
-        tokens than the longest row). Padding is written to slots past the row's length and is
-        overwritten later, so it is never attended to by real tokens.
+        tokens than the longest row). Padding is written to slots past the row's length (a paged
+        store sends it to its scratch block), so it is never attended to by real tokens.
         """
         batch, chunk = positions.shape
         steps = torch.arange(chunk, device=positions.device)
         slots = self.lengths[:, None] + steps  # [B, T]
         width = int(self.lengths.max()) + chunk
+        is_real = positions >= 0
+        real = is_real.sum(1)
         self.ensure_capacity(width)
+        self.store.reserve(self.lengths + (real if self.paged else chunk))
         rows = torch.arange(batch, device=positions.device)[:, None].expand(batch, chunk)
         self.positions[rows, slots] = positions
-        self._step = _Step(rows=rows, slots=slots, width=width, real=(positions >= 0).sum(1))
+        self._step = _Step(rows=rows, slots=slots, width=width, real=real, is_real=is_real)
         if chunk == 1 and width == int(self.lengths.min()) + 1:
             return None  # one new token per row and equal lengths: every query sees every slot
         # A query at slot s sees every live slot <= s: its own row's history plus the chunk so far.
         keys = torch.arange(width, device=positions.device)
         return (keys[None, None, :] <= slots[:, :, None])[:, None]
 
+    def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [B, H, T, D] in the keys' basis: rotated as the stored keys are (scores unchanged)."""
+        return rotate(q) if self.rotate_keys else q
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a layer's new keys/values [B, H, T, D]; return its live keys/values [B, H, width, D]."""
+        """Write a layer's new keys/values [B, H, T, D]; return its live keys/values [B, H, width, D]
+        as attention reads them (decoded from the stored form)."""
         step = self._step
-        self.k[layer][step.rows, :, step.slots] = k.transpose(1, 2)
-        self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2)
-        return self.k[layer, :, :, : step.width], self.v[layer, :, :, : step.width]
+        if self.rotate_keys:
+            k = rotate(k)
+        fmt = self.format
+        k, v = fmt.encode(k.transpose(1, 2)), fmt.encode(v.transpose(1, 2))  # [B, T, H, width]
+        self.store.write(layer, step.rows, step.slots, step.is_real, k, v)
+        keys, values = self.store.read(layer, step.width)
+        return fmt.decode(keys, self.compute_dtype), fmt.decode(values, self.compute_dtype)
 
     def observe_attention(self, layer: int, weights: torch.Tensor) -> None:
         """Record one layer's attention weights [B, H, T, width] of the chunk being written."""
@@ -181,11 +214,11 @@ class KVCache:
             self.attention_last.zero_()
         self.attention_last[:, : step.width] += last
 
-    def write_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """(key buffer, value buffer, slots [B, T], width) of the chunk being written: for a native
-        decode step that writes its keys and values into the buffers itself instead of `update`."""
+    def native_target(self) -> tuple[NativeKV, torch.Tensor, int]:
+        """(the store's native view, slots [B, T], width) of the chunk being written: for a native
+        decode step that writes its keys and values into the store itself instead of `update`."""
         step = self._step
-        return self._k, self._v, step.slots, step.width
+        return self.store.native(), step.slots, step.width
 
     def observe_attention_total(self, received: torch.Tensor) -> None:
         """Record a one-token-per-row step's attention [B, width], already averaged over heads and
@@ -210,8 +243,7 @@ class KVCache:
         """Keep only the slots `keep` (ascending slot indices) of one row, packed to the front."""
         keep = keep.to(self.lengths.device)
         n = keep.numel()
-        self.k[:, row, :, :n] = self.k[:, row, :, keep]
-        self.v[:, row, :, :n] = self.v[:, row, :, keep]
+        self.store.compact(row, keep)
         for name, empty in self._per_slot():
             values = getattr(self, name)
             values[row, :n] = values[row, keep]
@@ -225,28 +257,28 @@ class KVCache:
         for name, empty in self._per_slot():
             getattr(self, name).masked_fill_(dead, empty)
         self.lengths = torch.minimum(self.lengths, lengths)
+        self.store.truncate(self.lengths)
 
     def extend(self, other: KVCache) -> None:
         """Append another cache's rows to this batch (requests joining a running batch)."""
-        capacity = max(self.capacity, other.capacity)
+        width = max(self.capacity, other.capacity)
         for cache in (self, other):
-            if cache.capacity < capacity:
-                cache._grow_to(capacity)
+            cache._grow_exactly(width)
         self.track(other.track_attention, other.track_importance)
         other.track(self.track_attention, self.track_importance)
-        rows, joining = self._rows, other.batch_size
-        if rows + joining > self._k.shape[1]:  # no spare rows left: double the buffers (amortised)
-            spare = max(rows + joining, 2 * self._k.shape[1]) - self._k.shape[1]
-            pad = (0, 0, 0, 0, 0, 0, 0, spare)  # the row dimension (dim 1) grows
-            self._k = torch.nn.functional.pad(self._k, pad)
-            self._v = torch.nn.functional.pad(self._v, pad)
-        self._k[:, rows : rows + joining] = other.k
-        self._v[:, rows : rows + joining] = other.v
-        self._rows = rows + joining
+        self.store.extend(other.store)
         for name, _ in self._per_slot():
             setattr(self, name, torch.cat((getattr(self, name), getattr(other, name))))
         self.lengths = torch.cat((self.lengths, other.lengths))
         self.last_step = None
+
+    def _grow_exactly(self, width: int) -> None:
+        grow = width - self._capacity
+        if grow <= 0:
+            return
+        for name, empty in self._per_slot():
+            setattr(self, name, torch.nn.functional.pad(getattr(self, name), (0, grow), value=empty))
+        self._capacity = width
 
     def track(self, attention: bool, importance: bool) -> None:
         """Start recording attention statistics / importance scores (from zero) if not yet."""
@@ -260,20 +292,17 @@ class KVCache:
             self.importance = torch.zeros(shape, device=device)
 
     def row_hooks(self, tokenizer, vocab_size: int) -> list:
-        """The cache's part in the decode loop: learned importance and eviction (memlm.cache.eviction)."""
-        return [ImportanceHook(), EvictionHook(tokenizer, vocab_size)]
+        """The cache's part in the decode loop: a paged cache's blocks (memlm.cache.prefix), learned
+        importance and eviction (memlm.cache.eviction)."""
+        hooks = [BlockHook(self.store.pool)] if self.paged else []
+        return hooks + [ImportanceHook(), EvictionHook(tokenizer, vocab_size)]
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
-        """Keep only these rows of the batch (e.g. drop finished sequences)."""
+        """Keep only these rows of the batch (e.g. drop finished sequences); a paged store releases
+        the blocks of the rows that leave."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         kept = rows.tolist()
-        # Rows before the first change stay where they are; only the ones after it move up.
-        first = next((i for i, row in enumerate(kept) if row != i), len(kept))
-        if first < len(kept):
-            moving = rows[first:]
-            self._k[:, first : len(kept)] = self._k.index_select(1, moving)
-            self._v[:, first : len(kept)] = self._v.index_select(1, moving)
-        self._rows = len(kept)
+        self.store.select_rows(kept, rows)
         for name, _ in self._per_slot():
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.lengths = self.lengths.index_select(0, rows)

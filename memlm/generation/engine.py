@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from memlm.cache.blocks import KVCacheConfig
 from memlm.cache.policies import FullPolicy, KVPolicy
+from memlm.cache.prefix import KVAdmission, slots_needed
 from memlm.cache.spec import PolicySpec
 from memlm.errors import InvalidRequestError
 from memlm.formats.loading import load_model
@@ -55,6 +57,7 @@ class Engine(BatchAPI):
         max_batch: int = 256,
         max_queue: int | None = None,
         max_prefill_tokens: int = 4096,
+        kv_cache: KVCacheConfig | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.name, self.source, self.dtype = name, source, dtype
@@ -63,6 +66,11 @@ class Engine(BatchAPI):
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.scheduler = Scheduler(max_batch, max_queue, max_prefill_tokens)
         self._batch: Batch | None = None
+        # The KV cache's storage: a block pool shared by every batch (paged), or per-batch tensors.
+        self.kv_cache = kv_cache or KVCacheConfig()
+        self.kv_pool = self.kv_cache.pool_for(model)
+        self._admission = KVAdmission(self.kv_pool) if self.kv_pool is not None else None
+        self._state_options = self._kv_state_options()
         self._structured = None
         self._ids = itertools.count()
         # Wall-clock per phase of decode steps (steps no request joins), summed: set to {} to record
@@ -70,9 +78,18 @@ class Engine(BatchAPI):
         self.timings: dict[str, float] | None = None
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: str = "float32", activations: str = "float32", **scheduling) -> Engine:
+    def load(cls, name_or_path: str, dtype: str = "float32", activations: str = "float32", **options) -> Engine:
+        """Load a model by name or path; `options`: scheduling limits and `kv_cache` (KVCacheConfig)."""
         m = load_model(name_or_path, dtype, activations)
-        return cls(m.model, m.tokenizer, m.name, m.source, m.dtype, m.num_parameters, **scheduling)
+        return cls(m.model, m.tokenizer, m.name, m.source, m.dtype, m.num_parameters, **options)
+
+    def _kv_state_options(self) -> dict:
+        """What `model.new_state` takes besides the batch: the pool, or a contiguous cache's type."""
+        if self.kv_pool is not None:
+            return {"pool": self.kv_pool}
+        if not self.model.supports_eviction:  # not a KV cache (the LCM's recurrent state)
+            return {}
+        return {"kv_type": self.kv_cache.kv_type, "rotate_keys": self.kv_cache.rotate}
 
     # ---- the step-wise API: continuous batching ------------------------------------------------------
 
@@ -116,7 +133,11 @@ class Engine(BatchAPI):
         return len(self.scheduler.waiting)
 
     def kv_usage(self) -> tuple[int, int]:
-        """(token slots in use, token slots allocated) over the running batch's KV cache (0, 0 without one)."""
+        """(token slots in use, token slots allocated) over the running batch's KV cache (0, 0 without
+        one); for a paged cache, (blocks held, blocks in the pool) in tokens."""
+        if self.kv_pool is not None:
+            pool = self.kv_pool
+            return pool.blocks_used * pool.block_size, pool.num_blocks * pool.block_size
         state = self._batch.state if self._batch is not None else None
         if state is None or not state.supports_eviction:  # a recurrent state holds no token slots
             return 0, 0
@@ -168,6 +189,8 @@ class Engine(BatchAPI):
         if memory is not None and not self.model.supports_eviction:
             raise InvalidRequestError("latent memory needs a Llama-family model (it inserts into a KV cache)")
         grammar = self.structured_output().constraint(p.response_format) if p.response_format else None
+        if self.kv_pool is not None:
+            self.kv_pool.check_fits(slots_needed(_Sizing(ids, p, policy, memory)))
         request = Request(
             request_id or f"req-{number}",
             number if index is None else index,
@@ -189,7 +212,7 @@ class Engine(BatchAPI):
     def step(self) -> list[StreamDelta]:
         """Admit waiting requests, feed every running row its chunk in one forward, sample one token per
         row. -> one StreamDelta per running request."""
-        joining = self.scheduler.admit()
+        joining = self.scheduler.admit(self._admission)
         if joining:
             self._join(joining)
         batch, rows = self._batch, self.scheduler.running
@@ -220,12 +243,13 @@ class Engine(BatchAPI):
         its prompt; each hook takes in the rows it serves."""
         policies = [r.kv_policy for r in joining if r.kv_policy is not None]
         extra = max((r.memory.extra_slots() for r in joining if r.memory is not None), default=0)
-        capacity = max(min(_slots_needed(r), len(r.prompt_ids) + _INITIAL_OUTPUT_SLOTS) for r in joining) + extra
+        capacity = max(min(slots_needed(r), len(r.prompt_ids) + _INITIAL_OUTPUT_SLOTS + extra) for r in joining)
         fresh = self.model.new_state(
             len(joining),
             capacity,
             any(p.needs_attention for p in policies),
             any(p.predictor is not None for p in policies),
+            **self._state_options,
         )
         batch = self._batch
         if batch is None:
@@ -304,7 +328,9 @@ class Engine(BatchAPI):
             return
         self.scheduler.running = [running[row] for row in keep]
         if not keep:
-            self._batch = None  # an idle engine holds no cache
+            if self.kv_pool is not None:
+                batch.state.select_rows([])  # the rows' blocks go back to the pool (published ones stay cached)
+            self._batch = None  # an idle engine holds no batch state
             return
         index = torch.tensor(keep, device=self.model.device)
         batch.state.select_rows(index)
@@ -339,9 +365,11 @@ def _record_logprobs(r: Request, logits: torch.Tensor, token: int) -> None:
         r.top_logprobs.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
-def _slots_needed(r: Request) -> int:
-    """Cache slots a request can occupy: all its tokens, or its budget plus the token being written."""
-    total = len(r.prompt_ids) + r.params.max_new_tokens
-    if r.kv_policy is None:
-        return total
-    return min(total, max(r.kv_policy.budget, len(r.prompt_ids)) + 1)
+@dataclass(slots=True)
+class _Sizing:
+    """A request's fields that size its cache, before the request exists (admission checks)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    kv_policy: KVPolicy | None
+    memory: RowMemory | None

@@ -29,6 +29,7 @@ class Completion:
     finish_reason: str  # "stop" (end token, stop string or stop token), "length", "halted" (LCM danger grid), "abort"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     peak_kv_tokens: int = 0  # KV cache: most tokens this sequence held at once
+    cached_tokens: int = 0  # paged KV cache: prompt tokens reused from the prefix cache, not computed
     logprobs: list[float] | None = None  # log p of each token (teacher forcing, or SamplingParams.logprobs)
     greedy_hits: list[bool] | None = None  # teacher forcing: was each given token the most likely one
     insertions: list[int] | None = None  # latent memory: inserted after this many output tokens (0 = the prompt)

@@ -2,13 +2,15 @@
 
 Each engine step first admits waiting requests into free rows of the running batch, as many as
 `max_batch` allows and with at most `max_prefill_tokens` prompt tokens between them (one long
-prompt is always admitted alone, so nothing waits forever), then decodes every running row once.
+prompt is always admitted alone, so nothing waits forever), and as the KV cache's admission rule
+allows (a paged cache: the blocks fit), then decodes every running row once.
 Finished and aborted requests leave at once, so their rows are free for the next step.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from memlm.errors import InvalidRequestError, QueueFullError
 from memlm.generation.request import Request
@@ -28,12 +30,16 @@ class Scheduler:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests); try again shortly")
         self.waiting.append(request)
 
-    def admit(self) -> list[Request]:
-        """Move the requests that join the batch at this step from waiting to running."""
+    def admit(self, admissible: Callable[[Request, list[Request]], bool] | None = None) -> list[Request]:
+        """Move the requests that join the batch at this step from waiting to running, in arrival
+        order; `admissible(request, joining)` may hold the next one back (e.g. its KV cache does not
+        fit yet), and then every later one waits too, so none is overtaken forever."""
         joining, tokens = [], 0
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             n = len(self.waiting[0].prompt_ids)
             if joining and tokens + n > self.max_prefill_tokens:
+                break
+            if admissible is not None and not admissible(self.waiting[0], joining):
                 break
             joining.append(self.waiting.popleft())
             tokens += n

@@ -33,7 +33,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
 # vectors (the int8-activation kernels; results are identical to the AVX2 build's).
 VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 
 class QMat(ctypes.Structure):
@@ -91,6 +91,11 @@ class DecodeArgs(ctypes.Structure):
         ("v_stride", ctypes.c_int64 * 4),
         ("row", ctypes.c_void_p),
         ("slot", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+        ("table_width", ctypes.c_int32),
+        ("block_size", ctypes.c_int32),
+        ("kv_type", ctypes.c_int32),
+        ("rotate", ctypes.c_int32),
         ("attention", ctypes.c_void_p),
         ("width", ctypes.c_int32),
         ("lora", ctypes.c_int32),

@@ -623,6 +623,149 @@ void silu_mul(const float* gate, const float* up, int n, float* out) {
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+// ---- the KV cache's stored forms (memlm/cache/kv_format.py) ----------------------------------
+// A head's keys or values are stored as fp32, bf16, or ggml's q8_0 / q4_0 blocks of 32 (an fp16
+// scale, then 32 int8 or 16 bytes of nibbles). Writing quantizes exactly as the torch reference
+// does (same float operations in the same order), so both paths store identical bytes.
+
+enum KVType : int32_t { KV_F32 = 0, KV_BF16 = 1, KV_Q8_0 = 2, KV_Q4_0 = 3 };
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fff + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float round_away(float x) {  // ggml's roundf, written as the torch reference computes it
+  const float a = std::fabs(x), fl = std::floor(a);
+  const float r = fl + std::floor(2.0f * (a - fl));
+  return x < 0 ? -r : (x > 0 ? r : 0.0f);
+}
+
+inline uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+
+void kv_store(int32_t type, const float* x, int n, uint8_t* out) {
+  if (type == KV_F32) {
+    std::memcpy(out, x, sizeof(float) * n);
+  } else if (type == KV_BF16) {
+    auto* o = reinterpret_cast<uint16_t*>(out);
+    for (int i = 0; i < n; ++i) o[i] = float_to_bf16(x[i]);
+  } else if (type == KV_Q8_0) {
+    for (int b = 0; b < n / QK; ++b, out += 2 + QK) {
+      const float* xb = x + b * QK;
+      float amax = 0.0f;
+      for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+      const uint16_t dh = float_to_half(d);
+      std::memcpy(out, &dh, 2);
+      for (int i = 0; i < QK; ++i) out[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(round_away(xb[i] * id)));
+    }
+  } else {  // KV_Q4_0
+    for (int b = 0; b < n / QK; ++b, out += 2 + QK / 2) {
+      const float* xb = x + b * QK;
+      float amax = 0.0f, mx = 0.0f;
+      for (int i = 0; i < QK; ++i)
+        if (std::fabs(xb[i]) > amax) amax = std::fabs(xb[i]), mx = xb[i];  // first of the largest, as argmax
+      const float d = mx / -8.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+      const uint16_t dh = float_to_half(d);
+      std::memcpy(out, &dh, 2);
+      uint8_t q[QK];
+      for (int i = 0; i < QK; ++i) q[i] = static_cast<uint8_t>(std::min(15.0f, std::max(0.0f, std::trunc(xb[i] * id + 8.5f))));
+      for (int i = 0; i < QK / 2; ++i) out[2 + i] = q[i] | (q[i + QK / 2] << 4);
+    }
+  }
+}
+
+// 8 stored values from `p` (the i-th group of 8 of a head) as floats.
+inline __m256 load_bf16(const uint8_t* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+inline __m256 load_i8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Values j..j+7 (j a multiple of 8 within a block of 32) of a q4_0 block's nibbles, minus 8.
+inline __m256 load_q4(const uint8_t* qs, int j) {
+  const int lane = j % 16, high = j >= 16;
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + lane));
+  if (high) b = _mm_srli_epi16(b, 4);
+  b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+  return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_set1_ps(8.0f));
+}
+
+// q . stored vector of n values
+float kv_dot(int32_t type, const float* q, const uint8_t* p, int n) {
+  if (type == KV_F32) return dot(q, reinterpret_cast<const float*>(p), n);
+  __m256 acc = _mm256_setzero_ps();
+  if (type == KV_BF16) {
+    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_bf16(p + 2 * i), acc);
+    return hsum(acc);
+  }
+  const int bytes = type == KV_Q8_0 ? 2 + QK : 2 + QK / 2;
+  for (int b = 0; b < n / QK; ++b, p += bytes) {
+    uint16_t dh;
+    std::memcpy(&dh, p, 2);
+    __m256 s = _mm256_setzero_ps();
+    for (int j = 0; j < QK; j += 8) {
+      const __m256 w = type == KV_Q8_0 ? load_i8(p + 2 + j) : load_q4(p + 2, j);
+      s = _mm256_fmadd_ps(_mm256_loadu_ps(q + b * QK + j), w, s);
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dh)), s, acc);
+  }
+  return hsum(acc);
+}
+
+// out += w * stored vector of n values
+void kv_axpy(int32_t type, float w, const uint8_t* p, int n, float* out) {
+  const __m256 vw = _mm256_set1_ps(w);
+  if (type == KV_F32 || type == KV_BF16) {
+    for (int i = 0; i < n; i += 8) {
+      const __m256 x = type == KV_F32 ? _mm256_loadu_ps(reinterpret_cast<const float*>(p) + i) : load_bf16(p + 2 * i);
+      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vw, x, _mm256_loadu_ps(out + i)));
+    }
+    return;
+  }
+  const int bytes = type == KV_Q8_0 ? 2 + QK : 2 + QK / 2;
+  for (int b = 0; b < n / QK; ++b, p += bytes) {
+    uint16_t dh;
+    std::memcpy(&dh, p, 2);
+    const __m256 wd = _mm256_set1_ps(w * half_to_float(dh));
+    for (int j = 0; j < QK; j += 8) {
+      const __m256 x = type == KV_Q8_0 ? load_i8(p + 2 + j) : load_q4(p + 2, j);
+      float* o = out + b * QK + j;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(wd, x, _mm256_loadu_ps(o)));
+    }
+  }
+}
+
+// x times the normalised Walsh-Hadamard matrix, per block of `n` (a power of two): the butterfly
+// in the order of the torch reference (memlm.cache.kv_format.rotate), then one scale.
+void hadamard(float* x, int d, int n) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
+  for (int base = 0; base < d; base += n) {
+    float* y = x + base;
+    for (int h = 1; h < n; h *= 2)
+      for (int i = 0; i < n; i += 2 * h)
+        for (int j = i; j < i + h; ++j) {
+          const float a = y[j], b = y[j + h];
+          y[j] = a + b;
+          y[j + h] = a - b;
+        }
+    for (int i = 0; i < n; ++i) y[i] *= scale;
+  }
+}
+
 }  // namespace
 
 // ---- whole-model decode step -----------------------------------------------------------------
@@ -652,12 +795,17 @@ struct DecodeArgs {
   int32_t tokens;      // real tokens of the chunk, rows in order (padding removed)
   const float* cos;    // [tokens, head_dim]
   const float* ssin;   // [tokens, head_dim] signed sin
-  float* k;            // cache buffers and their strides (elements) over layer, row, head, slot
-  float* v;
+  uint8_t* k;          // cache storage [layers, blocks, kv_heads, block_size, stored head] and its
+  uint8_t* v;          // strides in bytes over layer, block, head, slot-in-block
   int64_t k_stride[4];
   int64_t v_stride[4];
   const int64_t* row;   // [tokens] the batch row of each token
   const int64_t* slot;  // [tokens] the slot it is written to; it attends to its row's slots 0..slot
+  const int64_t* table; // [rows, table_width] block ids: row b's slot s is in block table[b][s / block_size]
+  int32_t table_width;
+  int32_t block_size;
+  int32_t kv_type;      // KVType of the stored keys and values
+  int32_t rotate;       // 1: keys stored rotated (Hadamard); queries are rotated alike
   float* attention;     // optional [batch, width], one token per row only: head-mean attention / layers,
                         // summed over layers, written at row[t]
   int32_t width;
@@ -698,8 +846,8 @@ void decode(Model& model, const DecodeArgs& a) {
     const LayerDesc& L = model.layers[l];
     for (int t = 0; t < N; ++t) rms_norm(a.x + t * D, L.attn_norm, c.eps, D, model.h.data() + t * D);
     matmul_any(L.qkv, model.h.data(), N, D, model.qkv.data(), qkv_size, q8, lora);
-    float* kl = a.k + l * a.k_stride[0];
-    float* vl = a.v + l * a.v_stride[0];
+    uint8_t* kl = a.k + l * a.k_stride[0];
+    uint8_t* vl = a.v + l * a.v_stride[0];
     for (int t = 0; t < N; ++t) {
       float* tok = model.qkv.data() + t * qkv_size;
       for (int h = 0; h < H + KV; ++h) {
@@ -707,30 +855,33 @@ void decode(Model& model, const DecodeArgs& a) {
         if (L.q_norm) rms_norm(head, h < H ? L.q_norm : L.k_norm, c.eps, hd, head);
         rope(head, a.cos + t * hd, a.ssin + t * hd, hd);
       }
+      if (a.rotate)
+        for (int h = 0; h < H + KV; ++h) hadamard(tok + h * hd, hd, hd & -hd);
       const int64_t b = a.row[t], slot = a.slot[t];
+      const int64_t block = a.table[b * a.table_width + slot / a.block_size], at = slot % a.block_size;
       for (int g = 0; g < KV; ++g) {
-        std::memcpy(kl + b * a.k_stride[1] + g * a.k_stride[2] + slot * a.k_stride[3], tok + q_size + g * hd,
-                    sizeof(float) * hd);
-        std::memcpy(vl + b * a.v_stride[1] + g * a.v_stride[2] + slot * a.v_stride[3], tok + q_size + kv_size + g * hd,
-                    sizeof(float) * hd);
+        kv_store(a.kv_type, tok + q_size + g * hd, hd, kl + block * a.k_stride[1] + g * a.k_stride[2] + at * a.k_stride[3]);
+        kv_store(a.kv_type, tok + q_size + kv_size + g * hd, hd,
+                 vl + block * a.v_stride[1] + g * a.v_stride[2] + at * a.v_stride[3]);
       }
     }
     parallel(N * H, [&](int task) {
       const int t = task / H, h = task % H, g = h / group, n = static_cast<int>(a.slot[t]) + 1;
-      const int64_t b = a.row[t];
+      const int64_t* blocks = a.table + a.row[t] * a.table_width;
       const float* q = model.qkv.data() + t * qkv_size + h * hd;
-      const float* keys = kl + b * a.k_stride[1] + g * a.k_stride[2];
-      const float* vals = vl + b * a.v_stride[1] + g * a.v_stride[2];
       float* p = model.probs.data() + (static_cast<size_t>(t) * H + h) * max_len;
-      for (int j = 0; j < n; ++j) p[j] = dot(q, keys + j * a.k_stride[3], hd) * scale;
+      // Slot j lives in block blocks[j / bs] at offset j % bs: walk the row's blocks in order.
+      const int bs = a.block_size;
+      for (int j0 = 0; j0 < n; j0 += bs) {
+        const uint8_t* keys = kl + blocks[j0 / bs] * a.k_stride[1] + g * a.k_stride[2];
+        for (int j = j0; j < std::min(n, j0 + bs); ++j) p[j] = kv_dot(a.kv_type, q, keys + (j - j0) * a.k_stride[3], hd) * scale;
+      }
       softmax(p, n);
       float* out = model.att.data() + t * q_size + h * hd;
       std::memset(out, 0, sizeof(float) * hd);
-      for (int j = 0; j < n; ++j) {
-        const float* vj = vals + j * a.v_stride[3];
-        const __m256 pj = _mm256_set1_ps(p[j]);
-        for (int i = 0; i < hd; i += 8)
-          _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + i), _mm256_loadu_ps(out + i)));
+      for (int j0 = 0; j0 < n; j0 += bs) {
+        const uint8_t* vals = vl + blocks[j0 / bs] * a.v_stride[1] + g * a.v_stride[2];
+        for (int j = j0; j < std::min(n, j0 + bs); ++j) kv_axpy(a.kv_type, p[j], vals + (j - j0) * a.v_stride[3], hd, out);
       }
     });
     if (a.attention) {
@@ -759,7 +910,7 @@ void decode(Model& model, const DecodeArgs& a) {
 
 extern "C" {
 
-int32_t mk_abi_version() { return 6; }
+int32_t mk_abi_version() { return 7; }
 
 int32_t mk_threads() { return threads(); }
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.cache.blocks import BlockPool
 from memlm.cache.kv_cache import KVCache
 from memlm.models.config import ModelConfig
 from memlm.models.layers import GatedMLP, RMSNorm
@@ -51,6 +52,7 @@ class Attention(nn.Module):
         q, k = apply_rope(qk.transpose(1, 2), cos, sin).split((heads, kv_heads), dim=1)
         v = qkv[..., self.split[0] + self.split[1] :].view(batch, chunk, kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
+            q = cache.prepare_queries(q)
             k, v = cache.update(self.layer_idx, k, v)
         if cache is not None and cache.track_attention:  # an eviction policy needs the weights
             out, weights = attention_with_weights(q, k, v, mask)
@@ -155,11 +157,26 @@ class LlamaModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
-    def new_state(self, batch: int, capacity: int, track_attention=False, track_importance=False) -> KVCache:
-        """The per-batch generation state of this family: a preallocated KV cache."""
+    def new_state(
+        self,
+        batch: int,
+        capacity: int,
+        track_attention=False,
+        track_importance=False,
+        pool: BlockPool | None = None,
+        kv_type: str | None = None,
+        rotate_keys: bool = False,
+    ) -> KVCache:
+        """The per-batch generation state of this family: a KV cache, paged on the engine's block pool,
+        or contiguous (in `kv_type`, the model's dtype by default)."""
         return KVCache.for_model(
-            self.config, batch, capacity, self.dtype, self.device, track_attention, track_importance
-        )
+            self.config, batch, capacity, self.dtype, self.device, track_attention, track_importance, pool,
+            kv_type, rotate_keys,
+        )  # fmt: skip
+
+    def new_pool(self, **options) -> BlockPool:
+        """The engine's KV block pool for this model (memlm.cache.blocks)."""
+        return BlockPool.for_model(self.config, device=self.device, **options)
 
     def forward_tokens(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids in, hidden states out: the engine's entry point shared with other families."""

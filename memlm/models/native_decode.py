@@ -114,7 +114,7 @@ class NativeDecoder:
         return cls(lib, model) if lib is not None and cls.supports(model) else None
 
     def accepts(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache) -> bool:
-        if type(cache) is not KVCache or cache.k.dtype != torch.float32:
+        if type(cache) is not KVCache or cache.format.code < 0 or cache.compute_dtype != torch.float32:
             return False
         if embeds.dtype != torch.float32 or embeds.device.type != "cpu":
             return False
@@ -138,7 +138,7 @@ class NativeDecoder:
         dense = bool(real.all())
         cos, ssin = rope_cos_sin(positions, model.inv_freq, model.attention_scaling, torch.float32)
         cache.begin(positions)
-        k, v, slots, width = cache.write_target()
+        kv, slots, width = cache.native_target()
         rows = torch.arange(batch)[:, None].expand(batch, chunk)
         if dense:
             x = embeds.reshape(batch * chunk, hidden).clone()
@@ -150,10 +150,12 @@ class NativeDecoder:
             cos, ssin = cos[:, 0][real], ssin[:, 0][real]
         rows, slots, cos, ssin = rows.contiguous(), slots.contiguous(), cos.contiguous(), ssin.contiguous()
         received = torch.zeros(batch, width) if cache.track_attention else None
+        table = kv.table.contiguous()
         args = DecodeArgs(
-            x.data_ptr(), x.shape[0], cos.data_ptr(), ssin.data_ptr(), k.data_ptr(), v.data_ptr(),
-            (ctypes.c_int64 * 4)(*k.stride()[:4]), (ctypes.c_int64 * 4)(*v.stride()[:4]),
-            rows.data_ptr(), slots.data_ptr(), received.data_ptr() if received is not None else None, width, lora,
+            x.data_ptr(), x.shape[0], cos.data_ptr(), ssin.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(),
+            kv.strides(kv.k), kv.strides(kv.v), rows.data_ptr(), slots.data_ptr(),
+            table.data_ptr(), table.shape[1], kv.block_size, kv.format.code, int(cache.rotate_keys),
+            received.data_ptr() if received is not None else None, width, lora,
         )  # fmt: skip
         self.lib.mk_decode(self._handle, ctypes.byref(args))
         if received is not None:
