@@ -3,16 +3,18 @@
 __version__ = "0.1.0"
 
 
-def load(name_or_path: str | None = None, dtype: str = "float32", activations: str = "float32"):
+def load(name_or_path: str | None = None, dtype: str = "float32", activations: str = "float32", kv_cache=None):
     """Load a model by name (default: the embedded SmolLM2-135M-Instruct) or path; return an Engine.
 
     dtype: float32, bfloat16, int8, or GGUF blocks q4_0 / q4_1 / q8_0 (native kernels); with those,
-    activations float32 (exact against the quantized weights) or q8_0 (llama.cpp's int8 blocks)."""
+    activations float32 (exact against the quantized weights) or q8_0 (llama.cpp's int8 blocks).
+    kv_cache: a memlm.cache.blocks.KVCacheConfig (paged blocks, KV type, pool budget, prefix caching);
+    default: paged fp32 blocks growing as needed, with prefix caching."""
     # lazy: `import memlm` (every CLI start, `memlm --help`) must not load torch
     from memlm.formats.loading import DEFAULT_MODEL
     from memlm.generation.engine import Engine
 
-    return Engine.load(name_or_path or DEFAULT_MODEL, dtype=dtype, activations=activations)
+    return Engine.load(name_or_path or DEFAULT_MODEL, dtype=dtype, activations=activations, kv_cache=kv_cache)
 
 
 def __getattr__(name):  # lazy: `import memlm` stays cheap for the CLI's --help

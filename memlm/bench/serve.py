@@ -20,6 +20,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -50,6 +51,12 @@ VARIANTS = [  # (label, extra body fields): mixed parameters and memory options
 
 
 SERVED = "bench-model"
+# The `prefix` workload's shared system prompt: ~1,000 tokens (SmolLM2's tokenizer) of a document the
+# questions are asked beside, as a help desk's or an agent's long instructions are.
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. The user may ask about anything; the document below is background "
+    "you may use.\n\n" + Path(__file__).with_name("sample.txt").read_text()[:3900]
+)
 
 
 @dataclass
@@ -58,10 +65,15 @@ class Spec:
     question: str
     label: str
     extra: dict
+    system: str | None = None
 
     @property
     def greedy(self) -> bool:
         return self.extra.get("temperature", 1.0) == 0
+
+    def messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": "user", "content": self.question}]
 
 
 @dataclass
@@ -78,9 +90,11 @@ class Outcome:
 
 def request_pool(memory: str | None, workload: str = "mixed") -> list[Spec]:
     """`mixed`: the questions crossed with the variants (half of the combinations: 16, or 20 with a
-    memory). `plain`: each question once, greedy, no memory options -- what batching alone does."""
-    if workload == "plain":
-        return [Spec(i, question, "greedy", {"temperature": 0}) for i, question in enumerate(QUESTIONS)]
+    memory). `plain`: each question once, greedy, no memory options -- what batching alone does.
+    `prefix`: as plain, each after the same ~1,000-token system prompt (what prefix caching serves)."""
+    if workload in ("plain", "prefix"):
+        system = SYSTEM_PROMPT if workload == "prefix" else None
+        return [Spec(i, question, "greedy", {"temperature": 0}, system) for i, question in enumerate(QUESTIONS)]
     variants = list(VARIANTS) + ([("memory", {"temperature": 0, "memory": memory})] if memory else [])
     pool = []
     for i, question in enumerate(QUESTIONS):
@@ -94,7 +108,7 @@ def _one(client, spec: Spec, max_tokens: int) -> Outcome:
     out, start = Outcome(spec), time.perf_counter()
     try:
         stream = client.chat.completions.create(
-            model=SERVED, messages=[{"role": "user", "content": spec.question}], max_tokens=max_tokens,
+            model=SERVED, messages=spec.messages(), max_tokens=max_tokens,
             stream=True, stream_options={"include_usage": True}, extra_body=_extra(spec), **_standard(spec),
         )
         pieces = []
@@ -218,7 +232,7 @@ def references_alone(model: str, dtype: str, specs: list[Spec], max_tokens: int,
             continue
         policy = make_policy(spec.extra["kv_policy"], spec.extra["kv_budget"]) if "kv_policy" in spec.extra else None
         completion = engine.generate(
-            [{"role": "user", "content": spec.question}], SamplingParams(max_new_tokens=max_tokens),
+            spec.messages(), SamplingParams(max_new_tokens=max_tokens),
             kv_policy=policy, memory=memory if "memory" in spec.extra else None,
         )
         out[spec.key] = completion.text
@@ -236,6 +250,7 @@ def run_serve_bench(
     plot_path: str | None = None,
     seconds: float = 60.0,
     workload: str = "mixed",
+    server_args: tuple[str, ...] = (),
 ) -> dict:
     console = Console(width=150)
     memory_name = "bench" if memory and workload == "mixed" else None
@@ -244,6 +259,7 @@ def run_serve_bench(
             "--max-queue", str(4 * max(clients)), "--served-model-name", SERVED]
     if memory_name:
         args += ["--memory", f"{memory_name}={memory}"]
+    args += list(server_args)
     levels: dict[int | str, list[Outcome]] = {}
     rows = []
     with ServerProcess(*args) as server:
@@ -270,6 +286,7 @@ def run_serve_bench(
     result = {
         "benchmark": "serve",
         "workload": workload,
+        "server_args": list(server_args),
         "model": model,
         "dtype": dtype,
         "threads": threads,

@@ -12,8 +12,10 @@ from memlm.cli.options import (
     BatchSizeOpt,
     DtypeOpt,
     JsonOpt,
+    KvMemoryOpt,
     MaxTokensOpt,
     ModelOpt,
+    PrefixCachingOpt,
     TaskOpt,
     int_list,
 )
@@ -74,21 +76,65 @@ def bench_serve(
     plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
     seconds: Annotated[float, typer.Option(help="Each level: clients send requests back to back this long.")] = 60.0,
     workload: Annotated[
-        str, typer.Option(help="mixed: sampling, KV policies and --memory mixed in; plain: greedy requests only.")
+        str,
+        typer.Option(
+            help="mixed: sampling, KV policies and --memory mixed in; plain: greedy requests only; prefix: plain "
+            "requests after one shared ~1,000-token system prompt."
+        ),
     ] = "mixed",
+    prefix_caching: PrefixCachingOpt = True,
 ):
     """Concurrent streaming clients (openai client) against memlm serve on loopback: throughput, TTFT,
     latency against one-at-a-time, and a check that no answer is lost, duplicated or crossed."""
     levels = tuple(int_list(clients, "--clients"))
     if max_tokens < 1 or threads < 1 or not 1 <= seconds <= 600:
         raise MemlmError("--max-tokens and --threads must be >= 1, --seconds in 1..600")
-    if workload not in ("mixed", "plain"):
-        raise MemlmError(f"--workload is mixed or plain, not {workload!r}")
+    if workload not in ("mixed", "plain", "prefix"):
+        raise MemlmError(f"--workload is mixed, plain or prefix, not {workload!r}")
     if max(levels) > 256:
         raise MemlmError("--clients: at most 256 concurrent clients (the benchmark is bounded)")
     from memlm.bench.serve import run_serve_bench  # lazy: the server and its clients
 
-    run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot, seconds, workload)
+    server_args = () if prefix_caching else ("--no-prefix-caching",)
+    run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot, seconds, workload, server_args)
+
+
+@bench_app.command("kv-cache")
+def bench_kv_cache(
+    model: ModelOpt = DEFAULT_MODEL,
+    dtype: DtypeOpt = "q4_1",
+    parts: Annotated[str, typer.Option(help="Comma-separated: quality, capacity, speed.")] = "quality,capacity,speed",
+    policies: Annotated[str, typer.Option(help="Quality: eviction policies beside each KV type.")] = "sinks,tova",
+    budget: Annotated[int, typer.Option(help="Quality: the policies' token budget.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens per bench prompt (quality, speed).")] = 128,
+    kv_memory: KvMemoryOpt = "1GiB",
+    conversation: Annotated[int, typer.Option(help="Capacity: tokens per conversation (prompt + answer).")] = 2048,
+    capacity_policy: Annotated[str, typer.Option(help="Capacity: the policy kept at 25% of a conversation.")] = "tova",
+    steps: Annotated[int, typer.Option(help="Capacity: decode steps timed at full concurrency.")] = 8,
+    batches: Annotated[str, typer.Option(help="Speed: batch sizes.")] = "1,8",
+    repeats: Annotated[int, typer.Option(help="Speed: interleaved runs; the best counts.")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    json_path: JsonOpt = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG plot here.")] = None,
+):
+    """The KV cache as capacity: quality per KV type (perplexity, KL, greedy agreement against the fp32
+    cache, alone and with eviction), conversations per memory budget (paged or contiguous, per type),
+    and decode speed of paged blocks against the contiguous cache."""
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+    unknown = set(chosen) - {"quality", "capacity", "speed"}
+    if unknown or not chosen:
+        raise MemlmError(f"--parts takes quality, capacity, speed; got {parts!r}")
+    named = tuple(p.strip() for p in policies.split(",") if p.strip())
+    for name in (*named, capacity_policy):
+        if name not in ("window", "sinks", "h2o", "tova"):
+            raise MemlmError(f"policy {name!r}: choose window, sinks, h2o or tova")
+    if budget < 8 or new_tokens < 1 or conversation < 64 or steps < 1 or repeats < 1 or threads < 1:
+        raise MemlmError("--budget >= 8, --conversation >= 64, and --new-tokens, --steps, --repeats, --threads >= 1")
+    from memlm.bench.kv_cache import run_kv_cache_bench  # lazy: torch
+
+    sizes = tuple(int_list(batches, "--batches"))
+    run_kv_cache_bench(model, dtype, chosen, named, budget, new_tokens, kv_memory, conversation, 64, steps,
+                       capacity_policy, sizes, repeats, threads, json_path, plot)  # fmt: skip
 
 
 @bench_app.command("moe")

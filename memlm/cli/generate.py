@@ -11,12 +11,16 @@ import typer
 from memlm.cli.options import (
     DEFAULT_MODEL,
     DtypeOpt,
+    KvBlockSizeOpt,
     KvBudgetOpt,
+    KvCacheTypeOpt,
     KvEvictPromptOpt,
+    KvMemoryOpt,
     KvPolicyOpt,
     KvPredictorOpt,
     KvRatioOpt,
     KvRescoreOpt,
+    KvRotateOpt,
     KvSinksOpt,
     KvSpansOpt,
     KvWindowOpt,
@@ -24,6 +28,8 @@ from memlm.cli.options import (
     MemoryOpt,
     MinPOpt,
     ModelOpt,
+    PagedKvOpt,
+    PrefixCachingOpt,
     RepetitionPenaltyOpt,
     SeedSamplingOpt,
     StopOpt,
@@ -32,6 +38,7 @@ from memlm.cli.options import (
     TopPOpt,
     TriggerOpt,
     check_kv_predictor,
+    kv_cache_config,
     load_engine,
     load_kv_predictor,
     load_memory,
@@ -66,6 +73,12 @@ def generate(
     kv_spans: KvSpansOpt = False,
     kv_evict_prompt: KvEvictPromptOpt = None,
     kv_sinks: KvSinksOpt = None,
+    cache_type: KvCacheTypeOpt = None,
+    cache_memory: KvMemoryOpt = None,
+    cache_block_size: KvBlockSizeOpt = 16,
+    cache_rotate: KvRotateOpt = False,
+    prefix_caching: PrefixCachingOpt = True,
+    paged_kv: PagedKvOpt = True,
     memory: MemoryOpt = None,
     trigger: TriggerOpt = None,
     show_insertions: Annotated[
@@ -80,11 +93,12 @@ def generate(
     params = sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
     predictor, predictor_config = load_kv_predictor(spec)
     policy = spec.build(predictor)  # bad names and budgets fail before the model loads
+    kv_cache = kv_cache_config(cache_type, cache_memory, cache_block_size, cache_rotate, prefix_caching, paged_kv)
     if show_insertions and memory is None:
         raise MemlmError("--show-insertions needs --memory DIR")
     if not prompt.strip():
         raise MemlmError("prompt is empty")
-    engine = load_engine(model, dtype)
+    engine = load_engine(model, dtype, kv_cache)
     check_kv_predictor(spec, predictor_config, engine, model)
     request = prompt
     if chat and engine.tokenizer.chat_template:

@@ -39,6 +39,48 @@ BatchSizeOpt = Annotated[int, typer.Option(help="Requests decoded together.")]
 MaxTokensOpt = Annotated[
     int | None, typer.Option(help="Most tokens per answer (default: the task's own, 256; long_mult 512).")
 ]
+# How the KV cache is stored (the engine's KVCacheConfig); parameters named cache_* so that the
+# kv_* policy group stays what `policy_spec` collects.
+KvCacheTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-cache-type",
+        help="KV cache storage: f32, bf16, q8_0 or q4_0 (llama.cpp's blocks of 32; default: the model's dtype).",
+    ),
+]
+KvMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-memory", help="KV block pool budget: bytes (2GiB, 512MB) or tokens (65536). Default: grows as needed."
+    ),
+]
+KvBlockSizeOpt = Annotated[int, typer.Option("--kv-block-size", help="Tokens per KV block.")]
+KvRotateOpt = Annotated[
+    bool, typer.Option("--kv-rotate", help="Hadamard-rotate keys and queries before storing (helps q4_0).")
+]
+PrefixCachingOpt = Annotated[
+    bool,
+    typer.Option("--prefix-caching/--no-prefix-caching", help="Reuse cached KV blocks of shared prompt prefixes."),
+]
+PagedKvOpt = Annotated[
+    bool, typer.Option("--paged-kv/--no-paged-kv", help="KV blocks from one pool (off: one tensor per batch).")
+]
+
+
+def kv_cache_config(cache_type, cache_memory, cache_block_size, cache_rotate, prefix_caching, paged_kv):
+    """The KV storage group -> a KVCacheConfig, its names and sizes checked before any model loads."""
+    from memlm.cache.blocks import KVCacheConfig, parse_kv_memory  # lazy: torch
+    from memlm.cache.kv_format import kv_format
+
+    if cache_type is not None:
+        kv_format(cache_type)
+    if cache_memory is not None:
+        parse_kv_memory(cache_memory, 1.0)
+        if not paged_kv:
+            raise MemlmError("--kv-memory sizes the paged pool: drop --no-paged-kv")
+    if cache_block_size < 1:
+        raise MemlmError("--kv-block-size must be >= 1")
+    return KVCacheConfig(cache_type, cache_memory, cache_block_size, cache_rotate, prefix_caching, paged_kv)
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -59,10 +101,10 @@ def check_out(out: str) -> None:
     ensure_dir(out)
 
 
-def load_engine(model: str, dtype: str):
+def load_engine(model: str, dtype: str, kv_cache=None):
     import memlm  # lazy: the engine loads torch
 
-    return memlm.load(model, dtype=dtype)
+    return memlm.load(model, dtype=dtype, kv_cache=kv_cache)
 
 
 def load_memory(folder: str | None, engine, trigger: str | None = None):

@@ -9,7 +9,18 @@ from typing import Annotated
 
 import typer
 
-from memlm.cli.options import DEFAULT_MODEL, DtypeOpt, ModelOpt
+from memlm.cli.options import (
+    DEFAULT_MODEL,
+    DtypeOpt,
+    KvBlockSizeOpt,
+    KvCacheTypeOpt,
+    KvMemoryOpt,
+    KvRotateOpt,
+    ModelOpt,
+    PagedKvOpt,
+    PrefixCachingOpt,
+    kv_cache_config,
+)
 from memlm.errors import MemlmError
 
 
@@ -34,6 +45,12 @@ def serve(
         str | None, typer.Option(help="The model id clients send (default: its name).")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+    cache_type: KvCacheTypeOpt = None,
+    cache_memory: KvMemoryOpt = None,
+    cache_block_size: KvBlockSizeOpt = 16,
+    cache_rotate: KvRotateOpt = False,
+    prefix_caching: PrefixCachingOpt = True,
+    paged_kv: PagedKvOpt = True,
 ):
     """Serve a model over HTTP with OpenAI's API, per-request memory options, metrics and a memory page."""
     # lazy: uvicorn, FastAPI and the model loader (torch) load only when the server starts
@@ -47,6 +64,7 @@ def serve(
     if max_batch < 1 or max_queue < 0:
         raise MemlmError("--max-batch must be >= 1 and --max-queue >= 0")
     memories = _memory_specs(memory or [])
+    kv_cache = kv_cache_config(cache_type, cache_memory, cache_block_size, cache_rotate, prefix_caching, paged_kv)
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -65,7 +83,7 @@ def serve(
 
         if threads:
             torch.set_num_threads(threads)
-        engine = memlm.load(model, dtype=dtype)
+        engine = memlm.load(model, dtype=dtype, kv_cache=kv_cache)
         loaded = {key: LatentMemory.load(folder, engine) for key, folder in memories.items()}
         predictor = None
         if kv_predictor is not None:

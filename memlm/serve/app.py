@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memlm.cache.eviction import kv_record
 from memlm.cache.policies import POLICIES, KVPolicy
+from memlm.cache.prefix import cached_tokens
 from memlm.cache.spec import PolicySpec
 from memlm.errors import InvalidRequestError, MemlmError, QueueFullError
 from memlm.generation.request import Request as EngineRequest
@@ -402,7 +403,9 @@ class _View:
     def usage(self) -> dict:
         prompt = sum(len(r.prompt_ids) for r in self.requests[:: self.body.n])  # each prompt once, as OpenAI
         completion = sum(len(r.output_ids) for r in self.requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(cached_tokens(r) for r in self.requests[:: self.body.n])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
     def usage_chunk(self) -> dict:
         out = self._envelope([])

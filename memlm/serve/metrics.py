@@ -28,7 +28,14 @@ class Metrics:
 
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to join the batch.")
-        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of the allocated KV-cache slots holding tokens.")
+        self.kv_usage = gauge(
+            "kv_cache_usage_perc", "Fraction of the KV cache in use (paged: blocks held of the pool's blocks)."
+        )
+        self.kv_blocks_used = gauge("kv_blocks_used", "KV blocks held by running requests (paged cache).")
+        self.kv_blocks_total = gauge("kv_blocks_total", "KV blocks in the pool (paged cache).")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed).")
+        self._prefix_seen = (0, 0)  # the pool's counters when last observed
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.evictions = counter("evictions", "KV-cache entries evicted by per-request policies.")
@@ -48,6 +55,14 @@ class Metrics:
         self.waiting.set(engine.num_waiting)
         used, allocated = engine.kv_usage()
         self.kv_usage.set(used / allocated if allocated else 0.0)
+        pool = engine.kv_pool
+        if pool is not None:
+            self.kv_blocks_used.set(pool.blocks_used)
+            self.kv_blocks_total.set(pool.num_blocks)
+            queries, hits = self._prefix_seen
+            self.prefix_queries.inc(pool.queries - queries)
+            self.prefix_hits.inc(pool.hits - hits)
+            self._prefix_seen = (pool.queries, pool.hits)
 
     def first_token(self, request, now: float) -> None:
         self.prompt_tokens.inc(len(request.prompt_ids))
