@@ -244,3 +244,24 @@ def test_no_block_leaks_after_many_random_requests():
     assert pool.blocks_used == 0 and all(ref == 0 for ref in pool.refs)
     assert len(pool.free) + len(pool.idle) == pool.num_blocks
     assert pool.hits > 0
+
+
+# ---- the command line --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--kv-cache-type", "q9"], "unknown KV cache type 'q9'"),
+        (["--kv-memory", "lots"], "--kv-memory 'lots'"),
+        (["--kv-memory", "1GiB", "--no-paged-kv"], "drop --no-paged-kv"),
+    ],
+)
+def test_bad_kv_storage_flags_are_one_line_errors_before_loading(flags, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "memlm", "generate", "hi", *flags], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
