@@ -149,6 +149,9 @@ class SegmentCache:
         self._real = real
         return torch.cat((past, own), dim=2)[:, None]
 
+    def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
+        return q  # keys are kept as computed (no rotation)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is not None:
             k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
