@@ -78,6 +78,19 @@ FORMATS = {
 MIXED = Format("mixed", -1, 0, False)
 
 
+# llama.cpp's substitutes for K-quants on rows that are not whole super-blocks of 256.
+K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def format_for_width(fmt: str, width: int) -> str | None:
+    """The format a matrix with rows of `width` values is stored in when `fmt` is asked for: fmt,
+    its fallback when the rows are not whole blocks of it, None when no format fits (float32)."""
+    if width % FORMATS[fmt].block_size == 0:
+        return fmt
+    fallback = K_FALLBACK.get(fmt)
+    return fallback if fallback and width % FORMATS[fallback].block_size == 0 else None
+
+
 def format_of_gguf_type(tensor_type) -> Format | None:
     """The format a GGUF tensor type is stored in, if memlm runs it natively."""
     return FORMATS.get(tensor_type.name.lower())
