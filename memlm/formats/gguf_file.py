@@ -1,6 +1,7 @@
-"""Read a GGUF file (llama.cpp's format): config, dequantized weights, tokenizer.
+"""Read a GGUF file (llama.cpp's format): config, weights (dequantized, or as the file's blocks), tokenizer.
 
-Dequantization is the `gguf` package's (Q4_0/Q4_1/Q5_x/Q8_0/K-quants, F16, BF16, F32). Weights are
+Dequantization is the `gguf` package's (Q4_0/Q4_1/Q5_x/Q8_0/K-quants, F16, BF16, F32); blocks
+memlm runs natively stay blocks when asked (`keep_quantized`). Weights are
 returned under Hugging Face names so that the rest of memlm, and transformers in the tests, see
 exactly what they would see from a safetensors checkpoint.
 """
@@ -163,7 +164,9 @@ def _unpermute_index(rows: int, n_head: int) -> torch.Tensor:
 
 def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConfig, dict, Tokenizer]:
     """(config, weights under Hugging Face names, tokenizer). Weights are fp32 tensors; with
-    `keep_quantized`, matrices stored as Q4_0/Q4_1/Q8_0 come as `QWeight`s holding the file's bits."""
+    `keep_quantized`, matrices stored in a format memlm runs natively (quant/qweight.py FORMATS:
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants) come as `QWeight`s holding the file's bits, each in
+    its own format (Q4_K_M files mix Q4_K, Q6_K, Q5_0 and Q8_0 tensors)."""
     reader = open_gguf(path)
     fields = read_fields(reader)
     tokenizer = Tokenizer.from_gguf(fields)
