@@ -12,7 +12,9 @@ from memlm.quant.mix import SCHEMES
 
 
 def quantize(
-    source: Annotated[str, typer.Argument(help="A .gguf file, a Hugging Face model folder, or an embedded model's name.")],
+    source: Annotated[
+        str, typer.Argument(help="A .gguf file, a Hugging Face model folder, or an embedded model's name.")
+    ],
     target: Annotated[str, typer.Argument(help="The .gguf file to write (replaced atomically).")],
     type_name: Annotated[
         str,

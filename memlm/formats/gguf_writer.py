@@ -69,6 +69,8 @@ def quantize_file(source: str, target: str | Path, chosen: Scheme, progress=None
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         for key, (value, vtype, sub_type) in fields.items():
+            if sub_type is not None and len(value) == 0:
+                continue  # the gguf writer refuses empty arrays (a BPE without merges): absent reads the same
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
         writer.add_file_type(chosen.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -141,7 +143,7 @@ def _from_hf(source: str):
     config, weights, tokenizer = read_hf_folder(folder)
     if config.arch not in ("llama", "qwen2", "qwen3") or config.rope_scaling:
         raise MemlmError(f"memlm quantize writes llama, qwen2 and qwen3 models without RoPE scaling, not {config.arch}")
-    arch, s, a = config.arch, GGUFValueType.STRING, GGUFValueType.ARRAY
+    arch, s = config.arch, GGUFValueType.STRING
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     fields = {
         "general.name": (folder.name, s, None),

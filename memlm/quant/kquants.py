@@ -132,7 +132,8 @@ def _nibbles(codes: np.ndarray) -> np.ndarray:
 
 def _q4_k(x: np.ndarray) -> np.ndarray:
     d, dmin, packed, codes = _k4_superblocks(x, 15, -1.0, 0.1, 20)
-    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed, _nibbles(codes)], axis=1)
+    parts = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed, _nibbles(codes)]
+    return np.concatenate(parts, axis=1)
 
 
 def _q5_k(x: np.ndarray) -> np.ndarray:

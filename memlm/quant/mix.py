@@ -56,6 +56,7 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], chosen: Scheme) -> dict[str
     """{GGUF tensor name: memlm format name, or "f32"} for tensors given as (name, shape) with
     shape in PyTorch order ([out, in] for matrices)."""
     from memlm.quant.qweight import format_for_width  # lazy: the CLI lists SCHEMES without torch
+
     names = [name for name, _ in tensors]
     has_output = "output.weight" in names
     head = "output.weight" if has_output else "token_embd.weight"
