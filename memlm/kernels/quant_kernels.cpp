@@ -710,7 +710,10 @@ void raw_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, floa
       for (int c = 0; c < C; ++c) {
         const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(dec.q + 32 * c));
         const __m256i magnitude = _mm256_sign_epi8(q, q);
-        const __m256 s = _mm256_set_m128(_mm_set1_ps(dec.s[2 * c + 1]), _mm_set1_ps(dec.s[2 * c]));
+        // Q5_x, Q4_K and Q5_K scale 32 values at once (a broadcast); Q2_K, Q3_K and Q6_K per 16.
+        constexpr bool per32 = F == Q5_0 || F == Q5_1 || F == Q4_K || F == Q5_K;
+        const __m256 s = per32 ? _mm256_set1_ps(dec.s[2 * c])
+                               : _mm256_set_m128(_mm_set1_ps(dec.s[2 * c + 1]), _mm_set1_ps(dec.s[2 * c]));
         const int64_t xb = b * C + c;
 #pragma GCC unroll 8
         for (int r = 0; r < NB; ++r) {
