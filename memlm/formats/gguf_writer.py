@@ -89,6 +89,9 @@ def quantize_file(source: str, target: str | Path, chosen: Scheme, progress=None
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the half-written file, not the result
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
