@@ -218,6 +218,7 @@ def _token_content(token: Any) -> str | None:
 
 def _compile_template(source: str):
     """Compile a chat template the way transformers does (sandboxed, trimmed blocks)."""
+
     def raise_exception(message: str):
         raise InvalidRequestError(f"chat template: {message}")
 

@@ -24,7 +24,6 @@ import argparse
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,25 +31,11 @@ from rich.console import Console
 
 import memlm
 from memlm.bench.decode import PROMPTS, SAMPLE_TEXT, encode_prompts, greedy_agreement
+from memlm.bench.quantized_files import quantized_file
 from memlm.bench.report import print_table, write_outputs
-from memlm.formats.loading import EMBEDDED, resolve
-from memlm.paths import memlm_home
+from memlm.formats.loading import resolve
 
 WINDOW = 256
-
-
-def quantized_file(model: str, type_name: str) -> Path:
-    """The model written by memlm quantize as `type_name`, made once and cached."""
-    from memlm.formats.gguf_writer import quantize_file
-    from memlm.quant.mix import scheme
-
-    key = model.lower()
-    source = EMBEDDED[key].path() if key in EMBEDDED else Path(model)
-    stamp = f"{source.stat().st_size}-{int(source.stat().st_mtime)}" if source.is_file() else "folder"
-    target = memlm_home() / "quantized" / f"{source.stem}-{stamp}-{type_name.upper()}.gguf"
-    if not target.is_file():
-        quantize_file(str(source) if source.is_file() else model, target, scheme(type_name))
-    return target
 
 
 def window_logits(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
