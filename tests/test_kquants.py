@@ -363,3 +363,52 @@ def test_quantize_cli_errors_are_one_line(tmp_path):
         [sys.executable, "-m", "memlm", "quantize", str(tmp_path / "missing"), str(tmp_path / "o.gguf")],
         capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.embedded
+@needs_native
+def test_llama_cpp_loads_memlms_q4_k_m_file_and_agrees():
+    """Optional (skipped without llama-cpp-python, never a CI dependency): the embedded model
+    written as Q4_K_M by memlm loads in llama.cpp, and llama.cpp's greedy continuation (int8
+    activations) agrees with memlm's on the same file (q8_0 activations too) for the first tokens
+    of most prompts; exact agreement is not expected where two int8 roundings differ."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    import memlm
+    from memlm.bench.decode import PROMPTS, encode_prompts
+    from memlm.bench.llama_cpp import LlamaCppGreedy
+    from memlm.bench.quantized_files import quantized_file
+
+    path = quantized_file("smollm2-135m-instruct", "Q4_K_M")
+    engine = memlm.load(str(path), dtype="auto:q8_0")
+    prompts = encode_prompts(engine.tokenizer, PROMPTS[:4])
+    params = memlm.SamplingParams(max_new_tokens=8, min_new_tokens=8)
+    ours = [engine.generate_tokens([p], params)[0].token_ids for p in prompts]
+    runner = LlamaCppGreedy(path, 2, 1, max(len(p) for p in prompts) + 16)
+    theirs = [runner.generate([p], 8)[0] for p in prompts]
+    assert sum(a[:4] == b[:4] for a, b in zip(ours, theirs, strict=True)) >= 3, (ours, theirs)
+
+
+@pytest.mark.embedded
+@needs_native
+def test_embedded_model_in_k_quants_decodes_as_its_dequantized_weights():
+    """The embedded model converted to q4_k (Q4_K for the 1536-wide down projections, Q5_0 for the
+    576-wide rest: llama.cpp's fallback) in exact mode against a float32 model holding exactly its
+    dequantized weights: the same greedy tokens, logits within summation-order noise."""
+    import memlm
+    from memlm.generation.engine import Engine
+
+    quantized = load_model("smollm2-135m-instruct", dtype="q4_k")
+    model = quantized.model
+    assert model.layers[0].mlp.down_proj.qweight.format.name == "q4_k"
+    assert model.layers[0].self_attn.qkv_proj.qweight.format.name == "q5_0" and model.native_decoder is not None
+    reference = load_model("smollm2-135m-instruct", dtype="float32").model
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, QLinear | QEmbedding) and name != "lm_head":
+                reference.get_submodule(name).weight.copy_(module.qweight.dequantize())
+    fast, slow = Engine(model, quantized.tokenizer, name="k"), Engine(reference, quantized.tokenizer, name="f")
+    params = memlm.SamplingParams(max_new_tokens=16, min_new_tokens=16)
+    prompts = [quantized.tokenizer.encode(p) for p in ("The capital of France is", "def fibonacci(n):")]
+    assert [c.token_ids for c in fast.generate_tokens(prompts, params)] == [
+        c.token_ids for c in slow.generate_tokens(prompts, params)
+    ]
