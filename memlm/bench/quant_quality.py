@@ -99,6 +99,7 @@ def run(model: str, types: list[str], tokens: int, new_tokens: int, threads: int
             "quantize_s": round(made, 1),
         }
         rows[type_name] = row
+        print(f"{type_name}: {row}", flush=True)  # progress: each type takes minutes on 2 cores
     return {"model": model, "source": str(resolve(model)[1]), "threads": threads, "window": WINDOW, "types": rows}
 
 

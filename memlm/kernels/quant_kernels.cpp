@@ -504,6 +504,11 @@ template <> struct Raw<Q4_K> { static constexpr int size = 256, bytes = 144; sta
 template <> struct Raw<Q5_K> { static constexpr int size = 256, bytes = 176; static constexpr bool offset = true; };
 template <> struct Raw<Q6_K> { static constexpr int size = 256, bytes = 210; static constexpr bool offset = false; };
 
+// Q5_x, Q4_K and Q5_K have one scale per 32 values (S repeats over both of its groups of 16);
+// Q2_K, Q3_K and Q6_K one per 16.
+template <int F>
+constexpr bool per32() { return F == Q5_0 || F == Q5_1 || F == Q4_K || F == Q5_K; }
+
 struct Decoded {
   alignas(32) int8_t q[256];
   alignas(32) float s[16];
@@ -665,15 +670,33 @@ void raw_rows_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx16
     }
     for (int64_t b = 0; b < blocks; ++b) {
       decode_block<F>(row + b * Raw<F>::bytes, dec);
-#pragma GCC unroll 16
-      for (int g = 0; g < G; ++g) {
-        const __m256 c0 = codes8(dec.q + 16 * g), c1 = codes8(dec.q + 16 * g + 8);
-        const __m256 s = _mm256_set1_ps(dec.s[g]);
+      if constexpr (per32<F>()) {  // one scale per 32 values: one multiply by it per 32
 #pragma GCC unroll 8
-        for (int r = 0; r < NB; ++r) {
-          const float* xr = x + r * ldx + b * BS + 16 * g;
-          const __m256 t = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + 8), _mm256_mul_ps(c0, _mm256_loadu_ps(xr)));
-          acc[r][g % ACC] = _mm256_fmadd_ps(s, t, acc[r][g % ACC]);
+        for (int c = 0; c < BS / 32; ++c) {
+          const int8_t* q = dec.q + 32 * c;
+          const __m256 c0 = codes8(q), c1 = codes8(q + 8), c2 = codes8(q + 16), c3 = codes8(q + 24);
+          const __m256 s = _mm256_set1_ps(dec.s[2 * c]);
+#pragma GCC unroll 8
+          for (int r = 0; r < NB; ++r) {
+            const float* xr = x + r * ldx + b * BS + 32 * c;
+            __m256 t = _mm256_mul_ps(c0, _mm256_loadu_ps(xr));
+            t = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + 8), t);
+            t = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xr + 16), t);
+            t = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xr + 24), t);
+            acc[r][c % ACC] = _mm256_fmadd_ps(s, t, acc[r][c % ACC]);
+          }
+        }
+      } else {
+#pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) {
+          const __m256 c0 = codes8(dec.q + 16 * g), c1 = codes8(dec.q + 16 * g + 8);
+          const __m256 s = _mm256_set1_ps(dec.s[g]);
+#pragma GCC unroll 8
+          for (int r = 0; r < NB; ++r) {
+            const float* xr = x + r * ldx + b * BS + 16 * g;
+            const __m256 t = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + 8), _mm256_mul_ps(c0, _mm256_loadu_ps(xr)));
+            acc[r][g % ACC] = _mm256_fmadd_ps(s, t, acc[r][g % ACC]);
+          }
         }
       }
       if constexpr (Raw<F>::offset) {
@@ -710,9 +733,7 @@ void raw_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, floa
       for (int c = 0; c < C; ++c) {
         const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(dec.q + 32 * c));
         const __m256i magnitude = _mm256_sign_epi8(q, q);
-        // Q5_x, Q4_K and Q5_K scale 32 values at once (a broadcast); Q2_K, Q3_K and Q6_K per 16.
-        constexpr bool per32 = F == Q5_0 || F == Q5_1 || F == Q4_K || F == Q5_K;
-        const __m256 s = per32 ? _mm256_set1_ps(dec.s[2 * c])
+        const __m256 s = per32<F>() ? _mm256_set1_ps(dec.s[2 * c])
                                : _mm256_set_m128(_mm_set1_ps(dec.s[2 * c + 1]), _mm_set1_ps(dec.s[2 * c]));
         const int64_t xb = b * C + c;
 #pragma GCC unroll 8
