@@ -111,7 +111,7 @@ class Tokenizer:
     @classmethod
     def _from_gguf_sentencepiece(cls, fields: dict[str, Any]) -> Tokenizer:
         """A SentencePiece vocabulary (pieces, scores, types): see memlm/tokenizer_spm.py."""
-        from memlm.tokenizer_spm import spm_backend  # lazy: only SentencePiece files need it
+        from memlm.tokenizer_spm import cached_spm_backend  # lazy: only SentencePiece files need it
 
         tokens: list[str] = fields.get("tokenizer.ggml.tokens") or []
         if not tokens:
@@ -121,7 +121,8 @@ class Tokenizer:
         if len(scores) != len(tokens) or len(types) != len(tokens):
             raise ModelFormatError("GGUF tokenizer: tokens, scores and token types differ in length")
         add_space_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
-        backend = spm_backend(tokens, [float(x) for x in scores], [int(t) for t in types], add_space_prefix)
+        scores, types = [float(x) for x in scores], [int(t) for t in types]
+        backend = cached_spm_backend(tokens, scores, types, add_space_prefix)
 
         def token(key: str) -> str | None:
             idx = fields.get(key)

@@ -17,8 +17,15 @@ each stretch of text between special tokens when the file asks for it; decoding 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
+
 from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as Backend
+
+from memlm.atomic import atomic_write
+from memlm.paths import memlm_home
 
 SPACE = "\u2581"
 # GGUF token types (gguf.TokenType)
@@ -26,19 +33,26 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def merges_by_score(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
-    """Every (left, right) cut of a normal piece into two pieces, highest-scoring piece first."""
-    ids = {}
+    """Every (left, right) cut of a normal piece into two pieces, highest-scoring piece first
+    (ties: lower id first; a piece's cuts ordered by the ids of their left, then right, parts)."""
+    ids: dict[str, int] = {}
     for i, t in enumerate(tokens):
         ids.setdefault(t, i)
-    found = []
-    for i, (piece, kind) in enumerate(zip(tokens, types, strict=True)):
-        if kind != NORMAL or len(piece) < 2 or ids[piece] != i:
-            continue
-        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
-        cuts.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
-        found.extend((-scores[i], i, cut) for cut in cuts)
-    found.sort(key=lambda entry: (entry[0], entry[1]))  # stable: cuts of one piece keep their order
-    return [cut for _, _, cut in found]
+    order = sorted(
+        (i for i, (piece, kind) in enumerate(zip(tokens, types, strict=True)) if kind == NORMAL and len(piece) > 1),
+        key=lambda i: (-scores[i], i),
+    )
+    merges = []
+    for i in order:
+        piece = tokens[i]
+        if ids[piece] != i:
+            continue  # a duplicate piece: its first id stands for it
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        cuts = [(a, b) for a, b in cuts if a in ids and b in ids]
+        if len(cuts) > 1:
+            cuts.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+        merges.extend(cuts)
+    return merges
 
 
 def spm_backend(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool) -> Backend:
@@ -67,6 +81,28 @@ def spm_backend(tokens: list[str], scores: list[float], types: list[int], add_sp
     # pieces inside its model and puts the prefix only at the start: "a<tool>b" differs there).
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in typed if k == USER_DEFINED])
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == CONTROL])
+    return backend
+
+
+def cached_spm_backend(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool) -> Backend:
+    """`spm_backend`, saved once as tokenizer.json under $MEMLM_HOME/tokenizers (named by a hash of
+    the vocabulary): deriving half a million merges in Python takes seconds for a 262k-piece
+    vocabulary (Gemma's), reading them back a fraction of one."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([tokens, types, add_space_prefix], ensure_ascii=False).encode())
+    digest.update(struct.pack(f"<{len(scores)}d", *scores))
+    path = memlm_home() / "tokenizers" / f"spm-{digest.hexdigest()[:24]}.json"
+    if path.is_file():
+        try:
+            return Backend.from_file(str(path))
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
+    backend = spm_backend(tokens, scores, types, add_space_prefix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: backend.save(str(tmp)))
+    except OSError:  # a read-only home: the cache is an optimisation only
+        pass
     return backend
 
 

@@ -114,3 +114,22 @@ def test_bad_sentencepiece_fields_are_clear_errors(reference):
         Tokenizer.from_gguf({**fields, "tokenizer.ggml.scores": [0.0]})
     with pytest.raises(ModelFormatError, match="not supported"):
         Tokenizer.from_gguf({**fields, "tokenizer.ggml.model": "bert"})
+
+
+def test_the_backend_is_built_once_and_read_back(reference, tmp_path, monkeypatch):
+    import memlm.tokenizer_spm as tokenizer_spm
+
+    _, fields = reference
+    monkeypatch.setenv("MEMLM_HOME", str(tmp_path))
+    first = Tokenizer.from_gguf(fields)
+    assert len(list((tmp_path / "tokenizers").glob("spm-*.json"))) == 1
+    monkeypatch.setattr(tokenizer_spm, "spm_backend", lambda *a: pytest.fail("rebuilt instead of read back"))
+    second = Tokenizer.from_gguf(fields)
+    text = "你好 world  🙂 x"
+    assert second.encode(text) == first.encode(text) and second.decode(second.encode(text)) == text
+    assert second.encode("a<tool>b<ctrl>") == first.encode("a<tool>b<ctrl>")
+    other = {**fields, "tokenizer.ggml.add_space_prefix": False}  # another vocabulary: another entry
+    monkeypatch.undo()
+    monkeypatch.setenv("MEMLM_HOME", str(tmp_path))
+    Tokenizer.from_gguf(other)
+    assert len(list((tmp_path / "tokenizers").glob("spm-*.json"))) == 2
