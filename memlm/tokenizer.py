@@ -59,13 +59,16 @@ class Tokenizer:
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():  # transformers >= 4.50 stores it separately
             template = (folder / "chat_template.jinja").read_text()
-        return cls(
+        tokenizer = cls(
             backend,
             chat_template=template,
             bos_token=_token_content(config.get("bos_token")),
             eos_token=_token_content(config.get("eos_token")),
             add_bos_token=bool(config.get("add_bos_token", False)),
         )
+        # A byte-fallback BPE is a SentencePiece vocabulary (ours from a GGUF, or Llama 2's / Gemma's).
+        tokenizer.sentencepiece = bool(getattr(backend.model, "byte_fallback", False))
+        return tokenizer
 
     @classmethod
     def from_gguf(cls, fields: dict[str, Any]) -> Tokenizer:

@@ -133,3 +133,15 @@ def test_the_backend_is_built_once_and_read_back(reference, tmp_path, monkeypatc
     monkeypatch.setenv("MEMLM_HOME", str(tmp_path))
     Tokenizer.from_gguf(other)
     assert len(list((tmp_path / "tokenizers").glob("spm-*.json"))) == 2
+
+
+def test_saved_and_reloaded_from_a_folder_it_stays_the_same(reference, tmp_path):
+    _, fields = reference
+    tok = Tokenizer.from_gguf(fields)
+    tok.save(tmp_path)
+    back = Tokenizer.from_folder(tmp_path)
+    text = "naïve café 你好 🙂\n  x"
+    assert back.encode(text) == tok.encode(text) and back.decode(back.encode(text)) == text
+    assert back.sentencepiece and [back.token_bytes(i) for i in back.encode(text)] == [
+        tok.token_bytes(i) for i in tok.encode(text)
+    ]
