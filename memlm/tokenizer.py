@@ -39,6 +39,7 @@ class Tokenizer:
         self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
         self._template = None
+        self.sentencepiece = False  # pieces spell spaces as U+2581 and bytes as <0xXX>
 
     # ---- loading and saving ---------------------------------------------------------------------
 
@@ -58,21 +59,28 @@ class Tokenizer:
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():  # transformers >= 4.50 stores it separately
             template = (folder / "chat_template.jinja").read_text()
-        return cls(
+        tokenizer = cls(
             backend,
             chat_template=template,
             bos_token=_token_content(config.get("bos_token")),
             eos_token=_token_content(config.get("eos_token")),
             add_bos_token=bool(config.get("add_bos_token", False)),
         )
+        # A byte-fallback BPE is a SentencePiece vocabulary (ours from a GGUF, or Llama 2's / Gemma's).
+        tokenizer.sentencepiece = bool(getattr(backend.model, "byte_fallback", False))
+        return tokenizer
 
     @classmethod
     def from_gguf(cls, fields: dict[str, Any]) -> Tokenizer:
         """Build from GGUF metadata (`tokenizer.ggml.*`), given as a plain dict of field values."""
         kind = fields.get("tokenizer.ggml.model")
         pre = fields.get("tokenizer.ggml.pre", "default")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(fields)
         if kind != "gpt2":
-            raise ModelFormatError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+            raise ModelFormatError(
+                f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2', SentencePiece 'llama')"
+            )
         if pre not in ("default", "gpt2", "smollm"):
             raise ModelFormatError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt2, smollm)")
         tokens: list[str] = fields.get("tokenizer.ggml.tokens") or []
@@ -102,6 +110,36 @@ class Tokenizer:
             eos_token=token("tokenizer.ggml.eos_token_id"),
             add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
         )
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, fields: dict[str, Any]) -> Tokenizer:
+        """A SentencePiece vocabulary (pieces, scores, types): see memlm/tokenizer_spm.py."""
+        from memlm.tokenizer_spm import cached_spm_backend  # lazy: only SentencePiece files need it
+
+        tokens: list[str] = fields.get("tokenizer.ggml.tokens") or []
+        if not tokens:
+            raise ModelFormatError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+        scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(scores) != len(tokens) or len(types) != len(tokens):
+            raise ModelFormatError("GGUF tokenizer: tokens, scores and token types differ in length")
+        add_space_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+        scores, types = [float(x) for x in scores], [int(t) for t in types]
+        backend = cached_spm_backend(tokens, scores, types, add_space_prefix)
+
+        def token(key: str) -> str | None:
+            idx = fields.get(key)
+            return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
+
+        tokenizer = cls(
+            backend,
+            chat_template=fields.get("tokenizer.chat_template"),
+            bos_token=token("tokenizer.ggml.bos_token_id"),
+            eos_token=token("tokenizer.ggml.eos_token_id"),
+            add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
+        )
+        tokenizer.sentencepiece = True
+        return tokenizer
 
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json + tokenizer_config.json (a layout transformers also reads)."""
@@ -150,6 +188,10 @@ class Tokenizer:
         piece = self.backend.id_to_token(token_id)
         if piece is None:
             return b""
+        if self.sentencepiece and token_id not in self.backend.get_added_tokens_decoder():
+            from memlm.tokenizer_spm import piece_bytes  # lazy: as _from_gguf_sentencepiece
+
+            return piece_bytes(piece)
         if _is_byte_level(self.backend) and token_id not in self.backend.get_added_tokens_decoder():
             table = _unicode_to_byte()
             if all(c in table for c in piece):
@@ -180,6 +222,7 @@ def _token_content(token: Any) -> str | None:
 
 def _compile_template(source: str):
     """Compile a chat template the way transformers does (sandboxed, trimmed blocks)."""
+
     def raise_exception(message: str):
         raise InvalidRequestError(f"chat template: {message}")
 

@@ -11,7 +11,11 @@ the CPU. In each child:
 * prefill tok/s = real (unpadded) prompt tokens / best prefill time;
   decode tok/s  = batch * (new_tokens - 1) / (best full time - best prefill time).
 
-memlm runs in each requested dtype (int8 by default; q4_0/q4_1/q8_0 run GGUF blocks natively).
+memlm runs in each requested dtype (int8 by default; q4_0/q4_1/q8_0/q4_k/... run GGUF blocks
+natively). A dtype may also name a llama.cpp file type (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0, with an
+optional :q8_0): the model written by `memlm quantize` in that type, cached, loaded with dtype
+auto (bench/quantized_files.py). A dtype listed twice is measured twice, interleaved with the
+others: a ratio taken on a shared machine can then be checked against its own spread.
 The reference engines: transformers, always in float32 (with a GGUF model, the file's weights
 dequantized: the exact reference), and llama.cpp (`--against llama.cpp`, when llama-cpp-python is
 importable), which runs the same GGUF file with the same threads, prompt ids and token counts.
@@ -42,10 +46,12 @@ from rich.console import Console
 
 import memlm
 from memlm.bench.llama_cpp import LlamaCppGreedy, gguf_file_of, tokenizer_of
+from memlm.bench.quantized_files import file_type_of, load_args, quantized_file
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
 from memlm.cache.kv_cache import KVCache
 from memlm.errors import InvalidRequestError, MemlmError
 from memlm.formats.loading import DTYPES, resolve
+from memlm.quant.mix import SCHEMES
 from memlm.tokenizer import Tokenizer
 
 SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
@@ -240,7 +246,7 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
     """Child: measure one engine at one batch size. Returns a result row plus its outputs."""
     torch.set_num_threads(threads)
     if engine == "memlm":
-        mm = memlm.load(model, dtype=dtype)
+        mm = memlm.load(*load_args(model, dtype))
         prompt_ids = encode_prompts(mm.tokenizer, batch_prompts(PROMPTS, batch))
 
         def run(n: int):
@@ -309,7 +315,7 @@ def _quality(model: str, dtype: str, new_tokens: int, threads: int) -> dict:
     params = memlm.SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     results = {}
     for d in ("float32", dtype):
-        engine = memlm.load(model, dtype=d)
+        engine = memlm.load(*load_args(model, d))
         prompt_ids = encode_prompts(engine.tokenizer, PROMPTS)
         # One prompt at a time: int8 dynamic quantization scales activations per tensor, so in a
         # batch a row's output also depends on the other rows; this measures the dtype alone.
@@ -434,9 +440,14 @@ def run_decode_bench(
     in `against` (hf: transformers float32; llama.cpp: the same GGUF file); return (and optionally
     write) the result dict described in bench/README.md."""
     dtypes = [d.strip() for d in (dtype.split(",") if isinstance(dtype, str) else dtype) if d.strip()]
-    unknown = [d for d in dtypes if d.partition(":")[0] not in DTYPES or d.partition(":")[2] not in ("", "q8_0")]
+    unknown = [
+        d
+        for d in dtypes
+        if (d.partition(":")[0] not in DTYPES and file_type_of(d) is None) or d.partition(":")[2] not in ("", "q8_0")
+    ]
     if not dtypes or unknown:
-        raise InvalidRequestError(f"unknown dtype {(unknown or [''])[0]!r}; choose from {', '.join(DTYPES)}")
+        choices = ", ".join([*DTYPES, *SCHEMES])
+        raise InvalidRequestError(f"unknown dtype {(unknown or [''])[0]!r}; choose from {choices}")
     against = [a.strip() for a in against if a.strip()]
     if any(a not in REFERENCES for a in against):
         raise InvalidRequestError(f"--against takes {' and '.join(REFERENCES)}, not {', '.join(against)}")
@@ -456,6 +467,9 @@ def run_decode_bench(
     if console is None:
         console = Console()
 
+    for d in dtypes:  # files written by memlm quantize: made here, once, not inside a measured child
+        if file_type_of(d):
+            console.print(f"[dim]{d}: {quantized_file(model, file_type_of(d))}[/dim]")
     runs = [("memlm", d) for d in dtypes] + [(engine, "float32") for engine in against]
     rows = []
     for engine, d in runs:

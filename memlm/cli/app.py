@@ -1,7 +1,7 @@
 """The `memlm` command line: the root app, its command groups, and `main`.
 
 Each command group lives in its own module (generate.py: generate, chat, info; prune.py; serve.py;
-bench.py; train.py; data.py; lcm.py; eval.py) and shares options through options.py; this module
+bench.py; train.py; data.py; lcm.py; eval.py; quantize.py) and shares options through options.py; this module
 only registers them. User mistakes (bad flags, unknown models, corrupt files) end as one line on
 stderr and exit code 2; tracebacks are for bugs.
 """
@@ -18,6 +18,7 @@ from memlm.cli.eval import eval_app
 from memlm.cli.generate import chat, generate, info
 from memlm.cli.lcm import lcm_app
 from memlm.cli.prune import prune
+from memlm.cli.quantize import quantize
 from memlm.cli.serve import serve
 from memlm.cli.train import train_app
 from memlm.errors import MemlmError
@@ -28,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="memlm: run language models with first-class memory.",
 )
-for command in (generate, chat, info, prune, serve):
+for command in (generate, chat, info, prune, serve, quantize):
     app.command()(command)
 app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")

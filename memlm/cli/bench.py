@@ -33,8 +33,9 @@ def bench_decode(
     threads: Annotated[int, typer.Option(help="torch threads for each engine.")] = 2,
     dtype: Annotated[
         str,
-        typer.Option(help="memlm weights, comma-separated: float32, bfloat16, int8, q4_0, q4_1, q8_0 (:q8_0 = int8 "
-                     "activation blocks, e.g. q4_1:q8_0)."),
+        typer.Option(help="memlm weights, comma-separated: float32, bfloat16, int8, q4_0, q4_1, q8_0, q4_k, ... (:q8_0 "
+                     "= int8 activation blocks, e.g. q4_1:q8_0), or a file type Q4_K_M, Q5_K_M, Q6_K (the model "
+                     "written by memlm quantize, run on its own blocks). A dtype listed twice runs twice."),
     ] = "int8",
     json_path: JsonOpt = None,
     quality: Annotated[

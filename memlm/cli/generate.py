@@ -52,7 +52,7 @@ from memlm.lcm.config import PLAIN_CHAT_TEMPLATE
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message unless --no-chat).")],
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = 0,
@@ -146,7 +146,7 @@ def _memory_table(tokenizer, out) -> str:
 
 def chat(
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
     temperature: TemperatureOpt = 0.0,
     top_k: Annotated[int, typer.Option()] = 0,
@@ -203,7 +203,7 @@ def chat(
 
 def info(
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
     """Architecture, parameter count, KV bytes per token, and where the weights came from."""

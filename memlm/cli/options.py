@@ -23,9 +23,10 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name or path
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        help="Weights: float32, bfloat16, int8 (dynamic int8 linears), or GGUF blocks q4_0, q4_1, q8_0 "
-        "(native kernels; a GGUF file's own blocks are used as they are). Add :q8_0 (e.g. q4_1:q8_0) to "
-        "quantize activations per block like llama.cpp: faster, not exact."
+        help="Weights: auto (the default: a GGUF file runs on its own blocks, each tensor in its format; "
+        "anything else in float32), float32, bfloat16, int8 (dynamic int8 linears), or GGUF blocks q4_0, "
+        "q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k (native kernels; converts other blocks). Add :q8_0 "
+        "(e.g. q4_k:q8_0) to quantize activations per block like llama.cpp: faster, not exact."
     ),
 ]
 TaskOpt = Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")]

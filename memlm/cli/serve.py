@@ -26,7 +26,7 @@ from memlm.errors import MemlmError
 
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean to expose it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[

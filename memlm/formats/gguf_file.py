@@ -1,12 +1,14 @@
-"""Read a GGUF file (llama.cpp's format): config, dequantized weights, tokenizer.
+"""Read a GGUF file (llama.cpp's format): config, weights (dequantized, or as the file's blocks), tokenizer.
 
-Dequantization is the `gguf` package's (Q4_0/Q4_1/Q5_x/Q8_0/K-quants, F16, BF16, F32). Weights are
+Dequantization is the `gguf` package's (Q4_0/Q4_1/Q5_x/Q8_0/K-quants, F16, BF16, F32); blocks
+memlm runs natively stay blocks when asked (`keep_quantized`). Weights are
 returned under Hugging Face names so that the rest of memlm, and transformers in the tests, see
 exactly what they would see from a safetensors checkpoint.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +165,9 @@ def _unpermute_index(rows: int, n_head: int) -> torch.Tensor:
 
 def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConfig, dict, Tokenizer]:
     """(config, weights under Hugging Face names, tokenizer). Weights are fp32 tensors; with
-    `keep_quantized`, matrices stored as Q4_0/Q4_1/Q8_0 come as `QWeight`s holding the file's bits."""
+    `keep_quantized`, matrices stored in a format memlm runs natively (quant/qweight.py FORMATS:
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants) come as `QWeight`s holding the file's bits, each in
+    its own format (Q4_K_M files mix Q4_K, Q6_K, Q5_0 and Q8_0 tensors)."""
     reader = open_gguf(path)
     fields = read_fields(reader)
     tokenizer = Tokenizer.from_gguf(fields)
@@ -174,6 +178,7 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
     if "rope_freqs.weight" in names:
         raise ModelFormatError("GGUF files with per-dimension rope_freqs (Llama 3.1 style) are not supported yet")
     weights: dict[str, torch.Tensor | QWeight] = {}
+    blocks = []  # (HF name, format, [out, in], Q/K heads, offset, bytes): read once the reader is gone
     for tensor in reader.tensors:
         hf_name = _hf_name(tensor.name)
         heads = None  # Q/K rows to un-permute, by head count
@@ -181,14 +186,32 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
             heads = config.num_heads if "attn_q" in tensor.name else config.num_kv_heads
         fmt = format_of_gguf_type(tensor.tensor_type) if keep_quantized and len(tensor.shape) == 2 else None
         if fmt is not None:
-            q = QWeight.from_gguf_blocks(tensor.data, fmt, (int(tensor.shape[1]), int(tensor.shape[0])))
-            weights[hf_name] = q.select_rows(_unpermute_index(q.shape[0], heads)) if heads else q
+            shape = (int(tensor.shape[1]), int(tensor.shape[0]))
+            blocks.append((hf_name, fmt, shape, heads, int(tensor.data_offset), int(tensor.n_bytes)))
             continue
         w = dequantize(tensor)
         if heads:
             w = _unpermute(w, heads)
         weights[hf_name] = torch.from_numpy(w if w.flags.writeable else w.copy())
+    # The reader's parsed metadata (an object per vocabulary entry) costs more memory than a small
+    # model's blocks: free it before they are read, so the peak holds one and then the other.
+    reader = tensor = None
+    gc.collect()
+    for hf_name, fmt, shape, heads, offset, size in blocks:
+        q = QWeight.from_gguf_blocks(_read_bytes(path, offset, size).reshape(shape[0], -1), fmt, shape)
+        weights[hf_name] = q.select_rows(_unpermute_index(q.shape[0], heads)) if heads else q
     return config, _join_experts(weights), tokenizer
+
+
+def _read_bytes(path: str | Path, offset: int, size: int) -> np.ndarray:
+    """A tensor's bytes read into memory of our own. Copying them out of the reader's memory map
+    would fault the file's pages into this process as well: the peak would hold the weights twice."""
+    out = np.empty(size, dtype=np.uint8)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(memoryview(out)) != size:
+            raise ModelFormatError(f"{path}: a tensor runs past the end of the file")
+    return out
 
 
 def _join_experts(weights: dict) -> dict:

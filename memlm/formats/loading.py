@@ -36,14 +36,16 @@ from memlm.models.native_decode import NativeDecoder
 from memlm.paths import conversions_dir
 from memlm.quant.int8 import quantize_int8
 from memlm.quant.qlinear import QEmbedding, QLinear, quantize_model, set_activations
-from memlm.quant.qweight import pack_quantized
+from memlm.quant.qweight import QWeight, format_for_width, pack_quantized
 from memlm.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# GGUF block formats run natively (quant/qweight.py, kernels/): a GGUF file's tensors in these
-# formats are used as they are; float weights (HF folders, F32/F16 GGUF tensors) are quantized at load.
-QUANTIZED_DTYPES = ("q4_0", "q4_1", "q8_0")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+# GGUF block formats run natively (quant/qweight.py, kernels/). `auto` runs a GGUF file on its own
+# blocks, each tensor in its format (float32 for anything else); a named format converts: tensors
+# already in it (or in its fallback for rows that are not whole super-blocks) are used as they are,
+# the others are requantized one at a time, float weights (HF folders) quantized at load.
+QUANTIZED_DTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 DTYPES |= {q: torch.float32 for q in QUANTIZED_DTYPES}
 
 
@@ -102,12 +104,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
 
     `activations` (quantized dtypes only): float32 keeps the exact product with the quantized
     weights; q8_0 quantizes activations per block like llama.cpp (faster, slightly less exact).
-    The dtype may carry it after a colon: "q4_1:q8_0"."""
+    The dtype may carry it after a colon: "q4_1:q8_0". `auto` (memlm.load's and the CLI's default):
+    a GGUF file's quantized tensors run on their own blocks; anything else loads in float32."""
     spec = dtype
     dtype, _, suffix = dtype.partition(":")
     activations = suffix or activations
     if dtype not in DTYPES:
         raise MemlmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "auto" and not _is_gguf_path(name_or_path):
+        dtype = "float32"  # auto means "as the file is": only GGUF files hold blocks memlm runs
+    auto = dtype == "auto"
     quantized = dtype in QUANTIZED_DTYPES
     if quantized and name_or_path.lower() in EMBEDDED:  # its GGUF file's own blocks, not fp32 weights
         key = name_or_path.lower()
@@ -136,8 +142,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
     if below is not None:
         model, tokenizer, source = below.model, below.tokenizer, below.source
     else:
-        config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized)
+        config, weights, tokenizer = read_hf_folder(path) if kind == "hf" else read_gguf(path, quantized or auto)
         config = _with_tokenizer_eos(config, tokenizer)
+        if quantized:
+            weights = _convert_blocks(weights, dtype)
         # An adapter merges in fp32, then the model takes the requested precision; on quantized weights
         # it stays beside them (merged into 4-bit blocks, most of a fine-tune's delta rounds away).
         model = build_model(config, weights, torch.float32 if adapter and not quantized else DTYPES[dtype])
@@ -149,6 +157,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
         quantize_int8(model)
     elif quantized:
         _quantize(model, dtype, activations, adapter)
+    elif auto and any(isinstance(m, QLinear | QEmbedding) for m in model.modules()):
+        set_activations(model, activations)
+        model.native_decoder = NativeDecoder.for_model(model)
     elif activations != "float32":
         raise MemlmError(f"--activations {activations} needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)})")
     num_parameters = count_parameters(model)
@@ -166,6 +177,32 @@ def _quantize(model: LlamaModel, fmt: str, activations: str, adapter: Path | Non
     model.native_decoder = NativeDecoder.for_model(model)
 
 
+def _is_gguf_path(name_or_path: str) -> bool:
+    path = Path(name_or_path).expanduser()
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+# As llama.cpp's file types do, the token embeddings and the output matrix keep a 6- or 8-bit
+# format a file stores them in (a Q4_1 file's Q8_0 embeddings): rounding them again would only lose.
+_HIGH_PRECISION_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _convert_blocks(weights: dict, fmt: str) -> dict:
+    """Quantized weights in a format other than `fmt` (or its fallback for their width),
+    requantized to it one at a time: never more than one matrix in fp32 at once."""
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, QWeight):
+            target = format_for_width(fmt, w.shape[1])
+            keep = w.format.name == target or (name in _HIGH_PRECISION_NAMES and w.format.bits >= 6)
+            if target is None:
+                w = w.dequantize()
+            elif not keep:
+                w = QWeight.quantize(w.dequantize(), target)
+        out[name] = w
+    return out
+
+
 def count_parameters(model) -> int:
     """Parameters, quantized matrices included, each shared tensor once (tied embeddings)."""
     seen, total = set(), 0
@@ -174,8 +211,8 @@ def count_parameters(model) -> int:
             seen.add(id(p))
             total += p.numel()
     for module in model.modules():
-        if isinstance(module, QLinear | QEmbedding) and id(module.qweight.qs) not in seen:
-            seen.add(id(module.qweight.qs))
+        if isinstance(module, QLinear | QEmbedding) and id(module.qweight) not in seen:
+            seen.add(id(module.qweight))
             total += module.qweight.shape[0] * module.qweight.shape[1]
     return total
 

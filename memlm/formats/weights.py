@@ -14,10 +14,11 @@ from memlm.quant.qweight import QWeight
 
 
 def _cat_rows(parts: list) -> torch.Tensor | QWeight:
-    """Stack matrices' rows (fusing q/k/v or gate/up). Quantized ones of one format keep their blocks
-    as they are; a mix of formats (GGUF files may store q, k and v differently) becomes fp32."""
+    """Stack matrices' rows (fusing q/k/v or gate/up). Quantized ones keep their blocks as they are,
+    in one format or, when a GGUF file stores q, k and v differently (Q4_K_M's Q6_K v beside Q4_K
+    q and k), as a mixed matrix whose parts keep theirs. Quantized beside float becomes fp32."""
     quantized = [isinstance(p, QWeight) for p in parts]
-    if all(quantized) and len({p.format for p in parts}) == 1:
+    if all(quantized):
         return QWeight.cat(parts)
     return torch.cat([p.dequantize() if q else p for p, q in zip(parts, quantized, strict=True)], dim=0)
 

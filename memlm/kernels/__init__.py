@@ -1,6 +1,6 @@
 """memlm's native CPU kernels, compiled on first use and cached.
 
-`quant_kernels.cpp` is plain C++ with AVX2/FMA/F16C intrinsics and a C ABI, loaded with ctypes:
+`quant_kernels.cpp` is plain C++20 with AVX2/FMA/F16C intrinsics and a C ABI, loaded with ctypes:
 it needs g++ (or $CXX) but no torch headers, so it compiles in about two seconds. It runs its loops
 on OpenMP threads from the libgomp torch already loaded: one thread team, sized by
 torch.set_num_threads, serves torch and the kernels. The shared library
@@ -28,28 +28,34 @@ from pathlib import Path
 from memlm.paths import kernels_dir
 
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
-FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
+FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
 # vectors (the int8-activation kernels; results are identical to the AVX2 build's).
 VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 
 class QMat(ctypes.Structure):
-    _fields_ = [
-        ("format", ctypes.c_int32),
-        ("out", ctypes.c_int32),
-        ("inp", ctypes.c_int32),
-        ("qs", ctypes.c_void_p),
-        ("d", ctypes.c_void_p),
-        ("m", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        ("lora_a", ctypes.c_void_p),
-        ("lora_bt", ctypes.c_void_p),
-        ("rank", ctypes.c_int32),
-        ("scaling", ctypes.c_float),
-    ]
+    pass
+
+
+QMat._fields_ = [
+    ("format", ctypes.c_int32),
+    ("out", ctypes.c_int32),
+    ("inp", ctypes.c_int32),
+    ("qs", ctypes.c_void_p),
+    ("d", ctypes.c_void_p),
+    ("m", ctypes.c_void_p),
+    ("bias", ctypes.c_void_p),
+    ("lora_a", ctypes.c_void_p),
+    ("lora_bt", ctypes.c_void_p),
+    ("rank", ctypes.c_int32),
+    ("scaling", ctypes.c_float),
+    # A matrix of mixed formats: its row groups' descriptors (kept alive by the caller).
+    ("parts", ctypes.POINTER(QMat)),
+    ("nparts", ctypes.c_int32),
+]
 
 
 class LayerDesc(ctypes.Structure):

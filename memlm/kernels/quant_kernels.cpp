@@ -1,5 +1,5 @@
-// memlm's native CPU kernels: GGUF-quantized (Q4_0, Q4_1, Q8_0) matrix products with fp32
-// activations, and a whole decode step of a Llama-family model in one call.
+// memlm's native CPU kernels: GGUF-quantized (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K..Q6_K) matrix
+// products with fp32 activations, and a whole decode step of a Llama-family model in one call.
 //
 // Plain C++17 with AVX2/FMA/F16C intrinsics and a C ABI (loaded with ctypes): no torch headers,
 // so it compiles in about a second and does not depend on torch's ABI.
@@ -11,7 +11,11 @@
 // Dequantized values are computed exactly as the gguf package's reference does (a multiply, then
 // an add for Q4_1; this file is compiled with -ffp-contract=off so nothing fuses them): a kernel
 // multiplies the reference fp32 weights, only its summation order differs from a fp32 matmul.
-
+//
+// The other formats ("raw": Q5_0, Q5_1 and the K-quants) are read as the file's block bytes, and
+// every one of them decodes, per block, into int8 codes c and per-16-value float32 scales S and
+// offsets O with value = S * c + O (see memlm/quant/blocks.py, the torch reference of the same
+// decoding). One templated kernel per activation type then serves them all.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -24,7 +28,7 @@
 namespace {
 
 constexpr int QK = 32;  // values per quantization block
-enum Format : int32_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+enum Format : int32_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q5_0 = 3, Q5_1 = 4, Q2_K = 5, Q3_K = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9 };
 
 // ---- threads -----------------------------------------------------------------------------------
 // OpenMP, from the same runtime torch uses: the extension links libgomp.so.1, and the dynamic
@@ -98,6 +102,11 @@ struct QMat {
   const float* lora_bt;
   int32_t rank;
   float scaling;
+  // A matrix whose row groups are stored in different formats (a Q4_K_M file's Q4_K q and k beside
+  // its Q6_K v, fused): `nparts` descriptors, in row order, each with its own format, out rows and
+  // bias; qs/d/m of this descriptor are unused then.
+  const QMat* parts;
+  int32_t nparts;
 };
 
 }  // extern "C"
@@ -282,6 +291,7 @@ struct QuantizedActivations {
   std::vector<int8_t> q;      // [n, in]
   std::vector<float> scale;   // [n, blocks]
   std::vector<float> sum;     // [n, blocks]: scale * sum of the block's codes (for offsets)
+  std::vector<float> sum16;   // [n, in/16]: the same per half block (offsets of the raw formats)
   // The same per group of 8 rows, rows innermost ([groups, blocks, 8], zeros past n): the
   // batched kernel scales 8 rows' block dot products with one vector multiply.
   std::vector<float> scale8, sum8;
@@ -292,6 +302,7 @@ void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, Qu
   out.q.resize(static_cast<size_t>(n * in));
   out.scale.resize(static_cast<size_t>(n * blocks));
   out.sum.resize(static_cast<size_t>(n * blocks));
+  out.sum16.resize(static_cast<size_t>(n * blocks * 2));
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -317,6 +328,13 @@ void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, Qu
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
       out.scale[r * blocks + b] = d;
       out.sum[r * blocks + b] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+      for (int h = 0; h < 2; ++h) {  // values 16h .. 16h+15
+        const __m256i s16 = _mm256_add_epi32(q[2 * h], q[2 * h + 1]);
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        out.sum16[(r * blocks + b) * 2 + h] = d * static_cast<float>(_mm_cvtsi128_si32(t));
+      }
     }
   const int64_t groups = (n + 7) / 8;
   out.scale8.assign(static_cast<size_t>(groups * blocks * 8), 0.0f);
@@ -471,22 +489,391 @@ void rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t n, float* y,
   }
 }
 
+// ---- the raw formats: Q5_0, Q5_1 and the K-quants, read as the file's blocks ------------------
+// decode_block<F> turns one block into int8 codes (SIMD), and scales S and offsets O per group of
+// 16 values (scalar: a few per 256 values), computed as the gguf package computes them; formats
+// without an offset set O = -0.0, the identity of addition, so S * c + O is bit-identical to it.
+
+template <int F>
+struct Raw;  // block size (values), block bytes, whether O is ever nonzero
+template <> struct Raw<Q5_0> { static constexpr int size = 32, bytes = 22; static constexpr bool offset = false; };
+template <> struct Raw<Q5_1> { static constexpr int size = 32, bytes = 24; static constexpr bool offset = true; };
+template <> struct Raw<Q2_K> { static constexpr int size = 256, bytes = 84; static constexpr bool offset = true; };
+template <> struct Raw<Q3_K> { static constexpr int size = 256, bytes = 110; static constexpr bool offset = false; };
+template <> struct Raw<Q4_K> { static constexpr int size = 256, bytes = 144; static constexpr bool offset = true; };
+template <> struct Raw<Q5_K> { static constexpr int size = 256, bytes = 176; static constexpr bool offset = true; };
+template <> struct Raw<Q6_K> { static constexpr int size = 256, bytes = 210; static constexpr bool offset = false; };
+
+// Q5_x, Q4_K and Q5_K have one scale per 32 values (S repeats over both of its groups of 16);
+// Q2_K, Q3_K and Q6_K one per 16.
+template <int F>
+constexpr bool per32() { return F == Q5_0 || F == Q5_1 || F == Q4_K || F == Q5_K; }
+
+struct Decoded {
+  alignas(32) int8_t q[256];
+  alignas(32) float s[16];
+  alignas(32) float o[16];
+};
+
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// (v >> shift) & mask on every byte (a 16-bit shift, then the mask drops the neighbour's bits).
+inline __m256i bits(__m256i v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+
+// Byte i = 0x10 where bit i of the 32-bit word h is set (the fifth bit of Q5_0/Q5_1 codes).
+inline __m256i fifth_bits(uint32_t h) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(h)),
+      _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+// Q4_K / Q5_K: the j-th 6-bit scale and minimum of the 12 packed bytes.
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+template <int F>
+inline void decode_block(const uint8_t* b, Decoded& out) {
+  __m256i* q = reinterpret_cast<__m256i*>(out.q);
+  if constexpr (F == Q5_0 || F == Q5_1) {
+    const int start = F == Q5_1 ? 4 : 2;
+    uint32_t h;
+    std::memcpy(&h, b + start, 4);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + start + 4));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+    codes = _mm256_or_si256(codes, fifth_bits(h));
+    if constexpr (F == Q5_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
+    _mm256_store_si256(q, codes);
+    const float d = half_to_float(load_u16(b));
+    const float m = F == Q5_1 ? half_to_float(load_u16(b + 2)) : -0.0f;
+    out.s[0] = out.s[1] = d;
+    out.o[0] = out.o[1] = m;
+  } else if constexpr (F == Q2_K) {
+    const uint8_t* sc = b;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = load32(b + 16 + 32 * h);
+      for (int k = 0; k < 4; ++k) _mm256_store_si256(q + 4 * h + k, bits(v, 2 * k, 3));
+    }
+    const float d = half_to_float(load_u16(b + 80)), dmin = half_to_float(load_u16(b + 82));
+    for (int g = 0; g < 16; ++g) {
+      out.s[g] = d * static_cast<float>(sc[g] & 0x0F);
+      out.o[g] = -(dmin * static_cast<float>(sc[g] >> 4));
+    }
+  } else if constexpr (F == Q3_K) {
+    const __m256i hmask = load32(b);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = load32(b + 32 + 32 * h);
+      for (int k = 0; k < 4; ++k) {
+        const __m256i high = bits(hmask, 4 * h + k, 1);  // 1: no offset, 0: minus 4
+        const __m256i code = _mm256_sub_epi8(bits(v, 2 * k, 3), _mm256_set1_epi8(4));
+        _mm256_store_si256(q + 4 * h + k, _mm256_add_epi8(code, _mm256_slli_epi16(high, 2)));
+      }
+    }
+    const uint8_t* p = b + 96;
+    const float d = half_to_float(load_u16(b + 108));
+    for (int g = 0; g < 16; ++g) {
+      const int low = g < 8 ? (p[g] & 0x0F) : (p[g - 8] >> 4);
+      const int high = (p[8 + g % 4] >> (2 * (g / 4))) & 3;
+      out.s[g] = d * static_cast<float>((low | (high << 4)) - 32);
+      out.o[g] = -0.0f;
+    }
+  } else if constexpr (F == Q4_K || F == Q5_K) {
+    const uint8_t* nib = b + (F == Q4_K ? 16 : 48);
+    const __m256i qh = F == Q5_K ? load32(b + 16) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = load32(nib + 32 * j);
+      __m256i lo = bits(v, 0, 0x0F), hi = bits(v, 4, 0x0F);
+      if constexpr (F == Q5_K) {
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(bits(qh, 2 * j, 1), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(bits(qh, 2 * j + 1, 1), 4));
+      }
+      _mm256_store_si256(q + 2 * j, lo);
+      _mm256_store_si256(q + 2 * j + 1, hi);
+    }
+    const float d = half_to_float(load_u16(b)), dmin = half_to_float(load_u16(b + 2));
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      scale_min_k4(j, b + 4, sc, m);
+      out.s[2 * j] = out.s[2 * j + 1] = d * static_cast<float>(sc);
+      out.o[2 * j] = out.o[2 * j + 1] = -(dmin * static_cast<float>(m));
+    }
+  } else {  // Q6_K
+    for (int h = 0; h < 2; ++h) {
+      const __m256i qh = load32(b + 128 + 32 * h);
+      for (int k = 0; k < 4; ++k) {
+        const __m256i v = load32(b + 64 * h + 32 * (k & 1));
+        const __m256i low = bits(v, k < 2 ? 0 : 4, 0x0F);
+        const __m256i code = _mm256_or_si256(low, _mm256_slli_epi16(bits(qh, 2 * k, 3), 4));
+        _mm256_store_si256(q + 4 * h + k, _mm256_sub_epi8(code, _mm256_set1_epi8(32)));
+      }
+    }
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = half_to_float(load_u16(b + 208));
+    for (int g = 0; g < 16; ++g) {
+      out.s[g] = d * static_cast<float>(sc[g]);
+      out.o[g] = -0.0f;
+    }
+  }
+}
+
+// sum_g o[g] * s[g] over G groups (G = 2 or 16).
+template <int G>
+inline float dot_groups(const float* o, const float* s) {
+  if constexpr (G == 16) {
+    const __m256 a = _mm256_mul_ps(_mm256_load_ps(o), _mm256_loadu_ps(s));
+    return hsum(_mm256_fmadd_ps(_mm256_load_ps(o + 8), _mm256_loadu_ps(s + 8), a));
+  } else {
+    float t = 0.0f;
+    for (int g = 0; g < G; ++g) t += o[g] * s[g];
+    return t;
+  }
+}
+
+inline __m256 codes8(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+
+// fp32 activations: y[r, o] = sum_g S_g * sum_i c_i x_i + sum_g O_g * (sum of x over group g),
+// the second term from the per-16 sums of x (`sx16`, computed once per matmul).
+template <int F, int NB>
+void raw_rows_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx16, float* y, int64_t ldy, int o0,
+                   int o1) {
+  constexpr int BS = Raw<F>::size, G = BS / 16, ACC = NB <= 2 ? 2 : 1;
+  const int64_t blocks = w.in / BS, row_bytes = blocks * Raw<F>::bytes, groups = w.in / 16;
+  Decoded dec;
+  for (int o = o0; o < o1; ++o) {
+    const uint8_t* row = w.qs + o * row_bytes;
+    __m256 acc[NB][ACC];
+    float offset[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) {
+      offset[r] = 0.0f;
+      for (int a = 0; a < ACC; ++a) acc[r][a] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      decode_block<F>(row + b * Raw<F>::bytes, dec);
+      if constexpr (per32<F>()) {  // one scale per 32 values: one multiply by it per 32
+#pragma GCC unroll 8
+        for (int c = 0; c < BS / 32; ++c) {
+          const int8_t* q = dec.q + 32 * c;
+          const __m256 c0 = codes8(q), c1 = codes8(q + 8), c2 = codes8(q + 16), c3 = codes8(q + 24);
+          const __m256 s = _mm256_set1_ps(dec.s[2 * c]);
+#pragma GCC unroll 8
+          for (int r = 0; r < NB; ++r) {
+            const float* xr = x + r * ldx + b * BS + 32 * c;
+            __m256 t = _mm256_mul_ps(c0, _mm256_loadu_ps(xr));
+            t = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + 8), t);
+            t = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xr + 16), t);
+            t = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xr + 24), t);
+            acc[r][c % ACC] = _mm256_fmadd_ps(s, t, acc[r][c % ACC]);
+          }
+        }
+      } else {
+#pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) {
+          const __m256 c0 = codes8(dec.q + 16 * g), c1 = codes8(dec.q + 16 * g + 8);
+          const __m256 s = _mm256_set1_ps(dec.s[g]);
+#pragma GCC unroll 8
+          for (int r = 0; r < NB; ++r) {
+            const float* xr = x + r * ldx + b * BS + 16 * g;
+            const __m256 t = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + 8), _mm256_mul_ps(c0, _mm256_loadu_ps(xr)));
+            acc[r][g % ACC] = _mm256_fmadd_ps(s, t, acc[r][g % ACC]);
+          }
+        }
+      }
+      if constexpr (Raw<F>::offset) {
+#pragma GCC unroll 8
+        for (int r = 0; r < NB; ++r) offset[r] += dot_groups<G>(dec.o, sx16 + r * groups + b * G);
+      }
+    }
+    const float bias = w.bias ? w.bias[o] : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) {
+      __m256 s = acc[r][0];
+      if constexpr (ACC == 2) s = _mm256_add_ps(s, acc[r][1]);
+      y[r * ldy + o] = hsum(s) + offset[r] + bias;
+    }
+  }
+}
+
+// int8 activations (32-value blocks): per 32 codes, |c| times x with c's sign, in integers; the
+// two 16-value groups' sums land in lanes 0-3 and 4-7, scaled by their S in one vector multiply.
+template <int F, int NB>
+void raw_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
+  constexpr int BS = Raw<F>::size, G = BS / 16, C = BS / 32;
+  const int64_t blocks = w.in / BS, row_bytes = blocks * Raw<F>::bytes, groups = w.in / 16, xblocks = w.in / QK;
+  Decoded dec;
+  for (int o = o0; o < o1; ++o) {
+    const uint8_t* row = w.qs + o * row_bytes;
+    __m256 acc[NB];
+    float offset[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      decode_block<F>(row + b * Raw<F>::bytes, dec);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(dec.q + 32 * c));
+        const __m256i magnitude = _mm256_sign_epi8(q, q);
+        const __m256 s = per32<F>() ? _mm256_set1_ps(dec.s[2 * c])
+                               : _mm256_set_m128(_mm_set1_ps(dec.s[2 * c + 1]), _mm_set1_ps(dec.s[2 * c]));
+        const int64_t xb = b * C + c;
+#pragma GCC unroll 8
+        for (int r = 0; r < NB; ++r) {
+          const int64_t row_x = r0 + r;
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + row_x * w.in + xb * QK));
+          const __m256i dot = dot_u8_s8(magnitude, _mm256_sign_epi8(xv, q));
+          const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(xa.scale[row_x * xblocks + xb]));
+          acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[r]);
+        }
+      }
+      if constexpr (Raw<F>::offset) {
+#pragma GCC unroll 8
+        for (int r = 0; r < NB; ++r) offset[r] += dot_groups<G>(dec.o, xa.sum16.data() + (r0 + r) * groups + b * G);
+      }
+    }
+    const float bias = w.bias ? w.bias[o] : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) y[r * ldy + o] = hsum(acc[r]) + offset[r] + bias;
+  }
+}
+
+template <int F>
+void raw_group_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx16, float* y, int64_t ldy, int nb,
+                    int o0, int o1) {
+  switch (nb) {
+    case 1: return raw_rows_fp32<F, 1>(w, x, ldx, sx16, y, ldy, o0, o1);
+    case 2: return raw_rows_fp32<F, 2>(w, x, ldx, sx16, y, ldy, o0, o1);
+    case 3: return raw_rows_fp32<F, 3>(w, x, ldx, sx16, y, ldy, o0, o1);
+    case 4: return raw_rows_fp32<F, 4>(w, x, ldx, sx16, y, ldy, o0, o1);
+    case 5: return raw_rows_fp32<F, 5>(w, x, ldx, sx16, y, ldy, o0, o1);
+    case 6: return raw_rows_fp32<F, 6>(w, x, ldx, sx16, y, ldy, o0, o1);
+    case 7: return raw_rows_fp32<F, 7>(w, x, ldx, sx16, y, ldy, o0, o1);
+    default: return raw_rows_fp32<F, 8>(w, x, ldx, sx16, y, ldy, o0, o1);
+  }
+}
+
+template <int F>
+void raw_group_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int nb, int o0,
+                  int o1) {
+  switch (nb) {
+    case 1: return raw_rows_q8<F, 1>(w, xa, r0, y, ldy, o0, o1);
+    case 2: return raw_rows_q8<F, 2>(w, xa, r0, y, ldy, o0, o1);
+    case 3: return raw_rows_q8<F, 3>(w, xa, r0, y, ldy, o0, o1);
+    case 4: return raw_rows_q8<F, 4>(w, xa, r0, y, ldy, o0, o1);
+    case 5: return raw_rows_q8<F, 5>(w, xa, r0, y, ldy, o0, o1);
+    case 6: return raw_rows_q8<F, 6>(w, xa, r0, y, ldy, o0, o1);
+    case 7: return raw_rows_q8<F, 7>(w, xa, r0, y, ldy, o0, o1);
+    default: return raw_rows_q8<F, 8>(w, xa, r0, y, ldy, o0, o1);
+  }
+}
+
+inline bool is_raw(int32_t format) { return format >= Q5_0 && format <= Q6_K; }
+
+// Calls fn.template operator()<F>() with the raw format F of `format`.
+template <class Fn>
+void with_raw_format(int32_t format, Fn&& fn) {
+  switch (format) {
+    case Q5_0: return fn.template operator()<Q5_0>();
+    case Q5_1: return fn.template operator()<Q5_1>();
+    case Q2_K: return fn.template operator()<Q2_K>();
+    case Q3_K: return fn.template operator()<Q3_K>();
+    case Q4_K: return fn.template operator()<Q4_K>();
+    case Q5_K: return fn.template operator()<Q5_K>();
+    default: return fn.template operator()<Q6_K>();
+  }
+}
+
+void raw_rows_fp32_any(const QMat& w, const float* x, int64_t n, int64_t ldx, const float* sx16, float* y, int64_t ldy,
+                       int o0, int o1) {
+  const int64_t groups = w.in / 16;
+  with_raw_format(w.format, [&]<int F>() {
+    for (int64_t r = 0; r < n; r += 8) {
+      const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
+      raw_group_fp32<F>(w, x + r * ldx, ldx, sx16 + r * groups, y + r * ldy, ldy, nb, o0, o1);
+    }
+  });
+}
+
+void raw_rows_q8_any(const QMat& w, const QuantizedActivations& xa, int64_t n, float* y, int64_t ldy, int o0, int o1) {
+  with_raw_format(w.format, [&]<int F>() {
+    for (int64_t r = 0; r < n; r += 8) {
+      const int nb = static_cast<int>(std::min<int64_t>(8, n - r));
+      raw_group_q8<F>(w, xa, r, y + r * ldy, ldy, nb, o0, o1);
+    }
+  });
+}
+
+// Row `row` of a raw-format matrix, dequantized: S * c + O per value, a multiply then an add.
+template <int F>
+void raw_dequantize_row(const QMat& w, int64_t row, float* out) {
+  constexpr int BS = Raw<F>::size;
+  const int64_t blocks = w.in / BS;
+  const uint8_t* p = w.qs + row * blocks * Raw<F>::bytes;
+  Decoded dec;
+  for (int64_t b = 0; b < blocks; ++b) {
+    decode_block<F>(p + b * Raw<F>::bytes, dec);
+    for (int g = 0; g < BS / 16; ++g) {
+      const __m256 s = _mm256_set1_ps(dec.s[g]), o = _mm256_set1_ps(dec.o[g]);
+      for (int i = 0; i < 2; ++i)
+        _mm256_storeu_ps(out + b * BS + 16 * g + 8 * i,
+                         _mm256_add_ps(_mm256_mul_ps(s, codes8(dec.q + 16 * g + 8 * i)), o));
+    }
+  }
+}
+
+// The per-16 sums of x for the raw formats' offsets: sx16[r * in/16 + g].
+void group_sums(const float* x, int64_t n, int64_t ldx, int64_t in, std::vector<float>& sx16) {
+  const int64_t groups = in / 16;
+  sx16.resize(static_cast<size_t>(n * groups));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + r * ldx + g * 16;
+      sx16[r * groups + g] = hsum(_mm256_add_ps(_mm256_loadu_ps(xg), _mm256_loadu_ps(xg + 8)));
+    }
+}
+
 // A matmul's activations, prepared once (block sums, or int8 blocks) and read by every thread.
 struct Input {
   bool q8 = false;
   const float* x = nullptr;
   int64_t n = 0, ldx = 0;
-  std::vector<float> sx;
+  std::vector<float> sx, sx16;
   QuantizedActivations xa;
 
-  void prepare(const QMat& w, const float* x_, int64_t n_, int64_t ldx_, bool q8_) {
+  // `raw`: some matrix read with these activations is in a raw format (per-16 sums needed).
+  void prepare(const QMat& w, const float* x_, int64_t n_, int64_t ldx_, bool q8_, bool raw) {
     x = x_, n = n_, ldx = ldx_, q8 = q8_;
     if (q8) quantize_activations(x, n, ldx, w.in, xa);
-    else block_sums(x, n, ldx, w.in, sx);
+    else {
+      block_sums(x, n, ldx, w.in, sx);
+      if (raw) group_sums(x, n, ldx, w.in, sx16);
+    }
   }
 
   void rows(const QMat& w, float* y, int64_t ldy, int o0, int o1) const {
-    if (q8) rows_q8(w, xa, n, y, ldy, o0, o1);
+    if (is_raw(w.format)) {
+      if (q8) raw_rows_q8_any(w, xa, n, y, ldy, o0, o1);
+      else raw_rows_fp32_any(w, x, n, ldx, sx16.data(), y, ldy, o0, o1);
+    } else if (q8) rows_q8(w, xa, n, y, ldy, o0, o1);
     else rows_fp32(w, x, n, ldx, sx.data(), y, ldy, o0, o1);
   }
 };
@@ -516,7 +903,12 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
   thread_local Input input;  // reused across calls by each calling thread
   thread_local std::vector<float> down;
   const Input* in = &input;  // the team reads the caller's (a thread_local named in a task is the worker's own)
-  input.prepare(w, x, n, ldx, q8);
+  // A matrix of mixed formats runs each part on its own output columns of y; one part otherwise.
+  const QMat* parts = w.nparts > 0 ? w.parts : &w;
+  const int count = w.nparts > 0 ? w.nparts : 1;
+  bool raw = false;
+  for (int p = 0; p < count; ++p) raw = raw || is_raw(parts[p].format);
+  input.prepare(w, x, n, ldx, q8, raw);
   const bool adapted = lora && w.lora_a != nullptr;
   if (adapted) {  // x A^T: n x rank dot products over `in`, small next to the matmul
     down.resize(static_cast<size_t>(n * w.rank));
@@ -524,13 +916,41 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
       for (int j = 0; j < w.rank; ++j) down[r * w.rank + j] = dot(x + r * ldx, w.lora_a + int64_t(j) * w.in, w.in);
   }
   const float* h = down.data();
-  const int parts = parts_for(w.out, threads());
-  parallel(parts, [&](int t) {
+  const int team = threads();
+  if (count == 1) {
+    const int slices = parts_for(w.out, team);
+    parallel(slices, [&](int t) {
+      int o0, o1;
+      share(w.out, t, slices, o0, o1);
+      in->rows(w, y, ldy, o0, o1);
+      if (adapted) add_lora_rows(w, h, n, y, ldy, o0, o1);
+    });
+    return;
+  }
+  // Every part's slices in one parallel region: (part, slice) tasks, each part's rows shared out.
+  int slices[64], first[65], offset[64];
+  first[0] = 0;
+  for (int p = 0, row = 0; p < count; ++p) {
+    slices[p] = parts_for(parts[p].out, team);
+    first[p + 1] = first[p] + slices[p];
+    offset[p] = row;
+    row += parts[p].out;
+  }
+  parallel(first[count], [&](int t) {
+    int p = 0;
+    while (t >= first[p + 1]) ++p;
     int o0, o1;
-    share(w.out, t, parts, o0, o1);
-    in->rows(w, y, ldy, o0, o1);
-    if (adapted) add_lora_rows(w, h, n, y, ldy, o0, o1);
+    share(parts[p].out, t - first[p], slices[p], o0, o1);
+    in->rows(parts[p], y + offset[p], ldy, o0, o1);
   });
+  if (adapted) {
+    const int lora_slices = parts_for(w.out, team);
+    parallel(lora_slices, [&](int t) {
+      int o0, o1;
+      share(w.out, t, lora_slices, o0, o1);
+      add_lora_rows(w, h, n, y, ldy, o0, o1);
+    });
+  }
 }
 
 template <int F>
@@ -547,11 +967,22 @@ void dequantize_rows(const QMat& w, const int64_t* rows, int64_t n, float* out) 
   const int tasks = static_cast<int>((n + per_task - 1) / per_task);
   parallel(tasks, [&](int t) {
     for (int64_t i = t * per_task; i < std::min(n, (t + 1) * per_task); ++i) {
-      const int64_t row = rows ? rows[i] : i;
-      switch (w.format) {
-        case Q4_0: dequantize_row<Q4_0>(w, row, out + i * w.in); break;
-        case Q4_1: dequantize_row<Q4_1>(w, row, out + i * w.in); break;
-        default: dequantize_row<Q8_0>(w, row, out + i * w.in); break;
+      int64_t row = rows ? rows[i] : i;
+      const QMat* m = &w;
+      for (int p = 0; p < w.nparts; ++p) {  // a mixed matrix: the part holding this row
+        m = w.parts + p;
+        if (row < m->out) break;
+        row -= m->out;
+      }
+      float* dst = out + i * w.in;
+      if (is_raw(m->format)) {
+        with_raw_format(m->format, [&]<int F>() { raw_dequantize_row<F>(*m, row, dst); });
+        continue;
+      }
+      switch (m->format) {
+        case Q4_0: dequantize_row<Q4_0>(*m, row, dst); break;
+        case Q4_1: dequantize_row<Q4_1>(*m, row, dst); break;
+        default: dequantize_row<Q8_0>(*m, row, dst); break;
       }
     }
   });
@@ -910,7 +1341,7 @@ void decode(Model& model, const DecodeArgs& a) {
 
 extern "C" {
 
-int32_t mk_abi_version() { return 7; }
+int32_t mk_abi_version() { return 8; }
 
 int32_t mk_threads() { return threads(); }
 

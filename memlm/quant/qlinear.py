@@ -20,24 +20,46 @@ from torch import nn
 
 from memlm.errors import MemlmError
 from memlm.kernels import QMat, native
-from memlm.quant.qweight import BLOCK, FORMATS, QWeight
+from memlm.quant.qweight import FORMATS, MIXED, QWeight, format_for_width
 
 # Up to this many activation rows, the native kernel beats dequantize + GEMM (it reads the weight
 # once per 8 rows); past it, GEMM's compute efficiency wins. Measured on the embedded model.
 NATIVE_MAX_ROWS = 32
+MAX_PARTS = 64  # row groups of different formats in one matrix (the kernels' bound)
 
 
 def qmat(weight: QWeight, bias: torch.Tensor | None = None, lora=None, lora_bt: torch.Tensor | None = None):
     """The kernels' descriptor of a weight, and optionally of a LoRA adapter beside it (a
     LoRALinear, with its B transposed and contiguous in `lora_bt`): pointers into their tensors,
-    so keep them alive."""
-    m = weight.m.data_ptr() if weight.m is not None else None
-    b = bias.data_ptr() if bias is not None else None
-    desc = QMat(weight.format.code, weight.shape[0], weight.shape[1], weight.qs.data_ptr(), weight.d.data_ptr(), m, b)
+    so keep them alive. A MIXED weight's part descriptors live in the weight itself."""
+    if weight.parts:
+        desc = QMat(MIXED.code, weight.shape[0], weight.shape[1], None, None, None, None)
+        desc.parts, desc.nparts = _part_descriptors(weight, bias), len(weight.parts)
+    else:
+        d = weight.d.data_ptr() if weight.d is not None else None
+        m = weight.m.data_ptr() if weight.m is not None else None
+        b = bias.data_ptr() if bias is not None else None
+        desc = QMat(weight.format.code, weight.shape[0], weight.shape[1], weight.qs.data_ptr(), d, m, b)
     if lora is not None:
         desc.lora_a, desc.lora_bt = lora.lora_a.data_ptr(), lora_bt.data_ptr()
         desc.rank, desc.scaling = lora.rank, lora.scaling
     return desc
+
+
+def _part_descriptors(weight: QWeight, bias: torch.Tensor | None):
+    """An array of the parts' descriptors, each with its slice of the bias, cached on the weight
+    (descriptors copied into a layer's point at it, so it lives as long as the weight)."""
+    if len(weight.parts) > MAX_PARTS:
+        raise MemlmError(f"a matrix of mixed formats has at most {MAX_PARTS} parts")
+    key = bias.data_ptr() if bias is not None else 0
+    if key not in weight.native:
+        parts, row = (QMat * len(weight.parts))(), 0
+        for i, part in enumerate(weight.parts):
+            part_bias = bias[row : row + part.shape[0]] if bias is not None else None
+            parts[i] = qmat(part, part_bias)
+            row += part.shape[0]
+        weight.native[key] = parts
+    return ctypes.cast(weight.native[key], ctypes.POINTER(QMat))
 
 
 def _native_ok(x: torch.Tensor, weight: QWeight):
@@ -138,8 +160,9 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
     """Quantize every float nn.Linear and nn.Embedding of a Llama-family model to `fmt`, in place.
 
     Layers already quantized (read as they are from a GGUF file) are left alone. Tied embeddings
-    stay tied: the LM head multiplies with the embedding table's quantized blocks. Matrices whose
-    input size is not a multiple of 32 (no GGUF block layout) stay in float32.
+    stay tied: the LM head multiplies with the embedding table's quantized blocks. A matrix whose
+    input size is not a whole number of the format's blocks takes llama.cpp's fallback format
+    (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0); one with no 32-value block layout stays float32.
     """
     if fmt not in FORMATS:
         raise MemlmError(f"unknown quantized format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -148,10 +171,10 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
         for name, child in list(parent.named_children()):
             if tied and child is model.lm_head:
                 continue  # shares the embedding table: tied again below
-            if type(child) is nn.Linear and child.in_features % BLOCK == 0:
-                setattr(parent, name, QLinear(QWeight.quantize(child.weight, fmt), child.bias))
-            elif type(child) is nn.Embedding and child.embedding_dim % BLOCK == 0:
-                setattr(parent, name, QEmbedding(QWeight.quantize(child.weight, fmt)))
+            if type(child) is nn.Linear and (chosen := format_for_width(fmt, child.in_features)):
+                setattr(parent, name, QLinear(QWeight.quantize(child.weight, chosen), child.bias))
+            elif type(child) is nn.Embedding and (chosen := format_for_width(fmt, child.embedding_dim)):
+                setattr(parent, name, QEmbedding(QWeight.quantize(child.weight, chosen)))
     tie_quantized_head(model, tied)
     return model
 
