@@ -121,7 +121,8 @@ class QWeight:
             )
         if fmt.raw:  # the file's bytes as they are (copied unless already a private, writable array)
             private = raw.flags.writeable and raw.flags.c_contiguous and raw.dtype == np.uint8
-            qs = (raw if private else np.array(raw, dtype=np.uint8)).reshape(out, inp // fmt.block_size * fmt.block_bytes)
+            row_bytes = inp // fmt.block_size * fmt.block_bytes
+            qs = (raw if private else np.array(raw, dtype=np.uint8)).reshape(out, row_bytes)
             return cls(fmt, (out, inp), torch.from_numpy(qs), None, None)
         blocks = np.ascontiguousarray(raw).reshape(out, inp // BLOCK, fmt.block_bytes)
         d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).reshape(out, -1))
