@@ -3,12 +3,15 @@ models, health, tokenize/detokenize, Prometheus metrics, and the memory page at 
 
 The model loads in the background after the server starts listening: /health answers 503 until
 it is ready, as vLLM and llama-server do. Every error is OpenAI's error object with a 4xx/5xx
-status; nothing a client sends reaches the engine thread unvalidated.
+status; nothing a client sends reaches the engine thread unvalidated. Bodies over a size limit are
+refused before they are parsed, prompts are tokenized off the event loop (a huge one cannot stall
+other streams), and a client that goes away aborts its requests, streamed or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import secrets
@@ -20,7 +23,9 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memlm.cache.eviction import kv_record
@@ -29,9 +34,12 @@ from memlm.cache.spec import PolicySpec
 from memlm.errors import InvalidRequestError, MemlmError, QueueFullError
 from memlm.generation.request import Request as EngineRequest
 from memlm.generation.request import StreamDelta
+from memlm.generation.tool_calls import ToolFormat
 from memlm.latent.hook import latent_record
 from memlm.lcm.hook import KEY as LCM_KEY
+from memlm.serve.chat import ToolPlan, new_call_id, render_chat
 from memlm.serve.metrics import Metrics
+from memlm.serve.openapi import document_errors
 from memlm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,7 +47,7 @@ from memlm.serve.protocol import (
     TokenizeRequest,
     _Common,
 )
-from memlm.serve.worker import EngineWorker, Job
+from memlm.serve.worker import EngineWorker, Job, ServerStopping
 
 log = logging.getLogger("memlm.serve")
 
@@ -47,14 +55,34 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, headers=None):
+    """An error answered in OpenAI's shape. `code` is OpenAI's string code (e.g. "invalid_api_key"),
+    or None as OpenAI sends for most errors: never the HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, headers=None,
+                 code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+        self.code = code
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+def _error(status: int, message: str, type_: str, param: str | None = None, headers=None,
+           code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class ServeOptions:
+    """How the server treats its clients (memlm serve's flags)."""
+
+    api_key: str | None = None
+    max_batch: int = 32
+    max_queue: int = 256
+    max_tokens_default: int | None = None  # chat without max_tokens: this many (None: to the context's end)
+    max_tokens_cap: int | None = None  # a request asking for more is refused (400)
+    max_body_bytes: int = 8 << 20  # bodies beyond it are refused (413) before they are parsed
+    public_metrics: bool = False  # with an API key: /metrics without it too
+    allowed_origins: list[str] = field(default_factory=list)  # CORS (empty: no CORS headers)
 
 
 @dataclass
@@ -62,9 +90,7 @@ class ServerState:
     """What the app serves: filled in by the loader thread once the model is ready."""
 
     served_name: str
-    api_key: str | None
-    max_batch: int
-    max_queue: int
+    options: ServeOptions
     engine: object | None = None
     worker: EngineWorker | None = None
     metrics: Metrics | None = None
@@ -73,22 +99,27 @@ class ServerState:
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def shut_down(self) -> None:
+        """The process got SIGINT/SIGTERM: in-flight requests end now (503), so uvicorn's graceful
+        shutdown finds no handler to cancel."""
+        if self.worker is not None:
+            self.worker.shutdown()
+
 
 def create_app(
     load: Callable[[], tuple[object, dict[str, object], object | None]],
     served_name: str,
-    api_key: str | None = None,
-    max_batch: int = 32,
-    max_queue: int = 256,
+    options: ServeOptions | None = None,
 ) -> FastAPI:
     """`load()` -> (engine, {memory name: LatentMemory}, learned-policy predictor or None); it runs
     in a background thread so the server can answer /health while the weights load."""
-    state = ServerState(served_name, api_key, max_batch, max_queue)
+    options = options or ServeOptions()
+    state = ServerState(served_name, options)
 
     def loader():
         try:
             engine, memories, predictor = load()
-            engine.scheduler.max_batch, engine.scheduler.max_queue = max_batch, max_queue
+            engine.scheduler.max_batch, engine.scheduler.max_queue = options.max_batch, options.max_queue
             state.metrics = Metrics(served_name)
             state.memories, state.predictor = memories, predictor
             worker = EngineWorker(engine, state.metrics)
@@ -100,24 +131,31 @@ def create_app(
 
     async def lifespan(app):
         threading.Thread(target=loader, name="memlm-loader", daemon=True).start()
-        yield
-        if state.worker is not None:
-            state.worker.stop()
+        try:
+            yield
+        finally:
+            if state.worker is not None:
+                state.worker.stop()
 
     app = FastAPI(title="memlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.memlm = state
+    document_errors(app, options.public_metrics)
+    if options.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
 
     # ---- errors: OpenAI's shape everywhere ---------------------------------------------------------
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, e: APIError):
-        return _error(e.status, e.message, e.type, e.param, e.headers)
+        return _error(e.status, e.message, e.type, e.param, e.headers, e.code)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = first.get("msg", "invalid request")
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             message, where = "the request body is not valid JSON", None
         return _error(400, f"{where}: {message}" if where else message, "invalid_request_error", where)
@@ -125,7 +163,7 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), kind)
+        return _error(e.status_code, str(e.detail), kind, headers=e.headers)  # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, e: Exception):
@@ -141,17 +179,18 @@ def create_app(
         return state.engine
 
     def authorize(request: Request) -> None:
-        if state.api_key is None:
+        if options.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
-            raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), options.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
+                           headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.served_name:
             raise APIError(404, f"model {name!r} not found; this server serves {state.served_name!r}",
-                           "not_found_error", "model")
+                           "not_found_error", "model", code="model_not_found")
 
     # ---- plain endpoints ---------------------------------------------------------------------------
 
@@ -175,8 +214,11 @@ def create_app(
         }
         return {"object": "list", "data": [card]}
 
-    @app.get("/metrics")
-    async def metrics():
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request):
+        """Prometheus text format. With an API key it needs the key too, unless --public-metrics."""
+        if not options.public_metrics:
+            authorize(request)
         ready()
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -188,10 +230,11 @@ def create_app(
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "invalid_request_error")
         if body.messages is not None:
-            ids = _user_error(lambda: engine.encode_prompt([m.model_dump() | {"content": m.text()}
-                                                            for m in body.messages]))
+            chat = ChatCompletionRequest(messages=body.messages)
+            ids = await run_in_threadpool(lambda: _user_error(lambda: render_chat(engine, chat)[0]))
         else:
-            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await run_in_threadpool(engine.tokenizer.encode, body.prompt,
+                                          add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_position_embeddings}
 
     @app.post("/detokenize")
@@ -218,16 +261,22 @@ def create_app(
         prompts = body.prompts()
         if not prompts:
             raise APIError(400, "prompt is empty", "invalid_request_error", "prompt")
-        return await _generate(state, engine, body, request, prompts, chat=False,
-                               logprobs=body.logprobs, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+        def encode() -> list[list[int]]:
+            return [p if _is_ids(p) else _user_error(lambda p=p: engine.encode_prompt(p)) for p in prompts]
+
+        ids = await run_in_threadpool(encode)  # a long prompt must not stall the event loop
+        return await _generate(state, engine, body, request, ids, chat=False, logprobs=body.logprobs,
+                               default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         authorize(request)
         engine = ready()
         check_model(body.model)
-        return await _generate(state, engine, body, request, [body.chat()], chat=True,
-                               logprobs=body.logprob_count(), default_max=None)
+        ids, plan = await run_in_threadpool(lambda: _user_error(lambda: render_chat(engine, body)))
+        return await _generate(state, engine, body, request, [ids], chat=True, logprobs=body.logprob_count(),
+                               default_max=options.max_tokens_default, plan=plan)
 
     return app
 
@@ -239,8 +288,70 @@ def _policy_names(state: ServerState) -> list[str]:
 def _user_error(fn):
     try:
         return fn()
-    except InvalidRequestError as e:
+    except MemlmError as e:
         raise APIError(400, str(e), "invalid_request_error") from None
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` with 413 before anything parses them: by their
+    Content-Length at once, or while a chunked body arrives. After a large body the allocator's free
+    memory goes back to the system (glibc keeps it otherwise: a 20 MB prompt left RSS ~3.5 GB)."""
+
+    TRIM_AFTER = 1 << 20
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = _error(413, self._message(), "invalid_request_error", code="request_too_large")
+            return await response(scope, receive, send)
+        received = 0
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # A chunked body: read it here, counting, and hand it on whole (it is under the limit).
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    response = _error(413, self._message(), "invalid_request_error", code="request_too_large")
+                    return await response(scope, receive, send)
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            replayed = False
+
+            async def whole():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return await receive()
+
+            app_receive = whole
+        else:
+            received = int(declared) if declared is not None and declared.isdigit() else 0
+            app_receive = receive
+        try:
+            await self.app(scope, app_receive, send)
+        finally:
+            if received > self.TRIM_AFTER:
+                await run_in_threadpool(_return_free_memory)
+
+    def _message(self) -> str:
+        return f"the request body is larger than this server's limit of {self.max_bytes} bytes (--max-body-bytes)"
+
+
+def _return_free_memory() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 # ---- one generation request ---------------------------------------------------------------------------
@@ -262,26 +373,42 @@ def _policy(state: ServerState, body: _Common) -> KVPolicy | None:
     return PolicySpec.from_options(body.kv_policy, body.kv_budget, options).build(state.predictor)
 
 
-def _build(state: ServerState, engine, body: _Common, prompts: list, logprobs, default_max) -> list[EngineRequest]:
+def _build(state: ServerState, engine, body: _Common, prompts: list[list[int]], logprobs, default_max,
+           plan: ToolPlan | None) -> list[EngineRequest]:
     """Validate everything and make the engine requests (prompt-major, then choice), or raise APIError."""
+    options = state.options
     memory = None
     if body.memory is not None:
         memory = state.memories.get(body.memory)
         if memory is None:
             loaded = ", ".join(sorted(state.memories)) or "none (start the server with --memory NAME=DIR)"
             raise APIError(404, f"memory {body.memory!r} not found; loaded: {loaded}", "not_found_error", "memory")
+    asked = body.max_output_tokens
+    cap = options.max_tokens_cap
+    if cap is not None and asked is not None and asked > cap:
+        raise APIError(400, f"max_tokens is {asked} but this server allows at most {cap} (--max-tokens-cap)",
+                       "invalid_request_error", "max_tokens")
+    if len(prompts) * body.n > options.max_queue:  # could never be queued: not "busy", a bad request
+        raise APIError(400, f"this request makes {len(prompts) * body.n} generations (prompts x n) but the "
+                       f"server queues at most {options.max_queue} (--max-queue)", "invalid_request_error", "n")
     requests = []
     try:
         policy = _policy(state, body)
         limit = engine.config.max_position_embeddings
-        for prompt in prompts:
-            ids = prompt if _is_ids(prompt) else engine.encode_prompt(prompt)
+        vocab = engine.config.vocab_size
+        if any(t >= vocab for t in body.token_bias()):
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        response_format = plan.response_format() if plan is not None else None
+        for ids in prompts:
             if len(ids) >= limit:
                 raise InvalidRequestError(
                     f"the prompt has {len(ids)} tokens but the model's context is {limit} tokens"
                 )
+            default = default_max or limit - len(ids)
+            if cap is not None:
+                default = min(default, cap)
             for choice in range(body.n):
-                params = body.sampling_params(default_max or max(1, limit - len(ids)), choice, logprobs)
+                params = body.sampling_params(max(1, default), choice, logprobs, response_format)
                 requests.append(engine.make_request(ids, params, policy, memory))
     except MemlmError as e:
         raise APIError(400, str(e), "invalid_request_error") from None
@@ -292,24 +419,39 @@ def _is_ids(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
 
 
-async def _generate(state: ServerState, engine, body: _Common, http: Request, prompts, chat, logprobs, default_max):
-    requests = _build(state, engine, body, prompts, logprobs, default_max)
+async def _generate(state: ServerState, engine, body: _Common, http: Request, prompts, chat, logprobs, default_max,
+                    plan: ToolPlan | None = None):
+    requests = await run_in_threadpool(_build, state, engine, body, prompts, logprobs, default_max, plan)
     loop = asyncio.get_running_loop()
     job = Job(requests, asyncio.Queue(), loop)
     try:
         state.worker.submit(job)
-    except QueueFullError as e:
+    except (QueueFullError, ServerStopping) as e:
         raise APIError(503, str(e), "service_unavailable", headers={"Retry-After": "1"}) from None
-    view = _View(state, engine, body, requests, chat, logprobs)
+    view = _View(state, engine, body, requests, chat, logprobs, plan)
     if body.stream:
         return StreamingResponse(_sse(state, job, view), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    waiting = asyncio.ensure_future(_wait(job))
+    watching = asyncio.ensure_future(_disconnected(http))
     try:
-        await _wait(job)
-    except BaseException:
-        state.worker.abort(requests)
-        raise
+        await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not waiting.done():  # the client went away (or the server is stopping): stop generating
+            waiting.cancel()
+            state.worker.abort(requests)
+    if not waiting.done() or waiting.cancelled():
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+    waiting.result()  # raises a failed step's error
     return view.response()
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns when the client closes its connection. The body was read already, so the next ASGI
+    message is the disconnect (uvicorn sends it as soon as it sees the socket close)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _wait(job: Job) -> None:
@@ -317,6 +459,8 @@ async def _wait(job: Job) -> None:
     done = set()
     while len(done) < len(job.requests):
         item = await job.queue.get()
+        if isinstance(item, ServerStopping):
+            raise APIError(503, str(item), "service_unavailable")
         if isinstance(item, Exception):
             raise APIError(500, str(item), "server_error")
         if item is not None and item.finish_reason is not None:
@@ -337,7 +481,7 @@ async def _sse(state: ServerState, job: Job, view: _View) -> AsyncIterator[str]:
             if item is None:
                 continue
             if isinstance(item, Exception):
-                yield _event({"error": {"message": str(item), "type": "server_error", "param": None, "code": 500}})
+                yield _event({"error": {"message": str(item), "type": "server_error", "param": None, "code": None}})
                 return
             if item.finish_reason is not None:
                 done.add(item.request.id)
@@ -358,9 +502,14 @@ def _event(payload: dict) -> str:
 class _View:
     """Turns engine requests and deltas into OpenAI's response and chunk objects."""
 
-    def __init__(self, state: ServerState, engine, body: _Common, requests, chat: bool, logprobs):
+    def __init__(self, state: ServerState, engine, body: _Common, requests, chat: bool, logprobs,
+                 plan: ToolPlan | None = None):
         self.state, self.engine, self.body, self.requests = state, engine, body, requests
         self.chat, self.logprobs = chat, logprobs
+        self.plan = plan if plan is not None and plan.calls_possible else None
+        self.call_ids: list[list[str]] = [[] for _ in requests]  # per choice: the ids of its calls, in order
+        self.sent_content = [0] * len(requests)  # tool plans: content characters streamed, per choice
+        self.sent_arguments: list[list[int]] = [[] for _ in requests]  # per choice and call: argument chars sent
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.choice_of = {r.id: i for i, r in enumerate(requests)}
@@ -384,7 +533,8 @@ class _View:
         for i, r in enumerate(self.requests):
             finish = r.finish_reason
             if self.chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": r.text},
+                message, finish = self._message(i, r)
+                choice = {"index": i, "message": message,
                           "logprobs": self._chat_logprobs(r, 0, len(r.logprobs)) if self.logprobs is not None else None,
                           "finish_reason": finish}
             else:
@@ -398,6 +548,62 @@ class _View:
                 choice["memory_trace"] = self._memory_trace(r)
             choices.append(choice)
         return self._envelope(choices, usage=self.usage())
+
+    def _message(self, index: int, r: EngineRequest) -> tuple[dict, str]:
+        """A chat choice's message and finish reason: with tools, the calls read out of the text."""
+        if self.plan is None:
+            return {"role": "assistant", "content": r.text}, r.finish_reason
+        content, calls = self.plan.parse(r.text)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [
+                {"id": self._call_id(index, k), "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}} for k, c in enumerate(calls)
+            ]
+        finish = "tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason
+        return message, finish
+
+    def _finish_reason(self, index: int, r: EngineRequest) -> str:
+        if self.plan is not None and r.finish_reason == "stop" and self.sent_arguments[index]:
+            return "tool_calls"
+        return r.finish_reason
+
+    def _call_id(self, index: int, k: int) -> str:
+        ids = self.call_ids[index]
+        while len(ids) <= k:
+            ids.append(new_call_id())
+        return ids[k]
+
+    def _tool_delta(self, index: int, r: EngineRequest, finished: bool) -> dict:
+        """The next piece of a choice's answer under a tool plan: content up to the first call block
+        (holding back what may be the start of its tag), then each call's id and name once, and its
+        arguments as they grow."""
+        text = r.text if finished else r.text[: r.streamed]
+        content, calls = self.plan.parse(text)
+        delta = {}
+        if not calls:
+            end = len(text) if finished else ToolFormat.safe_content_length(text.rstrip())
+        else:
+            end = len(content or "")
+        if end > self.sent_content[index]:
+            shown = (content or "") if calls else text
+            delta["content"] = shown[self.sent_content[index]: end]
+            self.sent_content[index] = end
+        sent = self.sent_arguments[index]
+        pieces = []
+        for k, call in enumerate(calls):
+            piece = {"index": k}
+            if k == len(sent):
+                sent.append(0)
+                piece.update(id=self._call_id(index, k), type="function", function={"name": call.name, "arguments": ""})
+            if len(call.arguments) > sent[k]:
+                piece.setdefault("function", {})["arguments"] = call.arguments[sent[k]:]
+                sent[k] = len(call.arguments)
+            if len(piece) > 1:
+                pieces.append(piece)
+        if pieces:
+            delta["tool_calls"] = pieces
+        return delta
 
     def usage(self) -> dict:
         prompt = sum(len(r.prompt_ids) for r in self.requests[:: self.body.n])  # each prompt once, as OpenAI
@@ -435,7 +641,11 @@ class _View:
         if not (d.text or d.finish_reason or wants_memory or new_logprobs):
             return None
         choice = {"index": index}
-        if self.chat:
+        if self.plan is not None:
+            choice["delta"] = self._tool_delta(index, r, d.finish_reason is not None)
+            if not choice["delta"] and not (d.finish_reason or wants_memory or new_logprobs):
+                return None
+        elif self.chat:
             choice["delta"] = {"content": d.text} if d.text or not d.finish_reason else {}
         else:
             choice["text"] = d.text
@@ -446,7 +656,7 @@ class _View:
                 choice["logprobs"] = self._chat_logprobs(r, start, len(r.logprobs))
             else:
                 choice["logprobs"] = self._completion_logprobs(r, start, len(r.logprobs))
-        choice["finish_reason"] = r.finish_reason if d.finish_reason else None
+        choice["finish_reason"] = self._finish_reason(index, r) if d.finish_reason else None
         if wants_memory:
             choice["memory"] = self._step_memory(d)
         if d.finish_reason and self.body.return_memory_trace:

@@ -23,6 +23,11 @@ from memlm.serve.metrics import Metrics
 log = logging.getLogger("memlm.serve")
 
 
+class ServerStopping(RuntimeError):
+    """Posted to every job when the server shuts down: its handler answers 503 at once instead of
+    holding the shutdown until uvicorn cancels it."""
+
+
 @dataclass
 class Job:
     """One HTTP request's engine requests (n choices, or several prompts) and where their deltas go."""
@@ -46,6 +51,7 @@ class EngineWorker:
         self._aborts: list[str] = []
         self._jobs: dict[str, Job] = {}  # request id -> its job (worker thread only)
         self._stop = False
+        self._closing: str | None = None  # set by shutdown(): fail everything with this message
         self._thread = threading.Thread(target=self._loop, name="memlm-engine", daemon=True)
 
     def start(self) -> None:
@@ -62,10 +68,18 @@ class EngineWorker:
         """Queue a job's requests, or raise QueueFullError when the waiting queue has no room for them."""
         limit = self.engine.scheduler.max_queue
         with self._lock:
+            if self._closing is not None:
+                raise ServerStopping(self._closing)
             waiting = self.engine.num_waiting + sum(len(j.requests) for j in self._incoming)
             if limit is not None and waiting + len(job.requests) > limit:
                 raise QueueFullError(f"the server is busy ({waiting} requests waiting); retry shortly")
             self._incoming.append(job)
+        self._wake.set()
+
+    def shutdown(self, message: str = "the server is shutting down") -> None:
+        """Fail every queued and running request now (their handlers answer 503) and refuse new ones."""
+        with self._lock:
+            self._closing = message
         self._wake.set()
 
     def abort(self, requests: list[Request]) -> None:
@@ -100,6 +114,8 @@ class EngineWorker:
             for r in job.requests:
                 self._jobs[r.id] = job
                 self.engine.scheduler.add(r, bounded=False)
+        if self._closing is not None and self.engine.has_unfinished:
+            self._fail_all(self._closing, ServerStopping)
         for request_id in aborts:
             if self.engine.abort(request_id):
                 job = self._jobs.pop(request_id, None)
@@ -129,10 +145,10 @@ class EngineWorker:
                 self.metrics.finished(d.finish_reason, r, now)
         self.metrics.observe_engine(self.engine)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, kind: type[Exception] = RuntimeError) -> None:
         for r in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
             self.engine.abort(r.id)
             job = self._jobs.pop(r.id, None)
             if job is not None:
-                job.post(RuntimeError(message))
+                job.post(kind(message))
         self.metrics.observe_engine(self.engine)
