@@ -173,10 +173,10 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError("chat messages must be dicts with 'role' and 'content'")
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
+        if self._template is None or self._template[0] != self.chat_template:  # compiled once per source
+            self._template = (self.chat_template, _compile_template(self.chat_template))
         extra = {"tools": tools} if tools else {}
-        return self._template.render(
+        return self._template[1].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             **extra,

@@ -230,7 +230,7 @@ def create_app(
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "invalid_request_error")
         if body.messages is not None:
-            chat = ChatCompletionRequest(messages=body.messages)
+            chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
             ids = await run_in_threadpool(lambda: _user_error(lambda: render_chat(engine, chat)[0]))
         else:
             ids = await run_in_threadpool(engine.tokenizer.encode, body.prompt,
@@ -581,13 +581,13 @@ class _View:
         text = r.text if finished else r.text[: r.streamed]
         content, calls = self.plan.parse(text)
         delta = {}
-        if not calls:
+        if content == text:  # no call block yet: hold back what may become its tag, and trailing space
             end = len(text) if finished else ToolFormat.safe_content_length(text.rstrip())
         else:
-            end = len(content or "")
+            content = content or ""
+            end = len(content)
         if end > self.sent_content[index]:
-            shown = (content or "") if calls else text
-            delta["content"] = shown[self.sent_content[index]: end]
+            delta["content"] = content[self.sent_content[index]: end]
             self.sent_content[index] = end
         sent = self.sent_arguments[index]
         pieces = []

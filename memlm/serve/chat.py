@@ -41,7 +41,7 @@ class ToolPlan:
         if not self.calls_possible:
             return text, []
         content, calls = self.format.parse(text)
-        if calls:
+        if len(content) < len(text):  # a call block opened: what precedes it, without the gap
             content = content.rstrip() or None
         return content, calls
 

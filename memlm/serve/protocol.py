@@ -232,6 +232,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None  # with messages: rendered as a chat request with them would be
     add_special_tokens: bool = True
 
 
