@@ -11,6 +11,7 @@ other streams), and a client that goes away aborts its requests, streamed or not
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import json
 import logging
@@ -44,10 +45,11 @@ from memlm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
     _Common,
 )
-from memlm.serve.worker import EngineWorker, Job, ServerStopping
+from memlm.serve.worker import EmbeddingJob, EngineWorker, Job, ServerStopping
 
 log = logging.getLogger("memlm.serve")
 
@@ -277,6 +279,60 @@ def create_app(
         ids, plan = await run_in_threadpool(lambda: _user_error(lambda: render_chat(engine, body)))
         return await _generate(state, engine, body, request, [ids], chat=True, logprobs=body.logprob_count(),
                                default_max=options.max_tokens_default, plan=plan)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        """Mean of the last hidden states, L2-normalised (memlm.generation.embedding)."""
+        authorize(request)
+        engine = ready()
+        check_model(body.model)
+        inputs = body.inputs()
+        width, limit, vocab = engine.config.hidden_size, engine.config.max_position_embeddings, engine.config.vocab_size
+        if not inputs or len(inputs) > 2048:
+            raise APIError(400, "input must hold 1 to 2048 items", "invalid_request_error", "input")
+        if body.dimensions is not None and body.dimensions != width:
+            raise APIError(400, f"dimensions: this model's embeddings have {width} dimensions and its mean pooling "
+                           "cannot be shortened", "invalid_request_error", "dimensions")
+
+        def encode() -> list[list[int]]:
+            out = []
+            for i, item in enumerate(inputs):
+                ids = item if isinstance(item, list) else engine.tokenizer.encode(item)
+                if not ids:
+                    raise APIError(400, f"input[{i}] is empty", "invalid_request_error", "input")
+                if len(ids) > limit:
+                    raise APIError(400, f"input[{i}] has {len(ids)} tokens but the model's context is {limit}",
+                                   "invalid_request_error", "input")
+                if min(ids) < 0 or max(ids) >= vocab:
+                    raise APIError(400, f"input[{i}]: token ids must be in [0, {vocab})", "invalid_request_error",
+                                   "input")
+                out.append(ids)
+            return out
+
+        ids = await run_in_threadpool(encode)
+        loop = asyncio.get_running_loop()
+        job = EmbeddingJob(ids, loop.create_future(), loop)
+        try:
+            state.worker.submit_embeddings(job)
+        except ServerStopping as e:
+            raise APIError(503, str(e), "service_unavailable") from None
+        try:
+            vectors = await job.future
+        except asyncio.CancelledError:
+            job.future.cancel()
+            raise
+        except MemlmError as e:
+            raise APIError(400, str(e), "invalid_request_error") from None
+        data = []
+        for i, vector in enumerate(vectors):
+            if body.encoding_format == "base64":  # OpenAI's: little-endian float32 bytes, base64
+                value = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+            else:
+                value = vector.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(len(x) for x in ids)
+        return {"object": "list", "data": data, "model": state.served_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app
 

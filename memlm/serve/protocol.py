@@ -239,3 +239,23 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[StrictInt]
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's /v1/embeddings body. `dimensions` must equal the model's (mean pooling cannot be cut
+    shorter without a model trained for it)."""
+
+    model: str | None = None
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per input: text, or token ids."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(t, int) for t in value):
+            return [list(value)]
+        return list(value)

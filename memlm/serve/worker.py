@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from memlm.errors import QueueFullError
+from memlm.generation.embedding import embed_token_lists
 from memlm.generation.engine import Engine
 from memlm.generation.request import Request, StreamDelta
 from memlm.serve.metrics import Metrics
@@ -42,12 +43,33 @@ class Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+@dataclass
+class EmbeddingJob:
+    """Token-id lists to embed; the [N, d] result (or the error) is set on `future` from the engine thread."""
+
+    inputs: list[list[int]]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def finish(self, result) -> None:
+        def settle():
+            if self.future.done():  # the client went away
+                return
+            if isinstance(result, Exception):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
 class EngineWorker:
     def __init__(self, engine: Engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._incoming: list[Job] = []
+        self._embeddings: list[EmbeddingJob] = []
         self._aborts: list[str] = []
         self._jobs: dict[str, Job] = {}  # request id -> its job (worker thread only)
         self._stop = False
@@ -76,6 +98,14 @@ class EngineWorker:
             self._incoming.append(job)
         self._wake.set()
 
+    def submit_embeddings(self, job: EmbeddingJob) -> None:
+        """Embed between two decode steps, on this thread: the model is never run from two threads."""
+        with self._lock:
+            if self._closing is not None:
+                raise ServerStopping(self._closing)
+            self._embeddings.append(job)
+        self._wake.set()
+
     def shutdown(self, message: str = "the server is shutting down") -> None:
         """Fail every queued and running request now (their handlers answer 503) and refuse new ones."""
         with self._lock:
@@ -94,6 +124,7 @@ class EngineWorker:
         engine = self.engine
         while not self._stop:
             self._take_mail()
+            self._embed()
             if not engine.has_unfinished:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -123,6 +154,18 @@ class EngineWorker:
                 if job is not None:
                     job.post(None)  # wakes a handler still waiting on it
         self.metrics.observe_engine(self.engine)
+
+    def _embed(self) -> None:
+        with self._lock:
+            jobs, self._embeddings = self._embeddings, []
+        for job in jobs:
+            if job.future.done():  # cancelled: its client left
+                continue
+            try:
+                job.finish(embed_token_lists(self.engine.model, job.inputs, self.engine.scheduler.max_prefill_tokens))
+            except Exception as e:  # noqa: BLE001  (a bug or a bad input: that request fails, the server lives)
+                log.exception("embedding failed")
+                job.finish(e)
 
     def _deliver(self, deltas: list[StreamDelta]) -> None:
         now = time.monotonic()
