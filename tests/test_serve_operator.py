@@ -191,17 +191,21 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(server):
     assert server.metric("memlm:request_success_total", finished_reason="abort") == aborted + 1
 
 
-def test_a_huge_prompt_does_not_stall_other_requests(server):
-    """Tokenizing runs off the event loop: /health answers while a big prompt is tokenized."""
+def test_huge_prompts_do_not_stall_other_requests(server):
+    """Tokenizing runs off the event loop: /health answers while a big prompt is tokenized. A prompt
+    that cannot fit however it tokenizes (more bytes than context x the longest token) is refused
+    without tokenizing."""
     import threading
 
-    big = {"prompt": "word " * 38_000, "max_tokens": 1}  # ~190 kB: under the body limit, over the context
     result = {}
+    big = {"prompt": "word " * 30_000, "max_tokens": 1}  # 150 kB: tokenized (150k tokens), then refused
     thread = threading.Thread(target=lambda: result.update(r=_post(server, "/v1/completions", big)))
     thread.start()
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     thread.join()
-    assert "context" in _error(result["r"], 400)
+    assert "150000 tokens" in _error(result["r"], 400)
+    huger = {"prompt": "word " * 38_000, "max_tokens": 1}  # 190 kB > 32768 x 5 bytes ("<eos>")
+    assert "at least" in _error(_post(server, "/v1/completions", huger), 400)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -39,6 +39,7 @@ from memlm.generation.tool_calls import ToolFormat
 from memlm.latent.hook import latent_record
 from memlm.lcm.hook import KEY as LCM_KEY
 from memlm.serve.chat import ToolPlan, new_call_id, render_chat
+from memlm.serve.encoding import PromptEncoder
 from memlm.serve.metrics import Metrics
 from memlm.serve.openapi import document_errors
 from memlm.serve.protocol import (
@@ -98,6 +99,7 @@ class ServerState:
     metrics: Metrics | None = None
     memories: dict[str, object] = field(default_factory=dict)
     predictor: object | None = None  # for kv_policy "learned"
+    encoder: PromptEncoder | None = None
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -123,6 +125,7 @@ def create_app(
             engine, memories, predictor = load()
             engine.scheduler.max_batch, engine.scheduler.max_queue = options.max_batch, options.max_queue
             state.metrics = Metrics(served_name)
+            state.encoder = PromptEncoder(engine.tokenizer, engine.config.max_position_embeddings)
             state.memories, state.predictor = memories, predictor
             worker = EngineWorker(engine, state.metrics)
             worker.start()
@@ -233,10 +236,9 @@ def create_app(
             raise APIError(400, "give exactly one of prompt or messages", "invalid_request_error")
         if body.messages is not None:
             chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
-            ids = await run_in_threadpool(lambda: _user_error(lambda: render_chat(engine, chat)[0]))
+            ids = (await _off_loop(render_chat, engine, chat, state.encoder.encode))[0]
         else:
-            ids = await run_in_threadpool(engine.tokenizer.encode, body.prompt,
-                                          add_special_tokens=body.add_special_tokens)
+            ids = await _off_loop(state.encoder.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_position_embeddings}
 
     @app.post("/detokenize")
@@ -265,7 +267,7 @@ def create_app(
             raise APIError(400, "prompt is empty", "invalid_request_error", "prompt")
 
         def encode() -> list[list[int]]:
-            return [p if _is_ids(p) else _user_error(lambda p=p: engine.encode_prompt(p)) for p in prompts]
+            return [p if _is_ids(p) else _user_error(lambda p=p: _encode_text(state, p)) for p in prompts]
 
         ids = await run_in_threadpool(encode)  # a long prompt must not stall the event loop
         return await _generate(state, engine, body, request, ids, chat=False, logprobs=body.logprobs,
@@ -276,7 +278,7 @@ def create_app(
         authorize(request)
         engine = ready()
         check_model(body.model)
-        ids, plan = await run_in_threadpool(lambda: _user_error(lambda: render_chat(engine, body)))
+        ids, plan = await _off_loop(render_chat, engine, body, state.encoder.encode)
         return await _generate(state, engine, body, request, [ids], chat=True, logprobs=body.logprob_count(),
                                default_max=options.max_tokens_default, plan=plan)
 
@@ -297,7 +299,8 @@ def create_app(
         def encode() -> list[list[int]]:
             out = []
             for i, item in enumerate(inputs):
-                ids = item if isinstance(item, list) else engine.tokenizer.encode(item)
+                ids = item if isinstance(item, list) else _user_error(
+                    lambda item=item, i=i: state.encoder.encode(item, what=f"input[{i}]"))
                 if not ids:
                     raise APIError(400, f"input[{i}] is empty", "invalid_request_error", "input")
                 if len(ids) > limit:
@@ -337,8 +340,20 @@ def create_app(
     return app
 
 
+def _encode_text(state: ServerState, text: str) -> list[int]:
+    if not text.strip():
+        raise InvalidRequestError("prompt is empty")
+    return state.encoder.encode(text)
+
+
 def _policy_names(state: ServerState) -> list[str]:
     return [name for name in POLICIES if name != "learned" or state.predictor is not None]
+
+
+async def _off_loop(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in the thread pool (tokenizing is CPU work the event loop must not wait
+    on); a user's mistake becomes a 400."""
+    return await run_in_threadpool(lambda: _user_error(lambda: fn(*args, **kwargs)))
 
 
 def _user_error(fn):

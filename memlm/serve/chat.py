@@ -50,8 +50,9 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def render_chat(engine, body: ChatCompletionRequest) -> tuple[list[int], ToolPlan | None]:
-    """The prompt's token ids and the request's ToolPlan (None without tools)."""
+def render_chat(engine, body: ChatCompletionRequest, encode=None) -> tuple[list[int], ToolPlan | None]:
+    """The prompt's token ids and the request's ToolPlan (None without tools). `encode`: text -> ids
+    (default: the tokenizer's)."""
     tokenizer = engine.tokenizer
     plan = _plan(body, tokenizer)
     messages = body.chat()
@@ -66,7 +67,7 @@ def render_chat(engine, body: ChatCompletionRequest) -> tuple[list[int], ToolPla
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     if not text.strip():
         raise InvalidRequestError("prompt is empty")
-    return tokenizer.encode(text), plan
+    return (encode or tokenizer.encode)(text), plan
 
 
 def _format_of(tokenizer) -> ToolFormat:
