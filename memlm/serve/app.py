@@ -22,10 +22,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -40,6 +41,8 @@ from memlm.latent.hook import latent_record
 from memlm.lcm.hook import KEY as LCM_KEY
 from memlm.serve.chat import ToolPlan, new_call_id, render_chat
 from memlm.serve.encoding import PromptEncoder
+from memlm.serve.messages_api import CountTokensRequest, MessageBuilder, MessagesRequest, anthropic_error
+from memlm.serve.messages_api import chat_request as messages_chat
 from memlm.serve.metrics import Metrics
 from memlm.serve.openapi import document_errors
 from memlm.serve.protocol import (
@@ -47,9 +50,12 @@ from memlm.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    StreamOptions,
     TokenizeRequest,
     _Common,
 )
+from memlm.serve.responses_api import ResponseBuilder, ResponsesRequest, ResponseStore, conversation_of
+from memlm.serve.responses_api import chat_request as responses_chat
 from memlm.serve.worker import EmbeddingJob, EngineWorker, Job, ServerStopping
 
 log = logging.getLogger("memlm.serve")
@@ -69,7 +75,10 @@ class APIError(Exception):
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, headers=None,
-           code: str | None = None) -> JSONResponse:
+           code: str | None = None, path: str = "") -> JSONResponse:
+    """OpenAI's error object; on Anthropic's paths (/v1/messages), Anthropic's."""
+    if path.startswith("/v1/messages"):
+        return JSONResponse(anthropic_error(status, message), status_code=status, headers=headers)
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -100,6 +109,7 @@ class ServerState:
     memories: dict[str, object] = field(default_factory=dict)
     predictor: object | None = None  # for kv_policy "learned"
     encoder: PromptEncoder | None = None
+    responses: ResponseStore = field(default_factory=ResponseStore)  # for previous_response_id
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -142,7 +152,24 @@ def create_app(
             if state.worker is not None:
                 state.worker.stop()
 
-    app = FastAPI(title="memlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    open_paths = {"/health", "/", "/openapi.json"} | ({"/metrics"} if options.public_metrics else set())
+
+    def authorize(request: Request) -> None:
+        """Every route but the open ones needs the key; a route dependency, so it runs before the body
+        is validated (an unauthenticated client learns nothing about its body)."""
+        if options.api_key is None or request.url.path in open_paths:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")  # Anthropic's clients send the key so
+        if not token or not secrets.compare_digest(token.strip().encode(), options.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY, or x-api-key: KEY)",
+                           "authentication_error",
+                           headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+
+    app = FastAPI(title="memlm", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(authorize)])
     app.state.memlm = state
     document_errors(app, options.public_metrics)
     if options.allowed_origins:
@@ -154,7 +181,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, e: APIError):
-        return _error(e.status, e.message, e.type, e.param, e.headers, e.code)
+        return _error(e.status, e.message, e.type, e.param, e.headers, e.code, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError):
@@ -163,17 +190,19 @@ def create_app(
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             message, where = "the request body is not valid JSON", None
-        return _error(400, f"{where}: {message}" if where else message, "invalid_request_error", where)
+        return _error(400, f"{where}: {message}" if where else message, "invalid_request_error", where,
+                      path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), kind, headers=e.headers)  # 405 keeps its Allow header
+        return _error(e.status_code, str(e.detail), kind, headers=e.headers,  # 405 keeps its Allow header
+                      path=request.url.path)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, e: Exception):
         log.exception("unhandled error")
-        return _error(500, f"internal error: {type(e).__name__}", "server_error")
+        return _error(500, f"internal error: {type(e).__name__}", "server_error", path=request.url.path)
 
     # ---- guards ------------------------------------------------------------------------------------
 
@@ -182,15 +211,6 @@ def create_app(
             message = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
             raise APIError(503, message, "service_unavailable", headers={"Retry-After": "5"})
         return state.engine
-
-    def authorize(request: Request) -> None:
-        if options.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), options.api_key.encode()):
-            raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
-                           headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.served_name:
@@ -206,7 +226,6 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
         engine = ready()
         card = {
             "id": state.served_name,
@@ -222,14 +241,11 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
         """Prometheus text format. With an API key it needs the key too, unless --public-metrics."""
-        if not options.public_metrics:
-            authorize(request)
         ready()
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request):
-        authorize(request)
         engine = ready()
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -243,7 +259,6 @@ def create_app(
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request):
-        authorize(request)
         engine = ready()
         check_model(body.model)
         if any(t < 0 or t >= engine.config.vocab_size for t in body.tokens):
@@ -259,7 +274,6 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        authorize(request)
         engine = ready()
         check_model(body.model)
         prompts = body.prompts()
@@ -275,17 +289,119 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        authorize(request)
         engine = ready()
         check_model(body.model)
         ids, plan = await _off_loop(render_chat, engine, body, state.encoder.encode)
         return await _generate(state, engine, body, request, [ids], chat=True, logprobs=body.logprob_count(),
                                default_max=options.max_tokens_default, plan=plan)
 
+    # ---- the Responses and Messages APIs: adapters over chat completions ----------------------------
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        engine = ready()
+        check_model(body.model)
+        previous = None
+        if body.previous_response_id is not None:
+            stored = state.responses.get(body.previous_response_id)
+            if stored is None:
+                raise APIError(404, f"previous response {body.previous_response_id!r} not found (the server keeps "
+                               f"the last {state.responses.limit} stored responses, in memory)", "not_found_error",
+                               "previous_response_id")
+            previous = stored[1]
+        conversation = _user_error(lambda: conversation_of(body, previous))
+        chat = _user_error(lambda: _validated(lambda: responses_chat(body, conversation)))
+        builder = ResponseBuilder(body, state.served_name)
+        if body.stream:
+            chat.stream_options = StreamOptions(include_usage=True)
+        ids, plan = await _off_loop(render_chat, engine, chat, state.encoder.encode)
+        job, view = await _start(state, engine, chat, [ids], True, None, options.max_tokens_default, plan)
+
+        def keep(response: dict) -> None:
+            if body.store:
+                state.responses.put(response, builder.conversation_after(conversation, response))
+
+        if not body.stream:
+            if not await _finish(state, job, request):
+                return Response(status_code=499)
+            response = builder.from_chat(view.response())
+            keep(response)
+            return response
+
+        async def events():
+            for event in builder.opening():
+                yield event
+            chunks = _chunks(state, job, view)
+            try:
+                async for chunk in chunks:
+                    if "error" in chunk:
+                        yield builder.event("error", code=None, message=chunk["error"]["message"], param=None)
+                        return
+                    for event in builder.on_chunk(chunk):
+                        yield event
+                closing, response = builder.closing()
+                keep(response)
+                for event in closing:
+                    yield event
+            finally:
+                await chunks.aclose()
+
+        return _streaming(events())
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str, request: Request):
+        stored = state.responses.get(response_id)
+        if stored is None:
+            raise APIError(404, f"response {response_id!r} not found", "not_found_error")
+        return stored[0]
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        engine = ready()
+        check_model(body.model)
+        chat = _user_error(lambda: _validated(lambda: messages_chat(body)))
+        builder = MessageBuilder(body, state.served_name)
+        if body.stream:
+            chat.stream_options = StreamOptions(include_usage=True)
+        ids, plan = await _off_loop(render_chat, engine, chat, state.encoder.encode)
+        job, view = await _start(state, engine, chat, [ids], True, None, options.max_tokens_default, plan)
+        if not body.stream:
+            if not await _finish(state, job, request):
+                return Response(status_code=499)
+            return builder.from_chat(view.response())
+
+        async def events():
+            for event in builder.opening(len(ids)):
+                yield event
+            chunks = _chunks(state, job, view)
+            try:
+                async for chunk in chunks:
+                    if "error" in chunk:
+                        payload = anthropic_error(500, chunk["error"]["message"])
+                        yield f"event: error\ndata: {json.dumps(payload)}\n\n"
+                        return
+                    for event in builder.on_chunk(chunk):
+                        yield event
+                for event in builder.closing():
+                    yield event
+            finally:
+                await chunks.aclose()
+
+        return _streaming(events())
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest, request: Request):
+        engine = ready()
+        check_model(body.model)
+        chat = _user_error(lambda: _validated(lambda: messages_chat(body)))
+        ids, _ = await _off_loop(render_chat, engine, chat, state.encoder.encode)
+        return {"input_tokens": len(ids)}
+
+    # ---- embeddings ------------------------------------------------------------------------------------
+
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
         """Mean of the last hidden states, L2-normalised (memlm.generation.embedding)."""
-        authorize(request)
         engine = ready()
         check_model(body.model)
         inputs = body.inputs()
@@ -354,6 +470,18 @@ async def _off_loop(fn, *args, **kwargs):
     """fn(*args, **kwargs) in the thread pool (tokenizing is CPU work the event loop must not wait
     on); a user's mistake becomes a 400."""
     return await run_in_threadpool(lambda: _user_error(lambda: fn(*args, **kwargs)))
+
+
+def _validated(fn):
+    """fn() builds a request body in code (an adapter's chat request): its validation errors are the
+    client's, so they become InvalidRequestError (-> 400) rather than a 500."""
+    try:
+        return fn()
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        raise InvalidRequestError(f"{where}: {message}" if where else message) from None
 
 
 def _user_error(fn):
@@ -490,8 +618,9 @@ def _is_ids(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
 
 
-async def _generate(state: ServerState, engine, body: _Common, http: Request, prompts, chat, logprobs, default_max,
-                    plan: ToolPlan | None = None):
+async def _start(state: ServerState, engine, body: _Common, prompts, chat, logprobs, default_max,
+                 plan: ToolPlan | None = None) -> tuple[Job, _View]:
+    """Build and queue the engine requests of one HTTP request -> its job and the view that formats it."""
     requests = await run_in_threadpool(_build, state, engine, body, prompts, logprobs, default_max, plan)
     loop = asyncio.get_running_loop()
     job = Job(requests, asyncio.Queue(), loop)
@@ -499,10 +628,28 @@ async def _generate(state: ServerState, engine, body: _Common, http: Request, pr
         state.worker.submit(job)
     except (QueueFullError, ServerStopping) as e:
         raise APIError(503, str(e), "service_unavailable", headers={"Retry-After": "1"}) from None
-    view = _View(state, engine, body, requests, chat, logprobs, plan)
+    return job, _View(state, engine, body, requests, chat, logprobs, plan)
+
+
+async def _generate(state: ServerState, engine, body: _Common, http: Request, prompts, chat, logprobs, default_max,
+                    plan: ToolPlan | None = None):
+    """OpenAI's completions and chat completions: the whole answer, or its SSE stream."""
+    job, view = await _start(state, engine, body, prompts, chat, logprobs, default_max, plan)
     if body.stream:
-        return StreamingResponse(_sse(state, job, view), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _streaming(_sse(state, job, view))
+    if not await _finish(state, job, http):
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+    return view.response()
+
+
+def _streaming(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _finish(state: ServerState, job: Job, http: Request) -> bool:
+    """Wait for a job's last token -> True; or, if the client goes away first (or the server is
+    stopping), abort its requests -> False. A failed step raises its APIError."""
     waiting = asyncio.ensure_future(_wait(job))
     watching = asyncio.ensure_future(_disconnected(http))
     try:
@@ -511,11 +658,11 @@ async def _generate(state: ServerState, engine, body: _Common, http: Request, pr
         watching.cancel()
         if not waiting.done():  # the client went away (or the server is stopping): stop generating
             waiting.cancel()
-            state.worker.abort(requests)
+            state.worker.abort(job.requests)
     if not waiting.done() or waiting.cancelled():
-        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        return False
     waiting.result()  # raises a failed step's error
-    return view.response()
+    return True
 
 
 async def _disconnected(http: Request) -> None:
@@ -538,32 +685,46 @@ async def _wait(job: Job) -> None:
             done.add(item.request.id)
 
 
-async def _sse(state: ServerState, job: Job, view: _View) -> AsyncIterator[str]:
-    """The stream: a role chunk per choice (chat), content chunks, exactly one finish chunk per choice,
-    a usage chunk if asked, then [DONE]. A client that goes away aborts its requests at once."""
+async def _chunks(state: ServerState, job: Job, view: _View) -> AsyncIterator[dict]:
+    """OpenAI's stream chunks as dicts: a role chunk per choice (chat), content chunks, exactly one
+    finish chunk per choice, a usage chunk if asked; an {"error": ...} chunk ends it early. Other
+    APIs' streams (Responses, Messages) are translations of these. A client that goes away (the
+    consumer is closed) aborts the requests at once."""
     try:
         for index in range(len(job.requests)):
             first = view.opening_chunk(index)
             if first is not None:
-                yield _event(first)
+                yield first
         done = set()
         while len(done) < len(job.requests):
             item = await job.queue.get()
             if item is None:
                 continue
             if isinstance(item, Exception):
-                yield _event({"error": {"message": str(item), "type": "server_error", "param": None, "code": None}})
+                yield {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
                 return
             if item.finish_reason is not None:
                 done.add(item.request.id)
             chunk = view.delta_chunk(item)
             if chunk is not None:
-                yield _event(chunk)
+                yield chunk
         if view.body.include_usage:
-            yield _event(view.usage_chunk())
-        yield "data: [DONE]\n\n"
+            yield view.usage_chunk()
     finally:
         state.worker.abort(job.requests)  # no-op for finished requests
+
+
+async def _sse(state: ServerState, job: Job, view: _View) -> AsyncIterator[str]:
+    """OpenAI's SSE framing of the chunks, then [DONE]."""
+    chunks = _chunks(state, job, view)
+    try:
+        async for chunk in chunks:
+            yield _event(chunk)
+            if "error" in chunk:
+                return
+        yield "data: [DONE]\n\n"
+    finally:
+        await chunks.aclose()
 
 
 def _event(payload: dict) -> str:
@@ -728,6 +889,8 @@ class _View:
             else:
                 choice["logprobs"] = self._completion_logprobs(r, start, len(r.logprobs))
         choice["finish_reason"] = self._finish_reason(index, r) if d.finish_reason else None
+        if d.finish_reason and r.finish_reason == "stop" and r.stop_reason is not None:
+            choice["stop_reason"] = r.stop_reason
         if wants_memory:
             choice["memory"] = self._step_memory(d)
         if d.finish_reason and self.body.return_memory_trace:
