@@ -66,8 +66,9 @@ def test_responses_equal_chat_and_chain_by_previous_id(client):
 
     second = client.responses.create(model="tiny", input="and again", previous_response_id=first.id,
                                      max_output_tokens=5, temperature=0)
-    expected = _chat(client, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": chat.message.content},
-                              {"role": "user", "content": "and again"}], max_tokens=5)
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": chat.message.content},
+               {"role": "user", "content": "and again"}]
+    expected = _chat(client, history, max_tokens=5)
     assert second.output_text == expected.message.content  # instructions are not carried over, as OpenAI
     assert client.responses.retrieve(second.id).output_text == second.output_text
 
