@@ -154,9 +154,10 @@ def create_app(
 
     open_paths = {"/health", "/", "/openapi.json"} | ({"/metrics"} if options.public_metrics else set())
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         """Every route but the open ones needs the key; a route dependency, so it runs before the body
-        is validated (an unauthenticated client learns nothing about its body)."""
+        is validated (an unauthenticated client learns nothing about its body). async: a plain
+        function would be sent to the thread pool for every request."""
         if options.api_key is None or request.url.path in open_paths:
             return
         header = request.headers.get("authorization", "")
@@ -174,7 +175,7 @@ def create_app(
     document_errors(app, options.public_metrics)
     if options.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"], max_age=600)
     app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
 
     # ---- errors: OpenAI's shape everywhere ---------------------------------------------------------
