@@ -237,3 +237,17 @@ def test_shutdown_is_quiet_with_requests_in_flight(tiny_folder, stream):
         assert "shutting down" in answer["text"]
     else:
         assert answer["status"] == 503 and "shutting down" in answer["text"]
+
+
+@pytest.mark.parametrize(("flags", "pattern"), [
+    (["--max-queue", "0"], "--max-queue"),
+    (["--max-tokens-cap", "0"], "--max-tokens-cap"),
+    (["--max-body-bytes", "0"], "--max-body-bytes"),
+])
+def test_serve_flags_are_checked(flags, pattern):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "memlm", "serve", *flags], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and pattern in done.stderr and "Traceback" not in done.stderr
