@@ -260,20 +260,18 @@ def create_app(
         if not prompts:
             raise APIError(400, "prompt is empty", "invalid_request_error", "prompt")
 
-        def encode() -> list[list[int]]:
-            return [p if _is_ids(p) else _user_error(lambda p=p: _encode_text(state, p)) for p in prompts]
+        def encode():
+            return [p if _is_ids(p) else _encode_text(state, p) for p in prompts], None
 
-        ids = await run_in_threadpool(encode)  # a long prompt must not stall the event loop
-        return await _generate(state, engine, body, request, ids, chat=False, logprobs=body.logprobs,
+        return await _generate(state, engine, body, request, encode, chat=False, logprobs=body.logprobs,
                                default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = ready()
         check_model(body.model)
-        ids, plan = await _off_loop(render_chat, engine, body, state.encoder.encode)
-        return await _generate(state, engine, body, request, [ids], chat=True, logprobs=body.logprob_count(),
-                               default_max=options.max_tokens_default, plan=plan)
+        return await _generate(state, engine, body, request, _chat_prompt(state, engine, body), chat=True,
+                               logprobs=body.logprob_count(), default_max=options.max_tokens_default)
 
     # ---- the Responses and Messages APIs: adapters over chat completions ----------------------------
 
@@ -294,8 +292,8 @@ def create_app(
         builder = ResponseBuilder(body, state.served_name)
         if body.stream:
             chat.stream_options = StreamOptions(include_usage=True)
-        ids, plan = await _off_loop(render_chat, engine, chat, state.encoder.encode)
-        job, view = await _start(state, engine, chat, [ids], True, None, options.max_tokens_default, plan)
+        job, view = await _start(state, engine, chat, _chat_prompt(state, engine, chat), True, None,
+                                 options.max_tokens_default)
 
         def keep(response: dict) -> None:
             if body.store:
@@ -343,15 +341,15 @@ def create_app(
         builder = MessageBuilder(body, state.served_name)
         if body.stream:
             chat.stream_options = StreamOptions(include_usage=True)
-        ids, plan = await _off_loop(render_chat, engine, chat, state.encoder.encode)
-        job, view = await _start(state, engine, chat, [ids], True, None, options.max_tokens_default, plan)
+        job, view = await _start(state, engine, chat, _chat_prompt(state, engine, chat), True, None,
+                                 options.max_tokens_default)
         if not body.stream:
             if not await _finish(state, job, request):
                 return Response(status_code=499)
             return builder.from_chat(view.response())
 
         async def events():
-            for event in builder.opening(len(ids)):
+            for event in builder.opening(len(job.requests[0].prompt_ids)):
                 yield event
             chunks = _chunks(state, job, view)
             try:
@@ -536,10 +534,27 @@ def _is_ids(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
 
 
-async def _start(state: ServerState, engine, body: _Common, prompts, chat, logprobs, default_max,
-                 plan: ToolPlan | None = None) -> tuple[Job, ChatView]:
-    """Build and queue the engine requests of one HTTP request -> its job and the view that formats it."""
-    requests = await run_in_threadpool(_build, state, engine, body, prompts, logprobs, default_max, plan)
+def _chat_prompt(state: ServerState, engine, body: ChatCompletionRequest):
+    """A chat request's `encode` for _start: -> ([its token ids], its ToolPlan)."""
+    def encode():
+        ids, plan = render_chat(engine, body, state.encoder.encode)
+        return [ids], plan
+
+    return encode
+
+
+async def _start(state: ServerState, engine, body: _Common, encode, chat, logprobs,
+                 default_max) -> tuple[Job, ChatView]:
+    """Build and queue the engine requests of one HTTP request -> its job and the view that formats it.
+    `encode()` -> (the token-id prompts, a ToolPlan or None). Tokenizing and building run in one trip
+    to the thread pool: off the event loop (a long prompt must not stall it), and one hand-off only
+    (each costs milliseconds of scheduling on a busy machine)."""
+
+    def prepare():
+        prompts, plan = _user_error(encode)
+        return _build(state, engine, body, prompts, logprobs, default_max, plan), plan
+
+    requests, plan = await run_in_threadpool(prepare)
     loop = asyncio.get_running_loop()
     job = Job(requests, asyncio.Queue(), loop)
     try:
@@ -549,10 +564,9 @@ async def _start(state: ServerState, engine, body: _Common, prompts, chat, logpr
     return job, ChatView(state, engine, body, requests, chat, logprobs, plan)
 
 
-async def _generate(state: ServerState, engine, body: _Common, http: Request, prompts, chat, logprobs, default_max,
-                    plan: ToolPlan | None = None):
+async def _generate(state: ServerState, engine, body: _Common, http: Request, encode, chat, logprobs, default_max):
     """OpenAI's completions and chat completions: the whole answer, or its SSE stream."""
-    job, view = await _start(state, engine, body, prompts, chat, logprobs, default_max, plan)
+    job, view = await _start(state, engine, body, encode, chat, logprobs, default_max)
     if body.stream:
         return _streaming(_sse(state, job, view))
     if not await _finish(state, job, http):
