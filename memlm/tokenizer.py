@@ -200,17 +200,28 @@ class Tokenizer:
 
     # ---- chat -------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_renders_tools(self) -> bool:
+        """Does the chat template render a `tools` list itself (Qwen's, Llama 3's, ...)?"""
+        return bool(self.chat_template) and "tools" in self.chat_template and "tool_calls" in self.chat_template
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """Render a chat. `tools` (OpenAI's tool specs) go to a template that renders them
+        (`template_renders_tools`); messages may carry `tool_calls` and `tool_call_id` for it."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; pass a plain prompt (--no-chat)")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError("chat messages must be dicts with 'role' and 'content'")
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
-        return self._template.render(
+        if self._template is None or self._template[0] != self.chat_template:  # compiled once per source
+            self._template = (self.chat_template, _compile_template(self.chat_template))
+        extra = {"tools": tools} if tools else {}
+        return self._template[1].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
+            **extra,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )

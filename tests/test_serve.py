@@ -27,7 +27,8 @@ pytestmark = pytest.mark.embedded
 @pytest.fixture(scope="module")
 def server():
     memory = f"chain={MODELS / 'chain-sum-memgen'}"
-    with ServerProcess("--threads", "1", "--api-key", KEY, "--memory", memory, "--max-batch", "8") as s:
+    with ServerProcess("--threads", "1", "--api-key", KEY, "--public-metrics", "--memory", memory,
+                       "--max-batch", "8") as s:
         yield s
 
 
@@ -314,7 +315,8 @@ def test_invalid_json_long_prompts_and_auth(server):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.get(server.url + "/no/such/path").json()["error"]["code"] == 404
+    r = httpx.get(server.url + "/no/such/path")
+    assert r.status_code == 404 and r.json()["error"]["code"] is None
 
 
 # ---- scheduling under load: the tiny model ------------------------------------------------------------------
@@ -345,7 +347,7 @@ def test_disconnect_aborts_and_a_full_queue_answers_503(tiny_server):
             assert _eventually(lambda: s.metric("memlm:num_requests_waiting") == 1)
             # ... and fills the queue (max_queue 1): the next is shed with 503 + Retry-After.
             r = httpx.post(s.url + "/v1/completions", json={"prompt": "b", "max_tokens": 4})
-            assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == 503
+            assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] is None
             waiting.close()  # a waiting client leaves: its request leaves the queue
             assert _eventually(lambda: s.metric("memlm:num_requests_waiting") == 0)
     # The running client went away mid-stream: its row is freed at once, though it had 20000 tokens to go.

@@ -31,10 +31,27 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option(help="Require 'Authorization: Bearer KEY' (env MEMLM_API_KEY).", envvar="MEMLM_API_KEY"),
+        typer.Option(help="Require 'Authorization: Bearer KEY'. Prefer the environment variable MEMLM_API_KEY: "
+                          "a flag shows in `ps`.", envvar="MEMLM_API_KEY", show_envvar=False),
+    ] = None,
+    public_metrics: Annotated[
+        bool, typer.Option(help="With an API key, serve /metrics without it too (for a scraper).")
+    ] = False,
+    allowed_origins: Annotated[
+        list[str] | None, typer.Option(help="Allow browser pages from this origin (CORS; repeatable; '*' for any).")
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Most requests decoding at once (continuous batching).")] = 32,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 503 with Retry-After.")] = 256,
+    max_tokens_default: Annotated[
+        int | None, typer.Option(help="Tokens a chat generates when its request sets no max_tokens "
+                                      "(default: up to the context's end, as OpenAI).")
+    ] = None,
+    max_tokens_cap: Annotated[
+        int | None, typer.Option(help="Refuse requests asking for more tokens than this (400); also caps the default.")
+    ] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Refuse request bodies larger than this (413), before parsing them.")
+    ] = 8 << 20,
     memory: Annotated[
         list[str] | None, typer.Option(help="A latent memory as NAME=DIR (repeatable); requests pick it by name.")
     ] = None,
@@ -57,12 +74,16 @@ def serve(
     import uvicorn
 
     from memlm.formats.loading import EMBEDDED, resolve
-    from memlm.serve.app import create_app
+    from memlm.serve.app import ServeOptions, create_app
 
     if not 0 < port < 65536:
         raise MemlmError(f"--port must be in 1..65535, got {port}")
-    if max_batch < 1 or max_queue < 0:
-        raise MemlmError("--max-batch must be >= 1 and --max-queue >= 0")
+    if max_batch < 1 or max_queue < 1:
+        raise MemlmError("--max-batch and --max-queue must be >= 1")
+    for flag, value in (("--max-tokens-default", max_tokens_default), ("--max-tokens-cap", max_tokens_cap),
+                        ("--max-body-bytes", max_body_bytes)):
+        if value is not None and value < 1:
+            raise MemlmError(f"{flag} must be >= 1, got {value}")
     memories = _memory_specs(memory or [])
     kv_cache = kv_cache_config(cache_type, cache_memory, cache_block_size, cache_rotate, prefix_caching, paged_kv)
     try:
@@ -92,9 +113,20 @@ def serve(
         return engine, loaded, predictor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = create_app(load, name, api_key, max_batch, max_queue)
+    options = ServeOptions(api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
+                           max_tokens_default=max_tokens_default, max_tokens_cap=max_tokens_cap,
+                           max_body_bytes=max_body_bytes, public_metrics=public_metrics,
+                           allowed_origins=list(allowed_origins or []))
+    server = create_app(load, name, options)
     print(f"memlm serve: {name} on http://{host}:{port}  (page at /, OpenAI API at /v1)", flush=True)
-    uvicorn.run(server, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    state = server.state.memlm
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # the signal handler: end in-flight requests, then uvicorn's shutdown
+            state.shut_down()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(server, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
 
 
 def _memory_specs(specs: list[str]) -> dict[str, str]:

@@ -33,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     logprobs: int | None = None  # report each chosen token's log-probability, and this many alternatives
     response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -69,5 +70,7 @@ class SamplingParams:
             raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         if self.response_format is not None and not isinstance(self.response_format, dict):
             raise InvalidRequestError("response_format must be an object such as {'type': 'json_object'}")
+        if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            raise InvalidRequestError("logit_bias values must be in [-100, 100]")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")

@@ -5,6 +5,7 @@ and its own seeded generator, so a request samples the same tokens whatever else
 All filters work on one descending sort of the logits, the order Hugging Face applies them in:
 repetition penalty, temperature, top-k, top-p, min-p. OpenAI's presence and frequency penalties
 come first (over the tokens generated so far, as vLLM), and a structured-output mask before all.
+OpenAI's logit_bias is added to the raw logits, before everything (so a -100 bias bans a token).
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ class BatchSampler:
         self.frequency = as_tensor([p.frequency_penalty for p in params], torch.float32)
         self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
         self.any_openai_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
+        self.biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
 
     def __call__(
         self, logits: torch.Tensor, history: TokenHistory | None = None, allowed: torch.Tensor | None = None
     ) -> torch.Tensor:
         """logits [B, V] float32 -> token ids [B]. `history` holds the tokens to penalise; `allowed`
         [B, V] bool, the tokens a structured-output grammar permits (None: all)."""
+        if self.biased:
+            logits = self.add_logit_bias(logits)
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         if history is not None:
@@ -58,6 +62,18 @@ class BatchSampler:
                            enumerate(self.sampled)])
         tokens[self.sampled_index] = order.gather(1, picks[:, None])[:, 0]
         return tokens
+
+    def add_logit_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each biased row's logit_bias added to its logits (ids past the vocabulary were refused earlier)."""
+        rows, ids, values = [], [], []
+        for row, bias in self.biased:
+            rows += [row] * len(bias)
+            ids += list(bias)
+            values += list(bias.values())
+        logits = logits.clone()
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+        return logits
 
     def filtered_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits of the sampled rows [n, V] -> (probabilities in descending-logit order, that order),

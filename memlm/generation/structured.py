@@ -6,6 +6,9 @@ grammar. The grammar engine is llguidance: chosen over xgrammar by measurement o
 49152-token vocabulary (memlm/bench/structured_choice.py): both compute a mask in microseconds (noise
 beside a ~25 ms decode step), llguidance compiles a schema in 0.8 ms against 4.9 ms, and it has no
 dependencies while xgrammar pulls in triton and transformers.
+
+Besides JSON, a response format may carry a whole Lark grammar in llguidance's dialect,
+`{"type": "grammar", "grammar": "start: ..."}`: tool calls use it (memlm.generation.tool_calls).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 def json_schema_of(response_format: dict) -> dict | None:
     """The JSON schema a response_format asks for (None: free text). Raises on a malformed one."""
     kind = response_format.get("type")
+    if kind == "grammar":
+        raise InvalidRequestError("response_format.type 'grammar' carries a Lark grammar, not a JSON schema")
     if kind in (None, "text"):
         return None
     if kind == "json_object":
@@ -48,20 +53,28 @@ class StructuredOutput:
         )
 
     def constraint(self, response_format: dict) -> Grammar | None:
-        schema = json_schema_of(response_format)
-        if schema is None:
-            return None
         Matcher = self._llg.LLMatcher
-        try:
-            grammar = Matcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)
-        except (ValueError, TypeError) as e:
-            raise InvalidRequestError(f"invalid JSON schema: {e}") from None
+        if response_format.get("type") == "grammar":
+            what = "invalid grammar (a tool's JSON schema?)"
+            try:
+                grammar = Matcher.grammar_from_lark(response_format["grammar"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise InvalidRequestError(f"{what}: {e}") from None
+        else:
+            schema = json_schema_of(response_format)
+            if schema is None:
+                return None
+            what = "invalid JSON schema"
+            try:
+                grammar = Matcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)
+            except (ValueError, TypeError) as e:
+                raise InvalidRequestError(f"{what}: {e}") from None
         is_error, messages = Matcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
-            raise InvalidRequestError(f"invalid JSON schema: {messages[0]}")
+            raise InvalidRequestError(f"{what}: {messages[0]}")
         matcher = Matcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequestError(f"invalid JSON schema: {matcher.get_error()}")
+            raise InvalidRequestError(f"{what}: {matcher.get_error()}")
         return Grammar(matcher, self.vocab_size)
 
 

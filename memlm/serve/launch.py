@@ -18,11 +18,16 @@ def free_port() -> int:
 class ServerProcess:
     """`memlm serve ARGS` on 127.0.0.1 and a free port; `wait_ready()`, then `stop()`."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, api_key: str | None = None):
+        """`api_key` is handed over in MEMLM_API_KEY (the way that keeps it out of `ps`)."""
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # for metric()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "memlm", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("MEMLM_API_KEY", None)
+        if api_key:
+            env["MEMLM_API_KEY"] = api_key
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.saw_loading = False  # /health answered 503 (with an error body) before it answered 200
 
@@ -59,7 +64,7 @@ class ServerProcess:
         import httpx  # lazy: httpx comes with the test extras, not the runtime
 
         total = 0.0
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+        for line in httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text.splitlines():
             head, _, value = line.rpartition(" ")
             if (head == name or head.startswith(name + "{")) and all(f'{k}="{v}"' in head for k, v in labels.items()):
                 total += float(value)

@@ -16,11 +16,17 @@ import time
 from dataclasses import dataclass, field
 
 from memlm.errors import QueueFullError
+from memlm.generation.embedding import embed_token_lists
 from memlm.generation.engine import Engine
 from memlm.generation.request import Request, StreamDelta
 from memlm.serve.metrics import Metrics
 
 log = logging.getLogger("memlm.serve")
+
+
+class ServerStopping(RuntimeError):
+    """Posted to every job when the server shuts down: its handler answers 503 at once instead of
+    holding the shutdown until uvicorn cancels it."""
 
 
 @dataclass
@@ -37,15 +43,37 @@ class Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+@dataclass
+class EmbeddingJob:
+    """Token-id lists to embed; the [N, d] result (or the error) is set on `future` from the engine thread."""
+
+    inputs: list[list[int]]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def finish(self, result) -> None:
+        def settle():
+            if self.future.done():  # the client went away
+                return
+            if isinstance(result, Exception):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
 class EngineWorker:
     def __init__(self, engine: Engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._incoming: list[Job] = []
+        self._embeddings: list[EmbeddingJob] = []
         self._aborts: list[str] = []
         self._jobs: dict[str, Job] = {}  # request id -> its job (worker thread only)
         self._stop = False
+        self._closing: str | None = None  # set by shutdown(): fail everything with this message
         self._thread = threading.Thread(target=self._loop, name="memlm-engine", daemon=True)
 
     def start(self) -> None:
@@ -62,10 +90,26 @@ class EngineWorker:
         """Queue a job's requests, or raise QueueFullError when the waiting queue has no room for them."""
         limit = self.engine.scheduler.max_queue
         with self._lock:
+            if self._closing is not None:
+                raise ServerStopping(self._closing)
             waiting = self.engine.num_waiting + sum(len(j.requests) for j in self._incoming)
             if limit is not None and waiting + len(job.requests) > limit:
                 raise QueueFullError(f"the server is busy ({waiting} requests waiting); retry shortly")
             self._incoming.append(job)
+        self._wake.set()
+
+    def submit_embeddings(self, job: EmbeddingJob) -> None:
+        """Embed between two decode steps, on this thread: the model is never run from two threads."""
+        with self._lock:
+            if self._closing is not None:
+                raise ServerStopping(self._closing)
+            self._embeddings.append(job)
+        self._wake.set()
+
+    def shutdown(self, message: str = "the server is shutting down") -> None:
+        """Fail every queued and running request now (their handlers answer 503) and refuse new ones."""
+        with self._lock:
+            self._closing = message
         self._wake.set()
 
     def abort(self, requests: list[Request]) -> None:
@@ -80,6 +124,7 @@ class EngineWorker:
         engine = self.engine
         while not self._stop:
             self._take_mail()
+            self._embed()
             if not engine.has_unfinished:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -100,6 +145,8 @@ class EngineWorker:
             for r in job.requests:
                 self._jobs[r.id] = job
                 self.engine.scheduler.add(r, bounded=False)
+        if self._closing is not None and self.engine.has_unfinished:
+            self._fail_all(self._closing, ServerStopping)
         for request_id in aborts:
             if self.engine.abort(request_id):
                 job = self._jobs.pop(request_id, None)
@@ -107,6 +154,18 @@ class EngineWorker:
                 if job is not None:
                     job.post(None)  # wakes a handler still waiting on it
         self.metrics.observe_engine(self.engine)
+
+    def _embed(self) -> None:
+        with self._lock:
+            jobs, self._embeddings = self._embeddings, []
+        for job in jobs:
+            if job.future.done():  # cancelled: its client left
+                continue
+            try:
+                job.finish(embed_token_lists(self.engine.model, job.inputs, self.engine.scheduler.max_prefill_tokens))
+            except Exception as e:  # noqa: BLE001  (a bug or a bad input: that request fails, the server lives)
+                log.exception("embedding failed")
+                job.finish(e)
 
     def _deliver(self, deltas: list[StreamDelta]) -> None:
         now = time.monotonic()
@@ -129,10 +188,10 @@ class EngineWorker:
                 self.metrics.finished(d.finish_reason, r, now)
         self.metrics.observe_engine(self.engine)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, kind: type[Exception] = RuntimeError) -> None:
         for r in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
             self.engine.abort(r.id)
             job = self._jobs.pop(r.id, None)
             if job is not None:
-                job.post(RuntimeError(message))
+                job.post(kind(message))
         self.metrics.observe_engine(self.engine)
