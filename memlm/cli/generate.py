@@ -19,6 +19,7 @@ from memlm.cli.options import (
     KvRescoreOpt,
     KvSinksOpt,
     KvSpansOpt,
+    KvThresholdOpt,
     KvWindowOpt,
     MaxNewTokensOpt,
     MemoryOpt,
@@ -66,6 +67,7 @@ def generate(
     kv_spans: KvSpansOpt = False,
     kv_evict_prompt: KvEvictPromptOpt = None,
     kv_sinks: KvSinksOpt = None,
+    kv_threshold: KvThresholdOpt = None,
     memory: MemoryOpt = None,
     trigger: TriggerOpt = None,
     show_insertions: Annotated[
