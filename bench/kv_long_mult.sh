@@ -103,10 +103,12 @@ for stage in $STAGES; do
       ;;
     bench)  # every policy at 25%, 40% and 60%, 64 test problems; two learned rows at the chosen
       # setting (ratio 1, rescore 0.5): the earlier future_far predictor keeping the prompt, and the
-      # one trained on prompt tokens evicting them (~30 min)
+      # one trained on prompt tokens evicting them (~30 min). When kv.json was made, a predictor
+      # trained with --prompt evicted prompt tokens by default; since issue 30 only the caller
+      # opts in, here with the folder's :evict-prompt suffix (the same rows as then)
       $MEMLM bench kv --model $MODEL --task long_mult --n 64 --budgets 100,160,240 --batch-size 32 \
         --max-new-tokens 448 --probe-n 0 --spans tova \
-        --predictor runs/predictor-long-mult-future_far,$PROMPT_PREDICTOR --window "$WINDOW" --ratio 1.0 \
+        --predictor runs/predictor-long-mult-future_far,$PROMPT_PREDICTOR:evict-prompt --window "$WINDOW" --ratio 1.0 \
         --rescore 0.5 --dtype $DTYPE --json bench/results/kv.json --plot bench/results/kv.png
       ;;
     transfer)  # the same model and predictors on chain sums, a task the predictors never saw (the

@@ -103,8 +103,9 @@ def test_bench_kv_refuses_learned_without_a_predictor(tiny_model_and_predictor):
 
 def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp_path):
     """Several predictor folders: one learned row each, named by its label (+ ":prompt" where it may
-    evict prompt tokens, or its folder where two share a name), each row under its budget, the
-    report mapping names to folders."""
+    evict prompt tokens: a folder given as DIR:evict-prompt, never one merely trained on prompt
+    tokens; or its folder where two share a name), each row under its budget, the report mapping
+    names to folders."""
     model, answer = tiny_model_and_predictor
     future, scored, other = tmp_path / "future", tmp_path / "scored", tmp_path / "other"
     save_predictor(future, ImportancePredictor(64), {"base_model": model, "label": "future_decay"})
@@ -116,7 +117,7 @@ def test_bench_kv_compares_predictors_side_by_side(tiny_model_and_predictor, tmp
         [184],
         ["learned"],
         n=2,
-        predictor=f"{answer}, {future},{scored},{other}",
+        predictor=f"{answer}, {future},{scored}:evict-prompt,{other}",
         batch_size=2,
         max_new_tokens=40,
         probe_n=0,
@@ -161,3 +162,32 @@ def test_bench_kv_puts_whole_number_rows_beside_the_others(tiny_model_and_predic
     for bad in ("yes", "tova,sinks"):
         with pytest.raises(MemlmError, match="--spans must be one of"):
             run_kv_bench(model, "chain_sum_short", [184], ["h2o"], spans=bad, **kw)
+
+
+def test_bench_kv_oracle_snapkv_rkv_and_threshold_rows(tiny_model_and_predictor, tmp_path):
+    """A task that knows its answers' key lines gets an oracle row; snapkv and rkv rows beside it;
+    the learned policy in threshold mode; every row under its budget, the report naming tau."""
+    model, predictor = tiny_model_and_predictor
+    report = run_kv_bench(
+        model,
+        "pair_search",
+        [140],
+        ["full", "oracle", "snapkv", "rkv", "learned"],
+        n=2,
+        predictor=predictor,
+        batch_size=2,
+        max_new_tokens=60,
+        probe_n=1,
+        probe_filler=40,
+        threshold=0.5,
+        split="val",
+    )
+    assert report["learned_threshold"] == 0.5
+    rows = {r["policy"]: r for r in report["rows"]}
+    assert set(rows) == {"full", "oracle", "snapkv", "rkv", "learned"}
+    assert rows["full"]["peak_kv_tokens"] > 140  # eviction really ran
+    for name in ("oracle", "snapkv", "rkv", "learned"):
+        assert "skipped" not in rows[name] and rows[name]["peak_kv_tokens"] <= 141
+    assert rows["oracle"]["probe_accuracy"] is None  # the probe has no key lines to give an oracle
+    with pytest.raises(MemlmError, match="oracle policy needs a task"):
+        run_kv_bench(model, "chain_sum_short", [64], ["oracle"], n=1)

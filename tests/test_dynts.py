@@ -11,6 +11,7 @@ from conftest import hf_tiny, memlm_twin, tiny_engine
 from memlm.cache import RowView, make_policy
 from memlm.cache.importance import ImportancePredictor, load_predictor, save_predictor
 from memlm.cache.policies import LearnedPolicy
+from memlm.cache.spec import PolicySpec
 from memlm.errors import InvalidRequestError, MemlmError, ModelFormatError
 from memlm.generation.params import SamplingParams
 from memlm.train.predictor import (
@@ -104,16 +105,62 @@ def test_evict_prompt_lets_prompt_tokens_compete_on_their_score():
     evicting.check_prompt(40)
 
 
-def test_a_predictor_trained_on_prompt_tokens_evicts_them_by_default(tmp_path):
+def test_the_default_keeps_the_prompt_even_with_a_prompt_trained_predictor(tmp_path):
     for prompt in (False, True):
         save_predictor(tmp_path / str(prompt), ImportancePredictor(8), {"base_model": "m", "prompt": prompt})
         predictor, _ = load_predictor(tmp_path / str(prompt))
         assert predictor.scores_prompt is prompt
-        assert LearnedPolicy(64, predictor).evict_prompt is prompt  # follows the predictor
-        assert LearnedPolicy(64, predictor, evict_prompt=not prompt).evict_prompt is not prompt  # unless told
+        assert LearnedPolicy(64, predictor).evict_prompt is False  # never inherited from training
+        assert LearnedPolicy(64, predictor, evict_prompt=True).evict_prompt is True  # only when asked
+        assert PolicySpec("learned", 64, predictor="x").build(predictor).evict_prompt is False
     save_predictor(tmp_path / "old", ImportancePredictor(8), {"base_model": "m"})  # from before the flag
     older, _ = load_predictor(tmp_path / "old")
     assert not older.scores_prompt
+
+
+def test_the_default_keeps_every_prompt_token_in_generation_with_a_prompt_trained_predictor():
+    engine = tiny_engine()
+    predictor = Fixed()
+    predictor.scores_prompt = True  # as `memlm train predictor --prompt` marks one
+    policy = Recording(24, predictor, window=4, ratio=1.0, end_of_thinking=None)
+    prompt = engine.tokenizer.encode("hello there")
+    out = engine.generate_tokens([prompt], SamplingParams(max_new_tokens=30, ignore_eos=True), kv_policy=policy)[0]
+    assert len(out.token_ids) == 30 and policy.seen  # it evicted
+    for positions, _, prompt_length, _, keep in policy.seen:
+        assert set(range(prompt_length)) <= set(positions[keep].tolist())
+
+
+def test_threshold_mode_keeps_what_clears_tau_and_never_exceeds_the_budget():
+    importance = torch.tensor([0, 0, 0, 0.9, 0.1, 0.8, 0.05, 0.7, 0.2, 0.3, 0.6, 0.0])
+    row = RowView(torch.arange(12), prompt_length=3, importance=importance)
+    # tau 0.5: of slots 3-9, the ones scoring >= 0.5 are 3, 5, 7; the prompt and the window stay.
+    assert LearnedPolicy(10, Fixed(), window=2, threshold=0.5).select(row).tolist() == [0, 1, 2, 3, 5, 7, 10, 11]
+    # tau 0: all 7 pass, room for 5 (budget 10 - window 2 - prompt 3): the best 5, as rank mode's ratio 1.
+    assert LearnedPolicy(10, Fixed(), window=2, threshold=0.0).select(row).tolist() == [0, 1, 2, 3, 5, 7, 8, 9, 10, 11]
+    # Whatever tau and whatever the scores, a row never holds more than the budget.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n, budget = 40, int(torch.randint(6, 39, (1,), generator=generator))
+        row = RowView(torch.arange(n), prompt_length=int(torch.randint(0, 4, (1,), generator=generator)))
+        row.importance = torch.rand(n, generator=generator)
+        tau = float(torch.rand(1, generator=generator))
+        for spans in (False, True):
+            row.joins_previous = torch.rand(n, generator=generator) < 0.5 if spans else None
+            policy = LearnedPolicy(budget, Fixed(), window=2, threshold=tau, spans=spans)
+            keep = policy.select(row)
+            assert keep.numel() <= budget and keep.unique().numel() == keep.numel()
+            assert {n - 2, n - 1} <= set(keep.tolist())
+            if not spans:  # (with spans a protected digit goes with its number, which may not fit whole)
+                assert set(range(row.prompt_length)) <= set(keep.tolist())
+
+
+def test_threshold_mode_in_generation_stays_under_budget():
+    engine = tiny_engine()
+    for tau in (-1.0, 0.0, 1.0):  # everything passes, about half, almost nothing
+        policy = Recording(16, Fixed(), window=4, end_of_thinking=None, threshold=tau)
+        out = engine.generate("hi", SamplingParams(max_new_tokens=40, ignore_eos=True), kv_policy=policy)
+        assert out.peak_kv_tokens <= 16 + 1 and policy.seen
+        assert all(keep is None or keep.numel() <= 16 for *_, keep in policy.seen)
 
 
 def test_engine_evicts_prompt_tokens_with_evict_prompt():

@@ -40,11 +40,11 @@ def test_adapter_solves_held_out_chain_sums_and_learned_policy_keeps_it_under_bu
     assert config["base_model"] == "bench/models/chain-sum-lora"
     full = evaluate_task(sft_engine, task, problems, batch_size=6)
 
-    def policy():
+    def policy(problem):
         return make_policy("learned", 110, predictor=predictor)
 
     learned = evaluate_task(sft_engine, task, problems, batch_size=6, policy_factory=policy)
-    window = evaluate_task(sft_engine, task, problems, 6, policy_factory=lambda: make_policy("window", 110))
+    window = evaluate_task(sft_engine, task, problems, 6, policy_factory=lambda _: make_policy("window", 110))
     assert full.accuracy >= 4 / 6  # the base model solves almost none of these
     assert full.peak_kv_tokens > 150 and learned.peak_kv_tokens <= 111
     # At 60% of the trace the learned policy keeps part of the accuracy (bench/README.md:
@@ -118,21 +118,21 @@ def test_long_multiplication_adapter_solves_held_out_products_and_the_learned_po
         return right / len(problems)
 
     def run(policy, **options):
-        return evaluate_task(engine, task, problems, 6, policy_factory=lambda: make_policy(policy, 160, **options))
+        return evaluate_task(engine, task, problems, 6, policy_factory=lambda _: make_policy(policy, 160, **options))
 
     learned, window = run("learned", predictor=predictor, window=16, ratio=0.9), run("window")
     assert learned.peak_kv_tokens <= 161 and window.peak_kv_tokens <= 161
     assert rows_right(full) == 6 and rows_right(learned) >= 2 and rows_right(learned) > rows_right(window)
     # The predictor trained on prompt tokens too (bench/README.md: 34% against 5% for the same
-    # policy keeping its prompt, on 64 test products at 160 tokens): by default the policy then
-    # lets the prompt compete. It drops dead prompt tokens and keeps the chat template's first
-    # token, the attention sink that labels highest.
+    # policy keeping its prompt, on 64 test products at 160 tokens), with the prompt opted in to
+    # eviction (it never is by default). It drops dead prompt tokens and keeps the chat
+    # template's first token, the attention sink that labels highest.
     scored, scored_config = load_predictor(MODELS / "long-mult-predictor-prompt", engine.config)
     assert scored_config["prompt"] and scored.scores_prompt
     policies = []
 
-    def recorded():
-        policies.append(LastKept(160, scored, window=16, ratio=1.0, rescore=0.5))
+    def recorded(problem):
+        policies.append(LastKept(160, scored, window=16, ratio=1.0, rescore=0.5, evict_prompt=True))
         return policies[-1]
 
     evicting = evaluate_task(engine, task, problems, 6, policy_factory=recorded)

@@ -265,3 +265,13 @@ def test_bad_kv_storage_flags_are_one_line_errors_before_loading(flags, message)
                           timeout=120)  # fmt: skip
     assert done.returncode == 2 and message in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_rkv_reads_the_same_keys_from_blocks_as_from_the_contiguous_cache():
+    params = SamplingParams(max_new_tokens=30, min_new_tokens=30, logprobs=0)
+    for kv_type in (None, "q8_0"):
+        overrides = dict(head_dim=32, num_heads=2, num_kv_heads=1)
+        paged = _run(_engine(KVCacheConfig(kv_type=kv_type, block_size=4), **overrides), PROMPTS, params,
+                     kv_policy=make_policy("rkv", 14))  # fmt: skip
+        contiguous = KVCacheConfig(kv_type=kv_type, paged=False)
+        assert paged == _run(_engine(contiguous, **overrides), PROMPTS, params, kv_policy=make_policy("rkv", 14))

@@ -1,12 +1,27 @@
 """KV eviction policies: keep-sets on hand-made rows, budgets in real generation, clear errors."""
 
+import math
+
 import pytest
 import torch
 
-from conftest import tiny_engine, tiny_memlm
+from conftest import byte_tokenizer, tiny_engine, tiny_memlm
 from memlm.cache import KVCache, RowView, make_policy
-from memlm.cache.policies import POLICIES, H2OPolicy, SinksPolicy, TOVAPolicy, WindowPolicy
+from memlm.cache.eviction import observed_attention
+from memlm.cache.policies import (
+    POLICIES,
+    H2OPolicy,
+    OraclePolicy,
+    RKVPolicy,
+    SinksPolicy,
+    SnapKVPolicy,
+    TOVAPolicy,
+    WindowPolicy,
+    key_redundancy,
+    pooled,
+)
 from memlm.cache.spec import PolicySpec
+from memlm.data.tasks import Problem, get_task
 from memlm.errors import InvalidRequestError
 from memlm.generation.params import SamplingParams
 
@@ -114,9 +129,16 @@ def test_policy_classes_are_exported_by_name():
     [
         (dict(name="lru", budget=8), "unknown KV policy 'lru'"),
         (dict(name="window"), "needs a budget"),
-        (dict(name="sinks", budget=64, window=4), "--kv-window, --kv-ratio, --kv-rescore and --kv-evict-prompt are"),
+        (dict(name="sinks", budget=64, window=4), "--kv-window is an option of --kv-policy learned, snapkv, rkv"),
+        (
+            dict(name="rkv", budget=64, ratio=0.5),
+            "--kv-ratio, --kv-rescore, --kv-evict-prompt and --kv-threshold are options of --kv-policy learned",
+        ),
         (dict(name="tova", budget=64, evict_prompt=False), "options of --kv-policy learned"),
-        (dict(name="window", budget=64, spans=True), "--kv-spans is an option of --kv-policy h2o, tova, learned"),
+        (
+            dict(name="window", budget=64, spans=True),
+            "--kv-spans is an option of --kv-policy h2o, tova, snapkv, rkv, learned",
+        ),
         (dict(name="learned", budget=64), "needs --kv-predictor"),
         (dict(name="window", budget=64, sinks=2), "--kv-sinks is an option of --kv-policy sinks"),
     ],
@@ -144,3 +166,124 @@ def test_engine_takes_a_policy_spec_as_it_takes_the_policy():
     by_policy = engine.generate(["abcdef", "xy"], params, kv_policy=make_policy("sinks", 12))
     assert [c.token_ids for c in by_spec] == [c.token_ids for c in by_policy]
     assert max(c.peak_kv_tokens for c in by_spec) <= 13
+
+
+# ---- SnapKV, R-KV and the oracle ---------------------------------------------------------------
+
+
+def test_rkv_redundancy_on_hand_made_keys():
+    """Three copies of one key and one key unlike them, one layer and head. Each copy's similarity
+    to its most recent look-alike is dropped (the newest copy survives), so each keeps one 1.0 of
+    four: mean 0.25; the odd key has none: mean 0. Softmaxed over the four slots."""
+    a, c = [1.0, 0.0], [0.0, 1.0]
+    keys = torch.tensor([a, a, a, c])[None, None]  # [layers 1, heads 1, 4, 2]
+    e = math.exp(0.25)
+    expected = torch.tensor([e, e, e, 1.0]) / (3 * e + 1)
+    assert torch.allclose(key_redundancy(keys), expected)
+    # A second layer with no look-alikes: each slot's similarities are 0 but one -1 (its opposite),
+    # mean -0.25; except that a slot with no look-alike has its similarity to slot 0 dropped (as
+    # R-KV's own code does), which for slot 2 is its -1: mean 0. Layers average their softmaxes.
+    flat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])[None, None]
+    f = math.exp(-0.25)
+    second = torch.tensor([f, f, 1.0, f]) / (3 * f + 1)
+    assert torch.allclose(key_redundancy(torch.cat((keys, flat))), (expected + second) / 2)
+
+
+def test_rkv_scores_are_importance_minus_redundancy():
+    a, c = [1.0, 0.0], [0.0, 1.0]
+    keys = torch.tensor([a, a, a, c, a, c])[None, None]
+    attention = torch.tensor([0.06, 0.3, 0.05, 0.04, 0.25, 0.3])
+    row = RowView(torch.arange(6), 0, attention_last=attention, attention_window=attention, keys=keys)
+    rkv = RKVPolicy(4, window=1, mix=0.25)
+    rkv.kernel = 1  # no pooling: the hand-made attention as it is
+    expected = 0.25 * attention - 0.75 * key_redundancy(keys)
+    assert torch.allclose(rkv.scores(row), expected)
+    # R-KV drops a copy of the repeated key that SnapKV keeps for its attention: budget 4, window 1
+    # (slot 5), three older slots of 0-4. SnapKV (no pooling) keeps the best attended, 1, 4 and 0.
+    # R-KV: the copies of a (0, 1, 2, 4) each keep two look-alikes, mean 2/6; the c's none, 0; so
+    # redundancy is e^(1/3) / (4 e^(1/3) + 2) = 0.184 for an a and 0.132 for a c, and at mix 0.25
+    # the odd key 3 (0.25 * 0.04 - 0.75 * 0.132 = -0.089) beats copy 0 (0.015 - 0.138 = -0.123).
+    snap = SnapKVPolicy(4, window=1)
+    snap.kernel = 1
+    assert snap.select(row).tolist() == [0, 1, 4, 5]
+    assert rkv.select(row).tolist() == [1, 3, 4, 5]
+    # mix 1 is SnapKV with R-KV's pooling.
+    assert torch.allclose(RKVPolicy(4, window=1, mix=1.0).scores(row), pooled(attention, 7, "max"))
+
+
+def test_snapkv_votes_with_the_observation_window_and_pools_neighbours():
+    impulse = torch.zeros(8)
+    impulse[3] = 1.0
+    assert pooled(impulse, 5, "avg").tolist() == pytest.approx([0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0])
+    assert pooled(impulse, 7, "max").tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
+    last = torch.zeros(8)
+    last[5] = 1.0
+    window = torch.zeros(8)
+    window[2] = 0.9
+    row = RowView(torch.arange(8), 0, attention_last=last, attention_window=window)
+    # the observation window's vote for slot 2 spreads to 0-4 (kernel 5): the five older slots kept
+    assert SnapKVPolicy(6, window=1).select(row).tolist() == [0, 1, 2, 3, 4, 7]
+    # with no observed queries it falls back on the newest query's attention, pooled the same way
+    row.attention_window = None
+    assert SnapKVPolicy(5, window=1).select(row).tolist() == [3, 4, 5, 6, 7]
+
+
+def test_observed_attention_averages_the_last_queries_by_position():
+    # two queries: the first saw positions 0-3, the second came after position 1 was evicted
+    observed = [
+        (torch.tensor([0, 1, 2, 3]), torch.tensor([0.4, 0.3, 0.2, 0.1])),
+        (torch.tensor([0, 2, 3, 4]), torch.tensor([0.1, 0.1, 0.2, 0.6])),
+    ]
+    now = torch.tensor([0, 2, 3, 4])
+    assert torch.allclose(observed_attention(observed, now), torch.tensor([0.25, 0.15, 0.15, 0.3]))
+
+
+def test_oracle_keeps_the_answers_lines_prompt_and_newest_on_a_hand_made_trace():
+    """A pair search whose fourth line finds the pair: its tokens are what the oracle keeps."""
+    tokenizer = byte_tokenizer()
+    task = get_task("pair_search")
+    numbers, target = [10, 20, 31, 45], 51
+    entry = {"question": "q", "answer": "20 31", "metadata": {"numbers": numbers, "target": target, "pair": [1, 2]}}
+    problem = Problem("q", "20 31", entry)
+    lines = task.worked(entry)
+    assert lines[:4] == ["10+20=30 no", "10+31=41 no", "10+45=55 no", "20+31=51 yes"]
+    assert task.key_lines(entry) == [3]
+    solution = task.solution(problem)
+    key = task.key_tokens(tokenizer, problem)
+    ids = tokenizer.encode(solution, add_special_tokens=False)
+    assert tokenizer.decode([ids[t] for t in key]) == "20+31=51 yes"
+    # The trace: a 5-token prompt, then the solution; the row has reached the answer line.
+    prompt = 5
+    keep = [prompt + t for t in key]
+    n = prompt + len(ids)
+    row = RowView(torch.arange(n), prompt)
+    budget = prompt + len(key) + 6
+    kept = OraclePolicy(budget, keep).select(row).tolist()
+    assert kept == list(range(prompt)) + keep + list(range(n - 6, n))
+    # The answer, once it starts, is protected like the prompt; the newest token always stays.
+    row.protected_from = n - 3
+    assert set(range(n - 3, n)) <= set(OraclePolicy(budget, keep).select(row).tolist())
+    assert n - 1 in OraclePolicy(prompt + 1, keep, evict_prompt=True).select(row).tolist()
+    with pytest.raises(InvalidRequestError, match="prompt tokens are never evicted"):
+        OraclePolicy(prompt + 1, keep).check_prompt(prompt)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "rkv"])
+def test_observed_policies_hold_the_budget_and_batch_like_single_rows(name):
+    engine = tiny_engine()
+    prompts = ["abcdef", "xy", "0123456789"]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    spec = PolicySpec(name, 14, window=4)
+    batched = engine.generate(prompts, params, kv_policy=spec)
+    for prompt, got in zip(prompts, batched, strict=True):
+        assert got.peak_kv_tokens <= 14 + 1
+        assert engine.generate(prompt, params, kv_policy=spec).token_ids == got.token_ids  # no state shared
+
+
+def test_policy_spec_takes_threshold_for_learned_only_and_window_for_observed_policies():
+    assert PolicySpec("learned", 64, predictor="p", threshold=0.2).threshold == 0.2
+    assert PolicySpec("rkv", 64, window=8).window == 8
+    with pytest.raises(InvalidRequestError, match="--kv-threshold are options of --kv-policy learned"):
+        PolicySpec("tova", 64, threshold=0.2)
+    with pytest.raises(InvalidRequestError, match="--kv-window is an option of --kv-policy learned, snapkv, rkv"):
+        PolicySpec("h2o", 64, window=4)

@@ -26,7 +26,7 @@ from rich.console import Console
 from memlm.bench.decode import SAMPLE_TEXT
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
 from memlm.cache.importance import load_predictor
-from memlm.cache.policies import POLICIES, SPAN_POLICIES, evicts_prompt
+from memlm.cache.policies import POLICIES, SPAN_POLICIES, OraclePolicy, evicts_prompt
 from memlm.cache.spec import PolicySpec
 from memlm.data.evaluate import evaluate_task
 from memlm.data.tasks import get_task
@@ -98,11 +98,16 @@ def run_kv_bench(
     rescore: float | None = None,
     spans: str = "off",
     evict_prompt: bool | None = None,
+    threshold: float | None = None,
 ) -> dict:
     """`window`, `ratio` and `rescore` set the learned policy's recent window, keep ratio and share
     re-scored by attention (its defaults when None); the report records the values used.
-    `evict_prompt`: the learned policy lets prompt tokens compete on their score (True), keeps
-    them all (False), or follows each predictor (None: on for one trained on prompt tokens).
+    `evict_prompt`: the learned policy lets prompt tokens compete on their score (True), or keeps
+    them all (False or None); a predictor folder given as `DIR:evict-prompt` opts in for its row
+    alone. `threshold`: the learned policy keeps older tokens scoring >= it (the budget a hard cap)
+    instead of the top `ratio` of them. The `oracle` policy (tasks that know which lines each
+    answer depends on) keeps those lines' positions in the worked solution, the prompt, and the
+    most recent tokens: the ceiling the others are measured against.
     `split`: the held-out problems ("val" to choose settings, "test" to report them). `spans`: the
     scored policies (h2o, tova, learned) keep numbers whole ("on"), token by token ("off"), or both
     side by side ("both": a `+spans` row beside each); or a comma-separated list of those that get
@@ -111,17 +116,27 @@ def run_kv_bench(
     if split not in ("val", "test"):
         raise MemlmError(f"--split must be val or test (held-out problems), got {split!r}")
     spanned, plain = _span_rows(spans)
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in POLICIES and p != OraclePolicy.name]
     if unknown:
         raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
     task = get_task(task_name)
+    if OraclePolicy.name in policies and task.key_lines is None:
+        raise MemlmError(
+            f"the oracle policy needs a task that knows which lines its answers depend on; {task_name} does not"
+        )
     max_new_tokens = max_new_tokens or task.max_new_tokens
     engine = Engine.load(model, dtype=dtype)
     given = predictor.split(",") if isinstance(predictor, str) else predictor or []
     folders = [f for f in (g.strip() for g in given) if f]
     if "learned" in policies and not folders:
         raise MemlmError("the learned policy needs --predictor DIR (from `memlm train predictor`)")
-    tuning = {"window": window, "ratio": ratio, "rescore": rescore, "evict_prompt": evict_prompt}
+    tuning = {
+        "window": window,
+        "ratio": ratio,
+        "rescore": rescore,
+        "evict_prompt": evict_prompt,
+        "threshold": threshold,
+    }
     variants = _learned_variants(folders, engine.config, model, tuning) if "learned" in policies else {}
     if variants:  # a bad window, ratio or rescore fails now; the report records what ran
         learned = _factory("learned", max(budgets), next(iter(variants.values())))()
@@ -137,13 +152,15 @@ def run_kv_bench(
     for policy, budget in configs:
         kind, _, _ = policy.partition("+")
         factory = None
-        if policy != "full":
+        if policy == OraclePolicy.name:
+            factory = _oracle_factory(engine, task, budget)
+        elif policy != "full":
             factory = _factory(kind.split(":")[0], budget, variants.get(kind), policy.endswith("+spans"))
         console.print(f"[dim]{policy:8s} budget {budget or '-':>5}[/dim]", end=" ")
         began = time.perf_counter()
         try:
             result = evaluate_task(engine, task, problems, batch_size, max_new_tokens, factory)
-            probe = run_probe(engine, probes, factory) if probes else None
+            probe = run_probe(engine, probes, factory) if probes and policy != OraclePolicy.name else None
         except InvalidRequestError as e:  # e.g. a prompt longer than the budget, for a policy that keeps prompts
             console.print(f"skipped: {e}")
             rows.append({"policy": policy, "budget": budget, "skipped": str(e)})
@@ -191,6 +208,7 @@ def run_kv_bench(
         "learned_window": window if "learned" in policies else None,
         "learned_ratio": ratio if "learned" in policies else None,
         "learned_rescore": rescore if "learned" in policies else None,
+        "learned_threshold": threshold if "learned" in policies else None,
         # per learned row: whether its prompt tokens could be evicted
         "learned_evict_prompt": {name: opts["evict_prompt"] for name, (_, _, opts) in variants.items()},
         "spans": spans,
@@ -228,15 +246,19 @@ def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_t
     }
 
 
+EVICT_PROMPT = ":evict-prompt"  # a --predictor folder's suffix: its learned row may evict prompt tokens
+
+
 def _learned_variants(folders: list[str], model_config, model: str, tuning: dict) -> dict[str, tuple]:
     """One learned policy per predictor folder: "learned" alone, "learned:<its label>" side by side,
     with ":prompt" where that policy may evict prompt tokens (the folder's name where two still
     share a name) -> (folder, loaded predictor, its PolicySpec options)."""
     variants = {}
-    for folder in folders:
+    for given in folders:
+        folder, opted = (given.removesuffix(EVICT_PROMPT), True) if given.endswith(EVICT_PROMPT) else (given, False)
         predictor, config = load_predictor(folder, model_config, model)
         options = {k: v for k, v in tuning.items() if v is not None}
-        options["evict_prompt"] = evicts_prompt(predictor, tuning.get("evict_prompt"))  # resolved once, per row
+        options["evict_prompt"] = evicts_prompt(opted or tuning.get("evict_prompt"))  # resolved once, per row
         label = f"learned:{config.get('label', 'answer')}" + ":prompt" * options["evict_prompt"]
         name = "learned" if len(folders) == 1 else label
         if name in variants:
@@ -273,7 +295,19 @@ def _factory(policy: str, budget: int, variant: tuple | None, spans: bool = Fals
     folder, predictor, options = variant or (None, None, {})
     spec = PolicySpec(policy, budget, predictor=folder, spans=spans, **options)
     spec.build(predictor)  # fail now, once, on a bad (policy, budget)
-    return lambda: spec.build(predictor)
+    return lambda problem=None: spec.build(predictor)
+
+
+def _oracle_factory(engine, task, budget: int) -> Callable:
+    """Per problem: an oracle keeping the positions its worked solution's key lines take when the
+    model writes that solution after its prompt."""
+    OraclePolicy(budget)  # fail now, once, on a bad budget
+
+    def build(problem):
+        start = len(engine.encode_prompt(task.messages(problem)))
+        return OraclePolicy(budget, [start + t for t in task.key_tokens(engine.tokenizer, problem)])
+
+    return build
 
 
 def print_report(report: dict, console) -> None:

@@ -5,6 +5,8 @@ predictor, one call each), and `EvictionHook` records each row's peak and lets i
 back under budget (`policy.select` over a `RowView`; the cache compacts). Each request's record
 (`KVRecord`, in `request.records["kv"]`) holds its peak, what it lost, and where its answer starts
 (the policy's end-of-thinking marker, once the text shows it: answer tokens are never evicted).
+For a policy with an observation window (`policy.observe` > 0: SnapKV, R-KV) the record also
+keeps what the last `observe` queries paid each position, so the policy object holds no row state.
 
 Both hooks implement the RowHook protocol structurally: this package sits below the engine.
 """
@@ -29,6 +31,8 @@ class KVRecord:
     evicted_positions: list[int] = field(default_factory=list)
     protected_from: int | None = None  # position where the end-of-thinking marker begins
     scanned: int = 0  # characters of the text already searched for that marker
+    # (positions, attention the newest query paid them) after each of the last `policy.observe` forwards
+    observed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def completion_fields(self) -> dict:
         return {"peak_kv_tokens": self.peak_kv_tokens}
@@ -96,6 +100,11 @@ class EvictionHook:
             record: KVRecord = r.records[KEY]
             record.peak_kv_tokens = max(record.peak_kv_tokens, length)
             policy = r.kv_policy
+            if policy is not None and policy.observe and state.track_attention:
+                record.observed.append(
+                    (state.positions[row, :length].clone(), state.attention_last[row, :length].clone())
+                )
+                del record.observed[: -policy.observe]
             if policy is not None and length > policy.budget:
                 step.evicted = self._evict(state, row, length, r, record)
             step.kv_tokens = length - len(step.evicted)
@@ -109,6 +118,10 @@ class EvictionHook:
             importance=cache.importance[row, :length] if cache.track_importance else None,
             protected_from=record.protected_from,
         )
+        if r.kv_policy.observe and record.observed:
+            view.attention_window = observed_attention(record.observed, view.positions)
+        if r.kv_policy.needs_keys:
+            view.keys = cache.row_keys(row, length)  # [layers, kv_heads, n, head_dim]
         if r.kv_policy.spans:
             view.joins_previous = joins_previous(r, view.positions, self.digit_tokens())
         keep = r.kv_policy.select(view)
@@ -139,6 +152,16 @@ class EvictionHook:
 
     def retire(self, keep, rows) -> bool:
         return True
+
+
+def observed_attention(observed: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor) -> torch.Tensor:
+    """[n] the mean attention the observed queries paid each of `positions` (0 from a query that
+    came before the slot was written, or after it was evicted: it could not attend to it)."""
+    top = max(int(positions.max()), *(int(p.max()) for p, _ in observed)) + 1
+    total = torch.zeros(top, device=positions.device)
+    for pos, attention in observed:
+        total.index_add_(0, pos.to(total.device), attention.to(total.device).float())
+    return total[positions] / len(observed)
 
 
 def joins_previous(r, positions: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:

@@ -203,6 +203,11 @@ class KVCache:
         keys, values = self.store.read(layer, step.width)
         return fmt.decode(keys, self.compute_dtype), fmt.decode(values, self.compute_dtype)
 
+    def row_keys(self, row: int, length: int) -> torch.Tensor:
+        """One row's first `length` keys, every layer: [layers, kv_heads, length, head_dim] as attention
+        reads them (rotated if the cache rotates keys: cosine similarities are unchanged)."""
+        return self.format.decode(self.store.row(row, length)[0], self.compute_dtype)
+
     def observe_attention(self, layer: int, weights: torch.Tensor) -> None:
         """Record one layer's attention weights [B, H, T, width] of the chunk being written."""
         step = self._step

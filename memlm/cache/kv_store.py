@@ -91,6 +91,10 @@ class ContiguousStore:
     def read(self, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer, :, :, :width], self.v[layer, :, :, :width]
 
+    def row(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys/values of one row's first `length` slots, every layer: [layers, heads, length, w]."""
+        return self.k[:, row, :, :length], self.v[:, row, :, :length]
+
     def compact(self, row: int, keep: torch.Tensor) -> None:
         n = keep.numel()
         self.k[:, row, :, :n] = self.k[:, row, :, keep]
@@ -219,6 +223,13 @@ class PagedStore:
         size = self.pool.block_size
         table = torch.tensor(self.tables[row], dtype=torch.long, device=self.pool.device)
         return table[slots // size], slots % size
+
+    def row(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys/values of one row's first `length` slots, every layer: [layers, heads, length, w]."""
+        blocks, offsets = self._slot_index(row, torch.arange(length, device=self.pool.device))
+        # advanced indices on dims 1 and 3 go first: [length, layers, heads, w]
+        keys, values = self.pool.k[:, blocks, :, offsets], self.pool.v[:, blocks, :, offsets]
+        return keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3)
 
     def compact(self, row: int, keep: torch.Tensor) -> None:
         """Pack the kept slots to the front, rewriting only the blocks from the first change on;

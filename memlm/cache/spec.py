@@ -18,7 +18,8 @@ from memlm.errors import InvalidRequestError
 # Options that only some policies take: (options, the policies that take them). A group is named
 # whole in its error, so a user sees everything that goes with the policy.
 OPTION_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("window", "ratio", "rescore", "evict_prompt"), ("learned",)),
+    (("window",), ("learned", "snapkv", "rkv")),
+    (("ratio", "rescore", "evict_prompt", "threshold"), ("learned",)),
     (("spans",), SPAN_POLICIES),
     (("sinks",), ("sinks",)),
 )
@@ -29,10 +30,15 @@ class PolicySpec:
     name: str = "full"
     budget: int | None = None  # most tokens a row keeps
     predictor: str | None = None  # learned: the importance predictor's folder (`memlm train predictor`)
-    window: int | None = None  # learned: the most recent tokens always kept (default 8)
+    # learned, snapkv, rkv: the most recent tokens always kept (default 8); snapkv and rkv score the
+    # older ones by these tokens' attention (their observation window)
+    window: int | None = None
     ratio: float | None = None  # learned: share of older tokens an eviction keeps, in (0, 1] (default 0.5)
     rescore: float | None = None  # learned: share of kept older tokens chosen by current attention (default 0)
-    evict_prompt: bool | None = None  # learned: prompt tokens compete on their score (default: as trained)
+    evict_prompt: bool | None = None  # learned: prompt tokens compete on their score (default: never evicted)
+    # learned: threshold mode, keep the older tokens whose importance is >= this (the budget a hard
+    # cap) instead of the top `ratio` of them (default: rank mode)
+    threshold: float | None = None
     spans: bool = False  # h2o, tova, learned: keep or drop numbers whole
     sinks: int | None = None  # sinks: the first tokens always kept, attention sinks (default 4)
 

@@ -157,7 +157,9 @@ def bench_kv(
     model: ModelOpt = DEFAULT_MODEL,
     task: TaskOpt = "chain_sum",
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (tokens per sequence).")] = "96,112,128,160",
-    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = ",".join(ALL_POLICIES),
+    policies: Annotated[
+        str, typer.Option(help="Comma-separated policies; oracle too, for a task that knows its answers' key lines.")
+    ] = ",".join(ALL_POLICIES),
     predictor: Annotated[
         str | None,
         typer.Option(help="Importance predictor folder for learned; comma-separated: one learned:<label> row each."),
@@ -174,15 +176,22 @@ def bench_kv(
         bool | None,
         typer.Option(
             "--evict-prompt/--keep-prompt",
-            help="learned: let prompt tokens compete on their score, or keep them all (default: as each "
-            "predictor was trained, --prompt or not).",
+            help="learned: let prompt tokens compete on their score, or keep them all (default: keep them, "
+            "however the predictor was trained; a --predictor DIR:evict-prompt opts in for its row alone).",
             show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="learned: threshold mode, keep older tokens whose importance is >= this (the budget a hard cap) "
+            "instead of the top --ratio of them."
         ),
     ] = None,
     spans: Annotated[
         str,
         typer.Option(
-            help="h2o, tova, learned keep numbers whole: off, on, both (a +spans row beside each), "
+            help="h2o, tova, snapkv, rkv, learned keep numbers whole: off, on, both (a +spans row beside each), "
             "or a comma-separated list of those policies that get a +spans row."
         ),
     ] = "off",
@@ -218,6 +227,7 @@ def bench_kv(
         ratio=ratio,
         rescore=rescore,
         evict_prompt=evict_prompt,
+        threshold=threshold,
         split=split,
         spans=spans,
     )

@@ -17,7 +17,7 @@ from memlm.atomic import ensure_dir
 from memlm.errors import MemlmError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-ALL_POLICIES = ("full", "window", "clear", "sinks", "h2o", "tova", "learned")
+ALL_POLICIES = ("full", "window", "clear", "sinks", "h2o", "tova", "snapkv", "rkv", "learned")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name or path (HF folder or .gguf).")]
 DtypeOpt = Annotated[
@@ -148,11 +148,17 @@ def sampling_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition
 
 # ---- the KV-policy group (memlm generate) -----------------------------------------------------
 
-KvPolicyOpt = Annotated[str, typer.Option(help="KV-cache eviction: full, window, clear, sinks, h2o, tova, learned.")]
+KvPolicyOpt = Annotated[
+    str, typer.Option(help="KV-cache eviction: full, window, clear, sinks, h2o, tova, snapkv, rkv, learned.")
+]
 KvBudgetOpt = Annotated[int | None, typer.Option(help="Most tokens the KV cache keeps (with --kv-policy).")]
 KvPredictorOpt = Annotated[str | None, typer.Option(help="Importance predictor folder for --kv-policy learned.")]
 KvWindowOpt = Annotated[
-    int | None, typer.Option(help="--kv-policy learned: the most recent tokens always kept (default 8).")
+    int | None,
+    typer.Option(
+        help="--kv-policy learned, snapkv, rkv: the most recent tokens always kept (default 8; snapkv and rkv "
+        "score older tokens by their attention)."
+    ),
 ]
 KvRatioOpt = Annotated[
     float | None,
@@ -163,7 +169,14 @@ KvRescoreOpt = Annotated[
     typer.Option(help="--kv-policy learned: share of kept older tokens chosen by current attention (default 0)."),
 ]
 KvSpansOpt = Annotated[
-    bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, learned: keep or drop numbers whole.")
+    bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, snapkv, rkv, learned: keep or drop numbers whole.")
+]
+KvThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="--kv-policy learned: threshold mode, keep older tokens whose importance is >= this (the budget a "
+        "hard cap) instead of the top --kv-ratio of them."
+    ),
 ]
 KvSinksOpt = Annotated[
     int | None, typer.Option(help="--kv-policy sinks: the first tokens always kept (attention sinks; default 4).")
@@ -173,7 +186,7 @@ KvEvictPromptOpt = Annotated[
     typer.Option(
         "--kv-evict-prompt/--kv-keep-prompt",
         help="--kv-policy learned: let prompt tokens compete on their score, or keep them all "
-        "(default: as the predictor was trained, --prompt or not).",
+        "(default: keep them, however the predictor was trained).",
         show_default=False,
     ),
 ]

@@ -37,18 +37,18 @@ def evaluate_task(
     problems: list[Problem],
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    policy_factory: Callable[[], KVPolicy | None] | None = None,
+    policy_factory: Callable[[Problem], KVPolicy | None] | None = None,
     progress: Callable[[int], None] | None = None,
     memory=None,
 ) -> TaskResult:
-    """Greedy completions of every problem; `policy_factory` gives each request its KV policy;
+    """Greedy completions of every problem; `policy_factory(problem)` gives each request its KV policy;
     `memory` (a LatentMemory) weaves latent memory into every answer. `max_new_tokens`: the task's
     own budget when None."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens or task.max_new_tokens)
     texts, scores, tokens, peak, elapsed, insertions = [], [], 0, 0, 0.0, 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        policies = [policy_factory() for _ in chunk] if policy_factory else None
+        policies = [policy_factory(p) for p in chunk] if policy_factory else None
         began = time.perf_counter()
         completions = engine.generate([task.messages(p) for p in chunk], params, kv_policy=policies, memory=memory)
         elapsed += time.perf_counter() - began

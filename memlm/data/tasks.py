@@ -52,11 +52,14 @@ class Task:
     source: Callable[[int, int], list[dict[str, Any]]] | None = None  # (n, seed) -> entries, else reasoning-gym
     # An empty system text still displaces the chat template's default one (SmolLM2's adds 16 tokens).
     system_prompt: str = SYSTEM_PROMPT
+    # (completion, problem) -> score, for a task of memlm's own (no reasoning-gym scorer); else reasoning-gym's
+    scorer: Callable[[str, Problem], float] | None = None
+    # entry -> indices of the reasoning lines the answer depends on (the generator knows them): what
+    # the oracle KV policy keeps. None: the task does not know (no oracle).
+    key_lines: Callable[[dict[str, Any]], list[int]] | None = None
 
     def problems(self, n: int, split: str = "test", seed: int | None = None) -> list[Problem]:
-        """`n` problems of a split ("train" or "test"), or of an explicit seed."""
-        import reasoning_gym  # lazy: it imports every task family it knows (seconds)
-
+        """`n` problems of a split ("train", "val" or "test"), or of an explicit seed."""
         if seed is None:
             if split not in SPLIT_SEEDS:
                 raise InvalidRequestError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SEEDS)}")
@@ -64,6 +67,8 @@ class Task:
         if self.source is not None:
             data = self.source(n, seed)
         else:
+            import reasoning_gym  # lazy: it imports every task family it knows (seconds)
+
             data = reasoning_gym.create_dataset(self.dataset, size=n, seed=seed, **self.config)
         return [Problem(e["question"], str(e["answer"]), e) for e in data]
 
@@ -75,8 +80,24 @@ class Task:
         lines = self.worked(problem.entry) if self.worked else []
         return "\n".join([*lines, f"{ANSWER_MARKER} {problem.answer}"])
 
+    def key_tokens(self, tokenizer, problem: Problem) -> list[int]:
+        """Indices, within the worked solution's tokens (as SFT encodes it), of the tokens of the
+        reasoning lines the answer depends on (`key_lines`): what an oracle KV policy keeps. A model
+        that writes the worked solution has them at its prompt length plus these indices."""
+        if self.key_lines is None:
+            raise InvalidRequestError(f"task {self.name!r} does not know which lines its answers depend on")
+        text = self.solution(problem)
+        starts = [0]
+        for line in text.split("\n")[:-1]:
+            starts.append(starts[-1] + len(line) + 1)
+        spans = [(starts[i], starts[i + 1] - 1) for i in self.key_lines(problem.entry)]  # each line, not its newline
+        offsets = tokenizer.backend.encode(text, add_special_tokens=False).offsets
+        return [t for t, (a, b) in enumerate(offsets) if any(a < end and b > start for start, end in spans)]
+
     def score(self, completion: str, problem: Problem) -> float:
         """The task's own scorer on the extracted answer (0.0 when there is no answer line)."""
+        if self.scorer is not None:
+            return self.scorer(completion, problem)
         import reasoning_gym  # lazy: it imports every task family it knows (seconds)
 
         answer = extract_answer(completion)
@@ -179,7 +200,72 @@ def _long_multiplication_problems(n: int, seed: int) -> list[dict[str, Any]]:
     return entries
 
 
+def _pair_search_problems(n: int, seed: int, count: int = 10) -> list[dict[str, Any]]:
+    """`count` distinct two-digit numbers and a target that exactly one pair of them sums to; the
+    pair's place among the pairs is uniform, so the line that finds it lands anywhere in the trace."""
+    rng = random.Random(seed)
+    entries = []
+    while len(entries) < n:
+        numbers = rng.sample(range(10, 100), count)
+        i, j = sorted(rng.sample(range(count), 2))
+        target = numbers[i] + numbers[j]
+        hits = [(a, b) for a in range(count) for b in range(a + 1, count) if numbers[a] + numbers[b] == target]
+        if len(hits) != 1:  # the answer must be unique, else "the pair" is ill-posed
+            continue
+        listed = " ".join(str(x) for x in numbers)
+        entries.append(
+            {
+                "question": f"Which two numbers sum to {target}? {listed}",
+                "answer": f"{numbers[i]} {numbers[j]}",
+                "metadata": {"source_dataset": "pair_search", "numbers": numbers, "target": target, "pair": [i, j]},
+            }
+        )
+    return entries
+
+
+def _pair_search_steps(entry: dict[str, Any]) -> list[str]:
+    """Every pair in list order, its sum, and whether it hits the target: one line each, all but one
+    a dead end. The search does not stop at the hit (a model that re-checks everything, as reasoning
+    models do): the answer line reads only the one "yes" line, wherever it is."""
+    numbers, target = entry["metadata"]["numbers"], entry["metadata"]["target"]
+    lines = []
+    for a in range(len(numbers)):
+        for b in range(a + 1, len(numbers)):
+            total = numbers[a] + numbers[b]
+            lines.append(f"{numbers[a]}+{numbers[b]}={total} {'yes' if total == target else 'no'}")
+    return lines
+
+
+def _pair_search_key_lines(entry: dict[str, Any]) -> list[int]:
+    """The index of the "yes" line among the reasoning lines: all the answer depends on."""
+    count = len(entry["metadata"]["numbers"])
+    i, j = entry["metadata"]["pair"]
+    return [i * count - i * (i + 1) // 2 + (j - i - 1)]
+
+
+def _pair_search_score(completion: str, problem: Problem) -> float:
+    """1.0 when the answer line names the pair (either order), else 0.0."""
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    given = re.findall(r"\d+", answer)
+    return float(sorted(given) == sorted(problem.answer.split()))
+
+
 TASKS: dict[str, Task] = {
+    # Redundant by construction (issue 30): a search that checks 45 candidate pairs, one line each,
+    # and rejects all but one; the answer depends on that one line alone (plus the prompt's list,
+    # which every line reads). ~470 generated tokens after a ~55-token prompt (~11% of the trace).
+    "pair_search": Task(
+        "pair_search",
+        "pair_search",
+        worked=_pair_search_steps,
+        max_new_tokens=560,
+        source=_pair_search_problems,
+        system_prompt="",
+        scorer=_pair_search_score,
+        key_lines=_pair_search_key_lines,
+    ),
     # Long thinking after a short question, the regime a KV budget is for (DynTS): 4-digit by
     # 3-digit factors, ~10% of the trace is prompt, and most thinking tokens (digit products, column
     # sums) are scratch work that only the next step reads; the partial products are read again later.

@@ -479,7 +479,8 @@ def _policy(state: ServerState, body: _Common) -> KVPolicy | None:
         raise InvalidRequestError("kv_options.predictor: the server's predictor is chosen at start (--kv-predictor)")
     if body.kv_policy is None:
         if body.kv_budget is not None or options:
-            raise InvalidRequestError("kv_budget needs a kv_policy (window, clear, sinks, h2o, tova, learned)")
+            named = ", ".join(name for name in POLICIES if name != "full")
+            raise InvalidRequestError(f"kv_budget needs a kv_policy ({named})")
         return None
     if body.kv_policy == "learned":
         if state.predictor is None:

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# DynTS where reasoning is redundant (issue 30): the commands behind bench/results/kv_redundant.json.
+# Run from the repository root with memlm installed; each stage writes under runs/ (or bench/ for
+# what is committed) and can be run alone:
+#   STAGES="sft eval predictors choose bench" bench/kv_redundant.sh
+#
+# The task, pair_search (memlm/data/tasks.py): "Which two numbers sum to T?" over ten two-digit
+# numbers; the worked solution checks all 45 pairs in list order, one line each ("66+24=90 no"),
+# exactly one of them a hit ("72+65=137 yes"), then "Answer: 72 65". The search does not stop at
+# the hit, so the answer reads one line at a uniformly random place in a ~490-token trace after a
+# 54-token prompt (10% of the trace). The generator knows that line: the oracle row keeps it, the
+# prompt and the most recent tokens, and nothing else.
+#
+# Budgets, fixed before any test run: 10%, 20% and 30% of the mean full trace of the worked
+# solutions on the 64 test problems (prompt + solution + end of turn: 540 tokens) -> 54, 108, 162.
+# At 54 the prompt alone fills the budget: the policies that keep the prompt (learned, oracle)
+# cannot run there and are reported as skipped.
+# Settings chosen on validation problems (split val, seed 4321; the test split's seed 98765 is
+# seen only by the bench stage): the learned policy's label, mode (rank ratio vs threshold tau)
+# and window (the choose stage, rule below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MEMLM=${MEMLM:-memlm}
+STAGES=${STAGES:-sft eval predictors choose bench}
+MODEL=bench/models/pair-search-lora  # the SFT adapter, committed (bf16)
+DTYPE=q4_1  # the embedded GGUF's own blocks with fp32 activations
+BUDGETS=54,108,162
+WINDOW=${WINDOW:-8}
+
+for stage in $STAGES; do
+  case $stage in
+    sft)  # LoRA rank 16 on every linear, 200 steps x 4 planned, bf16, a checkpoint every 20 steps.
+      # The committed adapter is this run stopped at its step-60 checkpoint (the machine was loaded
+      # 8-12 on 2 cores: 45-75 s a step) and saved with `STEPS=60 RESUME=1` (--resume --steps 60):
+      # held-out loss 0.125 / 0.056 / 0.031 at steps 20 / 40 / 60, still at lr 9e-4 of the
+      # 200-step cosine. STEPS=200 reruns it whole (batch 8 ran at 12.7 s a step in the quiet first
+      # minutes of this session, so ~6-7 s a step at batch 4 on an idle machine: ~25 min).
+      $MEMLM train sft --task pair_search --out runs/sft-pair-search --steps "${STEPS:-200}" --batch-size 4 \
+        --save-every 20 --n-eval 0 --n-val-loss 8 ${RESUME:+--resume}
+      mkdir -p $MODEL && cp runs/sft-pair-search/adapter/* $MODEL/
+      cp runs/sft-pair-search/train/metrics.jsonl $MODEL/train-metrics.jsonl
+      ;;
+    eval)  # full-cache accuracy on the 64 test problems (greedy, q4_1): the bar is 70%
+      $MEMLM eval --model $MODEL --task pair_search --n 64 --batch-size 32 --dtype $DTYPE \
+        --json runs/eval-pair-search.json
+      ;;
+    predictors)  # on the SFT model's own traces (128 training, 32 validation problems): the answer's
+      # attention (DynTS's label: here it should find the one "yes" line) and future_far (reads
+      # from beyond the policy's window)
+      for label in answer future_far; do
+        $MEMLM train predictor --model $MODEL --task pair_search --label $label --horizon "$WINDOW" \
+          --dtype $DTYPE --n-train 128 --n-val 32 --batch-size 32 --out runs/predictor-pair-search-$label
+      done
+      ;;
+    choose)  # 16 validation problems at 20% and 30%: both labels in rank mode (ratio 1 and 0.5),
+      # then threshold mode at tau 0.5, 1, 2 (labels are scaled so uniform attention is 1); rule
+      # fixed before: the best mean accuracy over the two budgets, ties to rank mode, then the
+      # larger ratio / the smaller tau
+      mkdir -p runs/kv-redundant-choose
+      for ratio in 1.0 0.5; do
+        $MEMLM bench kv --model $MODEL --task pair_search --split val --n 16 --probe-n 0 --budgets 108,162 \
+          --batch-size 16 --policies learned \
+          --predictor runs/predictor-pair-search-answer,runs/predictor-pair-search-future_far \
+          --window "$WINDOW" --ratio $ratio --dtype $DTYPE --json runs/kv-redundant-choose/ratio$ratio.json
+      done
+      for tau in 0.5 1 2; do
+        $MEMLM bench kv --model $MODEL --task pair_search --split val --n 16 --probe-n 0 --budgets 108,162 \
+          --batch-size 16 --policies learned \
+          --predictor runs/predictor-pair-search-answer,runs/predictor-pair-search-future_far \
+          --window "$WINDOW" --threshold $tau --dtype $DTYPE --json runs/kv-redundant-choose/tau$tau.json
+      done
+      ;;
+    bench)  # every policy at 10/20/30% on the 64 test problems, 32 at a time; the learned row with
+      # the chosen predictor and mode (LEARNED_PREDICTOR, LEARNED_MODE e.g. "--ratio 1.0" or
+      # "--threshold 1"); the oracle beside it; the predictor's cost at batch 1 and 8
+      $MEMLM bench kv --model $MODEL --task pair_search --n 64 --budgets $BUDGETS --batch-size 32 \
+        --probe-n 0 --policies full,oracle,window,sinks,h2o,tova,snapkv,rkv,learned --spans tova \
+        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW" \
+        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE \
+        --json bench/results/kv_redundant.json --plot bench/results/kv_redundant.png
+      ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
