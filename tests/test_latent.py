@@ -702,3 +702,20 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
     windows = _text_windows(str(folder), str(text), 2, 24)  # the decode loop scores as one forward does
     reference = perplexity(Engine.load(str(folder)).model, [t for w in windows for t in w], window=24)
     assert rows[0]["text_perplexity"] == pytest.approx(reference, rel=1e-4)
+
+
+def test_a_request_without_memory_joining_a_batch_that_uses_one_is_left_alone():
+    """A memory's hook serves only its own requests, also when others join after it exists."""
+    engine = tiny_engine()
+    memory = _memory(engine)
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=12, logprobs=0)
+    alone = engine.generate("later, plain", params)
+    engine.add_request("first, plain", params)
+    engine.add_request("with memory, then", params, memory=memory)
+    engine.step()
+    late = engine.add_request("later, plain", params)
+    while engine.has_unfinished:
+        engine.step()
+    got = late.completion()
+    assert not got.insertions and got.token_ids == alone.token_ids
+    assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-5)

@@ -41,6 +41,13 @@ from memlm.tokenizer import Tokenizer
 
 __all__ = ["Completion", "Engine", "Request", "StreamDelta"]
 
+_STATE = "state"  # the batch's hooks are keyed (_STATE, i) for the state's, id(memory) for a memory's
+
+
+def _is_state_hook(key) -> bool:
+    return isinstance(key, tuple) and key[0] == _STATE
+
+
 # Slots a joining request's cache row is given up front; past that the cache grows by doubling.
 _INITIAL_OUTPUT_SLOTS = 1024
 
@@ -254,7 +261,7 @@ class Engine(BatchAPI):
         batch = self._batch
         if batch is None:
             hooks = fresh.row_hooks(self.tokenizer, self.config.vocab_size)
-            batch = self._batch = Batch(fresh, {("state", i): hook for i, hook in enumerate(hooks)})
+            batch = self._batch = Batch(fresh, {(_STATE, i): hook for i, hook in enumerate(hooks)})
         else:
             batch.state.extend(fresh)
             batch.sampler = None
@@ -266,7 +273,9 @@ class Engine(BatchAPI):
         now = time.monotonic()
         for r in joining:
             r.pending_ids, r.next_position, r.joined = list(r.prompt_ids), 0, now
-        served: dict[object, list[Request]] = {key: list(joining) for key in batch.hooks}  # the state's: all
+        # The state's hooks serve every row; a memory's hook only the requests using that memory (one
+        # already in the batch must not take in the newcomers that do not use it).
+        served: dict[object, list[Request]] = {key: list(joining) for key in batch.hooks if _is_state_hook(key)}
         for r in joining:
             if r.memory is not None:
                 if id(r.memory) not in batch.hooks:
