@@ -119,8 +119,7 @@ def capacity(loaded, budget: str, conversation: int, prompt_tokens: int, steps: 
     params = SamplingParams(max_new_tokens=conversation - prompt_tokens, min_new_tokens=conversation - prompt_tokens)
     rows = []
     for label, kv_type, rotate in KV_TYPES:
-        fmt = kv_format(kv_type, cfg.head_dim)
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * fmt.row_width(cfg.head_dim) * fmt.element_size
+        per_token = kv_format(kv_type, cfg.head_dim).token_bytes(cfg)
         budget_bytes = parse_kv_memory(budget, 1.0)
         for policy in (None, policy_name):
             kv_budget = conversation // 4

@@ -252,10 +252,9 @@ class KVCacheConfig:
         if not self.paged or not hasattr(model, "new_pool"):
             return None
         kv_type = self.kv_type or stored_as(model.dtype).name
-        fmt, config = kv_format(kv_type, model.config.head_dim), model.config
         max_blocks = None
         if self.memory is not None:
-            per_token = 2 * config.num_layers * config.num_kv_heads * fmt.row_width(config.head_dim) * fmt.element_size
+            per_token = kv_format(kv_type, model.config.head_dim).token_bytes(model.config)
             max_blocks = parse_kv_memory(self.memory, per_token) // self.block_size + 1  # + the scratch block
         return model.new_pool(
             block_size=self.block_size, kv_type=kv_type, rotate=self.rotate, prefix_caching=self.prefix_caching,

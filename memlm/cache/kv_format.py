@@ -47,6 +47,10 @@ class KVFormat:
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
+    def token_bytes(self, config) -> int:
+        """Bytes one token's keys and values take in this format, every layer (a model's config)."""
+        return 2 * config.num_layers * config.num_kv_heads * self.row_width(config.head_dim) * self.element_size
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[..., head_dim] float -> the stored form [..., row_width]."""
         if self.name == "q8_0":

@@ -90,12 +90,8 @@ class KVAdmission:
                 return False
         idle = sum(pool.refs[b] == 0 for b in cached)
         need = record.limit - len(cached) + idle + (len(cached) if request.kv_policy is not None else 0)
-        claimed = sum(self._claim(other) for other in joining)
+        claimed = sum(other.records[KEY].limit for other in joining)  # at most: their reuse is not counted
         return pool.can_admit(need + claimed)
-
-    def _claim(self, request) -> int:
-        record: BlockRecord = request.records[KEY]
-        return record.limit
 
 
 def _common(a: list[bytes], b: list[bytes]) -> list[bytes]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -196,8 +196,6 @@ class Engine(BatchAPI):
         if memory is not None and not self.model.supports_eviction:
             raise InvalidRequestError("latent memory needs a Llama-family model (it inserts into a KV cache)")
         grammar = self.structured_output().constraint(p.response_format) if p.response_format else None
-        if self.kv_pool is not None:
-            self.kv_pool.check_fits(slots_needed(_Sizing(ids, p, policy, memory)))
         request = Request(
             request_id or f"req-{number}",
             number if index is None else index,
@@ -211,6 +209,8 @@ class Engine(BatchAPI):
             memory,
             grammar,
         )
+        if self.kv_pool is not None:  # one that could never fit the pool is refused now, not queued
+            self.kv_pool.check_fits(slots_needed(request))
         return request
 
     # ---- one step -------------------------------------------------------------------------------------
@@ -372,13 +372,3 @@ def _record_logprobs(r: Request, logits: torch.Tensor, token: int) -> None:
     if k:
         values, ids = logprobs.topk(k)
         r.top_logprobs.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
-
-
-@dataclass(slots=True)
-class _Sizing:
-    """A request's fields that size its cache, before the request exists (admission checks)."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    kv_policy: KVPolicy | None
-    memory: RowMemory | None
