@@ -132,3 +132,23 @@ def tiny_engine(seed: int = 0, **overrides):
 
     model = tiny_memlm(seed, vocab_size=257, eos_token_ids=(256,), **overrides)
     return Engine(model, byte_tokenizer(), name="tiny")
+
+
+def assert_qlinear_matches_dequantized(q) -> None:
+    """A QLinear over `q` (with a bias) equals the float64 matmul with q's reference dequantization,
+    for every kernel width, a remainder group, and the GEMM path."""
+    import torch.nn.functional as F
+
+    from memlm.quant.qlinear import QLinear
+
+    out, inp = q.shape
+    bias = torch.randn(out)
+    layer = QLinear(q, bias)
+    reference = q.dequantize().double()
+    for rows in (1, 2, 3, 5, 8, 9, 17, 40):
+        x = torch.randn(rows, inp)
+        got = layer(x).double()
+        want = F.linear(x.double(), reference, bias.double())
+        # fp32 accumulation over `inp` products, in another order than the float64 reference.
+        tolerance = 1e-5 * inp**0.5 * (x.abs().max() * reference.abs().max()).item() + 1e-5
+        assert (got - want).abs().max().item() < tolerance, (rows, (got - want).abs().max().item())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import memlm.kernels as kernels
 import tests.test_gguf as gguf_tests
-from conftest import hf_tiny
+from conftest import assert_qlinear_matches_dequantized, hf_tiny
 from memlm.formats.loading import load_model
 from memlm.quant.kquants import quantize_blocks
 from memlm.quant.mix import plan, scheme, use_more_bits
@@ -68,15 +68,7 @@ def test_dequantization_equals_gguf_bit_for_bit(name, shape):
 def test_kernel_matches_reference_on_random_and_odd_shapes(name, shape):
     out, inp = shape
     q = QWeight.from_gguf_blocks(random_blocks(name, out, inp, seed=out), FORMATS[name], shape)
-    bias = torch.randn(out)
-    layer = QLinear(q, bias)
-    reference = q.dequantize().double()
-    for rows in (1, 2, 3, 5, 8, 9, 17, 40):  # every kernel width, a remainder group, and the GEMM path
-        x = torch.randn(rows, inp)
-        got = layer(x).double()
-        want = F.linear(x.double(), reference, bias.double())
-        tolerance = 1e-5 * inp**0.5 * (x.abs().max() * reference.abs().max()).item() + 1e-5
-        assert (got - want).abs().max().item() < tolerance, (rows, (got - want).abs().max().item())
+    assert_qlinear_matches_dequantized(q)
 
 
 def _rounded_activations(x: torch.Tensor) -> torch.Tensor:

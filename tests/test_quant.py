@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import memlm.kernels as kernels
 import tests.test_gguf as gguf_tests
-from conftest import hf_tiny, tiny_memlm
+from conftest import assert_qlinear_matches_dequantized, hf_tiny, tiny_memlm
 from memlm.formats.loading import load_model
 from memlm.models.native_decode import NativeDecoder
 from memlm.quant.qlinear import QEmbedding, QLinear, quantize_model
@@ -76,16 +76,7 @@ def test_quantize_is_the_gguf_quantizer_and_rows_fuse_exactly(fmt):
 def test_kernel_matches_reference_on_random_and_odd_shapes(fmt, shape):
     out, inp = shape
     q = QWeight.quantize(torch.randn(out, inp) * 0.1, fmt)
-    bias = torch.randn(out)
-    layer = QLinear(q, bias)
-    reference = q.dequantize().double()
-    for rows in (1, 2, 3, 5, 8, 9, 17, 40):  # every kernel width, a remainder group, and the GEMM path
-        x = torch.randn(rows, inp)
-        got = layer(x).double()
-        want = F.linear(x.double(), reference, bias.double())
-        # fp32 accumulation over `inp` products, in another order than the float64 reference.
-        tolerance = 1e-5 * inp**0.5 * (x.abs().max() * reference.abs().max()).item() + 1e-5
-        assert (got - want).abs().max().item() < tolerance, (rows, (got - want).abs().max().item())
+    assert_qlinear_matches_dequantized(q)
 
 
 @needs_native
