@@ -54,6 +54,8 @@ def run(cli, *args, stdin=None):
         (["train", "weaver", "--out", "/tmp/x", "--task", "chess"], "unknown task"),
         (["train", "weaver", "--out", "/tmp/x", "--weaver-output", "logits"], "unknown weaver output"),
         (["train", "weaver", "--out", "/tmp/x", "--weaver-output", "kv"], "needs --weaver-input states"),
+        (["train", "weaver", "--out", "/tmp/x", "--objective", "ppo"], "--objective must be sft or grpo"),
+        (["train", "weaver", "--out", "/tmp/x", "--start-from", "/tmp/w"], "are options of --objective grpo"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(memlm_cli, args, message):

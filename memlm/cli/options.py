@@ -252,5 +252,6 @@ def trainer_config(cls, args: dict, **given):
     """A trainer's config from a command's arguments (`dict(locals())`, taken first thing): the
     training-loop group becomes its `train` (`cls.of` adds that trainer's own loop defaults), the
     arguments named like its fields fill them, and `given` adds the rest (renamed or built)."""
-    loop = {field: args[name] for name, field in LOOP_OPTIONS.items() if name in args}
+    # An option left at None takes the trainer's own default.
+    loop = {field: args[name] for name, field in LOOP_OPTIONS.items() if args.get(name) is not None}
     return cls.of(**(pick(cls, args) | loop | given))

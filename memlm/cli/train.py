@@ -127,9 +127,16 @@ def train_weaver(
     model: ModelOpt = DEFAULT_MODEL,
     task: TaskOpt = "chain_sum",
     out: MemoryOutOpt = "",
-    steps: StepsOpt = 250,
-    batch_size: ExamplesPerStepOpt = 8,
-    lr: LrOpt = 1e-3,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="sft: the reasoner's token loss on worked solutions; grpo: the task's score on whole sampled "
+            "answers (groups per problem, clipped surrogate, KL to the starting weaver)."
+        ),
+    ] = "sft",
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: 250 sft, 40 grpo).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (sft).")] = 8,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 1e-3 sft, 1e-4 grpo).")] = None,
     prompt_latents: Annotated[int, typer.Option(help="Latents inserted after the prompt.")] = 8,
     inference_latents: Annotated[int, typer.Option(help="Latents inserted at a delimiter.")] = 8,
     lora_rank: Annotated[int, typer.Option(help="The weaver's LoRA rank.")] = 16,
@@ -165,21 +172,48 @@ def train_weaver(
             "newline). Default: ',', '.', newline."
         ),
     ] = None,
+    start_from: Annotated[
+        str | None,
+        typer.Option(help="grpo: start from this SFT weaver (a memory folder; also the KL reference)."),
+    ] = None,
+    start_trigger: Annotated[
+        str | None, typer.Option(help="grpo: run --start-from's weaver with this trigger (always, never, learned).")
+    ] = None,
+    problems_per_step: Annotated[int, typer.Option(help="grpo: problems per step.")] = 4,
+    group_size: Annotated[int, typer.Option(help="grpo: sampled answers per problem (the group).")] = 8,
+    temperature: Annotated[float, typer.Option(help="grpo: sampling temperature of the answers.")] = 0.7,
+    beta: Annotated[float, typer.Option(help="grpo: weight of the KL to the starting weaver (0 = none).")] = 0.04,
+    clip: Annotated[float, typer.Option(help="grpo: the ratio's clipping range.")] = 0.2,
+    format_reward: Annotated[float, typer.Option(help="grpo: reward added when an answer has an answer line.")] = 0.0,
+    screen: Annotated[
+        int, typer.Option(help="grpo: screen this many training problems, draw those with a mixed group (0 = off).")
+    ] = 0,
     n_train: NTrainOpt = 4000,
     n_eval: NEvalOpt = 64,
-    n_val_loss: NValLossOpt = 32,
-    save_every: SaveEveryOpt = 25,
+    n_val_loss: Annotated[
+        int, typer.Option(help="sft: validation problems whose loss is logged at each checkpoint (0 = skip).")
+    ] = 32,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default: 25 sft, 10 grpo).")] = None,
     resume: ResumeOpt = False,
 ):
-    """Train the MemGen weaver (SFT, reasoner frozen); save a latent memory for --memory."""
+    """Train the MemGen weaver (reasoner frozen) by SFT or GRPO; save a latent memory for --memory."""
     args = dict(locals())
-    from memlm.train.weaver import WeaverConfig, run_weaver_training  # lazy: torch
-
     check_out(out)
     get_task(task)  # an unknown task fails before the model loads
+    if objective not in ("sft", "grpo"):
+        raise MemlmError(f"--objective must be sft or grpo, got {objective!r}")
     delimiters = _delimiters(delimiter)
     spec = WeaverSpec(**pick(WeaverSpec, args), **({"delimiters": delimiters} if delimiters else {}))
-    report = run_weaver_training(trainer_config(WeaverConfig, args, spec=spec))
+    if objective == "grpo":
+        from memlm.train.weaver_grpo import WeaverGRPOConfig, run_weaver_grpo  # lazy: torch
+
+        report = run_weaver_grpo(trainer_config(WeaverGRPOConfig, args, spec=spec))
+    else:
+        if start_from is not None or start_trigger is not None:
+            raise MemlmError("--start-from and --start-trigger are options of --objective grpo")
+        from memlm.train.weaver import WeaverConfig, run_weaver_training  # lazy: torch
+
+        report = run_weaver_training(trainer_config(WeaverConfig, args, spec=spec))
     print(json.dumps(report, indent=2))
 
 

@@ -32,10 +32,10 @@ from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.errors import MemlmError
 from memlm.generation.engine import Engine
-from memlm.generation.params import SamplingParams
 from memlm.latent.memory import LatentMemory
 from memlm.latent.trigger import Trigger
 from memlm.train.loop import TrainConfig, split_loop, train
+from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers
 
 
 @dataclass(slots=True)
@@ -76,12 +76,6 @@ def group_rewards(scores: list[float], insertions: list[int], penalty: float, ma
         return list(scores)
     allowed = sum(good) / len(good)
     return [s - penalty * max(0.0, n - allowed) / max(1, max_aug) for s, n in zip(scores, insertions, strict=True)]
-
-
-def is_mixed(scores: list[float]) -> bool:
-    """Does a group hold both a right (>= 0.5) and a wrong answer, so that its advantages differ?"""
-    right = sum(s >= 0.5 for s in scores)
-    return 0 < right < len(scores)
 
 
 def trigger_loss(trigger, rollouts: list[dict]) -> tuple[torch.Tensor, dict]:
@@ -126,18 +120,13 @@ class ExploringTrigger:
 def sample_groups(engine, memory, task, problems, group_size: int, temperature: float, max_new_tokens: int, rng):
     """One group of sampled answers per problem, insertion decisions sampled from the trigger.
     -> (completions, problem by problem, group by group; each one's decisions: (hidden, inserted?))."""
-    prompts = [task.messages(p) for p in problems for _ in range(group_size)]
-    params = [
-        SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=rng.randrange(2**31))
-        for _ in prompts
-    ]
     trigger = memory.trigger
     explorer = memory.trigger = ExploringTrigger(trigger, torch.Generator().manual_seed(rng.randrange(2**31)))
     try:
-        completions = engine.generate(prompts, params, memory=memory)
+        completions = sample_answers(engine, memory, task, problems, group_size, temperature, max_new_tokens, rng)
     finally:
         memory.trigger = trigger
-    return completions, [explorer.decisions.get(i, []) for i in range(len(prompts))]
+    return completions, [explorer.decisions.get(i, []) for i in range(len(completions))]
 
 
 def screen_problems(engine, memory, task, problems, cfg: TriggerConfig) -> tuple[list[int], dict]:
@@ -146,20 +135,7 @@ def screen_problems(engine, memory, task, problems, cfg: TriggerConfig) -> tuple
     completions, _ = sample_groups(
         engine, memory, task, problems, cfg.group_size, cfg.temperature, cfg.max_new_tokens, rng
     )
-    kept, right = [], 0
-    for index, problem in enumerate(problems):
-        group = completions[index * cfg.group_size : (index + 1) * cfg.group_size]
-        scores = [task.score(c.text, problem) for c in group]
-        right += sum(s >= 0.5 for s in scores)
-        if is_mixed(scores):
-            kept.append(index)
-    summary = {
-        "screened": len(problems),
-        "mixed": len(kept),
-        "mixed_fraction": len(kept) / max(1, len(problems)),
-        "score": right / max(1, len(problems) * cfg.group_size),
-    }
-    return kept, summary
+    return mixed_problems(task, problems, completions, cfg.group_size)
 
 
 def run_trigger_training(cfg: TriggerConfig) -> dict:

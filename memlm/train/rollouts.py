@@ -1,0 +1,47 @@
+"""Groups of sampled answers, for the RL trainers (the trigger's REINFORCE, the weaver's GRPO).
+
+RL from a task's score only has signal in a *mixed* group, one that holds right and wrong answers:
+where all score the same, every advantage is 0. A reasoner that half-solves a task on average does
+not half-solve each problem (some are always right, others always wrong), so the trainers can first
+screen problems and draw only those whose group was mixed.
+"""
+
+from __future__ import annotations
+
+from memlm.generation.params import SamplingParams
+
+
+def is_mixed(scores: list[float]) -> bool:
+    """Does a group hold both a right (>= 0.5) and a wrong answer, so that its advantages differ?"""
+    right = sum(s >= 0.5 for s in scores)
+    return 0 < right < len(scores)
+
+
+def sample_answers(engine, memory, task, problems, group_size: int, temperature: float, max_new_tokens: int, rng):
+    """`group_size` sampled answers per problem (each with its own seed from `rng`), `memory` woven in
+    by its trigger: completions problem by problem, a group's answers next to each other."""
+    prompts = [task.messages(p) for p in problems for _ in range(group_size)]
+    params = [
+        SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=rng.randrange(2**31))
+        for _ in prompts
+    ]
+    return engine.generate(prompts, params, memory=memory)
+
+
+def mixed_problems(task, problems, completions, group_size: int) -> tuple[list[int], dict]:
+    """Indices of the problems whose group (`group_size` completions each, in order) is mixed, and
+    a summary: screened, mixed, mixed_fraction, score (the share of right answers)."""
+    kept, right = [], 0
+    for index, problem in enumerate(problems):
+        group = completions[index * group_size : (index + 1) * group_size]
+        scores = [task.score(c.text, problem) for c in group]
+        right += sum(s >= 0.5 for s in scores)
+        if is_mixed(scores):
+            kept.append(index)
+    summary = {
+        "screened": len(problems),
+        "mixed": len(kept),
+        "mixed_fraction": len(kept) / max(1, len(problems)),
+        "score": right / max(1, len(problems) * group_size),
+    }
+    return kept, summary
