@@ -8,6 +8,7 @@ import torch
 
 from conftest import lora_folders
 from memlm.adapters.bank import AdapterBank, UnknownAdapterError
+from memlm.adapters.lora import add_lora
 from memlm.errors import MemlmError
 from memlm.formats.loading import load_model
 from memlm.generation.engine import Engine
@@ -141,6 +142,12 @@ def test_unknown_and_bad_adapters_are_clear_errors(folders, tmp_path):
         engine.add_adapter("a", folders / "a")
     with pytest.raises(MemlmError, match="without ':'"):
         engine.add_adapter("x:y", folders / "a")
+    with pytest.raises(MemlmError, match="a LoRA of its own beside them"):  # a weaver's, say
+        add_lora(engine.model, rank=2)
+    plain = Engine.load(str(folders / "base"))
+    add_lora(plain.model, rank=2)
+    with pytest.raises(MemlmError, match="already carries a LoRA adapter"):
+        plain.add_adapter("a", folders / "a")
     with pytest.raises(MemlmError, match="cannot read"):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "adapter_config.json").write_text("{")

@@ -75,6 +75,9 @@ def add_lora(
     layers only, when given); freeze everything else. -> wrapped names."""
     if rank < 1:
         raise MemlmError(f"LoRA rank must be >= 1, got {rank}")
+    if getattr(model, "adapter_bank", None) is not None:
+        raise MemlmError("this model serves per-request LoRA adapters (an AdapterBank); a LoRA of its own beside "
+                         "them (a latent memory's weaver, training) is not supported")
     model.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
