@@ -33,6 +33,19 @@ class UnknownAdapterError(InvalidRequestError):
     """A request names an adapter the engine does not hold (the server: 404 model_not_found)."""
 
 
+def adapter_index(model: nn.Module, name: str | None) -> int:
+    """A request's adapter -> its index in the model's bank (0: none, the base model); a name the
+    bank does not hold (or a model without one) -> UnknownAdapterError."""
+    if name is None:
+        return 0
+    bank = getattr(model, "adapter_bank", None)
+    index = bank.names.get(name) if bank is not None else None
+    if index is None:
+        known = ", ".join(sorted(bank.names)) if bank is not None and bank.names else "none"
+        raise UnknownAdapterError(f"adapter {name!r} not found; registered: {known}")
+    return index
+
+
 class StackedLoRALinear(nn.Module):
     """A (quantized) Linear with every registered adapter's factors stacked beside it."""
 
@@ -124,13 +137,7 @@ class AdapterBank:
 
     def index(self, name: str | None) -> int:
         """A request's adapter -> its index (0: none)."""
-        if name is None:
-            return 0
-        index = self.names.get(name)
-        if index is None:
-            known = ", ".join(sorted(self.names)) or "none"
-            raise UnknownAdapterError(f"adapter {name!r} not found; registered: {known}")
-        return index
+        return adapter_index(self.model, name)
 
     @contextlib.contextmanager
     def selecting(self, token_adapters: torch.Tensor | None):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from memlm.adapters.bank import AdapterBank
+from memlm.adapters.bank import AdapterBank, adapter_index
 from memlm.cache.blocks import KVCacheConfig
 from memlm.cache.policies import FullPolicy, KVPolicy
 from memlm.cache.prefix import KVAdmission, slots_needed
@@ -186,9 +186,7 @@ class Engine(BatchAPI):
         adapter: str | None = None,
     ) -> Request:
         """A validated request (not yet queued)."""
-        if adapter is not None:  # an unknown name: UnknownAdapterError (the server's 404)
-            bank = getattr(self.model, "adapter_bank", None)
-            (bank or AdapterBank(self.model)).index(adapter)
+        adapter_index(self.model, adapter)  # an unknown name: UnknownAdapterError (the server's 404)
         number = next(self._ids)
         limit = self.config.max_position_embeddings
         p.validate()
@@ -277,7 +275,7 @@ class Engine(BatchAPI):
         capacity = max(min(slots_needed(r), len(r.prompt_ids) + _INITIAL_OUTPUT_SLOTS + extra) for r in joining)
         options = dict(self._state_options)
         if any(r.adapter is not None for r in joining):  # each row's LoRA adapter, read by the forward
-            options["adapters"] = [self.model.adapter_bank.index(r.adapter) for r in joining]
+            options["adapters"] = [adapter_index(self.model, r.adapter) for r in joining]
         fresh = self.model.new_state(
             len(joining),
             capacity,

@@ -10,10 +10,11 @@ model, unchanged.
 It takes the chunk's real tokens (padding removed), each with its row and cache slot: decode
 steps (one token per row, rows of different lengths), and short chunks of up to NATIVE_MAX_ROWS
 tokens: latents inserted into the reasoner, the latent weaver's own pass (its LoRA adapters run
-beside the quantized weights), requests joining a running batch, and mixed steps. Rows with different
-LoRA adapters of the model's AdapterBank run together: each token uses its row's adapter's columns. It records the
-attention statistics H2O and TOVA need when the cache tracks them (decode steps). Longer chunks
-(prefill) and chunks that track attention over several tokens go layer by layer through QLinear.
+beside the quantized weights), requests joining a running batch, and mixed steps. Rows with
+different LoRA adapters of the model's AdapterBank run together: each token computes only its
+row's adapter's columns. It records the attention statistics H2O and TOVA need when the cache
+tracks them (decode steps). Longer chunks (prefill) and chunks that track attention over several
+tokens go layer by layer through QLinear.
 """
 
 from __future__ import annotations
