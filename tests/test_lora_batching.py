@@ -160,3 +160,12 @@ def test_memlm_load_registers_adapters(folders):
     engine = memlm.load(str(folders / "base"), dtype="float32", adapters={"a": folders / "a"})
     assert list(engine.adapters) == ["a"]
     assert engine.generate("hi", SamplingParams(max_new_tokens=3), adapter="a").finish_reason == "length"
+
+
+def test_the_bench_lora_pool_spreads_requests_over_the_adapters():
+    from memlm.bench.serve import SERVED, request_pool
+
+    pool = request_pool(None, "lora", ["x", "y", "z", "w"], max_tokens=8)
+    assert len(pool) == 16 and [s.model for s in pool[:5]] == ["x", "y", "z", "w", "x"]
+    assert all(s.extra == {"temperature": 0, "min_tokens": 8} for s in pool)
+    assert {s.model for s in request_pool(None, "lora", None, 8)} == {SERVED}  # the base run: same requests
