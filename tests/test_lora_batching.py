@@ -55,17 +55,20 @@ def test_rows_with_different_adapters_batched_equal_each_alone(folders, dtype):
     assert len({tuple(ids) for ids in answers.values()}) == len(ROUTES)
 
 
-def test_rows_joining_a_running_batch_with_other_adapters_equal_alone(folders):
-    engine = _engine(folders)
+@pytest.mark.parametrize("dtype", ["float32", "q4_1"])
+def test_rows_joining_a_running_batch_with_other_adapters_equal_alone(folders, dtype):
+    """Mixed steps: rows decoding while another joins, one per step (on q4_1 such short chunks run
+    in the native step too)."""
+    engine = _engine(folders, dtype)
     params = SamplingParams(max_new_tokens=10)
     alone = [engine.generate(p, params, adapter=a).token_ids for p, a in zip(PROMPTS, ROUTES, strict=True)]
-    first = engine.add_request(PROMPTS[0], params, adapter="a")
-    engine.step()
-    engine.step()
-    late = [engine.add_request(p, params, adapter=a) for p, a in zip(PROMPTS[1:], ROUTES[1:], strict=True)]
+    requests = []
+    for prompt, adapter in zip(PROMPTS, ROUTES, strict=True):
+        requests.append(engine.add_request(prompt, params, adapter=adapter))
+        engine.step()
     while engine.has_unfinished:
         engine.step()
-    assert [r.output_ids for r in [first, *late]] == alone
+    assert [r.output_ids for r in requests] == alone
 
 
 def _logits(model, ids, positions, cache):
