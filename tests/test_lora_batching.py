@@ -172,3 +172,41 @@ def test_the_bench_lora_pool_spreads_requests_over_the_adapters():
     assert len(pool) == 16 and [s.model for s in pool[:5]] == ["x", "y", "z", "w", "x"]
     assert all(s.extra == {"temperature": 0, "min_tokens": 8} for s in pool)
     assert {s.model for s in request_pool(None, "lora", None, 8)} == {SERVED}  # the base run: same requests
+
+
+def test_stacked_peft_adapters_equal_transformers_with_peft(tmp_path):
+    """Adapters made by `peft` itself (each of q, k, v, ... with its own A; one with rsLoRA): rows with
+    adapter a, b and none in one forward equal transformers + peft running each alone."""
+    import json
+
+    import peft
+
+    from conftest import byte_tokenizer, hf_tiny, memlm_twin
+    from memlm.formats.loading import save_model
+
+    hf = hf_tiny("llama", vocab_size=257)
+    base = save_model(tmp_path / "base", memlm_twin(hf), byte_tokenizer())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = torch.randint(0, 257, (3, 9))
+    expected = []
+    for i, (name, rslora) in enumerate((("a", False), ("b", True))):
+        adapted = peft.get_peft_model(hf_tiny("llama", vocab_size=257), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora, lora_dropout=0.0))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for key, p in adapted.named_parameters():
+                if "lora_" in key:
+                    p.normal_(std=0.1)
+        adapted.eval().save_pretrained(tmp_path / name)
+        config = tmp_path / name / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(base)}))
+        with torch.no_grad():
+            expected.append(adapted(ids[i : i + 1]).logits)
+    with torch.no_grad():
+        expected.append(hf(ids[2:]).logits)
+    engine = Engine.load(str(base))
+    engine.add_adapter("a", tmp_path / "a")
+    engine.add_adapter("b", tmp_path / "b")
+    cache = engine.model.new_state(3, 16, adapters=[1, 2, 0])
+    got = _logits(engine.model, ids, torch.arange(9).expand(3, 9), cache)
+    torch.testing.assert_close(got, torch.cat(expected), atol=2e-5, rtol=1e-4)
