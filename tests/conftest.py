@@ -126,6 +126,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def lora_folders(root: Path, names=("a", "b", "c")) -> Path:
+    """A tiny base model folder (root/base, byte tokenizer) and a LoRA adapter folder per name
+    (PEFT format, B nonzero so each changes the answers). The last adapter has rank 2 on the
+    attention only, the others rank 4 on every projection: ranks and targets differ."""
+    from memlm.adapters.lora import add_lora, lora_layers, save_adapter
+    from memlm.formats.loading import load_model, save_model
+
+    hf = hf_tiny("llama", vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16)
+    base = save_model(root / "base", memlm_twin(hf), byte_tokenizer())
+    for i, name in enumerate(names):
+        model = load_model(str(base)).model
+        last = i == len(names) - 1
+        targets = ("qkv_proj", "o_proj") if last else ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        rank = 2 if last else 4
+        add_lora(model, rank=rank, alpha=2.0 * rank, targets=targets)
+        torch.manual_seed(10 + i)
+        for _, layer in lora_layers(model):
+            layer.lora_b.data.normal_(std=0.1)
+        save_adapter(root / name, model, {"base_model": str(base)}, dtype=torch.float32)
+    return root
+
+
 def tiny_engine(seed: int = 0, **overrides):
     """An Engine on a random 2-layer model with the byte tokenizer (vocab 257)."""
     from memlm.generation.engine import Engine

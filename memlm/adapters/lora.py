@@ -75,6 +75,9 @@ def add_lora(
     layers only, when given); freeze everything else. -> wrapped names."""
     if rank < 1:
         raise MemlmError(f"LoRA rank must be >= 1, got {rank}")
+    if getattr(model, "adapter_bank", None) is not None:
+        raise MemlmError("this model serves per-request LoRA adapters (an AdapterBank); a LoRA of its own beside "
+                         "them (a latent memory's weaver, training) is not supported")
     model.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
@@ -343,25 +346,79 @@ def _peft_parts(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict
     return scaling, groups
 
 
+def _block_diagonal(parts: list, rows: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused module's PEFT parts as one LoRA: A stacks the parts' A, B places each part's B
+    (scaled) in its rows and columns, block-diagonal, so B A equals the parts' deltas exactly
+    (rank: the parts' ranks summed). -> (A [rank, in], B [rows, rank]), float32."""
+    a_all = torch.cat([a for _, _, a, _ in parts])
+    b_all = torch.zeros(rows, a_all.shape[0])
+    column = 0
+    for start, size, a, b in parts:
+        b_all[start : start + size, column : column + a.shape[0]] = b * scaling
+        column += a.shape[0]
+    return a_all, b_all
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if hasattr(module, "out_features") else module.weight.shape[0]
+
+
 def _attach_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
-    """The adapter beside the weights, unmerged: per fused module one LoRALinear whose A stacks the
-    parts' A and whose B places each part's B (scaled) in its rows and columns, block-diagonal, so
-    B A equals the parts' deltas exactly (rank: the parts' ranks summed)."""
+    """The adapter beside the weights, unmerged: per fused module one LoRALinear (block-diagonal
+    over PEFT's parts, scaling 1: B carries PEFT's)."""
     scaling, groups = _peft_parts(model, tensors, config, folder)
     for path, parts in groups.items():
         parent_name, _, child_name = path.rpartition(".")
         parent = model.get_submodule(parent_name)
-        rank = sum(a.shape[0] for _, _, a, _ in parts)
-        layer = LoRALinear(getattr(parent, child_name), rank, float(rank))  # scaling 1: B carries PEFT's
+        a_all, b_all = _block_diagonal(parts, _out_features(getattr(parent, child_name)), scaling)
+        rank = a_all.shape[0]
+        layer = LoRALinear(getattr(parent, child_name), rank, float(rank))
         with torch.no_grad():
-            layer.lora_a.copy_(torch.cat([a for _, _, a, _ in parts]))
-            layer.lora_b.zero_()
-            column = 0
-            for start, rows, a, b in parts:
-                layer.lora_b[start : start + rows, column : column + a.shape[0]] = b * scaling
-                column += a.shape[0]
+            layer.lora_a.copy_(a_all)
+            layer.lora_b.copy_(b_all)
         setattr(parent, child_name, layer)
     model.lora_modules = [layer for _, layer in lora_layers(model)]
+
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (A [rank, in], B [out, rank]): delta W = B A
+
+
+def read_adapter_deltas(model: nn.Module, folder: str | Path) -> tuple[dict, dict[str, Factors]]:
+    """An adapter folder (PEFT's or memlm's earlier format) as low-rank factors per memlm module,
+    without touching the model: -> (config, {module path: (A [rank, in], B [out, rank] with the
+    scaling folded in)}), float32; delta W = B A. Shapes are checked against `model`."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    weights = folder / (PEFT_WEIGHTS if config["format"] == "peft" else ADAPTER_WEIGHTS)
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ModelFormatError(f"cannot read {weights}: {e}") from None
+    if config["format"] == "peft":
+        scaling, groups = _peft_parts(model, tensors, config, folder)
+        return config, {
+            path: _block_diagonal(parts, _out_features(model.get_submodule(path)), scaling)
+            for path, parts in groups.items()
+        }
+    scaling = config["alpha"] / config["rank"]
+    out = {}
+    for key in sorted(tensors):
+        path, _, part = key.rpartition(".")
+        if part not in ("lora_a", "lora_b") or f"{path}.lora_a" not in tensors or f"{path}.lora_b" not in tensors:
+            raise ModelFormatError(f"{folder}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}")
+        if part == "lora_b":
+            continue
+        a, b = tensors[key].float(), tensors[f"{path}.lora_b"].float()
+        try:
+            target = model.get_submodule(path)
+        except AttributeError:
+            raise ModelFormatError(f"{folder}: LoRA on {path!r}, which this model does not have") from None
+        columns = target.in_features if hasattr(target, "in_features") else target.weight.shape[1]
+        shape = (_out_features(target), columns)
+        if (b.shape[0], a.shape[1]) != shape or a.shape[0] != b.shape[1]:
+            raise ModelFormatError(f"{folder}: {path} has shape {(b.shape[0], a.shape[1])}, the model expects {shape}")
+        out[path] = (a, b * scaling)
+    return config, out
 
 
 def _merge_peft(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, folder: Path) -> None:

@@ -66,6 +66,11 @@ class Spec:
     label: str
     extra: dict
     system: str | None = None
+    adapter: str | None = None  # a LoRA adapter's name (the request's `model`), or the base model
+
+    @property
+    def model(self) -> str:
+        return self.adapter or SERVED
 
     @property
     def greedy(self) -> bool:
@@ -88,10 +93,19 @@ class Outcome:
     error: str | None = None
 
 
-def request_pool(memory: str | None, workload: str = "mixed") -> list[Spec]:
+def request_pool(memory: str | None, workload: str = "mixed", adapters: list[str] | None = None,
+                 max_tokens: int = 64) -> list[Spec]:
     """`mixed`: the questions crossed with the variants (half of the combinations: 16, or 20 with a
     memory). `plain`: each question once, greedy, no memory options -- what batching alone does.
-    `prefix`: as plain, each after the same ~1,000-token system prompt (what prefix caching serves)."""
+    `prefix`: as plain, each after the same ~1,000-token system prompt (what prefix caching serves).
+    `lora`: 16 greedy requests (each question twice), request k on adapter k mod len(adapters) (all on
+    the base without adapters), each generating exactly max_tokens (min_tokens): equal work either way."""
+    if workload == "lora":
+        return [
+            Spec(k, QUESTIONS[k % len(QUESTIONS)], "greedy", {"temperature": 0, "min_tokens": max_tokens},
+                 adapter=adapters[k % len(adapters)] if adapters else None)
+            for k in range(2 * len(QUESTIONS))
+        ]
     if workload in ("plain", "prefix"):
         system = SYSTEM_PROMPT if workload == "prefix" else None
         return [Spec(i, question, "greedy", {"temperature": 0}, system) for i, question in enumerate(QUESTIONS)]
@@ -108,7 +122,7 @@ def _one(client, spec: Spec, max_tokens: int) -> Outcome:
     out, start = Outcome(spec), time.perf_counter()
     try:
         stream = client.chat.completions.create(
-            model=SERVED, messages=spec.messages(), max_tokens=max_tokens,
+            model=spec.model, messages=spec.messages(), max_tokens=max_tokens,
             stream=True, stream_options={"include_usage": True}, extra_body=_extra(spec), **_standard(spec),
         )
         pieces = []
@@ -219,10 +233,10 @@ def check_answers(levels: dict[int | str, list[Outcome]], references: dict[int, 
 
 
 def references_alone(model: str, dtype: str, specs: list[Spec], max_tokens: int, memory_dir: str | None,
-                     threads: int) -> dict[int, str]:
+                     threads: int, adapters: dict[str, str] | None = None) -> dict[int, str]:
     """What `Engine.generate` gives for each greedy request on its own."""
     torch.set_num_threads(threads)
-    engine = memlm.load(model, dtype=dtype)
+    engine = memlm.load(model, dtype=dtype, adapters=adapters)
     memory = None
     if memory_dir is not None:
         memory = LatentMemory.load(memory_dir, engine)
@@ -232,8 +246,8 @@ def references_alone(model: str, dtype: str, specs: list[Spec], max_tokens: int,
             continue
         policy = make_policy(spec.extra["kv_policy"], spec.extra["kv_budget"]) if "kv_policy" in spec.extra else None
         completion = engine.generate(
-            spec.messages(), SamplingParams(max_new_tokens=max_tokens),
-            kv_policy=policy, memory=memory if "memory" in spec.extra else None,
+            spec.messages(), SamplingParams(max_new_tokens=max_tokens, min_new_tokens=spec.extra.get("min_tokens", 0)),
+            kv_policy=policy, memory=memory if "memory" in spec.extra else None, adapter=spec.adapter,
         )
         out[spec.key] = completion.text
     return out
@@ -251,37 +265,47 @@ def run_serve_bench(
     seconds: float = 60.0,
     workload: str = "mixed",
     server_args: tuple[str, ...] = (),
+    adapters: dict[str, str] | None = None,
+    sequential: bool = True,
 ) -> dict:
+    """`adapters`: {name: folder} the server loads (--lora) and the `lora` pool's requests use;
+    `sequential`: also send the pool one request at a time first (the speed-up's baseline)."""
     console = Console(width=150)
     memory_name = "bench" if memory and workload == "mixed" else None
-    pool = request_pool(memory_name, workload)
+    pool = request_pool(memory_name, workload, sorted(adapters or {}), max_tokens)
     args = ["--model", model, "--dtype", dtype, "--threads", str(threads), "--max-batch", str(max(clients)),
             "--max-queue", str(4 * max(clients)), "--served-model-name", SERVED]
     if memory_name:
         args += ["--memory", f"{memory_name}={memory}"]
+    for name, folder in sorted((adapters or {}).items()):
+        args += ["--lora", f"{name}={folder}"]
     args += list(server_args)
     levels: dict[int | str, list[Outcome]] = {}
     rows = []
     with ServerProcess(*args) as server:
         warm = _client(server.url)
         _one(warm, pool[0], 8)  # first-call costs (allocation, grammar-free path) out of the numbers
-        console.print(f"[bold]one at a time[/]: {len(pool)} requests")
-        single = []
-        start = time.perf_counter()
-        for spec in pool:
-            single.append(_one(warm, spec, max_tokens))
-        baseline = summarize(single, time.perf_counter() - start)
-        levels["sequential"] = single
-        rows.append({"clients": "1 (sequential)", **baseline})
+        baseline = None
+        if sequential:
+            console.print(f"[bold]one at a time[/]: {len(pool)} requests")
+            single = []
+            start = time.perf_counter()
+            for spec in pool:
+                single.append(_one(warm, spec, max_tokens))
+            baseline = summarize(single, time.perf_counter() - start)
+            levels["sequential"] = single
+            rows.append({"clients": "1 (sequential)", **baseline})
         for n in clients:
             console.print(f"[bold]{n} concurrent clients[/] for {seconds:.0f} s")
             outcomes, wall = run_level(server.url, n, pool, max_tokens, seconds)
             levels[n] = outcomes
             summary = summarize(outcomes, wall)
-            summary["speedup_vs_sequential"] = round(summary["tokens_per_s"] / baseline["tokens_per_s"], 2)
+            if baseline is not None:
+                summary["speedup_vs_sequential"] = round(summary["tokens_per_s"] / baseline["tokens_per_s"], 2)
             rows.append({"clients": n, **summary})
     console.print("checking every greedy answer against Engine.generate alone ...")
-    references = references_alone(model, dtype, pool, max_tokens, memory if memory_name else None, threads)
+    references = references_alone(model, dtype, pool, max_tokens, memory if memory_name else None, threads,
+                                  adapters)
     check = check_answers(levels, references)
     result = {
         "benchmark": "serve",
@@ -292,7 +316,8 @@ def run_serve_bench(
         "threads": threads,
         "max_tokens": max_tokens,
         "seconds_per_level": seconds,
-        "request_pool": [{"key": s.key, "question": s.question, "variant": s.label} for s in pool],
+        "request_pool": [{"key": s.key, "question": s.question, "variant": s.label, "model": s.model} for s in pool],
+        "adapters": sorted(adapters or {}),
         "rows": rows,
         "check": check,
         "date": time.strftime("%Y-%m-%d"),
@@ -308,7 +333,8 @@ def _print(console, result: dict) -> None:
     columns = ("clients", "requests", "tokens", "tokens/s", "speed-up", "TTFT p50", "TTFT p99", "latency p50",
                "latency p99")
     cells = [[str(r["clients"]), str(r["requests"]), str(r["tokens"]), f"{r['tokens_per_s']:.1f}",
-              f"{r.get('speedup_vs_sequential', 1.0):.2f}x", f"{r['ttft_p50_s']:.2f} s", f"{r['ttft_p99_s']:.2f} s",
+              f"{r['speedup_vs_sequential']:.2f}x" if "speedup_vs_sequential" in r else "-",
+              f"{r['ttft_p50_s']:.2f} s", f"{r['ttft_p99_s']:.2f} s",
               f"{r['latency_p50_s']:.2f} s", f"{r['latency_p99_s']:.2f} s"] for r in result["rows"]]
     print_table(console, title, columns, cells)
     c = result["check"]
@@ -320,7 +346,7 @@ def _plot(result: dict, path: str) -> None:
     plt = pyplot()
     rows = [r for r in result["rows"] if isinstance(r["clients"], int)]
     n = [r["clients"] for r in rows]
-    sequential = result["rows"][0]["tokens_per_s"]
+    sequential = result["rows"][0]["tokens_per_s"]  # (plots are drawn for runs with the sequential row)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(n, [r["tokens_per_s"] for r in rows], "o-", label="concurrent streaming clients")
     left.axhline(sequential, color="grey", ls="--", label="one request at a time")

@@ -69,6 +69,9 @@ class KVCache:
         self._capacity = capacity
         self.positions = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # The LoRA adapter each row runs with (memlm.adapters.bank; 0: none): the model's forward
+        # reads it, so rows with different adapters share one batch.
+        self.adapters = torch.zeros(batch_size, dtype=torch.int32)
         # Attention statistics for eviction policies, per slot, averaged over heads and layers:
         # what every query so far paid each slot (H2O) and what the newest query paid (TOVA).
         self.track_attention = track_attention
@@ -275,6 +278,7 @@ class KVCache:
         for name, _ in self._per_slot():
             setattr(self, name, torch.cat((getattr(self, name), getattr(other, name))))
         self.lengths = torch.cat((self.lengths, other.lengths))
+        self.adapters = torch.cat((self.adapters, other.adapters))
         self.last_step = None
 
     def _grow_exactly(self, width: int) -> None:
@@ -311,4 +315,5 @@ class KVCache:
         for name, _ in self._per_slot():
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.lengths = self.lengths.index_select(0, rows)
+        self.adapters = self.adapters.index_select(0, rows.cpu())
         self.last_step = None  # its row indices no longer apply

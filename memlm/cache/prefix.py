@@ -14,6 +14,8 @@ also publishes its blocks (prompt and generated text, so a chat's next turn find
 row whose policy evicts never publishes (its blocks change), and if it evicts from a reused block
 it copies it first (kv_store.PagedStore.compact), so its admission counts room for those copies.
 Rows with latent memory neither reuse nor publish: latents shape the keys of every later token.
+A row's LoRA adapter is part of its blocks' hash namespace: rows share blocks only with rows of the
+same adapter (or of none).
 At least the prompt's last token is always computed: its logits give the first sampled token.
 """
 
@@ -33,6 +35,7 @@ class BlockRecord:
     reuses: bool
     publishes: bool
     limit: int  # the most blocks the row may hold
+    namespace: str = ""  # what else shaped its keys: the pool's weights, and its LoRA adapter
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks so far
     published: int = 0  # blocks published
     cached_tokens: int = 0  # prompt tokens read from the cache instead of computed
@@ -52,11 +55,19 @@ def block_record(request, pool: BlockPool, slots: int) -> BlockRecord:
     record = request.records.get(KEY)
     if record is None:
         reuses = pool.prefix_caching and request.memory is None
-        record = BlockRecord(reuses, reuses and request.kv_policy is None, pool.blocks_for(slots))
+        publishes = reuses and request.kv_policy is None
+        record = BlockRecord(reuses, publishes, pool.blocks_for(slots), namespace(request, pool))
         if reuses:
-            record.hashes = chain_hashes(request.prompt_ids, pool.block_size, pool.namespace)
+            record.hashes = chain_hashes(request.prompt_ids, pool.block_size, record.namespace)
         request.records[KEY] = record
     return record
+
+
+def namespace(request, pool: BlockPool) -> str:
+    """The hash namespace of a request's blocks: a LoRA adapter changes every key and value, so rows
+    with different adapters (or none) never share a block."""
+    adapter = getattr(request, "adapter", None)
+    return pool.namespace if adapter is None else f"{pool.namespace}\x00lora:{adapter}"
 
 
 def reusable(record: BlockRecord, prompt_length: int, pool: BlockPool) -> list[int]:
@@ -147,7 +158,8 @@ class BlockHook:
             if full > len(record.hashes):  # blocks of generated text: extend the chain
                 tokens = r.prompt_ids + r.output_ids
                 previous = record.hashes[-1] if record.hashes else None
-                record.hashes += chain_hashes(tokens[: full * size], size, pool.namespace, len(record.hashes), previous)
+                start = len(record.hashes)
+                record.hashes += chain_hashes(tokens[: full * size], size, record.namespace, start, previous)
             table = store.tables[row]
             for b in range(record.published, full):
                 block = pool.publish(table[b], record.hashes[b])

@@ -80,23 +80,34 @@ def bench_serve(
         str,
         typer.Option(
             help="mixed: sampling, KV policies and --memory mixed in; plain: greedy requests only; prefix: plain "
-            "requests after one shared ~1,000-token system prompt."
+            "requests after one shared ~1,000-token system prompt; lora: --lora-count random LoRA adapters "
+            "batched together against the same load on the base model alone."
         ),
     ] = "mixed",
     prefix_caching: PrefixCachingOpt = True,
+    lora_count: Annotated[int, typer.Option(help="--workload lora: how many adapters (made in runs/).")] = 4,
+    lora_rank: Annotated[int, typer.Option(help="--workload lora: their rank, on every projection.")] = 8,
 ):
     """Concurrent streaming clients (openai client) against memlm serve on loopback: throughput, TTFT,
     latency against one-at-a-time, and a check that no answer is lost, duplicated or crossed."""
     levels = tuple(int_list(clients, "--clients"))
     if max_tokens < 1 or threads < 1 or not 1 <= seconds <= 600:
         raise MemlmError("--max-tokens and --threads must be >= 1, --seconds in 1..600")
-    if workload not in ("mixed", "plain", "prefix"):
-        raise MemlmError(f"--workload is mixed, plain or prefix, not {workload!r}")
+    if workload not in ("mixed", "plain", "prefix", "lora"):
+        raise MemlmError(f"--workload is mixed, plain, prefix or lora, not {workload!r}")
+    if lora_count < 1 or lora_rank < 1:
+        raise MemlmError("--lora-count and --lora-rank must be >= 1")
     if max(levels) > 256:
         raise MemlmError("--clients: at most 256 concurrent clients (the benchmark is bounded)")
     from memlm.bench.serve import run_serve_bench  # lazy: the server and its clients
 
     server_args = () if prefix_caching else ("--no-prefix-caching",)
+    if workload == "lora":
+        from memlm.bench.serve_lora import run_lora_bench
+
+        run_lora_bench(model, levels, max_tokens, threads, dtype, json_path, seconds, server_args, lora_count,
+                       lora_rank)
+        return
     run_serve_bench(model, levels, max_tokens, threads, dtype, memory, json_path, plot, seconds, workload, server_args)
 
 

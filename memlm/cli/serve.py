@@ -55,6 +55,11 @@ def serve(
     memory: Annotated[
         list[str] | None, typer.Option(help="A latent memory as NAME=DIR (repeatable); requests pick it by name.")
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="A LoRA adapter as NAME=DIR (PEFT or memlm folder; repeatable). A request's model "
+                          "NAME (or BASE:NAME) selects it; rows with different adapters share each batch."),
+    ] = None,
     kv_predictor: Annotated[
         str | None, typer.Option(help="Importance predictor folder: enables kv_policy 'learned'.")
     ] = None,
@@ -84,7 +89,8 @@ def serve(
                         ("--max-body-bytes", max_body_bytes)):
         if value is not None and value < 1:
             raise MemlmError(f"{flag} must be >= 1, got {value}")
-    memories = _memory_specs(memory or [])
+    memories = _named_folders("--memory", memory or [])
+    adapters = _named_folders("--lora", lora or [])
     kv_cache = kv_cache_config(cache_type, cache_memory, cache_block_size, cache_rotate, prefix_caching, paged_kv)
     try:
         ipaddress.ip_address(host)
@@ -93,6 +99,8 @@ def serve(
             raise MemlmError(f"--host must be an IP address or localhost, got {host!r}") from None
     resolve(model)  # an unknown model fails here, before the server starts
     name = served_model_name or (model.lower() if model.lower() in EMBEDDED else Path(model).resolve().name)
+    if name in adapters:
+        raise MemlmError(f"--lora {name}: an adapter needs a name other than the served model's")
 
     def load():
         # lazy: torch and the engine, on the server's engine thread
@@ -104,7 +112,7 @@ def serve(
 
         if threads:
             torch.set_num_threads(threads)
-        engine = memlm.load(model, dtype=dtype, kv_cache=kv_cache)
+        engine = memlm.load(model, dtype=dtype, kv_cache=kv_cache, adapters=adapters)
         loaded = {key: LatentMemory.load(folder, engine) for key, folder in memories.items()}
         predictor = None
         if kv_predictor is not None:
@@ -129,15 +137,16 @@ def serve(
     Server(uvicorn.Config(server, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
 
 
-def _memory_specs(specs: list[str]) -> dict[str, str]:
+def _named_folders(flag: str, specs: list[str]) -> dict[str, str]:
+    """NAME=DIR options (--memory, --lora) -> {name: folder}, checked before the server starts."""
     out = {}
     for spec in specs:
         key, sep, folder = spec.partition("=")
         if not sep or not key or not folder:
-            raise MemlmError(f"--memory takes NAME=DIR, got {spec!r}")
+            raise MemlmError(f"{flag} takes NAME=DIR, got {spec!r}")
         if not Path(folder).is_dir():
-            raise MemlmError(f"--memory {key}: no such folder {folder!r}")
+            raise MemlmError(f"{flag} {key}: no such folder {folder!r}")
         if key in out:
-            raise MemlmError(f"--memory {key!r} given twice")
+            raise MemlmError(f"{flag} {key!r} given twice")
         out[key] = folder
     return out

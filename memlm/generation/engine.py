@@ -19,9 +19,11 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from memlm.adapters.bank import AdapterBank, adapter_index
 from memlm.cache.blocks import KVCacheConfig
 from memlm.cache.policies import FullPolicy, KVPolicy
 from memlm.cache.prefix import KVAdmission, slots_needed
@@ -107,12 +109,16 @@ class Engine(BatchAPI):
         kv_policy: KVPolicy | PolicySpec | None = None,
         memory: RowMemory | None = None,
         request_id: str | None = None,
+        adapter: str | None = None,
     ) -> Request:
         """Queue one request (a prompt, a chat, or token ids); it joins the running batch at a coming
-        `step()`. Raises InvalidRequestError for a bad request, QueueFullError when the queue is full."""
+        `step()`, with the LoRA `adapter` of that name (`add_adapter`) or the base model. Raises
+        InvalidRequestError for a bad request, QueueFullError when the queue is full."""
         is_ids = isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
         ids = list(prompt) if is_ids else self.encode_prompt(prompt)
-        request = self.make_request(ids, params or SamplingParams(), kv_policy, memory, request_id=request_id)
+        request = self.make_request(
+            ids, params or SamplingParams(), kv_policy, memory, request_id=request_id, adapter=adapter
+        )
         self.scheduler.add(request)
         return request
 
@@ -150,6 +156,19 @@ class Engine(BatchAPI):
             return 0, 0
         return int(state.lengths.sum()), state.batch_size * state.capacity
 
+    # ---- LoRA adapters: many beside one base, a row's chosen per request ------------------------------
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Register a LoRA adapter folder (PEFT's or memlm's format) under `name`; requests choose it
+        with `adapter=name`. Rows with different adapters (or none) share every batch."""
+        AdapterBank.of(self.model).add(name, folder)
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """The registered adapters: name -> folder."""
+        bank = getattr(self.model, "adapter_bank", None)
+        return dict(bank.sources) if bank is not None else {}
+
     def structured_output(self):
         """The structured-output compiler for this tokenizer (built on first use)."""
         if self._structured is None:
@@ -164,8 +183,10 @@ class Engine(BatchAPI):
         memory: RowMemory | None = None,
         index: int | None = None,
         request_id: str | None = None,
+        adapter: str | None = None,
     ) -> Request:
         """A validated request (not yet queued)."""
+        adapter_index(self.model, adapter)  # an unknown name: UnknownAdapterError (the server's 404)
         number = next(self._ids)
         limit = self.config.max_position_embeddings
         p.validate()
@@ -208,6 +229,7 @@ class Engine(BatchAPI):
             policy,
             memory,
             grammar,
+            adapter,
         )
         if self.kv_pool is not None:  # one that could never fit the pool is refused now, not queued
             self.kv_pool.check_fits(slots_needed(request))
@@ -251,12 +273,15 @@ class Engine(BatchAPI):
         policies = [r.kv_policy for r in joining if r.kv_policy is not None]
         extra = max((r.memory.extra_slots() for r in joining if r.memory is not None), default=0)
         capacity = max(min(slots_needed(r), len(r.prompt_ids) + _INITIAL_OUTPUT_SLOTS + extra) for r in joining)
+        options = dict(self._state_options)
+        if any(r.adapter is not None for r in joining):  # each row's LoRA adapter, read by the forward
+            options["adapters"] = [adapter_index(self.model, r.adapter) for r in joining]
         fresh = self.model.new_state(
             len(joining),
             capacity,
             any(p.needs_attention for p in policies),
             any(p.predictor is not None for p in policies),
-            **self._state_options,
+            **options,
         )
         batch = self._batch
         if batch is None:

@@ -56,6 +56,7 @@ class BatchAPI:
         params: ParamsArg = None,
         kv_policy: PolicyArg = None,
         memory: RowMemory | None = None,
+        adapter: str | None = None,
     ) -> Completion | list[Completion]:
         """Complete one prompt (-> Completion) or a batch (-> list of Completions, in order).
 
@@ -63,9 +64,10 @@ class BatchAPI:
         the request's cache under its token budget (a KVPolicy, or a PolicySpec naming one: see
         memlm.cache.policies and memlm.cache.spec). A `memory` brings
         its own row hook: a LatentMemory inserts latents after the prompt and at delimiters (see
-        memlm.latent)."""
+        memlm.latent). `adapter` names a LoRA adapter registered with `add_adapter` (None: the base
+        model); requests with different adapters batch together."""
         ids, single = self._batch_prompts(prompts)
-        completions = self.generate_tokens(ids, params, kv_policy, memory)
+        completions = self.generate_tokens(ids, params, kv_policy, memory, adapter)
         return completions[0] if single else completions
 
     def generate_tokens(
@@ -74,8 +76,9 @@ class BatchAPI:
         params: ParamsArg = None,
         kv_policy: PolicyArg = None,
         memory: RowMemory | None = None,
+        adapter: str | None = None,
     ) -> list[Completion]:
-        requests = self._submit(prompt_ids, params, kv_policy, memory)
+        requests = self._submit(prompt_ids, params, kv_policy, memory, adapter)
         for _ in self._drive(requests):
             pass
         return [r.completion() for r in requests]
@@ -86,10 +89,11 @@ class BatchAPI:
         params: ParamsArg = None,
         kv_policy: PolicyArg = None,
         memory: RowMemory | None = None,
+        adapter: str | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as they become final; each request's last delta carries its finish_reason."""
         ids, _ = self._batch_prompts(prompts)
-        for deltas in self._drive(self._submit(ids, params, kv_policy, memory)):
+        for deltas in self._drive(self._submit(ids, params, kv_policy, memory, adapter)):
             yield from (d for d in deltas if d.text or d.finish_reason)
 
     def score(
@@ -121,8 +125,8 @@ class BatchAPI:
             pass
         return [r.completion() for r in requests]
 
-    def _submit(self, prompt_ids, params, kv_policy, memory) -> list[Request]:
-        requests = self._build(prompt_ids, params, kv_policy, memory)  # all valid before any is queued
+    def _submit(self, prompt_ids, params, kv_policy, memory, adapter=None) -> list[Request]:
+        requests = self._build(prompt_ids, params, kv_policy, memory, adapter)  # all valid before any is queued
         for r in requests:
             self.scheduler.add(r, bounded=False)
         return requests
@@ -139,7 +143,7 @@ class BatchAPI:
                 if not r.finished:
                     self.abort(r.id)
 
-    def _build(self, prompt_ids, params, kv_policy, memory) -> list[Request]:
+    def _build(self, prompt_ids, params, kv_policy, memory, adapter=None) -> list[Request]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompt_ids)
         if kv_policy is None or isinstance(kv_policy, KVPolicy | PolicySpec):
@@ -149,6 +153,6 @@ class BatchAPI:
                 f"{len(prompt_ids)} prompts but {len(params)} sampling params and {len(kv_policy)} KV policies"
             )
         return [
-            self.make_request(ids, p, policy, memory, index=i)
+            self.make_request(ids, p, policy, memory, index=i, adapter=adapter)
             for i, (ids, p, policy) in enumerate(zip(prompt_ids, params, kv_policy, strict=True))
         ]

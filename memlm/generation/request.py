@@ -65,6 +65,7 @@ class Request:
     kv_policy: KVPolicy | None = None
     memory: RowMemory | None = None  # a memory that brings its own row hook (latent memory)
     grammar: Grammar | None = None
+    adapter: str | None = None  # the LoRA adapter it runs with (a name in the engine's AdapterBank), or the base
     arrival: float = field(default_factory=time.monotonic)
     joined: float | None = None  # when it joined the running batch (the end of its time in the queue)
     next_position: int = 0  # where the next fed token goes

@@ -33,7 +33,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
 # vectors (the int8-activation kernels; results are identical to the AVX2 build's).
 VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 
 class QMat(ctypes.Structure):
@@ -55,6 +55,8 @@ QMat._fields_ = [
     # A matrix of mixed formats: its row groups' descriptors (kept alive by the caller).
     ("parts", ctypes.POINTER(QMat)),
     ("nparts", ctypes.c_int32),
+    # Stacked adapters: the adapter of each rank column (int32 [rank]); None: one adapter.
+    ("lora_owner", ctypes.c_void_p),
 ]
 
 
@@ -105,6 +107,7 @@ class DecodeArgs(ctypes.Structure):
         ("attention", ctypes.c_void_p),
         ("width", ctypes.c_int32),
         ("lora", ctypes.c_int32),
+        ("adapter", ctypes.c_void_p),  # int32 [tokens]: each token's adapter among stacked ones (0 = none)
     ]
 
 

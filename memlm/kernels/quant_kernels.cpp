@@ -107,6 +107,10 @@ struct QMat {
   // bias; qs/d/m of this descriptor are unused then.
   const QMat* parts;
   int32_t nparts;
+  // Several adapters stacked along the rank (memlm.adapters.bank): the adapter each rank column
+  // belongs to, [rank]; a token then uses only its own adapter's columns (DecodeArgs.adapter).
+  // nullptr: one adapter, every column for every token.
+  const int32_t* lora_owner;
 };
 
 }  // extern "C"
@@ -882,11 +886,19 @@ struct Input {
 // int8 blocks; output rows split over the thread team.
 float dot(const float* a, const float* b, int n);
 
+// Whether rank column j applies to token r: always with one adapter; with stacked adapters only
+// the token's own (adapter[r], 0 = none) -- S-LoRA's gather, so a token pays for its adapter alone.
+inline bool lora_column(const QMat& w, const int32_t* adapter, int64_t r, int j) {
+  return w.lora_owner == nullptr || w.lora_owner[j] == (adapter ? adapter[r] : 0);
+}
+
 // y[:, o0:o1] += scaling * h B^T[:, o0:o1], with h = x A^T [n, rank] computed once by the caller.
-void add_lora_rows(const QMat& w, const float* h, int64_t n, float* y, int64_t ldy, int o0, int o1) {
+void add_lora_rows(const QMat& w, const float* h, int64_t n, float* y, int64_t ldy, int o0, int o1,
+                   const int32_t* adapter) {
   for (int64_t r = 0; r < n; ++r) {
     float* yr = y + r * ldy;
     for (int j = 0; j < w.rank; ++j) {
+      if (!lora_column(w, adapter, r, j)) continue;
       const float s = w.scaling * h[r * w.rank + j];
       const float* bt = w.lora_bt + int64_t(j) * w.out;
       const __m256 vs = _mm256_set1_ps(s);
@@ -899,7 +911,7 @@ void add_lora_rows(const QMat& w, const float* h, int64_t n, float* y, int64_t l
 }
 
 void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool q8,
-                bool lora = false) {
+                bool lora = false, const int32_t* adapter = nullptr) {
   thread_local Input input;  // reused across calls by each calling thread
   thread_local std::vector<float> down;
   const Input* in = &input;  // the team reads the caller's (a thread_local named in a task is the worker's own)
@@ -913,7 +925,8 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
   if (adapted) {  // x A^T: n x rank dot products over `in`, small next to the matmul
     down.resize(static_cast<size_t>(n * w.rank));
     for (int64_t r = 0; r < n; ++r)
-      for (int j = 0; j < w.rank; ++j) down[r * w.rank + j] = dot(x + r * ldx, w.lora_a + int64_t(j) * w.in, w.in);
+      for (int j = 0; j < w.rank; ++j)
+        down[r * w.rank + j] = lora_column(w, adapter, r, j) ? dot(x + r * ldx, w.lora_a + int64_t(j) * w.in, w.in) : 0.0f;
   }
   const float* h = down.data();
   const int team = threads();
@@ -923,7 +936,7 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
       int o0, o1;
       share(w.out, t, slices, o0, o1);
       in->rows(w, y, ldy, o0, o1);
-      if (adapted) add_lora_rows(w, h, n, y, ldy, o0, o1);
+      if (adapted) add_lora_rows(w, h, n, y, ldy, o0, o1, adapter);
     });
     return;
   }
@@ -948,7 +961,7 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
     parallel(lora_slices, [&](int t) {
       int o0, o1;
       share(w.out, t, lora_slices, o0, o1);
-      add_lora_rows(w, h, n, y, ldy, o0, o1);
+      add_lora_rows(w, h, n, y, ldy, o0, o1, adapter);
     });
   }
 }
@@ -1241,6 +1254,7 @@ struct DecodeArgs {
                         // summed over layers, written at row[t]
   int32_t width;
   int32_t lora;         // 1: apply the projections' LoRA adapters
+  const int32_t* adapter;  // optional [tokens]: each token's adapter among stacked ones (0 = none)
 };
 
 }  // extern "C"
@@ -1276,7 +1290,7 @@ void decode(Model& model, const DecodeArgs& a) {
   for (int l = 0; l < c.layers; ++l) {
     const LayerDesc& L = model.layers[l];
     for (int t = 0; t < N; ++t) rms_norm(a.x + t * D, L.attn_norm, c.eps, D, model.h.data() + t * D);
-    matmul_any(L.qkv, model.h.data(), N, D, model.qkv.data(), qkv_size, q8, lora);
+    matmul_any(L.qkv, model.h.data(), N, D, model.qkv.data(), qkv_size, q8, lora, a.adapter);
     uint8_t* kl = a.k + l * a.k_stride[0];
     uint8_t* vl = a.v + l * a.v_stride[0];
     for (int t = 0; t < N; ++t) {
@@ -1326,13 +1340,13 @@ void decode(Model& model, const DecodeArgs& a) {
         }
       }
     }
-    matmul_any(L.o, model.att.data(), N, q_size, model.tmp.data(), D, q8, lora);
+    matmul_any(L.o, model.att.data(), N, q_size, model.tmp.data(), D, q8, lora, a.adapter);
     for (int i = 0; i < N * D; ++i) a.x[i] += model.tmp[i];
     for (int t = 0; t < N; ++t) rms_norm(a.x + t * D, L.ffn_norm, c.eps, D, model.h.data() + t * D);
-    matmul_any(L.gate_up, model.h.data(), N, D, model.gu.data(), 2 * I, q8, lora);
+    matmul_any(L.gate_up, model.h.data(), N, D, model.gu.data(), 2 * I, q8, lora, a.adapter);
     for (int t = 0; t < N; ++t)
       silu_mul(model.gu.data() + t * 2 * I, model.gu.data() + t * 2 * I + I, I, model.act.data() + t * I);
-    matmul_any(L.down, model.act.data(), N, I, model.tmp.data(), D, q8, lora);
+    matmul_any(L.down, model.act.data(), N, I, model.tmp.data(), D, q8, lora, a.adapter);
     for (int i = 0; i < N * D; ++i) a.x[i] += model.tmp[i];
   }
 }
@@ -1341,7 +1355,7 @@ void decode(Model& model, const DecodeArgs& a) {
 
 extern "C" {
 
-int32_t mk_abi_version() { return 8; }
+int32_t mk_abi_version() { return 9; }
 
 int32_t mk_threads() { return threads(); }
 

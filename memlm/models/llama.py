@@ -15,6 +15,8 @@ only attention works on the padded [B, T] layout, so padding costs no matmul wor
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,6 +155,8 @@ class LlamaModel(nn.Module):
     supports_eviction = True  # its state is a KV cache: eviction policies apply
     # With quantized weights and the native kernels: runs decode steps and short chunks in one call.
     native_decoder = None
+    # Per-request LoRA adapters (memlm.adapters.bank.AdapterBank): each row's from the state.
+    adapter_bank = None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
@@ -166,13 +170,18 @@ class LlamaModel(nn.Module):
         pool: BlockPool | None = None,
         kv_type: str | None = None,
         rotate_keys: bool = False,
+        adapters: list[int] | None = None,
     ) -> KVCache:
         """The per-batch generation state of this family: a KV cache, paged on the engine's block pool,
-        or contiguous (in `kv_type`, the model's dtype by default)."""
-        return KVCache.for_model(
+        or contiguous (in `kv_type`, the model's dtype by default); `adapters`: each row's LoRA
+        adapter index in `adapter_bank` (0: none)."""
+        cache = KVCache.for_model(
             self.config, batch, capacity, self.dtype, self.device, track_attention, track_importance, pool,
             kv_type, rotate_keys,
         )  # fmt: skip
+        if adapters is not None:
+            cache.adapters = torch.tensor(adapters, dtype=torch.int32)
+        return cache
 
     def new_pool(self, **options) -> BlockPool:
         """The engine's KV block pool for this model (memlm.cache.blocks)."""
@@ -218,12 +227,22 @@ class LlamaModel(nn.Module):
             mask = cache.begin(positions)
         packing = Packing(positions >= 0) if Packing.worthwhile(positions) else None
         x = packing.pack(embeds) if packing is not None else embeds
-        for layer in layers:
-            x = layer(x, cos, sin, mask, cache, packing)
+        with self._selecting_adapters(cache, positions.shape, packing):
+            for layer in layers:
+                x = layer(x, cos, sin, mask, cache, packing)
         if cache is not None:
             cache.end()
         x = self.norm(x)
         return packing.unpack(x) if packing is not None else x
+
+    def _selecting_adapters(self, cache, shape: tuple[int, int], packing: Packing | None):
+        """The adapter bank, told each token's adapter (its row's, from the state), while the layers
+        run; nothing when no row uses one (the base model as it is)."""
+        rows = getattr(cache, "adapters", None)
+        if self.adapter_bank is None or rows is None or not bool(rows.any()):
+            return contextlib.nullcontext()
+        tokens = rows.to(self.device)[:, None].expand(shape)  # [B, T]: the projections see tokens row-major
+        return self.adapter_bank.selecting(packing.pack(tokens) if packing is not None else tokens.reshape(-1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

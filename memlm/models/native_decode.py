@@ -10,9 +10,11 @@ model, unchanged.
 It takes the chunk's real tokens (padding removed), each with its row and cache slot: decode
 steps (one token per row, rows of different lengths), and short chunks of up to NATIVE_MAX_ROWS
 tokens: latents inserted into the reasoner, the latent weaver's own pass (its LoRA adapters run
-beside the quantized weights), requests joining a running batch, and mixed steps. It records the
-attention statistics H2O and TOVA need when the cache tracks them (decode steps). Longer chunks
-(prefill) and chunks that track attention over several tokens go layer by layer through QLinear.
+beside the quantized weights), requests joining a running batch, and mixed steps. Rows with
+different LoRA adapters of the model's AdapterBank run together: each token computes only its
+row's adapter's columns. It records the attention statistics H2O and TOVA need when the cache
+tracks them (decode steps). Longer chunks (prefill) and chunks that track attention over several
+tokens go layer by layer through QLinear.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ctypes
 
 import torch
 
+from memlm.adapters.bank import StackedLoRALinear
 from memlm.adapters.lora import LoRALinear
 from memlm.cache.kv_cache import KVCache
 from memlm.kernels import DecodeArgs, LayerDesc, ModelDesc, native
@@ -31,7 +34,7 @@ from memlm.quant.qlinear import NATIVE_MAX_ROWS, QLinear, qmat
 
 def _quantized(module) -> tuple[QLinear | None, object]:
     """(the QLinear, its LoRA wrapper or None) of a projection, or (None, None) if not quantized."""
-    if isinstance(module, LoRALinear):
+    if isinstance(module, LoRALinear | StackedLoRALinear):
         return (module.base, module) if isinstance(module.base, QLinear) else (None, None)
     return (module, None) if isinstance(module, QLinear) else (None, None)
 
@@ -55,6 +58,15 @@ class NativeDecoder:
                 linear, lora = _quantized(module)
                 if lora is None:
                     return qmat(linear.qweight, linear.bias)
+                if isinstance(lora, StackedLoRALinear):  # every adapter's columns, each owned by one
+                    out = qmat(linear.qweight, linear.bias)
+                    if lora.owner.numel():
+                        a, bt, owner = lora.lora_a.float().contiguous(), lora.lora_b.t().float(), lora.owner
+                        bt = bt.contiguous()
+                        self._keep += [a, bt, owner]
+                        out.lora_a, out.lora_bt, out.lora_owner = a.data_ptr(), bt.data_ptr(), owner.data_ptr()
+                        out.rank, out.scaling = a.shape[0], 1.0  # the scaling is folded into B
+                    return out
                 bt = lora.lora_b.detach().t().contiguous().float()
                 self._keep.append(bt)
                 return qmat(linear.qweight, linear.bias, lora, bt)
@@ -83,10 +95,11 @@ class NativeDecoder:
     def _adapter_signature(model) -> list:
         """What the descriptors depend on: each adapter's tensors, and B's version (the kernels read
         a transposed copy of B, refreshed when B changes in place, e.g. a memory loaded into it)."""
+        bank = model.adapter_bank
         return [
             (id(m.lora_a), id(m.lora_b), m.lora_b._version, m.lora_a.data_ptr())
             for m in getattr(model, "lora_modules", ())
-        ]
+        ] + [bank.version if bank is not None else 0]
 
     def __del__(self):
         handle = getattr(self, "_handle", None)
@@ -130,7 +143,7 @@ class NativeDecoder:
         """Run the chunk's real tokens through all layers -> hidden [B, T, d] before the final norm
         (zeros at padding)."""
         adapters = getattr(model, "lora_modules", ())
-        if adapters and self._adapter_signature(model) != self._adapters:
+        if self._adapter_signature(model) != self._adapters:
             self._build(model)
         lora = int(bool(adapters) and adapters[0].enabled)
         batch, chunk, hidden = embeds.shape
@@ -149,6 +162,10 @@ class NativeDecoder:
             rows, slots = rows[real], slots[real]
             cos, ssin = cos[:, 0][real], ssin[:, 0][real]
         rows, slots, cos, ssin = rows.contiguous(), slots.contiguous(), cos.contiguous(), ssin.contiguous()
+        # Stacked adapters (memlm.adapters.bank): each token's adapter is its row's.
+        stacked = model.adapter_bank is not None and bool(cache.adapters.any())
+        token_adapters = cache.adapters[rows].contiguous() if stacked else None
+        lora = lora or int(stacked)
         received = torch.zeros(batch, width) if cache.track_attention else None
         table = kv.table.contiguous()
         args = DecodeArgs(
@@ -156,6 +173,7 @@ class NativeDecoder:
             kv.strides(kv.k), kv.strides(kv.v), rows.data_ptr(), slots.data_ptr(),
             table.data_ptr(), table.shape[1], kv.block_size, kv.format.code, int(cache.rotate_keys),
             received.data_ptr() if received is not None else None, width, lora,
+            token_adapters.data_ptr() if token_adapters is not None else None,
         )  # fmt: skip
         self.lib.mk_decode(self._handle, ctypes.byref(args))
         if received is not None:

@@ -193,9 +193,7 @@ def create_app(
         return state.engine
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != state.served_name:
-            raise APIError(404, f"model {name!r} not found; this server serves {state.served_name!r}",
-                           "not_found_error", "model", code="model_not_found")
+        _adapter_of(state, name)  # an unknown model or adapter: 404 model_not_found
 
     # ---- plain endpoints ---------------------------------------------------------------------------
 
@@ -216,7 +214,9 @@ def create_app(
             "memories": sorted(state.memories),
             "kv_policies": _policy_names(state),
         }
-        return {"object": "list", "data": [card]}
+        # Each LoRA adapter is a model of its own to clients (vLLM's shape: `parent` names the base).
+        adapters = [{**card, "id": name, "parent": state.served_name} for name in sorted(engine.adapters)]
+        return {"object": "list", "data": [card, *adapters]}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
@@ -289,7 +289,7 @@ def create_app(
             previous = stored[1]
         conversation = _user_error(lambda: conversation_of(body, previous))
         chat = _user_error(lambda: _validated(lambda: responses_chat(body, conversation)))
-        builder = ResponseBuilder(body, state.served_name)
+        builder = ResponseBuilder(body, body.model or state.served_name)
         if body.stream:
             chat.stream_options = StreamOptions(include_usage=True)
         job, view = await _start(state, engine, chat, _chat_prompt(state, engine, chat), True, None,
@@ -338,7 +338,7 @@ def create_app(
         engine = ready()
         check_model(body.model)
         chat = _user_error(lambda: _validated(lambda: messages_chat(body)))
-        builder = MessageBuilder(body, state.served_name)
+        builder = MessageBuilder(body, body.model or state.served_name)
         if body.stream:
             chat.stream_options = StreamOptions(include_usage=True)
         job, view = await _start(state, engine, chat, _chat_prompt(state, engine, chat), True, None,
@@ -381,7 +381,9 @@ def create_app(
     async def embeddings(body: EmbeddingRequest, request: Request):
         """Mean of the last hidden states, L2-normalised (memlm.generation.embedding)."""
         engine = ready()
-        check_model(body.model)
+        if _adapter_of(state, body.model) is not None:
+            raise APIError(400, "embeddings come from the base model; give its name or no model",
+                           "invalid_request_error", "model")
         inputs = body.inputs()
         width, limit, vocab = engine.config.hidden_size, engine.config.max_position_embeddings, engine.config.vocab_size
         if not inputs or len(inputs) > 2048:
@@ -438,6 +440,20 @@ def _encode_text(state: ServerState, text: str) -> list[int]:
     if not text.strip():
         raise InvalidRequestError("prompt is empty")
     return state.encoder.encode(text)
+
+
+def _adapter_of(state: ServerState, name: str | None) -> str | None:
+    """A request's `model` -> the LoRA adapter it selects (`NAME` or `BASE:NAME`), None for the base
+    model; any other name is a 404 model_not_found (as OpenAI answers an unknown model)."""
+    if name is None or name == state.served_name:
+        return None
+    adapters = state.engine.adapters
+    adapter = name.removeprefix(state.served_name + ":")
+    if adapter in adapters:
+        return adapter
+    served = f"{state.served_name!r}" + (f" and the adapters {', '.join(sorted(adapters))}" if adapters else "")
+    raise APIError(404, f"model {name!r} not found; this server serves {served}", "not_found_error", "model",
+                   code="model_not_found")
 
 
 def _policy_names(state: ServerState) -> list[str]:
@@ -507,6 +523,7 @@ def _build(state: ServerState, engine, body: _Common, prompts: list[list[int]], 
     if len(prompts) * body.n > options.max_queue:  # could never be queued: not "busy", a bad request
         raise APIError(400, f"this request makes {len(prompts) * body.n} generations (prompts x n) but the "
                        f"server queues at most {options.max_queue} (--max-queue)", "invalid_request_error", "n")
+    adapter = _adapter_of(state, body.model)
     requests = []
     try:
         policy = _policy(state, body)
@@ -525,7 +542,7 @@ def _build(state: ServerState, engine, body: _Common, prompts: list[list[int]], 
                 default = min(default, cap)
             for choice in range(body.n):
                 params = body.sampling_params(max(1, default), choice, logprobs, response_format)
-                requests.append(engine.make_request(ids, params, policy, memory))
+                requests.append(engine.make_request(ids, params, policy, memory, adapter=adapter))
     except MemlmError as e:
         raise APIError(400, str(e), "invalid_request_error") from None
     return requests

@@ -36,8 +36,8 @@ class ChatView:
 
     def _envelope(self, choices: list, **extra) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
-        out = {"id": self.id, "object": kind, "created": self.created, "model": self.state.served_name,
-               "choices": choices}
+        model = self.body.model or self.state.served_name  # an adapter's name when the client chose one
+        out = {"id": self.id, "object": kind, "created": self.created, "model": model, "choices": choices}
         if self.body.stream:
             out["object"] = "chat.completion.chunk" if self.chat else "text_completion"
             if self.body.include_usage:
