@@ -94,10 +94,27 @@ class NativeDecoder:
             self.lib.mk_model_free(handle)
 
     @staticmethod
+    def unsupported(config) -> list[str]:
+        """The config's features the kernels' layer step lacks (Gemma 3's, Phi-3's): such models run
+        layer by layer in torch, each projection still on the quantized kernels (QLinear)."""
+        features = {
+            "sandwich norms": config.sandwich_norms,
+            f"{config.hidden_act} MLP": config.hidden_act != "silu",
+            "sliding-window layers": config.sliding_window is not None,
+            "a second RoPE base": config.local_rope_theta is not None,
+            "partial rotary": config.rotary_dim != config.head_dim,
+            "query_pre_attn_scalar": config.query_pre_attn_scalar not in (None, float(config.head_dim)),
+        }
+        return [name for name, present in features.items() if present]
+
+    @staticmethod
     def supports(model) -> bool:
-        """Every layer's projections quantized, a dense MLP, float32 norms, a head size the step handles."""
+        """Every layer's projections quantized, a dense MLP, float32 norms, a head size the step handles,
+        no feature the kernels lack."""
         cfg = model.config
         if cfg.head_dim % 8 or cfg.head_dim > 512 or model.dtype != torch.float32:
+            return False
+        if NativeDecoder.unsupported(cfg):
             return False
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
