@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from test_quant import _decode, needs_native
 
 from conftest import byte_tokenizer, hf_tiny, memlm_twin
 from memlm.cache import make_policy
@@ -171,16 +172,53 @@ def test_eviction_budgets_hold_and_batches_equal_rows_on_gemma(name):
         assert engine.generate(prompt, params, kv_policy=policy).token_ids == got.token_ids
 
 
-def test_quantized_gemma_runs_layer_by_layer_and_says_why():
+def _quantized(arch, **overrides):
     from memlm.quant.qlinear import quantize_model
 
-    model = memlm_twin(hf_tiny("gemma3_text", **GEMMA))
-    assert set(NativeDecoder.unsupported(model.config)) >= {"sandwich norms", "sliding-window layers"}
+    model = memlm_twin(hf_tiny(arch, **overrides))
     quantize_model(model, "q8_0")
-    assert NativeDecoder.for_model(model) is None
-    reference = memlm_twin(hf_tiny("gemma3_text", **GEMMA))
-    ids = _ids(20, batch=1)
-    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=0.05, rtol=0.05)
+    model.native_decoder = NativeDecoder.for_model(model)
+    assert model.native_decoder is not None  # the kernels run these families' switches too
+    return model
+
+
+def _both_paths(model, run):
+    """`run()` with the native layer step, then layer by layer in torch (same quantized weights)."""
+    with torch.inference_mode():
+        native = run()
+        saved, model.native_decoder = model.native_decoder, None
+        try:
+            return native, run()
+        finally:
+            model.native_decoder = saved
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])
+def test_native_decode_equals_the_layer_by_layer_path(arch):
+    """Windows, the local RoPE base, sandwich norms, gelu, the score scale (Gemma) and partial
+    rotary (Phi) in the kernels: decode steps past the window, ragged rows, attention statistics."""
+    overrides = GEMMA if arch == "gemma3_text" else {**PHI["partial"], "sliding_window": 8}
+    model = _quantized(arch, **overrides)
+    prompts = [[5, 9, 2, 77, 31], [8, 1], [100, 3, 3, 3, 3, 3, 7, 9, 11, 12]]
+    (got, cache), (want, slow) = _both_paths(model, lambda: _decode(model, prompts, steps=12, track_attention=True))
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.attention_sum, slow.attention_sum, atol=1e-5, rtol=1e-4)
+
+
+@needs_native
+def test_native_window_masks_by_position_after_eviction():
+    model = _quantized("gemma3_text", **{**GEMMA, "layer_types": [SLIDING, FULL, SLIDING]})
+    ids = _ids(24, batch=1)
+
+    def run():
+        cache = model.new_state(1, 32)
+        model(model.embed(ids[:, :20]), torch.arange(20)[None], cache)
+        cache.compact(0, torch.tensor([0, 1, 2, *range(10, 20)]))  # sinks and the recent past, as a policy would
+        return [model.logits(model(model.embed(ids[:, i : i + 1]), torch.tensor([[i]]), cache)) for i in range(20, 24)]
+
+    native, layered = _both_paths(model, run)
+    torch.testing.assert_close(torch.cat(native), torch.cat(layered), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])

@@ -1,5 +1,8 @@
 """Read a GGUF file (llama.cpp's format): config, weights (dequantized, or as the file's blocks), tokenizer.
 
+The header (fields, tensor table) is parsed by gguf_header.py; the gguf package's reader (`open_gguf`)
+serves `memlm quantize`, which copies fields with their types.
+
 Dequantization is the `gguf` package's (Q4_0/Q4_1/Q5_x/Q8_0/K-quants, F16, BF16, F32); blocks
 memlm runs natively stay blocks when asked (`keep_quantized`). Weights are
 returned under Hugging Face names so that the rest of memlm, and transformers in the tests, see
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 from memlm.errors import ModelFormatError
+from memlm.formats.gguf_header import read_header
 from memlm.models.config import FULL, SLIDING, ModelConfig
 from memlm.quant.qweight import QWeight, format_of_gguf_type
 from memlm.tokenizer import Tokenizer
@@ -241,15 +245,14 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
     `keep_quantized`, matrices stored in a format memlm runs natively (quant/qweight.py FORMATS:
     Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants) come as `QWeight`s holding the file's bits, each in
     its own format (Q4_K_M files mix Q4_K, Q6_K, Q5_0 and Q8_0 tensors)."""
-    reader = open_gguf(path)
-    fields = read_fields(reader)
+    fields, tensors = read_header(path)
     tokenizer = Tokenizer.from_gguf(fields)
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in tensors}
     moe_layers = tuple(sorted(int(n.split(".")[1]) for n in names if n.endswith(".ffn_gate_inp.weight")))
     # Phi-3's LongRoPE factors are tensors in GGUF files, fields of the config in transformers'.
     factors = {
         t.name.split("_")[-1].split(".")[0]: dequantize(t).tolist()
-        for t in reader.tensors
+        for t in tensors
         if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")
     }
     config = config_from_gguf(fields, tokenizer, "output.weight" in names, moe_layers, factors)
@@ -258,8 +261,8 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
     if "rope_freqs.weight" in names:
         raise ModelFormatError("GGUF files with per-dimension rope_freqs (Llama 3.1 style) are not supported yet")
     weights: dict[str, torch.Tensor | QWeight] = {}
-    blocks = []  # (HF name, format, [out, in], Q/K heads, offset, bytes): read once the reader is gone
-    for tensor in reader.tensors:
+    blocks = []  # (HF name, format, [out, in], Q/K heads, offset, bytes): read after the memory map is gone
+    for tensor in tensors:
         if tensor.name.startswith("rope_factors_"):
             continue  # read into the config above
         hf_name = _hf_name(tensor.name, arch)
@@ -277,9 +280,9 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
         if config.norm_offset and tensor.name.endswith("norm.weight"):
             w = w - np.float32(config.norm_offset)  # back to transformers' convention (fuse adds it again)
         weights[hf_name] = torch.from_numpy(w if w.flags.writeable else w.copy())
-    # The reader's parsed metadata (an object per vocabulary entry) costs more memory than a small
-    # model's blocks: free it before they are read, so the peak holds one and then the other.
-    reader = tensor = None
+    # Dequantized tensors were copied out of the memory map; close it (with the views into it)
+    # before the blocks are read with file reads, so their pages are never resident twice.
+    tensors = tensor = None
     gc.collect()
     for hf_name, fmt, shape, heads, offset, size in blocks:
         q = QWeight.from_gguf_blocks(_read_bytes(path, offset, size).reshape(shape[0], -1), fmt, shape)
