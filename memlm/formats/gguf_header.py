@@ -5,8 +5,7 @@ That reader builds a numpy view for every part of every field: four per vocabula
 million views for Gemma 3's 262,144 tokens, which took 40 s and ~600 MB here before a weight was
 read. This parses the same header with `struct` over a memory map (a fraction of a second) and
 leaves tensors as (type, shape, offset) until they are read. The gguf package still owns the type
-tables and the dequantization; `memlm quantize`, which copies every field with its type, still
-uses its reader.
+tables and the dequantization.
 """
 
 from __future__ import annotations
@@ -56,21 +55,23 @@ class TensorInfo:
         return np.frombuffer(self._buffer, np.uint8, self.n_bytes, self.data_offset).reshape(byte_shape)
 
 
-def read_header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
-    """({key: value} with arrays as lists, as `field.contents()` gives them; the tensor table)."""
+def read_header(path: str | Path, types: dict | None = None) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """({key: value} with arrays as lists, as `field.contents()` gives them; the tensor table).
+    `types`, when given, receives {key: (GGUFValueType, its items' type or None)} (`memlm quantize`
+    copies every field with its type)."""
     try:
         with open(path, "rb") as f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
         raise ModelFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     try:
-        return _parse(buffer)
+        return _parse(buffer, types)
     except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def _parse(buffer) -> tuple[dict[str, Any], list[TensorInfo]]:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+def _parse(buffer, types: dict | None) -> tuple[dict[str, Any], list[TensorInfo]]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
     if buffer[:4] != _MAGIC:
         raise ValueError("bad magic")
@@ -82,6 +83,9 @@ def _parse(buffer) -> tuple[dict[str, Any], list[TensorInfo]]:
     for _ in range(kv_count):
         key, at = _string(buffer, at)
         (kind,), at = struct.unpack_from("<I", buffer, at), at + 4
+        if types is not None:
+            item = struct.unpack_from("<I", buffer, at)[0] if kind == _ARRAY else None
+            types[key] = (GGUFValueType(kind), None if item is None else GGUFValueType(item))
         fields[key], at = _value(buffer, at, kind)
     tensors = []
     for _ in range(tensor_count):
