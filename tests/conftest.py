@@ -38,9 +38,12 @@ def hf_tiny(arch: str = "llama", seed: int = 0, **overrides):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **overrides})
+    defaults = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2) if arch == "phi3" else {}  # its ids are 32000+
+    config = config_cls(**{**TINY, **defaults, **overrides})
     model = model_cls(config).eval()
     # Random init leaves norms at 1 and biases at 0: perturb them so the test sees their use.
     with torch.no_grad():

@@ -159,3 +159,21 @@ def test_corrupt_and_truncated_files_give_clear_errors(tmp_path, tiny_gguf):
     truncated.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ModelFormatError):
         read_gguf(truncated)
+
+
+def test_fast_header_equals_the_gguf_readers(tiny_gguf):
+    """gguf_header.py (what loading uses) reads the same fields and tensors as the gguf package."""
+    from memlm.formats.gguf_header import read_header
+
+    _, path, _ = tiny_gguf
+    fields, tensors = read_header(path)
+    reader = gguf.GGUFReader(str(path))
+    expected = {key: field.contents() for key, field in reader.fields.items()}
+    assert fields.keys() == expected.keys()
+    for key, value in expected.items():
+        assert fields[key] == (value.tolist() if isinstance(value, np.ndarray) else value), key
+    assert len(tensors) == len(reader.tensors)
+    for ours, theirs in zip(tensors, reader.tensors, strict=True):
+        assert (ours.name, ours.tensor_type, ours.shape) == (theirs.name, theirs.tensor_type, tuple(theirs.shape))
+        assert (ours.data_offset, ours.n_bytes) == (theirs.data_offset, theirs.n_bytes)
+        assert ours.data.dtype == theirs.data.dtype and np.array_equal(ours.data, theirs.data)

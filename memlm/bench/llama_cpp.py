@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from memlm.errors import MemlmError
-from memlm.formats.gguf_file import open_gguf, read_fields
-from memlm.formats.loading import EMBEDDED
+from memlm.formats.gguf_header import read_header
+from memlm.formats.loading import ASSEMBLED, EMBEDDED
 from memlm.tokenizer import Tokenizer
 
 
@@ -22,6 +22,8 @@ def gguf_file_of(model: str) -> Path:
     """The GGUF file behind a model name or path (llama.cpp reads nothing else)."""
     if model.lower() in EMBEDDED:
         return EMBEDDED[model.lower()].path()
+    if model.lower() in ASSEMBLED:
+        return ASSEMBLED[model.lower()].path()
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path
@@ -30,7 +32,7 @@ def gguf_file_of(model: str) -> Path:
 
 def tokenizer_of(path: Path):
     """memlm's tokenizer of a GGUF file: every engine gets the same prompt ids."""
-    return Tokenizer.from_gguf(read_fields(open_gguf(path)))
+    return Tokenizer.from_gguf(read_header(path)[0])
 
 
 def _first(module, *names):

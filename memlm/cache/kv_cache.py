@@ -190,6 +190,11 @@ class KVCache:
         keys = torch.arange(width, device=positions.device)
         return (keys[None, None, :] <= slots[:, :, None])[:, None]
 
+    def slot_positions(self) -> torch.Tensor:
+        """[B, width]: the position each slot the chunk being written attends to holds (-1: empty),
+        for masks by position rather than slot (sliding-window layers)."""
+        return self.positions[:, : self._step.width]
+
     def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
         """Queries [B, H, T, D] in the keys' basis: rotated as the stored keys are (scores unchanged)."""
         return rotate(q) if self.rotate_keys else q

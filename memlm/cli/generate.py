@@ -244,11 +244,23 @@ def info(
         "tied_embeddings": c.tie_word_embeddings,
         "qk_norm": c.qk_norm,
         "dtype": engine.dtype,
+        **_window_facts(c),
         "kv_bytes_per_token": c.kv_bytes_per_token(engine.model.dtype.itemsize),
         "chat_template": bool(engine.tokenizer.chat_template),
         "source": engine.source,
     }
     _print_facts(facts, as_json)
+
+
+def _window_facts(c) -> dict:
+    """Sliding-window layers (Gemma 3, Phi-3), when the model has them."""
+    sliding = sum(c.is_sliding(i) for i in range(c.num_layers))
+    if not sliding:
+        return {}
+    facts = {"sliding_window": c.sliding_window, "sliding_layers": f"{sliding} of {c.num_layers}"}
+    if c.local_rope_theta is not None:
+        facts["local_rope_theta"] = c.local_rope_theta
+    return facts
 
 
 def _print_facts(facts: dict, as_json: bool) -> None:

@@ -101,25 +101,23 @@ def quantize_file(source: str, target: str | Path, chosen: Scheme, progress=None
 
 def _from_gguf(path: Path):
     """(architecture, fields to copy {key: (value, type, sub_type)}, [(name, shape, loader)])."""
-    from gguf import GGUFValueType
     from gguf.quants import dequantize
 
-    from memlm.formats.gguf_file import open_gguf
+    from memlm.formats.gguf_header import read_header
 
-    reader = open_gguf(path)
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
+    types: dict = {}
+    values, infos = read_header(path, types)
+    arch = values.get("general.architecture")
+    if arch is None:
         raise ModelFormatError(f"{path} has no general.architecture")
-    arch = arch_field.contents()
     fields = {}
-    for key, field in reader.fields.items():
+    for key, value in values.items():
         if key in _HEADER_FIELDS or key in _REPLACED_FIELDS:
             continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        fields[key] = (field.contents(), vtype, sub_type)
+        vtype, sub_type = types[key]
+        fields[key] = (value, vtype, sub_type)
     tensors = []
-    for tensor in reader.tensors:
+    for tensor in infos:
         shape = tuple(int(d) for d in reversed(tensor.shape))
 
         def load(t=tensor):

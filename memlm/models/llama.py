@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, SmolLM, Qwen2, Qwen3) in plain PyTorch.
+"""The Llama-family decoder (Llama, SmolLM, Qwen2, Qwen3, Gemma 3, Phi-3) in plain PyTorch.
 
 Contract used by every memory system: `embed(ids)`, `forward(embeds, positions, cache) -> hidden`
 (final-norm hidden states), `logits(hidden)`. Taking embeddings rather than ids is what lets latent
@@ -11,6 +11,12 @@ forward and shared by all layers.
 A right-padded chunk (ragged prompts, or one row inserting 8 latents while the others feed one
 token) runs packed: the projections and MLPs, most of the compute, see only the real tokens, and
 only attention works on the padded [B, T] layout, so padding costs no matmul work.
+
+Sliding-window layers (Gemma 3's five in six, Phi-3's all) share the one KV cache with the global
+layers and mask it to their window: a key is visible when its position is within `sliding_window`
+of the query's. Masking by stored position rather than by slot keeps it right after eviction
+(slots then skip positions). The cache therefore holds every token the global layers need; an
+eviction budget bounds it for all layers alike (docs/architecture.md, "Sliding windows").
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.sliding = cfg.is_sliding(layer_idx)  # picks the model's local RoPE tables and window mask
+        # Gemma scales scores by query_pre_attn_scalar^-1/2; None is SDPA's default, head_dim^-1/2.
+        self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, packing: Packing | None = None) -> torch.Tensor:
         heads, kv_heads = self.num_heads, self.num_kv_heads
@@ -57,7 +66,7 @@ class Attention(nn.Module):
             q = cache.prepare_queries(q)
             k, v = cache.update(self.layer_idx, k, v)
         if cache is not None and cache.track_attention:  # an eviction policy needs the weights
-            out, weights = attention_with_weights(q, k, v, mask)
+            out, weights = attention_with_weights(q, k, v, mask, self.scale)
             cache.observe_attention(self.layer_idx, weights)
         elif packing is not None and packing.decoding_rows:
             # Requests joining mid-batch: the first rows feed one token each, the rest whole prompts.
@@ -65,11 +74,15 @@ class Attention(nn.Module):
             r, gqa = packing.decoding_rows, heads != kv_heads
             out = q.new_zeros(q.shape)
             out[:r, :, :1] = F.scaled_dot_product_attention(
-                q[:r, :, :1], k[:r], v[:r], attn_mask=mask[:r, :, :1], enable_gqa=gqa
+                q[:r, :, :1], k[:r], v[:r], attn_mask=mask[:r, :, :1], enable_gqa=gqa, scale=self.scale
             )
-            out[r:] = F.scaled_dot_product_attention(q[r:], k[r:], v[r:], attn_mask=mask[r:], enable_gqa=gqa)
+            out[r:] = F.scaled_dot_product_attention(
+                q[r:], k[r:], v[r:], attn_mask=mask[r:], enable_gqa=gqa, scale=self.scale
+            )
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads, scale=self.scale
+            )
         out = out.transpose(1, 2).reshape(batch, chunk, -1)
         return self.o_proj(packing.pack(out) if packing is not None else out)
 
@@ -101,12 +114,12 @@ class Packing:
         return out.index_copy(0, self.index, x).unflatten(0, self.shape)
 
 
-def attention_with_weights(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_weights(q, k, v, mask, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns its weights [B, H, T, S] (SDPA does not expose them)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
@@ -118,15 +131,23 @@ class Block(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
+        # The norm before the MLP (Llama's name for it; Gemma calls it pre_feedforward_layernorm).
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Gemma's "sandwich": norms on the attention's and the MLP's outputs, before each residual.
+        self.attn_output_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
+        self.mlp_output_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
         if cfg.is_moe_layer(layer_idx):
             self.mlp = MoEBlock.from_config(cfg)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.hidden_act)
 
     def forward(self, x, cos, sin, mask, cache, packing: Packing | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, packing)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, packing)
+        if self.attn_output_norm is not None:
+            attended = self.attn_output_norm(attended)
+        x = x + attended
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.mlp_output_norm(mlp) if self.mlp_output_norm is not None else mlp)
 
 
 class LlamaModel(nn.Module):
@@ -140,9 +161,14 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq, self.attention_scaling = rope_frequencies(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+            cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Sliding layers' own RoPE base (Gemma 3: 10k beside the global layers' 1M), unscaled.
+        local = cfg.local_rope_theta
+        local_freq = rope_frequencies(cfg.rotary_dim, local, None, cfg.max_position_embeddings)[0] if local else None
+        self.register_buffer("local_inv_freq", local_freq, persistent=False)
+        self.register_buffer("embed_scale", torch.tensor(cfg.embed_scale), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,6 +185,8 @@ class LlamaModel(nn.Module):
     adapter_bank = None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.config.embed_scale != 1.0:  # Gemma: sqrt(hidden), rounded to the weights' dtype as transformers does
+            return self.embed_tokens(ids) * self.embed_scale.to(self.dtype)
         return self.embed_tokens(ids)
 
     def new_state(
@@ -215,7 +243,7 @@ class LlamaModel(nn.Module):
             and native.accepts(self, embeds, positions, cache)
         ):
             return self.norm(native.step(self, embeds, positions, cache))
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_scaling, embeds.dtype)
+        rope = {False: rope_cos_sin(positions, self.inv_freq, self.attention_scaling, embeds.dtype)}
         if mask is not None:
             if cache is not None:
                 raise ValueError("an explicit mask is for cache-less forwards")
@@ -225,11 +253,18 @@ class LlamaModel(nn.Module):
             mask = (causal[None] & (positions >= 0)[:, None, :])[:, None]
         else:
             mask = cache.begin(positions)
+        masks = {False: mask}
+        if any(layer.self_attn.sliding for layer in layers):
+            local = self.local_inv_freq
+            rope[True] = rope_cos_sin(positions, local, 1.0, embeds.dtype) if local is not None else rope[False]
+            key_positions = positions if cache is None else cache.slot_positions()
+            masks[True] = window_mask(mask, positions, key_positions, self.config.sliding_window)
         packing = Packing(positions >= 0) if Packing.worthwhile(positions) else None
         x = packing.pack(embeds) if packing is not None else embeds
         with self._selecting_adapters(cache, positions.shape, packing):
             for layer in layers:
-                x = layer(x, cos, sin, mask, cache, packing)
+                sliding = layer.self_attn.sliding
+                x = layer(x, *rope[sliding], masks[sliding], cache, packing)
         if cache is not None:
             cache.end()
         x = self.norm(x)
@@ -245,4 +280,16 @@ class LlamaModel(nn.Module):
         return self.adapter_bank.selecting(packing.pack(tokens) if packing is not None else tokens.reshape(-1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def window_mask(mask, query_positions, key_positions, window: int) -> torch.Tensor | None:
+    """`mask` [B, 1, T, S] (None: all visible) narrowed to keys whose position is within `window`
+    of the query's (transformers' and llama.cpp's rule: key > query - window). Key positions [B, S]
+    are the cache's per slot, so a row whose old slots were evicted still masks by time, not slot."""
+    if int(query_positions.max()) < window:  # no query is far enough along to lose a key
+        return mask
+    near = key_positions[:, None, None, :] > query_positions[:, None, :, None] - window
+    return near if mask is None else mask & near

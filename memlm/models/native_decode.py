@@ -80,12 +80,18 @@ class NativeDecoder:
                 block.post_attention_layernorm.weight.data_ptr(),
                 desc(mlp.gate_up_proj),
                 desc(mlp.down_proj),
+                block.attn_output_norm.weight.data_ptr() if block.attn_output_norm is not None else null,
+                block.mlp_output_norm.weight.data_ptr() if block.mlp_output_norm is not None else null,
+                cfg.sliding_window if attn.sliding else 0,
+                int(attn.sliding and model.local_inv_freq is not None),
             )
         first = model.layers[0].self_attn.qkv_proj
         activations = _quantized(first)[0].activations
+        scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else 0.0  # 0: head_dim's
         desc = ModelDesc(
             cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             cfg.intermediate_size, cfg.rms_norm_eps, int(activations == "q8_0"), layers,
+            int(cfg.hidden_act == "gelu_tanh"), scale, cfg.rotary_dim,
         )  # fmt: skip
         if self._handle:
             self.lib.mk_model_free(self._handle)
@@ -108,7 +114,9 @@ class NativeDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        """Every layer's projections quantized, a dense MLP, float32 norms, a head size the step handles."""
+        """Every layer's projections quantized, a dense MLP, float32 norms, a head size the step handles.
+        Gemma 3's and Phi-3's switches (sandwich norms, gelu, windows, a local RoPE base, a score
+        scale, partial rotary) are the kernels' too."""
         cfg = model.config
         if cfg.head_dim % 8 or cfg.head_dim > 512 or model.dtype != torch.float32:
             return False
@@ -150,6 +158,8 @@ class NativeDecoder:
         real = positions >= 0
         dense = bool(real.all())
         cos, ssin = rope_cos_sin(positions, model.inv_freq, model.attention_scaling, torch.float32)
+        local = model.local_inv_freq is not None
+        lcos, lssin = rope_cos_sin(positions, model.local_inv_freq, 1.0, torch.float32) if local else (cos, ssin)
         cache.begin(positions)
         kv, slots, width = cache.native_target()
         rows = torch.arange(batch)[:, None].expand(batch, chunk)
@@ -157,15 +167,19 @@ class NativeDecoder:
             x = embeds.reshape(batch * chunk, hidden).clone()
             rows, slots = rows.reshape(-1), slots.reshape(-1)
             cos, ssin = cos.reshape(batch * chunk, -1), ssin.reshape(batch * chunk, -1)
+            lcos, lssin = lcos.reshape(batch * chunk, -1), lssin.reshape(batch * chunk, -1)
         else:
             x = embeds[real].clone()
             rows, slots = rows[real], slots[real]
             cos, ssin = cos[:, 0][real], ssin[:, 0][real]
+            lcos, lssin = lcos[:, 0][real], lssin[:, 0][real]
         rows, slots, cos, ssin = rows.contiguous(), slots.contiguous(), cos.contiguous(), ssin.contiguous()
         # Stacked adapters (memlm.adapters.bank): each token's adapter is its row's.
         stacked = model.adapter_bank is not None and bool(cache.adapters.any())
         token_adapters = cache.adapters[rows].contiguous() if stacked else None
         lora = lora or int(stacked)
+        lcos, lssin = lcos.contiguous(), lssin.contiguous()
+        slot_positions = cache.positions.contiguous()  # sliding layers mask by them
         received = torch.zeros(batch, width) if cache.track_attention else None
         table = kv.table.contiguous()
         args = DecodeArgs(
@@ -174,6 +188,7 @@ class NativeDecoder:
             table.data_ptr(), table.shape[1], kv.block_size, kv.format.code, int(cache.rotate_keys),
             received.data_ptr() if received is not None else None, width, lora,
             token_adapters.data_ptr() if token_adapters is not None else None,
+            lcos.data_ptr(), lssin.data_ptr(), slot_positions.data_ptr(), slot_positions.shape[1],
         )  # fmt: skip
         self.lib.mk_decode(self._handle, ctypes.byref(args))
         if received is not None:

@@ -18,7 +18,8 @@ from memlm.errors import ModelFormatError
 def rope_frequencies(
     head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
 ) -> tuple[torch.Tensor, float]:
-    """Return (inv_freq [head_dim/2], attention_scaling) for a config's RoPE."""
+    """Return (inv_freq [head_dim/2], attention_scaling) for a config's RoPE. `head_dim` is the
+    rotated part of a head (all of it but for partial rotary: Phi-4-mini rotates 3/4)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "default":
@@ -29,7 +30,31 @@ def rope_frequencies(
         return _llama3(inv_freq, scaling), 1.0
     if rope_type == "yarn":
         return _yarn(head_dim, theta, scaling, max_positions)
-    raise ModelFormatError(f"unsupported rope_type {rope_type!r} (memlm supports default, linear, llama3, yarn)")
+    if rope_type == "longrope":
+        return _longrope(inv_freq, scaling, max_positions)
+    raise ModelFormatError(
+        f"unsupported rope_type {rope_type!r} (memlm supports default, linear, llama3, yarn, longrope)"
+    )
+
+
+def _longrope(inv_freq: torch.Tensor, s: dict[str, Any], max_positions: int) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE with its short factors, the ones for contexts up to the original length.
+
+    transformers switches to the long factors for a whole forward once a sequence passes
+    `original_max_position_embeddings` (keys already in its cache keep the short ones); memlm stores
+    keys rotated once, so it keeps the short factors throughout: exact up to the original length.
+    """
+    original = s.get("original_max_position_embeddings")
+    short = s.get("short_factor")
+    if not original or short is None or len(short) != inv_freq.numel():
+        raise ModelFormatError(
+            f"longrope needs original_max_position_embeddings and {inv_freq.numel()} short_factor values"
+        )
+    factor = s.get("factor") or max_positions / original
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq / torch.tensor(short, dtype=torch.float32), float(attention_factor)
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -96,5 +121,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """Rotate [B, H, T, D] by the half-split convention of Hugging Face checkpoints.
 
     rotate_half(x) * sin == roll(x, D/2) * signed_sin: one roll instead of slice, negate, concat.
+    Tables narrower than D (partial rotary) rotate the first dimensions and pass the rest.
     """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, signed_sin), x[..., rot:]), dim=-1)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
