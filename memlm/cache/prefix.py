@@ -51,7 +51,9 @@ def block_record(request, pool: BlockPool, slots: int) -> BlockRecord:
     """The request's record (made on first use: admission, or join), with its prompt's hashes."""
     record = request.records.get(KEY)
     if record is None:
-        reuses = pool.prefix_caching and request.memory is None
+        # a press reads the queries of the whole prompt: its row computes them all
+        pressed = request.kv_policy is not None and request.kv_policy.press is not None
+        reuses = pool.prefix_caching and request.memory is None and not pressed
         record = BlockRecord(reuses, reuses and request.kv_policy is None, pool.blocks_for(slots))
         if reuses:
             record.hashes = chain_hashes(request.prompt_ids, pool.block_size, pool.namespace)
