@@ -308,3 +308,20 @@ def test_press_spec_builds_a_policy_carrying_the_press():
     policy = PolicySpec("sinks", 64, press="pyramid:snapkv").build()
     assert policy.name == "sinks" and policy.press.name == "pyramid:snapkv" and policy.press.ratio == 0.5
     assert PolicySpec().build() is None
+
+
+@pytest.mark.parametrize("name", ["snapkv", "expected_attention", "knorm"])
+def test_rotated_keys_press_the_same_slots(name):
+    from memlm.cache.blocks import KVCacheConfig
+    from memlm.generation.engine import Engine
+
+    kept = []
+    for rotate in (False, True):
+        model = tiny_memlm(vocab_size=257, eos_token_ids=(256,))
+        engine = Engine(model, byte_tokenizer(), name="tiny", kv_cache=KVCacheConfig(rotate=rotate))
+        r = engine.add_request("Pack my box with five dozen liquor jugs. " * 3, SamplingParams(max_new_tokens=2),
+                               kv_policy=PolicySpec(press=name, press_ratio=0.5))  # fmt: skip
+        while engine.has_unfinished:
+            engine.step()
+        kept.append(r.records["press"].kept)
+    assert kept[0] == kept[1]

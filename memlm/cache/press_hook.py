@@ -89,7 +89,7 @@ def prompt_view(cache, row: int, n: int, press: Press, queries: PromptQueries | 
     if queries is not None and row in queries.mean:
         view.query_mean, view.query_cov = torch.stack(queries.mean[row]), torch.stack(queries.cov[row])
     if press.needs_query_stats:
-        rotation = mean_rotation(cache.rope, n, getattr(press, "future", 512), keys.shape[-1])
+        rotation = mean_rotation(cache.rope, n, getattr(press, "future", 512), view.keys.shape[-1])
         view.future_rotation = rotate(rotation) if cache.rotate_keys else rotation
     if cache.track_attention:
         view.attention_sum = cache.attention_sum[row, :n]
