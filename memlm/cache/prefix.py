@@ -14,6 +14,7 @@ also publishes its blocks (prompt and generated text, so a chat's next turn find
 row whose policy evicts never publishes (its blocks change), and if it evicts from a reused block
 it copies it first (kv_store.PagedStore.compact), so its admission counts room for those copies.
 Rows with latent memory neither reuse nor publish: latents shape the keys of every later token.
+Rows with a press neither reuse nor publish: the press reads the queries of the whole prompt.
 At least the prompt's last token is always computed: its logits give the first sampled token.
 """
 
