@@ -73,7 +73,7 @@ def answer_all(engine, cache, context_length: int, problem, questions: list[list
 
 
 def _mean(values) -> float:
-    values = list(values)
+    values = [v for v in values if v is not None]  # None: not run (a task the full cache fails)
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -126,6 +126,20 @@ def run_press_bench(
                 f"{length} {task}: {n} problems, full {_mean(full[task][length]):.2f}"
                 f"{'' if pressed else ' (under 60%: not pressed)'}, {time.perf_counter() - started:.0f}s"
             )
+        if json_path:  # what is done so far survives an interrupted run
+            done = lengths[: lengths.index(length) + 1]
+            write_outputs(_report(engine, presses, ratios, tasks, done, n, full, got), None, json_path + ".partial")
+    report = _report(engine, presses, ratios, tasks, lengths, n, full, got)
+    report["cost"] = measure_cost(engine, presses, lengths, predictor, count)
+    report["seconds"] = time.perf_counter() - started
+    if console is not None:
+        print_report(report, console)
+    report = _clean(report)
+    write_outputs(report, console, json_path, plot_path, plot_report)
+    return report
+
+
+def _report(engine, presses, ratios, tasks, lengths, n, full, got) -> dict:
     report = {
         "model": engine.name,
         "lengths": list(lengths),
@@ -135,28 +149,20 @@ def run_press_bench(
         "problems_per_task": n,
         "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),
-        "full": {t: {str(length): _mean(v) for length, v in by.items()} for t, by in full.items()},
-        "questions": {t: {str(length): len(v) for length, v in by.items()} for t, by in full.items()},
+        "full": {t: {str(x): _mean(full[t][x]) for x in lengths} for t in tasks},
+        "questions": {t: {str(x): len(full[t][x]) for x in lengths} for t in tasks},
         "scores": {
-            p: {
-                str(r): {t: {str(length): _mean(v) for length, v in by.items()} for t, by in rs.items()}
-                for r, rs in by_ratio.items()
-            }
-            for p, by_ratio in got.items()
-        },  # fmt: skip
+            p: {str(r): {t: {str(x): _mean(got[p][r][t][x]) for x in lengths} for t in tasks} for r in ratios}
+            for p in presses
+        },
     }
-    usable = [(t, length) for t in tasks for length in lengths if _mean(full[t][length]) >= USABLE]
-    report["usable"] = [f"{t}@{length}" for t, length in usable]
-    report["full_usable_mean"] = _mean(_mean(full[t][length]) for t, length in usable)
+    usable = [(t, x) for t in tasks for x in lengths if _mean(full[t][x]) >= USABLE]
+    report["usable"] = [f"{t}@{x}" for t, x in usable]
+    report["full_usable_mean"] = _mean(_mean(full[t][x]) for t, x in usable)
     report["usable_mean"] = {
-        p: {str(r): _mean(_mean(got[p][r][t][length]) for t, length in usable) for r in ratios} for p in presses
+        p: {str(r): _mean(_mean(got[p][r][t][x]) for t, x in usable) for r in ratios} for p in presses
     }
-    report["kept_tokens"] = {str(length): {str(r): kept_count(length, r) for r in ratios} for length in lengths}
-    report["cost"] = measure_cost(engine, presses, lengths, predictor, count)
-    report["seconds"] = time.perf_counter() - started
-    if console is not None:
-        print_report(report, console)
-    write_outputs(report, console, json_path, plot_path, plot_report)
+    report["kept_tokens"] = {str(x): {str(r): kept_count(x, r) for r in ratios} for x in lengths}
     return report
 
 
@@ -191,8 +197,8 @@ def print_report(report: dict, console) -> None:
     print_table(
         console, "full cache, per task and length", ["task", *map(str, report["lengths"])], rows, left=("task",)
     )
-    rows = [["full", *(f"{report['full_usable_mean']:.2f}" for _ in ratios)]]
-    rows += [[p, *(f"{report['usable_mean'][p][str(r)]:.2f}" for r in ratios)] for p in report["presses"]]
+    rows = [["full", *(_cell(report["full_usable_mean"]) for _ in ratios)]]
+    rows += [[p, *(_cell(report["usable_mean"][p][str(r)]) for r in ratios)] for p in report["presses"]]
     title = f"mean over usable {', '.join(report['usable'])}"
     print_table(console, title, ["press", *map(str, ratios)], rows, left=("press",))
     for length, c in report["cost"].items():
@@ -206,6 +212,10 @@ def print_report(report: dict, console) -> None:
         print_table(console, title, columns, rows, left=("press",))
 
 
+def _cell(value) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
+
+
 def plot_report(report: dict, path: str) -> None:
     """kvpress's figure: score against compression ratio, one line per press, one panel per task
     (mean over lengths); the full cache is the score at ratio 0 of every line."""
@@ -215,9 +225,12 @@ def plot_report(report: dict, path: str) -> None:
     ratios = [0.0, *report["ratios"]]
     for ax, task in zip(axes[0], tasks, strict=True):
         full = _mean(report["full"][task][x] for x in lengths)
-        for press in report["presses"]:
+        for i, press in enumerate(report["presses"]):
             ys = [full, *(_mean(report["scores"][press][str(r)][task][x] for x in lengths) for r in report["ratios"])]
-            ax.plot(ratios, ys, marker="o", markersize=3, label=press)
+            style = (
+                {"linewidth": 2.5, "color": "black"} if press == "learned" else {"linestyle": ("-", "--", ":")[i % 3]}
+            )
+            ax.plot(ratios, ys, marker="os^vD<>"[i % 7], markersize=3, label=press, **style)
         usable = any(f"{task}@{x}" in report["usable"] for x in lengths)
         ax.set_title(task + ("" if usable else " (full < 60%: not ranked)"), fontsize=9)
         ax.set_xlabel("compression ratio (share removed)")
@@ -226,3 +239,58 @@ def plot_report(report: dict, path: str) -> None:
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _clean(value):
+    """NaN (a press not run on a task the full cache fails) -> None, for strict JSON."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Runs over different lengths (same presses, ratios, tasks) as one report; the usable means are
+    recomputed over every usable (task, length)."""
+    first = reports[0]
+    merged = {k: first[k] for k in ("model", "tasks", "ratios", "presses")}
+    merged["lengths"] = [x for r in reports for x in r["lengths"]]
+    merged["problems_per_task"] = {str(x): r["problems_per_task"] for r in reports for x in r["lengths"]}
+    merged["threads"] = first["threads"]
+    merged["load_average"] = {str(r["lengths"][0]): r["load_average"] for r in reports}
+    for key in ("full", "questions"):
+        merged[key] = {t: {x: v for r in reports for x, v in r[key][t].items()} for t in first["tasks"]}
+    merged["scores"] = {
+        p: {
+            str(q): {t: {x: v for r in reports for x, v in r["scores"][p][str(q)][t].items()} for t in first["tasks"]}
+            for q in first["ratios"]
+        }
+        for p in first["presses"]
+    }
+    usable = [
+        (t, str(x)) for t in first["tasks"] for x in merged["lengths"] if (merged["full"][t][str(x)] or 0) >= USABLE
+    ]
+    merged["usable"] = [f"{t}@{x}" for t, x in usable]
+    merged["full_usable_mean"] = _mean(merged["full"][t][x] for t, x in usable)
+    merged["usable_mean"] = {
+        p: {str(q): _mean(merged["scores"][p][str(q)][t][x] for t, x in usable) for q in first["ratios"]}
+        for p in first["presses"]
+    }
+    merged["kept_tokens"] = {x: v for r in reports for x, v in r["kept_tokens"].items()}
+    merged["cost"] = {x: v for r in reports for x, v in r["cost"].items()}
+    merged["seconds"] = sum(r["seconds"] for r in reports)
+    return _clean(merged)
+
+
+if __name__ == "__main__":  # python -m memlm.bench.press OUT.json OUT.png RUN.json [RUN.json ...]
+    import json
+    import sys
+
+    from rich.console import Console
+
+    out_json, out_png, *runs = sys.argv[1:]
+    merged = merge_reports([json.loads(open(path).read()) for path in runs])
+    merged["runs"] = runs
+    print_report(merged, Console())
+    write_outputs(merged, Console(), out_json, out_png, plot_report)
