@@ -325,3 +325,14 @@ def test_rotated_keys_press_the_same_slots(name):
             engine.step()
         kept.append(r.records["press"].kept)
     assert kept[0] == kept[1]
+
+
+def test_pressed_rows_batched_equal_each_alone():
+    engine = tiny_engine()
+    prompts = ["Pack my box with five dozen liquor jugs. " * 2, "How vexingly quick daft zebras jump!", "ab"]
+    params = SamplingParams(max_new_tokens=5)
+    for name in ("snapkv", "expected_attention", "tova", "observed_attention"):
+        spec = PolicySpec(press=name, press_ratio=0.5)
+        batched = [c.token_ids for c in engine.generate(prompts, params, kv_policy=spec)]
+        alone = [engine.generate(p, params, kv_policy=spec).token_ids for p in prompts]
+        assert batched == alone, name

@@ -267,6 +267,8 @@ class ExpectedAttentionPress(Press):
     def scores(self, view: PromptView) -> torch.Tensor:
         if view.query_mean is None or view.future_rotation is None:
             raise InvalidRequestError("press expected_attention: the prefill kept no query statistics")
+        if view.length <= self.sinks:  # nothing but sinks: all kept
+            return torch.ones(view.keys.shape[:3])
         rot = view.future_rotation.float()
         mu = view.query_mean.float() @ rot  # [L, H, D]
         k = view.keys.float()[:, :, self.sinks :]
