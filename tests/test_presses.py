@@ -263,7 +263,7 @@ def test_bench_prefills_each_problem_once(monkeypatch):
     report = bench.run_press_bench(
         engine, presses, (0.5, 0.75), ("multi_query",), (400,), 2, skip_unusable=False, log=lambda m: None
     )
-    assert len(calls) == 2 + 1 + len(presses)  # one per problem, then the cost pass: plain + one per press
+    assert len(calls) == 2 + 2 + len(presses)  # one per problem, then the cost pass: plain twice + one per press
     assert report["questions"]["multi_query"]["400"] == 4  # two questions of each context
     assert set(report["scores"]["snapkv_question"]) == {"0.5", "0.75"}
 
