@@ -220,25 +220,28 @@ def _cell(value) -> str:
 
 def plot_report(report: dict, path: str) -> None:
     """kvpress's figure: score against compression ratio, one line per press, one panel per task
-    (mean over lengths); the full cache is the score at ratio 0 of every line."""
+    (mean over the lengths where the task is usable, i.e. pressed); the full cache is every line's
+    score at ratio 0."""
     plt = pyplot()
     tasks, lengths = report["tasks"], [str(x) for x in report["lengths"]]
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False, sharey=True)
     ratios = [0.0, *report["ratios"]]
     for ax, task in zip(axes[0], tasks, strict=True):
-        full = _mean(report["full"][task][x] for x in lengths)
+        used = [x for x in lengths if f"{task}@{x}" in report["usable"]]  # where its presses ran
+        shown = used or lengths
+        full = _mean(report["full"][task][x] for x in shown)
         for i, press in enumerate(report["presses"]):
-            ys = [full, *(_mean(report["scores"][press][str(r)][task][x] for x in lengths) for r in report["ratios"])]
+            ys = [full, *(_mean(report["scores"][press][str(r)][task][x] for x in shown) for r in report["ratios"])]
             style = (
                 {"linewidth": 2.5, "color": "black"} if press == "learned" else {"linestyle": ("-", "--", ":")[i % 3]}
             )
             ax.plot(ratios, ys, marker="os^vD<>"[i % 7], markersize=3, label=press, **style)
-        usable = any(f"{task}@{x}" in report["usable"] for x in lengths)
-        ax.set_title(task + ("" if usable else " (full < 60%: not ranked)"), fontsize=9)
+        where = f"{', '.join(used)} tokens" if used else "full < 60%: not ranked"
+        ax.set_title(f"{task} ({where})", fontsize=9)
         ax.set_xlabel("compression ratio (share removed)")
         ax.set_xlim(-0.03, 0.93)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"score (mean over {', '.join(lengths)} tokens)")
+    axes[0][0].set_ylabel("score (mean over the usable lengths)")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     save_figure(fig, path)
