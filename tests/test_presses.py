@@ -266,6 +266,10 @@ def test_bench_prefills_each_problem_once(monkeypatch):
     assert len(calls) == 2 + 2 + len(presses)  # one per problem, then the cost pass: plain twice + one per press
     assert report["questions"]["multi_query"]["400"] == 4  # two questions of each context
     assert set(report["scores"]["snapkv_question"]) == {"0.5", "0.75"}
+    split = report["by_question"]["multi_query@400"]["snapkv_question@0.5"]  # first and second question
+    assert len(split) == 2 and sum(split) / 2 == pytest.approx(
+        report["scores"]["snapkv_question"]["0.5"]["multi_query"]["400"]
+    )
 
 
 def test_learned_press_labels_match_a_direct_computation():

@@ -163,6 +163,16 @@ def _report(engine, presses, ratios, tasks, lengths, n, full, got) -> dict:
         p: {str(r): _mean(_mean(got[p][r][t][x]) for t, x in usable) for r in ratios} for p in presses
     }
     report["kept_tokens"] = {str(x): {str(r): kept_count(x, r) for r in ratios} for x in lengths}
+    # tasks asking several questions of one context: the score of each question by its place (the
+    # first is the one snapkv_question's window saw); answers are listed problem by problem
+    report["by_question"] = {}
+    for t in tasks:
+        for x in lengths:
+            k = len(full[t][x]) // n
+            if k > 1:
+                split = {"full": [_mean(full[t][x][i::k]) for i in range(k)]}
+                split |= {f"{p}@{r}": [_mean(got[p][r][t][x][i::k]) for i in range(k)] for p in presses for r in ratios}
+                report["by_question"][f"{t}@{x}"] = split
     return report
 
 
@@ -284,6 +294,7 @@ def merge_reports(reports: list[dict]) -> dict:
         for p in first["presses"]
     }
     merged["kept_tokens"] = {x: v for r in reports for x, v in r["kept_tokens"].items()}
+    merged["by_question"] = {k: v for r in reports for k, v in r.get("by_question", {}).items()}
     merged["cost"] = {x: v for r in reports for x, v in r["cost"].items()}
     merged["seconds"] = sum(r["seconds"] for r in reports)
     return _clean(merged)
