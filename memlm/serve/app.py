@@ -475,10 +475,11 @@ def _user_error(fn):
 def _policy(state: ServerState, body: _Common) -> KVPolicy | None:
     """The request's KV policy from kv_policy, kv_budget and kv_options (memlm.cache.spec), or None."""
     options = dict(body.kv_options or {})
-    for option in ("predictor", "press", "press_ratio"):
-        if option in options:  # a client never names a folder on the server; the press has its own fields
-            said = "chosen at start (--kv-predictor)" if option == "predictor" else f"the request's kv_{option}"
-            raise InvalidRequestError(f"kv_options.{option}: use {said}")
+    if "predictor" in options:  # a client never names a folder on the server
+        raise InvalidRequestError("kv_options.predictor: the server's predictor is chosen at start (--kv-predictor)")
+    for option in ("press", "press_ratio"):  # the press has its own request fields
+        if option in options:
+            raise InvalidRequestError(f"kv_options.{option}: use the request's kv_{option}")
     if body.kv_policy is None:
         if body.kv_budget is not None or options:
             named = ", ".join(name for name in POLICIES if name != "full")
