@@ -48,3 +48,22 @@ def test_a_request_that_can_never_fit_is_a_400_naming_both_sizes(server):
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert "KV blocks" in message and "holds 32 blocks (512 tokens)" in message
+
+
+def test_a_pressed_request_computes_its_whole_prompt_and_bad_presses_are_400s(server):
+    prefix = "Another shared instruction that pressed requests start with. " * 3
+    _complete(server, prefix + "Warm the cache.")
+    body = {"prompt": prefix + "Pressed?", "max_tokens": 4, "temperature": 0}
+    for press in ("snapkv", "expected_attention", "pyramid:knorm"):  # q8_0 keys, rotated: the press reads them decoded
+        response = httpx.post(server.url + "/v1/completions", timeout=120,
+                              json=body | {"kv_press": press, "kv_press_ratio": 0.5})  # fmt: skip
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # a press reads every query
+    for extra, message in (
+        ({"kv_press": "zip"}, "unknown KV press 'zip'"),
+        ({"kv_press": "knorm", "kv_press_ratio": 1.5}, "the share removed, in [0, 1)"),
+        ({"kv_press": "learned"}, "needs a server started with --kv-predictor"),
+        ({"kv_options": {"press": "knorm"}}, "kv_options.press: use the request's kv_press"),
+    ):
+        response = httpx.post(server.url + "/v1/completions", timeout=120, json=body | extra)
+        assert response.status_code == 400 and message in response.json()["error"]["message"], response.text

@@ -27,6 +27,7 @@ from memlm.cache.eviction import EvictionHook, ImportanceHook
 from memlm.cache.kv_format import kv_format, rotate, stored_as
 from memlm.cache.kv_store import ContiguousStore, NativeKV, PagedStore
 from memlm.cache.prefix import BlockHook
+from memlm.cache.press_hook import PressHook
 
 
 @dataclass(slots=True)
@@ -81,6 +82,11 @@ class KVCache:
         self.track_importance = track_importance
         self.importance = torch.zeros(batch_size, capacity, device=device) if track_importance else None
         self.num_layers = num_layers
+        # While prompts with a press are fed: sees each layer's queries (memlm.cache.press_hook).
+        self.query_observer = None
+        # The model's RoPE, (x [N, head_dim], positions [N]) -> rotated: expected attention averages
+        # it over the coming positions (set by the model's new_state).
+        self.rope = None
         self._step: _Step | None = None
         self.last_step: _Step | None = None  # the chunk most recently written, for `record`
 
@@ -227,6 +233,12 @@ class KVCache:
             self.attention_last.zero_()
         self.attention_last[:, : step.width] += last
 
+    def observe_queries(self, layer: int, q_pre: torch.Tensor, q: torch.Tensor) -> None:
+        """Show the query observer one layer's queries of the chunk being written: q_pre [B, T, H, D]
+        before RoPE, q [B, H, T, D] as attention uses them."""
+        step = self._step
+        self.query_observer.observe(layer, step.slots, step.real, q_pre, q)
+
     def native_target(self) -> tuple[NativeKV, torch.Tensor, int]:
         """(the store's native view, slots [B, T], width) of the chunk being written: for a native
         decode step that writes its keys and values into the store itself instead of `update`."""
@@ -307,9 +319,9 @@ class KVCache:
 
     def row_hooks(self, tokenizer, vocab_size: int) -> list:
         """The cache's part in the decode loop: a paged cache's blocks (memlm.cache.prefix), learned
-        importance and eviction (memlm.cache.eviction)."""
+        importance, the prompt's press (memlm.cache.press_hook) and eviction (memlm.cache.eviction)."""
         hooks = [BlockHook(self.store.pool)] if self.paged else []
-        return hooks + [ImportanceHook(), EvictionHook(tokenizer, vocab_size)]
+        return hooks + [ImportanceHook(), PressHook(), EvictionHook(tokenizer, vocab_size)]
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these rows of the batch (e.g. drop finished sequences); a paged store releases

@@ -60,6 +60,7 @@ class KVPolicy(ABC):
     predictor = None  # an ImportancePredictor the engine runs on each new token's hidden state (DynTS)
     end_of_thinking: str | None = None  # text after which the engine reports `protected_from`
     spans: bool = False  # keep numbers whole: the engine fills `RowView.joins_previous`
+    press = None  # a press (memlm.cache.presses) compressing the prompt once after its prefill
 
     def __init__(self, budget: int):
         if budget < 1:

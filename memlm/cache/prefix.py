@@ -15,7 +15,8 @@ row whose policy evicts never publishes (its blocks change), and if it evicts fr
 it copies it first (kv_store.PagedStore.compact), so its admission counts room for those copies.
 Rows with latent memory neither reuse nor publish: latents shape the keys of every later token.
 A row's LoRA adapter is part of its blocks' hash namespace: rows share blocks only with rows of the
-same adapter (or of none).
+same adapter (or of none). Rows with a press neither reuse nor publish: the press reads the queries
+of the whole prompt.
 At least the prompt's last token is always computed: its logits give the first sampled token.
 """
 
@@ -54,7 +55,9 @@ def block_record(request, pool: BlockPool, slots: int) -> BlockRecord:
     """The request's record (made on first use: admission, or join), with its prompt's hashes."""
     record = request.records.get(KEY)
     if record is None:
-        reuses = pool.prefix_caching and request.memory is None
+        # a press reads the queries of the whole prompt: its row computes them all
+        pressed = request.kv_policy is not None and request.kv_policy.press is not None
+        reuses = pool.prefix_caching and request.memory is None and not pressed
         publishes = reuses and request.kv_policy is None
         record = BlockRecord(reuses, publishes, pool.blocks_for(slots), namespace(request, pool))
         if reuses:

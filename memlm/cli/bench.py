@@ -1,4 +1,4 @@
-"""`memlm bench ...`: benchmarks that print a table and write JSON (decode, serve, moe, kv, memgen, prune)."""
+"""`memlm bench ...`: benchmarks that print a table and write JSON (decode, serve, moe, kv, press, memgen, prune)."""
 
 from __future__ import annotations
 
@@ -161,6 +161,65 @@ def bench_moe(
     from memlm.bench.moe import run_moe_bench  # lazy: torch
 
     run_moe_bench(threads, repeats, json_path)
+
+
+@bench_app.command("press")
+def bench_press(
+    model: ModelOpt = DEFAULT_MODEL,
+    presses: Annotated[
+        str, typer.Option(help="Comma-separated presses (learned needs --predictor; pyramid:<press> for per-layer).")
+    ] = "random,streaming_llm,knorm,snapkv,snapkv_question,expected_attention,tova,observed_attention,pyramid:snapkv",
+    ratios: Annotated[str, typer.Option(help="Comma-separated compression ratios (the share removed).")] = (
+        "0.25,0.5,0.75,0.9"
+    ),
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated: needle, multi_key, multi_value, variable_track, multi_query.")
+    ] = "needle,multi_key,multi_value,variable_track,multi_query",
+    lengths: Annotated[str, typer.Option(help="Comma-separated context lengths in tokens.")] = "1000,2000,4000",
+    n: Annotated[int, typer.Option(help="Problems per task and length (test seeds).")] = 8,
+    predictor: Annotated[str | None, typer.Option(help="The learned press's folder (`memlm train press`).")] = None,
+    skip_unusable: Annotated[
+        bool,
+        typer.Option("--skip-unusable/--press-all", help="Skip pressing a task the full cache scores under 60% on."),
+    ] = True,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    dtype: DtypeOpt = "float32",
+    json_path: JsonOpt = None,
+    plot: Annotated[str | None, typer.Option(help="Write a PNG of score vs compression ratio per task here.")] = None,
+):
+    """Score against compression ratio for each press, task and length: one prefill per problem."""
+    from memlm.cache.presses import check_press
+    from memlm.data.long_context import TASKS
+
+    names = [p for p in presses.split(",") if p]
+    for name in names:
+        check_press(name)
+    if "learned" in names and predictor is None:
+        raise MemlmError("the learned press needs --predictor DIR (from `memlm train press`)")
+    chosen = [t for t in tasks.split(",") if t]
+    if not chosen or set(chosen) - set(TASKS):
+        raise MemlmError(f"--tasks: choose from {', '.join(TASKS)}")
+    try:
+        shares = tuple(float(r) for r in ratios.split(",") if r)
+    except ValueError:
+        raise MemlmError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
+    if not shares or not all(0 < r < 1 for r in shares):
+        raise MemlmError("--ratios must be in (0, 1)")
+    sizes = tuple(int_list(lengths, "--lengths"))
+    if n < 1 or threads < 1:
+        raise MemlmError("--n and --threads must be >= 1")
+    import torch  # lazy: torch
+    from rich.console import Console
+
+    from memlm.bench.press import run_press_bench
+    from memlm.cache.importance import load_predictor
+    from memlm.cli.options import load_engine
+
+    torch.set_num_threads(threads)
+    engine = load_engine(model, dtype)
+    loaded = load_predictor(predictor, engine.config, model)[0] if predictor else None
+    run_press_bench(engine, tuple(names), shares, tuple(chosen), sizes, n, loaded, skip_unusable, json_path, plot,
+                    Console())  # fmt: skip
 
 
 @bench_app.command("kv")

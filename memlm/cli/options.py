@@ -192,6 +192,18 @@ KvEvictPromptOpt = Annotated[
 ]
 
 
+KvPressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Compress the prompt once after its prefill: random, streaming_llm, knorm, snapkv, snapkv_question, "
+        "expected_attention, tova, observed_attention, learned (--kv-predictor), pyramid:<per-layer press>."
+    ),
+]
+KvPressRatioOpt = Annotated[
+    float | None, typer.Option(help="--kv-press: share of the prompt's KV removed, in [0, 1) (default 0.5).")
+]
+
+
 def policy_spec(**kv):
     """The --kv-* group (a command's `kv_<option>` parameters, passed by name) -> a PolicySpec, checked
     (names, budgets, which options go with which policy). A new spec field needs only its flag."""
@@ -203,7 +215,7 @@ def policy_spec(**kv):
 def load_kv_predictor(spec) -> tuple:
     """A learned spec's predictor, loaded from its folder: (predictor, its config), else (None, None).
     Check it against the model with `check_kv_predictor` once the model is loaded."""
-    if spec.name != "learned":
+    if spec.name != "learned" and spec.press != "learned":
         return None, None
     from memlm.cache.importance import load_predictor  # lazy: torch
 

@@ -1,4 +1,4 @@
-"""`memlm train ...`: sft, predictor, weaver, trigger (Llama-family models and their memories), lcm
+"""`memlm train ...`: sft, predictor, press, weaver, trigger (Llama-family models and their memories), lcm
 and lm (models trained from scratch on packed data). Every trainer runs the shared loop (progress,
 checkpoints, --resume); its loop options are one group (options.py) that becomes its TrainConfig."""
 
@@ -25,6 +25,7 @@ from memlm.cli.options import (
     StepsOpt,
     TaskOpt,
     check_out,
+    int_list,
     pick,
     trainer_config,
 )
@@ -113,6 +114,31 @@ def train_predictor(
 
     check_out(out)
     metrics = run_predictor_training(trainer_config(PredictorConfig, args), log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(metrics, indent=2))
+
+
+@train_app.command("press")
+def train_press(
+    model: ModelOpt = DEFAULT_MODEL,
+    out: Annotated[str, typer.Option("--out", help="Output folder (predictor.safetensors + predictor.json).")] = "",
+    lengths: Annotated[str, typer.Option(help="Comma-separated context lengths in tokens.")] = "1000,2000",
+    n_train: Annotated[int, typer.Option(help="Training contexts per length (the tasks take turns).")] = 24,
+    n_val: Annotated[int, typer.Option(help="Held-out contexts per length.")] = 4,
+    steps: StepsOpt = 600,
+    batch_tokens: Annotated[int, typer.Option(help="Context tokens per step.")] = 2048,
+    lr: LrOpt = 1e-3,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    resume: ResumeOpt = False,
+):
+    """Train the learned press (--kv-press learned): each context token's hidden state -> the attention
+    many questions about that context pay it (query-agnostic labels from full-cache runs)."""
+    args = dict(locals())
+    from memlm.train.press import PressTrainConfig, run_press_training  # lazy: torch
+
+    check_out(out)
+    args["lengths"] = tuple(int_list(lengths, "--lengths"))
+    metrics = run_press_training(trainer_config(PressTrainConfig, args), log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(metrics, indent=2))
 
 

@@ -205,7 +205,7 @@ class Engine(BatchAPI):
             generator.manual_seed(p.seed if p.seed is not None else torch.seed())
         if isinstance(policy, PolicySpec):
             policy = policy.build()
-        if isinstance(policy, FullPolicy):  # no eviction: the same as no policy, for every family
+        if isinstance(policy, FullPolicy) and policy.press is None:  # no eviction: the same as no policy
             policy = None
         if policy is not None:
             if not self.model.supports_eviction:

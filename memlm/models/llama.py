@@ -65,6 +65,8 @@ class Attention(nn.Module):
         if cache is not None:
             q = cache.prepare_queries(q)
             k, v = cache.update(self.layer_idx, k, v)
+            if cache.query_observer is not None:  # a press reads the prompt's queries
+                cache.observe_queries(self.layer_idx, qk[:, :, :heads], q)
         if cache is not None and cache.track_attention:  # an eviction policy needs the weights
             out, weights = attention_with_weights(q, k, v, mask, self.scale)
             cache.observe_attention(self.layer_idx, weights)
@@ -209,7 +211,13 @@ class LlamaModel(nn.Module):
         )  # fmt: skip
         if adapters is not None:
             cache.adapters = torch.tensor(adapters, dtype=torch.int32)
+        cache.rope = self.rope_at
         return cache
+
+    def rope_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [N, head_dim] rotated at positions [N] as this model's queries and keys are."""
+        cos, sin = rope_cos_sin(positions[None].to(x.device), self.inv_freq, self.attention_scaling, x.dtype)
+        return apply_rope(x[None, None], cos, sin)[0, 0]
 
     def new_pool(self, **options) -> BlockPool:
         """The engine's KV block pool for this model (memlm.cache.blocks)."""

@@ -144,6 +144,8 @@ class NativeDecoder:
             return False
         if cache.track_attention and embeds.shape[1] > 1:  # statistics per query: the layer-by-layer path
             return False
+        if cache.query_observer is not None:  # a press reads the queries: the layer-by-layer path
+            return False
         # Up to the row count where the kernels beat dequantize + GEMM (the layer-by-layer path's choice too).
         return embeds.shape[1] == 1 or int((positions >= 0).sum()) <= NATIVE_MAX_ROWS
 

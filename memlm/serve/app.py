@@ -493,15 +493,21 @@ def _policy(state: ServerState, body: _Common) -> KVPolicy | None:
     options = dict(body.kv_options or {})
     if "predictor" in options:  # a client never names a folder on the server
         raise InvalidRequestError("kv_options.predictor: the server's predictor is chosen at start (--kv-predictor)")
+    for option in ("press", "press_ratio"):  # the press has its own request fields
+        if option in options:
+            raise InvalidRequestError(f"kv_options.{option}: use the request's kv_{option}")
     if body.kv_policy is None:
         if body.kv_budget is not None or options:
             named = ", ".join(name for name in POLICIES if name != "full")
             raise InvalidRequestError(f"kv_budget needs a kv_policy ({named})")
-        return None
-    if body.kv_policy == "learned":
-        if state.predictor is None:
-            raise InvalidRequestError("kv_policy 'learned' needs a server started with --kv-predictor DIR")
-        options["predictor"] = "--kv-predictor"  # the server's, loaded and checked at start
+        if body.kv_press is None and body.kv_press_ratio is None:
+            return None
+    for name, kind in ((body.kv_policy, "kv_policy"), (body.kv_press, "kv_press")):
+        if name == "learned":
+            if state.predictor is None:
+                raise InvalidRequestError(f"{kind} 'learned' needs a server started with --kv-predictor DIR")
+            options["predictor"] = "--kv-predictor"  # the server's, loaded and checked at start
+    options.update(press=body.kv_press, press_ratio=body.kv_press_ratio)
     return PolicySpec.from_options(body.kv_policy, body.kv_budget, options).build(state.predictor)
 
 

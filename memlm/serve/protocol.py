@@ -77,6 +77,8 @@ class _Common(_Body):
     kv_policy: str | None = None
     kv_budget: int | None = Field(default=None, ge=1)
     kv_options: dict[str, Any] | None = None  # PolicySpec's other fields: window, ratio, rescore, spans, ...
+    kv_press: str | None = None  # compress the prompt once after its prefill (memlm.cache.presses)
+    kv_press_ratio: float | None = None  # the share of the prompt's KV the press removes
     memory: str | None = None
     return_memory_trace: bool = False
 

@@ -1,0 +1,207 @@
+"""Train the learned press: from each prompt token's hidden state, the attention future queries pay it.
+
+The DynTS predictor's architecture (memlm/cache/importance.py) on prompt tokens, query-agnostic as
+KVzip/KVzap are: its labels come from full-cache runs of *many* questions about the same context.
+
+1. Contexts: long-context problems of the training seeds (memlm/data/long_context.py; the bench
+   draws test seeds), each with every question it has plus one that asks for every number in the
+   text, each question followed by its gold answer (teacher-forced: the queries that write an
+   answer are the ones that must find it).
+2. Labels (`context_labels`): the context is prefilled once; for each question a copy of its cache
+   starts attention statistics from zero and reads question + answer in one chunk, so
+   `attention_sum` holds what those queries paid each context slot (mean over heads and layers,
+   summed over the queries); divided by the number of queries, times the context length (uniform
+   attention = 1). A slot's label is the max over the questions (one question that needs it is
+   enough), and the target is log1p(label): sinks draw hundreds of times the uniform attention,
+   needles a few times, and only the ranking matters to a press.
+3. Training: MSE on every context token through the shared loop; held-out contexts (another seed
+   range) give the rank agreement (Spearman) and the share of needle-answer tokens the predictor
+   keeps at 50% and 75% compression.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memlm.atomic import write_json_atomic
+from memlm.cache.context_cache import copy_cache, prefill_context, split_prompt
+from memlm.cache.importance import ImportancePredictor, save_predictor
+from memlm.cache.presses import kept_count
+from memlm.data.long_context import make_problem
+from memlm.errors import MemlmError
+from memlm.train.loop import TrainConfig, split_loop, train
+from memlm.train.predictor import spearman
+
+TRAIN_TASKS = ("needle", "multi_key", "multi_value", "variable_track")
+ALL_NUMBERS = "List every number that appears in the text above."
+LABEL = "log1p(max over questions of the mean attention of question+answer queries (heads, layers) x context length)"
+
+
+@dataclass(slots=True)
+class Labelled:
+    hidden: torch.Tensor  # [n, d] final-norm hidden states of the context
+    labels: torch.Tensor  # [n] log1p(label)
+    answer_slots: torch.Tensor  # [k] context slots holding an answer's digits (for the keep-rate metric)
+
+
+@dataclass(slots=True)
+class PressTrainConfig:
+    model: str
+    train: TrainConfig
+    lengths: tuple[int, ...] = (1000, 2000)
+    n_train: int = 24  # contexts per length (spread over the tasks)
+    n_val: int = 4
+    batch_tokens: int = 2048
+    dtype: str = "float32"
+
+    @staticmethod
+    def loop(out_dir: str, **given) -> TrainConfig:
+        steps = given.get("steps", 600)
+        defaults = {"steps": 600, "lr": 1e-3, "warmup_steps": min(50, steps // 10)}
+        defaults |= {"save_every": max(100, steps // 2), "log_every": min(50, steps)}
+        return TrainConfig(out_dir=out_dir, **(defaults | given))
+
+    @classmethod
+    def of(cls, model: str, out_dir: str, **options) -> PressTrainConfig:
+        loop, own = split_loop(options)
+        return cls(model, cls.loop(out_dir, **loop), **own)
+
+
+def question_set(problem) -> list[tuple[str, str]]:
+    """(question, gold answer) pairs about one context: its own questions and every number in it."""
+    pairs = [(q.text, "The answer is " + ", ".join(q.answers) + ".") for q in problem.questions]
+    numbers = list(dict.fromkeys(re.findall(r"\d{5}", problem.context)))
+    return [*pairs, (ALL_NUMBERS, ", ".join(numbers) + ".")]
+
+
+@torch.inference_mode()
+def question_attention(model, ctx, tokens: list[int]) -> torch.Tensor:
+    """[n] the mean attention the query tokens, fed after the context in one chunk, pay each context
+    slot (mean over heads and layers), from a copy of the context's cache."""
+    cache = copy_cache(ctx.cache)
+    cache.track(attention=True, importance=False)
+    positions = torch.arange(ctx.length, ctx.length + len(tokens))[None]
+    model.forward_tokens(torch.tensor([tokens], device=model.device), positions, cache)
+    return cache.attention_sum[0, : ctx.length].float() / len(tokens)
+
+
+def context_labels(model, tokenizer, problem, ctx=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(context ids, hidden [n, d], labels [n] before log1p: max over questions of the attention x n)."""
+    pairs = question_set(problem)
+    tails = []
+    context = None
+    for question, answer in pairs:
+        ids, tail = split_prompt(tokenizer, problem.context + "\n\n", question)
+        context = context or ids
+        tails.append(tail + tokenizer.encode(answer, add_special_tokens=False))
+    if ctx is None:
+        ctx = prefill_context(model, context, len(context) + max(map(len, tails)) + 8)
+    label = torch.stack([question_attention(model, ctx, tail) for tail in tails]).amax(dim=0) * ctx.length
+    return context, ctx.hidden.float(), label
+
+
+def answer_slots(tokenizer, context: list[int], problem) -> torch.Tensor:
+    """Context slots of the digits of every answer (SmolLM2 writes one token per digit)."""
+    answers = {a for q in problem.questions for a in q.answers}
+    text, slots, ends = "", [], []
+    for token in context:
+        text += tokenizer.decode([token], skip_special_tokens=False)
+        ends.append(len(text))
+    for answer in answers:
+        for m in re.finditer(answer, text):
+            start = 0
+            for slot, end in enumerate(ends):
+                if end > m.start() and start < m.end():
+                    slots.append(slot)
+                start = end
+    return torch.tensor(sorted(set(slots)), dtype=torch.long)
+
+
+def label_contexts(model, tokenizer, split: str, n_per_length: int, lengths, log=print) -> list[Labelled]:
+    """Labelled contexts of the split's seeds, the tasks taking turns."""
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    base = {"train": 3_100_000, "val": 3_900_000}[split]  # apart from the bench's test seeds
+    out = []
+    for length in lengths:
+        for i in range(n_per_length):
+            task = TRAIN_TASKS[i % len(TRAIN_TASKS)]
+            problem = make_problem(task, length, base + i, count)
+            context, hidden, label = context_labels(model, tokenizer, problem)
+            out.append(Labelled(hidden, torch.log1p(label), answer_slots(tokenizer, context, problem)))
+            log(f"  {split} {length} {task} #{i}: {len(context)} tokens labelled")
+    return out
+
+
+def keep_rate(scores: torch.Tensor, slots: torch.Tensor, ratio: float) -> float:
+    """Share of `slots` among the top (1 - ratio) of `scores`."""
+    kept = scores.topk(kept_count(len(scores), ratio)).indices
+    return float(torch.isin(slots, kept).float().mean()) if len(slots) else float("nan")
+
+
+def evaluate(predictor: ImportancePredictor, data: list[Labelled]) -> dict:
+    with torch.no_grad():
+        predicted = [predictor(d.hidden) for d in data]
+    metrics = {"val_mse": float(F.mse_loss(torch.cat(predicted), torch.cat([d.labels for d in data])))}
+    metrics["spearman"] = _mean(spearman(p, d.labels) for p, d in zip(predicted, data, strict=True))
+    for ratio in (0.5, 0.75):
+        metrics[f"answer_kept@{ratio}"] = _mean(
+            keep_rate(p, d.answer_slots, ratio) for p, d in zip(predicted, data, strict=True)
+        )
+        metrics[f"answer_kept_by_label@{ratio}"] = _mean(keep_rate(d.labels, d.answer_slots, ratio) for d in data)
+    return metrics
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_press_training(cfg: PressTrainConfig, log=print) -> dict:
+    from memlm.generation.engine import Engine  # lazy: the engine's imports are heavy
+
+    if not cfg.lengths or cfg.n_train < 1 or cfg.n_val < 1:
+        raise MemlmError("--lengths, --n-train and --n-val must be non-empty and >= 1")
+    engine = Engine.load(cfg.model, dtype=cfg.dtype)
+    splits = {
+        split: label_contexts(engine.model, engine.tokenizer, split, n, cfg.lengths, log)
+        for split, n in (("train", cfg.n_train), ("val", cfg.n_val))
+    }
+    features = torch.cat([d.hidden for d in splits["train"]])
+    targets = torch.cat([d.labels for d in splits["train"]])
+    torch.manual_seed(cfg.train.seed)
+    predictor = ImportancePredictor(engine.config.hidden_size)
+
+    def batch_fn(step: int, micro: int, rank: int, world: int):
+        rng = random.Random(cfg.train.seed * 1_000_003 + step)
+        index = torch.tensor(rng.sample(range(len(targets)), min(cfg.batch_tokens, len(targets))))[rank::world]
+        return {"hidden": features[index], "labels": targets[index]}
+
+    def loss_fn(model, batch):
+        return F.mse_loss(model(batch["hidden"]), batch["labels"])
+
+    out = Path(cfg.train.out_dir)
+    last = train(predictor, loss_fn, batch_fn, cfg.train.inside("train"))
+    predictor.eval()
+    metrics = {"train_loss": last.get("loss"), **evaluate(predictor, splits["val"])}
+    config = {
+        "base_model": cfg.model,
+        "kind": "press",
+        "label_definition": LABEL,
+        "tasks": list(TRAIN_TASKS),
+        "lengths": list(cfg.lengths),
+        "dtype": cfg.dtype,
+        "prompt": True,  # trained on prompt tokens: its scores rank prompt tokens
+        "train_contexts": len(splits["train"]),
+        "train_tokens": int(targets.numel()),
+        "steps": cfg.train.steps,
+        "metrics": metrics,
+    }
+    save_predictor(out, predictor, config)
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
