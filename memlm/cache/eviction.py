@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlm.cache.policies import RowView
+from memlm.hook_defaults import QuietHook
 
 KEY = "kv"
 
@@ -42,13 +43,10 @@ def kv_record(request) -> KVRecord | None:
     return request.records.get(KEY)
 
 
-class ImportanceHook:
+class ImportanceHook(QuietHook):
     """DynTS: the learned importance of each token written, from its final hidden state."""
 
     phase = "predictor"
-
-    def join(self, rows, state) -> None:
-        pass
 
     def after_forward(self, rows, state, hidden: torch.Tensor, steps) -> None:
         if not state.track_importance:
@@ -63,17 +61,8 @@ class ImportanceHook:
             scores[members] = predictor(hidden[members]).float()
         state.record_importance(scores)
 
-    def after_sample(self, rows, state, tokens, last, steps) -> None:
-        pass
 
-    def after_take(self, rows, state, steps) -> None:
-        pass
-
-    def retire(self, keep, rows) -> bool:
-        return True
-
-
-class EvictionHook:
+class EvictionHook(QuietHook):
     """Each row under its policy's budget after every forward; peaks and evictions on the record."""
 
     phase = "eviction"
@@ -134,9 +123,6 @@ class EvictionHook:
         cache.compact(row, keep)
         return positions
 
-    def after_sample(self, rows, state, tokens, last, steps) -> None:
-        pass
-
     def after_take(self, rows, state, steps) -> None:
         """Find where each answer starts, once the text shows the policy's end-of-thinking marker."""
         for r in rows:
@@ -149,9 +135,6 @@ class EvictionHook:
             if at >= 0:
                 # the output token whose text reaches past the marker's first character
                 record.protected_from = len(r.prompt_ids) + bisect.bisect_right(r.text_ends, at)
-
-    def retire(self, keep, rows) -> bool:
-        return True
 
 
 def observed_attention(observed: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memlm.cache.blocks import BlockPool, chain_hashes
+from memlm.hook_defaults import QuietHook
 
 KEY = "prefix"
 
@@ -115,7 +116,7 @@ def _common(a: list[bytes], b: list[bytes]) -> list[bytes]:
     return a[:n]
 
 
-class BlockHook:
+class BlockHook(QuietHook):
     """Row limits, prefix reuse on join, publishing after each forward (a RowHook)."""
 
     phase = "blocks"
@@ -170,12 +171,3 @@ class BlockHook:
                     table[b] = block
                     store.invalidate()
             record.published = full
-
-    def after_sample(self, rows, state, tokens, last, steps) -> None:
-        pass
-
-    def after_take(self, rows, state, steps) -> None:
-        pass
-
-    def retire(self, keep, rows) -> bool:
-        return True

@@ -28,6 +28,7 @@ import torch
 from memlm.cache.eviction import kv_record
 from memlm.cache.kv_format import rotate
 from memlm.cache.presses import Press, PromptView, mean_rotation
+from memlm.hook_defaults import QuietHook
 
 KEY = "press"
 
@@ -107,7 +108,7 @@ def press_row(cache, row: int, n: int, press: Press, queries: PromptQueries | No
     return keep
 
 
-class PressHook:
+class PressHook(QuietHook):
     """Each row with a press is pressed once, right after the forward that fed its prompt."""
 
     phase = "press"
@@ -142,12 +143,3 @@ class PressHook:
             record.kept = positions[keep[keep < n].to(positions.device)].tolist()
             record.seconds = time.perf_counter() - start
         state.query_observer = None
-
-    def after_sample(self, rows, state, tokens, last, steps) -> None:
-        pass
-
-    def after_take(self, rows, state, steps) -> None:
-        pass
-
-    def retire(self, keep, rows) -> bool:
-        return True

@@ -60,7 +60,8 @@ class ModelState(Protocol):
 
 class RowHook(Protocol):
     """One memory's part in the step. A structural protocol: the cache and the LCM, which sit below
-    this package, implement it without importing it."""
+    this package, implement it without importing it (memlm.hook_defaults.QuietHook gives the points
+    a hook does not act at)."""
 
     phase: str  # the timing phase its after_forward counts in (Engine.timings)
 

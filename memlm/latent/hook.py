@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlm.generation.hooks import ModelState, RowStep
+from memlm.hook_defaults import QuietHook
 
 KEY = "latent"
 
@@ -42,7 +43,7 @@ def latent_record(request) -> LatentRecord | None:
     return request.records.get(KEY)
 
 
-class LatentHook:
+class LatentHook(QuietHook):
     phase = "latent"
 
     def __init__(self, memory):
@@ -63,9 +64,6 @@ class LatentHook:
             if latents is not None:  # latent memory right after the prompt
                 self._pend(r, latents)
                 r.records[KEY].insertions.append(0)
-
-    def after_forward(self, rows, state, hidden, steps) -> None:
-        pass
 
     def after_sample(self, rows: list, state: ModelState, tokens: list[int], last: torch.Tensor,
                      steps: list[RowStep]) -> None:

@@ -127,6 +127,7 @@ class SegmentCache:
     (`begin`/`update`/`end`, `truncate` to drop temporary queries) work unchanged."""
 
     track_attention = False
+    query_observer = None  # no press reads a training forward's queries
 
     def __init__(self, batch: int, num_layers: int, device):
         self.k: list[torch.Tensor | None] = [None] * num_layers

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from memlm.hook_defaults import QuietHook
+
 KEY = "lcm"
 
 
@@ -19,15 +21,12 @@ class LCMRecord:
         return {"memory_trace": self.trace}
 
 
-class HaltHook:
+class HaltHook(QuietHook):
     phase = "memory"
 
     def join(self, rows, state) -> None:
         for r in rows:
             r.records[KEY] = LCMRecord()
-
-    def after_forward(self, rows, state, hidden, steps) -> None:
-        pass
 
     def after_sample(self, rows, state, tokens, last, steps) -> None:
         for row, (r, halted) in enumerate(zip(rows, state.halted.tolist(), strict=True)):
@@ -35,9 +34,3 @@ class HaltHook:
                 steps[row].halted = True
             else:
                 r.records[KEY].trace.append(state.traces[row])
-
-    def after_take(self, rows, state, steps) -> None:
-        pass
-
-    def retire(self, keep, rows) -> bool:
-        return True

@@ -8,6 +8,7 @@ screen problems and draw only those whose group was mixed.
 
 from __future__ import annotations
 
+from memlm.errors import MemlmError
 from memlm.generation.params import SamplingParams
 
 
@@ -45,3 +46,17 @@ def mixed_problems(task, problems, completions, group_size: int) -> tuple[list[i
         "score": right / max(1, len(problems) * group_size),
     }
     return kept, summary
+
+
+def screened(problems: list, screen, problems_per_step: int) -> tuple[list, dict | None]:
+    """The problems RL draws from: all of them when `screen` is None, else those `screen(problems)`
+    (-> kept indices, summary) keeps, at least a step's worth. -> (problems, the summary or None)."""
+    if screen is None:
+        return problems, None
+    kept, summary = screen(problems)
+    if len(kept) < problems_per_step:
+        raise MemlmError(
+            f"only {len(kept)} of {len(problems)} screened problems gave a mixed group; "
+            "screen more, or change --temperature or --group-size"
+        )
+    return [problems[i] for i in kept], summary

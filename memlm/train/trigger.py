@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
-from memlm.errors import MemlmError
 from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
 from memlm.latent.trigger import Trigger
 from memlm.train.loop import TrainConfig, split_loop, train
-from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers
+from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, screened
 
 
 @dataclass(slots=True)
@@ -152,16 +151,9 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     memory.trigger = trigger
     memory.config["trigger"] = "learned"
     problems = task.problems(cfg.screen or cfg.n_train, "train")
-    screening = None
-    if cfg.screen:
-        trigger.eval()
-        kept, screening = screen_problems(engine, memory, task, problems, cfg)
-        if len(kept) < cfg.problems_per_step:
-            raise MemlmError(
-                f"only {len(kept)} of {cfg.screen} screened problems gave a mixed group; "
-                "screen more, or change --temperature or --group-size"
-            )
-        problems = [problems[i] for i in kept]
+    trigger.eval()  # screening samples with the starting trigger, as RL would
+    screen = (lambda some: screen_problems(engine, memory, task, some, cfg)) if cfg.screen else None
+    problems, screening = screened(problems, screen, cfg.problems_per_step)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         rng = random.Random(cfg.train.seed * 1_000_003 + step)

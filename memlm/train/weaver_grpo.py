@@ -37,14 +37,13 @@ import torch
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import extract_answer, get_task
-from memlm.errors import MemlmError
 from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
 from memlm.latent.spec import WeaverSpec
 from memlm.latent.training import LatentExample, LatentLM
 from memlm.train.grpo import group_advantages, grpo_loss
 from memlm.train.loop import TrainConfig, split_loop, train
-from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers
+from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, screened
 
 
 @dataclass(slots=True)
@@ -147,15 +146,8 @@ def run_weaver_grpo(cfg: WeaverGRPOConfig) -> dict:
     reference = ReferenceWeaver(memory) if cfg.beta > 0 else None
     limit = cfg.max_new_tokens or task.max_new_tokens
     problems = task.problems(cfg.screen or cfg.n_train, "train")
-    screening = None
-    if cfg.screen:
-        kept, screening = screen_problems(engine, memory, task, problems, cfg)
-        if len(kept) < cfg.problems_per_step:
-            raise MemlmError(
-                f"only {len(kept)} of {cfg.screen} screened problems gave a mixed group; "
-                "screen more, or change --temperature or --group-size"
-            )
-        problems = [problems[i] for i in kept]
+    screen = (lambda some: screen_problems(engine, memory, task, some, cfg)) if cfg.screen else None
+    problems, screening = screened(problems, screen, cfg.problems_per_step)
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> list[Rollout]:
         rng = random.Random(cfg.train.seed * 1_000_003 + step * 101 + micro)
