@@ -29,13 +29,14 @@ WINDOW=${WINDOW:-8}
 
 for stage in $STAGES; do
   case $stage in
-    sft)  # LoRA rank 16 on every linear, 200 steps x 4 planned, bf16, a checkpoint every 20 steps.
-      # The committed adapter is this run stopped at its step-60 checkpoint (the machine was loaded
-      # 8-12 on 2 cores: 45-75 s a step) and saved with `STEPS=60 RESUME=1` (--resume --steps 60):
-      # held-out loss 0.125 / 0.056 / 0.031 at steps 20 / 40 / 60, still at lr 9e-4 of the
-      # 200-step cosine. STEPS=200 reruns it whole (batch 8 ran at 12.7 s a step in the quiet first
-      # minutes of this session, so ~6-7 s a step at batch 4 on an idle machine: ~25 min).
-      $MEMLM train sft --task pair_search --out runs/sft-pair-search --steps "${STEPS:-200}" --batch-size 4 \
+    sft)  # LoRA rank 16 on every linear, batch 4, bf16, a checkpoint every 20 steps. Session 1 stopped
+      # at step 60 (load 8-12): the enumeration was right, the answer line copied the wrong pair,
+      # 0/64. Session 2 (2026-12-06): 240 steps (held-out loss 0.0089/token) -> 2/64, then the same
+      # run resumed with STEPS=600 (the cosine recomputed for 600 steps: a warm restart at 240) and
+      # stopped at its step-420 checkpoint (held-out 0.0042) -> 12/64; saved with STEPS=420 RESUME=1.
+      # The loss on the answer's copy of the "yes" line is what is still falling: run it to 600+.
+      # One torch thread under load (OMP_NUM_THREADS=1) ran 18-22 s a step where two ran 54 s.
+      $MEMLM train sft --task pair_search --out runs/sft-pair-search --steps "${STEPS:-600}" --batch-size 4 \
         --save-every 20 --n-eval 0 --n-val-loss 8 ${RESUME:+--resume}
       mkdir -p $MODEL && cp runs/sft-pair-search/adapter/* $MODEL/
       cp runs/sft-pair-search/train/metrics.jsonl $MODEL/train-metrics.jsonl
