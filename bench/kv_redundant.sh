@@ -34,7 +34,8 @@ for stage in $STAGES; do
       # 0/64. Session 2 (2026-12-06): 240 steps (held-out loss 0.0089/token) -> 2/64, then the same
       # run resumed with STEPS=600 (the cosine recomputed for 600 steps: a warm restart at 240) and
       # stopped at its step-420 checkpoint (held-out 0.0042) -> 12/64; saved with STEPS=420 RESUME=1.
-      # The loss on the answer's copy of the "yes" line is what is still falling: run it to 600+.
+      # Run on to the schedule's end (600): 11/64, no better than 420, which stays committed. The
+      # answer's long-range copy of the "yes" line needs more than steps (see the note).
       # One torch thread under load (OMP_NUM_THREADS=1) ran 18-22 s a step where two ran 54 s.
       $MEMLM train sft --task pair_search --out runs/sft-pair-search --steps "${STEPS:-600}" --batch-size 4 \
         --save-every 20 --n-eval 0 --n-val-loss 8 ${RESUME:+--resume}
