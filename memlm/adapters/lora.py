@@ -287,15 +287,20 @@ def _peft_config(folder: Path, config: dict) -> dict:
     }
 
 
-def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
-    """Put the adapter of `folder` on `model`, merged into the weights (default) or beside them (a
-    quantized model: merging into 4-bit blocks would round most of a fine-tune away); -> its config."""
+def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter folder's config and its tensors (PEFT's or memlm's file, as the config says)."""
     config = read_adapter_config(folder)
     weights = folder / (PEFT_WEIGHTS if config["format"] == "peft" else ADAPTER_WEIGHTS)
     try:
-        tensors = load_file(str(weights))
+        return config, load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ModelFormatError(f"cannot read {weights}: {e}") from None
+
+
+def apply_adapter(model: nn.Module, folder: Path, merge: bool = True) -> dict:
+    """Put the adapter of `folder` on `model`, merged into the weights (default) or beside them (a
+    quantized model: merging into 4-bit blocks would round most of a fine-tune away); -> its config."""
+    config, tensors = read_adapter(folder)
     if config["format"] == "peft":
         (_merge_peft if merge else _attach_peft)(model, tensors, config, folder)
         model.requires_grad_(False)
@@ -388,12 +393,7 @@ def read_adapter_deltas(model: nn.Module, folder: str | Path) -> tuple[dict, dic
     without touching the model: -> (config, {module path: (A [rank, in], B [out, rank] with the
     scaling folded in)}), float32; delta W = B A. Shapes are checked against `model`."""
     folder = Path(folder)
-    config = read_adapter_config(folder)
-    weights = folder / (PEFT_WEIGHTS if config["format"] == "peft" else ADAPTER_WEIGHTS)
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise ModelFormatError(f"cannot read {weights}: {e}") from None
+    config, tensors = read_adapter(folder)
     if config["format"] == "peft":
         scaling, groups = _peft_parts(model, tensors, config, folder)
         return config, {
