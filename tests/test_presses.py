@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, tiny_engine, tiny_memlm
-from memlm.cache.context_cache import ask, copy_cache, prefill_context, press_copy
+from memlm.cache.context_cache import ask, ask_each, copy_cache, prefill_context, press_copy
 from memlm.cache.kv_cache import KVCache
 from memlm.cache.press_hook import press_row
 from memlm.cache.presses import (
@@ -243,6 +243,23 @@ def test_one_compressed_cache_serves_many_questions_unchanged():
         torch.equal(x, y) for x, y in zip(before, pressed.store.row(0, 15), strict=True)
     )
     assert ask(model, pressed, 30, q1, 4, set()) == a1 and ask(model, copy_cache(pressed), 30, q2, 4, set()) == a2
+
+
+def test_asking_many_pressed_caches_in_one_batch_equals_asking_each_alone():
+    model = tiny_memlm()
+    torch.manual_seed(3)
+    context = torch.randint(0, 128, (40,)).tolist()
+    ctx = prefill_context(model, context, 48, 8, stats=True, track_attention=True)
+    view = PromptView(*ctx.cache.store.row(0, 40))
+    # different presses and ratios: rows of different lengths, and a row that stops early
+    pressed = (("knorm", 0.5), ("random", 0.25), ("streaming_llm", 0.75))
+    caches = [ctx.cache] + [press_copy(ctx, make_press(p, r).keep(view)) for p, r in pressed]
+    alone = [ask(model, c, 40, [5, 6, 7], 6, set()) for c in caches]
+    stop = lambda out: out == alone[2][:2]  # noqa: E731  (row 2, and any row that starts alike, stops at 2 tokens)
+    batched = ask_each(model, caches, 40, [5, 6, 7], 6, set(), stop)
+    assert batched == [a[:2] if a[:2] == alone[2][:2] else a for a in alone]
+    assert any(a[:2] != alone[2][:2] for a in alone)  # some row went on after row 2 left the batch
+    assert len({int(c.lengths[0]) for c in caches}) == 4 and int(ctx.cache.lengths[0]) == 40  # caches unchanged
 
 
 def test_bench_prefills_each_problem_once(monkeypatch):

@@ -3,8 +3,9 @@
 For every problem (memlm/data/long_context.py, test seeds) the context is prefilled once, with
 everything any press reads observed (attention statistics, the last 64 queries, query statistics,
 the learned importance); each (press, ratio) presses a copy of that cache, and each question is
-answered greedily from its own copy of the pressed cache (memlm/cache/context_cache.py). So the
-cost is one prefill per problem plus short question-and-answer decodes. snapkv_question's window is
+answered greedily from its own copy of the pressed cache (memlm/cache/context_cache.py; the presses'
+copies at one ratio decode as one batch). So the cost is one prefill per problem plus short
+question-and-answer decodes. snapkv_question's window is
 the problem's first question, fed on a copy of the context: in `multi_query` the second question
 reads a context pressed for the first.
 
@@ -24,7 +25,7 @@ import time
 import torch
 
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
-from memlm.cache.context_cache import ask, context_view, prefill_context, press_copy, question_view, split_prompt
+from memlm.cache.context_cache import ask_each, context_view, prefill_context, press_copy, question_view, split_prompt
 from memlm.cache.presses import kept_count, make_press
 from memlm.data.long_context import make_problems, score
 
@@ -62,13 +63,15 @@ def _stop_after_numbers(tokenizer, count: int):
     return done
 
 
-def answer_all(engine, cache, context_length: int, problem, questions: list[list[int]]) -> list[float]:
-    """Each question's score, answered greedily from its own copy of `cache`."""
-    scores = []
+def answer_all(engine, caches, context_length: int, problem, questions: list[list[int]]) -> list[list[float]]:
+    """Per cache, each question's score, answered greedily from its own copy of the cache (the
+    caches decoded as one batch: e.g. every press's copy at one ratio)."""
+    scores: list[list[float]] = [[] for _ in caches]
     for q, ids in zip(problem.questions, questions, strict=True):
         stop = _stop_after_numbers(engine.tokenizer, len(q.answers))
-        out = ask(engine.model, cache, context_length, ids, answer_tokens(q), engine.eos_ids, stop)
-        scores.append(score(engine.tokenizer.decode(out), q))
+        outs = ask_each(engine.model, caches, context_length, ids, answer_tokens(q), engine.eos_ids, stop)
+        for got, out in zip(scores, outs, strict=True):
+            got.append(score(engine.tokenizer.decode(out), q))
     return scores
 
 
@@ -108,20 +111,24 @@ def run_press_bench(
             for problem in make_problems(task, length, n, count):
                 context, questions = encode(tokenizer, problem)
                 ctx = prefill_context(model, context, len(context) + 8, WINDOW, stats, track)
-                full[task][length] += answer_all(engine, ctx.cache, ctx.length, problem, questions)
+                full[task][length] += answer_all(engine, [ctx.cache], ctx.length, problem, questions)[0]
                 runs.append((problem, questions, ctx))
             pressed = not skip_unusable or _mean(full[task][length]) >= USABLE
             for problem, questions, ctx in runs if pressed else ():
                 importance = predictor(ctx.hidden).float() if predictor is not None else None
-                for name, press in built.items():
-                    if press.question_window:
-                        view = question_view(model, ctx, questions[0], press)
-                    else:
-                        view = context_view(ctx, press, importance)
-                    for ratio in ratios:
-                        keep = make_press(name, ratio, predictor).keep(view)
-                        cache = press_copy(ctx, keep)
-                        got[name][ratio][task][length] += answer_all(engine, cache, ctx.length, problem, questions)
+                views = {
+                    name: question_view(model, ctx, questions[0], press)
+                    if press.question_window
+                    else context_view(ctx, press, importance)
+                    for name, press in built.items()
+                }
+                scored = {name: p.flat_scores(views[name]) if p.ratio_free else None for name, p in built.items()}
+                for ratio in ratios:  # every press's copy at this ratio answers in one batch
+                    keeps = [make_press(name, ratio, predictor).keep(views[name], scored[name]) for name in presses]
+                    caches = [press_copy(ctx, keep) for keep in keeps]
+                    answered = answer_all(engine, caches, ctx.length, problem, questions)
+                    for name, scores in zip(presses, answered, strict=True):
+                        got[name][ratio][task][length] += scores
             log(
                 f"{length} {task}: {n} problems, full {_mean(full[task][length]):.2f}"
                 f"{'' if pressed else ' (under 60%: not pressed)'}, {time.perf_counter() - started:.0f}s"

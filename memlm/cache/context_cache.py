@@ -2,10 +2,10 @@
 
 `prefill_context` runs the context through the model once with whatever the presses will read
 (attention statistics, the query observer) and returns a `ContextCache`; `press_copy` presses a copy
-of it; `ask` answers one question greedily from another copy, fed after the context at the
-positions it would have had (a pressed context keeps its original positions), so every question of
-a multi-query problem reads the same pressed context, and no question's queries shaped it unless
-the press was told to use them (`question_view`: snapkv_question).
+of it; `ask` answers one question greedily from another copy (`ask_each`: from many caches in one
+batch), fed after the context at the positions it would have had (a pressed context keeps its
+original positions), so every question of a multi-query problem reads the same pressed context,
+and no question's queries shaped it unless the press was told to use them (`question_view`: snapkv_question).
 
 Used by `memlm bench press` and by the learned press's labels (memlm/train/press.py).
 """
@@ -96,19 +96,41 @@ def ask(model, cache: KVCache, next_position: int, question: list[int], max_new_
         stop=None) -> list[int]:  # fmt: skip
     """Greedy answer to `question` fed on a copy of `cache` at positions from `next_position`
     (until an end token, `max_new_tokens`, or `stop(tokens so far)`)."""
-    cache = copy_cache(cache)
+    return ask_each(model, [cache], next_position, question, max_new_tokens, eos_ids, stop)[0]
+
+
+@torch.inference_mode()
+def ask_each(model, caches: list[KVCache], next_position: int, question: list[int], max_new_tokens: int,
+             eos_ids, stop=None) -> list[list[int]]:  # fmt: skip
+    """`ask` of every one-row cache in `caches` (e.g. one context under different presses), decoded
+    as one batch: rows may hold different numbers of slots (the cache masks each row's own), and a
+    row leaves the batch when it stops. The caches' contents are left as they were."""
+    batch = copy_cache(caches[0])
+    batch.stop_tracking_attention()  # nothing reads the statistics here, and the forward is faster without
+    batch.reserve_rows(len(caches))
+    for other in caches[1:]:
+        batch.extend(copy_cache(other) if other.paged else other)  # a paged store's extend moves the blocks
+    batch.stop_tracking_attention()  # (extend tracks if a joining row did)
+    live = list(range(len(caches)))  # the caller's index of each batch row
+    outs: list[list[int]] = [[] for _ in caches]
+    ids = torch.tensor([question] * len(caches), device=model.device)
     position = next_position
-    ids = list(question)
-    out: list[int] = []
     for _ in range(max_new_tokens):
-        positions = torch.arange(position, position + len(ids))[None]
-        hidden = model.forward_tokens(torch.tensor([ids], device=model.device), positions, cache)
-        token = int(model.logits(hidden[:, -1]).argmax(-1))
-        position += len(ids)
-        if token in eos_ids:
+        positions = torch.arange(position, position + ids.shape[1])[None].expand(len(live), -1)
+        hidden = model.forward_tokens(ids, positions, batch)
+        tokens = model.logits(hidden[:, -1]).argmax(-1).tolist()
+        position += ids.shape[1]
+        going = []
+        for row, (index, token) in enumerate(zip(live, tokens, strict=True)):
+            if token in eos_ids:
+                continue
+            outs[index].append(token)
+            if stop is None or not stop(outs[index]):
+                going.append(row)
+        if not going:
             break
-        out.append(token)
-        if stop is not None and stop(out):
-            break
-        ids = [token]
-    return out
+        if len(going) < len(live):
+            batch.select_rows(going)
+            live = [live[row] for row in going]
+        ids = torch.tensor([[tokens[row]] for row in going], device=model.device)
+    return outs

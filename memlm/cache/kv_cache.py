@@ -317,6 +317,14 @@ class KVCache:
             self.track_importance = True
             self.importance = torch.zeros(shape, device=device)
 
+    def reserve_rows(self, rows: int) -> None:
+        """Room for `rows` rows in all, so that rows joining by `extend` up to that many do not regrow the buffers."""
+        self.store.reserve_rows(rows)
+
+    def stop_tracking_attention(self) -> None:
+        """Drop the attention statistics (the forward then needs no attention weights: faster)."""
+        self.track_attention, self.attention_sum, self.attention_last = False, None, None
+
     def row_hooks(self, tokenizer, vocab_size: int) -> list:
         """The cache's part in the decode loop: a paged cache's blocks (memlm.cache.prefix), learned
         importance, the prompt's press (memlm.cache.press_hook) and eviction (memlm.cache.eviction)."""

@@ -108,16 +108,19 @@ class ContiguousStore:
             self._v[:, first : len(kept)] = self._v.index_select(1, moving)
         self._rows = len(kept)
 
+    def reserve_rows(self, rows: int) -> None:
+        if rows > self._k.shape[1]:
+            pad = (0, 0, 0, 0, 0, 0, 0, rows - self._k.shape[1])  # the row dimension (dim 1)
+            self._k = torch.nn.functional.pad(self._k, pad)
+            self._v = torch.nn.functional.pad(self._v, pad)
+
     def extend(self, other: ContiguousStore) -> None:
         capacity = max(self.capacity, other.capacity)
         for store in (self, other):
             store._grow_to(capacity)
         rows, joining = self._rows, other._rows
         if rows + joining > self._k.shape[1]:  # no spare rows left: double the buffers (amortised)
-            spare = max(rows + joining, 2 * self._k.shape[1]) - self._k.shape[1]
-            pad = (0, 0, 0, 0, 0, 0, 0, spare)  # the row dimension (dim 1) grows
-            self._k = torch.nn.functional.pad(self._k, pad)
-            self._v = torch.nn.functional.pad(self._v, pad)
+            self.reserve_rows(max(rows + joining, 2 * self._k.shape[1]))
         self._k[:, rows : rows + joining] = other.k
         self._v[:, rows : rows + joining] = other.v
         self._rows = rows + joining
@@ -275,6 +278,9 @@ class PagedStore:
         self.copies_allowed = [self.copies_allowed[row] for row in kept]
         self._table = None
 
+    def reserve_rows(self, rows: int) -> None:
+        pass  # rows are block tables: nothing to preallocate
+
     def extend(self, other: PagedStore) -> None:
         if other.pool is not self.pool:
             raise ValueError("paged caches of different pools cannot be joined")
@@ -286,4 +292,3 @@ class PagedStore:
 
     def native(self) -> NativeKV:
         return NativeKV(self.pool.k, self.pool.v, self.table_tensor(), self.pool.block_size, self.format)
-

@@ -86,6 +86,7 @@ class Press(ABC):
     needs_attention: ClassVar[bool] = False  # PromptView.attention_sum: the prefill tracks attention
     needs_importance: ClassVar[bool] = False  # PromptView.importance: the learned predictor runs
     question_window: ClassVar[bool] = False  # the window is the question (a benchmark feeds it apart)
+    ratio_free: ClassVar[bool] = True  # `flat_scores` do not depend on the ratio: one scoring serves all
 
     def __init__(self, ratio: float):
         if not 0 <= ratio < 1:
@@ -100,13 +101,15 @@ class Press(ABC):
         scores = self.scores(view)
         return layer_mean(scores) if self.per_layer else scores.float()
 
-    def keep(self, view: PromptView) -> torch.Tensor:
-        """Ascending slot indices to keep (all of them at ratio 0)."""
+    def keep(self, view: PromptView, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Ascending slot indices to keep (all of them at ratio 0); `scores`: this press's
+        `flat_scores(view)` if already computed (at another ratio, when `ratio_free`)."""
         n = view.length
         count = kept_count(n, self.ratio)
         if count >= n:
             return torch.arange(n)
-        return self.flat_scores(view).topk(count).indices.sort().values.cpu()
+        scores = self.flat_scores(view) if scores is None else scores
+        return scores.topk(count).indices.sort().values.cpu()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
@@ -129,6 +132,7 @@ class StreamingLLMPress(Press):
     """StreamingLLM: the first `sinks` slots (attention sinks) and the most recent ones."""
 
     name = "streaming_llm"
+    ratio_free = False
 
     def __init__(self, ratio: float, sinks: int = 4):
         super().__init__(ratio)
