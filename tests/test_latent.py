@@ -263,6 +263,80 @@ def test_kv_weaver_training_equals_generation_batched_and_gets_gradients():
     assert all(p.grad is None for n, p in engine.model.named_parameters() if "lora" not in n)
 
 
+def test_kv_weaver_queries_in_the_reasoners_step_equal_a_pass_of_their_own():
+    """The engine folds a kv weaver's queries into its batch's forward (LoRA on for them alone): the
+    same keys and values, the same hidden state for the token after them, the same attention
+    statistics (the queries' attention uncounted) as the weaver's own pass and then the token."""
+    from memlm.generation.batch import embed_chunk
+    from memlm.generation.request import Request
+
+    engine = tiny_engine()
+    memory = _memory(engine, weaver_input="states", weaver_output="kv")
+    model, weaver = engine.model, memory.weaver
+    prompts = [engine.tokenizer.encode("abc, d."), engine.tokenizer.encode("xy, zw.")]
+    ids = torch.tensor(prompts)
+    n, k = ids.shape[1], weaver.num_latents["inference"]
+    next_tokens = [5, 9]
+    caches = []
+    for paged in (False, True):
+        options = {"pool": model.new_pool(block_size=4, initial_blocks=16)} if paged else {}
+        states = [model.new_state(2, 32, track_attention=True, **options) for _ in range(2)]
+        with torch.no_grad():
+            for state in states:
+                model.forward_tokens(ids, torch.arange(n)[None].expand(2, -1), state)
+            # its own pass: row 0's queries, then each row's next token
+            weaver.write_states(states[0], [n, n], ["inference", None])
+            positions = torch.tensor([[n + k], [n]])
+            own = model.forward_tokens(torch.tensor(next_tokens)[:, None], positions, states[0])[:, -1]
+            # folded: row 0 feeds [queries, token], row 1 [token] (padded), in one forward
+            rows = [Request.__new__(Request) for _ in range(2)]
+            for r, token in zip(rows, next_tokens, strict=True):
+                r.pending_ids, r.pending_embeds, r.pending_queries = [token], None, None
+            rows[0].pending_queries = weaver.queries("inference").detach()
+            chunk = embed_chunk(model, rows, k + 1)
+            positions = torch.tensor([list(range(n, n + k + 1)), [n] + [-1] * k])
+            queries = torch.tensor([[True] * k + [False], [False] * (k + 1)])
+            folded = model(chunk, positions, states[1], lora_tokens=queries)[[0, 1], [k, 0]]
+        torch.testing.assert_close(folded, own, atol=1e-5, rtol=1e-5)
+        a, b = states
+        assert torch.equal(a.lengths, b.lengths) and a.lengths.tolist() == [n + k + 1, n + 1]
+        for row, length in enumerate(a.lengths.tolist()):
+            for x, y in zip(a.store.row(row, length), b.store.row(row, length), strict=True):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.attention_sum, b.attention_sum, atol=1e-6, rtol=1e-5)
+        caches.append(b)
+    assert all(not isinstance(layer.enabled, torch.Tensor) and not layer.enabled for _, layer in lora_layers(model))
+
+
+def test_kv_weaver_queries_in_the_native_quantized_step_equal_the_layer_by_layer_path():
+    """On quantized weights the native step runs a folded insertion itself: the model's own LoRA is
+    adapter 1 of the queries' tokens only, and generation matches the layer-by-layer path."""
+    import memlm.kernels as kernels
+    from memlm.models.native_decode import NativeDecoder
+    from memlm.quant.qlinear import quantize_model
+
+    if kernels.native() is None:
+        pytest.skip("native kernels need x86-64 AVX2/FMA/F16C and a compiler")
+    engine = tiny_engine()
+    quantize_model(engine.model, "q8_0")
+    memory = _memory(engine, weaver_input="states", weaver_output="kv", max_inference_aug=3)
+    model = engine.model
+    model.native_decoder = native = NativeDecoder.for_model(model)
+    assert native is not None
+    calls, original = [], native.step
+    native.step = lambda *a: calls.append(a[-1] is not None) or original(*a)
+    prompts = [engine.tokenizer.encode("abc, d."), engine.tokenizer.encode("xy")]
+    targets = [engine.tokenizer.encode("1, 2. 3, 4"), engine.tokenizer.encode("a. b, c")]
+    natively = engine.score(prompts, targets, memory=memory)
+    model.native_decoder = None
+    layered = engine.score(prompts, targets, memory=memory)
+    model.native_decoder = native
+    assert any(calls)  # the native step ran steps holding queries
+    for a, b in zip(natively, layered, strict=True):
+        assert a.insertions == b.insertions and len(a.insertions) > 2
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-3, rtol=1e-3)
+
+
 def test_kv_weaver_delimiter_start_writes_the_keys_and_values_of_newlines():
     """Untrained (LoRA's B = 0), a "kv" weaver with the delimiter start writes exactly what the frozen
     reasoner computes for newline tokens in the latent slots: scoring with the memory equals a plain

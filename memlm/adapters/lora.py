@@ -47,7 +47,9 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.enabled = True
+        # True / False, or (inside `lora_for_tokens`) a bool per token of the forward: which tokens
+        # run with the adapter (a latent weaver's queries folded into the reasoner's step).
+        self.enabled: bool | torch.Tensor = True
 
     @property
     def weight(self) -> torch.Tensor:  # what code reading `.weight` of a Linear expects
@@ -55,9 +57,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if not self.enabled:
+        on = self.enabled
+        if not isinstance(on, torch.Tensor) and not on:
             return out
-        return out + (self.dropout(x) @ self.lora_a.T @ self.lora_b.T) * self.scaling
+        delta = (self.dropout(x) @ self.lora_a.T @ self.lora_b.T) * self.scaling
+        if not isinstance(on, torch.Tensor):
+            return out + delta
+        return out + delta * on.reshape(*x.shape[:-1], 1).to(delta.dtype)
 
     def delta(self) -> torch.Tensor:
         return (self.lora_b @ self.lora_a) * self.scaling
@@ -140,6 +146,21 @@ def lora_switched(model: nn.Module, on: bool):
     try:
         for layer in layers:
             layer.enabled = on
+        yield
+    finally:
+        for layer, was in zip(layers, saved, strict=True):
+            layer.enabled = was
+
+
+@contextlib.contextmanager
+def lora_for_tokens(model: nn.Module, tokens: torch.Tensor):
+    """Inside the block, every adapter acts on the tokens where `tokens` (a bool per token, in the
+    order the projections see them) is True and on no other; as it was afterwards."""
+    layers = [layer for _, layer in lora_layers(model)]
+    saved = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enabled = tokens
         yield
     finally:
         for layer, was in zip(layers, saved, strict=True):

@@ -37,6 +37,7 @@ class _Step:
     width: int  # number of slots attention looks at: max(lengths) + T
     real: torch.Tensor  # [B] number of non-padding tokens in the chunk
     is_real: torch.Tensor  # [B, T] bool: not padding
+    counted: torch.Tensor  # [B, T] bool: queries whose attention the statistics count
 
 
 class KVCache:
@@ -171,13 +172,15 @@ class KVCache:
 
     # ---- one forward pass --------------------------------------------------------------------
 
-    def begin(self, positions: torch.Tensor) -> torch.Tensor | None:
+    def begin(self, positions: torch.Tensor, uncounted: torch.Tensor | None = None) -> torch.Tensor | None:
         """Claim slots for a chunk of new tokens; return the boolean mask [B, 1, T, width], or None
         when nothing needs masking (attention kernels are much faster without a mask).
 
         `positions` is [B, T]; a negative position marks right-padding (the row has fewer new
         tokens than the longest row). Padding is written to slots past the row's length (a paged
         store sends it to its scratch block), so it is never attended to by real tokens.
+        `uncounted` [B, T]: tokens whose attention the statistics leave out (a memory's queries:
+        an eviction policy must not count what they looked at).
         """
         batch, chunk = positions.shape
         steps = torch.arange(chunk, device=positions.device)
@@ -189,7 +192,8 @@ class KVCache:
         self.store.reserve(self.lengths + (real if self.paged else chunk))
         rows = torch.arange(batch, device=positions.device)[:, None].expand(batch, chunk)
         self.positions[rows, slots] = positions
-        self._step = _Step(rows=rows, slots=slots, width=width, real=real, is_real=is_real)
+        counted = is_real if uncounted is None else is_real & ~uncounted
+        self._step = _Step(rows=rows, slots=slots, width=width, real=real, is_real=is_real, counted=counted)
         if chunk == 1 and width == int(self.lengths.min()) + 1:
             return None  # one new token per row and equal lengths: every query sees every slot
         # A query at slot s sees every live slot <= s: its own row's history plus the chunk so far.
@@ -226,8 +230,7 @@ class KVCache:
         """Record one layer's attention weights [B, H, T, width] of the chunk being written."""
         step = self._step
         received = weights.float().mean(dim=1) / self.num_layers  # [B, T, width], mean over heads and layers
-        real_queries = torch.arange(received.shape[1], device=received.device)[None, :] < step.real[:, None]
-        self.attention_sum[:, : step.width] += (received * real_queries[..., None]).sum(dim=1)
+        self.attention_sum[:, : step.width] += (received * step.counted[..., None]).sum(dim=1)
         last = received[torch.arange(received.shape[0], device=received.device), (step.real - 1).clamp(min=0)]
         if layer == 0:
             self.attention_last.zero_()

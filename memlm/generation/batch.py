@@ -3,8 +3,9 @@
 `Batch` is what the engine keeps beside the scheduler's running list: the model's state (one row
 per running request, in the same order), the hooks of the memories in use, the token history the
 penalties need and the sampler. `feed` runs one forward over every row's pending chunk -- a joining
-request's prompt, a running one's last token, and the vectors a memory inserts after them -- as one
-right-padded chunk (the model packs it: padding costs no matmul work).
+request's prompt, a running one's last token, the vectors a memory inserts after them, and the
+queries a keys-and-values weaver runs before them (with the model's own LoRA on for those alone) --
+as one right-padded chunk (the model packs it: padding costs no matmul work).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ class Batch:
 def feed(model, rows: list[Request], state: ModelState) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over every row's pending chunk. -> (hidden [B, T, d], each row's last real hidden [B, d])."""
     device = model.device
-    sizes = [len(r.pending_ids) + (0 if r.pending_embeds is None else r.pending_embeds.shape[0]) for r in rows]
+    sizes = [len(r.pending_ids) + r.vectors_pending for r in rows]
     starts = torch.tensor([r.next_position for r in rows], device=device)
     real = torch.tensor(sizes, device=device)
     width = max(sizes)
-    vectors = any(r.pending_embeds is not None for r in rows)
+    vectors = any(r.vectors_pending for r in rows)
     if width == 1 and not vectors:  # plain decode: one token per row
         ids = torch.tensor([r.pending_ids for r in rows], device=device)
         hidden = model.forward_tokens(ids, starts[:, None], state)
@@ -46,23 +47,31 @@ def feed(model, rows: list[Request], state: ModelState) -> tuple[torch.Tensor, t
             for row, r in enumerate(rows):
                 ids[row, : len(r.pending_ids)] = torch.tensor(r.pending_ids, device=device)
             hidden = model.forward_tokens(ids, positions, state)
+        elif any(r.pending_queries is not None for r in rows):
+            queries = [0 if r.pending_queries is None else r.pending_queries.shape[0] for r in rows]
+            own_lora = steps < torch.tensor(queries, device=device)[:, None]  # [B, width]: the queries
+            hidden = model(embed_chunk(model, rows, width), positions, state, lora_tokens=own_lora)
         else:
             hidden = model(embed_chunk(model, rows, width), positions, state)
     for r, n in zip(rows, sizes, strict=True):
         r.next_position += n
-        r.pending_ids, r.pending_embeds = [], None
+        r.pending_ids, r.pending_embeds, r.pending_queries = [], None, None
     return hidden, hidden[torch.arange(len(rows), device=device), real - 1]
 
 
 def embed_chunk(model, rows: list[Request], width: int) -> torch.Tensor:
-    """Each row's pending tokens embedded, then its pending vectors: [B, width, d], zero padding."""
+    """Each row's pending queries, its pending tokens embedded, then its pending vectors:
+    [B, width, d], zero padding."""
     embeds = torch.zeros(len(rows), width, model.config.hidden_size, dtype=model.dtype, device=model.device)
     for row, r in enumerate(rows):
-        n = len(r.pending_ids)
-        if n:
-            embeds[row, :n] = model.embed(torch.tensor(r.pending_ids, device=model.device))
+        parts = [r.pending_queries] if r.pending_queries is not None else []
+        if r.pending_ids:
+            parts.append(model.embed(torch.tensor(r.pending_ids, device=model.device)))
         if r.pending_embeds is not None:
-            embeds[row, n : n + r.pending_embeds.shape[0]] = r.pending_embeds.to(model.dtype)
+            parts.append(r.pending_embeds)
+        if parts:
+            chunk = torch.cat([p.to(model.dtype) for p in parts])
+            embeds[row, : chunk.shape[0]] = chunk
     return embeds
 
 

@@ -249,7 +249,7 @@ class Engine(BatchAPI):
             return []
         state, hooks = batch.state, list(batch.hooks.values())
         clock = PhaseClock(None if joining else self.timings)
-        steps = [RowStep(inserted=0 if r.pending_embeds is None else r.pending_embeds.shape[0]) for r in rows]
+        steps = [RowStep(inserted=r.vectors_pending) for r in rows]
         hidden, last = feed(self.model, rows, state)
         clock("forward")
         for hook in hooks:
@@ -336,7 +336,7 @@ class Engine(BatchAPI):
                 took.append(row)
                 if r.wants_logprobs:
                     _record_logprobs(r, raw[row], token)
-                position = r.next_position
+                position = r.token_position
                 text = r.append(token)
                 r.pending_ids = [token]
                 deltas.append(StreamDelta(r.index, text, r.finish_reason, token_id=token, position=position, **seen))

@@ -71,6 +71,10 @@ class Request:
     next_position: int = 0  # where the next fed token goes
     pending_ids: list[int] = field(default_factory=list)  # to feed at the next step: the prompt, or the last token
     pending_embeds: torch.Tensor | None = None  # [K, d] vectors a memory feeds after the pending tokens
+    # [K, d] a memory's queries, fed *before* the pending tokens with the model's own LoRA on: their
+    # keys and values stay in the row's cache as latent slots (a keys-and-values weaver's insertion,
+    # done inside the batch's forward instead of a pass of its own)
+    pending_queries: torch.Tensor | None = None
     records: dict[str, object] = field(default_factory=dict)  # each row hook's record of this request
     output_ids: list[int] = field(default_factory=list)
     output_positions: list[int] = field(default_factory=list)  # where each output token was (or will be) fed
@@ -89,13 +93,23 @@ class Request:
         return self.finish_reason is not None
 
     @property
+    def vectors_pending(self) -> int:
+        """Vectors (not tokens) the next step feeds: queued queries and embeddings."""
+        return sum(0 if v is None else v.shape[0] for v in (self.pending_queries, self.pending_embeds))
+
+    @property
+    def token_position(self) -> int:
+        """Where the next sampled token will be fed: after the queries queued before it, if any."""
+        return self.next_position + (0 if self.pending_queries is None else self.pending_queries.shape[0])
+
+    @property
     def wants_logprobs(self) -> bool:
         return self.forced is not None or self.params.logprobs is not None
 
     def append(self, token: int) -> str:
         """Take one sampled token; return the text that may be shown now."""
         self.output_ids.append(token)
-        self.output_positions.append(self.next_position)
+        self.output_positions.append(self.token_position)
         p = self.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self._finish("stop", token)

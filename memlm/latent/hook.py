@@ -6,9 +6,12 @@ each request has read and inserted so far. In a step:
 
 * join: prompt latents go right after each prompt (`request.pending_embeds`, fed with the prompt);
 * after_sample: the requests whose last token is a delimiter, with insertions left, ask the trigger
-  on the delimiter's hidden state. A weaver that writes keys and values puts its latent slots into
-  the reasoner's cache now and the sampled token is kept, fed after them; any other weaver's
-  latents are fed at the next step, and the sampled token is dropped (`RowStep.take = False`);
+  on the delimiter's hidden state. A weaver that writes keys and values keeps the sampled token and
+  feeds it after its latent slots: its queries are queued before the token
+  (`request.pending_queries`) and run inside the next step's forward with the weaver's LoRA on for
+  them alone, their keys and values staying as the slots (no pass of its own: a kv weaver runs all
+  the reasoner's layers). Any other weaver's latents are fed at the next step, and the sampled
+  token is dropped (`RowStep.take = False`);
 * after_take: those latents are woven, from everything the request has read and written;
 * retire: finished requests leave the weaver's cache.
 
@@ -67,21 +70,19 @@ class LatentHook(QuietHook):
 
     def after_sample(self, rows: list, state: ModelState, tokens: list[int], last: torch.Tensor,
                      steps: list[RowStep]) -> None:
-        """Choose who inserts now; a keys-and-values weaver writes at once, the others next step."""
+        """Choose who inserts now; a keys-and-values weaver's queries and the others' latents go in at the next step."""
         at = {id(r): row for row, r in enumerate(rows)}
         members = [r for r in self.requests if r.forced is None or len(r.output_ids) < len(r.forced)]
         index = [at[id(r)] for r in members]
         inserting = self._choose(members, [tokens[i] for i in index], last[index])
         for r in inserting:
             r.records[KEY].insertions.append(len(r.output_ids))
-        if inserting and self.memory.weaver.writes_kv:
-            state_rows = [at[id(r)] for r in inserting]
-            written = self.memory.weaver.write_states(state, *self._state_layout(inserting, state, state_rows))
+        if inserting and self.memory.weaver.writes_kv:  # its queries run in the next step's forward, before the token
+            for r in inserting:
+                kind = "prompt" if self.awaiting_prompt[self.requests.index(r)] else "inference"
+                r.pending_queries = self.memory.weaver.queries(kind).detach()
+                r.records[KEY].positions.append((r.next_position, r.pending_queries.shape[0]))
             self._inserted(inserting)
-            for r, row in zip(inserting, state_rows, strict=True):
-                r.records[KEY].positions.append((r.next_position, written[row]))
-                r.next_position += written[row]
-                steps[row].inserted += written[row]
             inserting = []
         for r in inserting:  # the peeked token is dropped: the next one is sampled after the latents
             steps[at[id(r)]].take = False

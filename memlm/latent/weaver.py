@@ -25,10 +25,12 @@ What the weaver writes is its `output`:
 * "kv" (reading "states" only): the queries' own keys and values at every layer, computed with
   LoRA on, stay in the reasoner's cache as the K latent slots. The reasoner never re-reads them
   as tokens, so the memory reaches each layer directly (deep prefix tuning, made dynamic),
-  the insertion costs the weaver's pass alone, and the token sampled at the insertion point is
-  kept: the latents go in before it is fed. With the delimiter start the queries begin as copies
-  of the newline's embedding and LoRA's B starts at 0, so step 0 writes exactly the keys and
-  values of newlines (nearly harmless, see `anchor`) while LoRA already has a route to the loss.
+  and the token sampled at the insertion point is kept: the latents go in before it is fed. In
+  the engine the queries are K more positions of the batch's own forward, before that token, with
+  LoRA on for them alone (memlm.generation.batch.feed): an insertion costs no pass of its own.
+  With the delimiter start the queries begin as copies of the newline's embedding and LoRA's B
+  starts at 0, so step 0 writes exactly the keys and values of newlines (nearly harmless, see
+  `anchor`) while LoRA already has a route to the loss.
 
 Two more choices decide how fast it learns (measured in bench/NOTEBOOK.md, "the weaver sweep"):
 
@@ -219,7 +221,8 @@ class Weaver(nn.Module):
         ]
 
     def write_states(self, cache, starts: list[int], kinds: list[str | None]) -> list[int]:
-        """A "kv" weaver's insertion: the queries of the rows whose kind is not None run at positions
+        """A "kv" weaver's insertion as a pass of its own (the training twin's; the engine folds the
+        same queries into its step): the queries of the rows whose kind is not None run at positions
         `starts[row]` onwards over the reasoner's `cache`, and their keys and values stay there as
         the row's latent slots (no attention statistics recorded). -> slots written per row."""
         self._run_queries(cache, starts, kinds, keep=True)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.adapters.lora import lora_for_tokens
 from memlm.cache.blocks import BlockPool
 from memlm.cache.kv_cache import KVCache
 from memlm.models.config import ModelConfig
@@ -234,12 +235,16 @@ class LlamaModel(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         depth: int | None = None,
+        lora_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run [B, T, d] embeddings at positions [B, T] (negative = right padding) -> hidden [B, T, d].
 
         With a cache, the chunk is appended to each row's history; without one, the chunk is a
         whole sequence attended causally, or as `mask` [B, 1, T, T] (True = may attend) says.
         `depth` runs only the first layers (a truncated weaver); the final norm still applies.
+        `lora_tokens` [B, T] bool: the tokens that run with the model's own LoRA (`add_lora`) on,
+        every other token without it (a latent weaver's queries inside the reasoner's step); their
+        attention is left out of the cache's statistics.
         """
         layers = self.layers if depth is None else self.layers[:depth]
         native = self.native_decoder
@@ -250,7 +255,7 @@ class LlamaModel(nn.Module):
             and len(layers) == len(self.layers)
             and native.accepts(self, embeds, positions, cache)
         ):
-            return self.norm(native.step(self, embeds, positions, cache))
+            return self.norm(native.step(self, embeds, positions, cache, lora_tokens))
         rope = {False: rope_cos_sin(positions, self.inv_freq, self.attention_scaling, embeds.dtype)}
         if mask is not None:
             if cache is not None:
@@ -260,7 +265,7 @@ class LlamaModel(nn.Module):
             causal = torch.ones(chunk, chunk, dtype=torch.bool, device=embeds.device).tril()
             mask = (causal[None] & (positions >= 0)[:, None, :])[:, None]
         else:
-            mask = cache.begin(positions)
+            mask = cache.begin(positions) if lora_tokens is None else cache.begin(positions, lora_tokens)
         masks = {False: mask}
         if any(layer.self_attn.sliding for layer in layers):
             local = self.local_inv_freq
@@ -269,7 +274,7 @@ class LlamaModel(nn.Module):
             masks[True] = window_mask(mask, positions, key_positions, self.config.sliding_window)
         packing = Packing(positions >= 0) if Packing.worthwhile(positions) else None
         x = packing.pack(embeds) if packing is not None else embeds
-        with self._selecting_adapters(cache, positions.shape, packing):
+        with self._selecting_adapters(cache, positions.shape, packing), self._own_lora_for(lora_tokens, packing):
             for layer in layers:
                 sliding = layer.self_attn.sliding
                 x = layer(x, *rope[sliding], masks[sliding], cache, packing)
@@ -286,6 +291,12 @@ class LlamaModel(nn.Module):
             return contextlib.nullcontext()
         tokens = rows.to(self.device)[:, None].expand(shape)  # [B, T]: the projections see tokens row-major
         return self.adapter_bank.selecting(packing.pack(tokens) if packing is not None else tokens.reshape(-1))
+
+    def _own_lora_for(self, tokens: torch.Tensor | None, packing: Packing | None):
+        """The model's own LoRA on for these tokens only, while the layers run (nothing when None)."""
+        if tokens is None:
+            return contextlib.nullcontext()
+        return lora_for_tokens(self, packing.pack(tokens) if packing is not None else tokens.reshape(-1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

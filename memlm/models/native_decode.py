@@ -67,9 +67,14 @@ class NativeDecoder:
                         out.lora_a, out.lora_bt, out.lora_owner = a.data_ptr(), bt.data_ptr(), owner.data_ptr()
                         out.rank, out.scaling = a.shape[0], 1.0  # the scaling is folded into B
                     return out
+                # The model's own LoRA is adapter 1 of every token that runs with it (all of them,
+                # or a latent weaver's queries: the step's `token_adapters`).
                 bt = lora.lora_b.detach().t().contiguous().float()
-                self._keep.append(bt)
-                return qmat(linear.qweight, linear.bias, lora, bt)
+                owner = torch.ones(lora.rank, dtype=torch.int32)
+                self._keep += [bt, owner]
+                out = qmat(linear.qweight, linear.bias, lora, bt)
+                out.lora_owner = owner.data_ptr()
+                return out
 
             layers[i] = LayerDesc(
                 block.input_layernorm.weight.data_ptr(),
@@ -149,20 +154,23 @@ class NativeDecoder:
         # Up to the row count where the kernels beat dequantize + GEMM (the layer-by-layer path's choice too).
         return embeds.shape[1] == 1 or int((positions >= 0).sum()) <= NATIVE_MAX_ROWS
 
-    def step(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, model, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             lora_tokens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Run the chunk's real tokens through all layers -> hidden [B, T, d] before the final norm
-        (zeros at padding)."""
+        (zeros at padding); `lora_tokens` [B, T]: the tokens that run with the model's own LoRA."""
         adapters = getattr(model, "lora_modules", ())
         if self._adapter_signature(model) != self._adapters:
             self._build(model)
-        lora = int(bool(adapters) and adapters[0].enabled)
+        if lora_tokens is None and adapters and adapters[0].enabled:
+            lora_tokens = torch.ones(positions.shape, dtype=torch.bool)
+        lora = int(lora_tokens is not None)
         batch, chunk, hidden = embeds.shape
         real = positions >= 0
         dense = bool(real.all())
         cos, ssin = rope_cos_sin(positions, model.inv_freq, model.attention_scaling, torch.float32)
         local = model.local_inv_freq is not None
         lcos, lssin = rope_cos_sin(positions, model.local_inv_freq, 1.0, torch.float32) if local else (cos, ssin)
-        cache.begin(positions)
+        cache.begin(positions) if lora_tokens is None else cache.begin(positions, lora_tokens)
         kv, slots, width = cache.native_target()
         rows = torch.arange(batch)[:, None].expand(batch, chunk)
         if dense:
@@ -176,9 +184,16 @@ class NativeDecoder:
             cos, ssin = cos[:, 0][real], ssin[:, 0][real]
             lcos, lssin = lcos[:, 0][real], lssin[:, 0][real]
         rows, slots, cos, ssin = rows.contiguous(), slots.contiguous(), cos.contiguous(), ssin.contiguous()
-        # Stacked adapters (memlm.adapters.bank): each token's adapter is its row's.
+        # Stacked adapters (memlm.adapters.bank): each token's adapter is its row's. The model's own
+        # LoRA (never beside a bank): adapter 1 where the token runs with it, 0 elsewhere.
         stacked = model.adapter_bank is not None and bool(cache.adapters.any())
-        token_adapters = cache.adapters[rows].contiguous() if stacked else None
+        if stacked:
+            token_adapters = cache.adapters[rows].contiguous()
+        elif lora:
+            own = lora_tokens.reshape(-1) if dense else lora_tokens[real]
+            token_adapters = own.to(torch.int32).contiguous()
+        else:
+            token_adapters = None
         lora = lora or int(stacked)
         lcos, lssin = lcos.contiguous(), lssin.contiguous()
         slot_positions = cache.positions.contiguous()  # sliding layers mask by them
