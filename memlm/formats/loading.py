@@ -28,6 +28,7 @@ from memlm.errors import MemlmError, ModelFormatError, ModelNotFoundError
 from memlm.formats.gguf_file import read_gguf
 from memlm.formats.hf_folder import read_hf_folder
 from memlm.formats.weights import build_model, unfuse_state_dict
+from memlm.heap import release_freed_memory
 from memlm.lcm.checkpoint import load_lcm
 from memlm.lcm.config import LCMConfig
 from memlm.models.config import ModelConfig
@@ -206,6 +207,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
     num_parameters = count_parameters(model)
     if adapter is not None:
         source = f"LoRA adapter {adapter} on {source}"
+    release_freed_memory()  # what parsing the tokenizer and the file's header freed (memlm/heap.py)
     return LoadedModel(name_or_path, model, tokenizer, source, spec, num_parameters)
 
 
