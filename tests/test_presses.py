@@ -307,6 +307,26 @@ def test_learned_press_labels_match_a_direct_computation():
     torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-6)
 
 
+def test_learned_press_text_contexts_are_consecutive_windows_labelled_by_repeating_them(tmp_path):
+    from memlm.errors import MemlmError
+    from memlm.train.press import REPEAT, TextContext, context_labels, label_text
+
+    engine = tiny_engine()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over dog {i * 7}." for i in range(40)))
+    tok = engine.tokenizer
+    stream = tok.encode(corpus.read_text() + "\n\n", add_special_tokens=False)
+    labelled = label_text(engine.model, tok, str(corpus), 2, (60, 90), log=lambda m: None)
+    assert len(labelled) == 4
+    # the third context is the window after the first two 60-token ones, labelled as repeating it
+    text = tok.decode(stream[120:210])
+    context, hidden, label = context_labels(engine.model, tok, TextContext(text), pairs=[(REPEAT, text)])
+    torch.testing.assert_close(labelled[2].labels, torch.log1p(label))
+    assert labelled[2].hidden.shape == (len(context), engine.config.hidden_size) and bool(label.isfinite().all())
+    with pytest.raises(MemlmError, match="too short for 50 windows per length"):
+        label_text(engine.model, tok, str(corpus), 50, (90,), log=lambda m: None)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -129,6 +129,11 @@ def train_press(
     lr: LrOpt = 1e-3,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
+    text: Annotated[
+        str | None,
+        typer.Option(help="Train on windows of this corpus (gensim:enwiki, gensim:lee or a file) labelled by "
+                     "repeating them (KVzip), not on the tasks; held-out contexts stay the tasks'."),
+    ] = None,  # fmt: skip
     resume: ResumeOpt = False,
 ):
     """Train the learned press (--kv-press learned): each context token's hidden state -> the attention

@@ -6,7 +6,10 @@ KVzip/KVzap are: its labels come from full-cache runs of *many* questions about 
 1. Contexts: long-context problems of the training seeds (memlm/data/long_context.py; the bench
    draws test seeds), each with every question it has plus one that asks for every number in the
    text, each question followed by its gold answer (teacher-forced: the queries that write an
-   answer are the ones that must find it).
+   answer are the ones that must find it). Or (`text`: a corpus such as gensim:enwiki) windows of
+   ordinary text, whose one question is KVzip's: repeat the text, answered by the text itself, so
+   the label is what reconstructing the context reads in it -- nothing of the tasks is seen, and
+   the held-out contexts (still the tasks', val seeds) measure the transfer.
 2. Labels (`context_labels`): the context is prefilled once; for each question a copy of its cache
    starts attention statistics from zero and reads question + answer in one chunk, so
    `attention_sum` holds what those queries paid each context slot (mean over heads and layers,
@@ -41,6 +44,7 @@ from memlm.train.predictor import spearman
 TRAIN_TASKS = ("needle", "multi_key", "multi_value", "variable_track")
 ALL_NUMBERS = "List every number that appears in the text above."
 LABEL = "log1p(max over questions of the mean attention of question+answer queries (heads, layers) x context length)"
+REPEAT = "Repeat the text above word for word."
 
 
 @dataclass(slots=True)
@@ -59,6 +63,7 @@ class PressTrainConfig:
     n_val: int = 4
     batch_tokens: int = 2048
     dtype: str = "float32"
+    text: str | None = None  # train on this corpus's windows with the repeat question (None: the tasks)
 
     @staticmethod
     def loop(out_dir: str, **given) -> TrainConfig:
@@ -91,9 +96,10 @@ def question_attention(model, ctx, tokens: list[int]) -> torch.Tensor:
     return cache.attention_sum[0, : ctx.length].float() / len(tokens)
 
 
-def context_labels(model, tokenizer, problem, ctx=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """(context ids, hidden [n, d], labels [n] before log1p: max over questions of the attention x n)."""
-    pairs = question_set(problem)
+def context_labels(model, tokenizer, problem, ctx=None, pairs=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(context ids, hidden [n, d], labels [n] before log1p: max over questions of the attention x n);
+    the questions are `pairs` ((question, answer) about `problem.context`) or the problem's own."""
+    pairs = pairs or question_set(problem)
     tails = []
     context = None
     for question, answer in pairs:
@@ -121,6 +127,31 @@ def answer_slots(tokenizer, context: list[int], problem) -> torch.Tensor:
                     slots.append(slot)
                 start = end
     return torch.tensor(sorted(set(slots)), dtype=torch.long)
+
+
+@dataclass(slots=True)
+class TextContext:
+    context: str  # a window of a corpus: what `context_labels` reads of a problem
+
+
+def label_text(model, tokenizer, source: str, n_per_length: int, lengths, log=print) -> list[Labelled]:
+    """Windows of a corpus (consecutive, none shared between lengths), each labelled by the
+    attention that repeating it pays its tokens."""
+    from memlm.data.corpus import corpus_windows  # lazy: reads a corpus
+
+    stream = [t for w in corpus_windows(tokenizer, source, sum(lengths) * n_per_length // 256 + 1, 256) for t in w]
+    out, at = [], 0
+    for length in lengths:
+        for i in range(n_per_length):
+            if len(stream) < at + length:
+                raise MemlmError(f"--text {source}: too short for {n_per_length} windows per length")
+            text = tokenizer.decode(stream[at : at + length])
+            at += length
+            problem = TextContext(text)
+            context, hidden, label = context_labels(model, tokenizer, problem, pairs=[(REPEAT, text)])
+            out.append(Labelled(hidden, torch.log1p(label), torch.zeros(0, dtype=torch.long)))
+            log(f"  train {length} {source} #{i}: {len(context)} tokens labelled")
+    return out
 
 
 def label_contexts(model, tokenizer, split: str, n_per_length: int, lengths, log=print) -> list[Labelled]:
@@ -168,9 +199,12 @@ def run_press_training(cfg: PressTrainConfig, log=print) -> dict:
     if not cfg.lengths or cfg.n_train < 1 or cfg.n_val < 1:
         raise MemlmError("--lengths, --n-train and --n-val must be non-empty and >= 1")
     engine = Engine.load(cfg.model, dtype=cfg.dtype)
+    model, tokenizer = engine.model, engine.tokenizer
     splits = {
-        split: label_contexts(engine.model, engine.tokenizer, split, n, cfg.lengths, log)
-        for split, n in (("train", cfg.n_train), ("val", cfg.n_val))
+        "train": label_text(model, tokenizer, cfg.text, cfg.n_train, cfg.lengths, log)
+        if cfg.text
+        else label_contexts(model, tokenizer, "train", cfg.n_train, cfg.lengths, log),
+        "val": label_contexts(model, tokenizer, "val", cfg.n_val, cfg.lengths, log),  # the tasks: the transfer
     }
     features = torch.cat([d.hidden for d in splits["train"]])
     targets = torch.cat([d.labels for d in splits["train"]])
@@ -193,7 +227,8 @@ def run_press_training(cfg: PressTrainConfig, log=print) -> dict:
         "base_model": cfg.model,
         "kind": "press",
         "label_definition": LABEL,
-        "tasks": list(TRAIN_TASKS),
+        "tasks": [] if cfg.text else list(TRAIN_TASKS),
+        "text": cfg.text,  # trained on this corpus (the repeat question) instead of the tasks
         "lengths": list(cfg.lengths),
         "dtype": cfg.dtype,
         "prompt": True,  # trained on prompt tokens: its scores rank prompt tokens
