@@ -160,12 +160,13 @@ def window_attention(view: PromptView) -> torch.Tensor:
     """[layers, heads, w, n] what each window query paid each prompt slot: softmax over the slots it
     saw (a query inside the prompt sees the slots up to its own; one after it, all of them)."""
     q, k = view.window.float(), view.keys.float()
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    n = k.shape[2]
+    layers, heads, w, d = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    # each KV head against its group of query heads at once (no copy of the keys per query head)
+    grouped = q.reshape(layers, kv_heads, heads // kv_heads * w, d) / math.sqrt(d)
+    logits = (grouped @ k.transpose(-1, -2)).view(layers, heads, w, n)
     seen = torch.arange(n, device=q.device)[None, :] <= view.window_slots.to(q.device)[:, None]  # [w, n]
-    return logits.masked_fill(~seen, float("-inf")).softmax(dim=-1)
+    return logits.masked_fill_(~seen, float("-inf")).softmax(dim=-1)
 
 
 def window_inside(view: PromptView) -> torch.Tensor:
