@@ -38,6 +38,7 @@ def run(cli, *args, stdin=None):
         (["generate", "hi", "--kv-policy", "learned", "--kv-budget", "64", "--kv-predictor", "/no/dir"], "predictor"),
         (["train", "sft"], "--out is required"),
         (["train", "sft", "--out", "/tmp/x", "--task", "chess"], "unknown task"),
+        (["train", "sft", "--out", "/tmp/x", "--answer-weight", "0"], "--answer-weight must be > 0"),
         (["train", "predictor", "--task", "chain_sum"], "--out is required"),
         (["train", "predictor", "--out", "/tmp/x", "--label", "bogus"], "unknown importance label"),
         (["train", "predictor", "--out", "/tmp/x", "--label", "future_far", "--horizon", "-1"], "--horizon"),

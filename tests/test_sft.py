@@ -217,6 +217,33 @@ def test_sft_examples_train_only_on_the_solution():
     assert batch["positions"][1, 5:].eq(-1).all() and batch["labels"][1, 5:].eq(IGNORE).all()
 
 
+def test_answer_weight_weighs_the_answer_line_in_the_loss():
+    from memlm.train.sft import TokenLM, sft_loss
+
+    tokenizer, task = byte_tokenizer(), get_task("chain_sum_short")
+    problems = task.problems(2, "train")
+    plain = encode_examples(tokenizer, task, problems)
+    weighted = encode_examples(tokenizer, task, problems, answer_weight=5.0)
+    for (ids, labels), (ids_w, labels_w, weights) in zip(plain, weighted, strict=True):
+        assert ids == ids_w and labels == labels_w and len(weights) == len(labels)
+        heavy = [i for i, w in enumerate(weights) if w == 5.0]
+        # the heavy labels are exactly the tokens of the solution from "Answer:" on, and the end token
+        assert tokenizer.decode([labels[i] for i in heavy[:-1]]).startswith("Answer:")
+        assert labels[heavy[-1]] == 256 and heavy == list(range(heavy[0], heavy[-1] + 1))
+    model = tiny_memlm(vocab_size=257)
+    batch = collate(weighted)
+    with torch.no_grad():
+        loss = sft_loss(TokenLM(model), batch)
+        labels = batch["labels"]
+        logits = TokenLM(model)(batch["ids"], batch["positions"], labels)
+        each = torch.nn.functional.cross_entropy(logits.float(), labels[labels != IGNORE], reduction="none")
+        w = batch["weights"][labels != IGNORE]
+        assert float(w.max()) == 5.0 and float(w.min()) == 1.0
+        torch.testing.assert_close(loss, (each * w).sum() / w.sum())
+        assert "weights" not in collate(plain)  # plain SFT: the unweighted mean, as before
+        torch.testing.assert_close(sft_loss(TokenLM(model), collate(plain)), each.mean())
+
+
 def test_sft_end_to_end_saves_an_adapter_that_loads_and_learns(tiny_folder, tmp_path):
     folder, _ = tiny_folder
     out = tmp_path / "sft"
@@ -263,9 +290,9 @@ def test_sft_task_mix_shares_the_pool_and_evaluates_every_task(tiny_folder, tmp_
     drawn = {}
     encode = sft.encode_examples
 
-    def counting(tokenizer, task, problems):
+    def counting(tokenizer, task, problems, *options):
         drawn[task.name] = len(problems)
-        return encode(tokenizer, task, problems)
+        return encode(tokenizer, task, problems, *options)
 
     monkeypatch.setattr(sft, "encode_examples", counting)
     folder, _ = tiny_folder

@@ -66,6 +66,9 @@ def train_sft(
     n_train: NTrainOpt = 4000,
     n_eval: NEvalOpt = 64,
     n_val_loss: NValLossOpt = 32,
+    answer_weight: Annotated[
+        float, typer.Option(help="Loss weight of the answer line's tokens (from 'Answer:' on); the reasoning's is 1.")
+    ] = 1.0,
     grad_accum: GradAccumOpt = 1,
     save_every: SaveEveryOpt = 25,
     resume: ResumeOpt = False,

@@ -1,7 +1,10 @@
 """Supervised fine-tuning on a reasoning task's worked solutions (LoRA or full), through the shared loop.
 
 Each example is the task's chat prompt followed by its worked solution and the end-of-turn token;
-the loss is next-token cross-entropy on the solution tokens only. The result is saved where
+the loss is next-token cross-entropy on the solution tokens only, the answer line's tokens (from
+the answer marker on) weighted `answer_weight` times the reasoning's if asked: where the reasoning
+is long and the answer copies one line of it, plain SFT spends almost all its signal on the
+reasoning. The result is saved where
 `memlm.load(path)` and every `--model` option take it: a LoRA adapter folder (a few MB, naming its
 base model) or, for a full fine-tune, a whole model folder. Held-out accuracy (problems drawn with
 the test seed, never trained on) is measured on what was saved, and written to eval.json.
@@ -19,7 +22,7 @@ from torch import nn
 from memlm.adapters.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_adapter
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
-from memlm.data.tasks import get_task
+from memlm.data.tasks import get_task, split_reasoning
 from memlm.errors import MemlmError
 from memlm.formats.loading import load_model, save_model
 from memlm.models.llama import LlamaModel
@@ -39,6 +42,7 @@ class SFTConfig:
     n_train: int = 4000
     n_eval: int = 64
     n_val_loss: int = 32  # validation problems (first task) whose teacher-forced loss is logged
+    answer_weight: float = 1.0  # loss weight of the answer line's tokens against the reasoning's 1
 
     @staticmethod
     def loop(out_dir: str, **given) -> TrainConfig:
@@ -66,9 +70,14 @@ class TokenLM(nn.Module):
 
 
 def sft_loss(lm: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens, weighted by `batch["weights"]` when it has them."""
     labels = batch["labels"]
     logits = lm(batch["ids"], batch["positions"], labels)
-    return F.cross_entropy(logits.float(), labels[labels != IGNORE])
+    labelled = labels != IGNORE
+    if "weights" not in batch:
+        return F.cross_entropy(logits.float(), labels[labelled])
+    weights = batch["weights"][labelled]
+    return (F.cross_entropy(logits.float(), labels[labelled], reduction="none") * weights).sum() / weights.sum()
 
 
 @torch.no_grad()
@@ -92,29 +101,44 @@ def prompt_and_target(tokenizer, task, problem) -> tuple[list[int], list[int]]:
     return prompt, answer
 
 
-def encode_examples(tokenizer, task, problems) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per problem: labels are the next token on the solution, IGNORE on the prompt."""
+def encode_examples(tokenizer, task, problems, answer_weight: float = 1.0) -> list[tuple]:
+    """(input ids, labels) per problem: labels are the next token on the solution, IGNORE on the prompt;
+    with an `answer_weight` other than 1, (ids, labels, weights): that weight on the labels from the
+    answer marker on, 1 on the reasoning's (and on the prompt's, which have no label)."""
     examples = []
     for p in problems:
         prompt, answer = prompt_and_target(tokenizer, task, p)
         ids = prompt + answer
         labels = [IGNORE] * (len(prompt) - 1) + answer + [IGNORE]
-        examples.append((ids, labels))
+        if answer_weight == 1.0:
+            examples.append((ids, labels))
+            continue
+        reasoning = tokenizer.encode(split_reasoning(task.solution(p))[0], add_special_tokens=False)
+        shared = zip(answer, reasoning, strict=False)  # the solution's tokens start as the reasoning's
+        start = next((k for k, (a, b) in enumerate(shared) if a != b), min(len(answer), len(reasoning)))
+        weights = [1.0] * (len(prompt) - 1 + start) + [answer_weight] * (len(answer) - start) + [1.0]
+        examples.append((ids, labels, weights))
     return examples
 
 
-def collate(examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest; padding has position -1 (masked) and no label."""
-    width = max(len(ids) for ids, _ in examples)
+def collate(examples: list[tuple]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest; padding has position -1 (masked) and no label. Examples with
+    per-token loss weights (a third element) give `weights` too."""
+    width = max(len(example[0]) for example in examples)
     batch = len(examples)
     ids = torch.zeros(batch, width, dtype=torch.long)
     positions = torch.full((batch, width), -1, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE, dtype=torch.long)
-    for row, (x, y) in enumerate(examples):
+    weighted = any(len(example) > 2 for example in examples)
+    weights = torch.ones(batch, width) if weighted else None
+    for row, (x, y, *w) in enumerate(examples):
         ids[row, : len(x)] = torch.tensor(x)
         positions[row, : len(x)] = torch.arange(len(x))
         labels[row, : len(y)] = torch.tensor(y)
-    return {"ids": ids, "positions": positions, "labels": labels}
+        if w:
+            weights[row, : len(w[0])] = torch.tensor(w[0])
+    out = {"ids": ids, "positions": positions, "labels": labels}
+    return out | ({"weights": weights} if weighted else {})
 
 
 def parse_task_mix(spec: str) -> list[tuple[str, float]]:
@@ -140,6 +164,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     mix = parse_task_mix(cfg.task)
     if cfg.lora_rank < 0:
         raise MemlmError("--lora-rank must be >= 0 (0 = full fine-tune)")
+    if not cfg.answer_weight > 0:
+        raise MemlmError("--answer-weight must be > 0 (1 = plain SFT)")
     loaded = load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.lora_rank:
@@ -152,7 +178,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     examples = []
     for name, share in mix:
         task = get_task(name)
-        examples += encode_examples(tokenizer, task, task.problems(max(1, round(share * cfg.n_train)), "train"))
+        problems = task.problems(max(1, round(share * cfg.n_train)), "train")
+        examples += encode_examples(tokenizer, task, problems, cfg.answer_weight)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         chosen = global_batch(len(examples), cfg.batch_size, cfg.train.seed, step, micro, rank, world)
@@ -173,6 +200,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         "batch_size": cfg.batch_size,
         "lr": cfg.train.lr,
         "n_train": cfg.n_train,
+        "answer_weight": cfg.answer_weight,
         "trainable_parameters": trainable,
         "final_loss": last.get("loss"),
     }
