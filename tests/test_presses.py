@@ -320,11 +320,29 @@ def test_learned_press_text_contexts_are_consecutive_windows_labelled_by_repeati
     assert len(labelled) == 4
     # the third context is the window after the first two 60-token ones, labelled as repeating it
     text = tok.decode(stream[120:210])
-    context, hidden, label = context_labels(engine.model, tok, TextContext(text), pairs=[(REPEAT, text)])
+    context, hidden, label = context_labels(engine.model, tok, TextContext(text), pairs=[(REPEAT, text)], peak=True)
     torch.testing.assert_close(labelled[2].labels, torch.log1p(label))
     assert labelled[2].hidden.shape == (len(context), engine.config.hidden_size) and bool(label.isfinite().all())
     with pytest.raises(MemlmError, match="too short for 50 windows per length"):
         label_text(engine.model, tok, str(corpus), 50, (90,), log=lambda m: None)
+
+
+def test_peak_attention_labels_match_a_direct_computation():
+    from memlm.train.predictor import _AttentionRecorder
+    from memlm.train.press import peak_attention
+
+    model = tiny_memlm()
+    torch.manual_seed(4)
+    context = torch.randint(0, 128, (24,)).tolist()
+    tail = torch.randint(0, 128, (7,)).tolist()
+    ctx = prefill_context(model, context, 40)
+    got = peak_attention(model, ctx, tail)
+    recorder = _AttentionRecorder.for_model(model.config, 1, 40, track_attention=True)
+    with torch.inference_mode():
+        model.forward_tokens(torch.tensor([context + tail]), torch.arange(31)[None], recorder)
+    seen = torch.arange(25, 32, dtype=torch.float)[:, None]  # query at position p saw p + 1 keys
+    direct = (recorder.received[0, 24:, :24] * seen).amax(dim=0)
+    torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(

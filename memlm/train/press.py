@@ -8,8 +8,9 @@ KVzip/KVzap are: its labels come from full-cache runs of *many* questions about 
    text, each question followed by its gold answer (teacher-forced: the queries that write an
    answer are the ones that must find it). Or (`text`: a corpus such as gensim:enwiki) windows of
    ordinary text, whose one question is KVzip's: repeat the text, answered by the text itself, so
-   the label is what reconstructing the context reads in it -- nothing of the tasks is seen, and
-   the held-out contexts (still the tasks', val seeds) measure the transfer.
+   the label is what reconstructing the context reads in it (the peak attention any one repeating
+   query pays a token: `peak_attention`) -- nothing of the tasks is seen, and the held-out
+   contexts (still the tasks', val seeds) measure the transfer.
 2. Labels (`context_labels`): the context is prefilled once; for each question a copy of its cache
    starts attention statistics from zero and reads question + answer in one chunk, so
    `attention_sum` holds what those queries paid each context slot (mean over heads and layers,
@@ -44,6 +45,7 @@ from memlm.train.predictor import spearman
 TRAIN_TASKS = ("needle", "multi_key", "multi_value", "variable_track")
 ALL_NUMBERS = "List every number that appears in the text above."
 LABEL = "log1p(max over questions of the mean attention of question+answer queries (heads, layers) x context length)"
+TEXT_LABEL = "log1p(max over the queries repeating the text of their attention (mean over heads, layers) x keys seen)"
 REPEAT = "Repeat the text above word for word."
 
 
@@ -96,9 +98,31 @@ def question_attention(model, ctx, tokens: list[int]) -> torch.Tensor:
     return cache.attention_sum[0, : ctx.length].float() / len(tokens)
 
 
-def context_labels(model, tokenizer, problem, ctx=None, pairs=None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """(context ids, hidden [n, d], labels [n] before log1p: max over questions of the attention x n);
-    the questions are `pairs` ((question, answer) about `problem.context`) or the problem's own."""
+@torch.inference_mode()
+def peak_attention(model, ctx, tokens: list[int]) -> torch.Tensor:
+    """[n] the most attention any one query token, fed after the context in one chunk, pays each
+    context slot (mean over heads and layers), scaled by the number of keys that query saw (uniform
+    = 1): KVzip's score. Repeating a text, each query reads mostly the token it copies next, so
+    the *mean* is flat (every token is copied once); the peak separates the tokens a copy must read
+    (digits, names) from those it can predict."""
+    cache = copy_cache(ctx.cache)
+    cache.track(attention=True, importance=False)
+    n, layers, received = ctx.length, model.config.num_layers, []
+
+    def observe(layer: int, weights: torch.Tensor) -> None:  # weights [1, heads, T, width]
+        part = weights[0].float().mean(dim=0)[:, :n] / layers
+        received[:] = [part if layer == 0 else received[0] + part]
+
+    cache.observe_attention = observe  # this copy only: the statistic the labels need
+    positions = torch.arange(n, n + len(tokens))
+    model.forward_tokens(torch.tensor([tokens], device=model.device), positions[None], cache)
+    return (received[0] * (positions + 1)[:, None].float()).amax(dim=0)
+
+
+def context_labels(model, tokenizer, problem, ctx=None, pairs=None, peak=False) -> tuple[list[int], torch.Tensor, torch.Tensor]:  # noqa: E501
+    """(context ids, hidden [n, d], labels [n] before log1p: max over questions of the attention x n,
+    or with `peak` of `peak_attention`); the questions are `pairs` ((question, answer) about
+    `problem.context`) or the problem's own."""
     pairs = pairs or question_set(problem)
     tails = []
     context = None
@@ -108,7 +132,10 @@ def context_labels(model, tokenizer, problem, ctx=None, pairs=None) -> tuple[lis
         tails.append(tail + tokenizer.encode(answer, add_special_tokens=False))
     if ctx is None:
         ctx = prefill_context(model, context, len(context) + max(map(len, tails)) + 8)
-    label = torch.stack([question_attention(model, ctx, tail) for tail in tails]).amax(dim=0) * ctx.length
+    if peak:
+        label = torch.stack([peak_attention(model, ctx, tail) for tail in tails]).amax(dim=0)
+    else:
+        label = torch.stack([question_attention(model, ctx, tail) for tail in tails]).amax(dim=0) * ctx.length
     return context, ctx.hidden.float(), label
 
 
@@ -148,7 +175,7 @@ def label_text(model, tokenizer, source: str, n_per_length: int, lengths, log=pr
             text = tokenizer.decode(stream[at : at + length])
             at += length
             problem = TextContext(text)
-            context, hidden, label = context_labels(model, tokenizer, problem, pairs=[(REPEAT, text)])
+            context, hidden, label = context_labels(model, tokenizer, problem, pairs=[(REPEAT, text)], peak=True)
             out.append(Labelled(hidden, torch.log1p(label), torch.zeros(0, dtype=torch.long)))
             log(f"  train {length} {source} #{i}: {len(context)} tokens labelled")
     return out
@@ -226,7 +253,7 @@ def run_press_training(cfg: PressTrainConfig, log=print) -> dict:
     config = {
         "base_model": cfg.model,
         "kind": "press",
-        "label_definition": LABEL,
+        "label_definition": TEXT_LABEL if cfg.text else LABEL,
         "tasks": [] if cfg.text else list(TRAIN_TASKS),
         "text": cfg.text,  # trained on this corpus (the repeat question) instead of the tasks
         "lengths": list(cfg.lengths),
