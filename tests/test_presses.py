@@ -289,21 +289,26 @@ def test_bench_prefills_each_problem_once(monkeypatch):
     )
 
 
-def test_learned_press_labels_match_a_direct_computation():
+@pytest.mark.parametrize("peak", [False, True])
+def test_learned_press_labels_match_a_direct_computation(peak):
+    """Mean attention of the question's queries (the tasks' labels), or the peak of any one query
+    scaled by the keys it saw (the repeated text's labels), against one forward keeping it all."""
     from memlm.train.predictor import _AttentionRecorder
-    from memlm.train.press import question_attention
+    from memlm.train.press import peak_attention, question_attention
 
     model = tiny_memlm()
     torch.manual_seed(3)
     context = torch.randint(0, 128, (24,)).tolist()
     tail = torch.randint(0, 128, (7,)).tolist()
     ctx = prefill_context(model, context, 40)
-    got = question_attention(model, ctx, tail)
+    got = (peak_attention if peak else question_attention)(model, ctx, tail)
     # directly: one forward over context + question, every query's attention kept; the question's rows
     recorder = _AttentionRecorder.for_model(model.config, 1, 40, track_attention=True)
     with torch.inference_mode():
         model.forward_tokens(torch.tensor([context + tail]), torch.arange(31)[None], recorder)
-    direct = recorder.received[0, 24:, :24].mean(dim=0)
+    rows = recorder.received[0, 24:, :24]
+    seen = torch.arange(25, 32, dtype=torch.float)[:, None]  # the query at position p saw p + 1 keys
+    direct = (rows * seen).amax(dim=0) if peak else rows.mean(dim=0)
     torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-6)
 
 
@@ -325,24 +330,6 @@ def test_learned_press_text_contexts_are_consecutive_windows_labelled_by_repeati
     assert labelled[2].hidden.shape == (len(context), engine.config.hidden_size) and bool(label.isfinite().all())
     with pytest.raises(MemlmError, match="too short for 50 windows per length"):
         label_text(engine.model, tok, str(corpus), 50, (90,), log=lambda m: None)
-
-
-def test_peak_attention_labels_match_a_direct_computation():
-    from memlm.train.predictor import _AttentionRecorder
-    from memlm.train.press import peak_attention
-
-    model = tiny_memlm()
-    torch.manual_seed(4)
-    context = torch.randint(0, 128, (24,)).tolist()
-    tail = torch.randint(0, 128, (7,)).tolist()
-    ctx = prefill_context(model, context, 40)
-    got = peak_attention(model, ctx, tail)
-    recorder = _AttentionRecorder.for_model(model.config, 1, 40, track_attention=True)
-    with torch.inference_mode():
-        model.forward_tokens(torch.tensor([context + tail]), torch.arange(31)[None], recorder)
-    seen = torch.arange(25, 32, dtype=torch.float)[:, None]  # query at position p saw p + 1 keys
-    direct = (recorder.received[0, 24:, :24] * seen).amax(dim=0)
-    torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -139,8 +139,9 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 
 
 @contextlib.contextmanager
-def lora_switched(model: nn.Module, on: bool):
-    """Every adapter on (or off) inside the block; as it was afterwards."""
+def lora_switched(model: nn.Module, on: bool | torch.Tensor):
+    """Every adapter on (or off, or on for the tokens a bool mask marks) inside the block; as it
+    was afterwards."""
     layers = [layer for _, layer in lora_layers(model)]
     saved = [layer.enabled for layer in layers]
     try:
@@ -152,19 +153,10 @@ def lora_switched(model: nn.Module, on: bool):
             layer.enabled = was
 
 
-@contextlib.contextmanager
 def lora_for_tokens(model: nn.Module, tokens: torch.Tensor):
     """Inside the block, every adapter acts on the tokens where `tokens` (a bool per token, in the
     order the projections see them) is True and on no other; as it was afterwards."""
-    layers = [layer for _, layer in lora_layers(model)]
-    saved = [layer.enabled for layer in layers]
-    try:
-        for layer in layers:
-            layer.enabled = tokens
-        yield
-    finally:
-        for layer, was in zip(layers, saved, strict=True):
-            layer.enabled = was
+    return lora_switched(model, tokens)
 
 
 def lora_disabled(model: nn.Module):
