@@ -276,17 +276,17 @@ class ExpectedAttentionPress(Press):
             return torch.ones(view.keys.shape[:3])
         rot = view.future_rotation.float()
         mu = view.query_mean.float() @ rot  # [L, H, D]
-        k = view.keys.float()[:, :, self.sinks :]
-        d = k.shape[-1]
-        groups = mu.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)  # [L, H, n', D]
-        logits = (k @ mu[..., None])[..., 0] / math.sqrt(d)
-        if self.covariance:
-            cov = rot.T @ view.query_cov.float() @ rot  # [L, H, D, D]
-            logits = logits + ((k @ cov) * k).sum(-1) / d / 2
-        scores = logits.softmax(dim=-1)
-        layers, heads, n = scores.shape
-        scores = scores.reshape(layers, heads // groups, groups, n).mean(dim=2)
+        k = view.keys.float()[:, :, self.sinks :]  # [L, KV, n', D]
+        layers, kv_heads, n, d = k.shape
+        groups = mu.shape[1] // kv_heads
+        # each KV head's keys against its group's query heads at once: [L, KV, n', G]
+        logits = k @ mu.view(layers, kv_heads, groups, d).transpose(-1, -2) / math.sqrt(d)
+        if self.covariance:  # + k^T S_h k / (2d) for each head h of the group, from one product
+            cov = (rot.T @ view.query_cov.float() @ rot).view(layers, kv_heads, groups, d, d)
+            spread = k @ cov.permute(0, 1, 3, 2, 4).reshape(layers, kv_heads, d, groups * d)
+            spread = spread.view(layers, kv_heads, n, groups, d).mul_(k[:, :, :, None])
+            logits += spread.sum(-1) / d / 2
+        scores = logits.softmax(dim=2).mean(dim=-1)  # softmax over the slots, then mean over the group
         if self.vnorm:
             scores = scores * view.values.float()[:, :, self.sinks :].norm(dim=-1)
         return F.pad(scores, (min(self.sinks, view.length), 0), value=float(scores.amax()) + 1)
