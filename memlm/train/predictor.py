@@ -314,24 +314,32 @@ def _label_setting(cfg: PredictorConfig) -> str:
     return {"future_decay": f" (decay {cfg.decay})", "future_far": f" (horizon {cfg.horizon})"}.get(cfg.label, "")
 
 
-def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[Labelled], cfg: PredictorConfig):
-    """MSE on the thinking tokens of `train_data`; metrics on `val_data`; save to cfg.train.out_dir."""
+def train_mlp(hidden_size: int, train_data: list, batch_tokens: int, loop: TrainConfig):
+    """The predictor MLP fitted by MSE to the labels of `train_data` (anything with `hidden` [n, d]
+    and `labels` [n]), `batch_tokens` random tokens a step, through the shared loop (its folder:
+    loop.out_dir/train). -> (the predictor in eval mode, the loop's last metrics)."""
     features = torch.cat([d.hidden for d in train_data])
     targets = torch.cat([d.labels for d in train_data])
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(loop.seed)
     predictor = ImportancePredictor(hidden_size)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        rng = random.Random(cfg.train.seed * 1_000_003 + step)
-        index = torch.tensor(rng.sample(range(len(targets)), min(cfg.batch_tokens, len(targets))))[rank::world]
+        rng = random.Random(loop.seed * 1_000_003 + step)
+        index = torch.tensor(rng.sample(range(len(targets)), min(batch_tokens, len(targets))))[rank::world]
         return {"hidden": features[index], "labels": targets[index]}
 
     def loss_fn(model, batch):
         return F.mse_loss(model(batch["hidden"]), batch["labels"])
 
+    last = train(predictor, loss_fn, batch_fn, loop.inside("train"))
+    return predictor.eval(), last
+
+
+def fit_predictor(hidden_size: int, train_data: list[Labelled], val_data: list[Labelled], cfg: PredictorConfig):
+    """MSE on the thinking tokens of `train_data`; metrics on `val_data`; save to cfg.train.out_dir."""
+    predictor, last = train_mlp(hidden_size, train_data, cfg.batch_tokens, cfg.train)
+    targets = torch.cat([d.labels for d in train_data])
     out = Path(cfg.train.out_dir)
-    last = train(predictor, loss_fn, batch_fn, cfg.train.inside("train"))
-    predictor.eval()
     metrics = {"train_loss": last.get("loss"), **evaluate_predictor(predictor, val_data)}
     config = {
         "base_model": cfg.model,

@@ -25,7 +25,6 @@ KVzip/KVzap are: its labels come from full-cache runs of *many* questions about 
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,8 @@ from memlm.cache.importance import ImportancePredictor, save_predictor
 from memlm.cache.presses import kept_count
 from memlm.data.long_context import make_problem
 from memlm.errors import MemlmError
-from memlm.train.loop import TrainConfig, split_loop, train
-from memlm.train.predictor import spearman
+from memlm.train.loop import TrainConfig, split_loop
+from memlm.train.predictor import spearman, train_mlp
 
 TRAIN_TASKS = ("needle", "multi_key", "multi_value", "variable_track")
 ALL_NUMBERS = "List every number that appears in the text above."
@@ -233,22 +232,9 @@ def run_press_training(cfg: PressTrainConfig, log=print) -> dict:
         else label_contexts(model, tokenizer, "train", cfg.n_train, cfg.lengths, log),
         "val": label_contexts(model, tokenizer, "val", cfg.n_val, cfg.lengths, log),  # the tasks: the transfer
     }
-    features = torch.cat([d.hidden for d in splits["train"]])
-    targets = torch.cat([d.labels for d in splits["train"]])
-    torch.manual_seed(cfg.train.seed)
-    predictor = ImportancePredictor(engine.config.hidden_size)
-
-    def batch_fn(step: int, micro: int, rank: int, world: int):
-        rng = random.Random(cfg.train.seed * 1_000_003 + step)
-        index = torch.tensor(rng.sample(range(len(targets)), min(cfg.batch_tokens, len(targets))))[rank::world]
-        return {"hidden": features[index], "labels": targets[index]}
-
-    def loss_fn(model, batch):
-        return F.mse_loss(model(batch["hidden"]), batch["labels"])
-
+    predictor, last = train_mlp(engine.config.hidden_size, splits["train"], cfg.batch_tokens, cfg.train)
+    tokens = sum(len(d.labels) for d in splits["train"])
     out = Path(cfg.train.out_dir)
-    last = train(predictor, loss_fn, batch_fn, cfg.train.inside("train"))
-    predictor.eval()
     metrics = {"train_loss": last.get("loss"), **evaluate(predictor, splits["val"])}
     config = {
         "base_model": cfg.model,
@@ -260,7 +246,7 @@ def run_press_training(cfg: PressTrainConfig, log=print) -> dict:
         "dtype": cfg.dtype,
         "prompt": True,  # trained on prompt tokens: its scores rank prompt tokens
         "train_contexts": len(splits["train"]),
-        "train_tokens": int(targets.numel()),
+        "train_tokens": tokens,
         "steps": cfg.train.steps,
         "metrics": metrics,
     }
