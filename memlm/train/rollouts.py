@@ -8,6 +8,10 @@ screen problems and draw only those whose group was mixed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from memlm.atomic import write_json_atomic
+from memlm.data.evaluate import evaluate_saved
 from memlm.errors import MemlmError
 from memlm.generation.params import SamplingParams
 
@@ -60,3 +64,18 @@ def screened(problems: list, screen, problems_per_step: int) -> tuple[list, dict
             "screen more, or change --temperature or --group-size"
         )
     return [problems[i] for i in kept], summary
+
+
+def save_rl_result(memory, cfg, report: dict, screening: dict | None) -> dict:
+    """The end of an RL run on a latent memory: save it to out_dir/memory, and the `report` (with the
+    memory's folder, the screening summary and, if cfg.n_eval, held-out accuracy of what was saved)
+    to out_dir/eval.json. `cfg`: the trainer's config (model, task, n_eval, train.out_dir)."""
+    out = Path(cfg.train.out_dir)
+    folder = memory.save(out / "memory")
+    report = {"memory": str(folder), **report}
+    if screening is not None:
+        report["screening"] = screening
+    if cfg.n_eval:
+        report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
+    write_json_atomic(out / "eval.json", report)
+    return report

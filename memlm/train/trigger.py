@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from memlm.atomic import write_json_atomic
-from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import get_task
 from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
 from memlm.latent.trigger import Trigger
 from memlm.train.loop import TrainConfig, split_loop, train
-from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, screened
+from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, save_rl_result, screened
 
 
 @dataclass(slots=True)
@@ -194,14 +191,6 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
                 )
         return rollouts
 
-    out = Path(cfg.train.out_dir)
     last = train(trigger, trigger_loss, batch_fn, cfg.train.inside("train"))
     memory.config.update({"trigger_steps": cfg.train.steps, "trigger_penalty": cfg.penalty})
-    folder = memory.save(out / "memory")
-    report = {"memory": str(folder), "final_loss": last.get("loss")}
-    if screening is not None:
-        report["screening"] = screening
-    if cfg.n_eval:
-        report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
-    write_json_atomic(out / "eval.json", report)
-    return report
+    return save_rl_result(memory, cfg, {"final_loss": last.get("loss")}, screening)

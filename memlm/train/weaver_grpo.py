@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from memlm.atomic import write_json_atomic
-from memlm.data.evaluate import evaluate_saved
 from memlm.data.tasks import extract_answer, get_task
 from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
@@ -43,7 +40,7 @@ from memlm.latent.spec import WeaverSpec
 from memlm.latent.training import LatentExample, LatentLM
 from memlm.train.grpo import group_advantages, grpo_loss
 from memlm.train.loop import TrainConfig, split_loop, train
-from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, screened
+from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, save_rl_result, screened
 
 
 @dataclass(slots=True)
@@ -186,16 +183,8 @@ def run_weaver_grpo(cfg: WeaverGRPOConfig) -> dict:
         loss, parts = grpo_loss(logp, logp.detach(), ref, advantages, lengths, cfg.clip, cfg.beta)
         return loss, {**stats, **parts}
 
-    out = Path(cfg.train.out_dir)
     last = train(policy, loss_fn, batch_fn, cfg.train.inside("train"))
     memory.config.update(
         {"task": cfg.task, "objective": "grpo", "grpo_steps": cfg.train.steps, "grpo_start_from": cfg.start_from}
     )
-    folder = memory.save(out / "memory")
-    report = {"memory": str(folder), "final_loss": last.get("loss"), "final_score": last.get("score")}
-    if screening is not None:
-        report["screening"] = screening
-    if cfg.n_eval:
-        report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
-    write_json_atomic(out / "eval.json", report)
-    return report
+    return save_rl_result(memory, cfg, {"final_loss": last.get("loss"), "final_score": last.get("score")}, screening)
