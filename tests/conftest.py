@@ -159,6 +159,23 @@ def tiny_engine(seed: int = 0, **overrides):
     return Engine(model, byte_tokenizer(), name="tiny")
 
 
+def hf_engine_pair(arch: str = "llama", **overrides):
+    """A tiny transformers model (byte vocabulary, EOS 256) and an Engine on its memlm twin."""
+    from memlm.generation.engine import Engine
+
+    hf = hf_tiny(arch, vocab_size=257, eos_token_id=256, **overrides)
+    return hf, Engine(memlm_twin(hf), byte_tokenizer())
+
+
+def hf_greedy(hf, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' greedy generate on left-padded prompts -> `n` new tokens per prompt."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[:, longest:].tolist()
+
+
 def assert_qlinear_matches_dequantized(q) -> None:
     """A QLinear over `q` (with a bias) equals the float64 matmul with q's reference dequantization,
     for every kernel width, a remainder group, and the GEMM path."""

@@ -8,10 +8,9 @@ import pytest
 import torch
 from test_quant import _decode, needs_native
 
-from conftest import byte_tokenizer, hf_tiny, memlm_twin
+from conftest import byte_tokenizer, hf_engine_pair, hf_greedy, hf_tiny, memlm_twin
 from memlm.cache import make_policy
 from memlm.formats.weights import build_model
-from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
 from memlm.models.config import FULL, SLIDING, ModelConfig
 from memlm.models.native_decode import NativeDecoder
@@ -102,29 +101,16 @@ def test_config_round_trips_through_config_json(arch):
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
-def _engine_pair(arch, **overrides):
-    hf = hf_tiny(arch, vocab_size=257, eos_token_id=256, **overrides)
-    return hf, Engine(memlm_twin(hf), byte_tokenizer())
-
-
-def _hf_greedy(hf, prompts, n):
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-    return out[:, longest:].tolist()
-
-
 @pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])
 def test_greedy_generation_matches_transformers_alone_and_batched(arch):
     """Prompts and continuations run past the window: the cache, the window masks over it, ragged
     rows joining one batch."""
-    hf, engine = _engine_pair(arch, **(GEMMA if arch == "gemma3_text" else PHI["window"]))
+    hf, engine = hf_engine_pair(arch, **(GEMMA if arch == "gemma3_text" else PHI["window"]))
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 17, 11)]
     params = SamplingParams(max_new_tokens=20, min_new_tokens=20)
     alone = [engine.generate_tokens([p], params)[0].token_ids for p in prompts]
-    assert alone == [_hf_greedy(hf, [p], 20)[0] for p in prompts]
+    assert alone == [hf_greedy(hf, [p], 20)[0] for p in prompts]
     assert [c.token_ids for c in engine.generate_tokens(prompts, params)] == alone
 
 
@@ -162,7 +148,7 @@ def test_sliding_layers_mask_by_position_after_eviction():
 def test_eviction_budgets_hold_and_batches_equal_rows_on_gemma(name):
     """A recency policy and a scored one (h2o reads attention weights through the sliding masks) under
     a budget above the window: the budget holds, each row evicts alone as in a batch."""
-    _, engine = _engine_pair("gemma3_text", **GEMMA)
+    _, engine = hf_engine_pair("gemma3_text", **GEMMA)
     prompts = ["abcdefghijk", "xy", "0123456789"]  # up to the budget; longer than the window
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     policy = make_policy(name, 12)

@@ -3,37 +3,22 @@
 import pytest
 import torch
 
-from conftest import byte_tokenizer, hf_tiny, memlm_twin, tiny_engine
+from conftest import byte_tokenizer, hf_engine_pair, hf_greedy, tiny_engine
 from memlm.errors import InvalidRequestError
 from memlm.generation.detokenizer import IncrementalDetokenizer, StopMatcher
-from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
-
-
-def _hf_engine_pair(arch="llama"):
-    hf = hf_tiny(arch, vocab_size=257, eos_token_id=256, tie_word_embeddings=False)
-    return hf, Engine(memlm_twin(hf), byte_tokenizer())
-
-
-def _hf_greedy(hf, prompts, n):
-    """transformers' greedy generate on left-padded prompts -> new tokens per prompt."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-    return out[:, longest:].tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_greedy_matches_transformers_single_and_batched(arch):
-    hf, engine = _hf_engine_pair(arch)
+    hf, engine = hf_engine_pair(arch, tie_word_embeddings=False)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 17, 9)]
     params = SamplingParams(max_new_tokens=24, min_new_tokens=24)
     for p in prompts:
-        assert engine.generate_tokens([p], params)[0].token_ids == _hf_greedy(hf, [p], 24)[0]
+        assert engine.generate_tokens([p], params)[0].token_ids == hf_greedy(hf, [p], 24)[0]
     batched = [c.token_ids for c in engine.generate_tokens(prompts, params)]
-    assert batched == _hf_greedy(hf, prompts, 24)
+    assert batched == hf_greedy(hf, prompts, 24)
 
 
 def test_batched_equals_one_by_one_with_mixed_params_and_early_finish():
@@ -141,7 +126,7 @@ def test_max_new_tokens_is_capped_by_context():
 
 
 def test_repetition_penalty_generation_matches_transformers():
-    hf, engine = _hf_engine_pair()
+    hf, engine = hf_engine_pair(tie_word_embeddings=False)
     gen = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (6, 11)]
     params = SamplingParams(max_new_tokens=20, min_new_tokens=20, repetition_penalty=1.5)
