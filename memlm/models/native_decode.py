@@ -161,9 +161,10 @@ class NativeDecoder:
         adapters = getattr(model, "lora_modules", ())
         if self._adapter_signature(model) != self._adapters:
             self._build(model)
-        if lora_tokens is None and adapters and adapters[0].enabled:
-            lora_tokens = torch.ones(positions.shape, dtype=torch.bool)
-        lora = int(lora_tokens is not None)
+        own = lora_tokens  # the tokens that run with the model's own LoRA: given, or all when it is on
+        if own is None and adapters and adapters[0].enabled:
+            own = torch.ones(positions.shape, dtype=torch.bool)
+        lora = int(own is not None)
         batch, chunk, hidden = embeds.shape
         real = positions >= 0
         dense = bool(real.all())
@@ -190,8 +191,7 @@ class NativeDecoder:
         if stacked:
             token_adapters = cache.adapters[rows].contiguous()
         elif lora:
-            own = lora_tokens.reshape(-1) if dense else lora_tokens[real]
-            token_adapters = own.to(torch.int32).contiguous()
+            token_adapters = (own.reshape(-1) if dense else own[real]).to(torch.int32).contiguous()
         else:
             token_adapters = None
         lora = lora or int(stacked)
