@@ -85,6 +85,81 @@ def test_incremental_decoding_equals_the_parallel_pass_at_every_position(memory)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 
+# ---- the bounded decoder (decoder_window) ------------------------------------------------------------
+
+
+def test_a_bounded_decoder_is_the_unbounded_one_restarted_at_every_segment():
+    """The reference: with the view cut every W tokens, the decoder alone must give exactly what
+    the same weights give when run on each segment as a text of its own."""
+    window, ids = 8, torch.randint(1, VOCAB, (2, 29))  # 29: a last, partial segment
+    bounded = tiny_lcm(memory="none", decoder_window=window)
+    unbounded = tiny_lcm(memory="none")
+    unbounded.load_state_dict(bounded.state_dict())
+    with torch.no_grad():
+        cut = bounded(ids)[0]
+        pieces = torch.cat([unbounded(ids[:, s : s + window])[0] for s in range(0, 29, window)], 1)
+        whole = unbounded(ids)[0]
+    assert torch.allclose(cut, pieces, atol=1e-5, rtol=0)
+    assert torch.equal(cut[:, :window], whole[:, :window])  # the first segment is not cut
+    assert not torch.allclose(cut[:, window:], whole[:, window:])
+
+
+@pytest.mark.parametrize("memory", ["grids", "none"])
+def test_a_bounded_decoder_sees_the_past_only_through_z(memory):
+    model = tiny_lcm(memory=memory, decoder_window=8)
+    ids = torch.randint(1, VOCAB, (2, 24))
+    changed = ids.clone()
+    changed[:, 3] = (changed[:, 3] + 7) % VOCAB  # a token of the first segment
+    with torch.no_grad():
+        logits, changed_logits = model(ids)[0], model(changed)[0]
+    later_equal = torch.equal(logits[:, 8:], changed_logits[:, 8:])
+    assert later_equal == (memory == "none")  # the decoder alone forgets it; z carries it
+
+
+@pytest.mark.parametrize("chunks", [[1] * 30, [11, 1, 1, 9, 8], [30], [7, 16, 7]])
+def test_a_bounded_decoder_decodes_incrementally_as_in_parallel(chunks):
+    """Chunks that start, end and span the cuts (W = 8) give the parallel pass's logits."""
+    model = tiny_lcm(decoder_window=8, reencode_period=0)
+    ids = torch.randint(1, VOCAB, (2, 30))
+    with torch.no_grad():
+        full = model(ids)[0]
+        state, outs, start = model.new_state(2), [], 0
+        for n in chunks:
+            positions = torch.arange(start, start + n)[None].expand(2, -1)
+            outs.append(model.logits(model.forward_tokens(ids[:, start : start + n], positions, state)))
+            start += n
+    assert torch.allclose(torch.cat(outs, 1), full, atol=1e-4, rtol=0)
+
+
+def test_a_bounded_decoder_right_padded_prefill_equals_each_row_alone():
+    model = tiny_lcm(decoder_window=4, reencode_period=0)
+    a, b = torch.randint(1, VOCAB, (1, 11)), torch.randint(1, VOCAB, (1, 6))
+    ids = torch.zeros(2, 11, dtype=torch.long)
+    ids[0], ids[1, :6] = a[0], b[0]
+    positions = torch.full((2, 11), -1)
+    positions[0], positions[1, :6] = torch.arange(11), torch.arange(6)
+    with torch.no_grad():
+        state = model.new_state(2)
+        model.forward_tokens(ids, positions, state)
+        steps = [model.forward_tokens(torch.tensor([[5], [6]]), torch.tensor([[11], [6]]), state)]
+        steps.append(model.forward_tokens(torch.tensor([[7], [8]]), torch.tensor([[12], [7]]), state))
+        alone_a = model(torch.cat((a, torch.tensor([[5, 7]])), 1))[0]
+        alone_b = model(torch.cat((b, torch.tensor([[6, 8]])), 1))[0]
+    assert torch.allclose(model.logits(steps[1][0, 0]), alone_a[0, 12], atol=1e-5)
+    assert torch.allclose(model.logits(steps[0][1, 0]), alone_b[0, 6], atol=1e-5)
+    assert torch.allclose(model.logits(steps[1][1, 0]), alone_b[0, 7], atol=1e-5)
+
+
+def test_the_contrastive_loss_trains_the_encoder_and_the_values_not_the_keys():
+    model = tiny_lcm()
+    ids = torch.randint(1, VOCAB, (2, 24))
+    z = model.encoder(ids, torch.ones_like(ids, dtype=torch.bool))
+    model.memory.regularisers(z)["contrastive"].backward()
+    grid = model.memory.grids[GRID_NAMES.index("contrastive")]
+    assert grid.values.grad.abs().sum() > 0 and grid.keys.grad is None
+    assert model.encoder.to_z.weight.grad.abs().sum() > 0
+
+
 def test_a_right_padded_prefill_equals_each_row_alone():
     model = tiny_lcm()
     a, b = torch.randint(1, VOCAB, (1, 9)), torch.randint(1, VOCAB, (1, 4))
@@ -104,7 +179,7 @@ def test_a_right_padded_prefill_equals_each_row_alone():
 
 
 def test_reencoding_resets_the_drift_of_low_precision_sums():
-    ids = torch.randint(1, VOCAB, (2, 96))
+    ids = torch.randint(1, VOCAB, (2, 96), generator=torch.Generator().manual_seed(0))
 
     def drift(period: int) -> tuple[torch.Tensor, int]:
         model = tiny_lcm(reencode_period=period)
@@ -118,9 +193,24 @@ def test_reencoding_resets_the_drift_of_low_precision_sums():
 
     never, none_done = drift(0)
     often, done = drift(8)
-    assert none_done == 0 and done == 2 * 12  # both rows, every 8 tokens
-    assert float(never[:, 48:].mean()) > 2 * float(often[:, 48:].mean())  # drift grows without re-encoding
-    assert float(often.max()) < 0.05
+    assert none_done == 0 and done == 2 * 11  # both rows, every 8 tokens after the first (a full encode)
+    # Medians: any tiny difference can move a z across a code boundary, and then that token's logits
+    # jump whatever the precision (seen on 3 of 8 texts, either way); the typical token shows the drift.
+    assert float(never[:, 48:].median()) > 2 * float(often[:, 48:].median())  # it grows without re-encoding
+    assert float(often.median()) < 1e-4
+
+
+def test_reencoding_counts_from_the_last_full_encode():
+    """A long prompt is read in one parallel pass: that is a full encode, not a reason to re-encode."""
+    model = tiny_lcm(reencode_period=8)
+    ids = torch.randint(1, VOCAB, (1, 60))
+    with torch.no_grad():
+        state = model.new_state(1)
+        model.forward_tokens(ids[:, :40], torch.arange(40)[None], state)
+        assert state.reencodes == 0 and state.since_encode.tolist() == [0]
+        for t in range(40, 60):
+            model.forward_tokens(ids[:, t : t + 1], torch.full((1, 1), t), state)
+    assert state.reencodes == 2 and state.since_encode.tolist() == [4]  # at 48 and 56 tokens
 
 
 def test_state_size_does_not_grow_with_the_text():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,8 +60,24 @@ def test_three_stages_train_what_each_stage_should(stages):
     assert any(not torch.equal(decoder[1][k], decoder[2][k]) for k in decoder[1])  # stage 3: it learns
     assert any(not torch.equal(encoder[0][k], encoder[1][k]) for k in encoder[0])  # stage 2 trains the encoder
     rows = [json.loads(line) for line in (root / "s2" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert {"ce", "vq", "loop_steps", "route_entropy", "val_bpb", "dead_codes_restarted"} <= set(rows[-1])
+    assert {"ce", "vq", "contrastive", "orthogonality", "loop_steps", "route_entropy"} <= set(rows[0])
+    assert {"val_bpb", "dead_codes_restarted"} <= set(rows[-1])
     assert 0 < rows[-1]["val_bpb"] < 20 and 1 <= rows[-1]["loop_steps"] <= 3
+
+
+def test_the_loop_is_calibrated_so_that_it_stops(stages):
+    """After stages 2 and 3 the convergence threshold is set from held-out text so that half the
+    tokens stop after one step; the model is saved with it and the report says what the loop did."""
+    root, reports = stages
+    for stage in (2, 3):
+        memory = reports[stage]["memory"]
+        threshold = memory["converge_threshold"]
+        assert load_lcm(root / f"s{stage}" / "model").config.converge_threshold == pytest.approx(threshold)
+        steps = memory["loop_steps"]
+        total = sum(steps.values())
+        assert 0.3 <= steps["1"] / total <= 0.7 and steps["1"] < total  # it fires, and not for all
+        assert set(memory["code_usage"]) == {"hyperbolic", "sparse", "lowrank", "manifold", "binding", "contrastive"}
+        assert memory["val_bpb"] > 0 and memory["val_bpb_loop_to_limit"] > 0
 
 
 def test_stage_1_leaves_the_memory_untouched(stages, data):
@@ -213,6 +230,45 @@ def test_transformer_baseline_and_eval_lcm_end_to_end(stages, data, tmp_path, me
     assert len(cost["lcm_ms"]) == 2 and cost["lcm_bytes"][0] == cost["lcm_bytes"][1]  # constant state
     assert cost["transformer_bytes"][1] == 2 * cost["transformer_bytes"][0]  # the KV cache grows
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_eval_lcm_reach_end_to_end(data, tmp_path, memlm_cli):
+    """Bounded models (W = 48) trained a few steps; `memlm eval lcm-reach` scores them by position and
+    on the retrieval probe. Checked against what must hold whatever the training: the bounded decoder
+    alone and the same weights unbounded agree before the first cut and differ after it; the bounded
+    decoder alone carries exactly nothing from the far fact, while the LCM's encoder reads it."""
+    from memlm.lcm.checkpoint import save_lcm
+
+    train = dict(SHORT, seq_len=64, eval_windows=1)
+
+    def stage(name, stage, **options):
+        run_lcm_stage(LCMTrainConfig.of(str(data), str(tmp_path / name), stage, **train, **options))
+        return tmp_path / name / "model"
+
+    stage1 = stage("s1", 1, steps=2, intermediate_size=48, decoder_window=48, **SHAPE)
+    lcm = stage("s2", 2, steps=2, init=str(stage1))
+    decoder = stage("dec", 1, steps=2, intermediate_size=48, decoder_window=48, memory="none", **SHAPE)
+    twin = load_lcm(decoder)  # the bounded decoder's weights, uncut
+    twin.config = replace(twin.config, decoder_window=0)
+    save_lcm(tmp_path / "unbounded", twin, str(data), {"total_steps": 2})
+    args = ["eval", "lcm-reach", "--data", str(data), "--lcm", str(lcm), "--decoder", str(decoder)]
+    args += ["--unbounded", str(tmp_path / "unbounded"), "--windows", "2", "--seq-len", "256", "--probes", "4"]
+    args += ["--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    result = subprocess.run([*memlm_cli, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["setup"]["buckets"] == ["0-48", "48-192", "192-256"]
+    cut, uncut = (r["models"][k]["runs"][0]["bpb"] for k in ("decoder", "unbounded"))
+    assert cut[0] == pytest.approx(uncut[0], abs=1e-6) and cut[2] != pytest.approx(uncut[2], abs=1e-4)
+    assert r["models"]["decoder"]["runs"][0]["probe"]["far"]["carried_bits"] == pytest.approx(0, abs=1e-5)
+    lcm_run = r["models"]["lcm"]["runs"][0]
+    assert lcm_run["probe"]["far"]["carried_bits"] != pytest.approx(0, abs=1e-7)
+    assert lcm_run["bpb_z_zero"] != lcm_run["bpb"] and sum(lcm_run["memory"]["loop_steps"].values()) > 0
+    assert {"far_gain_over_bounded_decoder", "zeroing_z_costs_far"} <= set(r["goals"])
+    assert (tmp_path / "r.png").stat().st_size > 0
+    wrong = subprocess.run([*memlm_cli, "eval", "lcm-reach", "--data", str(data), "--lcm", str(stage1), "--decoder",
+                            str(tmp_path / "unbounded")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert wrong.returncode == 2 and "decoder_window 48" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_planted_danger_halts_the_cli(stages, tmp_path, memlm_cli):

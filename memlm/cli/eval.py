@@ -1,5 +1,6 @@
-"""`memlm eval`: task accuracy of a model (with a latent memory), and `memlm eval lcm` (bits per byte
-of a codebook-memory model against its baselines)."""
+"""`memlm eval`: task accuracy of a model (with a latent memory), `memlm eval lcm` (bits per byte
+of a codebook-memory model against its baselines) and `memlm eval lcm-reach` (what its memory
+carries when the decoder's view is bounded)."""
 
 from __future__ import annotations
 
@@ -112,5 +113,38 @@ def eval_lcm(
     print(
         json.dumps(
             {"main": result["main"], "ablations": result["ablations"], "retrained": result["retrained"]}, indent=2
+        )
+    )
+
+
+@eval_app.command("lcm-reach")
+def eval_lcm_reach(
+    lcm: Annotated[list[str], typer.Option("--lcm", help="LCM folder with a bounded decoder; repeat for seeds.")],
+    data: DataOpt = "",
+    continuous: Annotated[list[str] | None, typer.Option(help="The same LCM with z unquantised (per seed).")] = None,
+    decoder: Annotated[list[str] | None, typer.Option(help="The bounded decoder alone (per seed).")] = None,
+    unbounded: Annotated[list[str] | None, typer.Option(help="An unbounded decoder alone (per seed).")] = None,
+    windows: Annotated[int, typer.Option(help="Held-out windows of --seq-len tokens.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per held-out window (beyond 4W).")] = 1024,
+    probes: Annotated[int, typer.Option(help="Retrieval probes (facts stated early, asked late).")] = 64,
+    json_path: JsonOpt = None,
+    plot_path: Annotated[str | None, typer.Option("--plot", help="Write a PNG here.")] = None,
+):
+    """Does the codebook memory carry the past that a bounded decoder cannot see? Bits/byte by position."""
+    from memlm.bench.lcm_reach import ReachBenchConfig, run_reach_bench  # lazy: torch
+
+    if not data:
+        raise MemlmError("--data is required")
+    if windows < 1 or probes < 2:
+        raise MemlmError("--windows must be >= 1 and --probes >= 2")
+    models = {"lcm": list(lcm), "continuous": continuous, "decoder": decoder, "unbounded": unbounded}
+    cfg = ReachBenchConfig(
+        data=data, models={k: list(v) for k, v in models.items() if v}, seq_len=seq_len, windows=windows, probes=probes
+    )
+    result = run_reach_bench(cfg, json_path, plot_path)
+    print(
+        json.dumps(
+            {"summary": {k: m["summary"]["bpb"] for k, m in result["models"].items()}, "goals": result["goals"]},
+            indent=2,
         )
     )

@@ -300,6 +300,13 @@ def train_lcm(
     hidden_size: Annotated[int, typer.Option(help="Width (stage 1).")] = 192,
     encoder_layers: Annotated[int, typer.Option(help="Encoder blocks (stage 1).")] = 2,
     decoder_layers: Annotated[int, typer.Option(help="Decoder blocks (stage 1).")] = 4,
+    decoder_window: Annotated[
+        int,
+        typer.Option(
+            help="Cut the decoder's view of the past every W tokens (0 = unbounded; stage 1): "
+            "the history then reaches it only through the memory."
+        ),
+    ] = 0,
     z_dim: Annotated[int, typer.Option(help="Bottleneck width (stage 1).")] = 64,
     codes: Annotated[int, typer.Option(help="Codes per grid (stage 1).")] = 64,
     max_loop_steps: Annotated[int, typer.Option(help="Reasoning-loop step limit (stage 1).")] = 3,

@@ -33,6 +33,9 @@ class LCMConfig:
     decoder_experts: int = 0  # > 0: the decoder's FFNs are mixture-of-experts blocks (memlm/models/moe.py)
     decoder_experts_per_token: int = 2
     conv_kernel: int = 4  # causal depthwise convolution before each linear attention (local word order)
+    # > 0: the decoder's view of the past is cut every this many tokens (its state cleared at positions
+    # 0, W, 2W, ...); the encoder keeps the whole history, which then reaches the decoder only through z.
+    decoder_window: int = 0
     z_dim: int = 64  # the bottleneck the grids work on
     codes: int = 64  # codes per grid (the hierarchical grid has two levels of codes // 2)
     lowrank_rank: int = 8
@@ -61,6 +64,8 @@ class LCMConfig:
             raise ModelFormatError("decoder_experts_per_token must be between 1 and decoder_experts")
         if self.memory not in ("grids", "continuous", "single", "none"):
             raise ModelFormatError(f"unknown LCM memory kind {self.memory!r}")
+        if self.decoder_window < 0:
+            raise ModelFormatError(f"decoder_window must be >= 0 (0 = unbounded), got {self.decoder_window}")
         unknown = set(self.grids_off) - set(GRID_NAMES)
         if unknown:
             raise ModelFormatError(f"unknown grid(s) {sorted(unknown)}; grids are {', '.join(GRID_NAMES)}")

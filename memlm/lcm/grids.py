@@ -311,11 +311,12 @@ class ContrastiveGrid(Grid):
     def contrastive_loss(self, z: torch.Tensor, z_next: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
         """InfoNCE: the value under z_t's key must pick out z_{t+1} among the other rows' next states.
 
-        Only the values learn from it: the encoder's z is the target, not something to bend toward
-        predictability (measured: with z_{t+1} in the gradient this loss outweighed the LM's own)."""
+        It trains the values and, through z_{t+1}, the encoder: the next state is pulled toward what
+        the current one's code predicts and away from the others' (the negatives keep it from
+        collapsing). The key is chosen without gradient, as retrieval chooses it; keys learn by VQ."""
         index, _ = nearest(z.detach(), self.keys)
         predicted = F.normalize(self.values[index], dim=-1)
-        logits = predicted @ F.normalize(z_next.detach(), dim=-1).t() / temperature
+        logits = predicted @ F.normalize(z_next, dim=-1).t() / temperature
         return F.cross_entropy(logits, torch.arange(z.shape[0], device=z.device))
 
 

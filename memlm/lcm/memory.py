@@ -29,6 +29,7 @@ class LoopTrace:
     halted: torch.Tensor  # [N] bool: z came near a danger code
     route_probs: torch.Tensor | None = None  # [N, G] routing at the first step (entropy statistics)
     codes: list[torch.Tensor] | None = None  # per grid [N]: the code each row used at the first step
+    changes: torch.Tensor | None = None  # [N, max_loop_steps] relative change of z at each step (nan: not taken)
 
     def route_entropy(self) -> torch.Tensor | None:
         """[N] entropy (nats) of each row's routing at the first step; None without a router."""
@@ -153,6 +154,7 @@ class CodebookMemory(nn.Module):
         flagged = no.clone()
         losses: dict[str, torch.Tensor] = {}
         first_probs, first_codes = None, None
+        changes = z.new_full((n, cfg.max_loop_steps), float("nan"))
         for step in range(cfg.max_loop_steps):
             probs, used = self.router(z, allowed)
             # Retrieve from the grids some row routes to (a decode step of one row: 3 of 6). Training's
@@ -178,6 +180,7 @@ class CodebookMemory(nn.Module):
                 flagged = flagged | (flag & active)
             # Relative RMS change: the threshold means the same at any scale of z.
             change = (fused - z).detach().norm(dim=-1) / z.detach().norm(dim=-1).clamp_min(1e-9)
+            changes[:, step] = torch.where(active, change, float("nan"))
             z = torch.where(active[:, None], fused, z)
             steps = steps + active.long()
             used_any = used_any | (used & active[:, None])
@@ -185,7 +188,7 @@ class CodebookMemory(nn.Module):
             active = active & (change >= cfg.converge_threshold)
             if not bool(active.any()):
                 break
-        trace = LoopTrace(steps, used_any, distance, flagged, halted, first_probs, first_codes)
+        trace = LoopTrace(steps, used_any, distance, flagged, halted, first_probs, first_codes, changes.detach())
         return z, trace, losses
 
     def regularisers(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -227,6 +230,23 @@ class CodebookMemory(nn.Module):
         return restarted
 
 
+def convergence_threshold(first_changes: torch.Tensor, stop_share: float = 0.5) -> float:
+    """The loop's stopping threshold under which `stop_share` of the tokens stop after one step: that
+    quantile of the first step's relative change of z (how far the first fused retrieval moved it,
+    with the loop run to its limit). A token whose z already sits near its codes is done; one that
+    the retrieval moved far goes round again."""
+    values = first_changes[~first_changes.isnan()].float()
+    if not values.numel():
+        raise ValueError("no loop steps to calibrate on")
+    return float(values.quantile(stop_share))
+
+
+def steps_histogram(steps: torch.Tensor, max_steps: int) -> dict[str, int]:
+    """{"1": tokens that took one loop step, ...}."""
+    counts = torch.bincount(steps.detach().cpu(), minlength=max_steps + 1)
+    return {str(i): int(n) for i, n in enumerate(counts.tolist()) if i > 0}
+
+
 class CodeUsage:
     """How often each grid returned each of its codes (at the first loop step), and what that says:
     the trainer logs it and restarts dead codes from it, `memlm eval lcm` reports it."""
@@ -255,4 +275,4 @@ class CodeUsage:
         return out
 
 
-__all__ = ["CodebookMemory", "CodeUsage", "LoopTrace", "Router", "Safety"]
+__all__ = ["CodebookMemory", "CodeUsage", "LoopTrace", "Router", "Safety", "convergence_threshold", "steps_histogram"]

@@ -20,7 +20,7 @@ from torch import nn
 from memlm.errors import InvalidRequestError
 from memlm.lcm.config import GRID_NAMES, LCMConfig
 from memlm.lcm.hook import HaltHook
-from memlm.lcm.linear_attention import BlockState, Stack
+from memlm.lcm.linear_attention import BlockState, Reach, Stack
 from memlm.lcm.memory import CodebookMemory, LoopTrace
 
 
@@ -55,21 +55,24 @@ class GenHead(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight
 
-    def forward(self, ids, valid, states=None, conditions=None) -> torch.Tensor:
-        return self.stack(self.embed(ids), valid, states, conditions)
+    def forward(self, ids, valid, states=None, conditions=None, reach: Reach | None = None) -> torch.Tensor:
+        return self.stack(self.embed(ids), valid, states, conditions, reach)
 
 
 @dataclass
 class LCMState:
     """Per-batch generation state: recurrent sums of every block, plus bookkeeping.
 
-    The recurrent part is constant in size. `history` (token ids, 8 bytes a token) is kept only
-    when a re-encode period is set: re-encoding recomputes the sums from the text."""
+    The recurrent part is constant in size. `history` (the row's token ids) is kept only when a
+    re-encode period is set: re-encoding recomputes the sums from the whole text, because the
+    encoder reads all of it, so the history grows with the text (a Python int list: ~8 bytes a
+    token, plus the list's own 8). Without a period the state is all there is."""
 
     encoder: list[BlockState]
     decoder: list[BlockState]
     lengths: torch.Tensor  # [B] tokens consumed per row
     halted: torch.Tensor  # [B] bool: the danger grid stopped this row
+    since_encode: torch.Tensor  # [B] tokens consumed since the row's last full (parallel) encode
     history: list[list[int]] | None
     traces: list[dict | None] = field(default_factory=list)  # per row: the loop trace of its last token
     reencodes: int = 0
@@ -79,7 +82,7 @@ class LCMState:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.encoder = [s.select(rows) for s in self.encoder]
         self.decoder = [s.select(rows) for s in self.decoder]
-        self.lengths, self.halted = self.lengths[rows], self.halted[rows]
+        self.lengths, self.halted, self.since_encode = self.lengths[rows], self.halted[rows], self.since_encode[rows]
         keep = rows.tolist()
         if self.history is not None:
             self.history = [self.history[i] for i in keep]
@@ -91,6 +94,7 @@ class LCMState:
         self.decoder = [a.cat(b) for a, b in zip(self.decoder, other.decoder, strict=True)]
         self.lengths = torch.cat((self.lengths, other.lengths))
         self.halted = torch.cat((self.halted, other.halted))
+        self.since_encode = torch.cat((self.since_encode, other.since_encode))
         if self.history is not None:
             self.history = self.history + other.history
         self.traces = list(self.traces) + list(other.traces)
@@ -179,7 +183,8 @@ class LCMModel(nn.Module):
             aux.update(losses, z=z, z_q=z_q, trace=trace)
             if with_regularisers:
                 aux.update(self.memory.regularisers(z))
-        hidden = self.decoder(ids, valid, None, conditions)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        hidden = self.decoder(ids, valid, None, conditions, self._reach(positions, valid))
         return self.decoder.lm_head(hidden).float(), aux
 
     # ---- generation: the engine's contract -----------------------------------------------------------
@@ -200,6 +205,7 @@ class LCMModel(nn.Module):
             decoder=self.decoder.stack.new_state(batch, dtype, device),
             lengths=torch.zeros(batch, dtype=torch.long, device=device),
             halted=torch.zeros(batch, dtype=torch.bool, device=device),
+            since_encode=torch.zeros(batch, dtype=torch.long, device=device),
             history=[[] for _ in range(batch)] if self.config.reencode_period > 0 else None,
             traces=[None] * batch,
         )
@@ -218,9 +224,12 @@ class LCMModel(nn.Module):
             self._note_traces(trace, valid, state)
         period = self.config.reencode_period
         if period > 0 and state.history is not None:
-            crossed = (before // period != state.lengths // period).nonzero().squeeze(1).tolist()
-            if crossed:
-                self._reencode(state, crossed)
+            # Counted from the last full encode: a text read from its start in one chunk (a prompt) was
+            # just encoded in the parallel form, so a long prompt is not re-encoded at once.
+            state.since_encode = torch.where(before == 0, 0, state.since_encode + real)
+            due = (state.since_encode >= period).nonzero().squeeze(1).tolist()
+            if due:
+                self._reencode(state, due)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -231,8 +240,14 @@ class LCMModel(nn.Module):
         if self.has_memory:
             z = self.encoder(ids, valid, state.encoder)
             conditions, _, trace, _ = self.remember(z, valid)
-        hidden = self.decoder(ids, valid, state.decoder, conditions)
+        positions = state.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
+        hidden = self.decoder(ids, valid, state.decoder, conditions, self._reach(positions, valid))
         return hidden, trace
+
+    def _reach(self, positions: torch.Tensor, valid: torch.Tensor) -> Reach | None:
+        """The decoder's bounded view of the past (config.decoder_window), or None: unbounded."""
+        window = self.config.decoder_window
+        return Reach(torch.where(valid, positions, -1), valid, window) if window else None
 
     def _note_traces(self, trace: LoopTrace, valid: torch.Tensor, state: LCMState) -> None:
         """Per row: halted if any of its new tokens came near a danger code; the trace of its last token."""
@@ -270,4 +285,5 @@ class LCMModel(nn.Module):
         index = torch.tensor(rows, device=self.device)
         for target, source in zip(state.encoder + state.decoder, fresh.encoder + fresh.decoder, strict=True):
             target.assign(index, source)
+        state.since_encode[index] = 0
         state.reencodes += len(rows)

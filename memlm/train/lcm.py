@@ -27,7 +27,7 @@ from memlm.data.packed import TokenData
 from memlm.errors import MemlmError
 from memlm.lcm.checkpoint import load_lcm, save_lcm
 from memlm.lcm.config import LCMConfig
-from memlm.lcm.memory import CodeUsage
+from memlm.lcm.memory import CodeUsage, convergence_threshold, steps_histogram
 from memlm.lcm.model import LCMModel
 from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
 from memlm.train.heldout import bits_per_byte, lcm_logits
@@ -53,6 +53,7 @@ class LCMTrainConfig:
     num_heads: int = 4
     encoder_layers: int = 2
     decoder_layers: int = 4
+    decoder_window: int = 0  # > 0: the decoder's view of the past is cut every this many tokens
     intermediate_size: int = 512
     z_dim: int = 64
     codes: int = 64
@@ -128,7 +129,9 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
             return (_router_losses(model, ce, extras), extras) if model.config.decoder_experts else ce
         loss = ce + sum(LOSS_WEIGHTS[k] * aux[k] for k in LOSS_WEIGHTS if k in aux)
         loss = _router_losses(model, loss, extras)
-        extras["vq"] = float(aux["vq"].detach())
+        for term in LOSS_WEIGHTS:
+            if term in aux:
+                extras[term] = float(aux[term].detach())
         trace = aux["trace"]
         extras["loop_steps"] = float(trace.steps.float().mean())
         entropy = trace.route_entropy()
@@ -157,6 +160,7 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
     last = train(model, loss_fn, batch_fn, cfg.train.inside("train"), evaluate)
     if not is_main_process():
         return last
+    memory_report = _calibrate_loop(model, val_data, cfg) if use_memory else None
     report = {
         "stage": cfg.stage,
         "steps": cfg.train.steps,
@@ -168,11 +172,39 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
         "init": cfg.init,
         "data": cfg.data,
         "final": last,
+        "memory": memory_report,
         "recipe": asdict(cfg),
     }
     save_lcm(out / "model", model, cfg.data, report)
     write_json_atomic(out / "report.json", report)
     return report
+
+
+CALIBRATION_STOP_SHARE = 0.5  # of held-out tokens stop after the loop's first step
+
+
+@torch.no_grad()
+def _calibrate_loop(model: LCMModel, val: TokenData, cfg: LCMTrainConfig) -> dict:
+    """Set the loop's convergence threshold from held-out text (the model is saved with it), and
+    say what the memory does there: loop steps per token, code use and perplexity per grid."""
+    model.eval()
+    windows = val.eval_windows(cfg.seq_len, cfg.eval_windows)[:, :-1]
+    out: dict = {}
+    if model.config.memory == "grids":
+        model.set_runtime(converge_threshold=0.0)  # every step taken: how far the first one moves z
+        out["val_bpb_loop_to_limit"] = bits_per_byte(lcm_logits(model), val, cfg.seq_len, cfg.eval_windows)
+        first = torch.cat([model(w[None])[1]["trace"].changes[:, 0] for w in windows])
+        out["converge_threshold"] = convergence_threshold(first, CALIBRATION_STOP_SHARE)
+        model.set_runtime(converge_threshold=out["converge_threshold"])
+    traces = [model(w[None])[1]["trace"] for w in windows]
+    out["loop_steps"] = steps_histogram(torch.cat([t.steps for t in traces]), model.config.max_loop_steps)
+    if model.config.memory in ("grids", "single"):
+        usage = CodeUsage(model.memory)
+        for trace in traces:
+            usage.add(trace)
+        out["code_usage"] = usage.summary()
+    out["val_bpb"] = bits_per_byte(lcm_logits(model), val, cfg.seq_len, cfg.eval_windows)
+    return out
 
 
 def _new_config(cfg: LCMTrainConfig, header: dict) -> LCMConfig:
@@ -182,6 +214,7 @@ def _new_config(cfg: LCMTrainConfig, header: dict) -> LCMConfig:
         num_heads=cfg.num_heads,
         encoder_layers=cfg.encoder_layers,
         decoder_layers=cfg.decoder_layers,
+        decoder_window=cfg.decoder_window,
         intermediate_size=cfg.intermediate_size,
         z_dim=cfg.z_dim,
         codes=cfg.codes,
