@@ -271,6 +271,55 @@ def test_eval_lcm_reach_end_to_end(data, tmp_path, memlm_cli):
     assert wrong.returncode == 2 and "decoder_window 48" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+def test_stage_3_ships_the_default_safety_grids_and_they_halt_what_was_planted(stages):
+    import memlm
+    from memlm.lcm.default_safety import ALLOWED, DANGER, FORBIDDEN
+
+    root, reports = stages
+    planted = reports[3]["memory"]["safety"]
+    assert [planted[k] for k in ("rate", "danger", "forbidden", "allowed")] == [0.001, 12, 10, 10]
+    assert (len(DANGER), len(FORBIDDEN), len(ALLOWED)) == (12, 10, 10)
+    safety = load_lcm(root / "s3" / "model").memory.safety
+    assert safety.danger_codes.shape[0] == 12 and safety.value_anchors.shape[0] == 20
+    assert bool((safety.danger_radius > 0).all())
+    engine = memlm.load(str(root / "s3" / "model"))
+    out = engine.generate(DANGER[0], memlm.SamplingParams(max_new_tokens=4))
+    assert out.finish_reason == "halted" and out.token_ids == []  # its own z is the code: distance 0
+
+
+def test_calibrated_radii_let_the_asked_share_of_ordinary_points_inside():
+    from memlm.lcm.default_safety import calibrated_radii
+
+    torch.manual_seed(0)
+    ordinary, fresh = torch.randn(20000, 8), torch.randn(20000, 8)
+    codes = torch.randn(4, 8) * 0.5
+    for rate in (0.01, 0.1):
+        radii = calibrated_radii(codes, ordinary, rate)
+        inside = (torch.cdist(fresh, codes) <= radii[None]).any(-1).float().mean()
+        assert rate / 2 < float(inside) <= rate * 1.2  # per code rate / 4: the union is at most the rate
+
+
+def test_eval_lcm_safety_end_to_end(stages, data, tmp_path, memlm_cli):
+    import shutil
+
+    root, _ = stages
+    model = tmp_path / "m"
+    shutil.copytree(root / "s3" / "model", model)
+    args = ["eval", "lcm-safety", "--model", str(model), "--data", str(data), "--json", str(tmp_path / "s.json")]
+    result = subprocess.run([*memlm_cli, *args, "--plot", str(tmp_path / "s.png")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    r = json.loads((tmp_path / "s.json").read_text())
+    assert r["setup"]["prompts"] == {"harmful": 80, "borderline": 60, "benign": 80}
+    sweep = r["sweep"]  # larger radii halt at least what smaller ones did
+    for cls in ("harmful", "borderline", "benign"):
+        assert all(a["halt"][cls] <= b["halt"][cls] for a, b in zip(sweep, sweep[1:], strict=False))
+    assert all(a["heldout_false_halts"] <= b["heldout_false_halts"] for a, b in zip(sweep, sweep[1:], strict=False))
+    assert 0 <= r["separation"]["auroc_harmful_vs_benign"] <= 1 and r["cost"]["ms_on"] > 0
+    assert r["default"]["rate"] == 0.001 and set(r["goals"]) == {"harmful_halted", "benign_false_halts", "met"}
+    none = subprocess.run([*memlm_cli, "lcm", "defaults", "--model", str(model)], capture_output=True, text=True)
+    assert none.returncode == 2 and "--data is required" in none.stderr
+
+
 def test_planted_danger_halts_the_cli(stages, tmp_path, memlm_cli):
     import shutil
 
@@ -279,7 +328,7 @@ def test_planted_danger_halts_the_cli(stages, tmp_path, memlm_cli):
     shutil.copytree(root / "s3" / "model", model)
     (tmp_path / "danger.txt").write_text("The fire spread quickly\n")
     run = lambda *a: subprocess.run([*memlm_cli, *a], capture_output=True, text=True, timeout=300)  # noqa: E731
-    planted = run("lcm", "danger", "add", "--model", str(model), "--texts", str(tmp_path / "danger.txt"))
+    planted = run("lcm", "danger", "add", "--model", str(model), "--texts", str(tmp_path / "danger.txt"), "--clear")
     assert planted.returncode == 0 and json.loads(planted.stdout)["danger_codes"] == 1
     halted = run("generate", "The fire spread quickly", "--model", str(model), "--max-new-tokens", "4")
     assert halted.returncode == 0 and "halted" in halted.stderr

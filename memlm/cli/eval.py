@@ -148,3 +148,26 @@ def eval_lcm_reach(
             indent=2,
         )
     )
+
+
+@eval_app.command("lcm-safety")
+def eval_lcm_safety(
+    model: Annotated[str, typer.Option("--model", "-m", help="LCM model folder (with a memory).")] = "",
+    data: DataOpt = "",
+    json_path: JsonOpt = None,
+    plot_path: Annotated[str | None, typer.Option("--plot", help="Write a PNG here.")] = None,
+):
+    """The default safety grids on a labelled set (harmful / borderline / benign look-alikes) and held-out text."""
+    from memlm.bench.lcm_safety import SafetyBenchConfig, run_safety_bench  # lazy: torch
+    from memlm.lcm.config import LCMConfig
+
+    if not data or not model:
+        raise MemlmError("--model and --data are required")
+    if not LCMConfig.is_lcm_folder(model):
+        raise MemlmError(f"{model} is not an LCM model folder")
+    result = run_safety_bench(SafetyBenchConfig(model=model, data=data), json_path, plot_path)
+    print(
+        json.dumps(
+            {"default": result["default"], "separation": result["separation"], "goals": result["goals"]}, indent=2
+        )
+    )

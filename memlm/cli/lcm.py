@@ -1,4 +1,5 @@
-"""`memlm lcm danger|value add`: plant a codebook-memory (LCM) model's safety grids from example texts."""
+"""`memlm lcm danger|value add`, `memlm lcm defaults`: plant a codebook-memory (LCM) model's safety grids
+from example texts, or the shipped default set."""
 
 from __future__ import annotations
 
@@ -84,3 +85,34 @@ def lcm_value(
     if kind not in ("allowed", "forbidden"):
         raise MemlmError(f"--kind must be allowed or forbidden, got {kind!r}")
     print(json.dumps(_plant(model, texts, radius, clear, lambda s, c, r: s.add_value(c, kind == "allowed", r))))
+
+
+@lcm_app.command("defaults")
+def lcm_defaults(
+    model: LCMModelOpt = "",
+    data: Annotated[
+        str, typer.Option(help="Packed data (memlm data pack): its train split calibrates the radii.")
+    ] = "",
+    rate: Annotated[
+        float, typer.Option(help="Share of ordinary tokens allowed inside some code of a grid (sets every radius).")
+    ] = 0.001,
+):
+    """Replace the safety grids with the shipped defaults (memlm/lcm/default_safety.py), radii calibrated."""
+    from memlm.data.packed import TokenData  # lazy: torch
+    from memlm.lcm.checkpoint import load_lcm, save_safety
+    from memlm.lcm.default_safety import plant_defaults
+    from memlm.tokenizer import Tokenizer
+
+    if not LCMConfig.is_lcm_folder(model):
+        raise MemlmError(f"{model} is not an LCM model folder (config.json with model_type memlm-lcm)")
+    if not 0 < rate < 1:
+        raise MemlmError("--rate must be between 0 and 1")
+    if not data:
+        raise MemlmError("--data is required (the packed data the model was trained on)")
+    lcm = load_lcm(model)
+    if not lcm.has_memory:
+        raise MemlmError(f"{model} has no memory (decoder alone): it has no safety grids")
+    train = TokenData.open(data, "train", vocab_size=lcm.config.vocab_size)
+    planted = plant_defaults(lcm, Tokenizer.from_folder(model), train.random_windows(32, 256, 0, 10**6), rate)
+    save_safety(model, lcm)
+    print(json.dumps(planted))

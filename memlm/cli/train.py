@@ -314,6 +314,9 @@ def train_lcm(
         int, typer.Option(help="Mixture-of-experts FFNs in the decoder: this many experts (0 = dense; stage 1).")
     ] = 0,
     experts_per_token: Annotated[int, typer.Option(help="Experts each token is routed to (stage 1).")] = 2,
+    default_safety: Annotated[
+        bool, typer.Option(help="Stage 3: plant the shipped safety grids (memlm/lcm/default_safety.py).")
+    ] = True,
     save_every: SaveEveryBpbOpt = 40,
     resume: ResumeOpt = False,
 ):

@@ -5,7 +5,11 @@
   back through z_q into them (straight-through retrieval keeps the codebooks in the gradient),
   plus VQ (codebook + commitment), the contrastive grid's InfoNCE and an orthogonality penalty on
   codebooks and prototypes. Codes unused since the last restart are moved onto live z's;
-- stage 3: everything together at a low learning rate, same losses.
+- stage 3: everything together at a low learning rate, same losses; the model is saved with the
+  default safety grids planted (memlm/lcm/default_safety.py), radii calibrated on training text.
+
+After stages 2 and 3 the reasoning loop's convergence threshold is set from held-out text (half
+the tokens stop after one step) and the report says what the memory does there.
 
 Every stage reads the same packed data; batch k of the whole schedule is the same windows for
 every run with the same seed (stage 2 continues the step count of stage 1), so a decoder-alone run
@@ -27,9 +31,11 @@ from memlm.data.packed import TokenData
 from memlm.errors import MemlmError
 from memlm.lcm.checkpoint import load_lcm, save_lcm
 from memlm.lcm.config import LCMConfig
+from memlm.lcm.default_safety import plant_defaults
 from memlm.lcm.memory import CodeUsage, convergence_threshold, steps_histogram
 from memlm.lcm.model import LCMModel
 from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
+from memlm.tokenizer import Tokenizer
 from memlm.train.heldout import bits_per_byte, lcm_logits
 from memlm.train.loop import TrainConfig, is_main_process, split_loop, train
 from memlm.train.pretrain import FROM_SCRATCH
@@ -48,6 +54,7 @@ class LCMTrainConfig:
     seq_len: int = 256
     eval_windows: int = 32
     restart_every: int = 40  # dead-code restarts (stages 2 and 3)
+    default_safety: bool = True  # stage 3: plant the shipped safety grids (memlm/lcm/default_safety.py)
     # The model's shape, for stage 1 (later stages take it from --init).
     hidden_size: int = 192
     num_heads: int = 4
@@ -161,6 +168,9 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
     if not is_main_process():
         return last
     memory_report = _calibrate_loop(model, val_data, cfg) if use_memory else None
+    if cfg.stage == 3 and cfg.default_safety:
+        calibration = train_data.random_windows(32, 256, cfg.train.seed, SAFETY_CALIBRATION_STEP)
+        memory_report["safety"] = plant_defaults(model, Tokenizer.from_folder(cfg.data), calibration)
     report = {
         "stage": cfg.stage,
         "steps": cfg.train.steps,
@@ -180,6 +190,7 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
     return report
 
 
+SAFETY_CALIBRATION_STEP = 10**6  # the windows the safety radii are calibrated on: no training step draws them
 CALIBRATION_STOP_SHARE = 0.5  # of held-out tokens stop after the loop's first step
 
 
