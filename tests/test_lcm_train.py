@@ -277,7 +277,7 @@ def test_stage_3_ships_the_default_safety_grids_and_they_halt_what_was_planted(s
 
     root, reports = stages
     planted = reports[3]["memory"]["safety"]
-    assert [planted[k] for k in ("rate", "danger", "forbidden", "allowed")] == [0.001, 12, 10, 10]
+    assert [planted[k] for k in ("rate", "danger", "forbidden", "allowed")] == [0.01, 12, 10, 10]
     assert (len(DANGER), len(FORBIDDEN), len(ALLOWED)) == (12, 10, 10)
     safety = load_lcm(root / "s3" / "model").memory.safety
     assert safety.danger_codes.shape[0] == 12 and safety.value_anchors.shape[0] == 20
@@ -287,15 +287,15 @@ def test_stage_3_ships_the_default_safety_grids_and_they_halt_what_was_planted(s
     assert out.finish_reason == "halted" and out.token_ids == []  # its own z is the code: distance 0
 
 
-def test_calibrated_radii_let_the_asked_share_of_ordinary_points_inside():
-    from memlm.lcm.default_safety import calibrated_radii
+def test_calibrated_radii_let_the_asked_share_of_ordinary_prompts_inside():
+    from memlm.lcm.default_safety import calibrated_radii, closest_approach
 
     torch.manual_seed(0)
-    ordinary, fresh = torch.randn(20000, 8), torch.randn(20000, 8)
+    ordinary, fresh = torch.randn(4000, 16, 8), torch.randn(4000, 16, 8)  # windows of 16 points
     codes = torch.randn(4, 8) * 0.5
-    for rate in (0.01, 0.1):
+    for rate in (0.02, 0.2):
         radii = calibrated_radii(codes, ordinary, rate)
-        inside = (torch.cdist(fresh, codes) <= radii[None]).any(-1).float().mean()
+        inside = (closest_approach(codes, fresh) <= radii[:, None]).any(0).float().mean()
         assert rate / 2 < float(inside) <= rate * 1.2  # per code rate / 4: the union is at most the rate
 
 
@@ -315,7 +315,7 @@ def test_eval_lcm_safety_end_to_end(stages, data, tmp_path, memlm_cli):
         assert all(a["halt"][cls] <= b["halt"][cls] for a, b in zip(sweep, sweep[1:], strict=False))
     assert all(a["heldout_false_halts"] <= b["heldout_false_halts"] for a, b in zip(sweep, sweep[1:], strict=False))
     assert 0 <= r["separation"]["auroc_harmful_vs_benign"] <= 1 and r["cost"]["ms_on"] > 0
-    assert r["default"]["rate"] == 0.001 and set(r["goals"]) == {"harmful_halted", "benign_false_halts", "met"}
+    assert r["default"]["rate"] == 0.01 and set(r["goals"]) == {"harmful_halted", "benign_false_halts", "met"}
     none = subprocess.run([*memlm_cli, "lcm", "defaults", "--model", str(model)], capture_output=True, text=True)
     assert none.returncode == 2 and "--data is required" in none.stderr
 

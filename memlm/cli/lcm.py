@@ -94,13 +94,14 @@ def lcm_defaults(
         str, typer.Option(help="Packed data (memlm data pack): its train split calibrates the radii.")
     ] = "",
     rate: Annotated[
-        float, typer.Option(help="Share of ordinary tokens allowed inside some code of a grid (sets every radius).")
-    ] = 0.001,
+        float,
+        typer.Option(help="Share of ordinary 64-token prompts let inside a grid (sets the radii)."),
+    ] = 0.01,
 ):
     """Replace the safety grids with the shipped defaults (memlm/lcm/default_safety.py), radii calibrated."""
     from memlm.data.packed import TokenData  # lazy: torch
     from memlm.lcm.checkpoint import load_lcm, save_safety
-    from memlm.lcm.default_safety import plant_defaults
+    from memlm.lcm.default_safety import calibration_windows, plant_defaults
     from memlm.tokenizer import Tokenizer
 
     if not LCMConfig.is_lcm_folder(model):
@@ -113,6 +114,6 @@ def lcm_defaults(
     if not lcm.has_memory:
         raise MemlmError(f"{model} has no memory (decoder alone): it has no safety grids")
     train = TokenData.open(data, "train", vocab_size=lcm.config.vocab_size)
-    planted = plant_defaults(lcm, Tokenizer.from_folder(model), train.random_windows(32, 256, 0, 10**6), rate)
+    planted = plant_defaults(lcm, Tokenizer.from_folder(model), calibration_windows(train), rate)
     save_safety(model, lcm)
     print(json.dumps(planted))

@@ -8,17 +8,18 @@ the seed's three laws, and their radii calibrated on ordinary text.
    FORBIDDEN value anchors (flagged; in "correct" mode z is pushed out of the anchor's region).
 
 A code is the encoder's z at a text's last token (memlm.lcm.planting). Its radius is set so that
-ordinary text seldom enters it: the `rate / codes` quantile of the distances from ordinary text's
-z and z_q (what the check sees) to that code, so that at most about `rate` of those points fall
-inside any code of the grid.
-These texts are for planting only; the labelled evaluation set (memlm/bench/lcm_safety.py) is
-written apart from them, with other wording and other objects.
+ordinary text seldom halts: over windows of ordinary text read as prompts, each window's closest
+approach to the code (its z and z_q at any token: what the check sees), and the radius just under
+the `rate / codes` quantile of those, so that about `rate` of ordinary prompts come inside any code
+of the grid. These texts are for planting only; the labelled evaluation set
+(memlm/bench/lcm_safety.py) is written apart from them, with other wording and other objects.
 """
 
 from __future__ import annotations
 
 import torch
 
+from memlm.data.packed import TokenData
 from memlm.lcm.model import LCMModel
 from memlm.lcm.planting import text_codes
 
@@ -60,40 +61,53 @@ ALLOWED = (
     "What causes the seasons on Earth?",
     "Give me tips for a job interview at a library.",
 )
-DEFAULT_RATE = 0.001  # of ordinary tokens inside some code of a grid
+DEFAULT_RATE = 0.01  # of ordinary prompts (windows of CALIBRATION_TOKENS) inside some code of a grid
+CALIBRATION_WINDOWS, CALIBRATION_TOKENS = 512, 64
+CALIBRATION_STEP = 10**6  # the "step" the calibration windows are drawn at: no training step draws them
 
 
 @torch.no_grad()
-def ordinary_z(model: LCMModel, windows: torch.Tensor) -> torch.Tensor:
-    """[2N, z_dim] what the danger check sees over windows of ordinary text (the calibration set):
+def ordinary_points(model: LCMModel, windows: torch.Tensor) -> torch.Tensor:
+    """[N, 2T, z_dim] what the danger check sees over N windows of ordinary text read as prompts:
     the encoder's z and the loop's result z_q at every token (the loop's middle steps, which the
     check also sees, are not kept by the model)."""
     windows = windows.to(model.device)
     safety = model.config.safety
     model.set_runtime(safety=False)  # the loop as it runs, without the grids being calibrated
-    _, aux = model(windows)
-    model.set_runtime(safety=safety)
-    return torch.cat((aux["z"].flatten(0, 1), aux["z_q"].flatten(0, 1))).float()
+    try:
+        _, aux = model(windows)
+    finally:
+        model.set_runtime(safety=safety)
+    return torch.cat((aux["z"], aux["z_q"]), dim=1).float()
 
 
-def calibrated_radii(codes: torch.Tensor, ordinary: torch.Tensor, rate: float) -> torch.Tensor:
-    """Per code: just under the (rate / codes) quantile of the distances from ordinary points to it.
+def calibration_windows(train: TokenData, seed: int = 0) -> torch.Tensor:
+    """The ordinary prompts radii are calibrated on: random windows of a training split."""
+    return train.random_windows(CALIBRATION_WINDOWS, CALIBRATION_TOKENS, seed, CALIBRATION_STEP)
+
+
+def closest_approach(codes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """[K, N]: how near each of N windows' points ([N, P, D]) come to each code ([K, D])."""
+    return torch.cdist(points, codes.float()[None].expand(points.shape[0], -1, -1)).amin(1).t()
+
+
+def calibrated_radii(codes: torch.Tensor, points: torch.Tensor, rate: float) -> torch.Tensor:
+    """Per code: just under the (rate / codes) quantile of the windows' closest approaches to it.
     Under, not at: z_q takes a few discrete values, and a quantile that lands on one of them would
-    let every token at that value inside."""
-    distance = torch.cdist(codes.float(), ordinary)  # [K, N]
+    let every window reaching that value inside."""
     q = min(1.0, rate / max(1, codes.shape[0]))
-    return (distance.quantile(q, dim=1) * (1 - 1e-4)).clamp_min(1e-6)
+    return (closest_approach(codes, points).quantile(q, dim=1) * (1 - 1e-4)).clamp_min(1e-6)
 
 
 @torch.no_grad()
 def plant_defaults(model: LCMModel, tokenizer, windows: torch.Tensor, rate: float = DEFAULT_RATE) -> dict:
     """Replace the model's safety grids with the default set, radii calibrated on `windows` of
-    ordinary text ([N, T] token ids). -> what was planted."""
+    ordinary text ([N, T] token ids, read as prompts). -> what was planted."""
     safety = model.memory.safety
     for name, buffer in safety.named_buffers():
         setattr(safety, name, buffer[:0])
-    ordinary = ordinary_z(model, windows)
-    out = {"rate": rate, "calibration_tokens": int(ordinary.shape[0])}
+    ordinary = ordinary_points(model, windows)
+    out = {"rate": rate, "calibration_windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1])}
     for kind, texts in (("danger", DANGER), ("forbidden", FORBIDDEN), ("allowed", ALLOWED)):
         codes, _ = text_codes(model, tokenizer, list(texts))
         radii = calibrated_radii(codes, ordinary, rate)

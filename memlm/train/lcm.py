@@ -31,7 +31,7 @@ from memlm.data.packed import TokenData
 from memlm.errors import MemlmError
 from memlm.lcm.checkpoint import load_lcm, save_lcm
 from memlm.lcm.config import LCMConfig
-from memlm.lcm.default_safety import plant_defaults
+from memlm.lcm.default_safety import calibration_windows, plant_defaults
 from memlm.lcm.memory import CodeUsage, convergence_threshold, steps_histogram
 from memlm.lcm.model import LCMModel
 from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
@@ -169,7 +169,7 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
         return last
     memory_report = _calibrate_loop(model, val_data, cfg) if use_memory else None
     if cfg.stage == 3 and cfg.default_safety:
-        calibration = train_data.random_windows(32, 256, cfg.train.seed, SAFETY_CALIBRATION_STEP)
+        calibration = calibration_windows(train_data, cfg.train.seed)
         memory_report["safety"] = plant_defaults(model, Tokenizer.from_folder(cfg.data), calibration)
     report = {
         "stage": cfg.stage,
@@ -190,7 +190,6 @@ def run_lcm_stage(cfg: LCMTrainConfig) -> dict:
     return report
 
 
-SAFETY_CALIBRATION_STEP = 10**6  # the windows the safety radii are calibrated on: no training step draws them
 CALIBRATION_STOP_SHARE = 0.5  # of held-out tokens stop after the loop's first step
 
 
