@@ -49,8 +49,11 @@ for seed in ${SEEDS:-0 1 2}; do
   fi
 done
 
+# The other cuts, seed 0 only: W=32 SEEDS=0 bench/lcm_v2.sh, then EVAL=1 W=32 SEEDS=0 bench/lcm_v2.sh.
 if [ "${EVAL:-0}" = 1 ]; then
-  m() { for s in 0 1 2; do printf -- "--$1 $R/s$s-$2/model "; done; }
+  m() { for s in ${SEEDS:-0 1 2}; do printf -- "--$1 $R/s$s-$2/model "; done; }
+  OUT=bench/results/lcm_v2; [ "$W" = 64 ] || OUT=bench/results/lcm_v2_w$W
   $MEMLM eval lcm-reach --data $DATA $(m lcm w$W-stage3) $(m continuous w$W-continuous-stage3) \
-    $(m decoder w$W-decoder) $(m unbounded unbounded) --json bench/results/lcm_v2.json --plot bench/results/lcm_v2.png
+    $(m decoder w$W-decoder) $(m unbounded unbounded) --json $OUT.json --plot $OUT.png
+  $MEMLM eval lcm-safety --model $R/s0-w$W-stage3/model --data $DATA --json $OUT-safety.json --plot $OUT-safety.png
 fi

@@ -160,6 +160,18 @@ def test_the_contrastive_loss_trains_the_encoder_and_the_values_not_the_keys():
     assert model.encoder.to_z.weight.grad.abs().sum() > 0
 
 
+def test_the_spread_term_is_zero_for_spread_out_z_and_pushes_collapsed_z_apart():
+    model = tiny_lcm()
+    spread_out = torch.randn(2, 64, 16) * 3
+    collapsed = (torch.randn(16) + 0.01 * torch.randn(2, 64, 16)).requires_grad_()
+    assert float(model.memory.regularisers(spread_out)["spread"]) == 0.0
+    loss = model.memory.regularisers(collapsed)["spread"]
+    loss.backward()
+    assert float(loss) > 0.9
+    moved = collapsed.detach() - 0.1 * collapsed.grad  # a step down the gradient spreads z
+    assert float(moved.reshape(-1, 16).std(0).mean()) > float(collapsed.detach().reshape(-1, 16).std(0).mean())
+
+
 def test_a_right_padded_prefill_equals_each_row_alone():
     model = tiny_lcm()
     a, b = torch.randint(1, VOCAB, (1, 9)), torch.randint(1, VOCAB, (1, 4))

@@ -60,7 +60,7 @@ def test_three_stages_train_what_each_stage_should(stages):
     assert any(not torch.equal(decoder[1][k], decoder[2][k]) for k in decoder[1])  # stage 3: it learns
     assert any(not torch.equal(encoder[0][k], encoder[1][k]) for k in encoder[0])  # stage 2 trains the encoder
     rows = [json.loads(line) for line in (root / "s2" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert {"ce", "vq", "contrastive", "orthogonality", "loop_steps", "route_entropy"} <= set(rows[0])
+    assert {"ce", "vq", "contrastive", "orthogonality", "spread", "loop_steps", "route_entropy"} <= set(rows[0])
     assert {"val_bpb", "dead_codes_restarted"} <= set(rows[-1])
     assert 0 < rows[-1]["val_bpb"] < 20 and 1 <= rows[-1]["loop_steps"] <= 3
 

@@ -193,10 +193,20 @@ class CodebookMemory(nn.Module):
 
     def regularisers(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stage-2 losses beyond VQ: codebooks (and prototypes) kept apart by an orthogonality
-        penalty, and the contrastive grid's InfoNCE on consecutive positions. z is [B, T, D]."""
+        penalty, the contrastive grid's InfoNCE on consecutive positions, and z kept spread out.
+        z is [B, T, D].
+
+        Spread (VICReg's variance hinge: every dimension of z keeps a standard deviation of at least
+        1 over the batch's tokens): measured without it, the commitment term collapsed z onto a few
+        codes within 20 steps (1-4 codes used per grid, InfoNCE stuck at log 256), before the
+        zero-initialised bridge had grown a route for the LM's gradient to reach the encoder; once
+        collapsed, neither restarts (onto collapsed z's) nor InfoNCE (no gradient between equal
+        rows) bring it back."""
         out = {}
         if self.cfg.memory not in ("grids", "single"):
             return out
+        flat = z.reshape(-1, z.shape[-1]).float()
+        out["spread"] = F.relu(1 - (flat.var(0) + 1e-4).sqrt()).mean()
         penalty = z.new_zeros(())
         books = [g.codebook() for g in self.grids] + ([self.router.prototypes] if self.cfg.memory == "grids" else [])
         for book in books:

@@ -41,7 +41,7 @@ from memlm.train.loop import TrainConfig, is_main_process, split_loop, train
 from memlm.train.pretrain import FROM_SCRATCH
 
 STAGE_LR = {1: 3e-3, 2: 2e-3, 3: 5e-4}
-LOSS_WEIGHTS = {"vq": 1.0, "contrastive": 0.1, "orthogonality": 0.1}
+LOSS_WEIGHTS = {"vq": 1.0, "contrastive": 0.1, "orthogonality": 0.1, "spread": 1.0}
 
 
 @dataclass(slots=True)
