@@ -7,7 +7,8 @@ encoder's z (which reads the whole window) and the grids. Compared, each over se
   alone, and an unbounded decoder (the ceiling); parameter counts are reported beside them;
 - held-out bits per byte by the position of the last token read in windows of L tokens: [0, W)
   (nothing cut yet: every model sees the whole window), [W, 4W), [4W, L);
-- the LCM with z zeroed or shuffled across positions (what the decoder takes from the memory);
+- the LCM (and the unquantised variant) with z zeroed or shuffled across positions: what the
+  decoder takes from the memory, by position;
 - a retrieval probe: a made-up fact ("The secret code of the <name> vault is 4817.") stated early,
   asked again after filler text. The score is the bits of the code's tokens when the early fact
   gave the same code, against when it gave another probe's code: the difference is what the
@@ -107,7 +108,7 @@ def run_reach_bench(cfg: ReachBenchConfig, json_path: str | None = None, plot_pa
             _check(model, val, kind, window)
             run = {"model": folder, "parameters": sum(p.numel() for p in model.parameters())}
             run["bpb"] = _bucket_bpb(model, windows, edges, val.bytes_per_token)
-            if kind == "lcm":
+            if model.has_memory:  # what the decoder takes from z, by position
                 for ablation in ("zero", "shuffle"):
                     model.set_runtime(z_ablation=ablation)
                     run[f"bpb_z_{ablation}"] = _bucket_bpb(model, windows, edges, val.bytes_per_token)
@@ -267,6 +268,18 @@ def _goals(result: dict, bucket_names: list[str]) -> dict:
         }
     cost = lcm["bpb_z_zero"][far]["mean"] - lcm["bpb"][far]["mean"]
     goals["zeroing_z_costs_far"] = {"bits_per_byte": cost, "met": cost >= 0.05}
+    # What the past beyond the cut is worth (bounded vs unbounded decoder), and how much of what z
+    # gives depends on position: its value after the cuts minus its value before the first one
+    # (where the decoder sees everything itself, z can only add computation).
+    first = bucket_names[0]
+    if {"decoder", "unbounded"} <= set(models):
+        worth = models["decoder"]["summary"]["bpb"][far]["mean"] - models["unbounded"]["summary"]["bpb"][far]["mean"]
+        goals["past_beyond_the_cut_worth"] = worth
+    for kind in ("lcm", "continuous"):
+        if kind in models:
+            m = models[kind]["summary"]
+            value = {b: m["bpb_z_zero"][b]["mean"] - m["bpb"][b]["mean"] for b in bucket_names}
+            goals[f"{kind}_z_value"] = value | {"beyond_the_cut_minus_before": value[far] - value[first]}
     return goals
 
 
