@@ -23,15 +23,16 @@ TASK=chain_sum_mixed
 KV="--weaver-input states --weaver-output kv --init delimiter"
 GRPO="--objective grpo --steps 40 --problems-per-step 4 --group-size 8 --temperature 0.7 --lr 1e-4 --beta 0.04 --clip 0.2 --screen 64 --n-eval 0"
 FORGET="--retain-task chain_sum --text gensim:enwiki --text-windows 16"
+RESUME=${RESUME:+--resume}  # RESUME=1 continues a stopped run from its checkpoint (and its saved screening)
 
 for stage in $STAGES; do
   case $stage in
     grpo_from_sft)  # start from the SFT weaver (its learned trigger set aside: always on)
       $MEMLM train weaver --model $REASONER --task $TASK --out runs/weaver-grpo-sft $GRPO \
-        --start-from bench/models/chain-sum-mixed-memgen-kv --start-trigger always
+        --start-from bench/models/chain-sum-mixed-memgen-kv --start-trigger always $RESUME
       ;;
     grpo_from_scratch)  # a fresh weaver of the same shape; its KL reference is that fresh start
-      $MEMLM train weaver --model $REASONER --task $TASK --out runs/weaver-grpo-scratch $GRPO $KV
+      $MEMLM train weaver --model $REASONER --task $TASK --out runs/weaver-grpo-scratch $GRPO $KV $RESUME
       ;;
     sft_same_steps)  # LoRA-SFT of the reasoner with the same number of steps, no task reward
       $MEMLM train sft --model $REASONER --task $TASK --steps 40 --n-eval 0 --save-every 20 --out runs/sft-mixed-40

@@ -718,9 +718,28 @@ def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatc
     assert report["screening"]["mixed"] == 2
     logged = [json.loads(line) for line in (tmp_path / "t" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["mixed"] == 1.0
+    assert json.loads((tmp_path / "t" / "screening.json").read_text())["kept"] == [0, 3]
     cfg.problems_per_step, cfg.train.resume = 3, False
     with pytest.raises(MemlmError, match="only 2 of 6 screened problems gave a mixed group"):
         run_trigger_training(cfg)
+
+
+def test_a_resumed_rl_run_reads_its_screening_back(tmp_path):
+    from memlm.train.rollouts import screened
+
+    calls = []
+
+    def screen(problems):
+        calls.append(len(problems))
+        return [1, 2], {"screened": len(problems), "mixed": 2}
+
+    problems = list("abcd")
+    assert screened(problems, screen, 2, tmp_path) == (["b", "c"], {"screened": 4, "mixed": 2})
+    assert screened(problems, screen, 2, tmp_path, resume=True) == (["b", "c"], {"screened": 4, "mixed": 2})
+    assert calls == [4]  # read back, not screened again
+    screened(problems, screen, 2, tmp_path)  # a fresh run screens
+    screened(list("abcdef"), screen, 2, tmp_path, resume=True)  # other problems: the saved list is not theirs
+    assert calls == [4, 4, 6]
 
 
 def test_bench_memgen_rows_json_and_plot(tmp_path):

@@ -8,6 +8,7 @@ screen problems and draw only those whose group was mixed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from memlm.atomic import write_json_atomic
@@ -52,17 +53,33 @@ def mixed_problems(task, problems, completions, group_size: int) -> tuple[list[i
     return kept, summary
 
 
-def screened(problems: list, screen, problems_per_step: int) -> tuple[list, dict | None]:
+SCREENING = "screening.json"
+
+
+def screened(
+    problems: list, screen, problems_per_step: int, out_dir: str | Path | None = None, resume: bool = False
+) -> tuple[list, dict | None]:
     """The problems RL draws from: all of them when `screen` is None, else those `screen(problems)`
-    (-> kept indices, summary) keeps, at least a step's worth. -> (problems, the summary or None)."""
+    (-> kept indices, summary) keeps, at least a step's worth. -> (problems, the summary or None).
+
+    With `out_dir` the kept indices are saved there (screening.json), and a resumed run reads them
+    back instead of screening again: the screen samples every problem's group (the slowest part of
+    a short run), and with the starting weights and seeds it would keep the same problems anyway."""
     if screen is None:
         return problems, None
+    cache = Path(out_dir) / SCREENING if out_dir is not None else None
+    if resume and cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("problems") == len(problems):
+            return [problems[i] for i in saved["kept"]], saved["summary"]
     kept, summary = screen(problems)
     if len(kept) < problems_per_step:
         raise MemlmError(
             f"only {len(kept)} of {len(problems)} screened problems gave a mixed group; "
             "screen more, or change --temperature or --group-size"
         )
+    if cache is not None:
+        write_json_atomic(cache, {"problems": len(problems), "kept": list(kept), "summary": summary})
     return [problems[i] for i in kept], summary
 
 

@@ -150,7 +150,7 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     problems = task.problems(cfg.screen or cfg.n_train, "train")
     trigger.eval()  # screening samples with the starting trigger, as RL would
     screen = (lambda some: screen_problems(engine, memory, task, some, cfg)) if cfg.screen else None
-    problems, screening = screened(problems, screen, cfg.problems_per_step)
+    problems, screening = screened(problems, screen, cfg.problems_per_step, cfg.train.out_dir, cfg.train.resume)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         rng = random.Random(cfg.train.seed * 1_000_003 + step)

@@ -144,7 +144,7 @@ def run_weaver_grpo(cfg: WeaverGRPOConfig) -> dict:
     limit = cfg.max_new_tokens or task.max_new_tokens
     problems = task.problems(cfg.screen or cfg.n_train, "train")
     screen = (lambda some: screen_problems(engine, memory, task, some, cfg)) if cfg.screen else None
-    problems, screening = screened(problems, screen, cfg.problems_per_step)
+    problems, screening = screened(problems, screen, cfg.problems_per_step, cfg.train.out_dir, cfg.train.resume)
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> list[Rollout]:
         rng = random.Random(cfg.train.seed * 1_000_003 + step * 101 + micro)
