@@ -257,7 +257,7 @@ def test_eval_lcm_reach_end_to_end(data, tmp_path, memlm_cli):
     result = subprocess.run([*memlm_cli, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["setup"]["buckets"] == ["0-48", "48-192", "192-256"]
+    assert r["setup"]["buckets"] == ["0-48", "48-192", "192-256", "cut+0-8", "cut+8-48"]
     cut, uncut = (r["models"][k]["runs"][0]["bpb"] for k in ("decoder", "unbounded"))
     assert cut[0] == pytest.approx(uncut[0], abs=1e-6) and cut[2] != pytest.approx(uncut[2], abs=1e-4)
     assert r["models"]["decoder"]["runs"][0]["probe"]["far"]["carried_bits"] == pytest.approx(0, abs=1e-5)

@@ -37,6 +37,7 @@ from memlm.lcm.model import LCMModel
 from memlm.tokenizer import Tokenizer
 
 KINDS = ("lcm", "continuous", "decoder", "unbounded")
+AFTER_CUT = 8  # tokens just after a cut, scored apart
 LABELS = {
     "lcm": "LCM (grids)",
     "continuous": "LCM, z unquantised",
@@ -79,7 +80,16 @@ def run_reach_bench(cfg: ReachBenchConfig, json_path: str | None = None, plot_pa
     edges = [0] + [k * window for k in cfg.buckets] + [cfg.seq_len]
     if edges[-2] >= cfg.seq_len:
         raise MemlmError(f"--seq-len {cfg.seq_len} leaves no tokens beyond {edges[-2]} (4W): make it longer")
+    far = f"{edges[-2]}-{edges[-1]}"
     bucket_names = [f"{a}-{b}" for a, b in zip(edges, edges[1:], strict=False)]
+    masks = [_positions(cfg.seq_len, a, b) for a, b in zip(edges, edges[1:], strict=False)]
+    # Beyond the first cut, by the offset in the segment: right after a cut the bounded decoder
+    # knows nothing of the text but what z brings.
+    after = _positions(cfg.seq_len, window, cfg.seq_len)
+    offset = torch.arange(cfg.seq_len) % window
+    fresh = min(AFTER_CUT, window)
+    masks += [after & (offset < fresh), after & (offset >= fresh)]
+    bucket_names += [f"cut+0-{fresh}", f"cut+{fresh}-{window}"]
     say = print if cfg.progress else (lambda *a, **k: None)
     windows = val.eval_windows(cfg.seq_len, cfg.windows)
     probes = _probes(tokenizer, val, window, cfg.probes, cfg.probe_seed)
@@ -107,11 +117,11 @@ def run_reach_bench(cfg: ReachBenchConfig, json_path: str | None = None, plot_pa
             model = load_lcm(folder).eval()
             _check(model, val, kind, window)
             run = {"model": folder, "parameters": sum(p.numel() for p in model.parameters())}
-            run["bpb"] = _bucket_bpb(model, windows, edges, val.bytes_per_token)
+            run["bpb"] = _bucket_bpb(model, windows, masks, val.bytes_per_token)
             if model.has_memory:  # what the decoder takes from z, by position
                 for ablation in ("zero", "shuffle"):
                     model.set_runtime(z_ablation=ablation)
-                    run[f"bpb_z_{ablation}"] = _bucket_bpb(model, windows, edges, val.bytes_per_token)
+                    run[f"bpb_z_{ablation}"] = _bucket_bpb(model, windows, masks, val.bytes_per_token)
                 model.set_runtime(z_ablation=None)
                 run["memory"] = _memory_stats(model, windows)
             run["probe"] = {name: _probe_score(model, p) for name, p in probes.items()}
@@ -121,7 +131,7 @@ def run_reach_bench(cfg: ReachBenchConfig, json_path: str | None = None, plot_pa
             )
             runs.append(run)
         result["models"][kind] = {"runs": runs, "summary": _summary(runs, bucket_names)}
-    result["goals"] = _goals(result, bucket_names)
+    result["goals"] = _goals(result, bucket_names, far)
     write_outputs(result, None, json_path, plot_path, plot)
     return result
 
@@ -154,9 +164,17 @@ def token_nats(model: LCMModel, windows: torch.Tensor, batch: int = 4) -> torch.
     return torch.cat(out)
 
 
-def _bucket_bpb(model: LCMModel, windows: torch.Tensor, edges: list[int], bytes_per_token: float) -> list[float]:
+def _positions(length: int, start: int, end: int) -> torch.Tensor:
+    """[length] bool: positions (of the last token read) in [start, end)."""
+    t = torch.arange(length)
+    return (t >= start) & (t < end)
+
+
+def _bucket_bpb(
+    model: LCMModel, windows: torch.Tensor, masks: list[torch.Tensor], bytes_per_token: float
+) -> list[float]:
     nats = token_nats(model, windows)
-    return [float(nats[:, a:b].mean()) / math.log(2) / bytes_per_token for a, b in zip(edges, edges[1:], strict=False)]
+    return [float(nats[:, m].mean()) / math.log(2) / bytes_per_token for m in masks]
 
 
 # ---- the retrieval probe --------------------------------------------------------------------------
@@ -252,9 +270,9 @@ def _summary(runs: list[dict], bucket_names: list[str]) -> dict:
     return out
 
 
-def _goals(result: dict, bucket_names: list[str]) -> dict:
-    """The issue's goals, read off the summaries (far bucket = the last)."""
-    models, far = result["models"], bucket_names[-1]
+def _goals(result: dict, bucket_names: list[str], far: str) -> dict:
+    """The issue's goals, read off the summaries (far: the bucket beyond 4W)."""
+    models = result["models"]
     lcm = models["lcm"]["summary"]
     goals: dict = {}
     if "decoder" in models:
@@ -279,7 +297,11 @@ def _goals(result: dict, bucket_names: list[str]) -> dict:
         if kind in models:
             m = models[kind]["summary"]
             value = {b: m["bpb_z_zero"][b]["mean"] - m["bpb"][b]["mean"] for b in bucket_names}
-            goals[f"{kind}_z_value"] = value | {"beyond_the_cut_minus_before": value[far] - value[first]}
+            fresh, rest = bucket_names[-2:]
+            goals[f"{kind}_z_value"] = value | {
+                "beyond_the_cut_minus_before": value[far] - value[first],
+                "just_after_a_cut_minus_later": value[fresh] - value[rest],
+            }
     return goals
 
 
