@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from memlm.data.packed import TokenData
 from memlm.lcm.model import LCMModel
 from memlm.lcm.planting import text_codes
 
@@ -81,8 +80,9 @@ def ordinary_points(model: LCMModel, windows: torch.Tensor) -> torch.Tensor:
     return torch.cat((aux["z"], aux["z_q"]), dim=1).float()
 
 
-def calibration_windows(train: TokenData, seed: int = 0) -> torch.Tensor:
-    """The ordinary prompts radii are calibrated on: random windows of a training split."""
+def calibration_windows(train, seed: int = 0) -> torch.Tensor:
+    """The ordinary prompts radii are calibrated on: random windows of a training split (a
+    memlm.data.packed.TokenData; not imported: data sits above this package)."""
     return train.random_windows(CALIBRATION_WINDOWS, CALIBRATION_TOKENS, seed, CALIBRATION_STEP)
 
 
