@@ -19,6 +19,7 @@ across a cut through depth (a sliding window of W per layer would reach L x W to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +44,13 @@ class Reach:
     valid: torch.Tensor
     window: int
 
-    @property
+    # Cached: every layer of a stack reads them for the same chunk.
+    @cached_property
     def segments(self) -> torch.Tensor:
         """[B, T] the segment of each token; padding -2 (its keys are zero anyway)."""
         return torch.where(self.valid, self.positions.div(self.window, rounding_mode="floor"), -2)
 
-    @property
+    @cached_property
     def before(self) -> torch.Tensor:
         """[B] the segment of the last token already in the state (-1: the state is empty)."""
         first = self.positions[:, 0]  # right padding: column 0 is each row's first new token

@@ -183,8 +183,7 @@ class LCMModel(nn.Module):
             aux.update(losses, z=z, z_q=z_q, trace=trace)
             if with_regularisers:
                 aux.update(self.memory.regularisers(z))
-        positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-        hidden = self.decoder(ids, valid, None, conditions, self._reach(positions, valid))
+        hidden = self.decoder(ids, valid, None, conditions, self._reach(valid))
         return self.decoder.lm_head(hidden).float(), aux
 
     # ---- generation: the engine's contract -----------------------------------------------------------
@@ -240,14 +239,19 @@ class LCMModel(nn.Module):
         if self.has_memory:
             z = self.encoder(ids, valid, state.encoder)
             conditions, _, trace, _ = self.remember(z, valid)
-        positions = state.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
-        hidden = self.decoder(ids, valid, state.decoder, conditions, self._reach(positions, valid))
+        hidden = self.decoder(ids, valid, state.decoder, conditions, self._reach(valid, state.lengths))
         return hidden, trace
 
-    def _reach(self, positions: torch.Tensor, valid: torch.Tensor) -> Reach | None:
-        """The decoder's bounded view of the past (config.decoder_window), or None: unbounded."""
+    def _reach(self, valid: torch.Tensor, start: torch.Tensor | None = None) -> Reach | None:
+        """The decoder's bounded view of the past (config.decoder_window) for a right-padded chunk
+        whose rows start at absolute positions `start` ([B]; None: 0), or None: unbounded."""
         window = self.config.decoder_window
-        return Reach(torch.where(valid, positions, -1), valid, window) if window else None
+        if not window:
+            return None
+        positions = torch.arange(valid.shape[1], device=valid.device)[None].expand_as(valid)
+        if start is not None:
+            positions = positions + start[:, None]
+        return Reach(torch.where(valid, positions, -1), valid, window)
 
     def _note_traces(self, trace: LoopTrace, valid: torch.Tensor, state: LCMState) -> None:
         """Per row: halted if any of its new tokens came near a danger code; the trace of its last token."""
