@@ -30,7 +30,7 @@ from memlm.errors import MemlmError
 from memlm.formats.loading import load_model
 from memlm.lcm.checkpoint import load_lcm
 from memlm.lcm.config import GRID_NAMES, LCMConfig
-from memlm.lcm.memory import CodeUsage
+from memlm.lcm.memory import loop_report
 from memlm.lcm.model import LCMModel
 from memlm.train.heldout import bits_per_byte, lcm_logits, llama_logits
 
@@ -170,18 +170,16 @@ def _memory_stats(model: LCMModel, val: TokenData, cfg: LCMBenchConfig) -> dict:
     if model.config.memory not in ("grids", "single"):
         return {}
     windows = val.eval_windows(cfg.seq_len, cfg.windows)
-    usage = CodeUsage(model.memory)
-    steps = torch.zeros(model.config.max_loop_steps + 1, dtype=torch.long)
-    entropy, z_all, z_q_all = 0.0, [], []
+    traces, entropy, z_all, z_q_all = [], 0.0, [], []
     for start in range(0, windows.shape[0], 8):
         _, aux = model(windows[start : start + 8, :-1])
         trace = aux["trace"]
-        usage.add(trace)
+        traces.append(trace)
         z_all.append(aux["z"].flatten(0, 1))
         z_q_all.append(aux["z_q"].flatten(0, 1))
-        steps += torch.bincount(trace.steps, minlength=steps.numel())[: steps.numel()]
         if trace.route_entropy() is not None:
             entropy += float(trace.route_entropy().sum())
+    report = loop_report(model.memory, traces)
     # How much z_q varies from token to token, against z: near 0 means the loop sends every token to
     # (nearly) the same point, and the decoder has nothing position-specific to read.
     z_all, z_q_all = torch.cat(z_all), torch.cat(z_q_all)
@@ -191,10 +189,10 @@ def _memory_stats(model: LCMModel, val: TokenData, cfg: LCMBenchConfig) -> dict:
         "z_q_std": float(z_q_all.std(0).mean()),
         "z_q_distinct": int(torch.unique(z_q_all.round(decimals=4), dim=0).shape[0]),
         "tokens": tokens,
-        "grids": usage.summary(),
+        "grids": report["code_usage"],
         "route_entropy": entropy / tokens if model.config.memory == "grids" else None,
         "route_entropy_max": math.log(len(GRID_NAMES)),
-        "loop_steps_histogram": {str(i): int(n) for i, n in enumerate(steps.tolist()) if i > 0},
+        "loop_steps_histogram": report["loop_steps"],
     }
 
 

@@ -32,7 +32,7 @@ from memlm.data.packed import TokenData
 from memlm.errors import MemlmError
 from memlm.lcm.checkpoint import load_lcm
 from memlm.lcm.config import LCMConfig
-from memlm.lcm.memory import CodeUsage, steps_histogram
+from memlm.lcm.memory import loop_report
 from memlm.lcm.model import LCMModel
 from memlm.tokenizer import Tokenizer
 
@@ -242,16 +242,8 @@ def _probe_score(model: LCMModel, probe: dict) -> dict:
 def _memory_stats(model: LCMModel, windows: torch.Tensor) -> dict:
     if model.config.memory not in ("grids", "single"):
         return {}
-    usage, steps = CodeUsage(model.memory), []
-    for start in range(0, windows.shape[0], 4):
-        trace = model(windows[start : start + 4, :-1])[1]["trace"]
-        usage.add(trace)
-        steps.append(trace.steps)
-    return {
-        "converge_threshold": model.config.converge_threshold,
-        "loop_steps": steps_histogram(torch.cat(steps), model.config.max_loop_steps),
-        "code_usage": usage.summary(),
-    }
+    traces = [model(windows[start : start + 4, :-1])[1]["trace"] for start in range(0, windows.shape[0], 4)]
+    return {"converge_threshold": model.config.converge_threshold} | loop_report(model.memory, traces)
 
 
 def _mean_sd(values: list[float]) -> dict:

@@ -30,8 +30,7 @@ def _plant(model: str, texts: str, radius: float | None, clear: bool, add):
         raise MemlmError("--radius must be > 0")
     safety = lcm.memory.safety
     if clear:
-        for name, buffer in safety.named_buffers():
-            setattr(safety, name, buffer[:0])
+        safety.clear()
     planted = 0
     if texts:
         path = Path(texts)

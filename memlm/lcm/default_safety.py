@@ -104,8 +104,7 @@ def plant_defaults(model: LCMModel, tokenizer, windows: torch.Tensor, rate: floa
     """Replace the model's safety grids with the default set, radii calibrated on `windows` of
     ordinary text ([N, T] token ids, read as prompts). -> what was planted."""
     safety = model.memory.safety
-    for name, buffer in safety.named_buffers():
-        setattr(safety, name, buffer[:0])
+    safety.clear()
     ordinary = ordinary_points(model, windows)
     out = {"rate": rate, "calibration_windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1])}
     for kind, texts in (("danger", DANGER), ("forbidden", FORBIDDEN), ("allowed", ALLOWED)):

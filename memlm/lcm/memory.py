@@ -75,6 +75,11 @@ class Safety(nn.Module):
         self.register_buffer("danger_codes", torch.zeros(0, dim))
         self.register_buffer("danger_radius", torch.zeros(0))
 
+    def clear(self) -> None:
+        """Remove every planted code and anchor."""
+        for name, buffer in self.named_buffers():
+            setattr(self, name, buffer[:0])
+
     def add_danger(self, codes: torch.Tensor, radius: torch.Tensor) -> None:
         self.danger_codes = torch.cat((self.danger_codes, codes.to(self.danger_codes)))
         self.danger_radius = torch.cat((self.danger_radius, radius.to(self.danger_radius)))
@@ -257,6 +262,18 @@ def steps_histogram(steps: torch.Tensor, max_steps: int) -> dict[str, int]:
     return {str(i): int(n) for i, n in enumerate(counts.tolist()) if i > 0}
 
 
+def loop_report(memory: CodebookMemory, traces: list[LoopTrace]) -> dict:
+    """What the loop and the grids did over these traces: loop steps per token and, where there are
+    codes, each grid's code use (CodeUsage.summary)."""
+    out: dict = {"loop_steps": steps_histogram(torch.cat([t.steps for t in traces]), memory.cfg.max_loop_steps)}
+    if memory.cfg.memory in ("grids", "single"):
+        usage = CodeUsage(memory)
+        for trace in traces:
+            usage.add(trace)
+        out["code_usage"] = usage.summary()
+    return out
+
+
 class CodeUsage:
     """How often each grid returned each of its codes (at the first loop step), and what that says:
     the trainer logs it and restarts dead codes from it, `memlm eval lcm` reports it."""
@@ -285,4 +302,13 @@ class CodeUsage:
         return out
 
 
-__all__ = ["CodebookMemory", "CodeUsage", "LoopTrace", "Router", "Safety", "convergence_threshold", "steps_histogram"]
+__all__ = [
+    "CodebookMemory",
+    "CodeUsage",
+    "LoopTrace",
+    "Router",
+    "Safety",
+    "convergence_threshold",
+    "loop_report",
+    "steps_histogram",
+]

@@ -32,7 +32,7 @@ from memlm.errors import MemlmError
 from memlm.lcm.checkpoint import load_lcm, save_lcm
 from memlm.lcm.config import LCMConfig
 from memlm.lcm.default_safety import calibration_windows, plant_defaults
-from memlm.lcm.memory import CodeUsage, convergence_threshold, steps_histogram
+from memlm.lcm.memory import CodeUsage, convergence_threshold, loop_report
 from memlm.lcm.model import LCMModel
 from memlm.models.moe import expert_load, load_balancing_loss, router_logits_of, router_z_loss
 from memlm.tokenizer import Tokenizer
@@ -198,23 +198,27 @@ def _calibrate_loop(model: LCMModel, val: TokenData, cfg: LCMTrainConfig) -> dic
     """Set the loop's convergence threshold from held-out text (the model is saved with it), and
     say what the memory does there: loop steps per token, code use and perplexity per grid."""
     model.eval()
-    windows = val.eval_windows(cfg.seq_len, cfg.eval_windows)[:, :-1]
     out: dict = {}
     if model.config.memory == "grids":
         model.set_runtime(converge_threshold=0.0)  # every step taken: how far the first one moves z
-        out["val_bpb_loop_to_limit"] = bits_per_byte(lcm_logits(model), val, cfg.seq_len, cfg.eval_windows)
-        first = torch.cat([model(w[None])[1]["trace"].changes[:, 0] for w in windows])
+        out["val_bpb_loop_to_limit"], traces = _held_out(model, val, cfg)
+        first = torch.cat([t.changes[:, 0] for t in traces])
         out["converge_threshold"] = convergence_threshold(first, CALIBRATION_STOP_SHARE)
         model.set_runtime(converge_threshold=out["converge_threshold"])
-    traces = [model(w[None])[1]["trace"] for w in windows]
-    out["loop_steps"] = steps_histogram(torch.cat([t.steps for t in traces]), model.config.max_loop_steps)
-    if model.config.memory in ("grids", "single"):
-        usage = CodeUsage(model.memory)
-        for trace in traces:
-            usage.add(trace)
-        out["code_usage"] = usage.summary()
-    out["val_bpb"] = bits_per_byte(lcm_logits(model), val, cfg.seq_len, cfg.eval_windows)
-    return out
+    out["val_bpb"], traces = _held_out(model, val, cfg)
+    return out | loop_report(model.memory, traces)
+
+
+def _held_out(model: LCMModel, val: TokenData, cfg: LCMTrainConfig):
+    """-> (held-out bits per byte, the loop traces of that same pass)."""
+    traces = []
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        logits, aux = model(ids.to(model.device))
+        traces.append(aux["trace"])
+        return logits
+
+    return bits_per_byte(run, val, cfg.seq_len, cfg.eval_windows), traces
 
 
 def _new_config(cfg: LCMTrainConfig, header: dict) -> LCMConfig:
