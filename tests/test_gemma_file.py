@@ -63,3 +63,16 @@ def test_greedy_on_blocks_equals_the_dequantized_file(gemma):
     dequantized = [c.token_ids for c in Engine(exact.model, exact.tokenizer).generate(PROMPTS, params)]
     assert native == dequantized
     assert all(len(set(ids)) > 2 for ids in native)  # not one token repeated: a model that reads its input
+
+
+def test_tokenization_equals_llama_cpps_on_the_multilingual_sample(gemma):
+    """Optional (skipped without llama-cpp-python, never a CI dependency): memlm's SentencePiece
+    tokenizer of the file gives llama.cpp's ids, token for token, on every text of the sample."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from memlm.bench.llama_cpp import LlamaCppVocab, gguf_file_of
+    from memlm.bench.tokenize_agreement import sample_texts
+
+    theirs = LlamaCppVocab(gguf_file_of("gemma3-270m"))
+    texts = list(sample_texts(20).values()) + SAMPLES
+    differ = [t for t in texts if gemma.tokenizer.encode(t) != theirs.encode(t)]
+    assert not differ, differ

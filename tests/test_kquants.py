@@ -318,6 +318,28 @@ def test_quantize_a_gguf_file_reads_back_with_each_tensors_format(mixed_gguf, tm
     assert model.layers[1].self_attn.qkv_proj.qweight.formats == ("q4_k", "q6_k")  # use_more_bits(1, 2)
 
 
+def test_f32_file_holds_the_source_dequantized_exactly(mixed_gguf, tmp_path):
+    """F32 (what llama.cpp's own quantizer reads): every tensor is float32 and equals the source's
+    gguf dequantization bit for bit, so the model runs as the source dequantized."""
+    from memlm.formats.gguf_writer import quantize_file
+
+    _, path, _ = mixed_gguf
+    out = tmp_path / "f32.gguf"
+    quantize_file(str(path), out, scheme("F32"))
+    source, written = gguf.GGUFReader(str(path)), gguf.GGUFReader(str(out))
+    assert written.fields["general.file_type"].contents() == 0
+    for t in written.tensors:
+        assert t.tensor_type == Q.F32, t.name
+        src = next(s for s in source.tensors if s.name == t.name)
+        assert np.array_equal(t.data.reshape(-1), gguf.quants.dequantize(src.data, src.tensor_type).reshape(-1)), t.name
+    ids = torch.randint(0, 100, (1, 9))
+    want, got = load_model(str(path), dtype="float32").model, load_model(str(out), dtype="auto").model
+    with torch.no_grad():
+        a = want.logits(want(want.embed(ids), torch.arange(9)[None]))
+        b = got.logits(got(got.embed(ids), torch.arange(9)[None]))
+    assert torch.equal(a, b)
+
+
 def test_quantize_an_hf_folder_keeps_row_order_and_tokenizer(tmp_path):
     """Q8_0 from a Hugging Face folder: memlm reads back exactly gguf's Q8_0 rounding of each HF
     weight (rows quantize independently, so the Q/K permutation must round-trip exactly)."""
@@ -367,7 +389,7 @@ def test_llama_cpp_loads_memlms_q4_k_m_file_and_agrees():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     import memlm
     from memlm.bench.decode import PROMPTS, encode_prompts
-    from memlm.bench.llama_cpp import LlamaCppGreedy
+    from memlm.bench.llama_cpp_runner import LlamaCppGreedy
     from memlm.bench.quantized_files import quantized_file
 
     path = quantized_file("smollm2-135m-instruct", "Q4_K_M")

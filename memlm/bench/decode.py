@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from rich.console import Console
 
 import memlm
-from memlm.bench.llama_cpp import LlamaCppGreedy, gguf_file_of, tokenizer_of
+from memlm.bench.llama_cpp import gguf_file_of, measure_greedy, tokenizer_of
+from memlm.bench.llama_cpp_runner import best_times
 from memlm.bench.quantized_files import file_type_of, load_args, quantized_file
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
 from memlm.cache.kv_cache import KVCache
@@ -228,20 +229,6 @@ def _in_child(fn: Callable, *args) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def _best_times(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tuple[float, float, Any]:
-    """-> (best prefill seconds, best full-run seconds, the full run's output)."""
-    run(min(4, new_tokens))  # warm-up: allocator, oneDNN/fbgemm kernels, lazy inits
-    prefill, full, output = math.inf, math.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        output = run(new_tokens)
-        t2 = time.perf_counter()
-        prefill, full = min(prefill, t1 - t0), min(full, t2 - t1)
-    return prefill, full, output
-
-
 def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, threads: int, repeats: int):
     """Child: measure one engine at one batch size. Returns a result row plus its outputs."""
     torch.set_num_threads(threads)
@@ -283,27 +270,31 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
                 )
             return out[:, longest:].tolist()
 
-    elif engine == "llama.cpp":
+    elif engine == "llama.cpp":  # timed in a process of its own: its peak RSS is llama.cpp's alone
         path = gguf_file_of(model)
         prompt_ids = encode_prompts(tokenizer_of(path), batch_prompts(PROMPTS, batch))
-        runner = LlamaCppGreedy(path, threads, batch, max(len(p) for p in prompt_ids) + new_tokens + 8)
-
-        def run(n: int):
-            return runner.generate(prompt_ids, n)
+        done = measure_greedy(path, threads, prompt_ids, new_tokens, repeats)
+        return _row(engine, "gguf file", batch, prompt_ids, new_tokens, done["prefill_s"], done["full_s"],
+                    done["peak_rss_mb"], done["outputs"])  # fmt: skip
 
     else:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
-    prefill, full, outputs = _best_times(run, new_tokens, repeats)
+    prefill, full, outputs = best_times(run, new_tokens, repeats)
+    shown = dtype if engine == "memlm" else "float32"
+    return _row(engine, shown, batch, prompt_ids, new_tokens, prefill, full, peak_rss_mb(), outputs)
+
+
+def _row(engine, dtype, batch, prompt_ids, new_tokens, prefill, full, peak_mb, outputs) -> dict:
     prompt_tokens = sum(len(p) for p in prompt_ids)
     decode_time = full - prefill
     return {
         "engine": engine,
         "batch": batch,
-        "dtype": dtype if engine == "memlm" else "float32" if engine == "hf" else "gguf file",
+        "dtype": dtype,
         "prefill_tok_s": round(prompt_tokens / prefill, 2),
         "decode_tok_s": round(batch * (new_tokens - 1) / decode_time, 2) if decode_time > 0 else None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_mb, 1),
         "_outputs": outputs,
     }
 

@@ -1,17 +1,21 @@
-"""llama.cpp as a reference engine in `memlm bench decode --against llama.cpp`.
+"""llama.cpp beside memlm in the benchmarks (llama-cpp-python: optional, never a CI dependency).
 
-Runs the same GGUF file through llama-cpp-python's low-level API (an optional extra, never a CI
-dependency): a batch of prompts is prefilled in one `llama_decode`, then every step decodes one
-token per sequence in one `llama_decode`, greedy, with end-of-generation tokens masked so every
-sequence emits exactly the requested number of tokens, like the other engines in the benchmark.
+- the GGUF file a model name stands for, and memlm's tokenizer of it (every engine gets the same ids);
+- `measure_greedy`: llama.cpp's greedy decoding timed in a process of its own
+  (`llama_cpp_runner.py`, which imports nothing of memlm), so its peak RSS is llama.cpp's alone;
+- `llama_cpp_quantize`: llama.cpp's own quantizer (`memlm bench`'s quantizer comparison);
+- `LlamaCppVocab`: llama.cpp's tokenizer of a file (the tokenization comparison).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
-
+from memlm.bench import llama_cpp_runner
+from memlm.bench.llama_cpp_runner import first, init_quietly
 from memlm.errors import MemlmError
 from memlm.formats.gguf_header import read_header
 from memlm.formats.loading import ASSEMBLED, EMBEDDED
@@ -35,96 +39,71 @@ def tokenizer_of(path: Path):
     return Tokenizer.from_gguf(read_header(path)[0])
 
 
-def _first(module, *names):
-    """llama-cpp-python renamed several functions across versions: the first one this one has."""
-    for name in names:
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise MemlmError(f"this llama-cpp-python has none of {', '.join(names)}")
+def llama_cpp_quantize(source: Path, target: Path, file_type: int, threads: int) -> Path:
+    """`source` (an unquantized GGUF) quantized by llama.cpp's own quantizer into `target` as
+    LLAMA_FTYPE `file_type` (no importance matrix: its defaults, as `llama-quantize IN OUT TYPE`),
+    written beside it and renamed into place; kept if it exists."""
+    if target.is_file():
+        return target
+    import llama_cpp as ll  # lazy: llama-cpp-python is optional, never a CI dependency
+
+    init_quietly(ll)
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = file_type
+    params.nthread = threads
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        status = ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if status != 0:
+            raise MemlmError(f"llama.cpp could not quantize {source} (status {status})")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
-class LlamaCppGreedy:
-    def __init__(self, path: Path, threads: int, sequences: int, max_tokens_per_sequence: int):
+class LlamaCppVocab:
+    """llama.cpp's tokenizer of a GGUF file (the vocabulary alone is loaded, no weights)."""
+
+    def __init__(self, path: Path):
         import llama_cpp as ll  # lazy: llama-cpp-python is optional, never a CI dependency
 
         self.ll = ll
-        # llama.cpp logs every load and context to stderr; the benchmark's table is the output.
-        self._quiet = ll.llama_log_callback(lambda level, text, data: None)
-        ll.llama_log_set(self._quiet, None)
-        ll.llama_backend_init()
-        model_params = ll.llama_model_default_params()
-        self.model = _first(ll, "llama_model_load_from_file", "llama_load_model_from_file")(
-            str(path).encode(), model_params
-        )
+        init_quietly(ll)
+        params = ll.llama_model_default_params()
+        params.vocab_only = True
+        self.model = first(ll, "llama_model_load_from_file", "llama_load_model_from_file")(str(path).encode(), params)
         if not self.model:
             raise MemlmError(f"llama.cpp could not load {path}")
-        params = ll.llama_context_default_params()
-        params.n_ctx = sequences * max_tokens_per_sequence
-        params.n_batch = params.n_ubatch = max(512, sequences * max_tokens_per_sequence)
-        params.n_seq_max = sequences
-        params.n_threads = params.n_threads_batch = threads
-        if hasattr(params, "kv_unified"):
-            params.kv_unified = True
-        self.ctx = _first(ll, "llama_init_from_model", "llama_new_context_with_model")(self.model, params)
-        if not self.ctx:
-            raise MemlmError("llama.cpp could not create a context")
-        vocab = ll.llama_model_get_vocab(self.model) if hasattr(ll, "llama_model_get_vocab") else self.model
-        self.n_vocab = _first(ll, "llama_vocab_n_tokens", "llama_n_vocab")(vocab)
-        is_eog = _first(ll, "llama_vocab_is_eog", "llama_token_is_eog")
-        self.end_tokens = np.array([t for t in range(self.n_vocab) if is_eog(vocab, t)], dtype=np.int64)
-        self.batch = ll.llama_batch_init(params.n_batch, 0, sequences)
+        self.vocab = ll.llama_model_get_vocab(self.model) if hasattr(ll, "llama_model_get_vocab") else self.model
 
-    def _clear(self) -> None:
-        ll = self.ll
-        if hasattr(ll, "llama_memory_clear"):
-            ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
-        else:
-            _first(ll, "llama_kv_self_clear", "llama_kv_cache_clear")(self.ctx)
-
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> np.ndarray:
-        """Decode (token, position, sequence, wants_logits) entries -> logits [n_wanted, vocab]."""
-        b = self.batch
-        for i, (token, pos, seq, wants) in enumerate(entries):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, wants
-            b.seq_id[i][0] = seq
-        b.n_tokens = len(entries)
-        status = self.ll.llama_decode(self.ctx, b)
-        if status != 0:
-            raise MemlmError(f"llama_decode failed with status {status}")
-        wanted = sum(e[3] for e in entries)
-        logits = np.ctypeslib.as_array(self.ll.llama_get_logits(self.ctx), shape=(wanted * self.n_vocab,))
-        return logits.reshape(wanted, self.n_vocab)
-
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of exactly `new_tokens` tokens per prompt (end tokens masked)."""
-        self._clear()
-        entries = [
-            (token, pos, seq, pos == len(prompt) - 1)
-            for seq, prompt in enumerate(prompts)
-            for pos, token in enumerate(prompt)
-        ]
-        logits = self._decode(entries)
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for step in range(new_tokens):
-            logits = logits.copy()
-            logits[:, self.end_tokens] = -np.inf
-            tokens = logits.argmax(axis=1).tolist()
-            for out, token in zip(outputs, tokens, strict=True):
-                out.append(int(token))
-            if step + 1 == new_tokens:
-                break
-            logits = self._decode(
-                [(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(tokens, prompts, strict=True))]
-            )
-        return outputs
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """As llama.cpp's tokenize: BOS where the file asks for it, special pieces parsed as tokens."""
+        data = text.encode()
+        room = len(data) + 8
+        tokens = (self.ll.llama_token * room)()
+        n = self.ll.llama_tokenize(self.vocab, data, len(data), tokens, room, add_special, True)
+        if n < 0:
+            raise MemlmError(f"llama.cpp needs {-n} tokens for a text of {len(data)} bytes")
+        return list(tokens[:n])
 
     def __del__(self):
-        ll = getattr(self, "ll", None)
-        if ll is None:
-            return
-        if getattr(self, "batch", None) is not None:
-            ll.llama_batch_free(self.batch)
-        if getattr(self, "ctx", None):
-            ll.llama_free(self.ctx)
         if getattr(self, "model", None):
-            _first(ll, "llama_model_free", "llama_free_model")(self.model)
+            first(self.ll, "llama_model_free", "llama_free_model")(self.model)
+
+
+def measure_greedy(path: Path, threads: int, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """llama.cpp's best prefill and full-run times, outputs and peak RSS, from a process that holds
+    llama.cpp alone (llama_cpp_runner.py run as a script)."""
+    job = {"path": str(path), "threads": threads, "prompts": prompts, "new_tokens": new_tokens, "repeats": repeats}
+    done = subprocess.run(
+        [sys.executable, "-I", llama_cpp_runner.__file__],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise MemlmError(f"llama.cpp failed on {path}: {last}")
+    return json.loads(done.stdout)

@@ -16,11 +16,16 @@ independent windows of 256 tokens:
 and, exactness of the kernels on the real model: greedy agreement (32 new tokens, the 8 bench
 prompts, one at a time) of the file in exact mode (fp32 activations) with the same file
 dequantized to float32. Prints a table and writes JSON.
+
+With `--against llama.cpp` (llama-cpp-python installed; never a CI dependency) every type is also
+made by llama.cpp's own quantizer from the same float32 weights (memlm's F32 file of the model)
+and scored the same way by memlm, so the two quantizers differ in nothing but their blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import time
@@ -31,7 +36,7 @@ from rich.console import Console
 
 import memlm
 from memlm.bench.decode import PROMPTS, SAMPLE_TEXT, encode_prompts, greedy_agreement
-from memlm.bench.quantized_files import quantized_file
+from memlm.bench.quantized_files import llama_cpp_quantized_file, quantized_file
 from memlm.bench.report import print_table, write_outputs
 from memlm.formats.loading import resolve
 
@@ -71,7 +76,17 @@ def compare(reference: list, candidate: list) -> dict:
     }
 
 
-def run(model: str, types: list[str], tokens: int, new_tokens: int, threads: int) -> dict:
+def llama_cpp_row(model: str, type_name: str, ref_windows: list, ids: list[int], threads: int) -> dict:
+    """The same type made by llama.cpp's quantizer from memlm's float32 file of the model."""
+    start = time.perf_counter()
+    path = llama_cpp_quantized_file(model, type_name, threads)
+    made = time.perf_counter() - start
+    theirs = memlm.load(str(path), dtype="auto")
+    row = compare(ref_windows, window_logits(theirs.model, ids))
+    return row | {"file_mb": round(os.path.getsize(path) / 1e6, 1), "quantize_s": round(made, 1)}
+
+
+def run(model: str, types: list[str], tokens: int, new_tokens: int, threads: int, against: bool = False) -> dict:
     torch.set_num_threads(threads)
     reference = memlm.load(model, dtype="float32")
     ids = reference.tokenizer.encode(SAMPLE_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)[:tokens]
@@ -98,28 +113,43 @@ def run(model: str, types: list[str], tokens: int, new_tokens: int, threads: int
             "exact_vs_dequantized_prefix": round(prefix, 4),
             "quantize_s": round(made, 1),
         }
+        if against:
+            theirs = llama_cpp_row(model, type_name, ref_windows, ids, threads)
+            row["llama.cpp"] = theirs
+            row["ppl_vs_llama_cpp_pct"] = round(100 * (row["ppl"] - theirs["ppl"]) / theirs["ppl"], 3)
         rows[type_name] = row
         print(f"{type_name}: {row}", flush=True)  # progress: each type takes minutes on 2 cores
-    return {"model": model, "source": str(resolve(model)[1]), "threads": threads, "window": WINDOW, "types": rows}
+    return {
+        "model": model,
+        "source": str(resolve(model)[1]),
+        "threads": threads,
+        "window": WINDOW,
+        "against": ["llama.cpp"] if against else [],
+        "types": rows,
+    }
 
 
 def print_result(result: dict, console) -> None:
-    columns = ("type", "file MB", "ppl fp32", "ppl", "ppl +%", "KL mean", "top-1 agree", "exact==dequant")
-    rows = [
-        [
-            name,
-            f"{r['file_mb']:.1f}",
-            f"{r['ppl_float32']:.3f}",
-            f"{r['ppl']:.3f}",
-            f"{r['ppl_delta_pct']:+.2f}",
-            f"{r['kl_mean']:.4f}",
-            f"{r['top1_agree']:.3f}",
-            f"{r['exact_vs_dequantized_identical']:.2f}",
-        ]
-        for name, r in result["types"].items()
-    ]
+    columns = ("type", "quantizer", "file MB", "ppl fp32", "ppl", "ppl +%", "KL mean", "top-1 agree", "exact==dequant")
+    rows = []
+    for name, r in result["types"].items():
+        for quantizer, q in (("memlm", r), ("llama.cpp", r.get("llama.cpp"))):
+            if q is None:
+                continue
+            exact = q.get("exact_vs_dequantized_identical")
+            rows.append([
+                name,
+                quantizer,
+                f"{q['file_mb']:.1f}",
+                f"{q['ppl_float32']:.3f}",
+                f"{q['ppl']:.3f}",
+                f"{q['ppl_delta_pct']:+.2f}",
+                f"{q['kl_mean']:.4f}",
+                f"{q['top1_agree']:.3f}",
+                "" if exact is None else f"{exact:.2f}",
+            ])  # fmt: skip
     title = f"memlm quantize quality: {result['model']}, {next(iter(result['types'].values()))['tokens']} tokens"
-    print_table(console, title, columns, rows, left=("type",))
+    print_table(console, title, columns, rows, left=("type", "quantizer"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,10 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--against", default="", help="llama.cpp: also quantize with llama.cpp's quantizer (needs llama-cpp-python)"
+    )
     args = parser.parse_args(argv)
+    if args.against not in ("", "llama.cpp"):
+        parser.error(f"--against takes llama.cpp, not {args.against!r}")
+    if args.against and importlib.util.find_spec("llama_cpp") is None:
+        raise SystemExit("--against llama.cpp needs llama-cpp-python: pip install llama-cpp-python")
     console = Console()
     types = [t.strip() for t in args.types.split(",") if t.strip()]
-    result = run(args.model, types, args.tokens, args.new_tokens, args.threads)
+    result = run(args.model, types, args.tokens, args.new_tokens, args.threads, against=bool(args.against))
     print_result(result, console)
     write_outputs(result, console, args.json, None, None)
 

@@ -34,6 +34,17 @@ def quantized_file(model: str, type_name: str) -> Path:
     return target
 
 
+def llama_cpp_quantized_file(model: str, type_name: str, threads: int = 2) -> Path:
+    """`model` quantized as `type_name` by llama.cpp's own quantizer (llama-cpp-python, optional),
+    from memlm's F32 file of the same weights; cached beside memlm's files."""
+    from memlm.bench.llama_cpp import llama_cpp_quantize  # lazy: llama-cpp-python is optional
+    from memlm.quant.mix import scheme
+
+    source = quantized_file(model, "F32")
+    target = source.with_name(source.name.replace("-F32.gguf", f"-{type_name.upper()}-llama.cpp.gguf"))
+    return llama_cpp_quantize(source, target, scheme(type_name).file_type, threads)
+
+
 def load_args(model: str, dtype: str) -> tuple[str, str]:
     """(model, dtype) to pass to memlm.load for a benchmark dtype: a file type's file in auto."""
     name = file_type_of(dtype)

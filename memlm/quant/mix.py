@@ -11,6 +11,8 @@ layout of llama.cpp's:
   and last eighth of the layers, and every third layer between them).
 - A K-quant on rows that are not whole super-blocks of 256 takes llama.cpp's fallback:
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (the 135M model's 576-wide matrices, for instance).
+- F32 keeps every tensor in float32: the unquantized source llama.cpp's own quantizer reads (a
+  quantized input dequantized), so both quantizers can be compared on the same weights.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Scheme:
 SCHEMES = {
     s.name: s
     for s in (
+        Scheme("F32", "f32", 0),
         Scheme("Q4_0", "q4_0", 2),
         Scheme("Q8_0", "q8_0", 7),
         Scheme("Q4_K_M", "q4_k", 15, more_bits=True),
@@ -57,6 +60,8 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], chosen: Scheme) -> dict[str
     shape in PyTorch order ([out, in] for matrices)."""
     from memlm.quant.qweight import format_for_width  # lazy: the CLI lists SCHEMES without torch
 
+    if chosen.base == "f32":
+        return {name: "f32" for name, _ in tensors}
     names = [name for name, _ in tensors]
     has_output = "output.weight" in names
     head = "output.weight" if has_output else "token_embd.weight"

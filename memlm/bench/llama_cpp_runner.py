@@ -1,0 +1,161 @@
+"""llama.cpp's greedy decoding on a GGUF file, runnable on its own: `python llama_cpp_runner.py`.
+
+llama-cpp-python's low-level API (an optional extra, never a CI dependency): a batch of prompts is
+prefilled in one `llama_decode`, then every step decodes one token per sequence in one
+`llama_decode`, greedy, with end-of-generation tokens masked so every sequence emits exactly the
+requested number of tokens, like the other engines of `memlm bench decode`.
+
+This module imports nothing of memlm (nor torch): run as a script it is a process that holds
+llama.cpp and numpy alone, so the peak RSS it reports is llama.cpp's own, not llama.cpp's plus
+torch's and memlm's tokenizer. It reads {"path", "threads", "prompts", "new_tokens", "repeats"} as
+JSON on stdin and writes {"prefill_s", "full_s", "outputs", "peak_rss_mb"} as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a file, a context or a batch."""
+
+
+_QUIET = None  # the log callback, kept alive while llama.cpp may call it
+
+
+def init_quietly(ll) -> None:
+    """llama.cpp logs every load, context and quantized tensor to stderr: the benchmarks' tables
+    are their output, so its log goes nowhere. The backend is initialised once per process."""
+    global _QUIET
+    if _QUIET is None:
+        _QUIET = ll.llama_log_callback(lambda level, text, data: None)
+        ll.llama_log_set(_QUIET, None)
+        ll.llama_backend_init()
+
+
+def first(module, *names):
+    """llama-cpp-python renamed several functions across versions: the first one this one has."""
+    for name in names:
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise LlamaCppError(f"this llama-cpp-python has none of {', '.join(names)}")
+
+
+class LlamaCppGreedy:
+    def __init__(self, path: Path, threads: int, sequences: int, max_tokens_per_sequence: int):
+        import llama_cpp as ll  # lazy: llama-cpp-python is optional, never a CI dependency
+
+        self.ll = ll
+        init_quietly(ll)
+        model_params = ll.llama_model_default_params()
+        self.model = first(ll, "llama_model_load_from_file", "llama_load_model_from_file")(
+            str(path).encode(), model_params
+        )
+        if not self.model:
+            raise LlamaCppError(f"llama.cpp could not load {path}")
+        params = ll.llama_context_default_params()
+        params.n_ctx = sequences * max_tokens_per_sequence
+        params.n_batch = params.n_ubatch = max(512, sequences * max_tokens_per_sequence)
+        params.n_seq_max = sequences
+        params.n_threads = params.n_threads_batch = threads
+        if hasattr(params, "kv_unified"):
+            params.kv_unified = True
+        self.ctx = first(ll, "llama_init_from_model", "llama_new_context_with_model")(self.model, params)
+        if not self.ctx:
+            raise LlamaCppError("llama.cpp could not create a context")
+        vocab = ll.llama_model_get_vocab(self.model) if hasattr(ll, "llama_model_get_vocab") else self.model
+        self.n_vocab = first(ll, "llama_vocab_n_tokens", "llama_n_vocab")(vocab)
+        is_eog = first(ll, "llama_vocab_is_eog", "llama_token_is_eog")
+        self.end_tokens = np.array([t for t in range(self.n_vocab) if is_eog(vocab, t)], dtype=np.int64)
+        self.batch = ll.llama_batch_init(params.n_batch, 0, sequences)
+
+    def _clear(self) -> None:
+        ll = self.ll
+        if hasattr(ll, "llama_memory_clear"):
+            ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        else:
+            first(ll, "llama_kv_self_clear", "llama_kv_cache_clear")(self.ctx)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> np.ndarray:
+        """Decode (token, position, sequence, wants_logits) entries -> logits [n_wanted, vocab]."""
+        b = self.batch
+        for i, (token, pos, seq, wants) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, wants
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        status = self.ll.llama_decode(self.ctx, b)
+        if status != 0:
+            raise LlamaCppError(f"llama_decode failed with status {status}")
+        wanted = sum(e[3] for e in entries)
+        logits = np.ctypeslib.as_array(self.ll.llama_get_logits(self.ctx), shape=(wanted * self.n_vocab,))
+        return logits.reshape(wanted, self.n_vocab)
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of exactly `new_tokens` tokens per prompt (end tokens masked)."""
+        self._clear()
+        entries = [
+            (token, pos, seq, pos == len(prompt) - 1)
+            for seq, prompt in enumerate(prompts)
+            for pos, token in enumerate(prompt)
+        ]
+        logits = self._decode(entries)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for step in range(new_tokens):
+            logits = logits.copy()
+            logits[:, self.end_tokens] = -np.inf
+            tokens = logits.argmax(axis=1).tolist()
+            for out, token in zip(outputs, tokens, strict=True):
+                out.append(int(token))
+            if step + 1 == new_tokens:
+                break
+            logits = self._decode(
+                [(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(tokens, prompts, strict=True))]
+            )
+        return outputs
+
+    def __del__(self):
+        ll = getattr(self, "ll", None)
+        if ll is None:
+            return
+        if getattr(self, "batch", None) is not None:
+            ll.llama_batch_free(self.batch)
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+        if getattr(self, "model", None):
+            first(ll, "llama_model_free", "llama_free_model")(self.model)
+
+
+def best_times(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tuple[float, float, Any]:
+    """-> (best prefill seconds, best full-run seconds, the full run's output)."""
+    run(min(4, new_tokens))  # warm-up: allocator, oneDNN/fbgemm kernels, lazy inits
+    prefill, full, output = math.inf, math.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        output = run(new_tokens)
+        t2 = time.perf_counter()
+        prefill, full = min(prefill, t1 - t0), min(full, t2 - t1)
+    return prefill, full, output
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    prompts, new_tokens = job["prompts"], job["new_tokens"]
+    runner = LlamaCppGreedy(Path(job["path"]), job["threads"], len(prompts), max(map(len, prompts)) + new_tokens + 8)
+    prefill, full, outputs = best_times(lambda n: runner.generate(prompts, n), new_tokens, job["repeats"])
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+    json.dump({"prefill_s": prefill, "full_s": full, "outputs": outputs, "peak_rss_mb": peak_kb / 1024}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
