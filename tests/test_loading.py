@@ -112,3 +112,24 @@ def test_int8_decodes_in_int8_and_prefills_in_float32(fake_embedded):
     assert not torch.equal(a, b)
     assert (a - b).abs().max() < 0.1 * a.abs().max()
     assert int8.num_parameters == fp32.num_parameters
+
+
+def test_building_a_model_can_consume_its_weights_and_gives_the_same_model(tmp_path):
+    """`consume=True` (what load_model does, so fused q/k/v and gate/up matrices never sit beside
+    their parts) empties the weights dict as it goes; the model is the one built without it, and
+    without it the caller's dict is left whole."""
+    from memlm.formats.gguf_file import read_gguf
+    from memlm.formats.weights import build_model
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, hf_tiny("llama", vocab_size=257, tie_word_embeddings=False))
+    config, kept, _ = read_gguf(path, keep_quantized=True)
+    _, consumed, _ = read_gguf(path, keep_quantized=True)
+    names = set(kept)
+    a, b = build_model(config, kept), build_model(config, consumed, consume=True)
+    assert set(kept) == names and not consumed
+    ids = torch.randint(0, 257, (1, 7))
+    with torch.no_grad():
+        want = a.logits(a(a.embed(ids), torch.arange(7)[None]))
+        got = b.logits(b(b.embed(ids), torch.arange(7)[None]))
+    assert torch.equal(want, got)

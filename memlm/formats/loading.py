@@ -190,7 +190,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", activa
             weights = _convert_blocks(weights, dtype)
         # An adapter merges in fp32, then the model takes the requested precision; on quantized weights
         # it stays beside them (merged into 4-bit blocks, most of a fine-tune's delta rounds away).
-        model = build_model(config, weights, torch.float32 if adapter and not quantized else DTYPES[dtype])
+        precision = torch.float32 if adapter and not quantized else DTYPES[dtype]
+        model = build_model(config, weights, precision, consume=True)  # the parts freed as they are fused
         source = _describe_source(name_or_path, kind, path)
     if adapter is not None and not quantized:
         apply_adapter(model, adapter)

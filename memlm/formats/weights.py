@@ -23,8 +23,10 @@ def _cat_rows(parts: list) -> torch.Tensor | QWeight:
     return torch.cat([p.dequantize() if q else p for p, q in zip(parts, quantized, strict=True)], dim=0)
 
 
-def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF names (q_proj/k_proj/v_proj, gate_proj/up_proj, model.* prefix) -> memlm's fused names."""
+def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, consume: bool = False) -> dict[str, torch.Tensor]:
+    """HF names (q_proj/k_proj/v_proj, gate_proj/up_proj, model.* prefix) -> memlm's fused names.
+    With `consume`, tensors are popped from `hf` itself as they are used, so a fused matrix never
+    sits beside the parts it was made of (a load's peak memory); otherwise `hf` is left as it was."""
     out: dict[str, torch.Tensor] = {}
 
     def take(name: str) -> torch.Tensor:
@@ -37,7 +39,8 @@ def fuse_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         w = take(name)
         return w.float() + cfg.norm_offset if cfg.norm_offset else w
 
-    hf = dict(hf)
+    if not consume:
+        hf = dict(hf)
     out["embed_tokens.weight"] = take("model.embed_tokens.weight")
     out["norm.weight"] = norm("model.norm.weight")
     if cfg.tie_word_embeddings:
@@ -179,9 +182,10 @@ def unfuse_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_model(cfg: ModelConfig, hf_state_dict: dict, dtype=torch.float32) -> LlamaModel:
-    """A model from HF-named weights: fp32 tensors, or `QWeight`s that become quantized layers."""
-    fused = fuse_hf_state_dict(hf_state_dict, cfg)
+def build_model(cfg: ModelConfig, hf_state_dict: dict, dtype=torch.float32, consume: bool = False) -> LlamaModel:
+    """A model from HF-named weights: fp32 tensors, or `QWeight`s that become quantized layers.
+    `consume`: empty `hf_state_dict` as it goes (see fuse_hf_state_dict)."""
+    fused = fuse_hf_state_dict(hf_state_dict, cfg, consume)
     quantized = {k: fused.pop(k) for k in list(fused) if isinstance(fused[k], QWeight)}
     with _skip_init():
         model = LlamaModel(cfg)
