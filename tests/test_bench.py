@@ -37,6 +37,7 @@ def _rows():
             "prefill_tok_s": 100.0,
             "decode_tok_s": decode_tok_s,
             "peak_rss_mb": 500.0,
+            "runtime_rss_mb": 200.0,
             "_outputs": [[1, 2]] * batch,
         }
 
@@ -89,11 +90,17 @@ def test_decode_ratios_and_result_shape():
     assert several["q4_1/hf"] == {"1": 6.0, "8": 5.0} and several["q4_1/llama.cpp"] == {"1": 1.2, "8": 4.0}
     assert several["int8/llama.cpp"] == {"1": 0.6, "8": 2.0}
     checks = decode._cross_check(_rows_with_llama_cpp(), 2)
-    assert checks[("llama.cpp", 1)] == (0.0, 0.5) and checks[("memlm q4_1", 8)] == (1.0, 1.0)
+    assert checks[("llama.cpp", 1)] == (0.0, 0.5, 0.0) and checks[("memlm q4_1", 8)] == (1.0, 1.0, 1.0)
+    against_llama = decode._cross_check(_rows_with_llama_cpp(), 2, "llama.cpp", first=1)
+    assert against_llama[("memlm q4_1", 1)] == (0.0, 0.5, 1.0) and ("hf", 1) in against_llama
+    both = build_result(_rows_with_llama_cpp(), 2, 2, "m", None)["agreement"]
+    assert both["llama.cpp"]["memlm q4_1, batch 1"] == {"identical": 0.0, "prefix": 0.5, "first_8": 0.0}
+    assert both["hf"]["llama.cpp, batch 8"]["identical"] == 1.0
     result = build_result(rows, threads=2, new_tokens=64, model="m", quality={"ppl_delta": 0.1})
-    assert list(result) == ["rows", "ratio_decode", "threads", "new_tokens", "model", "quality"]
+    assert list(result) == ["rows", "ratio_decode", "agreement", "threads", "new_tokens", "model", "quality"]
     assert all(
-        set(r) == {"engine", "batch", "dtype", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"} for r in result["rows"]
+        set(r) == {"engine", "batch", "dtype", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "runtime_rss_mb"}
+        for r in result["rows"]
     )
     assert result["ratio_decode"] == {"int8/hf": {"1": 3.0, "8": 2.5}}
     json.dumps(result)  # serialisable as is

@@ -157,9 +157,19 @@ def decode_ratios(rows: Sequence[dict]) -> dict[str, dict[str, float | None]]:
 
 def build_result(rows: Sequence[dict], threads: int, new_tokens: int, model: str, quality: dict | None) -> dict:
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    engines = {r["engine"] for r in rows}
+    agreement = {  # greedy outputs against each reference engine measured (llama.cpp: the same file)
+        ref: {
+            f"{label}, batch {batch}": {"identical": round(i, 4), "prefix": round(p, 4), "first_8": round(h, 4)}
+            for (label, batch), (i, p, h) in _cross_check(rows, new_tokens, ref).items()
+        }
+        for ref in REFERENCES
+        if ref in engines
+    }
     return {
         "rows": public,
         "ratio_decode": decode_ratios(public),
+        "agreement": agreement,
         "threads": threads,
         "new_tokens": new_tokens,
         "model": model,
@@ -232,6 +242,7 @@ def _in_child(fn: Callable, *args) -> Any:
 def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, threads: int, repeats: int):
     """Child: measure one engine at one batch size. Returns a result row plus its outputs."""
     torch.set_num_threads(threads)
+    runtime_mb = psutil.Process().memory_info().rss / 2**20  # torch and memlm imported, nothing loaded
     if engine == "memlm":
         mm = memlm.load(*load_args(model, dtype))
         prompt_ids = encode_prompts(mm.tokenizer, batch_prompts(PROMPTS, batch))
@@ -246,6 +257,7 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
         import transformers  # lazy: an optional extra, and in the memlm child it would count in peak RSS
         from transformers import AutoModelForCausalLM  # lazy: as above
 
+        runtime_mb = psutil.Process().memory_info().rss / 2**20
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         _, folder = resolve(model)
@@ -275,17 +287,20 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
         prompt_ids = encode_prompts(tokenizer_of(path), batch_prompts(PROMPTS, batch))
         done = measure_greedy(path, threads, prompt_ids, new_tokens, repeats)
         return _row(engine, "gguf file", batch, prompt_ids, new_tokens, done["prefill_s"], done["full_s"],
-                    done["peak_rss_mb"], done["outputs"])  # fmt: skip
+                    done["peak_rss_mb"], done["runtime_rss_mb"], done["outputs"])  # fmt: skip
 
     else:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
     prefill, full, outputs = best_times(run, new_tokens, repeats)
     shown = dtype if engine == "memlm" else "float32"
-    return _row(engine, shown, batch, prompt_ids, new_tokens, prefill, full, peak_rss_mb(), outputs)
+    return _row(engine, shown, batch, prompt_ids, new_tokens, prefill, full, peak_rss_mb(), runtime_mb, outputs)
 
 
-def _row(engine, dtype, batch, prompt_ids, new_tokens, prefill, full, peak_mb, outputs) -> dict:
+def _row(engine, dtype, batch, prompt_ids, new_tokens, prefill, full, peak_mb, runtime_mb, outputs) -> dict:
+    """A measurement. runtime_rss_mb: the process with its engine's libraries imported and no model
+    loaded (torch + memlm ~220 MB, llama-cpp-python ~40 MB): part of peak_rss_mb, which model and
+    engine add to it."""
     prompt_tokens = sum(len(p) for p in prompt_ids)
     decode_time = full - prefill
     return {
@@ -295,6 +310,7 @@ def _row(engine, dtype, batch, prompt_ids, new_tokens, prefill, full, peak_mb, o
         "prefill_tok_s": round(prompt_tokens / prefill, 2),
         "decode_tok_s": round(batch * (new_tokens - 1) / decode_time, 2) if decode_time > 0 else None,
         "peak_rss_mb": round(peak_mb, 1),
+        "runtime_rss_mb": round(runtime_mb, 1),
         "_outputs": outputs,
     }
 
@@ -335,7 +351,7 @@ def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple
     title = (
         f"decode benchmark: {result['model']}, {result['new_tokens']} new tokens, {result['threads']} threads, greedy"
     )
-    columns = ("engine", "batch", "dtype", "prefill tok/s", "decode tok/s", "peak RSS MB")
+    columns = ("engine", "batch", "dtype", "prefill tok/s", "decode tok/s", "peak RSS MB", "of it, runtime")
     rows = [
         [
             r["engine"],
@@ -344,6 +360,7 @@ def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple
             f"{r['prefill_tok_s']:.1f}",
             "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}",
             f"{r['peak_rss_mb']:.0f}",
+            f"{r['runtime_rss_mb']:.0f}" if "runtime_rss_mb" in r else "-",
         ]
         for r in result["rows"]
     ]
@@ -352,10 +369,15 @@ def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple
         dtype, engine = pair.split("/", 1)
         ratios = ", ".join(f"batch {b}: {'-' if x is None else f'{x:.2f}x'}" for b, x in by_batch.items())
         console.print(f"decode speed memlm {dtype} / {engine}: {ratios}")
-    for (label, batch), (identical, prefix) in (cross_check or {}).items():
+    for (label, batch), (identical, prefix, _) in (cross_check or {}).items():
         console.print(
             f"{label} vs hf float32 greedy outputs (batch {batch}): "
             f"{identical:.0%} identical, mean common prefix {prefix:.0%}"
+        )
+    for key, a in (result.get("agreement") or {}).get("llama.cpp", {}).items():
+        console.print(
+            f"{key} vs llama.cpp greedy outputs: {a['identical']:.0%} identical, the first 8 tokens equal "
+            f"on {a['first_8']:.0%}, mean common prefix {a['prefix']:.0%}"
         )
     for dtype, q in (result.get("quality") or {}).items():
         console.print(
@@ -366,22 +388,25 @@ def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple
         )
 
 
-def _cross_check(rows: Sequence[dict], new_tokens: int) -> dict[tuple[str, int], tuple[float, float]]:
-    """Every engine's greedy outputs against transformers' float32 ones at the same batch (all
-    forbid end tokens until new_tokens, so the sequences are comparable token for token)."""
-    refs = {r["batch"]: r for r in rows if r["engine"] == "hf"}
+def _cross_check(rows: Sequence[dict], new_tokens: int, reference: str = "hf", first: int = 8) -> dict:
+    """Every engine's greedy outputs against the `reference` engine's at the same batch (all forbid
+    end tokens until new_tokens, so the sequences are comparable token for token):
+    {(label, batch): (identical fraction, mean common-prefix fraction, fraction equal over the
+    first `first` tokens)}."""
+    refs = {r["batch"]: r for r in rows if r["engine"] == reference}
     out = {}
     for row in rows:
         ref = refs.get(row["batch"])
-        if row["engine"] == "hf" or ref is None:
+        if row["engine"] == reference or ref is None or "_outputs" not in row:
             continue
-        identical = prefix_sum = 0.0
+        identical = prefix_sum = head = 0.0
         for a, b in zip(row["_outputs"], ref["_outputs"], strict=True):
             identical += a == b
+            head += a[:first] == b[:first]
             prefix_sum += common_prefix(a, b) / len(a) if a else 1.0
         n = len(row["_outputs"])
         label = f"memlm {row['dtype']}" if row["engine"] == "memlm" else row["engine"]
-        out[(label, row["batch"])] = (identical / n, prefix_sum / n)
+        out[(label, row["batch"])] = (identical / n, prefix_sum / n, head / n)
     return out
 
 

@@ -8,7 +8,8 @@ requested number of tokens, like the other engines of `memlm bench decode`.
 This module imports nothing of memlm (nor torch): run as a script it is a process that holds
 llama.cpp and numpy alone, so the peak RSS it reports is llama.cpp's own, not llama.cpp's plus
 torch's and memlm's tokenizer. It reads {"path", "threads", "prompts", "new_tokens", "repeats"} as
-JSON on stdin and writes {"prefill_s", "full_s", "outputs", "peak_rss_mb"} as JSON on stdout.
+JSON on stdin and writes {"prefill_s", "full_s", "outputs", "peak_rss_mb", "runtime_rss_mb"} (the
+process with llama-cpp-python imported, before the model is loaded) as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -148,13 +149,22 @@ def best_times(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tupl
     return prefill, full, output
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:  # Linux, as the benchmarks
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def main() -> None:
+    import llama_cpp  # noqa: F401  lazy: llama-cpp-python is optional; imported first to size the runtime
+
+    runtime = current_rss_mb()
     job = json.load(sys.stdin)
     prompts, new_tokens = job["prompts"], job["new_tokens"]
     runner = LlamaCppGreedy(Path(job["path"]), job["threads"], len(prompts), max(map(len, prompts)) + new_tokens + 8)
     prefill, full, outputs = best_times(lambda n: runner.generate(prompts, n), new_tokens, job["repeats"])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-    json.dump({"prefill_s": prefill, "full_s": full, "outputs": outputs, "peak_rss_mb": peak_kb / 1024}, sys.stdout)
+    done = {"prefill_s": prefill, "full_s": full, "outputs": outputs, "peak_rss_mb": peak_kb / 1024}
+    json.dump(done | {"runtime_rss_mb": runtime}, sys.stdout)
 
 
 if __name__ == "__main__":
