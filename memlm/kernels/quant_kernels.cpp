@@ -434,35 +434,50 @@ inline __m256i block_bytes(const QMat& w, int64_t row, int64_t b) {
   }
 }
 
-template <int F, int NB>
+// R output rows at a time: each row's sums keep their order (results do not depend on R), and
+// R independent chains of multiply-adds hide each other's latency, which bounds a lone row at
+// batch 1 (one fma chain and one scalar offset chain per block).
+template <int F, int NB, int R = 1>
 void matmul_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
   const int64_t blocks = w.in / QK;
-  for (int o = o0; o < o1; ++o) {
-    __m256 acc[NB];
-    float offset[NB];
+  int o = o0;
+  for (; o + R <= o1; o += R) {
+    __m256 acc[R][NB];
+    float offset[R][NB];
 #pragma GCC unroll 8
-    for (int r = 0; r < NB; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) acc[i][r] = _mm256_setzero_ps(), offset[i][r] = 0.0f;
     for (int64_t b = 0; b < blocks; ++b) {
-      const __m256i q = block_bytes<F>(w, o, b);
-      const float d = half_to_float(w.d[o * blocks + b]);
-      __m256i magnitude = q;
-      if constexpr (F == Q8_0) magnitude = _mm256_sign_epi8(q, q);
-      float m = 0.0f;
-      if constexpr (F == Q4_1) m = half_to_float(w.m[o * blocks + b]);
 #pragma GCC unroll 8
-      for (int r = 0; r < NB; ++r) {
-        const int64_t row = r0 + r;
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + row * w.in + b * QK));
-        if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q);
-        const __m256i dot = dot_u8_s8(magnitude, xv);
-        const float scale = xa.scale[row * blocks + b];
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * scale), _mm256_cvtepi32_ps(dot), acc[r]);
-        if constexpr (F == Q4_0) offset[r] -= 8.0f * d * xa.sum[row * blocks + b];
-        if constexpr (F == Q4_1) offset[r] += m * xa.sum[row * blocks + b];
+      for (int i = 0; i < R; ++i) {
+        const __m256i q = block_bytes<F>(w, o + i, b);
+        const float d = half_to_float(w.d[(o + i) * blocks + b]);
+        __m256i magnitude = q;
+        if constexpr (F == Q8_0) magnitude = _mm256_sign_epi8(q, q);
+        float m = 0.0f;
+        if constexpr (F == Q4_1) m = half_to_float(w.m[(o + i) * blocks + b]);
+#pragma GCC unroll 8
+        for (int r = 0; r < NB; ++r) {
+          const int64_t row = r0 + r;
+          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + row * w.in + b * QK));
+          if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q);
+          const __m256i dot = dot_u8_s8(magnitude, xv);
+          const float scale = xa.scale[row * blocks + b];
+          acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * scale), _mm256_cvtepi32_ps(dot), acc[i][r]);
+          if constexpr (F == Q4_0) offset[i][r] -= 8.0f * d * xa.sum[row * blocks + b];
+          if constexpr (F == Q4_1) offset[i][r] += m * xa.sum[row * blocks + b];
+        }
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < NB; ++r) y[r * ldy + o] = hsum(acc[r]) + offset[r] + (w.bias ? w.bias[o] : 0.0f);
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r)
+        y[r * ldy + o + i] = hsum(acc[i][r]) + offset[i][r] + (w.bias ? w.bias[o + i] : 0.0f);
+  }
+  if constexpr (R > 1) {
+    if (o < o1) matmul_rows_q8<F, NB, 1>(w, xa, r0, y, ldy, o, o1);
   }
 }
 
@@ -470,8 +485,8 @@ template <int F>
 void matmul_group_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int nb, int o0,
                      int o1) {
   switch (nb) {
-    case 1: return matmul_rows_q8<F, 1>(w, xa, r0, y, ldy, o0, o1);
-    case 2: return matmul_rows_q8<F, 2>(w, xa, r0, y, ldy, o0, o1);
+    case 1: return matmul_rows_q8<F, 1, 4>(w, xa, r0, y, ldy, o0, o1);
+    case 2: return matmul_rows_q8<F, 2, 2>(w, xa, r0, y, ldy, o0, o1);
     case 3: return matmul_rows_q8<F, 3>(w, xa, r0, y, ldy, o0, o1);
     case 4: return matmul_rows_q8<F, 4>(w, xa, r0, y, ldy, o0, o1);
     case 5: return matmul_rows_q8_batch<F, 5>(w, xa, r0, y, ldy, o0, o1);
@@ -720,43 +735,57 @@ void raw_rows_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx16
 
 // int8 activations (32-value blocks): per 32 codes, |c| times x with c's sign, in integers; the
 // two 16-value groups' sums land in lanes 0-3 and 4-7, scaled by their S in one vector multiply.
-template <int F, int NB>
+template <int F, int NB, int R = 1>
 void raw_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
   constexpr int BS = Raw<F>::size, G = BS / 16, C = BS / 32;
   const int64_t blocks = w.in / BS, row_bytes = blocks * Raw<F>::bytes, groups = w.in / 16, xblocks = w.in / QK;
-  Decoded dec;
-  for (int o = o0; o < o1; ++o) {
-    const uint8_t* row = w.qs + o * row_bytes;
-    __m256 acc[NB];
-    float offset[NB];
+  Decoded dec[R];
+  int o = o0;
+  for (; o + R <= o1; o += R) {  // R rows at a time, as matmul_rows_q8 (each row's sums in order)
+    __m256 acc[R][NB];
+    float offset[R][NB];
 #pragma GCC unroll 8
-    for (int r = 0; r < NB; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) acc[i][r] = _mm256_setzero_ps(), offset[i][r] = 0.0f;
     for (int64_t b = 0; b < blocks; ++b) {
-      decode_block<F>(row + b * Raw<F>::bytes, dec);
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) {
-        const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(dec.q + 32 * c));
-        const __m256i magnitude = _mm256_sign_epi8(q, q);
-        const __m256 s = per32<F>() ? _mm256_set1_ps(dec.s[2 * c])
-                               : _mm256_set_m128(_mm_set1_ps(dec.s[2 * c + 1]), _mm_set1_ps(dec.s[2 * c]));
-        const int64_t xb = b * C + c;
+      for (int i = 0; i < R; ++i) decode_block<F>(w.qs + (o + i) * row_bytes + b * Raw<F>::bytes, dec[i]);
 #pragma GCC unroll 8
-        for (int r = 0; r < NB; ++r) {
-          const int64_t row_x = r0 + r;
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + row_x * w.in + xb * QK));
-          const __m256i dot = dot_u8_s8(magnitude, _mm256_sign_epi8(xv, q));
-          const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(xa.scale[row_x * xblocks + xb]));
-          acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[r]);
+      for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(dec[i].q + 32 * c));
+          const __m256i magnitude = _mm256_sign_epi8(q, q);
+          const __m256 s = per32<F>() ? _mm256_set1_ps(dec[i].s[2 * c])
+                                 : _mm256_set_m128(_mm_set1_ps(dec[i].s[2 * c + 1]), _mm_set1_ps(dec[i].s[2 * c]));
+          const int64_t xb = b * C + c;
+#pragma GCC unroll 8
+          for (int r = 0; r < NB; ++r) {
+            const int64_t row_x = r0 + r;
+            const __m256i xv =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + row_x * w.in + xb * QK));
+            const __m256i dot = dot_u8_s8(magnitude, _mm256_sign_epi8(xv, q));
+            const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(xa.scale[row_x * xblocks + xb]));
+            acc[i][r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[i][r]);
+          }
+        }
+        if constexpr (Raw<F>::offset) {
+#pragma GCC unroll 8
+          for (int r = 0; r < NB; ++r)
+            offset[i][r] += dot_groups<G>(dec[i].o, xa.sum16.data() + (r0 + r) * groups + b * G);
         }
       }
-      if constexpr (Raw<F>::offset) {
-#pragma GCC unroll 8
-        for (int r = 0; r < NB; ++r) offset[r] += dot_groups<G>(dec.o, xa.sum16.data() + (r0 + r) * groups + b * G);
-      }
     }
-    const float bias = w.bias ? w.bias[o] : 0.0f;
 #pragma GCC unroll 8
-    for (int r = 0; r < NB; ++r) y[r * ldy + o] = hsum(acc[r]) + offset[r] + bias;
+    for (int i = 0; i < R; ++i) {
+      const float bias = w.bias ? w.bias[o + i] : 0.0f;
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) y[r * ldy + o + i] = hsum(acc[i][r]) + offset[i][r] + bias;
+    }
+  }
+  if constexpr (R > 1) {
+    if (o < o1) raw_rows_q8<F, NB, 1>(w, xa, r0, y, ldy, o, o1);
   }
 }
 
@@ -779,8 +808,10 @@ template <int F>
 void raw_group_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int nb, int o0,
                   int o1) {
   switch (nb) {
-    case 1: return raw_rows_q8<F, 1>(w, xa, r0, y, ldy, o0, o1);
-    case 2: return raw_rows_q8<F, 2>(w, xa, r0, y, ldy, o0, o1);
+    // Several rows at a time pays for 32-value blocks (one short chain per block); a K-quant
+    // block already runs 8 chunks per row, and decoding several at once measured slower.
+    case 1: return raw_rows_q8<F, 1, Raw<F>::size == 32 ? 4 : 1>(w, xa, r0, y, ldy, o0, o1);
+    case 2: return raw_rows_q8<F, 2, Raw<F>::size == 32 ? 2 : 1>(w, xa, r0, y, ldy, o0, o1);
     case 3: return raw_rows_q8<F, 3>(w, xa, r0, y, ldy, o0, o1);
     case 4: return raw_rows_q8<F, 4>(w, xa, r0, y, ldy, o0, o1);
     case 5: return raw_rows_q8<F, 5>(w, xa, r0, y, ldy, o0, o1);
