@@ -180,9 +180,23 @@ def test_bad_arguments_are_user_errors():
         {"threads": 0},
         {"against": ("vllm",)},
         {"against": ("llama.cpp",), "model": "some/folder"},  # not GGUF (or no llama-cpp-python)
+        {"prompt_tokens": 0},
     ):
         with pytest.raises(MemlmError):
             run_decode_bench(**kwargs)
+
+
+def test_long_prompts_have_the_asked_length_and_differ_by_row():
+    from conftest import byte_tokenizer
+    from memlm.bench.decode import PROMPTS, bench_prompts
+
+    tok = byte_tokenizer()
+    rows = bench_prompts(tok, 3, 5000)  # longer than sample.txt: the text is repeated
+    assert [len(r) for r in rows] == [5000] * 3 and len({tuple(r) for r in rows}) == 3
+    text = SAMPLE_TEXT.read_text(encoding="utf-8")
+    assert rows[0][:50] == tok.encode(text, add_special_tokens=False)[:50]
+    assert bench_prompts(tok, 2) == [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+                                     for p in PROMPTS[:2]]  # fmt: skip
 
 
 def test_llama_cpp_reference_needs_a_gguf_file(tmp_path):

@@ -83,6 +83,20 @@ def batch_prompts(prompts: Sequence[Any], batch: int) -> list[Any]:
     return [prompts[i % len(prompts)] for i in range(batch)]
 
 
+def bench_prompts(tokenizer, batch: int, prompt_tokens: int | None = None) -> list[list[int]]:
+    """The prompt ids of one measurement: the chat-templated bench prompts, or with `prompt_tokens`
+    that many tokens per sequence: the tokenizer's own start (BOS where the model wants one), then
+    sample.txt (repeated as needed; row i starts 97 i tokens in, so the rows differ), for prefill
+    and decode at a chosen context length."""
+    if prompt_tokens is None:
+        return encode_prompts(tokenizer, batch_prompts(PROMPTS, batch))
+    start = tokenizer.encode("")[:prompt_tokens]
+    ids = tokenizer.encode(SAMPLE_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
+    body = prompt_tokens - len(start)
+    ids = ids * ((body + 97 * batch) // len(ids) + 1)
+    return [start + ids[97 * i : 97 * i + body] for i in range(batch)]
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Each prompt as one user turn through the model's chat template, then encoded."""
     return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}])) for p in prompts]
@@ -239,13 +253,22 @@ def _in_child(fn: Callable, *args) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, threads: int, repeats: int):
+def _measure(
+    engine: str,
+    model: str,
+    dtype: str,
+    batch: int,
+    new_tokens: int,
+    threads: int,
+    repeats: int,
+    prompt_tokens: int | None = None,
+):
     """Child: measure one engine at one batch size. Returns a result row plus its outputs."""
     torch.set_num_threads(threads)
     runtime_mb = psutil.Process().memory_info().rss / 2**20  # torch and memlm imported, nothing loaded
     if engine == "memlm":
         mm = memlm.load(*load_args(model, dtype))
-        prompt_ids = encode_prompts(mm.tokenizer, batch_prompts(PROMPTS, batch))
+        prompt_ids = bench_prompts(mm.tokenizer, batch, prompt_tokens)
 
         def run(n: int):
             params = memlm.SamplingParams(max_new_tokens=n, min_new_tokens=n)
@@ -261,7 +284,7 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         _, folder = resolve(model)
-        prompt_ids = encode_prompts(Tokenizer.from_folder(folder), batch_prompts(PROMPTS, batch))
+        prompt_ids = bench_prompts(Tokenizer.from_folder(folder), batch, prompt_tokens)
         hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         eos = hf.generation_config.eos_token_id
         eos_ids = sorted(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
@@ -284,7 +307,7 @@ def _measure(engine: str, model: str, dtype: str, batch: int, new_tokens: int, t
 
     elif engine == "llama.cpp":  # timed in a process of its own: its peak RSS is llama.cpp's alone
         path = gguf_file_of(model)
-        prompt_ids = encode_prompts(tokenizer_of(path), batch_prompts(PROMPTS, batch))
+        prompt_ids = bench_prompts(tokenizer_of(path), batch, prompt_tokens)
         done = measure_greedy(path, threads, prompt_ids, new_tokens, repeats)
         return _row(engine, "gguf file", batch, prompt_ids, new_tokens, done["prefill_s"], done["full_s"],
                     done["peak_rss_mb"], done["runtime_rss_mb"], done["outputs"])  # fmt: skip
@@ -451,6 +474,7 @@ def run_decode_bench(
     repeats: int = 3,
     against: Sequence[str] = ("hf",),
     plot_path: str | None = None,
+    prompt_tokens: int | None = None,
 ) -> dict:
     """Measure memlm in each dtype (a comma-separated string or a list) and the reference engines
     in `against` (hf: transformers float32; llama.cpp: the same GGUF file); return (and optionally
@@ -469,6 +493,8 @@ def run_decode_bench(
         raise InvalidRequestError(f"--against takes {' and '.join(REFERENCES)}, not {', '.join(against)}")
     if new_tokens < 2:
         raise InvalidRequestError("new_tokens must be >= 2 (decode speed is measured past the first token)")
+    if prompt_tokens is not None and prompt_tokens < 1:
+        raise InvalidRequestError("prompt_tokens must be >= 1")
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1:
         raise InvalidRequestError("batch sizes must be >= 1")
@@ -492,7 +518,8 @@ def run_decode_bench(
         for batch in batch_sizes:
             what = d if engine == "memlm" else "reference"
             console.print(f"[dim]measuring {engine} ({what}), batch {batch} ...[/dim]")
-            rows.append(_measure_watched(console, _measure, engine, model, d, batch, new_tokens, threads, repeats))
+            args = (engine, model, d, batch, new_tokens, threads, repeats, prompt_tokens)
+            rows.append(_measure_watched(console, _measure, *args))
 
     q = {}
     for d in dtypes if quality else ():
@@ -501,6 +528,7 @@ def run_decode_bench(
             q[d] = _measure_watched(console, _quality, model, d, new_tokens, threads)
 
     result = build_result(rows, threads, new_tokens, model, q)
+    result["prompt_tokens"] = prompt_tokens  # None: the chat-templated bench prompts
     print_report(result, console, _cross_check(rows, new_tokens))
     write_outputs(result, console, json_path, plot_path, plot_result)
     return result

@@ -45,11 +45,17 @@ def bench_decode(
         str, typer.Option(help="Reference engines, comma-separated: hf (transformers fp32), llama.cpp (same GGUF).")
     ] = "hf",
     plot: Annotated[str | None, typer.Option(help="Write a PNG of decode tok/s per engine and batch here.")] = None,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(help="Prompts of this many tokens of sample.txt (default: the short chat-templated prompts)."),
+    ] = None,
 ):
     """memlm vs Hugging Face transformers (and llama.cpp): prefill and decode tok/s, peak RSS, quality."""
     sizes = tuple(int_list(batch_sizes, "--batch-sizes"))
     if new_tokens < 2 or threads < 1:
         raise MemlmError("batch sizes and threads must be >= 1, new tokens >= 2")
+    if prompt_tokens is not None and prompt_tokens < 1:
+        raise MemlmError("--prompt-tokens must be >= 1")
     from memlm.bench.decode import run_decode_bench  # lazy: torch and the engines
 
     run_decode_bench(
@@ -62,6 +68,7 @@ def bench_decode(
         quality=quality,
         against=tuple(against.split(",")),
         plot_path=plot,
+        prompt_tokens=prompt_tokens,
     )
 
 
