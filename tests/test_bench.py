@@ -243,3 +243,37 @@ def test_report_helper_writes_json_and_plot_atomically_and_says_where(tmp_path):
     assert sorted(p.name for p in json_path.parent.iterdir()) == ["r.json", "r.png"]  # no temporaries left
     write_outputs({"x": 1}, None)  # nothing asked for: nothing written, nothing said
     assert sorted(p.name for p in json_path.parent.iterdir()) == ["r.json", "r.png"]
+
+
+def test_sizes_builds_a_loadable_random_model_of_a_shape_and_merges_ratios(tmp_path, monkeypatch):
+    """bench/sizes.sh's pieces: a random-weight HF folder in a shape's layout (here a tiny one
+    beside the real ones) loads as that shape with the embedded tokenizer; merge pairs memlm's
+    rows with llama.cpp's at the same batch."""
+    from memlm.bench import sizes
+    from memlm.formats.loading import load_model
+
+    tiny = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_theta": 10000.0}  # fmt: skip
+    monkeypatch.setitem(sizes.SHAPES, "tiny", tiny)
+    folder = sizes.random_hf_folder("tiny", tmp_path / "hf")
+    loaded = load_model(str(folder))
+    cfg = loaded.model.config
+    assert (cfg.arch, cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads, cfg.qkv_bias) == ("qwen2", 64, 2, 2, True)
+    assert loaded.tokenizer.encode("hello") == load_model("smollm2-135m-instruct").tokenizer.encode("hello")
+
+    def row(engine, batch, tok_s, rss):
+        return {"engine": engine, "batch": batch, "dtype": "auto" if engine == "memlm" else "gguf file",
+                "prefill_tok_s": 2 * tok_s, "decode_tok_s": tok_s, "peak_rss_mb": rss}  # fmt: skip
+
+    rows = [row("memlm", 1, 30.0, 600), row("llama.cpp", 1, 20.0, 500), row("memlm", 8, 90.0, 700)]
+    result = {"model": "/x/tiny-Q4_0.gguf", "prompt_tokens": 512, "rows": rows}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    merged = sizes.merge([str(path)])["rows"]
+    assert [(r["file"], r["batch"], r["decode_ratio"], r["rss_ratio"]) for r in merged] == [
+        ("tiny-Q4_0", 1, 1.5, 1.2),
+        ("tiny-Q4_0", 8, None, None),
+    ]
+    sizes.plot_result({"rows": merged}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -49,6 +49,7 @@ def bench_decode(
         int | None,
         typer.Option(help="Prompts of this many tokens of sample.txt (default: the short chat-templated prompts)."),
     ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the best counts), after one warm-up.")] = 3,
 ):
     """memlm vs Hugging Face transformers (and llama.cpp): prefill and decode tok/s, peak RSS, quality."""
     sizes = tuple(int_list(batch_sizes, "--batch-sizes"))
@@ -69,6 +70,7 @@ def bench_decode(
         against=tuple(against.split(",")),
         plot_path=plot,
         prompt_tokens=prompt_tokens,
+        repeats=repeats,
     )
 
 
