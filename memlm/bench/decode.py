@@ -49,6 +49,7 @@ from memlm.bench.llama_cpp import gguf_file_of, measure_greedy, tokenizer_of
 from memlm.bench.llama_cpp_runner import best_times
 from memlm.bench.quantized_files import file_type_of, load_args, quantized_file
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
+from memlm.cache.blocks import KVCacheConfig
 from memlm.cache.kv_cache import KVCache
 from memlm.errors import InvalidRequestError, MemlmError
 from memlm.formats.loading import DTYPES, resolve
@@ -267,7 +268,9 @@ def _measure(
     torch.set_num_threads(threads)
     runtime_mb = psutil.Process().memory_info().rss / 2**20  # torch and memlm imported, nothing loaded
     if engine == "memlm":
-        mm = memlm.load(*load_args(model, dtype))
+        # Prefix caching off: every timed run repeats the same prompts, and a cache hit would time
+        # a lookup, not a prefill (before this, memlm's prefill rows since 2026-12-06 were hits).
+        mm = memlm.load(*load_args(model, dtype), kv_cache=KVCacheConfig(prefix_caching=False))
         prompt_ids = bench_prompts(mm.tokenizer, batch, prompt_tokens)
 
         def run(n: int):
