@@ -426,3 +426,27 @@ def test_embedded_model_in_k_quants_decodes_as_its_dequantized_weights():
     assert [c.token_ids for c in fast.generate_tokens(prompts, params)] == [
         c.token_ids for c in slow.generate_tokens(prompts, params)
     ]
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", "q5_0", "q6_k"])
+def test_reading_blocks_a_chunk_of_rows_at_a_time_gives_the_same_weight(name):
+    """How a GGUF file's tensors are loaded (read_gguf_blocks, 3 rows a chunk here, so the last
+    chunk is short) == the whole tensor's bytes converted at once, every field bit for bit."""
+    fmt = FORMATS[name]
+    width = 512
+    values = np.random.default_rng(0).normal(size=(10, width)).astype(np.float32)
+    # K-quants by memlm's quantizer, the 32-value formats by gguf's (as files hold them)
+    made = quantize_blocks(values, name) if name.endswith("_k") else gguf.quants.quantize(values, getattr(Q, name.upper()))
+    raw_bytes = np.ascontiguousarray(made).reshape(10, -1)
+    whole = QWeight.from_gguf_blocks(raw_bytes.copy(), fmt, (10, width))
+    calls = []
+
+    def read(first, rows):
+        calls.append((first, rows))
+        return raw_bytes[first : first + rows].copy()
+
+    chunked = QWeight.read_gguf_blocks(read, fmt, (10, width), chunk_rows=3)
+    for field in ("qs", "d", "m"):
+        a, b = getattr(whole, field), getattr(chunked, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    assert calls == ([(0, 10)] if fmt.raw else [(0, 3), (3, 3), (6, 3), (9, 1)])

@@ -291,7 +291,12 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[ModelConf
     tensors = tensor = None
     gc.collect()
     for hf_name, fmt, shape, heads, offset, size in blocks:
-        q = QWeight.from_gguf_blocks(_read_bytes(path, offset, size).reshape(shape[0], -1), fmt, shape)
+        row_bytes = size // shape[0]
+
+        def read(first: int, rows: int, offset=offset, row_bytes=row_bytes):
+            return _read_bytes(path, offset + first * row_bytes, rows * row_bytes).reshape(rows, row_bytes)
+
+        q = QWeight.read_gguf_blocks(read, fmt, shape)
         weights[hf_name] = q.select_rows(_unpermute_index(q.shape[0], heads)) if heads else q
     return config, _join_experts(weights), tokenizer
 

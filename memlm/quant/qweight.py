@@ -114,23 +114,38 @@ class QWeight:
     @classmethod
     def from_gguf_blocks(cls, raw: np.ndarray, fmt: Format, shape: tuple[int, int]) -> QWeight:
         """From a GGUF tensor's bytes ([out, row_bytes] uint8, as gguf's reader exposes them)."""
-        out, inp = shape
-        if inp % fmt.block_size:
-            raise ModelFormatError(
-                f"a {fmt.name} matrix needs rows that are whole blocks of {fmt.block_size}, got {inp}"
-            )
+        out, inp = _checked_shape(fmt, shape)
         if fmt.raw:  # the file's bytes as they are (copied unless already a private, writable array)
             private = raw.flags.writeable and raw.flags.c_contiguous and raw.dtype == np.uint8
             row_bytes = inp // fmt.block_size * fmt.block_bytes
             qs = (raw if private else np.array(raw, dtype=np.uint8)).reshape(out, row_bytes)
             return cls(fmt, (out, inp), torch.from_numpy(qs), None, None)
-        blocks = np.ascontiguousarray(raw).reshape(out, inp // BLOCK, fmt.block_bytes)
-        d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).reshape(out, -1))
-        m = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16).reshape(out, -1))
-        start = 4 if fmt.has_min else 2
-        qs = np.ascontiguousarray(blocks[..., start:]).reshape(out, -1)
-        qs = torch.from_numpy(qs.view(np.int8) if fmt.bits == 8 else qs)
-        return cls(fmt, (out, inp), qs, d, m if fmt.has_min else None)
+        return cls._from_columns(fmt, (out, inp), *_columns(np.asarray(raw), fmt, out, inp))
+
+    @classmethod
+    def read_gguf_blocks(cls, read, fmt: Format, shape: tuple[int, int], chunk_rows: int = 4096) -> QWeight:
+        """From a GGUF tensor in a file: `read(first_row, rows)` -> those rows' bytes. The column
+        layout is filled a chunk of rows at a time, so the file's bytes and the layout never both
+        hold the whole matrix (a 262k-row Q8_0 embedding would otherwise peak at twice its size)."""
+        out, inp = _checked_shape(fmt, shape)
+        if fmt.raw:
+            return cls.from_gguf_blocks(read(0, out), fmt, shape)
+        nb, start = inp // BLOCK, 4 if fmt.has_min else 2
+        d = np.empty((out, nb), np.float16)
+        m = np.empty((out, nb), np.float16) if fmt.has_min else None
+        qs = np.empty((out, nb * (fmt.block_bytes - start)), np.uint8)
+        for r0 in range(0, out, chunk_rows):
+            r1 = min(out, r0 + chunk_rows)
+            cd, cm, cq = _columns(read(r0, r1 - r0), fmt, r1 - r0, inp)
+            d[r0:r1], qs[r0:r1] = cd, cq
+            if m is not None:
+                m[r0:r1] = cm
+        return cls._from_columns(fmt, (out, inp), d, m, qs)
+
+    @classmethod
+    def _from_columns(cls, fmt: Format, shape, d: np.ndarray, m: np.ndarray | None, qs: np.ndarray) -> QWeight:
+        qs_t = torch.from_numpy(qs.view(np.int8) if fmt.bits == 8 else qs)
+        return cls(fmt, shape, qs_t, torch.from_numpy(d), torch.from_numpy(m) if m is not None else None)
 
     def to_gguf_blocks(self) -> np.ndarray:
         """The inverse of `from_gguf_blocks`: [out, row_bytes] uint8 in GGUF block layout."""
@@ -300,3 +315,20 @@ def unpack_quantized(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
             shape = (qs.shape[0], qs.shape[1] * 8 // fmt.bits)
         out[name] = QWeight(fmt, shape, qs, d, m)
     return out
+
+
+def _checked_shape(fmt: Format, shape: tuple[int, int]) -> tuple[int, int]:
+    out, inp = shape
+    if inp % fmt.block_size:
+        raise ModelFormatError(f"a {fmt.name} matrix needs rows that are whole blocks of {fmt.block_size}, got {inp}")
+    return out, inp
+
+
+def _columns(raw: np.ndarray, fmt: Format, out: int, inp: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """GGUF blocks of a column-layout format (Q4_0, Q4_1, Q8_0) as (d [out, in/32] float16, m or
+    None, qs [out, code bytes]): the layout memlm's kernels read."""
+    blocks = np.ascontiguousarray(raw).reshape(out, inp // BLOCK, fmt.block_bytes)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).reshape(out, -1)
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16).reshape(out, -1) if fmt.has_min else None
+    start = 4 if fmt.has_min else 2
+    return d, m, np.ascontiguousarray(blocks[..., start:]).reshape(out, -1)
