@@ -436,7 +436,8 @@ def test_reading_blocks_a_chunk_of_rows_at_a_time_gives_the_same_weight(name):
     width = 512
     values = np.random.default_rng(0).normal(size=(10, width)).astype(np.float32)
     # K-quants by memlm's quantizer, the 32-value formats by gguf's (as files hold them)
-    made = quantize_blocks(values, name) if name.endswith("_k") else gguf.quants.quantize(values, getattr(Q, name.upper()))
+    kquant = name.endswith("_k")
+    made = quantize_blocks(values, name) if kquant else gguf.quants.quantize(values, getattr(Q, name.upper()))
     raw_bytes = np.ascontiguousarray(made).reshape(10, -1)
     whole = QWeight.from_gguf_blocks(raw_bytes.copy(), fmt, (10, width))
     calls = []
