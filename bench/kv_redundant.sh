@@ -34,8 +34,9 @@ for stage in $STAGES; do
       # the wrong pair: 2/64 at step 240, 12/64 at 420, 11/64 at 600 (a warm restart at 240). The
       # committed model is the run with the answer line's tokens weighted 10x in the loss
       # (--answer-weight 10; budget fixed before it ran: the plain run's 600 steps, batch 4):
-      # 63/64 (98.4%) at step 600 (2026-12-07; interrupted and resumed at steps 60, 80 and 420,
-      # which the loop resumes bit for bit). Under load one torch thread ran ~12 s a step, two ~6 s.
+      # 63/64 (98.4%) at step 600 (2026-12-07; resumed from its checkpoints at steps 60, 80 and 420:
+      # the same data order and RNG, though 1 and 2 torch threads sum floats in different orders).
+      # Under load one torch thread ran ~12 s a step, two ~6 s.
       $MEMLM train sft --task pair_search --out runs/sft-pair-search-aw10 --steps "${STEPS:-600}" --batch-size 4 \
         --save-every 20 --n-eval 0 --n-val-loss 8 --answer-weight 10 ${RESUME:+--resume}
       mkdir -p $MODEL && cp runs/sft-pair-search-aw10/adapter/* $MODEL/
