@@ -277,3 +277,23 @@ def test_sizes_builds_a_loadable_random_model_of_a_shape_and_merges_ratios(tmp_p
     ]
     sizes.plot_result({"rows": merged}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_timed_memlm_runs_compute_their_prefill(monkeypatch):
+    """bench decode repeats the same prompts: memlm's engine there has prefix caching off, or
+    every timed prefill after the first would be a cache hit (as it was on 2026-12-06)."""
+    from memlm.bench import decode
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(decode.memlm, "load", load)
+    with pytest.raises(Loaded):
+        decode._measure("memlm", "smollm2-135m-instruct", "q4_1", 1, 4, 1, 1)
+    assert seen["kv_cache"].prefix_caching is False
