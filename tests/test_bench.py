@@ -142,7 +142,7 @@ def test_report_prints():
         }
     }
     result = build_result(_rows(), 2, 64, "m", quality)
-    print_report(result, console, decode._cross_check(_rows(), 64))
+    print_report(result, console)
     out = console.file.getvalue()
     assert "memlm" in out and "3.00x" in out and "10.500" in out
 

@@ -373,7 +373,7 @@ def _quality(model: str, dtype: str, new_tokens: int, threads: int) -> dict:
 # ---- report ------------------------------------------------------------------------------------------
 
 
-def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple[float, float]] | None = None) -> None:
+def print_report(result: dict, console) -> None:
     title = (
         f"decode benchmark: {result['model']}, {result['new_tokens']} new tokens, {result['threads']} threads, greedy"
     )
@@ -395,16 +395,12 @@ def print_report(result: dict, console, cross_check: dict[tuple[str, int], tuple
         dtype, engine = pair.split("/", 1)
         ratios = ", ".join(f"batch {b}: {'-' if x is None else f'{x:.2f}x'}" for b, x in by_batch.items())
         console.print(f"decode speed memlm {dtype} / {engine}: {ratios}")
-    for (label, batch), (identical, prefix, _) in (cross_check or {}).items():
-        console.print(
-            f"{label} vs hf float32 greedy outputs (batch {batch}): "
-            f"{identical:.0%} identical, mean common prefix {prefix:.0%}"
-        )
-    for key, a in (result.get("agreement") or {}).get("llama.cpp", {}).items():
-        console.print(
-            f"{key} vs llama.cpp greedy outputs: {a['identical']:.0%} identical, the first 8 tokens equal "
-            f"on {a['first_8']:.0%}, mean common prefix {a['prefix']:.0%}"
-        )
+    for reference, by_row in (result.get("agreement") or {}).items():
+        for key, a in by_row.items():
+            console.print(
+                f"{key} vs {reference} greedy outputs: {a['identical']:.0%} identical, the first 8 tokens "
+                f"equal on {a['first_8']:.0%}, mean common prefix {a['prefix']:.0%}"
+            )
     for dtype, q in (result.get("quality") or {}).items():
         console.print(
             f"quality {dtype} vs float32: perplexity {q['ppl_float32']:.3f} -> {q[f'ppl_{dtype}']:.3f} "
@@ -532,6 +528,6 @@ def run_decode_bench(
 
     result = build_result(rows, threads, new_tokens, model, q)
     result["prompt_tokens"] = prompt_tokens  # None: the chat-templated bench prompts
-    print_report(result, console, _cross_check(rows, new_tokens))
+    print_report(result, console)
     write_outputs(result, console, json_path, plot_path, plot_result)
     return result
