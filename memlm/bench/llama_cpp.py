@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from memlm.bench import llama_cpp_runner
-from memlm.bench.llama_cpp_runner import first, init_quietly
+from memlm.bench.llama_cpp_runner import free_model, init_quietly, load_model
 from memlm.errors import MemlmError
 from memlm.formats.gguf_header import read_header
 from memlm.formats.loading import ASSEMBLED, EMBEDDED
@@ -69,13 +69,9 @@ class LlamaCppVocab:
         import llama_cpp as ll  # lazy: llama-cpp-python is optional, never a CI dependency
 
         self.ll = ll
-        init_quietly(ll)
-        params = ll.llama_model_default_params()
-        params.vocab_only = True
-        self.model = first(ll, "llama_model_load_from_file", "llama_load_model_from_file")(str(path).encode(), params)
+        self.model, self.vocab = load_model(ll, path, vocab_only=True)
         if not self.model:
             raise MemlmError(f"llama.cpp could not load {path}")
-        self.vocab = ll.llama_model_get_vocab(self.model) if hasattr(ll, "llama_model_get_vocab") else self.model
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """As llama.cpp's tokenize: BOS where the file asks for it, special pieces parsed as tokens."""
@@ -88,8 +84,8 @@ class LlamaCppVocab:
         return list(tokens[:n])
 
     def __del__(self):
-        if getattr(self, "model", None):
-            first(self.ll, "llama_model_free", "llama_free_model")(self.model)
+        if hasattr(self, "ll"):
+            free_model(self.ll, getattr(self, "model", None))
 
 
 def measure_greedy(path: Path, threads: int, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:

@@ -51,16 +51,29 @@ def first(module, *names):
     raise LlamaCppError(f"this llama-cpp-python has none of {', '.join(names)}")
 
 
+def load_model(ll, path: Path, vocab_only: bool = False):
+    """(model handle, its vocabulary) of a GGUF file, llama.cpp quiet; the handle is null (falsy)
+    when llama.cpp could not load the file: callers raise their own error."""
+    init_quietly(ll)
+    params = ll.llama_model_default_params()
+    params.vocab_only = vocab_only
+    model = first(ll, "llama_model_load_from_file", "llama_load_model_from_file")(str(path).encode(), params)
+    if not model:
+        return model, None
+    return model, ll.llama_model_get_vocab(model) if hasattr(ll, "llama_model_get_vocab") else model
+
+
+def free_model(ll, model) -> None:
+    if model:
+        first(ll, "llama_model_free", "llama_free_model")(model)
+
+
 class LlamaCppGreedy:
     def __init__(self, path: Path, threads: int, sequences: int, max_tokens_per_sequence: int):
         import llama_cpp as ll  # lazy: llama-cpp-python is optional, never a CI dependency
 
         self.ll = ll
-        init_quietly(ll)
-        model_params = ll.llama_model_default_params()
-        self.model = first(ll, "llama_model_load_from_file", "llama_load_model_from_file")(
-            str(path).encode(), model_params
-        )
+        self.model, vocab = load_model(ll, path)
         if not self.model:
             raise LlamaCppError(f"llama.cpp could not load {path}")
         params = ll.llama_context_default_params()
@@ -73,7 +86,6 @@ class LlamaCppGreedy:
         self.ctx = first(ll, "llama_init_from_model", "llama_new_context_with_model")(self.model, params)
         if not self.ctx:
             raise LlamaCppError("llama.cpp could not create a context")
-        vocab = ll.llama_model_get_vocab(self.model) if hasattr(ll, "llama_model_get_vocab") else self.model
         self.n_vocab = first(ll, "llama_vocab_n_tokens", "llama_n_vocab")(vocab)
         is_eog = first(ll, "llama_vocab_is_eog", "llama_token_is_eog")
         self.end_tokens = np.array([t for t in range(self.n_vocab) if is_eog(vocab, t)], dtype=np.int64)
@@ -131,8 +143,7 @@ class LlamaCppGreedy:
             ll.llama_batch_free(self.batch)
         if getattr(self, "ctx", None):
             ll.llama_free(self.ctx)
-        if getattr(self, "model", None):
-            first(ll, "llama_model_free", "llama_free_model")(self.model)
+        free_model(ll, getattr(self, "model", None))
 
 
 def best_times(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tuple[float, float, Any]:

@@ -29,6 +29,7 @@ import importlib.util
 import math
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +77,15 @@ def compare(reference: list, candidate: list) -> dict:
     }
 
 
-def llama_cpp_row(model: str, type_name: str, ref_windows: list, ids: list[int], threads: int) -> dict:
-    """The same type made by llama.cpp's quantizer from memlm's float32 file of the model."""
+def scored_file(make, ref_windows: list, ids: list[int]):
+    """(row, engine): the file `make()` returns (timed: cached files cost ~0 s), loaded on its own
+    blocks and scored against the float32 windows."""
     start = time.perf_counter()
-    path = llama_cpp_quantized_file(model, type_name, threads)
+    path = make()
     made = time.perf_counter() - start
-    theirs = memlm.load(str(path), dtype="auto")
-    row = compare(ref_windows, window_logits(theirs.model, ids))
-    return row | {"file_mb": round(os.path.getsize(path) / 1e6, 1), "quantize_s": round(made, 1)}
+    engine = memlm.load(str(path), dtype="auto")
+    row = compare(ref_windows, window_logits(engine.model, ids))
+    return row | {"file_mb": round(os.path.getsize(path) / 1e6, 1), "quantize_s": round(made, 1)}, engine
 
 
 def run(model: str, types: list[str], tokens: int, new_tokens: int, threads: int, against: bool = False) -> dict:
@@ -96,25 +98,16 @@ def run(model: str, types: list[str], tokens: int, new_tokens: int, threads: int
     params = memlm.SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     rows = {}
     for type_name in types:
-        start = time.perf_counter()
-        path = quantized_file(model, type_name)
-        made = time.perf_counter() - start
-        quant = memlm.load(str(path), dtype="auto")
-        row = compare(ref_windows, window_logits(quant.model, ids))
+        row, quant = scored_file(partial(quantized_file, model, type_name), ref_windows, ids)
         exact = [quant.generate_tokens([p], params)[0].token_ids for p in prompts]
         del quant
-        dequantized = memlm.load(str(path), dtype="float32")
+        dequantized = memlm.load(str(quantized_file(model, type_name)), dtype="float32")  # made above: cached
         want = [dequantized.generate_tokens([p], params)[0].token_ids for p in prompts]
         del dequantized
         identical, prefix = greedy_agreement(exact, want, new_tokens)
-        row |= {
-            "file_mb": round(os.path.getsize(path) / 1e6, 1),
-            "exact_vs_dequantized_identical": identical,
-            "exact_vs_dequantized_prefix": round(prefix, 4),
-            "quantize_s": round(made, 1),
-        }
-        if against:
-            theirs = llama_cpp_row(model, type_name, ref_windows, ids, threads)
+        row |= {"exact_vs_dequantized_identical": identical, "exact_vs_dequantized_prefix": round(prefix, 4)}
+        if against:  # the same type by llama.cpp's quantizer, from memlm's float32 file of the model
+            theirs, _ = scored_file(partial(llama_cpp_quantized_file, model, type_name, threads), ref_windows, ids)
             row["llama.cpp"] = theirs
             row["ppl_vs_llama_cpp_pct"] = round(100 * (row["ppl"] - theirs["ppl"]) / theirs["ppl"], 3)
         rows[type_name] = row
