@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_memlm
+from memlm import kernels
 from memlm.atomic import write_json_atomic
 from memlm.bench import decode
 from memlm.bench.decode import (
@@ -297,3 +298,22 @@ def test_timed_memlm_runs_compute_their_prefill(monkeypatch):
     with pytest.raises(Loaded):
         decode._measure("memlm", "smollm2-135m-instruct", "q4_1", 1, 4, 1, 1)
     assert seen["kv_cache"].prefix_caching is False
+
+
+@pytest.mark.skipif(kernels.native() is None, reason="native kernels unavailable")
+def test_kernel_bench_times_every_cell_for_every_build(tmp_path):
+    from memlm.bench import kernels as kernel_bench
+
+    path = str(kernels.library_path(kernels.best_variant()))
+    out = tmp_path / "k.json"
+    kernel_bench.main(["--shape", "64x256", "--formats", "q4_0,q4_k", "--rows", "1,3", "--repeats", "2",
+                       "--against", path, "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["shape"] == [64, 256]
+    cells = {(c["format"], c["activations"], c["rows"]) for c in result["cells"]}
+    assert cells == {(f, a, r) for f in ("q4_0", "q4_k") for a in ("q8_0", "float32") for r in (1, 3)}
+    for c in result["cells"]:
+        assert [b["build"] for b in c["builds"]] == ["this", kernels.library_path(kernels.best_variant()).stem]
+        assert all(b["ms"] > 0 and b["gb_s"] > 0 for b in c["builds"])
+    with pytest.raises(SystemExit, match="unknown format"):
+        kernel_bench.main(["--formats", "q4_0,q9_9"])

@@ -373,6 +373,12 @@ extern "C" int32_t mk_variant() {
 #endif
 }
 
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 // Lane i = the sum of the 8 int32 lanes of v[i], for 8 vectors (a transpose-and-add tree).
 inline __m256i row_sums(const __m256i v[8]) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
@@ -481,9 +487,73 @@ void matmul_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, f
   }
 }
 
+// Eight blocks at a time: their integer dot products stay int32 until one transpose-and-add puts
+// them in the lanes of a vector, scaled by the eight blocks' d (one f16 conversion) times the
+// activations' eight scales; the offsets of Q4_0 (-8 d) and Q4_1 (m) likewise take one
+// multiply-add per eight blocks against the activation sums. For rows of 8k blocks (every
+// matrix of a 1B-class model); SmolLM2's 576 values (18 blocks) take the kernels above, which
+// measured faster there than eight-block groups with a one-at-a-time tail.
+template <int F, int NB>
+void matmul_rows_q8_by8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0,
+                        int o1) {
+  const int64_t blocks = w.in / QK;
+  for (int o = o0; o < o1; ++o) {
+    __m256 acc[NB], offset[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) acc[r] = offset[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b += 8) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + o * blocks + b)));
+      __m256 m = _mm256_setzero_ps();
+      if constexpr (F == Q4_1) m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + o * blocks + b)));
+      __m256i q[8], magnitude[8];
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        q[k] = magnitude[k] = block_bytes<F>(w, o, b + k);
+        if constexpr (F == Q8_0) magnitude[k] = _mm256_sign_epi8(q[k], q[k]);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        const int8_t* xq = xa.q.data() + (r0 + r) * w.in + b * QK;
+        __m256i dots[8];
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + QK * k));
+          if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q[k]);
+          dots[k] = dot_u8_s8(magnitude[k], xv);
+        }
+        const int64_t at = (r0 + r) * blocks + b;
+        const __m256 scale = _mm256_mul_ps(d, _mm256_loadu_ps(xa.scale.data() + at));
+        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(row_sums(dots)), acc[r]);
+        if constexpr (F == Q4_0) offset[r] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xa.sum.data() + at), offset[r]);
+        if constexpr (F == Q4_1) offset[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xa.sum.data() + at), offset[r]);
+      }
+    }
+    const float bias = w.bias ? w.bias[o] : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) {
+      float total = hsum(acc[r]);
+      if constexpr (F == Q4_0) total -= 8.0f * hsum(offset[r]);
+      if constexpr (F == Q4_1) total += hsum(offset[r]);
+      y[r * ldy + o] = total + bias;
+    }
+  }
+}
+
 template <int F>
 void matmul_group_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int nb, int o0,
                      int o1) {
+  if ((w.in / QK) % 8 == 0) {
+    switch (nb) {
+      case 1: return matmul_rows_q8_by8<F, 1>(w, xa, r0, y, ldy, o0, o1);
+      case 2: return matmul_rows_q8_by8<F, 2>(w, xa, r0, y, ldy, o0, o1);
+      case 3: return matmul_rows_q8_by8<F, 3>(w, xa, r0, y, ldy, o0, o1);
+      case 4: return matmul_rows_q8_by8<F, 4>(w, xa, r0, y, ldy, o0, o1);
+      case 5: return matmul_rows_q8_by8<F, 5>(w, xa, r0, y, ldy, o0, o1);
+      case 6: return matmul_rows_q8_by8<F, 6>(w, xa, r0, y, ldy, o0, o1);
+      case 7: return matmul_rows_q8_by8<F, 7>(w, xa, r0, y, ldy, o0, o1);
+      default: return matmul_rows_q8_by8<F, 8>(w, xa, r0, y, ldy, o0, o1);
+    }
+  }
   switch (nb) {
     case 1: return matmul_rows_q8<F, 1, 4>(w, xa, r0, y, ldy, o0, o1);
     case 2: return matmul_rows_q8<F, 2, 2>(w, xa, r0, y, ldy, o0, o1);
@@ -789,6 +859,213 @@ void raw_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, floa
   }
 }
 
+// ---- Q4_K and Q5_K with int8 activations, straight from the block bytes ------------------------
+// A Q4_K sub-block is 32 values with one 6-bit scale and minimum, exactly one activation block,
+// so value = d*sc_j * c - dmin*m_j with unsigned codes c in 0..15 (Q5_K: 0..31, a fifth bit from
+// its qh bytes; the same scales) and
+//   y = sum_j (d sc_j) (x scale_j) (sum_i c_i x_i) - sum_j (dmin m_j) (x scale_j sum_i x_i).
+// The eight integer dot products of a super-block stay int32 until one transpose-and-add puts
+// them in the lanes of a vector, scaled by eight scale products at once: no codes written to
+// memory and read back, no sign tricks (the codes are unsigned), a handful of float operations
+// per 256 values instead of per 32.
+
+// The super-block's eight scales (times d) and minimums (times dmin) as float vectors. The 12
+// packed bytes as three words w0 w1 w2 (byte j of a word is sub-block j's or j+4's):
+//   scale j < 4: low 6 bits of w0's byte j       minimum j < 4: low 6 bits of w1's byte j
+//   scale j+4:   w2's low nibble, w0's top 2 bits   minimum j+4: w2's high nibble, w1's top 2 bits
+inline void q4k_scales(const uint8_t* block, __m256& scale, __m256& minimum) {
+  uint32_t w[3];
+  std::memcpy(w, block + 4, 12);
+  const uint32_t low6 = 0x3F3F3F3F, nibble = 0x0F0F0F0F, top2 = 0x03030303;
+  const uint32_t sc_lo = w[0] & low6, m_lo = w[1] & low6;
+  const uint32_t sc_hi = (w[2] & nibble) | (((w[0] >> 6) & top2) << 4);
+  const uint32_t m_hi = ((w[2] >> 4) & nibble) | (((w[1] >> 6) & top2) << 4);
+  const __m128i packed = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(m_lo),
+                                        static_cast<int>(m_hi));
+  const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed));
+  const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8)));
+  scale = _mm256_mul_ps(_mm256_set1_ps(half_to_float(load_u16(block))), sc);
+  minimum = _mm256_mul_ps(_mm256_set1_ps(half_to_float(load_u16(block + 2))), m);
+}
+
+template <int F, int NB>
+void q4k_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
+  const int64_t blocks = w.in / 256, row_bytes = blocks * Raw<F>::bytes, xblocks = w.in / QK;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int o = o0; o < o1; ++o) {
+    const uint8_t* row = w.qs + o * row_bytes;
+    __m256 acc[NB], offset[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) acc[r] = offset[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = row + b * Raw<F>::bytes;
+      __m256 scale, minimum;
+      q4k_scales(block, scale, minimum);
+      __m256i codes[8];  // sub-block 2k: the low nibbles of 32 bytes, 2k+1: their high nibbles
+      const __m256i qh = F == Q5_K ? load32(block + 16) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m256i v = load32(block + (F == Q5_K ? 48 : 16) + 32 * k);
+        codes[2 * k] = _mm256_and_si256(v, low4);
+        codes[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if constexpr (F == Q5_K) {  // the fifth bits: bit 2k of each qh byte for sub-block 2k
+          codes[2 * k] = _mm256_or_si256(codes[2 * k], _mm256_slli_epi16(bits(qh, 2 * k, 1), 4));
+          codes[2 * k + 1] = _mm256_or_si256(codes[2 * k + 1], _mm256_slli_epi16(bits(qh, 2 * k + 1, 1), 4));
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        const int8_t* xq = xa.q.data() + (r0 + r) * w.in + b * 256;
+        __m256i dots[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j)
+          dots[j] = dot_u8_s8(codes[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j)));
+        const int64_t at = (r0 + r) * xblocks + b * 8;
+        const __m256 xscale = _mm256_loadu_ps(xa.scale.data() + at);
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(scale, xscale), _mm256_cvtepi32_ps(row_sums(dots)), acc[r]);
+        offset[r] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(xa.sum.data() + at), offset[r]);
+      }
+    }
+    const float bias = w.bias ? w.bias[o] : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) y[r * ldy + o] = hsum(_mm256_sub_ps(acc[r], offset[r])) + bias;
+  }
+}
+
+// ---- Q5_0 / Q5_1 with int8 activations, straight from the block bytes --------------------------
+// Unsigned 5-bit codes u (0..31): value = d*(u - 16) for Q5_0, d*u + m for Q5_1, the constant part
+// against the activation block sums. Eight blocks at a time as matmul_rows_q8_by8 (their d and m
+// gathered from the blocks' headers); the last blocks % 8 of a row (Gemma 3's 640 values are 20
+// blocks) one at a time.
+template <int F>
+inline __m256i q5_codes(const uint8_t* block) {
+  constexpr int start = F == Q5_1 ? 4 : 2;
+  uint32_t h;
+  std::memcpy(&h, block + start, 4);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + start + 4));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+  return _mm256_or_si256(low, fifth_bits(h));
+}
+
+template <int F, int NB>
+void q5_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
+  constexpr int bytes = Raw<F>::bytes;
+  const int64_t blocks = w.in / QK, whole = blocks - blocks % 8;
+  for (int o = o0; o < o1; ++o) {
+    const uint8_t* row = w.qs + o * blocks * bytes;
+    __m256 acc[NB], offset[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) acc[r] = offset[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < whole; b += 8) {
+      alignas(16) uint16_t dh[8], mh[8];
+      __m256i codes[8];
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const uint8_t* block = row + (b + k) * bytes;
+        dh[k] = load_u16(block);
+        if constexpr (F == Q5_1) mh[k] = load_u16(block + 2);
+        codes[k] = q5_codes<F>(block);
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(dh)));
+      // Q5_0's constant is -16 d per block, Q5_1's m
+      const __m256 constant = F == Q5_1 ? _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(mh)))
+                                        : _mm256_mul_ps(d, _mm256_set1_ps(-16.0f));
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        const int8_t* xq = xa.q.data() + (r0 + r) * w.in + b * QK;
+        __m256i dots[8];
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k)
+          dots[k] = dot_u8_s8(codes[k], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + QK * k)));
+        const int64_t at = (r0 + r) * blocks + b;
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_loadu_ps(xa.scale.data() + at)),
+                                 _mm256_cvtepi32_ps(row_sums(dots)), acc[r]);
+        offset[r] = _mm256_fmadd_ps(constant, _mm256_loadu_ps(xa.sum.data() + at), offset[r]);
+      }
+    }
+    float total[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) total[r] = hsum(acc[r]) + hsum(offset[r]);
+    for (int64_t b = whole; b < blocks; ++b) {
+      const uint8_t* block = row + b * bytes;
+      const __m256i codes = q5_codes<F>(block);
+      const float d = half_to_float(load_u16(block));
+      const float constant = F == Q5_1 ? half_to_float(load_u16(block + 2)) : -16.0f * d;
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        const int64_t at = (r0 + r) * blocks + b;
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + (r0 + r) * w.in + b * QK));
+        total[r] += d * xa.scale[at] * static_cast<float>(hsum_epi32(dot_u8_s8(codes, xv))) + constant * xa.sum[at];
+      }
+    }
+    const float bias = w.bias ? w.bias[o] : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) y[r * ldy + o] = total[r] + bias;
+  }
+}
+
+// ---- Q6_K with int8 activations, straight from the block bytes ---------------------------------
+// value = d*sc_g * (u - 32) over 16 groups g of 16 values, u in 0..63 unsigned (so one vpdpbusd per
+// 32 values, no sign tricks), and the -32 folded into an offset against the activations' per-16
+// sums: y = sum_g (d sc_g)(x scale) (sum_i u_i x_i) - 32 sum_g (d sc_g)(x scale sum_i x_i).
+// A 32-value chunk's dot product holds group 2c in lanes 0-3 and 2c+1 in lanes 4-7; two levels of
+// horizontal adds over four chunks leave groups [0 2 4 6 | 1 3 5 7] in one vector's lanes, which
+// the scales are shuffled to match.
+template <int NB>
+void q6k_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
+  const int64_t blocks = w.in / 256, row_bytes = blocks * Raw<Q6_K>::bytes, xblocks = w.in / QK, groups = w.in / 16;
+  const __m128i lane_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  for (int o = o0; o < o1; ++o) {
+    const uint8_t* row = w.qs + o * row_bytes;
+    __m256 acc[NB], offset[NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) acc[r] = offset[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = row + b * Raw<Q6_K>::bytes;
+      const __m256 d = _mm256_set1_ps(half_to_float(load_u16(block + 208)));
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
+      const __m128i shuffled = _mm_shuffle_epi8(sc, lane_order);
+      __m256 natural[2], lanes[2];  // d sc_g for groups 0-7, 8-15: in order, and in the sums' lane order
+      for (int h = 0; h < 2; ++h) {
+        natural[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h ? _mm_srli_si128(sc, 8) : sc)));
+        lanes[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h ? _mm_srli_si128(shuffled, 8) : shuffled)));
+      }
+      __m256i codes[8];  // chunk 4h+k: values 128h + 32k ..
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qh = load32(block + 128 + 32 * h);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          const __m256i v = load32(block + 64 * h + 32 * (k & 1));
+          codes[4 * h + k] = _mm256_or_si256(bits(v, k < 2 ? 0 : 4, 0x0F), _mm256_slli_epi16(bits(qh, 2 * k, 3), 4));
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        const int8_t* xq = xa.q.data() + (r0 + r) * w.in + b * 256;
+        const float* xs = xa.scale.data() + (r0 + r) * xblocks + b * 8;
+        const float* xsum = xa.sum16.data() + (r0 + r) * groups + b * 16;
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          __m256i dots[4];
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k)
+            dots[k] = dot_u8_s8(codes[4 * h + k],
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 128 * h + 32 * k)));
+          const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
+          const __m256 scale = _mm256_mul_ps(lanes[h], _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xs + 4 * h)));
+          acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r]);
+          offset[r] = _mm256_fmadd_ps(natural[h], _mm256_loadu_ps(xsum + 8 * h), offset[r]);
+        }
+      }
+    }
+    const float bias = w.bias ? w.bias[o] : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r) y[r * ldy + o] = hsum(acc[r]) - 32.0f * hsum(offset[r]) + bias;
+  }
+}
+
 template <int F>
 void raw_group_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx16, float* y, int64_t ldy, int nb,
                     int o0, int o1) {
@@ -807,6 +1084,26 @@ void raw_group_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx1
 template <int F>
 void raw_group_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int nb, int o0,
                   int o1) {
+  // The formats of Q4_K_M and Q5_K_M files (Q5_0/Q5_1 where a row is not whole super-blocks)
+  // read without decode_block: kernels of their own.
+  constexpr bool own = F == Q4_K || F == Q5_K || F == Q6_K || F == Q5_0 || F == Q5_1;
+  if constexpr (own) {
+    auto run = [&]<int NB>() {
+      if constexpr (F == Q4_K || F == Q5_K) q4k_rows_q8<F, NB>(w, xa, r0, y, ldy, o0, o1);
+      if constexpr (F == Q6_K) q6k_rows_q8<NB>(w, xa, r0, y, ldy, o0, o1);
+      if constexpr (F == Q5_0 || F == Q5_1) q5_rows_q8<F, NB>(w, xa, r0, y, ldy, o0, o1);
+    };
+    switch (nb) {
+      case 1: return run.template operator()<1>();
+      case 2: return run.template operator()<2>();
+      case 3: return run.template operator()<3>();
+      case 4: return run.template operator()<4>();
+      case 5: return run.template operator()<5>();
+      case 6: return run.template operator()<6>();
+      case 7: return run.template operator()<7>();
+      default: return run.template operator()<8>();
+    }
+  }
   switch (nb) {
     // Several rows at a time pays for 32-value blocks (one short chain per block); a K-quant
     // block already runs 8 chunks per row, and decoding several at once measured slower.
