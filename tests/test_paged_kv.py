@@ -125,6 +125,51 @@ def test_native_and_torch_paths_store_and_read_the_same_quantized_kv(kv_type, ro
         np.testing.assert_allclose(a, b, atol=2e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("kv_type", list(KV_FORMATS))
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 32, 48])
+@pytest.mark.parametrize("count", [1, 7, 8, 37])
+def test_the_decode_steps_attention_equals_the_one_key_at_a_time_loop_bit_for_bit(kv_type, head_dim, count):
+    """The step scores 8 keys per pass and keeps the output in registers across values; every float
+    operation stays in the reference loop's order, so probabilities and output are identical, and
+    both are softmax attention over the stored (dequantized) keys and values."""
+    fmt = KV_FORMATS[kv_type]
+    if fmt.quantized and head_dim % 32:
+        pytest.skip("quantized KV needs a head size divisible by 32")
+    gen = torch.Generator().manual_seed(head_dim * 100 + count)
+    q = torch.randn(head_dim, generator=gen)
+    keys, vals = (
+        fmt.encode(torch.randn(count, head_dim, generator=gen)),
+        fmt.encode(torch.randn(count, head_dim, generator=gen)),
+    )
+    rows = torch.stack([keys, vals]).view(torch.uint8).contiguous()
+    stride = rows.shape[-1]
+
+    def attend(one_at_a_time: int):
+        probs, out = torch.empty(count), torch.empty(head_dim)
+        native().mk_attend(
+            fmt.code,
+            q.data_ptr(),
+            rows[0].data_ptr(),
+            rows[1].data_ptr(),
+            stride,
+            count,
+            head_dim,
+            0.125,
+            probs.data_ptr(),
+            out.data_ptr(),
+            one_at_a_time,
+        )
+        return probs, out
+
+    (probs, out), (ref_probs, ref_out) = attend(0), attend(1)
+    assert torch.equal(probs, ref_probs) and torch.equal(out, ref_out)
+    k, v = fmt.decode(keys), fmt.decode(vals)
+    expected = torch.softmax(k @ q * 0.125, dim=0)
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected @ v, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
 def test_quantized_kv_stays_close_to_fp32(kv_type):
     overrides = dict(head_dim=32, num_heads=2, num_kv_heads=1)

@@ -213,6 +213,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.mk_matmul.argtypes = [ctypes.POINTER(QMat), p, i64, i64, p, i64, ctypes.c_int32]
     lib.mk_dequantize.argtypes = [ctypes.POINTER(QMat), p, i64, p]
+    if hasattr(lib, "mk_attend"):  # older builds, which `python -m memlm.bench.kernels --against` loads, lack it
+        i32 = ctypes.c_int32
+        lib.mk_attend.argtypes = [i32, p, p, p, i64, i32, i32, ctypes.c_float, p, p, i32]
+        lib.mk_attend.restype = None
     lib.mk_model_new.argtypes = [ctypes.POINTER(ModelDesc)]
     lib.mk_model_new.restype = p
     lib.mk_model_free.argtypes = [p]

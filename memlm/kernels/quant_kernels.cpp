@@ -1542,6 +1542,130 @@ void kv_axpy(int32_t type, float w, const uint8_t* p, int n, float* out) {
   }
 }
 
+// Attention over a run of stored keys / values (one head, consecutive slots of a block), several
+// keys per pass: a key's dot product is left in the 8 lanes it is summed in last (the lanes kv_dot
+// hands to hsum), and 8 keys' lanes are summed together by hsum8; each weighted value is added to
+// an output held in registers. Both keep every float operation of kv_dot / kv_axpy in its order,
+// so scores and outputs are bit-identical to the one-key-at-a-time loop, only fewer instructions.
+
+// The 8 lanes of q . stored vector, before kv_dot's final hsum (F32 only when n % 16 == 0).
+template <int T>
+inline __m256 kv_dot_lanes(const float* q, const uint8_t* p, int n) {
+  if constexpr (T == KV_F32) {
+    const auto* b = reinterpret_cast<const float*>(p);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    return _mm256_add_ps(s0, s1);
+  } else if constexpr (T == KV_BF16) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_bf16(p + 2 * i), acc);
+    return acc;
+  } else {
+    constexpr int bytes = T == KV_Q8_0 ? 2 + QK : 2 + QK / 2;
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < n / QK; ++b, p += bytes) {
+      uint16_t dh;
+      std::memcpy(&dh, p, 2);
+      __m256 s = _mm256_setzero_ps();
+      for (int j = 0; j < QK; j += 8) {
+        const __m256 w = T == KV_Q8_0 ? load_i8(p + 2 + j) : load_q4(p + 2, j);
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + b * QK + j), w, s);
+      }
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dh)), s, acc);
+    }
+    return acc;
+  }
+}
+
+// hsum of each of 8 vectors, as one vector [hsum(v[0]) .. hsum(v[7])], adding in hsum's order:
+// the two 128-bit halves, then lanes 0+2 and 1+3, then those two.
+inline __m256 hsum8(const __m256* v) {
+  __m256 x[4];
+  for (int i = 0; i < 4; ++i)  // [v[i] halves summed | v[i + 4] halves summed]
+    x[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[i], v[i + 4], 0x20), _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+  // [a0+a2, b0+b2, a1+a3, b1+b3 | the same for v[4], v[5]] from x[0] = a, x[1] = b; likewise c, d
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(x[0], x[1]), _mm256_unpackhi_ps(x[0], x[1]));
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(x[2], x[3]), _mm256_unpackhi_ps(x[2], x[3]));
+  return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// p[i] = q . key i * scale for `count` keys from `keys`, `stride` bytes apart.
+template <int T>
+void kv_scores(const float* q, const uint8_t* keys, int64_t stride, int count, int hd, float scale, float* p) {
+  int i = 0;
+  __m256 lanes[8];
+  for (; i + 8 <= count; i += 8) {
+    for (int k = 0; k < 8; ++k) lanes[k] = kv_dot_lanes<T>(q, keys + (i + k) * stride, hd);
+    _mm256_storeu_ps(p + i, _mm256_mul_ps(hsum8(lanes), _mm256_set1_ps(scale)));
+  }
+  for (; i < count; ++i) p[i] = hsum(kv_dot_lanes<T>(q, keys + i * stride, hd)) * scale;
+}
+
+// out[:hd] += sum_i w[i] * value i, for `count` values from `vals`, `stride` bytes apart; the
+// output 8 * R floats at a time (hd % (8 * R) == 0), in registers across the values.
+template <int T, int R>
+void kv_weighted_sum(const float* w, const uint8_t* vals, int64_t stride, int count, int hd, float* out) {
+  for (int d0 = 0; d0 < hd; d0 += 8 * R) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_loadu_ps(out + d0 + 8 * r);
+    for (int i = 0; i < count; ++i) {
+      const uint8_t* v = vals + i * stride;
+      if constexpr (T == KV_F32 || T == KV_BF16) {
+        const __m256 vw = _mm256_set1_ps(w[i]);
+        for (int r = 0; r < R; ++r) {
+          const int d = d0 + 8 * r;
+          const __m256 x = T == KV_F32 ? _mm256_loadu_ps(reinterpret_cast<const float*>(v) + d) : load_bf16(v + 2 * d);
+          acc[r] = _mm256_fmadd_ps(vw, x, acc[r]);
+        }
+      } else {
+        constexpr int bytes = T == KV_Q8_0 ? 2 + QK : 2 + QK / 2;
+        for (int r = 0; r < R; ++r) {
+          const int d = d0 + 8 * r, j = d % QK;
+          const uint8_t* block = v + (d / QK) * bytes;
+          uint16_t dh;
+          std::memcpy(&dh, block, 2);
+          const __m256 wd = _mm256_set1_ps(w[i] * half_to_float(dh));
+          const __m256 x = T == KV_Q8_0 ? load_i8(block + 2 + j) : load_q4(block + 2, j);
+          acc[r] = _mm256_fmadd_ps(wd, x, acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + d0 + 8 * r, acc[r]);
+  }
+}
+
+template <int T>
+void kv_weighted_sum_any(const float* w, const uint8_t* vals, int64_t stride, int count, int hd, float* out) {
+  if (hd % 64 == 0) return kv_weighted_sum<T, 8>(w, vals, stride, count, hd, out);
+  if (hd % 32 == 0) return kv_weighted_sum<T, 4>(w, vals, stride, count, hd, out);
+  for (int i = 0; i < count; ++i) kv_axpy(T, w[i], vals + i * stride, hd, out);
+}
+
+// The two by stored type; head sizes the lane forms do not cover go one key at a time.
+void attend_scores(int32_t type, const float* q, const uint8_t* keys, int64_t stride, int count, int hd, float scale,
+                   float* p) {
+  switch (hd % 16 == 0 ? type : -1) {
+    case KV_F32: return kv_scores<KV_F32>(q, keys, stride, count, hd, scale, p);
+    case KV_BF16: return kv_scores<KV_BF16>(q, keys, stride, count, hd, scale, p);
+    case KV_Q8_0: return kv_scores<KV_Q8_0>(q, keys, stride, count, hd, scale, p);
+    case KV_Q4_0: return kv_scores<KV_Q4_0>(q, keys, stride, count, hd, scale, p);
+    default:
+      for (int i = 0; i < count; ++i) p[i] = kv_dot(type, q, keys + i * stride, hd) * scale;
+  }
+}
+
+void attend_values(int32_t type, const float* w, const uint8_t* vals, int64_t stride, int count, int hd, float* out) {
+  switch (type) {
+    case KV_F32: return kv_weighted_sum_any<KV_F32>(w, vals, stride, count, hd, out);
+    case KV_BF16: return kv_weighted_sum_any<KV_BF16>(w, vals, stride, count, hd, out);
+    case KV_Q8_0: return kv_weighted_sum_any<KV_Q8_0>(w, vals, stride, count, hd, out);
+    default: return kv_weighted_sum_any<KV_Q4_0>(w, vals, stride, count, hd, out);
+  }
+}
+
 // x times the normalised Walsh-Hadamard matrix, per block of `n` (a power of two): the butterfly
 // in the order of the torch reference (memlm.cache.kv_format.rotate), then one scale.
 void hadamard(float* x, int d, int n) {
@@ -1690,17 +1814,17 @@ void decode(Model& model, const DecodeArgs& a) {
       // Slot j lives in block blocks[j / bs] at offset j % bs: walk the row's blocks in order.
       const int bs = a.block_size;
       for (int j0 = lo - lo % bs; j0 < n; j0 += bs) {
-        const uint8_t* keys = kl + blocks[j0 / bs] * a.k_stride[1] + g * a.k_stride[2];
-        for (int j = std::max(j0, lo); j < std::min(n, j0 + bs); ++j)
-          p[j] = kv_dot(a.kv_type, q, keys + (j - j0) * a.k_stride[3], hd) * scale;
+        const int j = std::max(j0, lo), end = std::min(n, j0 + bs);
+        const uint8_t* keys = kl + blocks[j0 / bs] * a.k_stride[1] + g * a.k_stride[2] + (j - j0) * a.k_stride[3];
+        attend_scores(a.kv_type, q, keys, a.k_stride[3], end - j, hd, scale, p + j);
       }
       softmax(p + lo, n - lo);
       float* out = model.att.data() + t * q_size + h * hd;
       std::memset(out, 0, sizeof(float) * hd);
       for (int j0 = lo - lo % bs; j0 < n; j0 += bs) {
-        const uint8_t* vals = vl + blocks[j0 / bs] * a.v_stride[1] + g * a.v_stride[2];
-        for (int j = std::max(j0, lo); j < std::min(n, j0 + bs); ++j)
-          kv_axpy(a.kv_type, p[j], vals + (j - j0) * a.v_stride[3], hd, out);
+        const int j = std::max(j0, lo), end = std::min(n, j0 + bs);
+        const uint8_t* vals = vl + blocks[j0 / bs] * a.v_stride[1] + g * a.v_stride[2] + (j - j0) * a.v_stride[3];
+        attend_values(a.kv_type, p + j, vals, a.v_stride[3], end - j, hd, out);
       }
     });
     if (a.attention) {
@@ -1744,6 +1868,23 @@ void mk_matmul(const QMat* w, const float* x, int64_t n, int64_t ldx, float* y, 
 }
 
 void mk_dequantize(const QMat* w, const int64_t* rows, int64_t n, float* out) { dequantize_rows(*w, rows, n, out); }
+
+// One head attending `count` stored keys and values (`stride` bytes apart): probs = softmax(q . k *
+// scale), out = probs . v. `one_at_a_time`: the loop over kv_dot / kv_axpy, the reference that the
+// decode step's lane forms equal bit for bit.
+void mk_attend(int32_t type, const float* q, const uint8_t* keys, const uint8_t* vals, int64_t stride, int32_t count,
+               int32_t hd, float scale, float* probs, float* out, int32_t one_at_a_time) {
+  std::memset(out, 0, sizeof(float) * hd);
+  if (one_at_a_time) {
+    for (int j = 0; j < count; ++j) probs[j] = kv_dot(type, q, keys + j * stride, hd) * scale;
+    softmax(probs, count);
+    for (int j = 0; j < count; ++j) kv_axpy(type, probs[j], vals + j * stride, hd, out);
+  } else {
+    attend_scores(type, q, keys, stride, count, hd, scale, probs);
+    softmax(probs, count);
+    attend_values(type, probs, vals, stride, count, hd, out);
+  }
+}
 
 void* mk_model_new(const ModelDesc* desc) {
   auto* model = new Model();
