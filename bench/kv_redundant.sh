@@ -2,7 +2,7 @@
 # DynTS where reasoning is redundant (issue 30): the commands behind bench/results/kv_redundant.json.
 # Run from the repository root with memlm installed; each stage writes under runs/ (or bench/ for
 # what is committed) and can be run alone:
-#   STAGES="sft eval predictors choose bench" bench/kv_redundant.sh
+#   STAGES="sft eval predictors choose bench transfer" bench/kv_redundant.sh
 #
 # The task, pair_search (memlm/data/tasks.py): "Which two numbers sum to T?" over ten two-digit
 # numbers; the worked solution checks all 45 pairs in list order, one line each ("66+24=90 no"),
@@ -21,11 +21,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMLM=${MEMLM:-memlm}
-STAGES=${STAGES:-sft eval predictors choose bench}
+STAGES=${STAGES:-sft eval predictors choose bench transfer}
 MODEL=bench/models/pair-search-lora  # the SFT adapter, committed (bf16)
 DTYPE=q4_1  # the embedded GGUF's own blocks with fp32 activations
 BUDGETS=54,108,162
 WINDOW=${WINDOW:-8}
+
+CHOSEN=runs/kv-redundant-choose/chosen.env  # the choose stage's pick, used unless set explicitly
+chosen() { if [[ -z "${LEARNED_PREDICTOR:-}" && -f $CHOSEN ]]; then source $CHOSEN; fi; }
 
 for stage in $STAGES; do
   case $stage in
@@ -71,15 +74,50 @@ for stage in $STAGES; do
           --predictor runs/predictor-pair-search-answer,runs/predictor-pair-search-future_far \
           --window "$WINDOW" --threshold $tau --dtype $DTYPE --json runs/kv-redundant-choose/tau$tau.json
       done
+      # the rule, applied: runs/kv-redundant-choose/chosen.env, which the bench and transfer stages read
+      python - <<'PY'
+import json
+from pathlib import Path
+
+runs = Path("runs/kv-redundant-choose")
+candidates = []  # (mean accuracy, rank mode first, larger ratio / smaller tau) -> the settings
+for mode, values in (("ratio", (1.0, 0.5)), ("threshold", (0.5, 1, 2))):
+    for value in values:
+        name = f"ratio{value}" if mode == "ratio" else f"tau{value}"
+        rows = json.loads((runs / f"{name}.json").read_text())["rows"]
+        for label in ("answer", "future_far"):
+            accs = [r["accuracy"] for r in rows if r["policy"] == f"learned:{label}"]
+            key = (sum(accs) / len(accs), mode == "ratio", value if mode == "ratio" else -value)
+            candidates.append((key, label, f"--{mode} {value}"))
+        print(name, {r["policy"] + f"@{r['budget']}": round(r["accuracy"], 3) for r in rows})
+key, label, flag = max(candidates, key=lambda c: c[0])
+print(f"chosen: {label} {flag} (mean accuracy {key[0]:.3f} at 20% and 30%)")
+(runs / "chosen.env").write_text(f"LEARNED_PREDICTOR=runs/predictor-pair-search-{label}\nLEARNED_MODE='{flag}'\n")
+PY
       ;;
     bench)  # every policy at 10/20/30% on the 64 test problems, 32 at a time; the learned row with
       # the chosen predictor and mode (LEARNED_PREDICTOR, LEARNED_MODE e.g. "--ratio 1.0" or
       # "--threshold 1"); the oracle beside it; the predictor's cost at batch 1 and 8
+      chosen
       $MEMLM bench kv --model $MODEL --task pair_search --n 64 --budgets $BUDGETS --batch-size 32 \
         --probe-n 0 --policies full,oracle,window,sinks,h2o,tova,snapkv,rkv,learned --spans tova \
         --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW" \
         ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE \
         --json bench/results/kv_redundant.json --plot bench/results/kv_redundant.png
+      ;;
+    transfer)  # the chosen predictor and mode, unchanged, on tasks it never saw, read by another
+      # reasoner: the long-multiplication model on its own 64 test problems at kv.json's budgets
+      # (25/40/60%: 100, 160, 240) and on chain sums at kv_transfer_chain_sum.json's (112, 128);
+      # those files hold every other policy on the same problems (the same seeds and reasoner)
+      chosen
+      $MEMLM bench kv --model bench/models/long-mult-lora --task long_mult --n 64 --budgets 100,160,240 \
+        --batch-size 32 --max-new-tokens 448 --probe-n 0 --policies learned \
+        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW" \
+        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE --json bench/results/kv_redundant_transfer_long_mult.json
+      $MEMLM bench kv --model bench/models/long-mult-lora --task chain_sum --n 64 --budgets 112,128 \
+        --batch-size 32 --probe-n 0 --policies learned \
+        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW" \
+        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE --json bench/results/kv_redundant_transfer_chain_sum.json
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
