@@ -317,3 +317,43 @@ def test_kernel_bench_times_every_cell_for_every_build(tmp_path):
         assert all(b["ms"] > 0 and b["gb_s"] > 0 for b in c["builds"])
     with pytest.raises(SystemExit, match="unknown format"):
         kernel_bench.main(["--formats", "q4_0,q9_9"])
+
+
+def test_decode_time_is_read_inside_each_run_and_the_best_of_each_part_counts():
+    """best_times keeps the best prefill and the best decode across runs (each measured inside its
+    run, never a full run minus a prefill-only one) and the last run's outputs, after a short warm-up."""
+    from memlm.bench.llama_cpp_runner import Timed, best_times
+
+    calls, parts = [], iter([(3.0, 2.0), (1.0, 5.0), (2.0, 4.0)])
+
+    def run(n):
+        calls.append(n)
+        if n != 32:
+            return Timed("warm-up", 9.0, 9.0)
+        prefill, decode_s = next(parts)
+        return Timed(f"run {len(calls)}", prefill, decode_s)
+
+    assert best_times(run, 32, 3) == Timed("run 4", 1.0, 2.0)
+    assert calls == [4, 32, 32, 32]
+
+
+def test_completions_carry_time_to_first_token_and_decode_time():
+    import memlm
+    from conftest import byte_tokenizer
+    from memlm.generation.engine import Engine
+
+    engine = Engine(tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer(), name="tiny")
+    for n in (1, 5):
+        done = engine.generate(["ab", "a longer prompt"], memlm.SamplingParams(max_new_tokens=n, min_new_tokens=n))
+        assert all(c.ttft_s > 0 and (c.decode_s == 0 if n == 1 else c.decode_s > 0) for c in done)
+    a, b = (engine.generate("ab", memlm.SamplingParams(max_new_tokens=3)) for _ in range(2))
+    assert a == b  # timings do not take part in equality
+
+
+def test_the_transformers_clock_notes_the_prompt_then_the_first_and_last_new_tokens():
+    clock = decode.TokenClock()
+    for _ in range(4):  # the prompt, then three new tokens
+        clock.put(torch.zeros(1))
+        time.sleep(0.001)
+    clock.end()
+    assert clock.start < clock.first < clock.last

@@ -403,7 +403,7 @@ def test_llama_cpp_loads_memlms_q4_k_m_file_and_agrees():
     params = memlm.SamplingParams(max_new_tokens=8, min_new_tokens=8)
     ours = [engine.generate_tokens([p], params)[0].token_ids for p in prompts]
     runner = LlamaCppGreedy(path, 2, 1, max(len(p) for p in prompts) + 16)
-    theirs = [runner.generate([p], 8)[0] for p in prompts]
+    theirs = [runner.generate([p], 8).outputs[0] for p in prompts]
     assert sum(a[:4] == b[:4] for a, b in zip(ours, theirs, strict=True)) >= 3, (ours, theirs)
 
 

@@ -7,9 +7,12 @@ the other, so the peak RSS reported for it is that engine's alone and no two mea
 the CPU. In each child:
 
 * one short warm-up generation;
-* `repeats` times: a prefill run (`max_new_tokens=1`) and a full run (`new_tokens`);
+* `repeats` runs of `new_tokens`, each timed inside: prefill ends when every row has its first
+  token, decode when the last row has its last (memlm's Completion.ttft_s / decode_s, a
+  transformers streamer, llama.cpp's loop). Until 2026-12-07 decode was a full run's time minus a
+  prefill-only run's, which at long prompts is smaller than the noise of either;
 * prefill tok/s = real (unpadded) prompt tokens / best prefill time;
-  decode tok/s  = batch * (new_tokens - 1) / (best full time - best prefill time).
+  decode tok/s  = batch * (new_tokens - 1) / best decode time.
 
 memlm runs in each requested dtype (int8 by default; q4_0/q4_1/q8_0/q4_k/... run GGUF blocks
 natively). A dtype may also name a llama.cpp file type (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0, with an
@@ -46,7 +49,7 @@ from rich.console import Console
 
 import memlm
 from memlm.bench.llama_cpp import gguf_file_of, measure_greedy, tokenizer_of
-from memlm.bench.llama_cpp_runner import best_times
+from memlm.bench.llama_cpp_runner import Timed, best_times
 from memlm.bench.quantized_files import file_type_of, load_args, quantized_file
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
 from memlm.cache.blocks import KVCacheConfig
@@ -273,9 +276,12 @@ def _measure(
         mm = memlm.load(*load_args(model, dtype), kv_cache=KVCacheConfig(prefix_caching=False))
         prompt_ids = bench_prompts(mm.tokenizer, batch, prompt_tokens)
 
-        def run(n: int):
+        def run(n: int) -> Timed:
             params = memlm.SamplingParams(max_new_tokens=n, min_new_tokens=n)
-            return [c.token_ids for c in mm.generate_tokens(prompt_ids, params)]
+            done = mm.generate_tokens(prompt_ids, params)
+            # The batch's prefill ends when its last row has a token; its decode, when the last row ends.
+            prefill = max(c.ttft_s for c in done)
+            return Timed([c.token_ids for c in done], prefill, max(c.ttft_s + c.decode_s for c in done) - prefill)
 
     elif engine == "hf":
         # Only memlm's tokenizer is loaded here (same prompt ids for both engines): peak RSS is a
@@ -296,7 +302,8 @@ def _measure(
         input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompt_ids])  # left padding
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompt_ids])
 
-        def run(n: int):
+        def run(n: int) -> Timed:
+            clock = TokenClock()
             with torch.inference_mode():
                 out = hf.generate(
                     input_ids,
@@ -305,30 +312,53 @@ def _measure(
                     max_new_tokens=n,
                     min_new_tokens=n,
                     pad_token_id=pad,
+                    streamer=clock,
                 )
-            return out[:, longest:].tolist()
+            return Timed(out[:, longest:].tolist(), clock.first - clock.start, clock.last - clock.first)
 
     elif engine == "llama.cpp":  # timed in a process of its own: its peak RSS is llama.cpp's alone
         path = gguf_file_of(model)
         prompt_ids = bench_prompts(tokenizer_of(path), batch, prompt_tokens)
         done = measure_greedy(path, threads, prompt_ids, new_tokens, repeats)
-        return _row(engine, "gguf file", batch, prompt_ids, new_tokens, done["prefill_s"], done["full_s"],
-                    done["peak_rss_mb"], done["runtime_rss_mb"], done["outputs"])  # fmt: skip
+        timed = Timed(done["outputs"], done["prefill_s"], done["decode_s"])
+        return _row(
+            engine, "gguf file", batch, prompt_ids, new_tokens, timed, done["peak_rss_mb"], done["runtime_rss_mb"]
+        )
 
     else:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
-    prefill, full, outputs = best_times(run, new_tokens, repeats)
     shown = dtype if engine == "memlm" else "float32"
-    return _row(engine, shown, batch, prompt_ids, new_tokens, prefill, full, peak_rss_mb(), runtime_mb, outputs)
+    return _row(
+        engine, shown, batch, prompt_ids, new_tokens, best_times(run, new_tokens, repeats), peak_rss_mb(), runtime_mb
+    )
 
 
-def _row(engine, dtype, batch, prompt_ids, new_tokens, prefill, full, peak_mb, runtime_mb, outputs) -> dict:
+class TokenClock:
+    """A transformers streamer that only notes when generate starts (the prompt is put) and when
+    the first and the last new tokens are put."""
+
+    def __init__(self):
+        self.start = self.first = self.last = None
+
+    def put(self, value) -> None:
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = now
+        else:
+            self.first = self.first or now
+            self.last = now
+
+    def end(self) -> None:
+        pass
+
+
+def _row(engine, dtype, batch, prompt_ids, new_tokens, timed: Timed, peak_mb, runtime_mb) -> dict:
     """A measurement. runtime_rss_mb: the process with its engine's libraries imported and no model
     loaded (torch + memlm ~220 MB, llama-cpp-python ~40 MB): part of peak_rss_mb, which model and
     engine add to it."""
     prompt_tokens = sum(len(p) for p in prompt_ids)
-    decode_time = full - prefill
+    prefill, decode_time, outputs = timed.prefill_s, timed.decode_s, timed.outputs
     return {
         "engine": engine,
         "batch": batch,

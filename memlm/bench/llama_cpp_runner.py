@@ -8,20 +8,19 @@ requested number of tokens, like the other engines of `memlm bench decode`.
 This module imports nothing of memlm (nor torch): run as a script it is a process that holds
 llama.cpp and numpy alone, so the peak RSS it reports is llama.cpp's own, not llama.cpp's plus
 torch's and memlm's tokenizer. It reads {"path", "threads", "prompts", "new_tokens", "repeats"} as
-JSON on stdin and writes {"prefill_s", "full_s", "outputs", "peak_rss_mb", "runtime_rss_mb"} (the
+JSON on stdin and writes {"outputs", "prefill_s", "decode_s", "peak_rss_mb", "runtime_rss_mb"} (the
 process with llama-cpp-python imported, before the model is loaded) as JSON on stdout.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -112,8 +111,9 @@ class LlamaCppGreedy:
         logits = np.ctypeslib.as_array(self.ll.llama_get_logits(self.ctx), shape=(wanted * self.n_vocab,))
         return logits.reshape(wanted, self.n_vocab)
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of exactly `new_tokens` tokens per prompt (end tokens masked)."""
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> Timed:
+        """Greedy continuations of exactly `new_tokens` tokens per prompt (end tokens masked), timed."""
+        start = time.perf_counter()
         self._clear()
         entries = [
             (token, pos, seq, pos == len(prompt) - 1)
@@ -128,12 +128,14 @@ class LlamaCppGreedy:
             tokens = logits.argmax(axis=1).tolist()
             for out, token in zip(outputs, tokens, strict=True):
                 out.append(int(token))
+            if step == 0:
+                first = time.perf_counter()
             if step + 1 == new_tokens:
                 break
             logits = self._decode(
                 [(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(tokens, prompts, strict=True))]
             )
-        return outputs
+        return Timed(outputs, first - start, time.perf_counter() - first)
 
     def __del__(self):
         ll = getattr(self, "ll", None)
@@ -146,18 +148,22 @@ class LlamaCppGreedy:
         free_model(ll, getattr(self, "model", None))
 
 
-def best_times(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tuple[float, float, Any]:
-    """-> (best prefill seconds, best full-run seconds, the full run's output)."""
+class Timed(NamedTuple):
+    """One greedy run: its outputs, the seconds to the first new token of every row (prefill), and
+    from there to the last (the decode steps), each taken inside the run."""
+
+    outputs: Any
+    prefill_s: float
+    decode_s: float
+
+
+def best_times(run: Callable[[int], Timed], new_tokens: int, repeats: int) -> Timed:
+    """The best prefill and the best decode time of `repeats` runs (after a short warm-up), with the
+    last run's outputs. Decode is timed directly, not as a full run minus a prefill-only run: at long
+    prompts that difference is smaller than the noise of either."""
     run(min(4, new_tokens))  # warm-up: allocator, oneDNN/fbgemm kernels, lazy inits
-    prefill, full, output = math.inf, math.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        output = run(new_tokens)
-        t2 = time.perf_counter()
-        prefill, full = min(prefill, t1 - t0), min(full, t2 - t1)
-    return prefill, full, output
+    runs = [run(new_tokens) for _ in range(repeats)]
+    return Timed(runs[-1].outputs, min(r.prefill_s for r in runs), min(r.decode_s for r in runs))
 
 
 def current_rss_mb() -> float:
@@ -172,9 +178,9 @@ def main() -> None:
     job = json.load(sys.stdin)
     prompts, new_tokens = job["prompts"], job["new_tokens"]
     runner = LlamaCppGreedy(Path(job["path"]), job["threads"], len(prompts), max(map(len, prompts)) + new_tokens + 8)
-    prefill, full, outputs = best_times(lambda n: runner.generate(prompts, n), new_tokens, job["repeats"])
+    timed = best_times(lambda n: runner.generate(prompts, n), new_tokens, job["repeats"])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-    done = {"prefill_s": prefill, "full_s": full, "outputs": outputs, "peak_rss_mb": peak_kb / 1024}
+    done = timed._asdict() | {"peak_rss_mb": peak_kb / 1024}
     json.dump(done | {"runtime_rss_mb": runtime}, sys.stdout)
 
 

@@ -35,6 +35,11 @@ class Completion:
     insertions: list[int] | None = None  # latent memory: inserted after this many output tokens (0 = the prompt)
     memory_trace: list[dict] | None = None  # codebook memory: the reasoning loop behind each output token
     top_logprobs: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs > 0: the alternatives
+    # Seconds from arrival to the first output token (prefill and queue), and from it to the last
+    # (the decode steps after it): measured where the tokens are taken, so a benchmark reads decode
+    # time directly instead of as the difference of two noisy runs.
+    ttft_s: float | None = field(default=None, compare=False)
+    decode_s: float | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -87,6 +92,8 @@ class Request:
     streamed: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    first_token_at: float | None = None  # time.monotonic() when the first output token was taken
+    last_token_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -110,6 +117,9 @@ class Request:
         """Take one sampled token; return the text that may be shown now."""
         self.output_ids.append(token)
         self.output_positions.append(self.token_position)
+        self.last_token_at = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = self.last_token_at
         p = self.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self._finish("stop", token)
@@ -170,5 +180,7 @@ class Request:
             logprobs=self.logprobs if scored else None,
             greedy_hits=self.greedy_hits if self.forced is not None else None,
             top_logprobs=self.top_logprobs if scored and self.params.logprobs else None,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
+            decode_s=None if self.first_token_at is None else self.last_token_at - self.first_token_at,
             **memories,
         )
