@@ -2,7 +2,7 @@
 # DynTS where reasoning is redundant (issue 30): the commands behind bench/results/kv_redundant.json.
 # Run from the repository root with memlm installed; each stage writes under runs/ (or bench/ for
 # what is committed) and can be run alone:
-#   STAGES="sft eval predictors choose bench transfer" bench/kv_redundant.sh
+#   STAGES="sft eval predictors choose bench bench_10 transfer" bench/kv_redundant.sh
 #
 # The task, pair_search (memlm/data/tasks.py): "Which two numbers sum to T?" over ten two-digit
 # numbers; the worked solution checks all 45 pairs in list order, one line each ("66+24=90 no"),
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMLM=${MEMLM:-memlm}
-STAGES=${STAGES:-sft eval predictors choose bench transfer}
+STAGES=${STAGES:-sft eval predictors choose bench bench_10 transfer}
 MODEL=bench/models/pair-search-lora  # the SFT adapter, committed (bf16)
 DTYPE=q4_1  # the embedded GGUF's own blocks with fp32 activations
 BUDGETS=54,108,162
@@ -95,15 +95,29 @@ print(f"chosen: {label} {flag} (mean accuracy {key[0]:.3f} at 20% and 30%)")
 (runs / "chosen.env").write_text(f"LEARNED_PREDICTOR=runs/predictor-pair-search-{label}\nLEARNED_MODE='{flag}'\n")
 PY
       ;;
-    bench)  # every policy at 10/20/30% on the 64 test problems, 32 at a time; the learned row with
-      # the chosen predictor and mode (LEARNED_PREDICTOR, LEARNED_MODE e.g. "--ratio 1.0" or
-      # "--threshold 1"); the oracle beside it; the predictor's cost at batch 1 and 8
+    bench)  # every policy at 20% and 30% on the 64 test problems, 32 at a time, in two processes of
+      # one thread each (the policies split between them; the two cores then both work), merged into
+      # kv_redundant.json; the learned row with the chosen predictor and mode (LEARNED_PREDICTOR,
+      # LEARNED_MODE e.g. "--ratio 1.0" or "--threshold 1"); the oracle beside it; the predictor's
+      # cost at batch 1 and 8 (process b). The 10% cells are the bench_10 stage.
       chosen
-      $MEMLM bench kv --model $MODEL --task pair_search --n 64 --budgets $BUDGETS --batch-size 32 \
-        --probe-n 0 --policies full,oracle,window,sinks,h2o,tova,snapkv,rkv,learned --spans tova \
-        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW" \
-        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE \
+      common=(--model $MODEL --task pair_search --n 64 --batch-size 32 --probe-n 0 --spans tova
+        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW"
+        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE)
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --budgets 108,162 --policies full,oracle,window,sinks,h2o \
+        --json runs/kv-redundant-a.json > runs/kv-redundant-a.log 2>&1 &
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --budgets 108,162 --policies tova,snapkv,rkv,learned \
+        --json runs/kv-redundant-b.json > runs/kv-redundant-b.log 2>&1 &
+      wait
+      python -m memlm.bench.kv_merge runs/kv-redundant-a.json runs/kv-redundant-b.json \
         --json bench/results/kv_redundant.json --plot bench/results/kv_redundant.png
+      ;;
+    bench_10)  # the 10% budget (54): the prompt alone fills it, so the policies that keep the prompt
+      # (oracle, learned) are skipped; the others evict it
+      chosen
+      $MEMLM bench kv --model $MODEL --task pair_search --n 64 --budgets 54 --batch-size 32 --probe-n 0 \
+        --policies window,sinks,h2o,tova,snapkv,rkv --spans tova --dtype $DTYPE \
+        --json bench/results/kv_redundant_10.json
       ;;
     transfer)  # the chosen predictor and mode, unchanged, on tasks it never saw, read by another
       # reasoner: the long-multiplication model on its own 64 test problems at kv.json's budgets

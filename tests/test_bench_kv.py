@@ -191,3 +191,33 @@ def test_bench_kv_oracle_snapkv_rkv_and_threshold_rows(tiny_model_and_predictor,
     assert rows["oracle"]["probe_accuracy"] is None  # the probe has no key lines to give an oracle
     with pytest.raises(MemlmError, match="oracle policy needs a task"):
         run_kv_bench(model, "chain_sum_short", [64], ["oracle"], n=1)
+
+
+def test_runs_split_by_policy_merge_into_one_report_of_the_same_problems(tmp_path):
+    from memlm.bench.kv_merge import main, merge_reports
+
+    base = {"model": "m", "task": "pair_search", "n": 64, "split": "test", "dtype": "q4_1", "max_new_tokens": 560,
+            "probe_n": 0, "learned_ratio": None, "learned_cost": None, "mean_full_trace_tokens": None}  # fmt: skip
+    row = {"probe_accuracy": None, "peak_kv_bytes": 1024, "decode_tok_s": 10.0}
+    a = base | {"mean_full_trace_tokens": 540.0, "rows": [{"policy": "full", "budget": 108, "accuracy": 1.0} | row]}
+    b = base | {"learned_ratio": 0.5, "learned_cost": [{"batch": 1}], "rows": [
+        {"policy": "tova", "budget": 108, "accuracy": 0.25} | row, {"policy": "learned:answer", "budget": 108,
+        "accuracy": 0.5} | row]}  # fmt: skip
+    merged = merge_reports([a, b])
+    assert [r["policy"] for r in merged["rows"]] == ["full", "tova", "learned:answer"]
+    assert merged["learned_ratio"] == 0.5 and merged["learned_cost"] == [{"batch": 1}]
+    assert merged["mean_full_trace_tokens"] == 540.0
+    with pytest.raises(ValueError, match="n"):
+        merge_reports([a, b | {"n": 32}])
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_reports([a, a])
+    paths = []
+    for name, report in (("a", a), ("b", b)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    main([*paths, "--json", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == merged["rows"]
+    with pytest.raises(SystemExit, match="error: the runs differ"):
+        (tmp_path / "c.json").write_text(json.dumps(b | {"task": "long_mult"}))
+        main([paths[0], str(tmp_path / "c.json"), "--json", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()

@@ -1497,28 +1497,6 @@ inline __m256 load_q4(const uint8_t* qs, int j) {
   return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_set1_ps(8.0f));
 }
 
-// q . stored vector of n values
-float kv_dot(int32_t type, const float* q, const uint8_t* p, int n) {
-  if (type == KV_F32) return dot(q, reinterpret_cast<const float*>(p), n);
-  __m256 acc = _mm256_setzero_ps();
-  if (type == KV_BF16) {
-    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_bf16(p + 2 * i), acc);
-    return hsum(acc);
-  }
-  const int bytes = type == KV_Q8_0 ? 2 + QK : 2 + QK / 2;
-  for (int b = 0; b < n / QK; ++b, p += bytes) {
-    uint16_t dh;
-    std::memcpy(&dh, p, 2);
-    __m256 s = _mm256_setzero_ps();
-    for (int j = 0; j < QK; j += 8) {
-      const __m256 w = type == KV_Q8_0 ? load_i8(p + 2 + j) : load_q4(p + 2, j);
-      s = _mm256_fmadd_ps(_mm256_loadu_ps(q + b * QK + j), w, s);
-    }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dh)), s, acc);
-  }
-  return hsum(acc);
-}
-
 // out += w * stored vector of n values
 void kv_axpy(int32_t type, float w, const uint8_t* p, int n, float* out) {
   const __m256 vw = _mm256_set1_ps(w);
@@ -1577,6 +1555,16 @@ inline __m256 kv_dot_lanes(const float* q, const uint8_t* p, int n) {
       acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dh)), s, acc);
     }
     return acc;
+  }
+}
+
+// q . stored vector of n values
+float kv_dot(int32_t type, const float* q, const uint8_t* p, int n) {
+  switch (type) {
+    case KV_F32: return dot(q, reinterpret_cast<const float*>(p), n);  // any n
+    case KV_BF16: return hsum(kv_dot_lanes<KV_BF16>(q, p, n));
+    case KV_Q8_0: return hsum(kv_dot_lanes<KV_Q8_0>(q, p, n));
+    default: return hsum(kv_dot_lanes<KV_Q4_0>(q, p, n));
   }
 }
 
