@@ -27,8 +27,13 @@ DTYPE=q4_1  # the embedded GGUF's own blocks with fp32 activations
 BUDGETS=54,108,162
 WINDOW=${WINDOW:-8}
 
-CHOSEN=runs/kv-redundant-choose/chosen.env  # the choose stage's pick, used unless set explicitly
-chosen() { if [[ -z "${LEARNED_PREDICTOR:-}" && -f $CHOSEN ]]; then source $CHOSEN; fi; }
+# The choose stage's pick on 2026-12-07 (committed): the answer label, rank mode, ratio 0.5. A new
+# choose stage's pick (runs/kv-redundant-choose/chosen.env) replaces it unless the caller set one.
+EXPLICIT=${LEARNED_PREDICTOR:+1}
+LEARNED_PREDICTOR=${LEARNED_PREDICTOR:-bench/models/pair-search-predictor}
+LEARNED_MODE=${LEARNED_MODE:---ratio 0.5}
+CHOSEN=runs/kv-redundant-choose/chosen.env
+chosen() { if [[ -z $EXPLICIT && -f $CHOSEN ]]; then source $CHOSEN; fi; }
 
 for stage in $STAGES; do
   case $stage in
@@ -95,21 +100,21 @@ print(f"chosen: {label} {flag} (mean accuracy {key[0]:.3f} at 20% and 30%)")
 (runs / "chosen.env").write_text(f"LEARNED_PREDICTOR=runs/predictor-pair-search-{label}\nLEARNED_MODE='{flag}'\n")
 PY
       ;;
-    bench)  # every policy at 20% and 30% on the 64 test problems, 32 at a time, in two processes of
-      # one thread each (the policies split between them; the two cores then both work), merged into
-      # kv_redundant.json; the learned row with the chosen predictor and mode (LEARNED_PREDICTOR,
-      # LEARNED_MODE e.g. "--ratio 1.0" or "--threshold 1"); the oracle beside it; the predictor's
-      # cost at batch 1 and 8 (process b). The 10% cells are the bench_10 stage.
+    bench)  # every policy at 20% and 30% on the 64 test problems, 32 at a time, in one-thread
+      # processes (the two cores both work; a cell takes 6-9 min): a = full, oracle and the simple
+      # heuristics, beside b = learned and R-KV then c = SnapKV and TOVA (+spans); merged into
+      # kv_redundant.json. The learned row with the chosen predictor and mode; the predictor's cost
+      # at batch 1 and 8 (process b). The 10% cells are the bench_10 stage.
       chosen
       common=(--model $MODEL --task pair_search --n 64 --batch-size 32 --probe-n 0 --spans tova
-        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW"
-        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE)
-      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --budgets 108,162 --policies full,oracle,window,sinks,h2o \
+        --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LEARNED_MODE --dtype $DTYPE --budgets 108,162)
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --policies full,oracle,window,sinks,h2o \
         --json runs/kv-redundant-a.json > runs/kv-redundant-a.log 2>&1 &
-      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --budgets 108,162 --policies tova,snapkv,rkv,learned \
-        --json runs/kv-redundant-b.json > runs/kv-redundant-b.log 2>&1 &
+      (OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --policies learned,rkv --json runs/kv-redundant-b.json
+       OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --policies snapkv,tova --json runs/kv-redundant-c.json
+      ) > runs/kv-redundant-bc.log 2>&1 &
       wait
-      python -m memlm.bench.kv_merge runs/kv-redundant-a.json runs/kv-redundant-b.json \
+      python -m memlm.bench.kv_merge runs/kv-redundant-{a,b,c}.json \
         --json bench/results/kv_redundant.json --plot bench/results/kv_redundant.png
       ;;
     bench_10)  # the 10% budget (54): the prompt alone fills it, so the policies that keep the prompt
@@ -126,12 +131,12 @@ PY
       chosen
       $MEMLM bench kv --model bench/models/long-mult-lora --task long_mult --n 64 --budgets 100,160,240 \
         --batch-size 32 --max-new-tokens 448 --probe-n 0 --policies learned \
-        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW" \
-        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE --json bench/results/kv_redundant_transfer_long_mult.json
+        --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LEARNED_MODE --dtype $DTYPE \
+        --json bench/results/kv_redundant_transfer_long_mult.json
       $MEMLM bench kv --model bench/models/long-mult-lora --task chain_sum --n 64 --budgets 112,128 \
         --batch-size 32 --probe-n 0 --policies learned \
-        --predictor "${LEARNED_PREDICTOR:-runs/predictor-pair-search-answer}" --window "$WINDOW" \
-        ${LEARNED_MODE:---ratio 1.0} --dtype $DTYPE --json bench/results/kv_redundant_transfer_chain_sum.json
+        --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LEARNED_MODE --dtype $DTYPE \
+        --json bench/results/kv_redundant_transfer_chain_sum.json
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
