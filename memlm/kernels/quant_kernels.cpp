@@ -1353,15 +1353,21 @@ void rope(float* x, const float* cos, const float* ssin, int d) {
   for (int i = 0; i < d; ++i) x[i] = tmp[i] * cos[i] + tmp[(i + h) % d] * ssin[i];
 }
 
-float dot(const float* a, const float* b, int n) {
+// The 8 lanes of a . b over its first n16 values (a multiple of 16), before the final hsum: two
+// independent FMA chains, added once.
+inline __m256 dot_lanes(const float* a, const float* b, int n16) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (int i = 0; i < n16; i += 16) {
     s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
   }
-  float s = hsum(_mm256_add_ps(s0, s1));
-  for (; i < n; ++i) s += a[i] * b[i];
+  return _mm256_add_ps(s0, s1);
+}
+
+float dot(const float* a, const float* b, int n) {
+  const int n16 = n - n % 16;
+  float s = hsum(dot_lanes(a, b, n16));
+  for (int i = n16; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
@@ -1530,13 +1536,7 @@ void kv_axpy(int32_t type, float w, const uint8_t* p, int n, float* out) {
 template <int T>
 inline __m256 kv_dot_lanes(const float* q, const uint8_t* p, int n) {
   if constexpr (T == KV_F32) {
-    const auto* b = reinterpret_cast<const float*>(p);
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(b + i), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    return _mm256_add_ps(s0, s1);
+    return dot_lanes(q, reinterpret_cast<const float*>(p), n);
   } else if constexpr (T == KV_BF16) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_bf16(p + 2 * i), acc);
