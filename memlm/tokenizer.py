@@ -205,6 +205,10 @@ class Tokenizer:
                 mask[token_id] = True
         return mask
 
+    def newline_token_mask(self) -> list[bool]:
+        """Per token id: does the token's text hold a newline (it ends a line)?"""
+        return [b"\n" in self.token_bytes(token_id) for token_id in range(self.vocab_size)]
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes of one token (a byte-level token may hold part of a UTF-8 character)."""
         piece = self.backend.id_to_token(token_id)

@@ -159,9 +159,15 @@ def test_bench_kv_puts_whole_number_rows_beside_the_others(tiny_model_and_predic
     assert [r["policy"] for r in report["rows"]] == ["h2o+spans", "learned+spans"]
     report = run_kv_bench(model, "chain_sum_short", [184], ["h2o", "tova", "learned"], spans="tova", **kw)
     assert [r["policy"] for r in report["rows"]] == ["h2o", "tova", "tova+spans", "learned"]
+    lines = {"spans": "learned", "span_unit": "lines"}
+    report = run_kv_bench(model, "chain_sum_short", [184], ["tova", "learned"], **lines, **kw)
+    assert [r["policy"] for r in report["rows"]] == ["tova", "learned", "learned+lines"]
+    assert report["span_unit"] == "lines"
     for bad in ("yes", "tova,sinks"):
         with pytest.raises(MemlmError, match="--spans must be one of"):
             run_kv_bench(model, "chain_sum_short", [184], ["h2o"], spans=bad, **kw)
+    with pytest.raises(MemlmError, match="--span-unit must be one of numbers, lines"):
+        run_kv_bench(model, "chain_sum_short", [184], ["h2o"], spans="on", span_unit="words", **kw)
 
 
 def test_bench_kv_oracle_snapkv_rkv_and_threshold_rows(tiny_model_and_predictor, tmp_path):

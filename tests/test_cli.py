@@ -25,7 +25,8 @@ def run(cli, *args, stdin=None):
         (["generate", "hi", "--dtype", "q4_1:q2"], "unknown activations"),
         (["generate", "hi", "--dtype", "float32:q8_0"], "needs a quantized dtype"),
         (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "64", "--kv-window", "4"], "option of --kv-policy"),
-        (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "64", "--kv-spans"], "option of --kv-policy h2o"),
+        (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "64", "--kv-spans", "lines"], "of --kv-policy h2o"),
+        (["generate", "hi", "--kv-policy", "tova", "--kv-budget", "64", "--kv-spans", "words"], "numbers, lines"),
         (["generate", "hi", "--kv-policy", "clear", "--kv-budget", "8", "--kv-sinks", "2"], "of --kv-policy sinks"),
         (["generate", "hi", "--kv-policy", "sinks", "--kv-budget", "2", "--kv-sinks", "2"], "larger than the 2 sink"),
         (["generate", "hi", "--kv-policy", "tova", "--kv-budget", "64", "--kv-evict-prompt"], "of --kv-policy"),
@@ -99,7 +100,7 @@ def test_generate_prints_the_answer(memlm_cli, embedded_engine):
 
 
 @pytest.mark.embedded
-@pytest.mark.parametrize("policy", [["sinks"], ["tova", "--kv-spans"]])
+@pytest.mark.parametrize("policy", [["sinks"], ["tova", "--kv-spans", "numbers"], ["rkv", "--kv-spans", "lines"]])
 def test_generate_with_a_kv_budget(memlm_cli, embedded_engine, policy):
     result = run(
         memlm_cli,

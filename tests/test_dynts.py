@@ -428,33 +428,45 @@ def test_spans_keep_numbers_whole_on_a_hand_made_row():
         make_policy("h2o", 4, window=4, spans=True)
 
 
-@pytest.mark.parametrize("spans", [True, False])
-def test_engine_marks_numbers_and_the_policy_keeps_them_whole(spans):
+@pytest.mark.parametrize("spans", [True, "lines", False])
+def test_engine_marks_spans_and_the_policy_keeps_them_whole(spans):
     engine = tiny_engine()
     prompt = engine.tokenizer.encode("q")
-    text = "3140 * 7: 0*7=0 c0, 4*7=28 c2, 1*7=7+2=9 c0 -> 21980, shifted 219800 + 62800 = 282600"
+    text = "3140 * 7:\n0*7=0 c0\n4*7=28 c2\n1*7=7+2=9 c0\n-> 21980\nshifted 219800 + 62800 = 282600\n" * 3
     continuation = engine.tokenizer.encode(text)
-    policy = Recording(24, Fixed(), window=4, ratio=0.7, end_of_thinking=None, spans=spans)
+    # room for two lines besides the window: a line longer than the room cannot be kept whole
+    policy = Recording(64, Fixed(), window=4, ratio=0.7, end_of_thinking=None, spans=spans)
     engine.score([prompt], [continuation], kv_policy=policy)
     assert len(policy.seen) >= 5
     tokens = prompt + continuation
-    digit = [chr(t).isdigit() if t < 128 else False for t in tokens]  # the byte tokenizer: one byte per token
-    split = False
+    # the byte tokenizer: one byte per token
+    digit = [chr(t).isdigit() if t < 128 else False for t in tokens]
+    newline = [t == ord("\n") for t in tokens]
+
+    def continues(p: int, before: int) -> bool:  # the unit's rule, from the text alone
+        if p != before + 1:
+            return False
+        return not newline[before] if spans == "lines" else digit[p] and digit[before]
+
+    split = {"numbers": False, "lines": False}
     for (positions, _, _, _, keep), joins in zip(policy.seen, policy.joins, strict=True):
-        expected = [
-            i > 0 and digit[p] and digit[positions[i - 1]] and p == positions[i - 1] + 1
-            for i, p in enumerate(positions.tolist())
-        ]
+        positions = positions.tolist()
         kept = torch.zeros(len(positions), dtype=torch.bool)
         kept[keep] = True
-        runs = torch.ones(len(positions), dtype=torch.bool)
-        runs[1:] = torch.tensor(expected[1:])
-        starts = (~runs).long().cumsum(0)  # run index per slot
-        for run in starts.unique():
-            members = kept[starts == run]
-            split |= bool(members.any() and not members.all())
+        for unit in split:  # was any number / line kept in part?
+            run = [i > 0 and p == positions[i - 1] + 1 and (
+                not newline[positions[i - 1]] if unit == "lines" else digit[p] and digit[positions[i - 1]]
+            ) for i, p in enumerate(positions)]
+            starts = (~torch.tensor(run)).long().cumsum(0)
+            for r in starts.unique():
+                members = kept[starts == r]
+                split[unit] |= bool(members.any() and not members.all())
         if spans:
-            assert joins.tolist() == expected  # the engine's marks: digit after digit, next position
+            expected = [i > 0 and continues(p, positions[i - 1]) for i, p in enumerate(positions)]
+            assert joins.tolist() == expected  # the engine's marks follow the unit's rule
         else:
             assert joins is None
-    assert split != spans  # whole numbers with spans; without, some number lost part of its digits
+    # each unit kept whole under its own spans, and lines whole keep their numbers whole; without
+    # spans some number (and some line) lost part of its tokens
+    assert split["lines"] == (spans != "lines")
+    assert split["numbers"] == (not spans)

@@ -140,6 +140,7 @@ def test_policy_classes_are_exported_by_name():
             "--kv-spans is an option of --kv-policy h2o, tova, snapkv, rkv, learned",
         ),
         (dict(name="learned", budget=64), "needs --kv-predictor"),
+        (dict(name="tova", budget=64, spans="words"), "spans must be one of numbers, lines"),
         (dict(name="window", budget=64, sinks=2), "--kv-sinks is an option of --kv-policy sinks"),
     ],
 )
@@ -153,6 +154,10 @@ def test_policy_spec_builds_the_policy_its_options_name():
     policy = PolicySpec.from_options("tova", 24, {"spans": True}).build()
     assert isinstance(policy, POLICIES["tova"]) and policy.budget == 24 and policy.spans
     assert not PolicySpec("h2o", 24).build().spans
+    # one spelling per unit: True is "numbers", the server's and the command line's alike
+    assert PolicySpec("tova", 24, spans=True).spans == "numbers" == PolicySpec("tova", 24, spans="numbers").spans
+    assert PolicySpec.from_options("rkv", 24, {"spans": "lines"}).build().spans == "lines"
+    assert PolicySpec("tova", 24, spans=None).spans is False
     assert PolicySpec.from_options("sinks", 24, {"sinks": 2}).build().sinks == 2
     assert PolicySpec("sinks", 24).build().sinks == 4  # the policy's own default
     with pytest.raises(InvalidRequestError, match="unknown KV policy option 'depth'"):

@@ -26,7 +26,7 @@ from rich.console import Console
 from memlm.bench.decode import SAMPLE_TEXT
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
 from memlm.cache.importance import load_predictor
-from memlm.cache.policies import POLICIES, SPAN_POLICIES, OraclePolicy, evicts_prompt
+from memlm.cache.policies import POLICIES, SPAN_POLICIES, SPAN_UNITS, OraclePolicy, evicts_prompt
 from memlm.cache.spec import PolicySpec
 from memlm.data.evaluate import evaluate_task
 from memlm.data.tasks import get_task
@@ -97,6 +97,7 @@ def run_kv_bench(
     split: str = "test",
     rescore: float | None = None,
     spans: str = "off",
+    span_unit: str = "numbers",
     evict_prompt: bool | None = None,
     threshold: float | None = None,
 ) -> dict:
@@ -109,13 +110,17 @@ def run_kv_bench(
     answer depends on) keeps those lines' positions in the worked solution, the prompt, and the
     most recent tokens: the ceiling the others are measured against.
     `split`: the held-out problems ("val" to choose settings, "test" to report them). `spans`: the
-    scored policies (h2o, tova, learned) keep numbers whole ("on"), token by token ("off"), or both
-    side by side ("both": a `+spans` row beside each); or a comma-separated list of those that get
-    a `+spans` row beside them."""
+    scored policies (h2o, tova, snapkv, rkv, learned) keep spans whole ("on"), token by token
+    ("off"), or both side by side ("both": a spanned row beside each); or a comma-separated list of
+    those that get a spanned row beside them. `span_unit`: what a span is, "numbers" (rows named
+    `+spans`) or "lines" (rows named `+lines`)."""
     console = console or Console(stderr=True)
     if split not in ("val", "test"):
         raise MemlmError(f"--split must be val or test (held-out problems), got {split!r}")
     spanned, plain = _span_rows(spans)
+    if span_unit not in SPAN_UNITS:
+        raise MemlmError(f"--span-unit must be one of {', '.join(SPAN_UNITS)}, got {span_unit!r}")
+    suffix = SPAN_SUFFIX[span_unit]
     unknown = [p for p in policies if p not in POLICIES and p != OraclePolicy.name]
     if unknown:
         raise MemlmError(f"unknown KV policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
@@ -146,7 +151,7 @@ def run_kv_bench(
 
     rows, full_row = [], None
     names = [v for p in policies if p != "full" for v in (variants if p == "learned" else [p])]
-    names = [v for name in names for v in _rows_of(name, spanned, plain)]
+    names = [v for name in names for v in _rows_of(name, spanned, plain, suffix)]
     configs = [("full", None)] if "full" in policies else []
     configs += [(name, b) for name in names for b in budgets]
     for policy, budget in configs:
@@ -155,7 +160,8 @@ def run_kv_bench(
         if policy == OraclePolicy.name:
             factory = _oracle_factory(engine, task, budget)
         elif policy != "full":
-            factory = _factory(kind.split(":")[0], budget, variants.get(kind), policy.endswith("+spans"))
+            spans_of_row = span_unit if policy.endswith(suffix) else False
+            factory = _factory(kind.split(":")[0], budget, variants.get(kind), spans_of_row)
         console.print(f"[dim]{policy:8s} budget {budget or '-':>5}[/dim]", end=" ")
         began = time.perf_counter()
         try:
@@ -187,7 +193,7 @@ def run_kv_bench(
     cost = None
     ran = [r["budget"] for r in rows if r["policy"].startswith("learned") and "skipped" not in r]
     if variants and ran:  # the first predictor's, at its smallest budget that ran (most evictions), spans if any ran
-        factory = _factory("learned", min(ran), next(iter(variants.values())), "learned" in spanned)
+        factory = _factory("learned", min(ran), next(iter(variants.values())), "learned" in spanned and span_unit)
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
             console.print(
@@ -212,6 +218,7 @@ def run_kv_bench(
         # per learned row: whether its prompt tokens could be evicted
         "learned_evict_prompt": {name: opts["evict_prompt"] for name, (_, _, opts) in variants.items()},
         "spans": spans,
+        "span_unit": span_unit,
         "mean_full_trace_tokens": trace if full_row is not None else None,
         "learned_cost": cost,
         "rows": rows,
@@ -268,10 +275,11 @@ def _learned_variants(folders: list[str], model_config, model: str, tuning: dict
 
 
 SPAN_MODES = ("off", "on", "both")
+SPAN_SUFFIX = {"numbers": "+spans", "lines": "+lines"}  # a spanned row's name: the policy, then this
 
 
 def _span_rows(spans: str) -> tuple[frozenset[str], bool]:
-    """--spans -> (the scored policies that get a `+spans` row, whether they keep their plain row)."""
+    """--spans -> (the scored policies that get a spanned row, whether they keep their plain row)."""
     if spans in SPAN_MODES:
         return frozenset(SPAN_POLICIES if spans != "off" else ()), spans != "on"
     listed = frozenset(s.strip() for s in spans.split(",") if s.strip())
@@ -282,14 +290,14 @@ def _span_rows(spans: str) -> tuple[frozenset[str], bool]:
     return listed, True
 
 
-def _rows_of(name: str, spanned: frozenset[str], plain: bool) -> list[str]:
-    """One policy's rows: itself, its `+spans` form, or both."""
+def _rows_of(name: str, spanned: frozenset[str], plain: bool, suffix: str) -> list[str]:
+    """One policy's rows: itself, its spanned form (`suffix`: +spans, +lines), or both."""
     if name.split(":")[0] not in spanned:
         return [name]
-    return [name, f"{name}+spans"] if plain else [f"{name}+spans"]
+    return [name, name + suffix] if plain else [name + suffix]
 
 
-def _factory(policy: str, budget: int, variant: tuple | None, spans: bool = False) -> Callable:
+def _factory(policy: str, budget: int, variant: tuple | None, spans: bool | str = False) -> Callable:
     """A fresh policy per request (policies hold no per-row state, but rows never share one): the
     row's PolicySpec, with a learned variant's folder, loaded predictor and options."""
     folder, predictor, options = variant or (None, None, {})

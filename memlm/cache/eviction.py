@@ -14,6 +14,7 @@ Both hooks implement the RowHook protocol structurally: this package sits below 
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -69,15 +70,6 @@ class EvictionHook(QuietHook):
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self._digits: torch.Tensor | None = None
-
-    def digit_tokens(self) -> torch.Tensor:
-        """[vocab] bool: which tokens are pieces of a number (built on first use, by span-keeping policies)."""
-        if self._digits is None:
-            mask = self.tokenizer.digit_token_mask()
-            mask += [False] * max(0, self.vocab_size - len(mask))
-            self._digits = torch.tensor(mask, dtype=torch.bool)
-        return self._digits
 
     def join(self, rows, state) -> None:
         for r in rows:
@@ -112,7 +104,9 @@ class EvictionHook(QuietHook):
         if r.kv_policy.needs_keys:
             view.keys = cache.row_keys(row, length)  # [layers, kv_heads, n, head_dim]
         if r.kv_policy.spans:
-            view.joins_previous = joins_previous(r, view.positions, self.digit_tokens())
+            unit = r.kv_policy.spans
+            marked = marked_tokens(self.tokenizer, unit, self.vocab_size)
+            view.joins_previous = joins_previous(r, view.positions, unit, marked)
         keep = r.kv_policy.select(view)
         if keep is None:
             return []
@@ -147,11 +141,27 @@ def observed_attention(observed: list[tuple[torch.Tensor, torch.Tensor]], positi
     return total[positions] / len(observed)
 
 
-def joins_previous(r, positions: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
-    """[n] bool: the slot holds a digit token fed right after the previous slot's digit token."""
+@functools.lru_cache(maxsize=8)
+def marked_tokens(tokenizer, unit: str, vocab_size: int) -> torch.Tensor:
+    """[vocab] bool, built once per tokenizer (a hook lives one batch; a vocabulary scan takes up to
+    ~0.7 s): for "numbers" the tokens that are pieces of a number, for "lines" the tokens that end a
+    line (hold a newline)."""
+    mask = tokenizer.digit_token_mask() if unit == "numbers" else tokenizer.newline_token_mask()
+    return torch.tensor(mask + [False] * max(0, vocab_size - len(mask)), dtype=torch.bool)
+
+
+def joins_previous(r, positions: torch.Tensor, unit: str, marked: torch.Tensor) -> torch.Tensor:
+    """[n] bool: the slot continues the span of the slot before, fed right after it. "numbers": both
+    are digit tokens (`marked`: the digit tokens). "lines": the slot before does not end its line
+    (`marked`: the tokens holding a newline); a latent vector (no token) ends its span."""
     positions = positions.cpu()
     tokens = r.tokens_at(positions)
-    digit = digits[tokens.clamp(min=0)] & (tokens >= 0)
-    joins = torch.zeros_like(digit)
-    joins[1:] = digit[1:] & digit[:-1] & (positions[1:] == positions[:-1] + 1)
+    known = tokens >= 0
+    mark = marked[tokens.clamp(min=0)] & known
+    joins = torch.zeros_like(mark)
+    consecutive = positions[1:] == positions[:-1] + 1
+    if unit == "numbers":
+        joins[1:] = mark[1:] & mark[:-1] & consecutive
+    else:
+        joins[1:] = known[1:] & known[:-1] & ~mark[:-1] & consecutive
     return joins

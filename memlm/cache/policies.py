@@ -4,11 +4,14 @@ A policy only decides *which slots of one row to keep*; the cache does the rest 
 positions stay the ones each key was rotated with and generation goes on without re-prefill.
 What a policy protects (the prompt, a recent window, attention sinks) is its own business.
 
-Scored policies (h2o, tova, learned) can keep *whole numbers* (`spans=True`): a number is several
-tokens (SmolLM2 writes one token per digit), and a later line that copies it needs every digit, so
-losing one digit of a kept number wastes the slots of the others. With spans on, the engine marks
-which slots continue the number of the slot before (`RowView.joins_previous`), each number scores
-as its best digit, and a number is kept or dropped whole.
+Scored policies (h2o, tova, snapkv, rkv, learned) can keep *whole spans*: `spans="numbers"` (or
+True) keeps numbers whole, since a number is several tokens (SmolLM2 writes one token per digit)
+and a later line that copies it needs every digit, so losing one digit of a kept number wastes the
+slots of the others; `spans="lines"` keeps lines whole, for traces whose unit of reasoning is a line
+(a line's tokens are scored as they are written, before the token that shows the line matters: a
+search's "yes" comes after the numbers the answer copies). With spans on, the engine marks which
+slots continue the span of the slot before (`RowView.joins_previous`), each span scores as its best
+slot, and a span is kept or dropped whole.
 
 The engine asks a policy after every forward in which the row grew past its budget, so a row never
 holds more than `budget` tokens between steps, and `budget + chunk` while a chunk is written.
@@ -41,7 +44,7 @@ class RowView:
     attention_last: torch.Tensor | None = None  # [n] attention from the newest query (TOVA)
     importance: torch.Tensor | None = None  # [n] learned importance of each slot (DynTS)
     protected_from: int | None = None  # positions from here on are the answer (after the end-of-thinking marker)
-    joins_previous: torch.Tensor | None = None  # [n] bool: this slot continues the previous slot's number (spans)
+    joins_previous: torch.Tensor | None = None  # [n] bool: this slot continues the previous slot's span (spans)
     # [n] attention each slot received from the last `observe` queries (mean over them, heads and
     # layers; a slot written after a query counts 0 for it): SnapKV's and R-KV's observation window
     attention_window: torch.Tensor | None = None
@@ -59,7 +62,7 @@ class KVPolicy(ABC):
     observe: int = 0  # queries whose attention the hook keeps for RowView.attention_window (0: none)
     predictor = None  # an ImportancePredictor the engine runs on each new token's hidden state (DynTS)
     end_of_thinking: str | None = None  # text after which the engine reports `protected_from`
-    spans: bool = False  # keep numbers whole: the engine fills `RowView.joins_previous`
+    spans: str | None = None  # "numbers" or "lines" kept whole: the engine fills `RowView.joins_previous`
     press = None  # a press (memlm.cache.presses) compressing the prompt once after its prefill
 
     def __init__(self, budget: int):
@@ -136,6 +139,20 @@ class SinksPolicy(KVPolicy):
         return torch.cat((torch.arange(self.sinks), torch.arange(row.length - recent, row.length)))
 
 
+SPAN_UNITS = ("numbers", "lines")
+
+
+def span_unit(spans: bool | str | None) -> str | None:
+    """A `spans` option as the unit kept whole: None (token by token), "numbers" (also True), "lines"."""
+    if spans is None or spans is False or spans == "off":
+        return None
+    if spans is True:
+        return "numbers"
+    if spans not in SPAN_UNITS:
+        raise InvalidRequestError(f"spans must be one of {', '.join(SPAN_UNITS)} (or true / false), got {spans!r}")
+    return spans
+
+
 def span_ids(joins_previous: torch.Tensor) -> torch.Tensor:
     """[n] bool (slot continues the slot before) -> [n] span index, 0 for the first span."""
     starts = ~joins_previous
@@ -159,9 +176,9 @@ def best_whole_spans(scores: torch.Tensor, span: torch.Tensor, count: int) -> to
     return chosen
 
 
-def _top(scores: torch.Tensor, row: RowView, older: int, count: int, spans: bool) -> torch.Tensor:
-    """The `count` best of the older slots [0, older): token by token, or whole numbers with spans.
-    A number that runs into the kept recent slots is kept whole too."""
+def _top(scores: torch.Tensor, row: RowView, older: int, count: int, spans: str | None) -> torch.Tensor:
+    """The `count` best of the older slots [0, older): token by token, or whole spans. A span that
+    runs into the kept recent slots is kept whole too."""
     scores = scores[:older]
     if not spans or row.joins_previous is None:
         return scores.topk(count).indices
@@ -176,11 +193,11 @@ class _ScoredPolicy(KVPolicy):
 
     needs_attention = True
 
-    def __init__(self, budget: int, window: int, spans: bool = False):
+    def __init__(self, budget: int, window: int, spans: bool | str = False):
         super().__init__(budget)
         if budget <= window:
             raise InvalidRequestError(f"{self.name}: budget ({budget}) must be larger than the window ({window})")
-        self.window, self.spans = window, spans
+        self.window, self.spans = window, span_unit(spans)
 
     @abstractmethod
     def scores(self, row: RowView) -> torch.Tensor: ...
@@ -196,7 +213,7 @@ class H2OPolicy(_ScoredPolicy):
 
     name = "h2o"
 
-    def __init__(self, budget: int, window: int | None = None, spans: bool = False):
+    def __init__(self, budget: int, window: int | None = None, spans: bool | str = False):
         super().__init__(budget, budget // 2 if window is None else window, spans)
 
     def scores(self, row: RowView) -> torch.Tensor:
@@ -208,7 +225,7 @@ class TOVAPolicy(_ScoredPolicy):
 
     name = "tova"
 
-    def __init__(self, budget: int, window: int = 1, spans: bool = False):
+    def __init__(self, budget: int, window: int = 1, spans: bool | str = False):
         super().__init__(budget, window, spans)  # the newest token itself always stays
 
     def scores(self, row: RowView) -> torch.Tensor:
@@ -236,7 +253,7 @@ class SnapKVPolicy(_ScoredPolicy):
     name = "snapkv"
     kernel, pooling = 5, "avg"
 
-    def __init__(self, budget: int, window: int = 8, spans: bool = False):
+    def __init__(self, budget: int, window: int = 8, spans: bool | str = False):
         super().__init__(budget, window, spans)
         self.observe = window
 
@@ -281,7 +298,9 @@ class RKVPolicy(SnapKVPolicy):
     needs_keys = True
     kernel, pooling = 7, "max"
 
-    def __init__(self, budget: int, window: int = 8, spans: bool = False, mix: float = 0.07, threshold: float = 0.5):
+    def __init__(
+        self, budget: int, window: int = 8, spans: bool | str = False, mix: float = 0.07, threshold: float = 0.5
+    ):
         super().__init__(budget, window, spans)
         if not 0 <= mix <= 1:
             raise InvalidRequestError(f"rkv: mix must be in [0, 1], got {mix}")
@@ -340,14 +359,16 @@ def evicts_prompt(evict_prompt: bool | None = None) -> bool:
     return bool(evict_prompt)
 
 
-def _by_threshold(scores: torch.Tensor, row: RowView, older: int, tau: float, cap: int, spans: bool) -> torch.Tensor:
+def _by_threshold(
+    scores: torch.Tensor, row: RowView, older: int, tau: float, cap: int, spans: str | None
+) -> torch.Tensor:
     """The older slots scoring >= tau (protected ones are +inf), never more than `cap`: where more
-    pass, the best of them (whole numbers with spans)."""
+    pass, the best of them (spans kept whole with `spans`)."""
     passing = torch.nonzero(scores[:older] >= tau).flatten()
     if passing.numel() <= cap:
         if not spans or row.joins_previous is None:
             return passing
-        # a number whose best digit passes stays whole (its other digits ride along on that score)
+        # a span whose best slot passes stays whole (its other slots ride along on that score)
         span = span_ids(row.joins_previous.to(scores.device))[:older]
         best = torch.full((int(span[-1]) + 1,), float("-inf"), device=scores.device)
         best = best.scatter_reduce(0, span, scores[:older].float(), "amax")
@@ -373,7 +394,7 @@ class LearnedPolicy(KVPolicy):
       predicted importance clears tau), with the budget as a hard cap: where more pass than fit,
       the best of them.
 
-    Either way a row never holds more than the budget. With `spans`, numbers go whole.
+    Either way a row never holds more than the budget. With `spans`, numbers or lines go whole.
 
     A score written once cannot tell when a token's use is over: a partial product the predictor
     rightly scored high stays after the line that copies it is done. `rescore` gives that share of
@@ -398,7 +419,7 @@ class LearnedPolicy(KVPolicy):
         window: int = 8,
         ratio: float = 0.5,
         end_of_thinking: str | None = "Answer:",
-        spans: bool = False,
+        spans: bool | str = False,
         rescore: float = 0.0,
         evict_prompt: bool | None = None,
         threshold: float | None = None,
@@ -416,7 +437,7 @@ class LearnedPolicy(KVPolicy):
             raise InvalidRequestError("learned: threshold must be a number")
         self.threshold = threshold
         self.predictor, self.window, self.ratio, self.end_of_thinking = predictor, window, ratio, end_of_thinking
-        self.spans, self.rescore = spans, rescore
+        self.spans, self.rescore = span_unit(spans), rescore
         self.evict_prompt = evicts_prompt(evict_prompt)
         self.needs_attention = rescore > 0
 
@@ -470,7 +491,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
         LearnedPolicy,
     )
 }
-# The policies that rank slots by a score, and so can keep numbers whole (`spans=True`).
+# The policies that rank slots by a score, and so can keep numbers or lines whole (`spans`).
 SPAN_POLICIES = ("h2o", "tova", "snapkv", "rkv", "learned")
 
 

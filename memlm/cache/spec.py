@@ -13,7 +13,7 @@ import functools
 from dataclasses import asdict, dataclass, fields
 
 from memlm.cache.importance import load_predictor
-from memlm.cache.policies import POLICIES, SPAN_POLICIES, FullPolicy, KVPolicy, make_policy
+from memlm.cache.policies import POLICIES, SPAN_POLICIES, FullPolicy, KVPolicy, make_policy, span_unit
 from memlm.cache.presses import check_press, make_press
 from memlm.errors import InvalidRequestError
 
@@ -41,7 +41,8 @@ class PolicySpec:
     # learned: threshold mode, keep the older tokens whose importance is >= this (the budget a hard
     # cap) instead of the top `ratio` of them (default: rank mode)
     threshold: float | None = None
-    spans: bool = False  # h2o, tova, learned: keep or drop numbers whole
+    # h2o, tova, snapkv, rkv, learned: keep or drop spans whole, "numbers" (True says the same) or "lines"
+    spans: bool | str = False
     sinks: int | None = None  # sinks: the first tokens always kept, attention sinks (default 4)
     # A press (memlm.cache.presses) compresses the prompt once after its prefill; any policy above
     # then holds the row under its budget while it generates. The learned press reads `predictor`.
@@ -53,6 +54,7 @@ class PolicySpec:
         with which policy. A bad spec fails here, before a model or predictor loads."""
         if self.name not in POLICIES:
             raise InvalidRequestError(f"unknown KV policy {self.name!r}; choose one of {', '.join(POLICIES)}")
+        object.__setattr__(self, "spans", span_unit(self.spans) or False)  # one spelling per unit
         if self.name != "full" and self.budget is None:
             raise InvalidRequestError(f"KV policy {self.name!r} needs a budget (--kv-budget)")
         defaults = {f.name: f.default for f in fields(self)}

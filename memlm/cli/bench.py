@@ -270,10 +270,13 @@ def bench_kv(
     spans: Annotated[
         str,
         typer.Option(
-            help="h2o, tova, snapkv, rkv, learned keep numbers whole: off, on, both (a +spans row beside each), "
-            "or a comma-separated list of those policies that get a +spans row."
+            help="h2o, tova, snapkv, rkv, learned keep spans whole: off, on, both (a spanned row beside each), "
+            "or a comma-separated list of those policies that get a spanned row."
         ),
     ] = "off",
+    span_unit: Annotated[
+        str, typer.Option(help="What --spans keeps whole: numbers (rows named +spans) or lines (rows named +lines).")
+    ] = "numbers",
     n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
     split: Annotated[str, typer.Option(help="Held-out split: val (to choose settings) or test (to report).")] = "test",
     probe_n: Annotated[int, typer.Option(help="Retrieval probes (0 = none).")] = 32,
@@ -309,6 +312,7 @@ def bench_kv(
         threshold=threshold,
         split=split,
         spans=spans,
+        span_unit=span_unit,
     )
 
 

@@ -73,7 +73,7 @@ def generate(
     kv_window: KvWindowOpt = None,
     kv_ratio: KvRatioOpt = None,
     kv_rescore: KvRescoreOpt = None,
-    kv_spans: KvSpansOpt = False,
+    kv_spans: KvSpansOpt = None,
     kv_evict_prompt: KvEvictPromptOpt = None,
     kv_sinks: KvSinksOpt = None,
     kv_threshold: KvThresholdOpt = None,

@@ -169,7 +169,12 @@ KvRescoreOpt = Annotated[
     typer.Option(help="--kv-policy learned: share of kept older tokens chosen by current attention (default 0)."),
 ]
 KvSpansOpt = Annotated[
-    bool, typer.Option("--kv-spans", help="--kv-policy h2o, tova, snapkv, rkv, learned: keep or drop numbers whole.")
+    str | None,
+    typer.Option(
+        "--kv-spans",
+        metavar="UNIT",
+        help="--kv-policy h2o, tova, snapkv, rkv, learned: keep or drop spans whole, numbers or lines.",
+    ),
 ]
 KvThresholdOpt = Annotated[
     float | None,
