@@ -2,7 +2,7 @@
 # DynTS where reasoning is redundant (issue 30): the commands behind bench/results/kv_redundant.json.
 # Run from the repository root with memlm installed; each stage writes under runs/ (or bench/ for
 # what is committed) and can be run alone:
-#   STAGES="sft eval predictors choose bench bench_10 transfer" bench/kv_redundant.sh
+#   STAGES="sft eval predictors choose lines bench bench_10 transfer" bench/kv_redundant.sh
 #
 # The task, pair_search (memlm/data/tasks.py): "Which two numbers sum to T?" over ten two-digit
 # numbers; the worked solution checks all 45 pairs in list order, one line each ("66+24=90 no"),
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMLM=${MEMLM:-memlm}
-STAGES=${STAGES:-sft eval predictors choose bench bench_10 transfer}
+STAGES=${STAGES:-sft eval predictors choose lines bench bench_10 transfer}
 MODEL=bench/models/pair-search-lora  # the SFT adapter, committed (bf16)
 DTYPE=q4_1  # the embedded GGUF's own blocks with fp32 activations
 BUDGETS=108,162  # 20% and 30%; 10% (54) is the bench_10 stage
@@ -33,7 +33,12 @@ EXPLICIT=${LEARNED_PREDICTOR:+1}
 LEARNED_PREDICTOR=${LEARNED_PREDICTOR:-bench/models/pair-search-predictor}
 LEARNED_MODE=${LEARNED_MODE:---ratio 0.5}
 CHOSEN=runs/kv-redundant-choose/chosen.env
-chosen() { if [[ -z $EXPLICIT && -f $CHOSEN ]]; then source $CHOSEN; fi; }
+# The lines stage's pick on 2026-12-07: ratio 1.0 (runs/kv-redundant-choose/lines.env replaces it).
+LINES_MODE=${LINES_MODE:---ratio 1.0}
+chosen() {
+  if [[ -z $EXPLICIT && -f $CHOSEN ]]; then source $CHOSEN; fi
+  if [[ -z $EXPLICIT && -f runs/kv-redundant-choose/lines.env ]]; then source runs/kv-redundant-choose/lines.env; fi
+}
 
 for stage in $STAGES; do
   case $stage in
@@ -100,22 +105,62 @@ print(f"chosen: {label} {flag} (mean accuracy {key[0]:.3f} at 20% and 30%)")
 (runs / "chosen.env").write_text(f"LEARNED_PREDICTOR=runs/predictor-pair-search-{label}\nLEARNED_MODE='{flag}'\n")
 PY
       ;;
-    bench)  # every policy at 20% and 30% on the 64 test problems, 32 at a time, in one-thread
-      # processes (the two cores both work; a cell takes 6-9 min): a = full, oracle and the simple
-      # heuristics, beside b = learned and R-KV then c = SnapKV and TOVA (+spans); merged into
-      # kv_redundant.json. The learned row with the chosen predictor and mode; the predictor's cost
-      # at batch 1 and 8 (process b). The 10% cells are the bench_10 stage.
+    lines)  # added after the first bench run (2026-12-07, below): the chosen predictor with whole
+      # lines (--span-unit lines: a line scores as its best token, so the "yes" carries back to the
+      # numbers before it) in rank mode at ratio 0.5 (choose's pick) and 1.0, and TOVA with whole
+      # lines, on choose's 16 validation problems; the same rule picks the ratio (best mean over
+      # 20% and 30%, ties to the larger). 2026-12-07: ratio 0.5 0.375 / 0.938, ratio 1.0
+      # 0.688 / 1.000 (every token-by-token setting above: 0-0.19); tova+lines 0.375 / 0.500
       chosen
-      common=(--model $MODEL --task pair_search --n 64 --batch-size 32 --probe-n 0 --spans tova
-        --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LEARNED_MODE --dtype $DTYPE --budgets $BUDGETS)
-      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --policies full,oracle,window,sinks,h2o \
+      for ratio in 0.5 1.0; do
+        OMP_NUM_THREADS=1 $MEMLM bench kv --model $MODEL --task pair_search --split val --n 16 --probe-n 0 \
+          --budgets $BUDGETS --batch-size 32 --policies learned --spans on --span-unit lines \
+          --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" --ratio $ratio --dtype $DTYPE \
+          --json runs/kv-redundant-choose/lines-ratio$ratio.json
+      done
+      OMP_NUM_THREADS=1 $MEMLM bench kv --model $MODEL --task pair_search --split val --n 16 --probe-n 0 \
+        --budgets $BUDGETS --batch-size 32 --policies tova --spans on --span-unit lines --dtype $DTYPE \
+        --json runs/kv-redundant-choose/lines-tova.json
+      python - <<'PY'
+import json
+from pathlib import Path
+
+runs = Path("runs/kv-redundant-choose")
+means = {}
+for ratio in (0.5, 1.0):
+    rows = json.loads((runs / f"lines-ratio{ratio}.json").read_text())["rows"]
+    means[ratio] = sum(r["accuracy"] for r in rows) / len(rows)
+ratio = max(means, key=lambda r: (means[r], r))
+print(f"lines: ratio {ratio} (mean accuracy {means[ratio]:.3f} at 20% and 30%)")
+(runs / "lines.env").write_text(f"LINES_MODE='--ratio {ratio}'\n")
+PY
+      ;;
+    bench)  # every policy at 20% and 30% on the 64 test problems, 32 at a time, in one-thread
+      # processes (the two cores both work; a cell takes 4-9 min): a = full, oracle and the simple
+      # heuristics, beside b = learned and R-KV then c = SnapKV; after the lines stage, d = learned
+      # (ratio 0.5) and TOVA with whole lines beside e = TOVA and TOVA + whole numbers, then
+      # f = learned with whole lines at the lines stage's ratio. Merged into kv_redundant.json (d's
+      # ratio-0.5 learned row, reported in bench/README.md, is f's name: the merge takes d's TOVA
+      # row). The learned rows' cost at batch 1 and 8 is in each run's JSON (processes b, d, f).
+      chosen
+      common=(--model $MODEL --task pair_search --n 64 --batch-size 32 --probe-n 0
+        --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" --dtype $DTYPE --budgets $BUDGETS)
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" $LEARNED_MODE --policies full,oracle,window,sinks,h2o \
         --json runs/kv-redundant-a.json > runs/kv-redundant-a.log 2>&1 &
-      (OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --policies learned,rkv --json runs/kv-redundant-b.json
-       OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --policies snapkv,tova --json runs/kv-redundant-c.json
+      (OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" $LEARNED_MODE --policies learned,rkv \
+         --json runs/kv-redundant-b.json
+       OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" $LEARNED_MODE --policies snapkv --json runs/kv-redundant-c.json
       ) > runs/kv-redundant-bc.log 2>&1 &
       wait
-      python -m memlm.bench.kv_merge runs/kv-redundant-{a,b,c}.json \
-        --json bench/results/kv_redundant.json --plot bench/results/kv_redundant.png
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" $LEARNED_MODE --policies learned,tova --spans on \
+        --span-unit lines --json runs/kv-redundant-d.json > runs/kv-redundant-d.log 2>&1 &
+      (OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" --policies tova --spans tova --json runs/kv-redundant-e.json
+       OMP_NUM_THREADS=1 $MEMLM bench kv "${common[@]}" $LINES_MODE --policies learned --spans on --span-unit lines \
+         --json runs/kv-redundant-f.json
+      ) > runs/kv-redundant-ef.log 2>&1 &
+      wait
+      python -m memlm.bench.kv_merge runs/kv-redundant-{a,b,c}.json runs/kv-redundant-d.json:tova+lines \
+        runs/kv-redundant-{e,f}.json --json bench/results/kv_redundant.json --plot bench/results/kv_redundant.png
       ;;
     bench_10)  # the 10% budget (54): the prompt alone fills it, so the policies that keep the prompt
       # (oracle, learned) are skipped; the others evict it
@@ -124,18 +169,17 @@ PY
         --policies window,sinks,h2o,tova,snapkv,rkv --spans tova --dtype $DTYPE \
         --json bench/results/kv_redundant_10.json
       ;;
-    transfer)  # the chosen predictor and mode, unchanged, on tasks it never saw, read by another
-      # reasoner: the long-multiplication model on its own 64 test problems at kv.json's budgets
-      # (25/40/60%: 100, 160, 240) and on chain sums at kv_transfer_chain_sum.json's (112, 128);
-      # those files hold every other policy on the same problems (the same seeds and reasoner)
+    transfer)  # the chosen predictor with whole lines at the lines stage's ratio, unchanged, on tasks
+      # it never saw, read by another reasoner: the long-multiplication model on its own 64 test
+      # problems at kv.json's budgets (25/40/60%: 100, 160, 240) and on chain sums at
+      # kv_transfer_chain_sum.json's (112, 128); those files hold every other policy on the same
+      # problems (the same seeds and reasoner)
       chosen
-      $MEMLM bench kv --model bench/models/long-mult-lora --task long_mult --n 64 --budgets 100,160,240 \
-        --batch-size 32 --max-new-tokens 448 --probe-n 0 --policies learned \
-        --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LEARNED_MODE --dtype $DTYPE \
+      transfer=(--model bench/models/long-mult-lora --n 64 --batch-size 32 --probe-n 0 --policies learned
+        --spans on --span-unit lines --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LINES_MODE --dtype $DTYPE)
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${transfer[@]}" --task long_mult --budgets 100,160,240 --max-new-tokens 448 \
         --json bench/results/kv_redundant_transfer_long_mult.json
-      $MEMLM bench kv --model bench/models/long-mult-lora --task chain_sum --n 64 --budgets 112,128 \
-        --batch-size 32 --probe-n 0 --policies learned \
-        --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LEARNED_MODE --dtype $DTYPE \
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${transfer[@]}" --task chain_sum --budgets 112,128 \
         --json bench/results/kv_redundant_transfer_chain_sum.json
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -213,6 +213,8 @@ def test_runs_split_by_policy_merge_into_one_report_of_the_same_problems(tmp_pat
     assert [r["policy"] for r in merged["rows"]] == ["full", "tova", "learned:answer"]
     assert merged["learned_ratio"] == 0.5 and merged["learned_cost"] == [{"batch": 1}]
     assert merged["mean_full_trace_tokens"] == 540.0
+    assert [run["policies"] for run in merged["runs"]] == [["full"], ["tova", "learned:answer"]]
+    assert [run["learned_cost"] for run in merged["runs"]] == [None, [{"batch": 1}]]
     with pytest.raises(ValueError, match="n"):
         merge_reports([a, b | {"n": 32}])
     with pytest.raises(ValueError, match="more than one run"):
@@ -223,6 +225,10 @@ def test_runs_split_by_policy_merge_into_one_report_of_the_same_problems(tmp_pat
         (tmp_path / f"{name}.json").write_text(json.dumps(report))
     main([*paths, "--json", str(tmp_path / "m.json")])
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == merged["rows"]
+    main([paths[0], paths[1] + ":learned:answer", "--json", str(tmp_path / "m.json")])  # only that policy of b
+    assert [r["policy"] for r in json.loads((tmp_path / "m.json").read_text())["rows"]] == ["full", "learned:answer"]
+    with pytest.raises(SystemExit, match="has no 'h2o' rows"):
+        main([paths[0], paths[1] + ":h2o", "--json", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="error: the runs differ"):
         (tmp_path / "c.json").write_text(json.dumps(b | {"task": "long_mult"}))
         main([paths[0], str(tmp_path / "c.json"), "--json", str(tmp_path / "x.json")])

@@ -1,8 +1,12 @@
 """One `memlm bench kv` report from several runs on the same problems (policies split between
 processes so that both cores work): rows concatenated in the order given, settings taken from the
-run that has them (the learned policy's from the run that ran it).
+run that has them (the learned policy's from the run that ran it), and each run's own settings
+that may differ between them (spans, span unit, the learned policy's cost) kept under "runs".
 
     python -m memlm.bench.kv_merge runs/a.json runs/b.json --json bench/results/kv.json --plot kv.png
+
+A run given as `PATH:POLICY,POLICY` contributes only those policies' rows (a run that also holds a
+row another run measured again with other settings).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from memlm.bench.kv import plot_report, print_report
 from memlm.bench.report import write_outputs
 
 SAME = ("model", "task", "n", "split", "dtype", "max_new_tokens", "probe_n")  # what makes the problems the same
+PER_RUN = ("spans", "span_unit", "learned_cost")  # settings a run's rows need beside them
 
 
 def merge_reports(reports: list[dict]) -> dict:
@@ -28,10 +33,29 @@ def merge_reports(reports: list[dict]) -> dict:
             raise ValueError(f"the runs differ in {', '.join(differ)}: not the same problems")
     merged = {k: next((r[k] for r in reports if r.get(k) not in (None, {}, [])), first.get(k)) for k in first}
     merged["rows"] = [row for r in reports for row in r["rows"]]
+    merged["runs"] = [_run_settings(r) for r in reports]
     cells = [(row["policy"], row["budget"]) for row in merged["rows"]]
     if len(set(cells)) != len(cells):
         raise ValueError("a (policy, budget) cell appears in more than one run")
     return merged
+
+
+def _run_settings(report: dict) -> dict:
+    """One run's policies and the settings its rows ran with."""
+    return {"policies": [row["policy"] for row in report["rows"]]} | {k: report.get(k) for k in PER_RUN}
+
+
+def read_run(given: str) -> dict:
+    """A run's report from `PATH` or `PATH:POLICY,POLICY` (only those policies' rows)."""
+    path, _, only = given.partition(":")
+    report = json.loads(open(path).read())
+    if only:
+        wanted = only.split(",")
+        missing = sorted(set(wanted) - {row["policy"] for row in report["rows"]})
+        if missing:
+            raise ValueError(f"{path} has no {missing[0]!r} rows")
+        report["rows"] = [row for row in report["rows"] if row["policy"] in wanted]
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
     try:
-        reports = [json.loads(open(path).read()) for path in args.reports]
+        reports = [read_run(given) for given in args.reports]
         merged = merge_reports(reports)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
