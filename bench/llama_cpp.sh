@@ -8,6 +8,11 @@
 #     -DGGML_AMX_INT8=OFF -DLLAMA_CURL=OFF" pip install llama-cpp-python diskcache
 # (AMX off: this machine's CPUs report AMX, but llama.cpp's AMX kernels crash in its sandbox, so
 # llama.cpp runs its AVX-512 VNNI kernels, with its weight repacking, as it would without AMX.)
+# On a CPU without AVX-512 (the *_avx2.json results; an AVX-512 build dies there), from the sdist:
+#   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcp
+#   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+#     -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DLLAMA_CURL=OFF" pip install /tmp/lcp/llama_cpp_python-0.3.36.tar.gz
+# and the two decode lines below with --json $R/decode_{gemma3,q4km}_vs_llamacpp_avx2.json.
 # One thread each, so the other core can stay busy; the decode rows run one after the other in
 # fresh processes, llama.cpp's in a process that holds llama.cpp alone (its peak RSS is its own).
 set -euo pipefail
