@@ -256,7 +256,7 @@ def test_oracle_keeps_the_answers_lines_prompt_and_newest_on_a_hand_made_trace()
     solution = task.solution(problem)
     key = task.key_tokens(tokenizer, problem)
     ids = tokenizer.encode(solution, add_special_tokens=False)
-    assert tokenizer.decode([ids[t] for t in key]) == "20+31=51 yes"
+    assert tokenizer.decode([ids[t] for t in key]) == "20+31=51 yes\n"  # the line and its newline
     # The trace: a 5-token prompt, then the solution; the row has reached the answer line.
     prompt = 5
     keep = [prompt + t for t in key]
