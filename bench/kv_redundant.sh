@@ -168,23 +168,29 @@ PY
         runs/kv-redundant-{e,f,h}.json --json bench/results/kv_redundant.json --plot bench/results/kv_redundant.png
       ;;
     bench_10)  # the 10% budget (54): the prompt alone fills it, so the policies that keep the prompt
-      # (oracle, learned) cannot run there; the others evict it (TOVA also by whole lines)
-      OMP_NUM_THREADS=1 $MEMLM bench kv --model $MODEL --task pair_search --n 64 --budgets 54 --batch-size 32 \
-        --probe-n 0 --policies window,sinks,h2o,tova,snapkv,rkv --spans tova --span-unit lines --dtype $DTYPE \
-        --json bench/results/kv_redundant_10.json
+      # (oracle, learned) cannot run there; the others evict it. Two one-thread processes, merged.
+      # (2026-12-07: window ran first, alone, beside three other runs: 0 / 64 in 15 minutes, its
+      # process stopped for time before it wrote its JSON; bench/README.md quotes its log line.)
+      ten=(--model $MODEL --task pair_search --n 64 --budgets 54 --batch-size 32 --probe-n 0 --dtype $DTYPE)
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${ten[@]}" --policies sinks,h2o,tova --json runs/kv10-x.json &
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${ten[@]}" --policies snapkv,rkv --json runs/kv10-y.json &
+      wait
+      python -m memlm.bench.kv_merge runs/kv10-{x,y}.json --json bench/results/kv_redundant_10.json
       ;;
-    transfer)  # the chosen predictor with whole lines at the lines stage's ratio, unchanged, on tasks
-      # it never saw, read by another reasoner: the long-multiplication model on its own 64 test
-      # problems at kv.json's budgets (25/40/60%: 100, 160, 240) and on chain sums at
-      # kv_transfer_chain_sum.json's (112, 128); those files hold every other policy on the same
-      # problems (the same seeds and reasoner)
-      chosen
+    transfer)  # whole lines on the dense traces: a predictor reads one reasoner's hidden states (the
+      # pair-search predictor is refused on another model, by design), and the pair-search reasoner
+      # cannot do the other tasks (0/16 validation chain sums with the full cache), so what transfers
+      # is the setting: the long-multiplication reasoner with its committed predictor and kv.json's
+      # learned options (window 16, ratio 1.0, rescore 0.5), only --span-unit lines added, on long
+      # multiplication at kv.json's budgets (25/40/60%: 100, 160, 240) and on chain sums at
+      # kv_transfer_chain_sum.json's (112, 128; window 16, ratio 0.9 as there). Those files hold
+      # every other policy on the same problems (the same seeds and reasoner).
       transfer=(--model bench/models/long-mult-lora --n 64 --batch-size 32 --probe-n 0 --policies learned
-        --spans on --span-unit lines --predictor "$LEARNED_PREDICTOR" --window "$WINDOW" $LINES_MODE --dtype $DTYPE)
-      OMP_NUM_THREADS=1 $MEMLM bench kv "${transfer[@]}" --task long_mult --budgets 100,160,240 --max-new-tokens 448 \
-        --json bench/results/kv_redundant_transfer_long_mult.json
-      OMP_NUM_THREADS=1 $MEMLM bench kv "${transfer[@]}" --task chain_sum --budgets 112,128 \
-        --json bench/results/kv_redundant_transfer_chain_sum.json
+        --spans on --span-unit lines --predictor bench/models/long-mult-predictor --window 16 --dtype $DTYPE)
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${transfer[@]}" --task long_mult --budgets 100,160,240 --ratio 1.0 \
+        --rescore 0.5 --max-new-tokens 448 --json bench/results/kv_lines_long_mult.json
+      OMP_NUM_THREADS=1 $MEMLM bench kv "${transfer[@]}" --task chain_sum --budgets 112,128 --ratio 0.9 \
+        --max-new-tokens 256 --json bench/results/kv_lines_chain_sum.json
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -342,15 +342,18 @@ def plot_report(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(11 if probe else 6, 4), squeeze=False)
     panels = [("accuracy", f"{report['task']} accuracy")] + ([("probe_accuracy", "retrieval probe")] if probe else [])
     for ax, (key, label) in zip(axes[0], panels, strict=False):
-        for policy in dict.fromkeys(r["policy"] for r in rows):
+        colors = plt.get_cmap("tab20").colors  # more policies than the default cycle's 10 colors
+        for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
             mine = sorted((r["budget"], r[key]) for r in rows if r["policy"] == policy)
-            style = {"linestyle": "--", "color": "black"} if policy == "full" else {"marker": "o"}
+            style = {"linestyle": "--", "color": "black"}
+            if policy != "full":  # a spanned row dashed beside its policy's solid line
+                style = {"marker": "o", "color": colors[i % len(colors)], "linestyle": ":" if "+" in policy else "-"}
             ax.plot([b for b, _ in mine], [a for _, a in mine], label=policy, **style)
         ax.set_xlabel("KV budget (tokens per sequence)")
         ax.set_ylabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     trace = report.get("mean_full_trace_tokens")
     fig.suptitle(f"{report['model']}" + (f" (full trace {trace:.0f} tokens)" if trace else ""), fontsize=9)
     fig.tight_layout()
