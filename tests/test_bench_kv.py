@@ -233,3 +233,21 @@ def test_runs_split_by_policy_merge_into_one_report_of_the_same_problems(tmp_pat
         (tmp_path / "c.json").write_text(json.dumps(b | {"task": "long_mult"}))
         main([paths[0], str(tmp_path / "c.json"), "--json", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_kv_cost_measures_each_span_unit_at_each_batch_without_accuracy_cells(tiny_model_and_predictor, tmp_path):
+    from memlm.bench.kv_cost import main, measure
+
+    model, predictor = tiny_model_and_predictor
+    report = measure(model, "chain_sum_short", predictor, 184, ["tokens", "lines"], n=2, batches=(1, 2),
+                     max_new_tokens=60)  # fmt: skip
+    assert list(report["cost"]) == ["tokens", "lines"]
+    for cells in report["cost"].values():
+        assert [c["batch"] for c in cells] == [1, 2]
+        for c in cells:
+            assert c["steps"] > 0 and 0 < c["predictor_frac"] < 1 and 0 <= c["eviction_frac"] < 1
+            assert c["overhead_frac"] == pytest.approx(c["predictor_frac"] + c["eviction_frac"], abs=1e-3)
+    with pytest.raises(SystemExit, match="--units are tokens, numbers, lines"):
+        main(["--model", model, "--task", "chain_sum_short", "--predictor", predictor, "--budget", "184",
+              "--units", "words", "--json", str(tmp_path / "c.json")])  # fmt: skip
+    assert not (tmp_path / "c.json").exists()

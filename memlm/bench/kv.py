@@ -346,7 +346,7 @@ def plot_report(report: dict, path: str) -> None:
         for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
             mine = sorted((r["budget"], r[key]) for r in rows if r["policy"] == policy)
             style = {"linestyle": "--", "color": "black"}
-            if policy != "full":  # a spanned row dashed beside its policy's solid line
+            if policy != "full":  # a spanned row (+spans, +lines) dotted beside the solid plain ones
                 style = {"marker": "o", "color": colors[i % len(colors)], "linestyle": ":" if "+" in policy else "-"}
             ax.plot([b for b, _ in mine], [a for _, a in mine], label=policy, **style)
         ax.set_xlabel("KV budget (tokens per sequence)")
