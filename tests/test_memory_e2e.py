@@ -187,3 +187,37 @@ def test_committed_kv_memory_lowers_the_loss_on_the_digits_the_reasoner_computes
     other = Engine.load(str(MODELS / "chain-sum-lora"))
     never = LatentMemory.load(folder, other, trigger="never")
     assert all(c.insertions == [0] for c in other.score(prompts[:2], targets[:2], memory=never))
+
+
+def test_whole_lines_keep_the_pair_searchs_hit_where_token_by_token_loses_it(embedded_engine):
+    """The committed pair-search reasoner and predictor at 30% of the trace (bench/README.md,
+    "Redundant traces": 98.4% by whole lines, 18.8% token by token on 64 problems): by lines the
+    learned policy still holds the one "yes" line when the answer is written."""
+    from memlm.generation.engine import Engine
+
+    engine = Engine.load(str(MODELS / "pair-search-lora"), dtype="q4_1")
+    task = get_task("pair_search")
+    problems = task.problems(4, "test")
+    predictor, _ = load_predictor(MODELS / "pair-search-predictor", engine.config)
+    policies = {}
+
+    def by_lines(problem):
+        policies[problem.question] = LastKept(162, predictor, window=8, ratio=1.0, spans="lines")
+        return policies[problem.question]
+
+    lines = evaluate_task(engine, task, problems, batch_size=4, policy_factory=by_lines)
+    def by_tokens(problem):
+        return make_policy("learned", 162, predictor=predictor, ratio=0.5)
+
+    tokens = evaluate_task(engine, task, problems, batch_size=4, policy_factory=by_tokens)
+    assert lines.accuracy >= 3 / 4 and lines.accuracy > tokens.accuracy
+    assert lines.peak_kv_tokens <= 162 + 1
+    checked = 0
+    for problem, text in zip(problems, lines.completions, strict=True):
+        if text.strip() != task.solution(problem):
+            continue  # positions of the worked solution's lines hold only where the model wrote it
+        start = len(engine.encode_prompt(task.messages(problem)))
+        hit = {start + t for t in task.key_tokens(engine.tokenizer, problem)}
+        assert hit <= set(policies[problem.question].kept), problem.question
+        checked += 1
+    assert checked >= 2  # the reasoner writes the worked solution token for token on most problems
