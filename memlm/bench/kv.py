@@ -25,6 +25,7 @@ from rich.console import Console
 
 from memlm.bench.decode import SAMPLE_TEXT
 from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
+from memlm.cache.eviction import marked_tokens
 from memlm.cache.importance import load_predictor
 from memlm.cache.policies import POLICIES, SPAN_POLICIES, SPAN_UNITS, OraclePolicy, evicts_prompt
 from memlm.cache.spec import PolicySpec
@@ -144,7 +145,7 @@ def run_kv_bench(
     }
     variants = _learned_variants(folders, engine.config, model, tuning) if "learned" in policies else {}
     if variants:  # a bad window, ratio or rescore fails now; the report records what ran
-        learned = _factory("learned", max(budgets), next(iter(variants.values())))()
+        learned = spec_factory("learned", max(budgets), next(iter(variants.values())))()
         window, ratio, rescore = learned.window, learned.ratio, learned.rescore
     problems = task.problems(n, split)
     probes = build_probes(engine.tokenizer, probe_n, probe_filler) if probe_n else []
@@ -161,7 +162,7 @@ def run_kv_bench(
             factory = _oracle_factory(engine, task, budget)
         elif policy != "full":
             spans_of_row = span_unit if policy.endswith(suffix) else False
-            factory = _factory(kind.split(":")[0], budget, variants.get(kind), spans_of_row)
+            factory = spec_factory(kind.split(":")[0], budget, variants.get(kind), spans_of_row)
         console.print(f"[dim]{policy:8s} budget {budget or '-':>5}[/dim]", end=" ")
         began = time.perf_counter()
         try:
@@ -193,7 +194,8 @@ def run_kv_bench(
     cost = None
     ran = [r["budget"] for r in rows if r["policy"].startswith("learned") and "skipped" not in r]
     if variants and ran:  # the first predictor's, at its smallest budget that ran (most evictions), spans if any ran
-        factory = _factory("learned", min(ran), next(iter(variants.values())), "learned" in spanned and span_unit)
+        first = next(iter(variants.values()))
+        factory = spec_factory("learned", min(ran), first, "learned" in spanned and span_unit)
         cost = [policy_cost(engine, task, problems, factory, b, max_new_tokens) for b in (1, 8)]
         for c in cost:
             console.print(
@@ -233,9 +235,13 @@ def policy_cost(engine, task, problems, factory: Callable, batch: int, max_new_t
     `batch` requests decoded together (the engine's phase timings over decode-only steps)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     chosen = [problems[i % len(problems)] for i in range(batch)]
+    policies = [factory() for _ in chosen]
+    # the span mask is built once per process (0.65 s for lines): not a decode step's cost
+    if policies[0] is not None and policies[0].spans:
+        marked_tokens(engine.tokenizer, policies[0].spans, engine.config.vocab_size)
     engine.timings = {}
     try:
-        engine.generate([task.messages(p) for p in chosen], params, kv_policy=[factory() for _ in chosen])
+        engine.generate([task.messages(p) for p in chosen], params, kv_policy=policies)
         timings = engine.timings
     finally:
         engine.timings = None
@@ -297,7 +303,7 @@ def _rows_of(name: str, spanned: frozenset[str], plain: bool, suffix: str) -> li
     return [name, name + suffix] if plain else [name + suffix]
 
 
-def _factory(policy: str, budget: int, variant: tuple | None, spans: bool | str = False) -> Callable:
+def spec_factory(policy: str, budget: int, variant: tuple | None, spans: bool | str = False) -> Callable:
     """A fresh policy per request (policies hold no per-row state, but rows never share one): the
     row's PolicySpec, with a learned variant's folder, loaded predictor and options."""
     folder, predictor, options = variant or (None, None, {})

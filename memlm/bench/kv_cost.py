@@ -13,12 +13,10 @@ import argparse
 import torch
 from rich.console import Console
 
-from memlm.bench.kv import policy_cost
+from memlm.bench.kv import policy_cost, spec_factory
 from memlm.bench.report import print_table, write_outputs
-from memlm.cache.eviction import marked_tokens
 from memlm.cache.importance import load_predictor
 from memlm.cache.policies import SPAN_UNITS
-from memlm.cache.spec import PolicySpec
 from memlm.data.tasks import get_task
 from memlm.errors import MemlmError
 from memlm.generation.engine import Engine
@@ -39,19 +37,12 @@ def measure(model, task_name, predictor_dir, budget, units, *, window=8, ratio=N
     costs = {}
     for unit in units:
         spans = False if unit == "tokens" else unit
-        if spans:  # the unit's token mask is built once per process (0.65 s for lines), not per step
-            marked_tokens(engine.tokenizer, spans, engine.config.vocab_size)
-        spec = PolicySpec("learned", budget, predictor=predictor_dir, window=window, ratio=ratio, spans=spans)
-        factory = _factory(spec, predictor)
+        variant = (predictor_dir, predictor, {"window": window, "ratio": ratio})
+        factory = spec_factory("learned", budget, variant, spans)
         tokens = max_new_tokens or task.max_new_tokens
         costs[unit] = [policy_cost(engine, task, problems, factory, batch, tokens) for batch in batches]
     return {"model": model, "task": task_name, "predictor": predictor_dir, "budget": budget, "window": window,
             "ratio": ratio, "dtype": dtype, "threads": torch.get_num_threads(), "cost": costs}  # fmt: skip
-
-
-def _factory(spec: PolicySpec, predictor):
-    """A fresh policy per request, with the loaded predictor."""
-    return lambda problem=None: spec.build(predictor)
 
 
 def print_costs(report: dict, console) -> None:
