@@ -782,6 +782,8 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
     assert rows[0]["fixed_len_speed_vs_vanilla"] == 1.0 and rows[1]["fixed_len_tok_s"] > 0
     assert rows[0]["single_speed_vs_vanilla"] == 1.0 and rows[1]["single_tok_s"] > 0
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    # whole solutions: the share of answers equal to the worked solution, never above accuracy
+    assert all(0 <= r["solutions_exact"] <= r["accuracy"] for r in rows)
     # forgetting: both variants answer the other task and score the same prose; the frozen reasoner
     # alone is vanilla itself, and the weaver's latents (inserted at the prose's commas and full
     # stops) change what it predicts
@@ -795,6 +797,37 @@ def test_bench_memgen_rows_json_and_plot(tmp_path):
     windows = _text_windows(str(folder), str(text), 2, 24)  # the decode loop scores as one forward does
     reference = perplexity(Engine.load(str(folder)).model, [t for w in windows for t in w], window=24)
     assert rows[0]["text_perplexity"] == pytest.approx(reference, rel=1e-4)
+
+
+def test_bench_memgen_labels_rows_and_caps_insertions(tmp_path):
+    from memlm.bench.memgen import Variant, plan_variants, run_memgen_bench
+    from memlm.formats.loading import save_model
+    from memlm.generation.engine import Engine
+
+    assert plan_variants("m", ["a1"], ["sft=w1", "grpo=w2"], caps=[1]) == [
+        Variant("vanilla", "m"),
+        Variant("lora_sft", "a1"),
+        Variant("sft", "m", "w1", "always"),
+        Variant("sft_cap1", "m", "w1", "always", 1),
+        Variant("grpo", "m", "w2", "always"),
+        Variant("grpo_cap1", "m", "w2", "always", 1),
+    ]
+    with pytest.raises(MemlmError, match="label each --weaver"):
+        plan_variants("m", weaver=["w1", "w2"])
+    assert plan_variants("m", weaver="runs/x=1")[1].memory == "runs/x=1"  # not a label: a path with '='
+
+    folder = save_model(tmp_path / "tiny", tiny_memlm(vocab_size=257, eos_token_ids=(256,)), byte_tokenizer())
+    _memory(Engine.load(str(folder)), max_inference_aug=3).save(tmp_path / "mem")
+    report = run_memgen_bench(
+        str(folder), "chain_sum_short", 3, weaver=[f"w={tmp_path / 'mem'}"], caps=[1],
+        batch_size=3, max_new_tokens=24, speed_tokens=0,
+    )
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["vanilla", "w", "w_cap1"]
+    assert rows["w"]["max_inference_aug"] == 3 and rows["w_cap1"]["max_inference_aug"] == 1
+    # the prompt's insertion plus at most one more; uncapped, the same answers up to the cap, so as many or more
+    assert 1 <= rows["w_cap1"]["insertions_per_answer"] <= 2
+    assert rows["w"]["insertions_per_answer"] >= rows["w_cap1"]["insertions_per_answer"]
 
 
 def test_a_request_without_memory_joining_a_batch_that_uses_one_is_left_alone():

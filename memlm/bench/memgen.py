@@ -4,9 +4,13 @@
 and step budget (`memlm train sft`); (c) weaver: the frozen reasoner with the MemGen weaver and
 the `always` trigger (`memlm train weaver`); (d) weaver_trigger: the same weaver with the learned
 trigger (`memlm train trigger`), and (e) weaver_never: that folder with the `never` trigger (the
-prompt's latents only), so the trigger is judged between its two extremes. Each answers the
-task's test split greedily; reported per variant: accuracy (the task's scorer), insertions per
-answer, decode tok/s and its ratio to vanilla. Variants without a path are left out.
+prompt's latents only), so the trigger is judged between its two extremes. Several LoRA-SFT
+adapters or weavers (SFT, GRPO, ...) are rows of their own, named `LABEL=PATH`; each weaver can also
+run under insertion caps (the seed allows 5 per answer, memlm's weavers were trained with 8). Each
+answers the task's test split greedily; reported per variant: accuracy (the task's scorer), the
+share of answers that are the worked solution line for line (every step right, not only the
+answer), insertions per answer, decode tok/s and its ratio to vanilla. Variants without a path
+are left out.
 
 Forgetting (MemGen's case for a frozen reasoner): fine-tuning the reasoner's weights can cost
 what it could already do, a memory beside frozen weights should not. With `retain_task` each
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 from rich.console import Console
 
@@ -34,21 +39,76 @@ from memlm.bench.report import print_table, pyplot, save_figure, write_outputs
 from memlm.data.corpus import corpus_windows
 from memlm.data.evaluate import evaluate_task
 from memlm.data.tasks import get_task
+from memlm.errors import MemlmError
 from memlm.formats.loading import load_model
 from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
 from memlm.latent.memory import LatentMemory
 
-VARIANTS = ("vanilla", "lora_sft", "weaver", "weaver_trigger", "weaver_never")
 SINGLE_STREAMS = 2  # requests timed one at a time
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One row: a model (the reasoner, or a LoRA-SFT adapter folder), with a latent memory or not."""
+
+    name: str
+    model: str
+    memory: str | None = None
+    trigger: str | None = None  # the memory runs with this trigger (always / learned / never)
+    cap: int | None = None  # most inference insertions per answer, in place of the memory's own
+
+
+def labelled(values: str | list[str] | None, default: str, flag: str) -> list[tuple[str, str]]:
+    """`PATH` or `LABEL=PATH` values -> [(label, path)]; an unlabelled one is called `default`, and
+    only one may be unlabelled (two rows of one name would be indistinguishable in the table)."""
+    if not values:
+        return []
+    out = []
+    for value in [values] if isinstance(values, str) else values:
+        label, sep, path = value.partition("=")
+        out.append((label, path) if sep and label.isidentifier() else (default, value))
+    names = [label for label, _ in out]
+    if len(set(names)) != len(names):
+        raise MemlmError(f"label each {flag} as LABEL=PATH when giving more than one (labels: {', '.join(names)})")
+    return out
+
+
+def plan_variants(
+    model: str,
+    lora_sft=None,
+    weaver=None,
+    weaver_trigger: str | None = None,
+    caps: list[int] | None = None,
+) -> list[Variant]:
+    """The rows, in order: vanilla; each LoRA-SFT adapter; each weaver with the `always` trigger,
+    then with each insertion cap; the weaver + learned trigger folder, learned and `never`."""
+    plan = [Variant("vanilla", model)]
+    plan += [Variant(label, path) for label, path in labelled(lora_sft, "lora_sft", "--lora-sft")]
+    for label, path in labelled(weaver, "weaver", "--weaver"):
+        plan.append(Variant(label, model, path, "always"))
+        plan += [Variant(f"{label}_cap{cap}", model, path, "always", cap) for cap in caps or []]
+    if weaver_trigger:
+        plan.append(Variant("weaver_trigger", model, weaver_trigger, "learned"))
+        plan.append(Variant("weaver_never", model, weaver_trigger, "never"))
+    return plan
+
+
+def solutions_exact(task, problems, completions: list[str]) -> float | None:
+    """The share of answers that are the task's worked solution line for line (every step right, not
+    only the answer), or None for a task without worked solutions."""
+    if not hasattr(task, "solution"):
+        return None
+    same = [c.strip() == task.solution(p).strip() for p, c in zip(problems, completions, strict=True)]
+    return sum(same) / max(1, len(same))
 
 
 def run_memgen_bench(
     model: str,
     task_name: str,
     n: int,
-    lora_sft: str | None = None,
-    weaver: str | None = None,
+    lora_sft: str | list[str] | None = None,
+    weaver: str | list[str] | None = None,
     weaver_trigger: str | None = None,
     json_path: str | None = None,
     plot_path: str | None = None,
@@ -60,46 +120,46 @@ def run_memgen_bench(
     text: str | None = None,
     text_windows: int = 16,
     text_tokens: int = 256,
+    caps: list[int] | None = None,
 ) -> dict:
+    """`lora_sft` and `weaver` are a folder or a list of them, each `PATH` or `LABEL=PATH` (the row's
+    name); `caps`: each weaver is also run with at most this many insertions per answer."""
     console = console or Console(stderr=True)
     task = get_task(task_name)
+    plan = plan_variants(model, lora_sft, weaver, weaver_trigger, caps)
     problems = task.problems(n, "test")
     retain = get_task(retain_task) if retain_task else None
     retain_problems = retain.problems(n, "test") if retain else []
     windows = _text_windows(model, text, text_windows, text_tokens) if text else []
-    plan = [("vanilla", model, None), ("lora_sft", lora_sft, None)]
-    plan += [
-        ("weaver", model, weaver),
-        ("weaver_trigger", model, weaver_trigger),
-        ("weaver_never", model, weaver_trigger),
-    ]
     rows = []
-    for variant, model_path, memory_path in plan:
-        if model_path is None or (variant.startswith("weaver") and memory_path is None):
-            continue
-        engine = Engine.load(model_path)
-        # (c) is the weaver with the `always` trigger whatever folder it comes from, so one folder
-        # trained by `memlm train trigger` can serve both (c) and (d).
-        trigger = {"weaver": "always", "weaver_trigger": "learned", "weaver_never": "never"}.get(variant)
-        memory = LatentMemory.load(memory_path, engine, trigger=trigger) if memory_path else None
-        console.print(f"[dim]{variant}...[/dim]")
+    for variant in plan:
+        engine = Engine.load(variant.model)
+        memory = None
+        if variant.memory:
+            memory = LatentMemory.load(variant.memory, engine, trigger=variant.trigger)
+            if variant.cap is not None:
+                memory.max_inference_aug = variant.cap
+        console.print(f"[dim]{variant.name}...[/dim]")
         result = evaluate_task(engine, task, problems, batch_size, max_new_tokens, memory=memory)
         rows.append(
             {
-                "variant": variant,
+                "variant": variant.name,
                 "task": task_name,
                 "n": n,
                 "accuracy": result.accuracy,
+                "solutions_exact": solutions_exact(task, problems, result.completions),
                 "insertions_per_answer": result.insertions_per_answer,
                 "decode_tok_s": result.decode_tok_s,
                 "generated_tokens": result.generated_tokens,
             }
         )
-        if memory is not None:  # what the memory is: the weaver's input, output and start
+        if memory is not None:  # what the memory is: the weaver's input, output and start, its cap
             rows[-1] |= {
                 "weaver_input": memory.config.get("weaver_input", "embeddings"),
                 "weaver_output": memory.config.get("weaver_output", "embeddings"),
                 "init": memory.config.get("init"),
+                "objective": memory.config.get("objective", "sft"),
+                "max_inference_aug": memory.max_inference_aug,
             }
         if speed_tokens:
             batch = problems[:batch_size]
@@ -161,7 +221,7 @@ def _add_ratio(rows: list[dict], key: str, ratio_key: str) -> None:
 
 
 def _print(report: dict, console) -> None:
-    columns = ["variant", "accuracy", "insertions / answer", "decode tok/s", "vs vanilla"]
+    columns = ["variant", "accuracy", "whole solution", "insertions / answer", "decode tok/s", "vs vanilla"]
     if report["speed_tokens"]:
         columns += ["vs vanilla, fixed length", "vs vanilla, one request"]
     if report.get("retain_task"):
@@ -174,7 +234,9 @@ def _print(report: dict, console) -> None:
 
     rows = []
     for r in report["rows"]:
-        cells = [r["variant"], f"{r['accuracy']:.3f}", f"{r['insertions_per_answer']:.2f}"]
+        exact = r.get("solutions_exact")
+        cells = [r["variant"], f"{r['accuracy']:.3f}", "" if exact is None else f"{exact:.3f}"]
+        cells.append(f"{r['insertions_per_answer']:.2f}")
         cells += [f"{r['decode_tok_s']:.1f}", ratio(r["speed_vs_vanilla"])]
         if report["speed_tokens"]:
             cells += [ratio(r["fixed_len_speed_vs_vanilla"]), ratio(r["single_speed_vs_vanilla"])]
@@ -190,7 +252,10 @@ def _plot(report: dict, path: str) -> None:
     plt = pyplot()
     rows = report["rows"]
     names = [r["variant"] for r in rows]
-    panels = [("accuracy", "accuracy"), ("insertions_per_answer", "insertions per answer")]
+    panels = [("accuracy", "accuracy")]
+    if any(r.get("solutions_exact") is not None for r in rows):
+        panels.append(("solutions_exact", "worked solution exact"))
+    panels.append(("insertions_per_answer", "insertions per answer"))
     panels.append(("speed_vs_vanilla", "decode speed / vanilla"))
     if report.get("retain_task"):
         panels.append(("retain_accuracy", f"kept: {report['retain_task']} accuracy"))

@@ -321,10 +321,19 @@ def bench_memgen(
     model: ModelOpt = DEFAULT_MODEL,
     task: TaskOpt = "chain_sum",
     n: Annotated[int, typer.Option(help="Held-out problems.")] = 64,
-    lora_sft: Annotated[str | None, typer.Option(help="LoRA-SFT adapter folder (`memlm train sft`).")] = None,
-    weaver: Annotated[str | None, typer.Option(help="Weaver memory folder (`memlm train weaver`).")] = None,
+    lora_sft: Annotated[
+        list[str] | None,
+        typer.Option(help="LoRA-SFT adapter folder (`memlm train sft`); repeatable as LABEL=PATH, one row each."),
+    ] = None,
+    weaver: Annotated[
+        list[str] | None,
+        typer.Option(help="Weaver memory folder (`memlm train weaver`), run `always`; repeatable as LABEL=PATH."),
+    ] = None,
     weaver_trigger: Annotated[
         str | None, typer.Option(help="Weaver + learned trigger memory folder (`memlm train trigger`).")
+    ] = None,
+    caps: Annotated[
+        str | None, typer.Option(help="Comma-separated insertion caps: each weaver again with at most N per answer.")
     ] = None,
     batch_size: BatchSizeOpt = 16,
     speed_tokens: Annotated[
@@ -349,6 +358,9 @@ def bench_memgen(
         get_task(retain_task)
     if n < 1 or batch_size < 1 or speed_tokens < 0 or text_windows < 1:
         raise MemlmError("--n, --batch-size and --text-windows must be >= 1, --speed-tokens >= 0")
+    cap_list = int_list(caps, "--caps") if caps else None
+    if cap_list and not weaver:
+        raise MemlmError("--caps limits a --weaver's insertions: give one")
     run_memgen_bench(
         model,
         task,
@@ -363,6 +375,7 @@ def bench_memgen(
         retain_task=retain_task,
         text=text,
         text_windows=text_windows,
+        caps=cap_list,
     )
 
 
