@@ -2,7 +2,7 @@
 # MemGen's weaver trained on whole answers by GRPO (issue 31): the commands behind
 # bench/results/memgen_grpo.json. Run from the repository root with memlm installed; each stage
 # writes under runs/ (bench/results/ for what is reported) and can be run alone:
-#   STAGES="grpo_from_sft grpo_from_scratch sft_same_steps bench" bench/memgen_grpo.sh
+#   STAGES="grpo_from_sft grpo_from_scratch sft_same_steps sft_same_time bench caps" bench/memgen_grpo.sh
 #
 # The setting is memgen_kv.sh's: the frozen reasoner is the committed chain-sum adapter, the task
 # chain_sum_mixed (8-12 terms of one or two digits: it half-solves them), the weaver reads the
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMLM=${MEMLM:-memlm}
-STAGES=${STAGES:-grpo_from_sft grpo_from_scratch sft_same_steps bench}
+STAGES=${STAGES:-grpo_from_sft grpo_from_scratch sft_same_steps sft_same_time bench caps}
 REASONER=bench/models/chain-sum-lora
 TASK=chain_sum_mixed
 KV="--weaver-input states --weaver-output kv --init delimiter"
@@ -37,12 +37,34 @@ for stage in $STAGES; do
     sft_same_steps)  # LoRA-SFT of the reasoner with the same number of steps, no task reward
       $MEMLM train sft --model $REASONER --task $TASK --steps 40 --n-eval 0 --save-every 20 --out runs/sft-mixed-40
       ;;
-    bench)  # vanilla, LoRA-SFT, each weaver; what each forgets; 128 test problems
-      for run in weaver-grpo-sft weaver-grpo-scratch; do
-        $MEMLM bench memgen --model $REASONER --task $TASK --n 128 --lora-sft runs/sft-mixed-40/adapter \
-          --weaver runs/$run/memory $FORGET --speed-tokens 0 \
-          --json bench/results/memgen_grpo_${run#weaver-grpo-}.json --plot bench/results/memgen_grpo_${run#weaver-grpo-}.png
-      done
+    sft_same_time)  # LoRA-SFT given the GRPO run's wall-clock: its optimizer steps' seconds (screening
+      # left out) over the seconds of one of sft_same_steps' steps, both read from metrics.jsonl
+      steps=$(python - <<'PY'
+import json
+def seconds(path):  # per logged step: items / items_per_s
+    rows = [json.loads(line) for line in open(path)]
+    return [r["step"] for r in rows], [None if not r["items_per_s"] else 1 / r["items_per_s"] for r in rows]
+g_steps, g_per_item = seconds("runs/weaver-grpo-sft/train/metrics.jsonl")
+grpo = sum(32 * s for s in g_per_item if s)  # 4 problems x 8 answers per step
+_, s_per_item = seconds("runs/sft-mixed-40/train/metrics.jsonl")
+sft = 8 * sum(s for s in s_per_item if s) / len([s for s in s_per_item if s])  # one step of 8 examples
+print(max(40, round(grpo / sft)))
+PY
+)
+      echo "LoRA-SFT for the GRPO run's wall-clock: $steps steps"
+      $MEMLM train sft --model $REASONER --task $TASK --steps "$steps" --n-eval 0 --save-every 50 --out runs/sft-mixed-wall
+      ;;
+    bench)  # vanilla, both LoRA-SFTs, the SFT weaver and both GRPO weavers; what each forgets; 128 test problems
+      $MEMLM bench memgen --model $REASONER --task $TASK --n 128 \
+        --lora-sft lora_sft_40=runs/sft-mixed-40/adapter --lora-sft lora_sft_wall=runs/sft-mixed-wall/adapter \
+        --weaver weaver_sft=bench/models/chain-sum-mixed-memgen-kv \
+        --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory --weaver weaver_grpo_scratch=runs/weaver-grpo-scratch/memory \
+        $FORGET --speed-tokens 0 --json bench/results/memgen_grpo.json --plot bench/results/memgen_grpo.png
+      ;;
+    caps)  # the seed's insertion cap (5 per answer) and a single insertion, on the SFT weaver and the GRPO one from it
+      $MEMLM bench memgen --model $REASONER --task $TASK --n 128 --caps 1,5 \
+        --weaver weaver_sft=bench/models/chain-sum-mixed-memgen-kv --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory \
+        --speed-tokens 0 --json bench/results/memgen_caps.json --plot bench/results/memgen_caps.png
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
