@@ -245,6 +245,81 @@ def test_states_weaver_leaves_the_cache_and_eviction_statistics_as_they_were(tmp
         LatentMemory.create(tiny_engine(), weaver_input="logits")
 
 
+def test_sequence_trigger_probe_over_the_cache_equals_a_full_pass_with_earlier_latents():
+    """The `sequence` trigger decides on the weaver's probe of the reasoner's cache: tokens, a kv
+    weaver's latent slots among them, then the probe (LoRA on) at the next position. The same
+    hidden state comes out of one forward over the whole sequence with LoRA on for the latents and
+    the probe alone; the cache and its attention statistics are left as they were."""
+    from memlm.adapters.lora import lora_for_tokens
+    from memlm.latent.trigger import SequenceTrigger
+
+    engine = tiny_engine()
+    memory = _memory(engine, weaver_input="states", weaver_output="kv", trigger="sequence")
+    assert isinstance(memory.trigger, SequenceTrigger)
+    model, weaver, tok = engine.model, memory.weaver, engine.tokenizer
+    first, second = tok.encode("abc, d."), tok.encode(" xy,")
+    k = weaver.num_latents["inference"]
+    state = model.new_state(1, 64, track_attention=True)
+    with torch.no_grad():
+        model.forward_tokens(torch.tensor([first]), torch.arange(len(first))[None], state)
+        weaver.write_states(state, [len(first)], ["inference"])  # the latent slots stay
+        at = len(first) + k
+        model.forward_tokens(torch.tensor([second]), torch.arange(at, at + len(second))[None], state)
+    before = (state.lengths.clone(), state.attention_sum.clone(), state.k.clone())
+    end = at + len(second)
+    features = memory.trigger.features(weaver, state, [0], [end])
+    assert torch.equal(state.lengths, before[0]) and torch.equal(state.attention_sum, before[1])
+    assert torch.equal(state.k[..., :end, :], before[2][..., :end, :])
+
+    probe = weaver.inference_queries[0].detach()
+    with torch.no_grad():
+        x = torch.cat([model.embed(torch.tensor(first)), weaver.inference_queries, model.embed(torch.tensor(second)),
+                       probe[None]])[None]
+        lora = torch.zeros(1, x.shape[1], dtype=torch.bool)
+        lora[0, len(first) : at] = True
+        lora[0, -1] = True
+        with lora_for_tokens(model, lora):
+            full = model(x, torch.arange(x.shape[1])[None])[0, -1]
+    torch.testing.assert_close(features[0], full, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_trigger_in_generation_batched_alone_and_saved(tmp_path):
+    """Generation asks the sequence trigger at delimiters: decisions depend on the rows' own text,
+    so batched rows decide as they do alone; a saved memory decides the same after loading."""
+    engine = tiny_engine()
+    memory = _memory(engine, max_inference_aug=4, weaver_input="states", weaver_output="kv", trigger="sequence")
+    texts = [("q:", "a, b. c, d, e."), ("question, long:", "x, y. z\nw, v."), ("hm", "1.5 and 2, 3")]
+    prompts = [engine.tokenizer.encode(p) for p, _ in texts]
+    continuations = [engine.tokenizer.encode(c) for _, c in texts]
+    trigger, seen = memory.trigger, []
+
+    class Always:  # inserts everywhere, keeping what the sequence trigger would have seen
+        features = staticmethod(trigger.features)
+
+        def decide(self, hidden, requests):
+            seen.append(trigger.logits(hidden))
+            return torch.ones(hidden.shape[0], dtype=torch.bool)
+
+    memory.trigger = Always()
+    everywhere = engine.score(prompts, continuations, memory=memory)
+    memory.trigger = trigger
+    with torch.no_grad():  # a head that fires on about half of those delimiters
+        trigger.head[-1].bias[1] -= torch.cat(seen).median()
+    batched = engine.score(prompts, continuations, memory=memory)
+    taken = sum(len(b.insertions) for b in batched)
+    assert len(prompts) < taken < sum(len(e.insertions) for e in everywhere)  # some delimiters taken, some not
+    for p, c, b in zip(prompts, continuations, batched, strict=True):
+        alone = engine.score([p], [c], memory=memory)[0]
+        assert alone.insertions == b.insertions
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    loaded = _reloaded_scores_equal(engine, memory, tmp_path)
+    assert loaded.config["trigger"] == "sequence" and loaded.trigger.kind == "sequence"
+    assert LatentMemory.load(tmp_path / "mem", tiny_engine(), trigger="always").trigger.kind == "always"
+    _memory(tiny_engine()).save(tmp_path / "plain")
+    with pytest.raises(ModelFormatError, match="no sequence trigger"):
+        LatentMemory.load(tmp_path / "plain", tiny_engine(), trigger="sequence")
+
+
 def test_kv_weaver_training_equals_generation_batched_and_gets_gradients():
     """A weaver whose queries' keys and values stay in the reasoner's cache: the token sampled at an
     insertion point is kept (each target token is scored once, from before the latents)."""
@@ -630,7 +705,8 @@ def test_trigger_loss_stays_finite_for_a_saturated_trigger_under_bf16_autocast()
     assert stats["insertions"] == 2.5
 
 
-def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["learned", "sequence"])
+def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, monkeypatch, kind):
     from memlm.data.tasks import Task
     from memlm.formats.loading import save_model
     from memlm.train.trigger import TriggerConfig, run_trigger_training
@@ -658,10 +734,11 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
         max_new_tokens=40,
         save_every=20,
         progress=False,
+        kind=kind,
     )
     report = run_trigger_training(cfg)
     trained = LatentMemory.load(tmp_path / "t" / "memory", Engine.load(str(folder)))
-    assert trained.config["trigger"] == "learned"
+    assert trained.config["trigger"] == kind and trained.trigger.kind == kind
     states = torch.randn(64, 64) * 3
     with torch.no_grad():
         p = trained.trigger.probability(states).mean()

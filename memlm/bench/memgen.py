@@ -44,8 +44,10 @@ from memlm.formats.loading import load_model
 from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
 from memlm.latent.memory import LatentMemory
+from memlm.latent.trigger import TRAINED
 
 SINGLE_STREAMS = 2  # requests timed one at a time
+TRAINED_OWN = "trained"  # a variant's trigger: the folder's own trained one (learned or sequence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +57,7 @@ class Variant:
     name: str
     model: str
     memory: str | None = None
-    trigger: str | None = None  # the memory runs with this trigger (always / learned / never)
+    trigger: str | None = None  # the memory runs with this trigger (always / never / TRAINED_OWN)
     cap: int | None = None  # most inference insertions per answer, in place of the memory's own
 
 
@@ -89,7 +91,7 @@ def plan_variants(
         plan.append(Variant(label, model, path, "always"))
         plan += [Variant(f"{label}_cap{cap}", model, path, "always", cap) for cap in caps or []]
     if weaver_trigger:
-        plan.append(Variant("weaver_trigger", model, weaver_trigger, "learned"))
+        plan.append(Variant("weaver_trigger", model, weaver_trigger, TRAINED_OWN))
         plan.append(Variant("weaver_never", model, weaver_trigger, "never"))
     return plan
 
@@ -136,7 +138,10 @@ def run_memgen_bench(
         engine = Engine.load(variant.model)
         memory = None
         if variant.memory:
-            memory = LatentMemory.load(variant.memory, engine, trigger=variant.trigger)
+            own = variant.trigger == TRAINED_OWN
+            memory = LatentMemory.load(variant.memory, engine, trigger=None if own else variant.trigger)
+            if own and memory.config.get("trigger") not in TRAINED:
+                raise MemlmError(f"{variant.memory} has no trained trigger (`memlm train trigger` writes one)")
             if variant.cap is not None:
                 memory.max_inference_aug = variant.cap
         console.print(f"[dim]{variant.name}...[/dim]")

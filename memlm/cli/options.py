@@ -33,7 +33,8 @@ TaskOpt = Annotated[str, typer.Option(help="Reasoning task (memlm.data.tasks).")
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write results here.")]
 MemoryOpt = Annotated[str | None, typer.Option(help="Latent memory folder (from `memlm train weaver`).")]
 TriggerOpt = Annotated[
-    str | None, typer.Option(help="Override the memory's trigger: always, never, or learned (if it has one).")
+    str | None,
+    typer.Option(help="Override the memory's trigger: always, never, or learned / sequence (if it has one)."),
 ]
 DataOpt = Annotated[str, typer.Option("--data", help="Packed token data folder (from `memlm data pack`).")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Requests decoded together.")]

@@ -266,6 +266,13 @@ def train_trigger(
     screen: Annotated[
         int, typer.Option(help="Screen this many training problems; RL draws only those with a mixed group (0 = off).")
     ] = 0,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="learned: a head on the reasoner's hidden state at the delimiter; sequence: a two-way head on "
+            "the weaver's probe of the whole sequence (the reasoner's cache, earlier latents included)."
+        ),
+    ] = "learned",
     n_eval: NEvalOpt = 64,
     resume: ResumeOpt = False,
 ):
@@ -275,6 +282,8 @@ def train_trigger(
 
     check_out(out)
     get_task(task)
+    if kind not in ("learned", "sequence"):
+        raise MemlmError(f"--kind is learned or sequence, not {kind!r}")
     report = run_trigger_training(trainer_config(TriggerConfig, args))
     print(json.dumps(report, indent=2))
 

@@ -6,8 +6,9 @@ each request has read and inserted so far. In a step:
 
 * join: prompt latents go right after each prompt (`request.pending_embeds`, fed with the prompt);
 * after_sample: the requests whose last token is a delimiter, with insertions left, ask the trigger
-  on the delimiter's hidden state. A weaver that writes keys and values keeps the sampled token and
-  feeds it after its latent slots: its queries are queued before the token
+  on the delimiter's hidden state (a `sequence` trigger on its probe of the reasoner's cache). A
+  weaver that writes keys and values keeps the sampled token and feeds it after its latent slots:
+  its queries are queued before the token
   (`request.pending_queries`) and run inside the next step's forward with the weaver's LoRA on for
   them alone, their keys and values staying as the slots (no pass of its own: a kv weaver runs all
   the reasoner's layers). Any other weaver's latents are fed at the next step, and the sampled
@@ -74,7 +75,7 @@ class LatentHook(QuietHook):
         at = {id(r): row for row, r in enumerate(rows)}
         members = [r for r in self.requests if r.forced is None or len(r.output_ids) < len(r.forced)]
         index = [at[id(r)] for r in members]
-        inserting = self._choose(members, [tokens[i] for i in index], last[index])
+        inserting = self._choose(members, [tokens[i] for i in index], last[index], state, index)
         for r in inserting:
             r.records[KEY].insertions.append(len(r.output_ids))
         if inserting and self.memory.weaver.writes_kv:  # its queries run in the next step's forward, before the token
@@ -135,10 +136,12 @@ class LatentHook(QuietHook):
             self.last_at[row] = 0
         return [latents[row] for row in rows]
 
-    def _choose(self, requests: list, following: list[int], hidden: torch.Tensor) -> list:
+    def _choose(self, requests: list, following: list[int], hidden: torch.Tensor, state, state_rows: list[int]) -> list:
         """The requests that insert now: their last token is a delimiter (given the token sampled after
-        it), they have insertions left, and the trigger fires on the delimiter's hidden state.
-        `requests` are some of this session's, `following` their sampled tokens, `hidden` [n, d]."""
+        it), they have insertions left, and the trigger fires on the delimiter's hidden state (or, for
+        a trigger that reads the sequence, on its probe of the reasoner's cache `state`).
+        `requests` are some of this session's, `following` their sampled tokens, `hidden` [n, d],
+        `state_rows` their rows of `state`."""
         memory, candidates, prompt = self.memory, [], []
         for i, (r, token) in enumerate(zip(requests, following, strict=True)):
             row, output = self.requests.index(r), r.output_ids
@@ -153,7 +156,13 @@ class LatentHook(QuietHook):
         if not candidates:
             return prompt
         asking = [requests[i] for i in candidates]
-        fire = memory.trigger.decide(hidden[candidates], asking).tolist()
+        features = getattr(memory.trigger, "features", None)
+        if features is None:
+            seen = hidden[candidates]
+        else:
+            rows = [state_rows[i] for i in candidates]
+            seen = features(memory.weaver, state, rows, [r.next_position for r in asking])
+        fire = memory.trigger.decide(seen, asking).tolist()
         return prompt + [r for r, yes in zip(asking, fire, strict=True) if yes]
 
     def _latents(self, inserting: list, state, state_rows: list[int]) -> list[torch.Tensor]:

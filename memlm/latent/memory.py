@@ -22,7 +22,7 @@ from memlm.errors import ModelFormatError
 from memlm.latent.delimiters import DelimiterSet
 from memlm.latent.hook import LatentHook
 from memlm.latent.spec import WeaverSpec
-from memlm.latent.trigger import make_trigger
+from memlm.latent.trigger import TRAINED, make_trigger
 from memlm.latent.weaver import Weaver
 
 CONFIG_FILE = "latent_memory.json"
@@ -106,7 +106,7 @@ class LatentMemory:
         tensors = {f"weaver.{k}": v for k, v in self.weaver.state_dict().items()}
         for name, layer in lora_layers(self.weaver.reasoner):
             tensors[f"lora.{name}.lora_a"], tensors[f"lora.{name}.lora_b"] = layer.lora_a, layer.lora_b
-        if self.config.get("trigger") == "learned":
+        if self.config.get("trigger") in TRAINED:
             tensors.update({f"trigger.{k}": v for k, v in self.trigger.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -124,7 +124,8 @@ class LatentMemory:
     @classmethod
     def load(cls, folder: str | Path, engine, check_name: bool = True, trigger: str | None = None) -> LatentMemory:
         """Load a checkpoint onto `engine`'s model. `trigger` overrides the saved trigger: a folder
-        with a learned trigger can also run `always` or `never` (one folder serves both variants)."""
+        with a trained trigger (learned or sequence) can also run `always` or `never` (one folder
+        serves those variants too)."""
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():
             raise ModelFormatError(f"{folder} is not a latent memory checkpoint (no {CONFIG_FILE})")
@@ -143,8 +144,8 @@ class LatentMemory:
         saved = config.get("trigger", "always")
         if trigger is not None and trigger != saved:
             make_trigger(trigger, hidden)  # an unknown name is the caller's error
-            if trigger == "learned":
-                raise ModelFormatError(f"latent memory {folder} has no learned trigger (saved with {saved!r})")
+            if trigger in TRAINED:
+                raise ModelFormatError(f"latent memory {folder} has no {trigger} trigger (saved with {saved!r})")
             tensors = {k: v for k, v in tensors.items() if not k.startswith("trigger.")}
             config = {**config, "trigger": trigger}
             spec = dataclasses.replace(spec, trigger=trigger)
@@ -168,7 +169,7 @@ class LatentMemory:
                 if name.startswith("lora."):
                     layer_name, part = name[5:].rsplit(".", 1)
                     getattr(layers[layer_name], part).copy_(tensor)
-            if self.config.get("trigger") == "learned":
+            if self.config.get("trigger") in TRAINED:
                 self.trigger.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("trigger.")})
 
 

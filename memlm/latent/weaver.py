@@ -214,7 +214,7 @@ class Weaver(nn.Module):
         the weaver looked at). -> per row, [K, d] latent embeddings for the reasoner, or None.
         `cache` is a KVCache, or training's differentiable segment cache (training.py).
         """
-        hidden = self._run_queries(cache, starts, kinds, keep=False)
+        hidden = self._run_queries(cache, starts, self._kind_queries(kinds), keep=False)
         return [
             None if kind is None else self.project(hidden[row, : self.num_latents[kind]])
             for row, kind in enumerate(kinds)
@@ -225,21 +225,35 @@ class Weaver(nn.Module):
         same queries into its step): the queries of the rows whose kind is not None run at positions
         `starts[row]` onwards over the reasoner's `cache`, and their keys and values stay there as
         the row's latent slots (no attention statistics recorded). -> slots written per row."""
-        self._run_queries(cache, starts, kinds, keep=True)
+        self._run_queries(cache, starts, self._kind_queries(kinds), keep=True)
         return [0 if kind is None else self.num_latents[kind] for kind in kinds]
 
-    def _run_queries(self, cache, starts: list[int], kinds: list[str | None], keep: bool) -> torch.Tensor | None:
+    def probe(self, cache, starts: list[int], vectors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The weaver's model (LoRA on) reading the reasoner's `cache` through one position per row:
+        `vectors[row]` [d] (None: the row is not probed) at position `starts[row]`, dropped from the
+        cache again, no attention statistics. -> per row, its last-layer hidden state [d], or None.
+        What a trigger that reads the whole sequence decides on (latent/trigger.py)."""
+        hidden = self._run_queries(cache, starts, [None if v is None else v[None] for v in vectors], keep=False)
+        return [None if v is None else hidden[row, 0] for row, v in enumerate(vectors)]
+
+    def _kind_queries(self, kinds: list[str | None]) -> list[torch.Tensor | None]:
+        return [None if kind is None else self.queries(kind) for kind in kinds]
+
+    def _run_queries(self, cache, starts: list[int], queries: list[torch.Tensor | None], keep: bool):
+        """Rows' query vectors (`queries[row]` [k, d] or None) at positions `starts[row]` onwards,
+        through the weaver's layers with LoRA on, over `cache` -> hidden [batch, width, d] (None when
+        no row has queries). Their keys and values stay in the cache when `keep`."""
         model = self.reasoner
-        batch = len(kinds)
-        width = max((self.num_latents[kind] for kind in kinds if kind is not None), default=0)
+        batch = len(queries)
+        width = max((q.shape[0] for q in queries if q is not None), default=0)
         if width == 0:
             return None
         x = torch.zeros(batch, width, model.config.hidden_size, dtype=model.dtype, device=model.device)
         positions = torch.full((batch, width), -1, dtype=torch.long, device=model.device)
-        for row, kind in enumerate(kinds):
-            if kind is not None:
-                k = self.num_latents[kind]
-                x[row, :k] = self.queries(kind)
+        for row, q in enumerate(queries):
+            if q is not None:
+                k = q.shape[0]
+                x[row, :k] = q
                 positions[row, :k] = torch.arange(starts[row], starts[row] + k)
         lengths, tracking = cache.lengths.clone(), cache.track_attention
         last_step = getattr(cache, "last_step", None)

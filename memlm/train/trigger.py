@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from memlm.data.tasks import get_task
+from memlm.errors import MemlmError
 from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
-from memlm.latent.trigger import Trigger
+from memlm.latent.trigger import TRAINED, make_trigger
 from memlm.train.loop import TrainConfig, split_loop, train
 from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, save_rl_result, screened
 
@@ -45,6 +46,7 @@ class TriggerConfig:
     temperature: float = 0.7
     penalty: float = 0.5
     initial_p: float = 0.9  # start close to `always`, then learn to skip
+    kind: str = "learned"  # or "sequence": the head reads the weaver's probe of the sequence (latent/trigger.py)
     n_train: int = 4000
     n_eval: int = 64
     max_new_tokens: int = 256
@@ -104,6 +106,8 @@ class ExploringTrigger:
     def __init__(self, trigger, generator: torch.Generator):
         self.trigger, self.generator = trigger, generator
         self.decisions: dict[int, list[tuple[torch.Tensor, bool]]] = {}
+        # a `sequence` trigger decides on its probe of the reasoner's cache: the hook computes it
+        self.features = getattr(trigger, "features", None)
 
     def decide(self, hidden: torch.Tensor, requests: list) -> torch.Tensor:
         p = self.trigger.probability(hidden).float()
@@ -142,11 +146,12 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     for p in memory.weaver.lora_parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.train.seed)
-    trigger = Trigger(engine.config.hidden_size)
-    with torch.no_grad():
-        trigger.head[-1].bias.fill_(torch.logit(torch.tensor(cfg.initial_p)).item())
+    if cfg.kind not in TRAINED:
+        raise MemlmError(f"a trained trigger is one of {', '.join(TRAINED)}, not {cfg.kind!r}")
+    trigger = make_trigger(cfg.kind, engine.config.hidden_size)
+    trigger.set_initial(cfg.initial_p)
     memory.trigger = trigger
-    memory.config["trigger"] = "learned"
+    memory.config["trigger"] = cfg.kind
     problems = task.problems(cfg.screen or cfg.n_train, "train")
     trigger.eval()  # screening samples with the starting trigger, as RL would
     screen = (lambda some: screen_problems(engine, memory, task, some, cfg)) if cfg.screen else None
