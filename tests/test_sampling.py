@@ -51,6 +51,25 @@ def test_sampling_follows_the_distribution():
     torch.testing.assert_close(counts.float() / 3000, probs[0], atol=0.04, rtol=0)
 
 
+def test_filtered_sampling_follows_the_kept_mass_and_never_picks_a_dropped_token():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    sampler = _sampler(SamplingParams(temperature=1.0, top_k=2))
+    counts = torch.bincount(torch.stack([sampler(probs.log()) for _ in range(3000)]).flatten(), minlength=4)
+    assert counts[2:].tolist() == [0, 0]
+    torch.testing.assert_close(counts[:2].float() / 3000, torch.tensor([0.625, 0.375]), atol=0.04, rtol=0)
+
+
+def test_a_uniform_draw_at_the_top_of_its_range_stays_on_a_kept_token(monkeypatch):
+    """Inverse transform sampling: a draw of u * total == total would pass the last kept token's
+    cumulative sum into the zero-probability tail; the draw is held just below it."""
+    import memlm.generation.sampling as sampling
+
+    monkeypatch.setattr(sampling.torch, "rand", lambda *a, **k: torch.tensor([1.0]))
+    sampler = _sampler(SamplingParams(temperature=1.0))
+    probs = torch.tensor([[0.1, 0.2, 0.3000001, 0.0, 0.0]])
+    assert sampler.draw(probs).tolist() == [2]
+
+
 def test_seeded_rows_repeat_and_do_not_depend_on_batch_neighbours():
     logits = torch.randn(1, 200).expand(3, 200)
     p = SamplingParams(temperature=1.0, seed=7)

@@ -2,9 +2,10 @@
 
 Each row of the batch may have its own temperature / top-k / top-p / min-p / repetition penalty
 and its own seeded generator, so a request samples the same tokens whatever else shares its batch.
-All filters work on one descending sort of the logits, the order Hugging Face applies them in:
-repetition penalty, temperature, top-k, top-p, min-p. OpenAI's presence and frequency penalties
-come first (over the tokens generated so far, as vLLM), and a structured-output mask before all.
+All filters work on one descending sort of the logits (skipped when none is on), in the order
+Hugging Face applies them: repetition penalty, temperature, top-k, top-p, min-p. OpenAI's presence
+and frequency penalties come first (over the tokens generated so far, as vLLM), and a
+structured-output mask before all.
 OpenAI's logit_bias is added to the raw logits, before everything (so a -100 bias bans a token).
 """
 
@@ -58,10 +59,22 @@ class BatchSampler:
             return logits.argmax(dim=-1)
         tokens = logits.argmax(dim=-1)
         probs, order = self.filtered_probs(logits.index_select(0, self.sampled_index))
-        picks = torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[row]) for i, row in
-                           enumerate(self.sampled)])
-        tokens[self.sampled_index] = order.gather(1, picks[:, None])[:, 0]
+        picks = self.draw(probs)
+        tokens[self.sampled_index] = picks if order is None else order.gather(1, picks[:, None])[:, 0]
         return tokens
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One index per row of `probs` [n, V], drawn with that row's generator: inverse transform
+        sampling, one uniform number per row (from its own generator, so a row's draw does not depend
+        on its neighbours) against the batch's cumulative sums at once; a loop of torch.multinomial,
+        one call per row, cost 2.7 ms a row at SmolLM2's vocabulary."""
+        uniform = torch.cat([torch.rand(1, generator=self.generators[row]) for row in self.sampled])
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        # u in [0, total): the first index whose cumulative sum exceeds it has a non-zero probability
+        # (u == total, at the very top of the range, would land on a filtered row's zero tail).
+        u = torch.minimum(uniform.to(probs.device)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
     def add_logit_bias(self, logits: torch.Tensor) -> torch.Tensor:
         """Each biased row's logit_bias added to its logits (ids past the vocabulary were refused earlier)."""
@@ -75,22 +88,24 @@ class BatchSampler:
         logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
         return logits
 
-    def filtered_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def filtered_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits of the sampled rows [n, V] -> (probabilities in descending-logit order, that order),
-        with every filter applied."""
+        with every filter applied; without filters (temperature alone) the probabilities in vocabulary
+        order and None: the sort over the vocabulary was 70% of sampling's time, for nothing."""
         logits = logits / self.temperature
+        if not self.filters:
+            return logits.softmax(dim=-1), None
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        if self.filters:
-            ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-            k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1])
-            sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-            probs = sorted_logits.softmax(dim=-1)
-            # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
-            mass_before = probs.cumsum(dim=-1) - probs
-            drop = mass_before >= self.top_p
-            # min-p: drop tokens below min_p times the most likely token's probability.
-            drop |= probs < self.min_p * probs[:, :1]
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1])
+        sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = mass_before >= self.top_p
+        # min-p: drop tokens below min_p times the most likely token's probability.
+        drop |= probs < self.min_p * probs[:, :1]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return sorted_logits.softmax(dim=-1), order
 
 
