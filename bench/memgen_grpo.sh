@@ -61,10 +61,10 @@ PY
         --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory --weaver weaver_grpo_scratch=runs/weaver-grpo-scratch/memory \
         $FORGET --speed-tokens 0 --json bench/results/memgen_grpo.json --plot bench/results/memgen_grpo.png
       ;;
-    caps)  # the seed's insertion cap (5 per answer) and a single insertion, on the SFT weaver and the GRPO one from it
-      $MEMLM bench memgen --model $REASONER --task $TASK --n 128 --caps 1,5 \
-        --weaver weaver_sft=bench/models/chain-sum-mixed-memgen-kv --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory \
-        --speed-tokens 0 --json bench/results/memgen_caps.json --plot bench/results/memgen_caps.png
+    caps)  # the seed's insertion cap (5 per answer) and a single insertion, on the SFT weaver (trained with 8)
+      $MEMLM bench memgen --model $REASONER --task $TASK --n 128 --lora-sft lora_sft_40=runs/sft-mixed-40/adapter \
+        --weaver weaver_sft=bench/models/chain-sum-mixed-memgen-kv --caps 1,5 \
+        $FORGET --speed-tokens 0 --json bench/results/memgen_caps.json --plot bench/results/memgen_caps.png
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
