@@ -750,6 +750,15 @@ def test_trigger_rl_learns_to_insert_less_when_insertions_only_cost(tmp_path, mo
     assert all(r["mixed"] == 0.0 for r in logged)  # every answer right: no group is mixed
 
 
+def test_trigger_training_refuses_an_untrained_kind_before_loading_anything(tmp_path):
+    from memlm.train.trigger import TriggerConfig, run_trigger_training
+
+    cfg = TriggerConfig.of(str(tmp_path / "no-model"), str(tmp_path / "no-memory"), "chain_sum", str(tmp_path / "t"),
+                           kind="always")  # fmt: skip
+    with pytest.raises(MemlmError, match="--kind is one of learned, sequence, not 'always'"):
+        run_trigger_training(cfg)
+
+
 def test_screening_keeps_only_problems_whose_group_is_mixed(tmp_path, monkeypatch):
     import dataclasses
     from itertools import count

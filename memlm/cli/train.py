@@ -282,8 +282,6 @@ def train_trigger(
 
     check_out(out)
     get_task(task)
-    if kind not in ("learned", "sequence"):
-        raise MemlmError(f"--kind is learned or sequence, not {kind!r}")
     report = run_trigger_training(trainer_config(TriggerConfig, args))
     print(json.dumps(report, indent=2))
 

@@ -33,9 +33,10 @@ TRAINED = ("learned", "sequence")  # triggers with tensors of their own, saved w
 class Trigger(nn.Module):
     kind = "learned"
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, outputs: int = 1):
         super().__init__()
-        self.head = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 1))
+        width = hidden_size // 4
+        self.head = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, outputs))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] hidden states at delimiters -> [...] log-odds of inserting."""
@@ -62,8 +63,7 @@ class SequenceTrigger(Trigger):
     kind = "sequence"
 
     def __init__(self, hidden_size: int):
-        nn.Module.__init__(self)
-        self.head = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 2))
+        super().__init__(hidden_size, outputs=2)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         two = self.head(hidden.to(self.head[0].weight.dtype))

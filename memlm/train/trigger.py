@@ -139,6 +139,8 @@ def screen_problems(engine, memory, task, problems, cfg: TriggerConfig) -> tuple
 
 
 def run_trigger_training(cfg: TriggerConfig) -> dict:
+    if cfg.kind not in TRAINED:  # before any model is loaded
+        raise MemlmError(f"--kind is one of {', '.join(TRAINED)}, not {cfg.kind!r}")
     task = get_task(cfg.task)
     engine = Engine.load(cfg.model)
     memory = LatentMemory.load(cfg.memory, engine)
@@ -146,8 +148,6 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
     for p in memory.weaver.lora_parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.train.seed)
-    if cfg.kind not in TRAINED:
-        raise MemlmError(f"a trained trigger is one of {', '.join(TRAINED)}, not {cfg.kind!r}")
     trigger = make_trigger(cfg.kind, engine.config.hidden_size)
     trigger.set_initial(cfg.initial_p)
     memory.trigger = trigger
