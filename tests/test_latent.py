@@ -931,3 +931,16 @@ def test_a_request_without_memory_joining_a_batch_that_uses_one_is_left_alone():
     got = late.completion()
     assert not got.insertions and got.token_ids == alone.token_ids
     assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+def test_an_rl_run_stopped_before_its_first_checkpoint_resumes_its_screening_only(tmp_path):
+    from memlm.train.loop import CHECKPOINT, TrainConfig
+    from memlm.train.rollouts import loop_config
+
+    run = TrainConfig(out_dir=str(tmp_path), steps=10, resume=True)
+    assert loop_config(run).out_dir == str(tmp_path / "train")
+    assert loop_config(run).resume is False  # screening.json only: the steps start afresh
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / CHECKPOINT).write_bytes(b"")
+    assert loop_config(run).resume is True  # a checkpoint: the loop resumes from it
+    assert loop_config(TrainConfig(out_dir=str(tmp_path), steps=10)).resume is False

@@ -9,12 +9,14 @@ screen problems and draw only those whose group was mixed.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from memlm.atomic import write_json_atomic
 from memlm.data.evaluate import evaluate_saved
 from memlm.errors import MemlmError
 from memlm.generation.params import SamplingParams
+from memlm.train.loop import CHECKPOINT, TrainConfig
 
 
 def is_mixed(scores: list[float]) -> bool:
@@ -96,3 +98,13 @@ def save_rl_result(memory, cfg, report: dict, screening: dict | None) -> dict:
         report["eval"] = evaluate_saved(cfg.model, cfg.task, cfg.n_eval, memory=str(folder))
     write_json_atomic(out / "eval.json", report)
     return report
+
+
+def loop_config(train: TrainConfig) -> TrainConfig:
+    """The loop's settings for an RL run (its out_dir/train). A run stopped after its screening but
+    before its first checkpoint resumes the screening only: `--resume` then starts the steps afresh
+    instead of failing for want of a checkpoint."""
+    loop = train.inside("train")
+    if loop.resume and not (Path(loop.out_dir) / CHECKPOINT).is_file():
+        loop = replace(loop, resume=False)
+    return loop

@@ -32,7 +32,14 @@ from memlm.generation.engine import Engine
 from memlm.latent.memory import LatentMemory
 from memlm.latent.trigger import TRAINED, make_trigger
 from memlm.train.loop import TrainConfig, split_loop, train
-from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, save_rl_result, screened
+from memlm.train.rollouts import (
+    is_mixed,
+    loop_config,
+    mixed_problems,
+    sample_answers,
+    save_rl_result,
+    screened,
+)
 
 
 @dataclass(slots=True)
@@ -196,6 +203,6 @@ def run_trigger_training(cfg: TriggerConfig) -> dict:
                 )
         return rollouts
 
-    last = train(trigger, trigger_loss, batch_fn, cfg.train.inside("train"))
+    last = train(trigger, trigger_loss, batch_fn, loop_config(cfg.train))
     memory.config.update({"trigger_steps": cfg.train.steps, "trigger_penalty": cfg.penalty})
     return save_rl_result(memory, cfg, {"final_loss": last.get("loss")}, screening)

@@ -40,7 +40,14 @@ from memlm.latent.spec import WeaverSpec
 from memlm.latent.training import LatentExample, LatentLM
 from memlm.train.grpo import group_advantages, grpo_loss
 from memlm.train.loop import TrainConfig, split_loop, train
-from memlm.train.rollouts import is_mixed, mixed_problems, sample_answers, save_rl_result, screened
+from memlm.train.rollouts import (
+    is_mixed,
+    loop_config,
+    mixed_problems,
+    sample_answers,
+    save_rl_result,
+    screened,
+)
 
 
 @dataclass(slots=True)
@@ -183,7 +190,7 @@ def run_weaver_grpo(cfg: WeaverGRPOConfig) -> dict:
         loss, parts = grpo_loss(logp, logp.detach(), ref, advantages, lengths, cfg.clip, cfg.beta)
         return loss, {**stats, **parts}
 
-    last = train(policy, loss_fn, batch_fn, cfg.train.inside("train"))
+    last = train(policy, loss_fn, batch_fn, loop_config(cfg.train))
     memory.config.update(
         {"task": cfg.task, "objective": "grpo", "grpo_steps": cfg.train.steps, "grpo_start_from": cfg.start_from}
     )
