@@ -915,6 +915,15 @@ def test_bench_memgen_labels_rows_and_caps_insertions(tmp_path):
     assert 1 <= rows["w_cap1"]["insertions_per_answer"] <= 2
     assert rows["w"]["insertions_per_answer"] >= rows["w_cap1"]["insertions_per_answer"]
 
+    # A folder without a trained trigger given as --weaver-trigger, or a folder that is not a memory,
+    # fails before any row runs (the model path is never even read).
+    for flags, error in (
+        ({"weaver_trigger": str(tmp_path / "mem")}, "has no trained trigger"),
+        ({"weaver": [f"w={tmp_path / 'mem'}", f"x={tmp_path}"]}, "not a latent memory checkpoint"),
+    ):
+        with pytest.raises(MemlmError, match=error):
+            run_memgen_bench(str(tmp_path / "absent"), "chain_sum_short", 3, **flags)
+
 
 def test_a_request_without_memory_joining_a_batch_that_uses_one_is_left_alone():
     """A memory's hook serves only its own requests, also when others join after it exists."""

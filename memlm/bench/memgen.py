@@ -43,7 +43,7 @@ from memlm.errors import MemlmError
 from memlm.formats.loading import load_model
 from memlm.generation.engine import Engine
 from memlm.generation.params import SamplingParams
-from memlm.latent.memory import LatentMemory
+from memlm.latent.memory import LatentMemory, saved_config
 from memlm.latent.trigger import TRAINED
 
 SINGLE_STREAMS = 2  # requests timed one at a time
@@ -105,6 +105,17 @@ def solutions_exact(task, problems, completions: list[str]) -> float | None:
     return sum(same) / max(1, len(same))
 
 
+def check_memories(plan: list[Variant]) -> None:
+    """Every row's memory folder is readable, and a row that runs a folder's own trigger has one,
+    before the first row spends minutes: a mistake in the last flag fails at once."""
+    for variant in plan:
+        if variant.memory is None:
+            continue
+        config = saved_config(variant.memory)
+        if variant.trigger == TRAINED_OWN and config.get("trigger") not in TRAINED:
+            raise MemlmError(f"{variant.memory} has no trained trigger (`memlm train trigger` writes one)")
+
+
 def run_memgen_bench(
     model: str,
     task_name: str,
@@ -129,6 +140,7 @@ def run_memgen_bench(
     console = console or Console(stderr=True)
     task = get_task(task_name)
     plan = plan_variants(model, lora_sft, weaver, weaver_trigger, caps)
+    check_memories(plan)
     problems = task.problems(n, "test")
     retain = get_task(retain_task) if retain_task else None
     retain_problems = retain.problems(n, "test") if retain else []
@@ -140,8 +152,6 @@ def run_memgen_bench(
         if variant.memory:
             own = variant.trigger == TRAINED_OWN
             memory = LatentMemory.load(variant.memory, engine, trigger=None if own else variant.trigger)
-            if own and memory.config.get("trigger") not in TRAINED:
-                raise MemlmError(f"{variant.memory} has no trained trigger (`memlm train trigger` writes one)")
             if variant.cap is not None:
                 memory.max_inference_aug = variant.cap
         console.print(f"[dim]{variant.name}...[/dim]")

@@ -29,6 +29,21 @@ CONFIG_FILE = "latent_memory.json"
 WEIGHTS_FILE = "latent_memory.safetensors"
 
 
+def saved_config(folder: str | Path) -> dict:
+    """A saved memory's config.json (what it is and which trigger it was saved with), read without
+    loading any weights: for checks before a long run."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelFormatError(f"{folder} is not a latent memory checkpoint (no {CONFIG_FILE})")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path} is not a valid latent memory config: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{path} is not a valid latent memory config: not an object")
+    return config
+
+
 class LatentMemory:
     def __init__(
         self,
@@ -127,10 +142,8 @@ class LatentMemory:
         with a trained trigger (learned or sequence) can also run `always` or `never` (one folder
         serves those variants too)."""
         folder = Path(folder)
-        if not (folder / CONFIG_FILE).is_file():
-            raise ModelFormatError(f"{folder} is not a latent memory checkpoint (no {CONFIG_FILE})")
+        config = saved_config(folder)
         try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
             spec = WeaverSpec.from_json(config, engine.config.num_layers)
             base, hidden = str(config["base_model"]), int(config["hidden_size"])
         except (OSError, ValueError, KeyError, TypeError) as e:
