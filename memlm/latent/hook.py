@@ -53,6 +53,7 @@ class LatentHook(QuietHook):
     def __init__(self, memory):
         self.memory = memory
         self.requests: list = []
+        self._row: dict[int, int] = {}  # id(request) -> its row in `requests` (a step asks per request)
         self.cache = None
         self.fed: list[int] = []  # tokens of each request the weaver has read
         self.inserted: list[int] = []  # inference insertions so far
@@ -80,7 +81,7 @@ class LatentHook(QuietHook):
             r.records[KEY].insertions.append(len(r.output_ids))
         if inserting and self.memory.weaver.writes_kv:  # its queries run in the next step's forward, before the token
             for r in inserting:
-                kind = "prompt" if self.awaiting_prompt[self.requests.index(r)] else "inference"
+                kind = "prompt" if self.awaiting_prompt[self._row[id(r)]] else "inference"
                 r.pending_queries = self.memory.weaver.queries(kind).detach()
                 r.records[KEY].positions.append((r.next_position, r.pending_queries.shape[0]))
             self._inserted(inserting)
@@ -124,6 +125,7 @@ class LatentHook(QuietHook):
                 self.cache.extend(fresh)
         first = len(self.requests)
         self.requests += requests
+        self._row.update((id(r), first + i) for i, r in enumerate(requests))
         self.fed += [0] * len(requests)
         self.inserted += [0] * len(requests)
         self.last_at += [-1] * len(requests)
@@ -144,7 +146,7 @@ class LatentHook(QuietHook):
         `state_rows` their rows of `state`."""
         memory, candidates, prompt = self.memory, [], []
         for i, (r, token) in enumerate(zip(requests, following, strict=True)):
-            row, output = self.requests.index(r), r.output_ids
+            row, output = self._row[id(r)], r.output_ids
             if self.awaiting_prompt[row]:  # the prompt's latents are not the trigger's to decide
                 prompt.append(r)
                 continue
@@ -174,7 +176,7 @@ class LatentHook(QuietHook):
             woven = self.memory.weaver.weave_states(state, *self._state_layout(inserting, state, state_rows))
             latents = [woven[at] for at in state_rows]
         else:
-            rows = [self.requests.index(r) for r in inserting]
+            rows = [self._row[id(r)] for r in inserting]
             by_row = self._weave({row: self.requests[row].prompt_ids + self.requests[row].output_ids for row in rows})
             latents = [by_row[row] for row in rows]
         self._inserted(inserting)
@@ -185,13 +187,13 @@ class LatentHook(QuietHook):
         kinds: list[str | None] = [None] * state.batch_size
         starts = [0] * state.batch_size
         for r, at in zip(inserting, state_rows, strict=True):
-            kinds[at] = "prompt" if self.awaiting_prompt[self.requests.index(r)] else "inference"
+            kinds[at] = "prompt" if self.awaiting_prompt[self._row[id(r)]] else "inference"
             starts[at] = r.next_position
         return starts, kinds
 
     def _inserted(self, inserting: list) -> None:
         for r in inserting:
-            row = self.requests.index(r)
+            row = self._row[id(r)]
             if self.awaiting_prompt[row]:
                 self.awaiting_prompt[row] = False
             else:
@@ -209,10 +211,11 @@ class LatentHook(QuietHook):
 
     def _keep(self, requests: list) -> None:
         """Only these requests stay (in this order, a subsequence of the current one)."""
-        rows = [self.requests.index(r) for r in requests]
+        rows = [self._row[id(r)] for r in requests]
         if self.cache is not None:
             self.cache.select_rows(rows)
         self.requests = list(requests)
+        self._row = {id(r): i for i, r in enumerate(requests)}
         self.fed = [self.fed[i] for i in rows]
         self.inserted = [self.inserted[i] for i in rows]
         self.last_at = [self.last_at[i] for i in rows]
