@@ -44,6 +44,36 @@ def test_min_p_drops_tokens_below_fraction_of_best():
     assert order[0][kept[0] > 0].tolist() == [0, 1, 2]  # 0.08 < 0.2 * 0.5
 
 
+def _token_probs(sampler, logits):
+    """filtered_probs as a distribution over the vocabulary [n, V], whatever order it came in."""
+    kept, order = sampler.filtered_probs(logits)
+    return torch.zeros_like(logits).scatter_(1, order, kept)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=0.8, top_p=0.95)],  # peaked rows: decided inside the candidates
+        [SamplingParams(temperature=1.0, min_p=0.05), SamplingParams(temperature=0.7, top_k=40, top_p=0.9)],
+        [SamplingParams(temperature=1.0, top_k=3000)],  # top-k past the candidates: sorted
+        [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0)],  # an unfiltered row
+        [SamplingParams(temperature=50.0, top_p=0.99)],  # nearly flat: the kept prefix runs past them
+    ],
+)
+def test_filters_over_the_best_candidates_equal_the_whole_sorted_vocabulary(params, monkeypatch):
+    import memlm.generation.sampling as sampling
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(len(params), 5000, generator=gen) * 4
+    logits[:, :7] = logits[:, :7].max() + torch.arange(7.0)  # a few clear favourites
+    fast = _token_probs(_sampler(*params), logits)
+    monkeypatch.setattr(sampling, "CANDIDATES", 10**6)  # every row through the full sort
+    slow = _token_probs(_sampler(*params), logits)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    assert torch.equal(fast > 0, slow > 0)
+    assert ((fast > 0).sum(-1) < 5000).all()
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([[0.6, 0.3, 0.1]])
     sampler = _sampler(SamplingParams(temperature=1.0))
