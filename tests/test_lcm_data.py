@@ -138,3 +138,40 @@ def test_data_commands_end_to_end(tmp_path, memlm_cli):
         "data", "pack", "--tokenizer", str(tmp_path / "tok"), "--corpus", "/no/such.txt", "--out", str(tmp_path / "e")
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "corpus file not found" in bad.stderr
+
+
+def test_recall_documents_restate_every_fact_after_filler():
+    import re
+
+    from memlm.bench.lcm_reach import NAMES
+    from memlm.data.recall import ADJECTIVES, ANIMALS, recall_documents
+
+    filler = [" ".join(f"word{i}_{j}" for j in range(800)) for i in range(5)]
+    docs = recall_documents(filler, 50_000, seed=1)
+    assert docs == recall_documents(filler, 50_000, seed=1) and docs != recall_documents(filler, 50_000, seed=2)
+    assert 50_000 <= sum(map(len, docs)) < 50_000 + max(map(len, docs))
+    pattern = (
+        r"(?:The secret code of the|The|Members of the) (\w+ \w+) "
+        r"(?:vault is|locker opens with the number|club use the password) (\d{4})\."
+    )
+    for doc in docs:
+        facts = re.findall(pattern, doc)
+        assert facts and len(facts) % 2 == 0  # each stated, then restated with the same code
+        assert sorted(facts[: len(facts) // 2]) == sorted(facts[len(facts) // 2 :])
+        assert "word" in doc and doc.endswith(".")
+    probe_words = {w for name in NAMES for w in name.split()}
+    assert not probe_words & (set(ADJECTIVES) | set(ANIMALS))  # the probe's names are never trained on
+
+
+def test_pack_mixes_recall_documents_into_the_training_split_only(tmp_path):
+    _, docs = corpus(tmp_path)
+    train_tokenizer(docs, 400, tmp_path / "tok")
+    plain = pack(tmp_path / "tok", docs, ["lee"], tmp_path / "plain", val_fraction=0.1, seed=3)
+    mixed = pack(tmp_path / "tok", docs, ["lee"], tmp_path / "mixed", val_fraction=0.1, seed=3, recall_share=0.3)
+    assert mixed["val"]["sha256"] == plain["val"]["sha256"]  # validation untouched
+    assert mixed["train"]["recall_share"] == 0.3 and mixed["val"]["recall_share"] == 0.0
+    added = mixed["train"]["bytes_of_text"] - plain["train"]["bytes_of_text"]
+    assert 0.28 < added / mixed["train"]["bytes_of_text"] < 0.4
+    assert mixed["train"]["documents"] > plain["train"]["documents"]
+    with pytest.raises(MemlmError, match="--recall-share"):
+        pack(tmp_path / "tok", docs, ["lee"], tmp_path / "bad", recall_share=1.0)

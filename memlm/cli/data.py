@@ -45,7 +45,14 @@ def data_pack(
     corpus: CorpusOpt = None,
     out: Annotated[str, typer.Option("--out", help="Output folder (train/val .bin + .json).")] = "",
     val_fraction: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed of the document split.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the document split (and of recall documents).")] = 0,
+    recall_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of the training text made of recall documents: made-up facts restated after "
+            "stretches of the corpus (for memories that must carry the past; validation stays plain)."
+        ),
+    ] = 0.0,
 ):
     """Tokenize a corpus into uint16/uint32 memmaps with a verifying header, split by document."""
     from memlm.data.packed import pack  # lazy: torch
@@ -54,6 +61,6 @@ def data_pack(
         raise MemlmError("--tokenizer is required")
     check_out(out)
     documents, files = _corpus(corpus)
-    headers = pack(tokenizer, documents, files, out, val_fraction, seed)
+    headers = pack(tokenizer, documents, files, out, val_fraction, seed, recall_share)
     summary = {s: {k: h[k] for k in ("tokens", "documents", "dtype", "vocab_size")} for s, h in headers.items()}
     print(json.dumps({"out": out, **summary}))

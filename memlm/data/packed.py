@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from memlm.atomic import atomic_write, ensure_dir, write_json_atomic
+from memlm.data.recall import recall_documents
 from memlm.errors import MemlmError
 from memlm.tokenizer import Tokenizer
 
@@ -45,10 +46,15 @@ def pack(
     out_dir: str | Path,
     val_fraction: float = 0.05,
     seed: int = 0,
+    recall_share: float = 0.0,
 ) -> dict[str, dict]:
-    """Tokenize and write both splits; return their headers."""
+    """Tokenize and write both splits; return their headers. `recall_share` of the training split's
+    text (by characters) is made of recall documents (memlm/data/recall.py), built from its own
+    documents with `seed`; validation is left as the corpus has it."""
     if not 0 < val_fraction < 1:
         raise MemlmError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if not 0 <= recall_share < 1:
+        raise MemlmError(f"--recall-share must be in [0, 1), got {recall_share}")
     if len(documents) < 2:
         raise MemlmError("packing needs at least two documents (one per split)")
     tokenizer = Tokenizer.from_folder(tokenizer_dir)
@@ -61,6 +67,14 @@ def pack(
     random.Random(seed).shuffle(order)
     n_val = min(len(documents) - 1, max(1, round(val_fraction * len(documents))))
     split_docs = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
+    if recall_share > 0:
+        train_text = [documents[i] for i in split_docs["train"]]
+        corpus_chars = sum(len(d) for d in train_text)
+        recall = recall_documents(train_text, round(corpus_chars * recall_share / (1 - recall_share)), seed)
+        # after the corpus's documents, shuffled in among the training split's
+        split_docs["train"] += range(len(documents), len(documents) + len(recall))
+        random.Random(seed + 1).shuffle(split_docs["train"])
+        documents = documents + recall
     encoded = backend.encode_batch(documents, add_special_tokens=False)
     out = ensure_dir(out_dir)
     headers = {}
@@ -86,6 +100,7 @@ def pack(
             "sources": sources,
             "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json"),
             "seed": seed,
+            "recall_share": recall_share if split == "train" else 0.0,
         }
         write_json_atomic(out / f"{split}.json", header)
         headers[split] = header
