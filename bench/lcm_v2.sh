@@ -11,18 +11,21 @@
 #   unbounded decoder:   400 steps, 8 layers, no cut                                           4.3 M
 # Seeds 0 1 2 at W=64; two single-threaded pipelines share a 2-core machine:
 #   SEEDS=0 OMP_NUM_THREADS=1 bench/lcm_v2.sh & SEEDS="1 2" OMP_NUM_THREADS=1 bench/lcm_v2.sh
-# PARTS selects what runs ("base": the decoders and the LCM's stage 1; "memory": stages 2-3).
+# PARTS selects what runs, in the script's order: stage1 decoder unbounded (or "base", all three)
+# and grids continuous (or "memory": stages 2-3 of the LCM and of the unquantised z).
 # EVAL=1 (alone, 2 threads) writes bench/results/lcm_v2.json and lcm_v2.png from the finished runs.
+# RECALL=S trains every model on text a share S of which states made-up facts and restates them
+# tens to hundreds of tokens later (`memlm data pack --recall-share`): something worth carrying
+# past the cut. Its runs and results are apart (runs/lcm2-recall, bench/results/lcm_v2_recall*).
 set -euo pipefail
 MEMLM=${MEMLM:-.venv/bin/memlm}
 DATA=runs/data4k
 R=runs/lcm2
 W=${W:-64}
+if [ -n "${RECALL:-}" ]; then DATA=runs/data4k-recall$RECALL; R=runs/lcm2-recall$RECALL; fi
 mkdir -p $R/logs
-if [ ! -f $DATA/train.json ]; then
-  $MEMLM data tokenizer --vocab-size 4096 --out runs/tok4k
-  $MEMLM data pack --tokenizer runs/tok4k --out $DATA
-fi
+[ -f runs/tok4k/tokenizer.json ] || $MEMLM data tokenizer --vocab-size 4096 --out runs/tok4k
+[ -f $DATA/train.json ] || $MEMLM data pack --tokenizer runs/tok4k --out $DATA --recall-share "${RECALL:-0}"
 COMMON="--data $DATA --seq-len 1024 --batch-size 4"
 # A run with a report is done; one with a checkpoint is resumed (bit-for-bit, see memlm/train/loop.py).
 run() {
@@ -35,24 +38,22 @@ run() {
 }
 for seed in ${SEEDS:-0 1 2}; do
   S=s$seed-w$W
-  if [[ " ${PARTS:-base memory} " == *" base "* ]]; then
-    run $S-stage1 train lcm --stage 1 $COMMON --steps 200 --seed $seed --decoder-window $W
-    run $S-decoder train lcm --stage 1 $COMMON --steps 400 --seed $seed --decoder-window $W --memory none --decoder-layers 8
-    run s$seed-unbounded train lcm --stage 1 $COMMON --steps 400 --seed $seed --memory none --decoder-layers 8
-  fi
-  if [[ " ${PARTS:-base memory} " == *" memory "* ]]; then
-    for kind in grids continuous; do
-      P=$S; [ $kind = grids ] || P=$S-$kind
-      run $P-stage2 train lcm --stage 2 $COMMON --steps 140 --seed $seed --init $R/$S-stage1/model --memory $kind
-      run $P-stage3 train lcm --stage 3 $COMMON --steps 60 --seed $seed --init $R/$P-stage2/model
-    done
-  fi
+  wants() { [[ " ${PARTS:-base memory} " =~ " $1 " || " ${PARTS:-base memory} " =~ " $2 " ]]; }
+  wants stage1 base && run $S-stage1 train lcm --stage 1 $COMMON --steps 200 --seed $seed --decoder-window $W
+  wants decoder base && run $S-decoder train lcm --stage 1 $COMMON --steps 400 --seed $seed --decoder-window $W --memory none --decoder-layers 8
+  wants unbounded base && run s$seed-unbounded train lcm --stage 1 $COMMON --steps 400 --seed $seed --memory none --decoder-layers 8
+  for kind in grids continuous; do
+    wants $kind memory || continue
+    P=$S; [ $kind = grids ] || P=$S-$kind
+    run $P-stage2 train lcm --stage 2 $COMMON --steps 140 --seed $seed --init $R/$S-stage1/model --memory $kind
+    run $P-stage3 train lcm --stage 3 $COMMON --steps 60 --seed $seed --init $R/$P-stage2/model
+  done
 done
 
 # The other cuts, seed 0 only: W=32 SEEDS=0 bench/lcm_v2.sh, then EVAL=1 W=32 SEEDS=0 bench/lcm_v2.sh.
 if [ "${EVAL:-0}" = 1 ]; then
   m() { for s in ${SEEDS:-0 1 2}; do printf -- "--$1 $R/s$s-$2/model "; done; }
-  OUT=bench/results/lcm_v2; [ "$W" = 64 ] || OUT=bench/results/lcm_v2_w$W
+  OUT=bench/results/lcm_v2${RECALL:+_recall$RECALL}; [ "$W" = 64 ] || OUT=${OUT}_w$W
   $MEMLM eval lcm-reach --data $DATA $(m lcm w$W-stage3) $(m continuous w$W-continuous-stage3) \
     $(m decoder w$W-decoder) $(m unbounded unbounded) --json $OUT.json --plot $OUT.png
   $MEMLM eval lcm-safety --model $R/s0-w$W-stage3/model --data $DATA --json $OUT-safety.json --plot $OUT-safety.png

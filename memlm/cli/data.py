@@ -56,9 +56,11 @@ def data_pack(
 ):
     """Tokenize a corpus into uint16/uint32 memmaps with a verifying header, split by document."""
     from memlm.data.packed import pack  # lazy: torch
+    from memlm.data.recall import check_share
 
     if not tokenizer:
         raise MemlmError("--tokenizer is required")
+    check_share(recall_share)
     check_out(out)
     documents, files = _corpus(corpus)
     headers = pack(tokenizer, documents, files, out, val_fraction, seed, recall_share)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from memlm.atomic import atomic_write, ensure_dir, write_json_atomic
-from memlm.data.recall import recall_documents
+from memlm.data.recall import check_share, recall_documents
 from memlm.errors import MemlmError
 from memlm.tokenizer import Tokenizer
 
@@ -53,8 +53,7 @@ def pack(
     documents with `seed`; validation is left as the corpus has it."""
     if not 0 < val_fraction < 1:
         raise MemlmError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    if not 0 <= recall_share < 1:
-        raise MemlmError(f"--recall-share must be in [0, 1), got {recall_share}")
+    check_share(recall_share)
     if len(documents) < 2:
         raise MemlmError("packing needs at least two documents (one per split)")
     tokenizer = Tokenizer.from_folder(tokenizer_dir)

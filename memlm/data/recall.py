@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import random
 
+from memlm.errors import MemlmError
+
 # Disjoint from the probe's words (memlm/bench/lcm_reach.py NAMES), so its names are all new.
 ADJECTIVES = (
     "silver", "copper", "scarlet", "hollow", "quiet", "rapid", "velvet", "winter",
@@ -32,6 +34,12 @@ TEMPLATES = (
     "The {who} locker opens with the number {code}.",
     "Members of the {who} club use the password {code}.",
 )
+
+
+def check_share(share: float) -> None:
+    """A share of the training text: at least 0 (none), below 1 (some corpus left for filler)."""
+    if not 0 <= share < 1:
+        raise MemlmError(f"--recall-share must be in [0, 1), got {share}")
 
 
 def recall_documents(
