@@ -76,6 +76,8 @@ def test_packed_chunk_equals_padded_chunk(monkeypatch):
 class _MaskedCache(KVCache):
     """Reference for eviction: keep every slot but hide evicted ones from attention."""
 
+    attends_in_place = False  # its mask hides slots, which attention read in place would not know
+
     def __init__(self, *args, hidden: set[int], **kwargs):
         super().__init__(*args, **kwargs)
         self.hidden = hidden

@@ -320,3 +320,68 @@ def test_rkv_reads_the_same_keys_from_blocks_as_from_the_contiguous_cache():
                      kv_policy=make_policy("rkv", 14))  # fmt: skip
         contiguous = KVCacheConfig(kv_type=kv_type, paged=False)
         assert paged == _run(_engine(contiguous, **overrides), PROMPTS, params, kv_policy=make_policy("rkv", 14))
+
+
+# ---- the float model's decode attention, read where the cache stores it ----------------------------
+
+
+def _filled_cache(kv_type: str, paged: bool, rotate_keys: bool, lengths: list[int], heads: int, head_dim: int):
+    """A one-layer cache whose rows hold `lengths` random keys/values, about to take one more token."""
+    from memlm.cache.kv_cache import KVCache
+
+    gen = torch.Generator().manual_seed(len(lengths) * 31 + head_dim)
+    pool = BlockPool(1, heads, head_dim, block_size=5, kv_type=kv_type, rotate=rotate_keys) if paged else None
+    cache = KVCache(1, len(lengths), heads, head_dim, 64, kv_type=kv_type, rotate_keys=rotate_keys, pool=pool)
+    longest = max(lengths)
+    positions = torch.tensor([[p if p < n else -1 for p in range(longest)] for n in lengths])
+    cache.begin(positions)
+    k, v = (torch.randn(len(lengths), heads, longest, head_dim, generator=gen) for _ in range(2))
+    cache.update(0, k, v)
+    cache.end()
+    return cache, gen
+
+
+@needs_native
+@pytest.mark.parametrize("kv_type", ["f32", "bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("track", [False, True])
+def test_decode_attention_read_in_place_equals_gather_then_attention(kv_type, paged, track):
+    """KVCache.attend_in_place (the kernels over the stored rows) against update + attention in
+    torch on the same cache: rows of different lengths (1 to 23 slots, across 5-slot blocks),
+    grouped queries, keys rotated for q8_0, the weights an eviction policy records."""
+    from memlm.models.llama import attention_with_weights
+
+    heads, kv_heads, head_dim, lengths = 4, 2, 32, [7, 1, 22, 12]
+    results = []
+    for in_place in (True, False):
+        cache, gen = _filled_cache(kv_type, paged, kv_type == "q8_0", lengths, kv_heads, head_dim)
+        cache.track(attention=track, importance=False)
+        q = torch.randn(len(lengths), heads, 1, head_dim, generator=gen)
+        k, v = (torch.randn(len(lengths), kv_heads, 1, head_dim, generator=gen) for _ in range(2))
+        mask = cache.begin(torch.tensor(lengths)[:, None])
+        q = cache.prepare_queries(q)
+        if in_place:
+            out, weights = cache.attend_in_place(0, q, k, v, head_dim**-0.5)
+        else:
+            keys, values = cache.update(0, k, v)
+            out, weights = attention_with_weights(q, keys, values, mask, head_dim**-0.5)
+        cache.end()
+        results.append((out, weights if track else None))
+    (fast, fast_w), (slow, slow_w) = results
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    if track:
+        torch.testing.assert_close(fast_w, slow_w, atol=1e-6, rtol=1e-4)
+        assert fast_w.shape == (len(lengths), heads, 1, max(lengths) + 1)
+    else:
+        assert fast_w is None
+
+
+def test_decode_attention_in_place_steps_aside_where_it_does_not_apply(monkeypatch):
+    cache, gen = _filled_cache("f32", True, False, [3, 5], 1, 32)
+    q, k, v = (torch.randn(2, 1, 2, 32, generator=gen) for _ in range(3))
+    cache.begin(torch.tensor([[3, 4], [5, 6]]))
+    assert cache.attend_in_place(0, q, k, v, 1.0) is None  # two new tokens per row: torch's path
+    cache.end()
+    monkeypatch.setenv("MEMLM_NATIVE_ATTENTION", "0")
+    cache.begin(torch.tensor([[5], [7]]))
+    assert cache.attend_in_place(0, q[:, :, :1], k[:, :, :1], v[:, :, :1], 1.0) is None  # switched off

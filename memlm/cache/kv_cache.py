@@ -28,6 +28,7 @@ from memlm.cache.kv_format import kv_format, rotate, stored_as
 from memlm.cache.kv_store import ContiguousStore, NativeKV, PagedStore
 from memlm.cache.prefix import BlockHook
 from memlm.cache.press_hook import PressHook
+from memlm.kernels import native_attention
 
 
 @dataclass(slots=True)
@@ -42,6 +43,9 @@ class _Step:
 
 class KVCache:
     supports_eviction = True  # its rows hold tokens a KV policy may drop
+    # A decode step's attention may read the stored rows in place (attend_in_place), which sees
+    # exactly slots 0..length of each row: a subclass whose `begin` masks slots otherwise opts out.
+    attends_in_place = True
 
     def __init__(
         self,
@@ -212,14 +216,37 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a layer's new keys/values [B, H, T, D]; return its live keys/values [B, H, width, D]
         as attention reads them (decoded from the stored form)."""
+        self._write(layer, k, v)
+        keys, values = self.store.read(layer, self._step.width)
+        return self.format.decode(keys, self.compute_dtype), self.format.decode(values, self.compute_dtype)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         step = self._step
         if self.rotate_keys:
             k = rotate(k)
         fmt = self.format
         k, v = fmt.encode(k.transpose(1, 2)), fmt.encode(v.transpose(1, 2))  # [B, T, H, width]
         self.store.write(layer, step.rows, step.slots, step.is_real, k, v)
-        keys, values = self.store.read(layer, step.width)
-        return fmt.decode(keys, self.compute_dtype), fmt.decode(values, self.compute_dtype)
+
+    def attend_in_place(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A decode step's attention (one new token per row) read where the keys and values are
+        stored, by the native kernels: writes the layer's new keys/values [B, H, 1, D] and returns
+        (out [B, H, 1, D], the weights [B, H, 1, width] when the cache tracks attention), or None
+        where it does not apply (a longer chunk, another dtype or device, no kernels), for `update`.
+        What it saves is the read: gathering every row's blocks (or slicing and decoding a
+        contiguous store) into one tensor per layer and step."""
+        step, lib = self._step, native_attention()
+        if lib is None or not self.attends_in_place or q.shape[2] != 1 or q.device.type != "cpu":
+            return None
+        if q.dtype != torch.float32 or self.compute_dtype != torch.float32 or not bool(step.is_real.all()):
+            return None
+        self._write(layer, k, v)
+        out, weights = self.store.native().attend_rows(
+            lib, layer, q[:, :, 0], self.lengths + 1, scale, step.width, self.track_attention
+        )
+        return out[:, :, None], weights[:, :, None] if weights is not None else None
 
     def row_keys(self, row: int, length: int) -> torch.Tensor:
         """One row's first `length` keys, every layer: [layers, kv_heads, length, head_dim] as attention

@@ -33,7 +33,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
 # vectors (the int8-activation kernels; results are identical to the AVX2 build's).
 VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
-ABI_VERSION = 10
+ABI_VERSION = 11
 
 
 class QMat(ctypes.Structure):
@@ -91,6 +91,31 @@ class ModelDesc(ctypes.Structure):
         ("activation", ctypes.c_int32),
         ("attn_scale", ctypes.c_float),
         ("rotary_dim", ctypes.c_int32),
+    ]
+
+
+class AttendRowsArgs(ctypes.Structure):
+    """quant_kernels.cpp's AttendRowsArgs: a decode step's attention read from a KV store."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("probs", ctypes.c_void_p),
+        ("width", ctypes.c_int32),
+        ("rows", ctypes.c_int32),
+        ("heads", ctypes.c_int32),
+        ("kv_heads", ctypes.c_int32),
+        ("hd", ctypes.c_int32),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("k_stride", ctypes.c_int64 * 3),
+        ("v_stride", ctypes.c_int64 * 3),
+        ("table", ctypes.c_void_p),
+        ("table_width", ctypes.c_int32),
+        ("block_size", ctypes.c_int32),
+        ("kv_type", ctypes.c_int32),
+        ("lengths", ctypes.c_void_p),
+        ("scale", ctypes.c_float),
     ]
 
 
@@ -209,6 +234,16 @@ def native() -> ctypes.CDLL | None:
     return lib
 
 
+def native_attention() -> ctypes.CDLL | None:
+    """The kernels, for the float model's decode-step attention read from the KV store
+    (KVCache.attend_in_place), or None: MEMLM_NATIVE_ATTENTION=0 keeps torch's (the store's rows
+    gathered, then SDPA), as MEMLM_NATIVE=0 does with every kernel."""
+    if os.environ.get("MEMLM_NATIVE_ATTENTION", "1") == "0":
+        return None
+    lib = native()
+    return lib if lib is not None and hasattr(lib, "mk_attend_rows") else None
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.mk_matmul.argtypes = [ctypes.POINTER(QMat), p, i64, i64, p, i64, ctypes.c_int32]
@@ -217,6 +252,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         i32 = ctypes.c_int32
         lib.mk_attend.argtypes = [i32, p, p, p, i64, i32, i32, ctypes.c_float, p, p, i32]
         lib.mk_attend.restype = None
+    if hasattr(lib, "mk_attend_rows"):
+        lib.mk_attend_rows.argtypes = [ctypes.POINTER(AttendRowsArgs)]
+        lib.mk_attend_rows.restype = None
     lib.mk_model_new.argtypes = [ctypes.POINTER(ModelDesc)]
     lib.mk_model_new.restype = p
     lib.mk_model_free.argtypes = [p]

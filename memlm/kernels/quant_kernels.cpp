@@ -1847,7 +1847,7 @@ void decode(Model& model, const DecodeArgs& a) {
 
 extern "C" {
 
-int32_t mk_abi_version() { return 10; }
+int32_t mk_abi_version() { return 11; }
 
 int32_t mk_threads() { return threads(); }
 
@@ -1872,6 +1872,52 @@ void mk_attend(int32_t type, const float* q, const uint8_t* keys, const uint8_t*
     softmax(probs, count);
     attend_values(type, probs, vals, stride, count, hd, out);
   }
+}
+
+// One query per row (a decode step) attending its row's first lengths[b] slots of one layer's
+// stored keys and values, every head: the float model's attention read straight from the store's
+// blocks (paged, or contiguous as one block per row), instead of gathering every row's blocks
+// into one tensor per layer and step first. Each (row, head) is computed alone, in the same order
+// whatever the batch holds.
+struct AttendRowsArgs {
+  const float* q;           // [rows, heads, hd], in the stored keys' basis (rotated when they are)
+  float* out;               // [rows, heads, hd]
+  float* probs;             // optional [rows, heads, width]: the weights, zeros past a row's length
+  int32_t width;
+  int32_t rows, heads, kv_heads, hd;
+  const uint8_t* k;         // the layer's storage [blocks, kv_heads, block_size, stored head]
+  const uint8_t* v;
+  int64_t k_stride[3];      // bytes over block, head, slot-in-block
+  int64_t v_stride[3];
+  const int64_t* table;     // [rows, table_width] block ids
+  int32_t table_width, block_size, kv_type;
+  const int64_t* lengths;   // [rows] how many slots each row's query sees
+  float scale;
+};
+
+void mk_attend_rows(const AttendRowsArgs* args) {
+  const AttendRowsArgs& a = *args;
+  const int H = a.heads, hd = a.hd, group = a.heads / a.kv_heads, bs = a.block_size;
+  int64_t longest = 1;
+  for (int b = 0; b < a.rows; ++b) longest = std::max(longest, a.lengths[b]);
+  std::vector<float> scratch(a.probs ? 0 : static_cast<size_t>(std::min(a.rows * H, threads())) * longest);
+  parallel(a.rows * H, [&](int task) {
+    const int b = task / H, h = task % H, g = h / group, n = static_cast<int>(a.lengths[b]);
+    const int64_t* blocks = a.table + static_cast<int64_t>(b) * a.table_width;
+    const float* q = a.q + static_cast<int64_t>(task) * hd;
+    float* p = a.probs ? a.probs + static_cast<int64_t>(task) * a.width
+                       : scratch.data() + static_cast<int64_t>(omp_get_thread_num()) * longest;
+    for (int j0 = 0; j0 < n; j0 += bs)  // slot j lives in block blocks[j / bs] at offset j % bs
+      attend_scores(a.kv_type, q, a.k + blocks[j0 / bs] * a.k_stride[0] + g * a.k_stride[1], a.k_stride[2],
+                    std::min(bs, n - j0), hd, a.scale, p + j0);
+    softmax(p, n);
+    float* out = a.out + static_cast<int64_t>(task) * hd;
+    std::memset(out, 0, sizeof(float) * hd);
+    for (int j0 = 0; j0 < n; j0 += bs)
+      attend_values(a.kv_type, p + j0, a.v + blocks[j0 / bs] * a.v_stride[0] + g * a.v_stride[1], a.v_stride[2],
+                    std::min(bs, n - j0), hd, out);
+    if (a.probs) std::fill(p + n, p + a.width, 0.0f);
+  });
 }
 
 void* mk_model_new(const ModelDesc* desc) {

@@ -63,12 +63,20 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :, :heads]), self.k_norm(qk[:, :, heads:])), dim=2)
         q, k = apply_rope(qk.transpose(1, 2), cos, sin).split((heads, kv_heads), dim=1)
         v = qkv[..., self.split[0] + self.split[1] :].view(batch, chunk, kv_heads, self.head_dim).transpose(1, 2)
+        in_place = None
         if cache is not None:
             q = cache.prepare_queries(q)
-            k, v = cache.update(self.layer_idx, k, v)
+            if not self.sliding and getattr(cache, "attends_in_place", False):  # a decode step, read in place
+                in_place = cache.attend_in_place(self.layer_idx, q, k, v, self.scale or self.head_dim**-0.5)
+            if in_place is None:
+                k, v = cache.update(self.layer_idx, k, v)
             if cache.query_observer is not None:  # a press reads the prompt's queries
                 cache.observe_queries(self.layer_idx, qk[:, :, :heads], q)
-        if cache is not None and cache.track_attention:  # an eviction policy needs the weights
+        if in_place is not None:
+            out, weights = in_place
+            if weights is not None:
+                cache.observe_attention(self.layer_idx, weights)
+        elif cache is not None and cache.track_attention:  # an eviction policy needs the weights
             out, weights = attention_with_weights(q, k, v, mask, self.scale)
             cache.observe_attention(self.layer_idx, weights)
         elif packing is not None and packing.decoding_rows:
