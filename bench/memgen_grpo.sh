@@ -3,6 +3,7 @@
 # bench/results/memgen_grpo.json. Run from the repository root with memlm installed; each stage
 # writes under runs/ (bench/results/ for what is reported) and can be run alone:
 #   STAGES="grpo_from_sft grpo_from_scratch sft_same_steps sft_same_time bench caps" bench/memgen_grpo.sh
+# (bench_from_sft: vanilla and the GRPO weaver from SFT alone, for when the other runs are not done)
 #
 # The setting is memgen_kv.sh's: the frozen reasoner is the committed chain-sum adapter, the task
 # chain_sum_mixed (8-12 terms of one or two digits: it half-solves them), the weaver reads the
@@ -60,6 +61,11 @@ PY
         --weaver weaver_sft=bench/models/chain-sum-mixed-memgen-kv \
         --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory --weaver weaver_grpo_scratch=runs/weaver-grpo-scratch/memory \
         $FORGET --speed-tokens 0 --json bench/results/memgen_grpo.json --plot bench/results/memgen_grpo.png
+      ;;
+    bench_from_sft)  # the first GRPO run alone beside the frozen reasoner (what one session could run)
+      $MEMLM bench memgen --model $REASONER --task $TASK --n 128 \
+        --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory \
+        $FORGET --speed-tokens 0 --json bench/results/memgen_grpo_sft.json --plot bench/results/memgen_grpo_sft.png
       ;;
     caps)  # the seed's insertion cap (5 per answer) and a single insertion, on the SFT weaver (trained with 8)
       $MEMLM bench memgen --model $REASONER --task $TASK --n 128 --lora-sft lora_sft_40=runs/sft-mixed-40/adapter \
