@@ -62,10 +62,11 @@ PY
         --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory --weaver weaver_grpo_scratch=runs/weaver-grpo-scratch/memory \
         $FORGET --speed-tokens 0 --json bench/results/memgen_grpo.json --plot bench/results/memgen_grpo.png
       ;;
-    bench_from_sft)  # the first GRPO run alone beside the frozen reasoner (what one session could run)
+    bench_from_sft)  # the first GRPO run alone beside the frozen reasoner, target task only (what
+      # one session could run; the forgetting columns are the full bench stage's)
       $MEMLM bench memgen --model $REASONER --task $TASK --n 128 \
         --weaver weaver_grpo_sft=runs/weaver-grpo-sft/memory \
-        $FORGET --speed-tokens 0 --json bench/results/memgen_grpo_sft.json --plot bench/results/memgen_grpo_sft.png
+        --speed-tokens 0 --json bench/results/memgen_grpo_sft.json --plot bench/results/memgen_grpo_sft.png
       ;;
     caps)  # the seed's insertion cap (5 per answer) and a single insertion, on the SFT weaver (trained with 8)
       $MEMLM bench memgen --model $REASONER --task $TASK --n 128 --lora-sft lora_sft_40=runs/sft-mixed-40/adapter \
