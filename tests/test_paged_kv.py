@@ -345,20 +345,25 @@ def _filled_cache(kv_type: str, paged: bool, rotate_keys: bool, lengths: list[in
 @pytest.mark.parametrize("kv_type", ["f32", "bf16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("paged", [True, False])
 @pytest.mark.parametrize("track", [False, True])
-def test_decode_attention_read_in_place_equals_gather_then_attention(kv_type, paged, track):
+@pytest.mark.parametrize("new", [[1, 1, 1, 1], [3, 1, 2, 3]])
+def test_attention_read_in_place_equals_gather_then_attention(kv_type, paged, track, new):
     """KVCache.attend_in_place (the kernels over the stored rows) against update + attention in
-    torch on the same cache: rows of different lengths (1 to 23 slots, across 5-slot blocks),
+    torch on the same cache: rows of different lengths (1 to 23 slots, across 5-slot blocks), a
+    decode step or a chunk with right-padding (each new token sees the row's earlier new ones),
     grouped queries, keys rotated for q8_0, the weights an eviction policy records."""
     from memlm.models.llama import attention_with_weights
 
     heads, kv_heads, head_dim, lengths = 4, 2, 32, [7, 1, 22, 12]
-    results = []
+    chunk, results = max(new), []
+    steps = [[n + t if t < m else -1 for t in range(chunk)] for n, m in zip(lengths, new, strict=True)]
+    positions = torch.tensor(steps)
+    real = positions >= 0
     for in_place in (True, False):
         cache, gen = _filled_cache(kv_type, paged, kv_type == "q8_0", lengths, kv_heads, head_dim)
         cache.track(attention=track, importance=False)
-        q = torch.randn(len(lengths), heads, 1, head_dim, generator=gen)
-        k, v = (torch.randn(len(lengths), kv_heads, 1, head_dim, generator=gen) for _ in range(2))
-        mask = cache.begin(torch.tensor(lengths)[:, None])
+        q = torch.randn(len(lengths), heads, chunk, head_dim, generator=gen)
+        k, v = (torch.randn(len(lengths), kv_heads, chunk, head_dim, generator=gen) for _ in range(2))
+        mask = cache.begin(positions)
         q = cache.prepare_queries(q)
         if in_place:
             out, weights = cache.attend_in_place(0, q, k, v, head_dim**-0.5)
@@ -366,12 +371,12 @@ def test_decode_attention_read_in_place_equals_gather_then_attention(kv_type, pa
             keys, values = cache.update(0, k, v)
             out, weights = attention_with_weights(q, keys, values, mask, head_dim**-0.5)
         cache.end()
-        results.append((out, weights if track else None))
+        results.append((out.transpose(1, 2)[real], weights.transpose(1, 2)[real] if track else None))
     (fast, fast_w), (slow, slow_w) = results
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)  # the real tokens' outputs
     if track:
         torch.testing.assert_close(fast_w, slow_w, atol=1e-6, rtol=1e-4)
-        assert fast_w.shape == (len(lengths), heads, 1, max(lengths) + 1)
+        assert fast_w.shape[-1] == max(lengths) + chunk
     else:
         assert fast_w is None
 
@@ -379,9 +384,11 @@ def test_decode_attention_read_in_place_equals_gather_then_attention(kv_type, pa
 def test_decode_attention_in_place_steps_aside_where_it_does_not_apply(monkeypatch):
     cache, gen = _filled_cache("f32", True, False, [3, 5], 1, 32)
     q, k, v = (torch.randn(2, 1, 2, 32, generator=gen) for _ in range(3))
+    monkeypatch.setattr("memlm.cache.kv_cache.IN_PLACE_MAX_CHUNK", 1)
     cache.begin(torch.tensor([[3, 4], [5, 6]]))
-    assert cache.attend_in_place(0, q, k, v, 1.0) is None  # two new tokens per row: torch's path
+    assert cache.attend_in_place(0, q, k, v, 1.0) is None  # a longer chunk (a prefill): torch's path
     cache.end()
+    monkeypatch.undo()
     monkeypatch.setenv("MEMLM_NATIVE_ATTENTION", "0")
     cache.begin(torch.tensor([[5], [7]]))
     assert cache.attend_in_place(0, q[:, :, :1], k[:, :, :1], v[:, :, :1], 1.0) is None  # switched off

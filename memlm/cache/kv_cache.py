@@ -39,6 +39,12 @@ class _Step:
     real: torch.Tensor  # [B] number of non-padding tokens in the chunk
     is_real: torch.Tensor  # [B, T] bool: not padding
     counted: torch.Tensor  # [B, T] bool: queries whose attention the statistics count
+    queries: tuple | None = None  # attend_in_place's (rows, steps, slots seen) of the real tokens
+
+
+# Chunks of up to this many new tokens per row attend in place (decode steps, a memory's
+# insertions); longer ones (prefill) gather the rows and use SDPA, whose blocked kernel wins there.
+IN_PLACE_MAX_CHUNK = 16
 
 
 class KVCache:
@@ -231,22 +237,37 @@ class KVCache:
     def attend_in_place(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """A decode step's attention (one new token per row) read where the keys and values are
-        stored, by the native kernels: writes the layer's new keys/values [B, H, 1, D] and returns
-        (out [B, H, 1, D], the weights [B, H, 1, width] when the cache tracks attention), or None
+        """A short chunk's attention (a decode step, a memory's inserted positions; at most
+        IN_PLACE_MAX_CHUNK new tokens per row) read where the keys and values are stored, by the
+        native kernels: writes the layer's new keys/values [B, H, T, D] and returns (out [B, H, T, D],
+        zeros at padding, and the weights [B, H, T, width] when the cache tracks attention), or None
         where it does not apply (a longer chunk, another dtype or device, no kernels), for `update`.
         What it saves is the read: gathering every row's blocks (or slicing and decoding a
-        contiguous store) into one tensor per layer and step."""
+        contiguous store) into one tensor per layer and step. Prefill keeps SDPA's blocked kernel."""
         step, lib = self._step, native_attention()
-        if lib is None or not self.attends_in_place or q.shape[2] != 1 or q.device.type != "cpu":
+        batch, heads, chunk, head_dim = q.shape
+        if lib is None or not self.attends_in_place or chunk > IN_PLACE_MAX_CHUNK or q.device.type != "cpu":
             return None
-        if q.dtype != torch.float32 or self.compute_dtype != torch.float32 or not bool(step.is_real.all()):
+        if q.dtype != torch.float32 or self.compute_dtype != torch.float32:
             return None
+        if step.queries is None:  # once per step: each real token's row and how many slots it sees
+            rows, at = step.is_real.nonzero(as_tuple=True)
+            step.queries = (rows, at, step.slots[rows, at] + 1)
+        rows, at, count = step.queries
         self._write(layer, k, v)
-        out, weights = self.store.native().attend_rows(
-            lib, layer, q[:, :, 0], self.lengths + 1, scale, step.width, self.track_attention
+        out, probs = self.store.native().attend(
+            lib, layer, q.transpose(1, 2)[rows, at], rows, count, scale, step.width, self.track_attention
         )
-        return out[:, :, None], weights[:, :, None] if weights is not None else None
+        if chunk == 1 and rows.numel() == batch:  # a decode step: one query per row, in row order
+            return out[:, :, None], probs[:, :, None] if probs is not None else None
+        full = q.new_zeros(batch, chunk, heads, head_dim)
+        full[rows, at] = out
+        weights = None
+        if probs is not None:
+            weights = probs.new_zeros(batch, chunk, heads, step.width)
+            weights[rows, at] = probs
+            weights = weights.transpose(1, 2)
+        return full.transpose(1, 2), weights
 
     def row_keys(self, row: int, length: int) -> torch.Tensor:
         """One row's first `length` keys, every layer: [layers, kv_heads, length, head_dim] as attention

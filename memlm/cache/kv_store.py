@@ -26,7 +26,7 @@ import torch
 
 from memlm.cache.blocks import SCRATCH, BlockPool
 from memlm.cache.kv_format import KVFormat
-from memlm.kernels import AttendRowsArgs
+from memlm.kernels import AttendArgs
 
 
 @dataclass(slots=True)
@@ -44,26 +44,35 @@ class NativeKV:
         size = t.element_size()
         return (ctypes.c_int64 * 4)(*(s * size for s in t.stride()[:4]))
 
-    def attend_rows(
-        self, lib, layer: int, q: torch.Tensor, lengths: torch.Tensor, scale: float, width: int, weights: bool
+    def attend(
+        self,
+        lib,
+        layer: int,
+        q: torch.Tensor,
+        row: torch.Tensor,
+        count: torch.Tensor,
+        scale: float,
+        width: int,
+        weights: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One query per row, q [B, H, D] float32 in the keys' basis, attending each row's first
-        lengths[b] slots of `layer` where they are stored (mk_attend_rows) -> (out [B, H, D], the
-        weights [B, H, width] when asked, zeros past a row's length)."""
-        rows, heads, hd = q.shape
+        """Queries q [N, H, D] float32 (in the keys' basis), query i attending slots 0..count[i]-1 of
+        row row[i] of `layer`, read where they are stored (mk_attend_store) -> (out [N, H, D], the
+        weights [N, H, width] when asked, zeros past each count)."""
+        queries, heads, hd = q.shape
         q = q.contiguous()
-        lengths = lengths.to(torch.int64).contiguous()
+        row, count = row.to(torch.int64).contiguous(), count.to(torch.int64).contiguous()
         out = torch.empty_like(q)
-        probs = torch.empty(rows, heads, width) if weights else None
+        probs = torch.empty(queries, heads, width) if weights else None
         k, v, table = self.k[layer], self.v[layer], self.table.contiguous()
         k_stride, v_stride = self.strides(self.k), self.strides(self.v)
-        args = AttendRowsArgs(
+        args = AttendArgs(
             q.data_ptr(), out.data_ptr(), probs.data_ptr() if probs is not None else None, width,
-            rows, heads, k.shape[1], hd, k.data_ptr(), v.data_ptr(),
+            queries, heads, k.shape[1], hd, k.data_ptr(), v.data_ptr(),
             (ctypes.c_int64 * 3)(*k_stride[1:]), (ctypes.c_int64 * 3)(*v_stride[1:]),
-            table.data_ptr(), table.shape[1], self.block_size, self.format.code, lengths.data_ptr(), scale,
+            table.data_ptr(), table.shape[1], self.block_size, self.format.code,
+            row.data_ptr(), count.data_ptr(), scale,
         )  # fmt: skip
-        lib.mk_attend_rows(ctypes.byref(args))
+        lib.mk_attend_store(ctypes.byref(args))
         return out, probs
 
 

@@ -94,15 +94,15 @@ class ModelDesc(ctypes.Structure):
     ]
 
 
-class AttendRowsArgs(ctypes.Structure):
-    """quant_kernels.cpp's AttendRowsArgs: a decode step's attention read from a KV store."""
+class AttendArgs(ctypes.Structure):
+    """quant_kernels.cpp's AttendArgs: a short chunk's attention read from a KV store."""
 
     _fields_ = [
         ("q", ctypes.c_void_p),
         ("out", ctypes.c_void_p),
         ("probs", ctypes.c_void_p),
         ("width", ctypes.c_int32),
-        ("rows", ctypes.c_int32),
+        ("queries", ctypes.c_int32),
         ("heads", ctypes.c_int32),
         ("kv_heads", ctypes.c_int32),
         ("hd", ctypes.c_int32),
@@ -114,7 +114,8 @@ class AttendRowsArgs(ctypes.Structure):
         ("table_width", ctypes.c_int32),
         ("block_size", ctypes.c_int32),
         ("kv_type", ctypes.c_int32),
-        ("lengths", ctypes.c_void_p),
+        ("row", ctypes.c_void_p),
+        ("count", ctypes.c_void_p),
         ("scale", ctypes.c_float),
     ]
 
@@ -241,7 +242,7 @@ def native_attention() -> ctypes.CDLL | None:
     if os.environ.get("MEMLM_NATIVE_ATTENTION", "1") == "0":
         return None
     lib = native()
-    return lib if lib is not None and hasattr(lib, "mk_attend_rows") else None
+    return lib if lib is not None and hasattr(lib, "mk_attend_store") else None
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -252,9 +253,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         i32 = ctypes.c_int32
         lib.mk_attend.argtypes = [i32, p, p, p, i64, i32, i32, ctypes.c_float, p, p, i32]
         lib.mk_attend.restype = None
-    if hasattr(lib, "mk_attend_rows"):
-        lib.mk_attend_rows.argtypes = [ctypes.POINTER(AttendRowsArgs)]
-        lib.mk_attend_rows.restype = None
+    if hasattr(lib, "mk_attend_store"):
+        lib.mk_attend_store.argtypes = [ctypes.POINTER(AttendArgs)]
+        lib.mk_attend_store.restype = None
     lib.mk_model_new.argtypes = [ctypes.POINTER(ModelDesc)]
     lib.mk_model_new.restype = p
     lib.mk_model_free.argtypes = [p]

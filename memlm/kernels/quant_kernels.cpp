@@ -1874,36 +1874,37 @@ void mk_attend(int32_t type, const float* q, const uint8_t* keys, const uint8_t*
   }
 }
 
-// One query per row (a decode step) attending its row's first lengths[b] slots of one layer's
-// stored keys and values, every head: the float model's attention read straight from the store's
-// blocks (paged, or contiguous as one block per row), instead of gathering every row's blocks
-// into one tensor per layer and step first. Each (row, head) is computed alone, in the same order
-// whatever the batch holds.
-struct AttendRowsArgs {
-  const float* q;           // [rows, heads, hd], in the stored keys' basis (rotated when they are)
-  float* out;               // [rows, heads, hd]
-  float* probs;             // optional [rows, heads, width]: the weights, zeros past a row's length
+// Queries of a short chunk (a decode step's one per row, a memory's few) attending their row's
+// slots 0..count-1 of one layer's stored keys and values, every head: the float model's attention
+// read straight from the store's blocks (paged, or contiguous as one block per row), instead of
+// gathering every row's blocks into one tensor per layer and step first. Each (query, head) is
+// computed alone, in the same order whatever else the batch holds.
+struct AttendArgs {
+  const float* q;           // [queries, heads, hd], in the stored keys' basis (rotated when they are)
+  float* out;               // [queries, heads, hd]
+  float* probs;             // optional [queries, heads, width]: the weights, zeros past the count
   int32_t width;
-  int32_t rows, heads, kv_heads, hd;
+  int32_t queries, heads, kv_heads, hd;
   const uint8_t* k;         // the layer's storage [blocks, kv_heads, block_size, stored head]
   const uint8_t* v;
   int64_t k_stride[3];      // bytes over block, head, slot-in-block
   int64_t v_stride[3];
   const int64_t* table;     // [rows, table_width] block ids
   int32_t table_width, block_size, kv_type;
-  const int64_t* lengths;   // [rows] how many slots each row's query sees
+  const int64_t* row;       // [queries] the row whose slots each query reads
+  const int64_t* count;     // [queries] how many of them: slots 0..count-1
   float scale;
 };
 
-void mk_attend_rows(const AttendRowsArgs* args) {
-  const AttendRowsArgs& a = *args;
+void mk_attend_store(const AttendArgs* args) {
+  const AttendArgs& a = *args;
   const int H = a.heads, hd = a.hd, group = a.heads / a.kv_heads, bs = a.block_size;
   int64_t longest = 1;
-  for (int b = 0; b < a.rows; ++b) longest = std::max(longest, a.lengths[b]);
-  std::vector<float> scratch(a.probs ? 0 : static_cast<size_t>(std::min(a.rows * H, threads())) * longest);
-  parallel(a.rows * H, [&](int task) {
-    const int b = task / H, h = task % H, g = h / group, n = static_cast<int>(a.lengths[b]);
-    const int64_t* blocks = a.table + static_cast<int64_t>(b) * a.table_width;
+  for (int i = 0; i < a.queries; ++i) longest = std::max(longest, a.count[i]);
+  std::vector<float> scratch(a.probs ? 0 : static_cast<size_t>(std::min(a.queries * H, threads())) * longest);
+  parallel(a.queries * H, [&](int task) {
+    const int i = task / H, h = task % H, g = h / group, n = static_cast<int>(a.count[i]);
+    const int64_t* blocks = a.table + a.row[i] * a.table_width;
     const float* q = a.q + static_cast<int64_t>(task) * hd;
     float* p = a.probs ? a.probs + static_cast<int64_t>(task) * a.width
                        : scratch.data() + static_cast<int64_t>(omp_get_thread_num()) * longest;
