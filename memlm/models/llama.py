@@ -66,7 +66,7 @@ class Attention(nn.Module):
         in_place = None
         if cache is not None:
             q = cache.prepare_queries(q)
-            if not self.sliding and getattr(cache, "attends_in_place", False):  # a decode step, read in place
+            if not self.sliding and getattr(cache, "attends_in_place", False):  # short chunks, read in place
                 in_place = cache.attend_in_place(self.layer_idx, q, k, v, self.scale or self.head_dim**-0.5)
             if in_place is None:
                 k, v = cache.update(self.layer_idx, k, v)
