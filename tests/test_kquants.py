@@ -81,9 +81,10 @@ def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
 @needs_native
 @pytest.mark.parametrize(
     ("name", "inp"),
-    # 1536: whole groups of eight 32-value blocks; 640 (Gemma 3's width, 20 blocks) ends with four
-    # blocks the 32-value formats' kernels take one at a time
-    [(name, 1536) for name in RAW] + [(name, 640) for name in RAW if RAW[name].block_size == 32],
+    # 1536: whole groups of eight 32-value blocks; 640 (Gemma 3's width, 20 blocks) and 576
+    # (SmolLM2's, 18) end with blocks the 32-value formats' kernels take one at a time in batches,
+    # and walk in memory order, 2 or 4 rows per span, at batch 1
+    [(name, 1536) for name in RAW] + [(name, w) for name in RAW if RAW[name].block_size == 32 for w in (640, 576)],
 )
 def test_quantized_activation_kernel_equals_its_reference(name, inp):
     out = 37

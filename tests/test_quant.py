@@ -81,11 +81,13 @@ def test_kernel_matches_reference_on_random_and_odd_shapes(fmt, shape):
 
 @needs_native
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("inp", [1536, 576])
+@pytest.mark.parametrize("inp", [1536, 576, 96])
 def test_quantized_activation_kernel_equals_its_reference(fmt, inp):
     """q8_0 activations: x rounded per 32-block to int8 (scale amax/127), then multiplied with the
     reference weights; the integer kernel must equal that product up to fp32 rounding. Rows of 48
-    blocks run eight blocks at a time, rows of 18 (SmolLM2's width) one at a time."""
+    blocks run eight blocks at a time; at batch 1, rows of 18 (SmolLM2's width) and of 3 blocks
+    run in memory order, 4 and 8 rows per span (37 rows leave a tail of 1 and 5), batches of them
+    one block at a time."""
     out = 37
     torch.manual_seed(7)
     q = QWeight.quantize(torch.randn(out, inp) * 0.1, fmt)

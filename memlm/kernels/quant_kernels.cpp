@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -299,7 +300,26 @@ struct QuantizedActivations {
   // The same per group of 8 rows, rows innermost ([groups, blocks, 8], zeros past n): the
   // batched kernel scales 8 rows' block dot products with one vector multiply.
   std::vector<float> scale8, sum8;
+  // Batch 1 over rows whose block count is not a multiple of 8 (matmul_flat_q8): the row's codes,
+  // scales and sums repeated `flat_rows` times, so that eight consecutive weight blocks, wherever
+  // rows end among them, find their activation blocks at the same offsets. 0: not built.
+  int flat_rows = 0;
+  std::vector<int8_t> flat_q;
+  std::vector<float> flat_scale, flat_sum;
+  // q and flat_q with each pair of blocks (A, B) laid out as the 4-bit formats' bytes unpack:
+  // A[0:16] B[0:16] A[16:32] B[16:32] (see q4_pair). Rows of an even block count only.
+  std::vector<int8_t> pairs, flat_pairs;
 };
+
+// The paired layout of `count` pairs of 32-value blocks.
+void pair_blocks(const int8_t* src, int8_t* dst, int64_t count) {
+  for (int64_t j = 0; j < count; ++j, src += 2 * QK, dst += 2 * QK) {
+    std::memcpy(dst, src, 16);
+    std::memcpy(dst + 16, src + 32, 16);
+    std::memcpy(dst + 32, src + 16, 16);
+    std::memcpy(dst + 48, src + 48, 16);
+  }
+}
 
 void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, QuantizedActivations& out) {
   const int64_t blocks = in / QK;
@@ -349,6 +369,19 @@ void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, Qu
       out.scale8[at] = out.scale[r * blocks + b];
       out.sum8[at] = out.sum[r * blocks + b];
     }
+  out.flat_rows = n == 1 && blocks % 8 != 0 ? 8 / std::gcd(static_cast<int>(blocks % 8), 8) : 0;
+  out.flat_q.resize(static_cast<size_t>(out.flat_rows * in));
+  out.flat_scale.resize(static_cast<size_t>(out.flat_rows * blocks));
+  out.flat_sum.resize(static_cast<size_t>(out.flat_rows * blocks));
+  for (int i = 0; i < out.flat_rows; ++i) {
+    std::copy_n(out.q.data(), in, out.flat_q.data() + i * in);
+    std::copy_n(out.scale.data(), blocks, out.flat_scale.data() + i * blocks);
+    std::copy_n(out.sum.data(), blocks, out.flat_sum.data() + i * blocks);
+  }
+  out.pairs.resize(blocks % 2 ? 0 : static_cast<size_t>(n * in));
+  if (blocks % 2 == 0) pair_blocks(out.q.data(), out.pairs.data(), n * blocks / 2);
+  out.flat_pairs.resize(out.flat_q.size());
+  pair_blocks(out.flat_q.data(), out.flat_pairs.data(), static_cast<int64_t>(out.flat_q.size()) / (2 * QK));
 }
 
 template <int F>
@@ -384,6 +417,38 @@ inline __m256i row_sums(const __m256i v[8]) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
   const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// The 4-bit formats, two blocks at a time. A block's 16 bytes hold value j in the low nibble of
+// byte j and value j+16 in the high one, so 32 bytes of two blocks A, B unpack, with no lane
+// crossing, into lo = A[0:16] B[0:16] and hi = A[16:32] B[16:32]; the activations' paired layout
+// (pair_blocks) matches. One pair then costs a load, a shift and two masks (a block alone: a
+// 16-byte load, a shift, two masks and a lane insert), and its two products add in int16 (at
+// most 2 * 2 * 15 * 127) before one widening.
+inline void q4_pair(const uint8_t* qs, __m256i& lo, __m256i& hi) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  lo = _mm256_and_si256(raw, mask);
+  hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+}
+
+// Lanes 0-3: block A's dot product in four parts, lanes 4-7: block B's.
+inline __m256i dot_pair(__m256i lo, __m256i hi, const int8_t* x) {
+  const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi);
+#else
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+// Lane i = block i's total, from dot_pair of the pairs (0, 1), (2, 3), (4, 5), (6, 7).
+inline __m256i pair_sums(const __m256i v[4]) {
+  // three horizontal adds leave blocks 0 2 4 6 | 1 3 5 7
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  return _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 // 5 to 8 activation rows at once: each row's block dot product stays an int32 vector until a
@@ -505,25 +570,39 @@ void matmul_rows_q8_by8(const QMat& w, const QuantizedActivations& xa, int64_t r
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + o * blocks + b)));
       __m256 m = _mm256_setzero_ps();
       if constexpr (F == Q4_1) m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + o * blocks + b)));
-      __m256i q[8], magnitude[8];
+      __m256i q[8], magnitude[8], lo[4], hi[4];
+      if constexpr (F == Q8_0) {
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        q[k] = magnitude[k] = block_bytes<F>(w, o, b + k);
-        if constexpr (F == Q8_0) magnitude[k] = _mm256_sign_epi8(q[k], q[k]);
+        for (int k = 0; k < 8; ++k) {
+          q[k] = block_bytes<F>(w, o, b + k);
+          magnitude[k] = _mm256_sign_epi8(q[k], q[k]);
+        }
+      } else {
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) q4_pair(w.qs + o * (w.in / 2) + (b + 2 * j) * (QK / 2), lo[j], hi[j]);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < NB; ++r) {
-        const int8_t* xq = xa.q.data() + (r0 + r) * w.in + b * QK;
-        __m256i dots[8];
+        __m256i totals;
+        if constexpr (F == Q8_0) {
+          const int8_t* xq = xa.q.data() + (r0 + r) * w.in + b * QK;
+          __m256i dots[8];
 #pragma GCC unroll 8
-        for (int k = 0; k < 8; ++k) {
-          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + QK * k));
-          if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q[k]);
-          dots[k] = dot_u8_s8(magnitude[k], xv);
+          for (int k = 0; k < 8; ++k) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + QK * k));
+            dots[k] = dot_u8_s8(magnitude[k], _mm256_sign_epi8(xv, q[k]));
+          }
+          totals = row_sums(dots);
+        } else {
+          const int8_t* xp = xa.pairs.data() + (r0 + r) * w.in + b * QK;
+          __m256i dots[4];
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) dots[j] = dot_pair(lo[j], hi[j], xp + 2 * QK * j);
+          totals = pair_sums(dots);
         }
         const int64_t at = (r0 + r) * blocks + b;
         const __m256 scale = _mm256_mul_ps(d, _mm256_loadu_ps(xa.scale.data() + at));
-        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(row_sums(dots)), acc[r]);
+        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(totals), acc[r]);
         if constexpr (F == Q4_0) offset[r] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xa.sum.data() + at), offset[r]);
         if constexpr (F == Q4_1) offset[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xa.sum.data() + at), offset[r]);
       }
@@ -936,7 +1015,7 @@ void q4k_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, floa
 // Unsigned 5-bit codes u (0..31): value = d*(u - 16) for Q5_0, d*u + m for Q5_1, the constant part
 // against the activation block sums. Eight blocks at a time as matmul_rows_q8_by8 (their d and m
 // gathered from the blocks' headers); the last blocks % 8 of a row (Gemma 3's 640 values are 20
-// blocks) one at a time.
+// blocks) one at a time. At batch 1 such rows take matmul_flat_q8 instead.
 template <int F>
 inline __m256i q5_codes(const uint8_t* block) {
   constexpr int start = F == Q5_1 ? 4 : 2;
@@ -1002,6 +1081,110 @@ void q5_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float
     const float bias = w.bias ? w.bias[o] : 0.0f;
 #pragma GCC unroll 8
     for (int r = 0; r < NB; ++r) y[r * ldy + o] = total[r] + bias;
+  }
+}
+
+// ---- batch 1 over rows of a block count that is not a multiple of 8 ---------------------------
+// SmolLM2's 576 values are 18 blocks a row, Gemma 3's 640 are 20: the eight-block kernels above
+// leave a tail per row, and the row-at-a-time ones read four rows interleaved, streams of a few
+// hundred bytes each, too short for the hardware prefetcher (a 49152 x 576 Q8_0 head, SmolLM2's,
+// streamed 3.9 GB/s from memory against 11.5 for 2,048-wide rows, and 21 from cache). Rows lie one
+// after the other, so R = 8 / gcd(blocks, 8) consecutive rows are a whole number of eights of
+// consecutive blocks: this kernel walks them in memory order, eight blocks (straddling rows where
+// they fall) per transpose-and-add, each against its activation block in R copies of the row's
+// activations, and sums each row's block products at the end.
+template <int F>
+inline __m256i flat_codes(const QMat& w, int64_t block) {  // `block` counts over the whole matrix
+  if constexpr (F == Q5_0 || F == Q5_1) return q5_codes<F>(w.qs + block * Raw<F>::bytes);
+  else return block_bytes<F>(w, 0, block);
+}
+
+// The scales d of the eight blocks from `block` on, and their constant terms c per unit of
+// activation sum (value = d * code + constant: -8 d for Q4_0, -16 d for Q5_0, m for Q4_1 / Q5_1).
+template <int F>
+inline void flat_scales(const QMat& w, int64_t block, __m256& d, __m256& c) {
+  if constexpr (F == Q5_0 || F == Q5_1) {
+    alignas(16) uint16_t dh[8], mh[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      const uint8_t* header = w.qs + (block + k) * Raw<F>::bytes;
+      dh[k] = load_u16(header);
+      if constexpr (F == Q5_1) mh[k] = load_u16(header + 2);
+    }
+    d = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(dh)));
+    c = F == Q5_1 ? _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(mh)))
+                  : _mm256_mul_ps(d, _mm256_set1_ps(-16.0f));
+  } else {
+    d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + block)));
+    if constexpr (F == Q4_1) c = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + block)));
+    else c = _mm256_mul_ps(d, _mm256_set1_ps(F == Q4_0 ? -8.0f : 0.0f));
+  }
+}
+
+template <int F>
+void matmul_flat_q8(const QMat& w, const QuantizedActivations& xa, float* y, int o0, int o1) {
+  const int64_t blocks = w.in / QK;
+  const int R = xa.flat_rows;
+  const int64_t span = R * blocks;
+  thread_local std::vector<float> part;  // one span's block products
+  part.resize(static_cast<size_t>(span));
+  int o = o0;
+  for (; o + R <= o1; o += R) {
+    const int64_t first = int64_t(o) * blocks;
+    for (int64_t p = 0; p < span; p += 8) {
+      __m256i totals;
+      if constexpr (F == Q4_0 || F == Q4_1) {
+        __m256i dots[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          __m256i lo, hi;
+          q4_pair(w.qs + (first + p + 2 * j) * (QK / 2), lo, hi);
+          dots[j] = dot_pair(lo, hi, xa.flat_pairs.data() + (p + 2 * j) * QK);
+        }
+        totals = pair_sums(dots);
+      } else {
+        __m256i dots[8];
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+          const __m256i q = flat_codes<F>(w, first + p + k);
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.flat_q.data() + (p + k) * QK));
+          if constexpr (F == Q8_0) dots[k] = dot_u8_s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+          else dots[k] = dot_u8_s8(q, xv);
+        }
+        totals = row_sums(dots);
+      }
+      __m256 d, c;
+      flat_scales<F>(w, first + p, d, c);
+      const __m256 product = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(xa.flat_scale.data() + p)),
+                                           _mm256_cvtepi32_ps(totals));
+      _mm256_storeu_ps(part.data() + p, F == Q8_0 ? product
+                                                  : _mm256_fmadd_ps(c, _mm256_loadu_ps(xa.flat_sum.data() + p), product));
+    }
+    for (int i = 0; i < R; ++i) {
+      const float* row = part.data() + i * blocks;
+      __m256 v = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + 8 <= blocks; b += 8) v = _mm256_add_ps(v, _mm256_loadu_ps(row + b));
+      float total = hsum(v);
+      for (; b < blocks; ++b) total += row[b];
+      y[o + i] = total + (w.bias ? w.bias[o + i] : 0.0f);
+    }
+  }
+  if (o < o1) {  // the rows past the last whole span, one at a time
+    if constexpr (F == Q5_0 || F == Q5_1) q5_rows_q8<F, 1>(w, xa, 0, y, 0, o, o1);
+    else matmul_rows_q8<F, 1>(w, xa, 0, y, 0, o, o1);
+  }
+}
+
+inline bool has_flat_kernel(int32_t format) { return format <= Q5_1; }  // Q4_0, Q4_1, Q8_0, Q5_0, Q5_1
+
+void flat_rows_q8(const QMat& w, const QuantizedActivations& xa, float* y, int o0, int o1) {
+  switch (w.format) {
+    case Q4_0: return matmul_flat_q8<Q4_0>(w, xa, y, o0, o1);
+    case Q4_1: return matmul_flat_q8<Q4_1>(w, xa, y, o0, o1);
+    case Q8_0: return matmul_flat_q8<Q8_0>(w, xa, y, o0, o1);
+    case Q5_0: return matmul_flat_q8<Q5_0>(w, xa, y, o0, o1);
+    default: return matmul_flat_q8<Q5_1>(w, xa, y, o0, o1);
   }
 }
 
@@ -1202,7 +1385,8 @@ struct Input {
   }
 
   void rows(const QMat& w, float* y, int64_t ldy, int o0, int o1) const {
-    if (is_raw(w.format)) {
+    if (q8 && xa.flat_rows > 0 && has_flat_kernel(w.format)) flat_rows_q8(w, xa, y, o0, o1);
+    else if (is_raw(w.format)) {
       if (q8) raw_rows_q8_any(w, xa, n, y, ldy, o0, o1);
       else raw_rows_fp32_any(w, x, n, ldx, sx16.data(), y, ldy, o0, o1);
     } else if (q8) rows_q8(w, xa, n, y, ldy, o0, o1);
