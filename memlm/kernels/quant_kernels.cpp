@@ -460,9 +460,34 @@ void matmul_rows_q8_batch(const QMat& w, const QuantizedActivations& xa, int64_t
   const int64_t blocks = w.in / QK;
   const float* scale8 = xa.scale8.data() + (r0 / 8) * blocks * 8;
   const float* sum8 = xa.sum8.data() + (r0 / 8) * blocks * 8;
+  // One block's contribution to the 8 rows' sums, from their dot products (lane r: row r's).
+  const auto add_block = [&](int o, int64_t b, __m256i dots, __m256& acc, __m256& offset) {
+    const __m256 d = _mm256_set1_ps(half_to_float(w.d[o * blocks + b]));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_loadu_ps(scale8 + b * 8)), _mm256_cvtepi32_ps(dots), acc);
+    if constexpr (F == Q4_0)
+      offset = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(-8.0f)), _mm256_loadu_ps(sum8 + b * 8), offset);
+    if constexpr (F == Q4_1)
+      offset = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(w.m[o * blocks + b])), _mm256_loadu_ps(sum8 + b * 8), offset);
+  };
   for (int o = o0; o < o1; ++o) {
     __m256 acc = _mm256_setzero_ps(), offset = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
+    int64_t b = 0;
+    if constexpr (F != Q8_0) {
+      // Two 4-bit blocks per load against the paired activations (q4_pair), where rows hold pairs.
+      for (; !xa.pairs.empty() && b < blocks; b += 2) {
+        __m256i lo, hi, v[8];
+        q4_pair(w.qs + o * (w.in / 2) + b * (QK / 2), lo, hi);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r)
+          v[r] = r < NB ? dot_pair(lo, hi, xa.pairs.data() + (r0 + r) * w.in + b * QK) : _mm256_setzero_si256();
+        // rows 0-3 | 0-3 of the first block and of the second, then the same for rows 4-7
+        const __m256i low = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        const __m256i high = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        add_block(o, b, _mm256_permute2x128_si256(low, high, 0x20), acc, offset);
+        add_block(o, b + 1, _mm256_permute2x128_si256(low, high, 0x31), acc, offset);
+      }
+    }
+    for (; b < blocks; ++b) {
       const __m256i q = block_bytes<F>(w, o, b);
       __m256i magnitude = q;
       if constexpr (F == Q8_0) magnitude = _mm256_sign_epi8(q, q);
@@ -477,14 +502,7 @@ void matmul_rows_q8_batch(const QMat& w, const QuantizedActivations& xa, int64_t
         if constexpr (F == Q8_0) xv = _mm256_sign_epi8(xv, q);
         dots[r] = dot_u8_s8(magnitude, xv);
       }
-      const __m256 d = _mm256_set1_ps(half_to_float(w.d[o * blocks + b]));
-      const __m256 totals = _mm256_cvtepi32_ps(row_sums(dots));
-      acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_loadu_ps(scale8 + b * 8)), totals, acc);
-      if constexpr (F == Q4_0)
-        offset = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(-8.0f)), _mm256_loadu_ps(sum8 + b * 8), offset);
-      if constexpr (F == Q4_1)
-        offset = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(w.m[o * blocks + b])), _mm256_loadu_ps(sum8 + b * 8),
-                                 offset);
+      add_block(o, b, row_sums(dots), acc, offset);
     }
     alignas(32) float out[8];
     _mm256_store_ps(out, _mm256_add_ps(acc, offset));
