@@ -107,6 +107,32 @@ def test_quantized_activation_kernel_equals_its_reference(fmt, inp):
 
 
 @needs_native
+def test_long_chunks_with_int8_activations_stay_on_the_4bit_kernels():
+    """Past NATIVE_MAX_ROWS (a prefill), int8 activations keep Q4_0 / Q4_1 on the integer
+    kernels, which beat dequantize + GEMM there, and send the other formats to the fp32 GEMM:
+    the output equals the rounded-activation product on one side and the exact one on the other."""
+    torch.manual_seed(3)
+    x = torch.randn(100, 512)
+    blocks = x.view(100, -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    rounded = (torch.round(blocks * (1 / scale)) * scale).view(100, 512).double()
+    for name, native in (("q4_0", True), ("q4_1", True), ("q4_k", False), ("q6_k", False), ("q8_0", False)):
+        q = QWeight.quantize(torch.randn(24, 512) * 0.1, ALL_FORMATS[name])
+        layer = QLinear(q)
+        layer.activations = "q8_0"
+        assert layer.native_max_rows() is None if native else layer.native_max_rows() == 32
+        w = q.dequantize().double()
+        exact, integer = F.linear(x.double(), w), F.linear(rounded, w)
+        got = layer(x).double()
+        want, other = (integer, exact) if native else (exact, integer)
+        assert (got - want).abs().max() < 1e-4 * want.abs().max(), name
+        assert (got - other).abs().max() > 1e-3 * want.abs().max(), name
+        layer.activations = "float32"  # exact activations: the GEMM past 32 rows for every format
+        assert layer.native_max_rows() == 32
+        assert (layer(x).double() - exact).abs().max() < 1e-4 * exact.abs().max(), name
+
+
+@needs_native
 def test_embedding_lookup_dequantizes_the_rows_asked_for():
     q = QWeight.quantize(torch.randn(50, 64), "q8_0")
     ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
