@@ -1084,17 +1084,26 @@ void q5_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float
     float total[NB];
 #pragma GCC unroll 8
     for (int r = 0; r < NB; ++r) total[r] = hsum(acc[r]) + hsum(offset[r]);
+    // The last blocks % 8 one at a time: the rows' dot products of a block reduce together (lane r:
+    // row r), scaled and offset in one vector against the 8-row scale and sum layout.
     for (int64_t b = whole; b < blocks; ++b) {
       const uint8_t* block = row + b * bytes;
       const __m256i codes = q5_codes<F>(block);
       const float d = half_to_float(load_u16(block));
       const float constant = F == Q5_1 ? half_to_float(load_u16(block + 2)) : -16.0f * d;
+      __m256i dots[8];
 #pragma GCC unroll 8
-      for (int r = 0; r < NB; ++r) {
-        const int64_t at = (r0 + r) * blocks + b;
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.q.data() + (r0 + r) * w.in + b * QK));
-        total[r] += d * xa.scale[at] * static_cast<float>(hsum_epi32(dot_u8_s8(codes, xv))) + constant * xa.sum[at];
-      }
+      for (int r = 0; r < 8; ++r)
+        dots[r] = r < NB ? dot_u8_s8(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                                xa.q.data() + (r0 + r) * w.in + b * QK)))
+                         : _mm256_setzero_si256();
+      const int64_t at8 = ((r0 / 8) * blocks + b) * 8 + r0 % 8;
+      alignas(32) float part[8];
+      _mm256_store_ps(part, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(xa.scale8.data() + at8)),
+                                            _mm256_cvtepi32_ps(row_sums(dots)),
+                                            _mm256_mul_ps(_mm256_set1_ps(constant), _mm256_loadu_ps(xa.sum8.data() + at8))));
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) total[r] += part[r];
     }
     const float bias = w.bias ? w.bias[o] : 0.0f;
 #pragma GCC unroll 8
