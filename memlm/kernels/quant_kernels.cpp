@@ -307,7 +307,8 @@ struct QuantizedActivations {
   std::vector<int8_t> flat_q;
   std::vector<float> flat_scale, flat_sum;
   // q and flat_q with each pair of blocks (A, B) laid out as the 4-bit formats' bytes unpack:
-  // A[0:16] B[0:16] A[16:32] B[16:32] (see q4_pair). Rows of an even block count only.
+  // A[0:16] B[0:16] A[16:32] B[16:32] (see q4_pair). Built where a Q4_0 / Q4_1 matrix reads these
+  // activations, for rows of an even block count; empty otherwise.
   std::vector<int8_t> pairs, flat_pairs;
 };
 
@@ -321,7 +322,9 @@ void pair_blocks(const int8_t* src, int8_t* dst, int64_t count) {
   }
 }
 
-void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, QuantizedActivations& out) {
+// `paired`: a 4-bit matrix reads these activations (build their paired layout).
+void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, bool paired,
+                          QuantizedActivations& out) {
   const int64_t blocks = in / QK;
   out.q.resize(static_cast<size_t>(n * in));
   out.scale.resize(static_cast<size_t>(n * blocks));
@@ -378,10 +381,11 @@ void quantize_activations(const float* x, int64_t n, int64_t ldx, int64_t in, Qu
     std::copy_n(out.scale.data(), blocks, out.flat_scale.data() + i * blocks);
     std::copy_n(out.sum.data(), blocks, out.flat_sum.data() + i * blocks);
   }
-  out.pairs.resize(blocks % 2 ? 0 : static_cast<size_t>(n * in));
-  if (blocks % 2 == 0) pair_blocks(out.q.data(), out.pairs.data(), n * blocks / 2);
-  out.flat_pairs.resize(out.flat_q.size());
-  pair_blocks(out.flat_q.data(), out.flat_pairs.data(), static_cast<int64_t>(out.flat_q.size()) / (2 * QK));
+  // A row of an odd block count has no whole pairs; a flat span (whole eights of blocks) always does.
+  out.pairs.resize(paired && blocks % 2 == 0 ? static_cast<size_t>(n * in) : 0);
+  out.flat_pairs.resize(paired ? out.flat_q.size() : 0);
+  pair_blocks(out.q.data(), out.pairs.data(), static_cast<int64_t>(out.pairs.size()) / (2 * QK));
+  pair_blocks(out.flat_q.data(), out.flat_pairs.data(), static_cast<int64_t>(out.flat_pairs.size()) / (2 * QK));
 }
 
 template <int F>
@@ -412,11 +416,20 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-// Lane i = the sum of the 8 int32 lanes of v[i], for 8 vectors (a transpose-and-add tree).
-inline __m256i row_sums(const __m256i v[8]) {
+// For 8 vectors: lane i of `low` = the sum of v[i]'s lanes 0-3, of `high` = of its lanes 4-7 (a
+// transpose-and-add tree that stops before adding the halves).
+inline void half_sums(const __m256i v[8], __m256i& low, __m256i& high) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
   const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+  low = _mm256_permute2x128_si256(a, b, 0x20);
+  high = _mm256_permute2x128_si256(a, b, 0x31);
+}
+
+// Lane i = the sum of the 8 int32 lanes of v[i], for 8 vectors.
+inline __m256i row_sums(const __m256i v[8]) {
+  __m256i low, high;
+  half_sums(v, low, high);
+  return _mm256_add_epi32(low, high);
 }
 
 // The 4-bit formats, two blocks at a time. A block's 16 bytes hold value j in the low nibble of
@@ -473,19 +486,19 @@ void matmul_rows_q8_batch(const QMat& w, const QuantizedActivations& xa, int64_t
     __m256 acc = _mm256_setzero_ps(), offset = _mm256_setzero_ps();
     int64_t b = 0;
     if constexpr (F != Q8_0) {
-      // Two 4-bit blocks per load against the paired activations (q4_pair), where rows hold pairs.
-      for (; !xa.pairs.empty() && b < blocks; b += 2) {
-        __m256i lo, hi, v[8];
-        q4_pair(w.qs + o * (w.in / 2) + b * (QK / 2), lo, hi);
+      // Two 4-bit blocks per load against the paired activations (q4_pair), where rows hold pairs:
+      // each row's dot_pair has the first block in lanes 0-3, the second in 4-7.
+      if (!xa.pairs.empty())
+        for (; b < blocks; b += 2) {
+          __m256i lo, hi, v[8], first, second;
+          q4_pair(w.qs + o * (w.in / 2) + b * (QK / 2), lo, hi);
 #pragma GCC unroll 8
-        for (int r = 0; r < 8; ++r)
-          v[r] = r < NB ? dot_pair(lo, hi, xa.pairs.data() + (r0 + r) * w.in + b * QK) : _mm256_setzero_si256();
-        // rows 0-3 | 0-3 of the first block and of the second, then the same for rows 4-7
-        const __m256i low = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        const __m256i high = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-        add_block(o, b, _mm256_permute2x128_si256(low, high, 0x20), acc, offset);
-        add_block(o, b + 1, _mm256_permute2x128_si256(low, high, 0x31), acc, offset);
-      }
+          for (int r = 0; r < 8; ++r)
+            v[r] = r < NB ? dot_pair(lo, hi, xa.pairs.data() + (r0 + r) * w.in + b * QK) : _mm256_setzero_si256();
+          half_sums(v, first, second);
+          add_block(o, b, first, acc, offset);
+          add_block(o, b + 1, second, acc, offset);
+        }
     }
     for (; b < blocks; ++b) {
       const __m256i q = block_bytes<F>(w, o, b);
@@ -1049,6 +1062,8 @@ template <int F, int NB>
 void q5_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float* y, int64_t ldy, int o0, int o1) {
   constexpr int bytes = Raw<F>::bytes;
   const int64_t blocks = w.in / QK, whole = blocks - blocks % 8;
+  const float* scale8 = xa.scale8.data() + (r0 / 8) * blocks * 8;
+  const float* sum8 = xa.sum8.data() + (r0 / 8) * blocks * 8;
   for (int o = o0; o < o1; ++o) {
     const uint8_t* row = w.qs + o * blocks * bytes;
     __m256 acc[NB], offset[NB];
@@ -1097,11 +1112,10 @@ void q5_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float
         dots[r] = r < NB ? dot_u8_s8(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
                                                 xa.q.data() + (r0 + r) * w.in + b * QK)))
                          : _mm256_setzero_si256();
-      const int64_t at8 = ((r0 / 8) * blocks + b) * 8 + r0 % 8;
       alignas(32) float part[8];
-      _mm256_store_ps(part, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(xa.scale8.data() + at8)),
+      _mm256_store_ps(part, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(scale8 + b * 8)),
                                             _mm256_cvtepi32_ps(row_sums(dots)),
-                                            _mm256_mul_ps(_mm256_set1_ps(constant), _mm256_loadu_ps(xa.sum8.data() + at8))));
+                                            _mm256_mul_ps(_mm256_set1_ps(constant), _mm256_loadu_ps(sum8 + b * 8))));
 #pragma GCC unroll 8
       for (int r = 0; r < NB; ++r) total[r] += part[r];
     }
@@ -1120,8 +1134,10 @@ void q5_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t r0, float
 // consecutive blocks: this kernel walks them in memory order, eight blocks (straddling rows where
 // they fall) per transpose-and-add, each against its activation block in R copies of the row's
 // activations, and sums each row's block products at the end.
+// A Q8_0 / Q5_0 / Q5_1 block's codes (the 4-bit formats go two blocks at a time, q4_pair);
+// `block` counts over the whole matrix.
 template <int F>
-inline __m256i flat_codes(const QMat& w, int64_t block) {  // `block` counts over the whole matrix
+inline __m256i flat_codes(const QMat& w, int64_t block) {
   if constexpr (F == Q5_0 || F == Q5_1) return q5_codes<F>(w.qs + block * Raw<F>::bytes);
   else return block_bytes<F>(w, 0, block);
 }
@@ -1401,10 +1417,11 @@ struct Input {
   std::vector<float> sx, sx16;
   QuantizedActivations xa;
 
-  // `raw`: some matrix read with these activations is in a raw format (per-16 sums needed).
-  void prepare(const QMat& w, const float* x_, int64_t n_, int64_t ldx_, bool q8_, bool raw) {
+  // `raw`: some matrix read with these activations is in a raw format (per-16 sums needed);
+  // `paired`: some matrix is Q4_0 / Q4_1 (int8 activations in pairs of blocks needed).
+  void prepare(const QMat& w, const float* x_, int64_t n_, int64_t ldx_, bool q8_, bool raw, bool paired) {
     x = x_, n = n_, ldx = ldx_, q8 = q8_;
-    if (q8) quantize_activations(x, n, ldx, w.in, xa);
+    if (q8) quantize_activations(x, n, ldx, w.in, paired, xa);
     else {
       block_sums(x, n, ldx, w.in, sx);
       if (raw) group_sums(x, n, ldx, w.in, sx16);
@@ -1458,8 +1475,12 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
   const QMat* parts = w.nparts > 0 ? w.parts : &w;
   const int count = w.nparts > 0 ? w.nparts : 1;
   bool raw = false;
-  for (int p = 0; p < count; ++p) raw = raw || is_raw(parts[p].format);
-  input.prepare(w, x, n, ldx, q8, raw);
+  bool paired = false;
+  for (int p = 0; p < count; ++p) {
+    raw = raw || is_raw(parts[p].format);
+    paired = paired || parts[p].format == Q4_0 || parts[p].format == Q4_1;
+  }
+  input.prepare(w, x, n, ldx, q8, raw, paired);
   const bool adapted = lora && w.lora_a != nullptr;
   if (adapted) {  // x A^T: n x rank dot products over `in`, small next to the matmul
     down.resize(static_cast<size_t>(n * w.rank));
