@@ -13,7 +13,6 @@ adapter is merged into the fp32 weights before they are quantized.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +32,6 @@ NATIVE_MAX_ROWS = 32
 # shape, Q5_K, Q8_0) or lose (Q6_K 0.49x, Q5_0 at 576 wide 0.45x). `python bench/prefill_kernels.py`.
 INT8_GEMM_FORMATS = frozenset({"q4_0", "q4_1"})
 MAX_PARTS = 64  # row groups of different formats in one matrix (the kernels' bound)
-# The scratch matrix a long chunk dequantizes into is kept between calls up to this many values
-# (a 1B-class model's largest matrix, 8192 x 2048 x 4 bytes, is 64 MiB); a larger one (a
-# 262k-token vocabulary's head) is allocated for the call alone.
-SCRATCH_MAX_VALUES = 1 << 25
-_scratch = threading.local()
 
 
 def qmat(weight: QWeight, bias: torch.Tensor | None = None, lora=None, lora_bt: torch.Tensor | None = None):
@@ -112,10 +106,7 @@ class QLinear(nn.Module):
         rows = x.numel() // self.in_features
         limit = self.native_max_rows()
         if lib is None or (limit is not None and rows > limit):
-            if lib is None:
-                w = self.qweight.to(x.device).dequantize()
-            else:  # autograd keeps w for x's gradient: then it must not be the shared scratch
-                w = self.dequantized_native(lib, scratch=not (torch.is_grad_enabled() and x.requires_grad))
+            w = self.dequantized_native(lib) if lib is not None else self.qweight.to(x.device).dequantize()
             return F.linear(x, w.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
         x2 = x.reshape(rows, self.in_features).contiguous()
         y = torch.empty(rows, self.out_features)
@@ -125,19 +116,8 @@ class QLinear(nn.Module):
         )
         return y.view(*x.shape[:-1], self.out_features)
 
-    def dequantized_native(self, lib, scratch: bool = False) -> torch.Tensor:
-        """The weight in fp32; with `scratch`, in this thread's reused scratch matrix (valid until
-        the thread's next call). Fresh memory for a large matrix page-faults on every call, which
-        costs more than dequantizing: 8192 x 2048 Q4_K took 68 ms into a new tensor against 7 ms
-        into touched memory (one thread)."""
-        n = self.out_features * self.in_features
-        if scratch and n <= SCRATCH_MAX_VALUES:
-            buffer = getattr(_scratch, "buffer", None)
-            if buffer is None or buffer.numel() < n:
-                buffer = _scratch.buffer = torch.empty(n)
-            out = buffer[:n].view(self.qweight.shape)
-        else:
-            out = torch.empty(self.qweight.shape)
+    def dequantized_native(self, lib) -> torch.Tensor:
+        out = torch.empty(self.qweight.shape)
         lib.mk_dequantize(ctypes.byref(self._desc), None, self.out_features, out.data_ptr())
         return out
 
