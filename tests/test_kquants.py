@@ -92,7 +92,7 @@ def test_quantized_activation_kernel_equals_its_reference(name, inp):
     layer = QLinear(q, torch.randn(out))
     layer.activations = "q8_0"
     torch.manual_seed(7)
-    for rows in (1, 3, 8, 9):
+    for rows in (1, 3, 8, 9, 17, 40):  # from 8 rows on an AVX-512 build: its 16-row panels
         x = torch.randn(rows, inp)
         x[0, 5] = 300.0  # a massive activation stays inside its own block
         want = F.linear(_rounded_activations(x).double(), q.dequantize().double(), layer.bias.double())
@@ -182,7 +182,7 @@ def test_mixed_rows_multiply_like_the_reference(activations):
     layer = QLinear(mixed, bias)
     layer.activations = activations
     reference = mixed.dequantize().double()
-    for rows in (1, 4, 9):
+    for rows in (1, 4, 9, 40):  # 9 and 40 with int8 activations: each part's panels on AVX-512
         x = torch.randn(rows, 512)
         xin = _rounded_activations(x) if activations == "q8_0" else x
         want = F.linear(xin.double(), reference, bias.double())

@@ -87,13 +87,15 @@ def test_quantized_activation_kernel_equals_its_reference(fmt, inp):
     reference weights; the integer kernel must equal that product up to fp32 rounding. Rows of 48
     blocks run eight blocks at a time; at batch 1, rows of 18 (SmolLM2's width) and of 3 blocks
     run in memory order, 4 and 8 rows per span (37 rows leave a tail of 1 and 5), batches of them
-    one block at a time."""
+    one block at a time. On an AVX-512 build 8 rows and more (16 for Q4_0 / Q4_1) run on 16-row
+    panels: 37 rows are two whole panels and one of 5, 40 activation rows five tiles of 8, 17 two
+    tiles and a row."""
     out = 37
     torch.manual_seed(7)
     q = QWeight.quantize(torch.randn(out, inp) * 0.1, fmt)
     layer = QLinear(q, torch.randn(out))
     layer.activations = "q8_0"
-    for rows in (1, 3, 8, 9):
+    for rows in (1, 3, 8, 9, 16, 17, 40):
         x = torch.randn(rows, inp)
         x[0, 5] = 300.0  # a massive activation stays inside its own block
         blocks = x.view(rows, -1, 32)
@@ -107,16 +109,18 @@ def test_quantized_activation_kernel_equals_its_reference(fmt, inp):
 
 
 @needs_native
-def test_long_chunks_with_int8_activations_stay_on_the_4bit_kernels():
+def test_long_chunks_with_int8_activations_stay_on_the_integer_kernels():
     """Past NATIVE_MAX_ROWS (a prefill), int8 activations keep Q4_0 / Q4_1 on the integer
-    kernels, which beat dequantize + GEMM there, and send the other formats to the fp32 GEMM:
-    the output equals the rounded-activation product on one side and the exact one on the other."""
+    kernels, which beat dequantize + GEMM there, and so every format on an AVX-512 build (its
+    16-row panels); elsewhere the other formats go to the fp32 GEMM: the output equals the
+    rounded-activation product on one side and the exact one on the other."""
+    panels = kernels.native().mk_panel_min_rows() > 0
     torch.manual_seed(3)
     x = torch.randn(100, 512)
     blocks = x.view(100, -1, 32)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     rounded = (torch.round(blocks * (1 / scale)) * scale).view(100, 512).double()
-    for name, native in (("q4_0", True), ("q4_1", True), ("q4_k", False), ("q6_k", False), ("q8_0", False)):
+    for name, native in (("q4_0", True), ("q4_1", True), ("q4_k", panels), ("q6_k", panels), ("q8_0", panels)):
         q = QWeight.quantize(torch.randn(24, 512) * 0.1, ALL_FORMATS[name])
         layer = QLinear(q)
         layer.activations = "q8_0"
@@ -435,7 +439,10 @@ def test_embedded_style_block_folder_is_written_once_and_loads_the_same(tmp_path
 
 @needs_native
 @pytest.mark.skipif(kernels.best_variant() is None, reason="this CPU runs only the AVX2 build")
-def test_the_vnni_build_equals_the_avx2_build_bit_for_bit():
+def test_the_avx512_build_equals_the_avx2_build_bit_for_bit_on_the_row_kernels():
+    """Up to 5 rows (15 for Q4_0 / Q4_1) both builds run the same row kernels, vpdpbusd in place
+    of maddubs + madd: identical results. From there the AVX-512 build's panels take over (their
+    sums in another order), which the reference tests check."""
     import ctypes
 
     builds = []
@@ -452,7 +459,7 @@ def test_the_vnni_build_equals_the_avx2_build_bit_for_bit():
         x = torch.randn(8, 320)
         outs = []
         for b in builds:
-            for rows in (1, 8):
+            for rows in (1, 5):
                 y = torch.empty(rows, 40)
                 b.mk_matmul(ctypes.byref(layer._desc), x.data_ptr(), rows, 320, y.data_ptr(), 40, 1)
                 outs.append(y)

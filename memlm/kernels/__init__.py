@@ -30,9 +30,15 @@ from memlm.paths import kernels_dir
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 FLAGS = ["-O3", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
-# Built too where the CPU has them: AVX512-VNNI's one-instruction int8 dot products on 256-bit
-# vectors (the int8-activation kernels; results are identical to the AVX2 build's).
-VARIANTS = {"vnni": (("avx512_vnni", "avx512vl"), ["-mavx512vnni", "-mavx512vl"])}
+# Built too where the CPU has them: AVX-512 F/BW/VL/VNNI. The int8-activation kernels' dot
+# products take one instruction (vpdpbusd; the row kernels' results are identical to the AVX2
+# build's), and batches of int8 activation rows run on 512-bit panels of 16 output rows.
+VARIANTS = {
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    )
+}
 ABI_VERSION = 11
 
 
@@ -261,5 +267,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mk_model_free.argtypes = [p]
     lib.mk_decode.argtypes = [p, ctypes.POINTER(DecodeArgs)]
     lib.mk_variant.restype = ctypes.c_int32
+    if hasattr(lib, "mk_panel_min_rows"):
+        lib.mk_panel_min_rows.restype = ctypes.c_int32
     for fn in (lib.mk_matmul, lib.mk_dequantize, lib.mk_model_free, lib.mk_decode):
         fn.restype = None

@@ -1380,6 +1380,255 @@ void raw_rows_q8_any(const QMat& w, const QuantizedActivations& xa, int64_t n, f
   });
 }
 
+// ---- AVX-512: int8 activations times 16-row panels (prefills and batches) ----------------------
+// Where the CPU has AVX-512 F/BW/VNNI (the `avx512` build), several activation rows multiply
+// every format through one kernel. Each thread decodes 16 weight rows at a time into a panel of
+// unsigned bytes u = c + z (z lifts the format's codes to >= 0), interleaved four values per row:
+// bytes [chunk k/4][row 0..15][4]. One 512-bit load of the panel then holds 4 values of all 16
+// rows, and vpdpbusd against 4 activation bytes broadcast from memory adds their products into 16
+// int32 lanes, one per output row: no horizontal sums, and the decoding is paid once per 16 rows
+// and call, whatever the number of activation rows. Per group of G values (32, or 16 where the
+// format keeps a scale per 16), the 16 rows' int32 sums become floats once:
+//   y += (S * dx) * sum(u q) + O' * (dx * sum(q)),  O' = O - z * S,
+// dx and dx * sum(q) being the activation block's scale and scaled code sum (QuantizedActivations).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool kPanels = true;
+
+// Activation rows from which a matrix takes the panel kernel rather than the row kernels above
+// (python -m memlm.bench.kernels --shape 2048x8192 --rows 4,6,8,12,16 --activations q8_0, one
+// thread, against a build without panels): Q4_0 / Q4_1, two blocks per load, gain from 16 rows
+// (12: 1.00x, 16: 1.53x); Q8_0, Q5_0 and the K-quants from 8 (1.32-1.83x), where the panels'
+// time hardly depends on the rows (it is the decoding) and already beats the row kernels' at 6.
+constexpr int64_t kPanelMinRows = 6;
+inline int64_t panel_min_rows(int32_t format) { return format == Q4_0 || format == Q4_1 ? 16 : kPanelMinRows; }
+
+template <int F>
+constexpr int panel_group() { return F == Q2_K || F == Q3_K || F == Q6_K ? 16 : 32; }
+
+template <int F>
+constexpr int panel_zero() {
+  if constexpr (F == Q8_0) return 128;
+  else if constexpr (F == Q6_K) return 32;
+  else if constexpr (F == Q5_0) return 16;
+  else if constexpr (F == Q3_K) return 4;
+  else return 0;
+}
+
+struct Panel {
+  std::vector<uint8_t> codes;  // [in / 4, 16, 4]
+  std::vector<float> s, o;     // [in / G, 16]: S and O' per group and row
+};
+
+// The blocks the panel decodes at a time: 32 values for Q4_0 / Q4_1 / Q8_0, else the file's.
+template <int F>
+constexpr int panel_block_size() {
+  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) return QK;
+  else return Raw<F>::size;
+}
+
+// Block b of row `row` into u (its values lifted by z) and its groups' S, O' (strided by 16: the
+// panel's layout, one column per row).
+template <int F>
+void panel_block(const QMat& w, int64_t row, int64_t b, uint8_t* u, float* s, float* o) {
+  constexpr int G = panel_group<F>(), Z = panel_zero<F>();
+  const __m256i lift = _mm256_set1_epi8(static_cast<char>(Z));
+  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
+    const int64_t blocks = w.in / QK;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(u), _mm256_add_epi8(block_bytes<F>(w, row, b), lift));
+    const float d = half_to_float(w.d[row * blocks + b]);
+    s[0] = d;
+    if constexpr (F == Q4_1) o[0] = half_to_float(w.m[row * blocks + b]);
+    else o[0] = -static_cast<float>(F == Q4_0 ? 8 : Z) * d;
+  } else {
+    constexpr int BS = Raw<F>::size;
+    Decoded dec;
+    decode_block<F>(w.qs + (row * (w.in / BS) + b) * Raw<F>::bytes, dec);
+    for (int i = 0; i < BS / 32; ++i)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(u) + i,
+                         _mm256_add_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(dec.q) + i), lift));
+    for (int g = 0; g < BS / G; ++g) {
+      const float scale = dec.s[g * G / 16];
+      s[g * 16] = scale;
+      o[g * 16] = dec.o[g * G / 16] - static_cast<float>(Z) * scale;
+    }
+  }
+}
+
+// m[i] lane j <- m[j] lane i, for 16 vectors of 16 int32: pairs of lanes, then of 64-bit halves
+// interleave, then two rounds of 128-bit lane shuffles.
+inline void transpose16(__m512i m[16]) {
+  __m512i t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(m[i], m[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(m[i], m[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    m[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    m[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    m[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    m[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // m[4a + c] lane 4l + e holds element (row 4a + e, column 4l + c); the 128-bit lane shuffles
+  // gather lane l from the four a's.
+#pragma GCC unroll 2
+  for (int h = 0; h < 16; h += 8)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      t[h + c] = _mm512_shuffle_i32x4(m[h + c], m[h + 4 + c], 0x88);
+      t[h + 4 + c] = _mm512_shuffle_i32x4(m[h + c], m[h + 4 + c], 0xDD);
+    }
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; ++c) {
+    m[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    m[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
+  }
+}
+
+// Output rows p0 .. p0+count-1 (count <= 16; the rest of the panel is zeros) into `panel`: V
+// values of the 16 rows at a time are decoded into a tile that stays in L1, then interleaved,
+// 64 bytes of each row being a 16 x 16 matrix of 4-byte chunks transposed in registers.
+template <int F>
+void pack_panel(const QMat& w, int p0, int count, Panel& panel) {
+  constexpr int G = panel_group<F>(), BS = panel_block_size<F>(), V = BS > 64 ? BS : 64;
+  const int64_t in = w.in;
+  panel.codes.resize(static_cast<size_t>(16 * in));
+  panel.s.assign(static_cast<size_t>(in / G * 16), 0.0f);
+  panel.o.assign(static_cast<size_t>(in / G * 16), 0.0f);
+  alignas(64) uint8_t tile[16][V] = {};
+  for (int64_t v0 = 0; v0 < in; v0 += V) {
+    const int64_t width = std::min<int64_t>(V, in - v0);  // 32 at the end of an odd number of 32-blocks
+    for (int i = 0; i < count; ++i)
+      for (int64_t at = 0; at < width; at += BS) {
+        const int64_t group = (v0 + at) / G;
+        panel_block<F>(w, p0 + i, (v0 + at) / BS, tile[i] + at, panel.s.data() + group * 16 + i,
+                       panel.o.data() + group * 16 + i);
+      }
+    for (int64_t c = 0; c < width; c += 64) {
+      __m512i m[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) m[i] = _mm512_load_si512(tile[i] + c);
+      transpose16(m);
+      const int64_t chunks = std::min<int64_t>(16, (width - c) / 4);
+      for (int64_t j = 0; j < chunks; ++j) _mm512_storeu_si512(panel.codes.data() + ((v0 + c) / 4 + j) * 64, m[j]);
+    }
+  }
+}
+
+// NR activation rows (from r0) against P packed panels: out[p][r] = panel p's 16 output rows'
+// sums for activation row r. Two panels share each broadcast of 4 activation bytes.
+template <int G, int NR, int P>
+void panel_tile(const Panel* panel, const QuantizedActivations& xa, int64_t in, int64_t r0, __m512 out[P][NR]) {
+  const int64_t blocks = in / QK, groups = in / G;
+  const float* sums = G == 32 ? xa.sum.data() : xa.sum16.data();
+  __m512 acc[P][NR];
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[p][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[P][NR];
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) dot[p][r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int c = 0; c < G / 4; ++c) {
+      __m512i u[P];
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) u[p] = _mm512_loadu_si512(panel[p].codes.data() + (g * G / 4 + c) * 64);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xa.q.data() + (r0 + r) * in + g * G + 4 * c, 4);
+        const __m512i x = _mm512_set1_epi32(x4);
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) dot[p][r] = _mm512_dpbusd_epi32(dot[p][r], u[p], x);
+      }
+    }
+    const int64_t b = g * G / QK;
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      const __m512 s = _mm512_loadu_ps(panel[p].s.data() + g * 16), o = _mm512_loadu_ps(panel[p].o.data() + g * 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(xa.scale[(r0 + r) * blocks + b]));
+        acc[p][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot[p][r]), acc[p][r]);
+        acc[p][r] = _mm512_fmadd_ps(o, _mm512_set1_ps(sums[(r0 + r) * groups + g]), acc[p][r]);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) out[p][r] = acc[p][r];
+}
+
+// All n activation rows against P panels (output rows p0 ..), NR rows at a time and a tail.
+template <int G, int P, int NR>
+void panel_rows(const Panel* panel, const QMat& w, const QuantizedActivations& xa, int64_t n, float* y, int64_t ldy,
+                int p0, int count) {
+  __mmask16 valid[P];
+  __m512 bias[P];
+  for (int p = 0; p < P; ++p) {
+    const int rows = std::clamp(count - 16 * p, 0, 16);
+    valid[p] = static_cast<__mmask16>((1u << rows) - 1);
+    bias[p] = w.bias ? _mm512_maskz_loadu_ps(valid[p], w.bias + p0 + 16 * p) : _mm512_setzero_ps();
+  }
+  const auto tile = [&]<int R>(int64_t r0) {
+    __m512 out[P][R];
+    panel_tile<G, R, P>(panel, xa, w.in, r0, out);
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        _mm512_mask_storeu_ps(y + (r0 + r) * ldy + p0 + 16 * p, valid[p], _mm512_add_ps(out[p][r], bias[p]));
+  };
+  int64_t r0 = 0;
+  for (; r0 + NR <= n; r0 += NR) tile.template operator()<NR>(r0);
+  switch (n - r0) {
+    case 1: tile.template operator()<1>(r0); break;
+    case 2: tile.template operator()<2>(r0); break;
+    case 3: tile.template operator()<3>(r0); break;
+    case 4: if constexpr (NR > 4) tile.template operator()<4>(r0); break;
+    case 5: if constexpr (NR > 5) tile.template operator()<5>(r0); break;
+    case 6: if constexpr (NR > 6) tile.template operator()<6>(r0); break;
+    case 7: if constexpr (NR > 7) tile.template operator()<7>(r0); break;
+    default: break;
+  }
+}
+
+// Output rows 32 at a time: two panels against 4 activation rows (at 64 rows 1.07-1.24x one panel
+// against 8, NR = 6 no better), a last panel of up to 16 rows alone.
+template <int F>
+void panel_rows_q8(const QMat& w, const QuantizedActivations& xa, int64_t n, float* y, int64_t ldy, int o0, int o1) {
+  constexpr int G = panel_group<F>();
+  thread_local Panel panel[2];
+  for (int p0 = o0; p0 < o1; p0 += 32) {
+    const int count = std::min(32, o1 - p0);
+    pack_panel<F>(w, p0, std::min(count, 16), panel[0]);
+    if (count > 16) {
+      pack_panel<F>(w, p0 + 16, count - 16, panel[1]);
+      panel_rows<G, 2, 4>(panel, w, xa, n, y, ldy, p0, count);
+    } else panel_rows<G, 1, 8>(panel, w, xa, n, y, ldy, p0, count);
+  }
+}
+
+void panel_rows_q8_any(const QMat& w, const QuantizedActivations& xa, int64_t n, float* y, int64_t ldy, int o0, int o1) {
+  switch (w.format) {
+    case Q4_0: return panel_rows_q8<Q4_0>(w, xa, n, y, ldy, o0, o1);
+    case Q4_1: return panel_rows_q8<Q4_1>(w, xa, n, y, ldy, o0, o1);
+    case Q8_0: return panel_rows_q8<Q8_0>(w, xa, n, y, ldy, o0, o1);
+    default: with_raw_format(w.format, [&]<int F>() { panel_rows_q8<F>(w, xa, n, y, ldy, o0, o1); });
+  }
+}
+#else
+constexpr bool kPanels = false;
+constexpr int64_t kPanelMinRows = 0;
+inline int64_t panel_min_rows(int32_t) { return 0; }
+void panel_rows_q8_any(const QMat&, const QuantizedActivations&, int64_t, float*, int64_t, int, int) {}
+#endif
+
 // Row `row` of a raw-format matrix, dequantized: S * c + O per value, a multiply then an add.
 template <int F>
 void raw_dequantize_row(const QMat& w, int64_t row, float* out) {
@@ -1430,6 +1679,7 @@ struct Input {
 
   void rows(const QMat& w, float* y, int64_t ldy, int o0, int o1) const {
     if (q8 && xa.flat_rows > 0 && has_flat_kernel(w.format)) flat_rows_q8(w, xa, y, o0, o1);
+    else if (q8 && kPanels && n >= panel_min_rows(w.format)) panel_rows_q8_any(w, xa, n, y, ldy, o0, o1);
     else if (is_raw(w.format)) {
       if (q8) raw_rows_q8_any(w, xa, n, y, ldy, o0, o1);
       else raw_rows_fp32_any(w, x, n, ldx, sx16.data(), y, ldy, o0, o1);
@@ -1480,6 +1730,7 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
     raw = raw || is_raw(parts[p].format);
     paired = paired || parts[p].format == Q4_0 || parts[p].format == Q4_1;
   }
+  paired = paired && !(q8 && kPanels && n >= panel_min_rows(Q4_0));  // the panels read q alone
   input.prepare(w, x, n, ldx, q8, raw, paired);
   const bool adapted = lora && w.lora_a != nullptr;
   if (adapted) {  // x A^T: n x rank dot products over `in`, small next to the matmul
@@ -2082,6 +2333,10 @@ extern "C" {
 int32_t mk_abi_version() { return 11; }
 
 int32_t mk_threads() { return threads(); }
+
+// The fewest activation rows the int8 panel kernel takes (0: this build has none); it takes every
+// format, so int8-activation prefills stay on it rather than dequantize + fp32 GEMM.
+int32_t mk_panel_min_rows() { return kPanels ? static_cast<int32_t>(kPanelMinRows) : 0; }
 
 void mk_matmul(const QMat* w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, int32_t q8) {
   matmul_any(*w, x, n, ldx, y, ldy, q8 != 0);

@@ -3,7 +3,9 @@
 `QLinear` multiplies with the quantized weight directly through the native kernels (fp32
 activations, each weight byte read once per group of 8 activation rows). Long chunks (prefill,
 latent insertion) dequantize the weight once into a scratch fp32 matrix and use torch's GEMM,
-which is compute-bound there and faster than any GEMV. Without the native kernels (another CPU,
+which is compute-bound there and faster than any GEMV; with int8 activations Q4_0 / Q4_1 stay on
+their integer kernels at any length, and on an AVX-512 build every format does (16-row panels of
+the weight decoded per call, multiplied with vpdpbusd). Without the native kernels (another CPU,
 CUDA, no compiler) the portable path dequantizes with the torch reference and calls F.linear.
 
 Quantized models are for inference: fp32 stays the reference and the training path, and a LoRA
@@ -30,6 +32,8 @@ NATIVE_MAX_ROWS = 32
 # 1536 x 576 Q4_1 1.13-1.34x; 64 rows 1.8-3x): a long chunk (a prefill) runs on them too. The other
 # formats keep the GEMM past NATIVE_MAX_ROWS: at 512 rows they break even (Q4_K 0.97-1.24x by
 # shape, Q5_K, Q8_0) or lose (Q6_K 0.49x, Q5_0 at 576 wide 0.45x). `python bench/prefill_kernels.py`.
+# On an AVX-512 build every format has an integer kernel that beats the GEMM on long chunks (16-row
+# panels, `mk_panel_min_rows`): all of them keep int8 activations at any length there.
 INT8_GEMM_FORMATS = frozenset({"q4_0", "q4_1"})
 MAX_PARTS = 64  # row groups of different formats in one matrix (the kernels' bound)
 
@@ -90,7 +94,9 @@ class QLinear(nn.Module):
         self.bias = nn.Parameter(bias.float().contiguous(), requires_grad=False) if bias is not None else None
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self._desc = qmat(weight, self.bias)
-        self._int8_gemm = all(part.format.name in INT8_GEMM_FORMATS for part in weight.parts or (weight,))
+        lib = native()
+        panels = lib is not None and hasattr(lib, "mk_panel_min_rows") and lib.mk_panel_min_rows() > 0
+        self._int8_gemm = panels or all(part.format.name in INT8_GEMM_FORMATS for part in weight.parts or (weight,))
 
     def native_max_rows(self) -> int | None:
         """The longest chunk this layer multiplies with the native kernel (None: any)."""
