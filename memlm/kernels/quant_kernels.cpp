@@ -748,19 +748,23 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
   }
 }
 
-template <int F>
-inline void decode_block(const uint8_t* b, Decoded& out) {
-  __m256i* q = reinterpret_cast<__m256i*>(out.q);
+// For the panels: kScales = false decodes the codes alone (they compute the K-quants' scales as
+// vectors); kLifted keeps the codes as stored, before the format's zero point (16 for Q5_0, 4
+// for Q3_K, 32 for Q6_K) is subtracted, i.e. u = c + z >= 0; `codes` (32-byte aligned) receives
+// them in place of out.q.
+template <int F, bool kScales = true, bool kLifted = false>
+inline void decode_block(const uint8_t* b, Decoded& out, int8_t* codes = nullptr) {
+  __m256i* q = reinterpret_cast<__m256i*>(codes ? codes : out.q);
   if constexpr (F == Q5_0 || F == Q5_1) {
     const int start = F == Q5_1 ? 4 : 2;
     uint32_t h;
     std::memcpy(&h, b + start, 4);
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + start + 4));
     const __m128i mask = _mm_set1_epi8(0x0F);
-    __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
-    codes = _mm256_or_si256(codes, fifth_bits(h));
-    if constexpr (F == Q5_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
-    _mm256_store_si256(q, codes);
+    __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+    c = _mm256_or_si256(c, fifth_bits(h));
+    if constexpr (F == Q5_0 && !kLifted) c = _mm256_sub_epi8(c, _mm256_set1_epi8(16));
+    _mm256_store_si256(q, c);
     const float d = half_to_float(load_u16(b));
     const float m = F == Q5_1 ? half_to_float(load_u16(b + 2)) : -0.0f;
     out.s[0] = out.s[1] = d;
@@ -782,7 +786,8 @@ inline void decode_block(const uint8_t* b, Decoded& out) {
       const __m256i v = load32(b + 32 + 32 * h);
       for (int k = 0; k < 4; ++k) {
         const __m256i high = bits(hmask, 4 * h + k, 1);  // 1: no offset, 0: minus 4
-        const __m256i code = _mm256_sub_epi8(bits(v, 2 * k, 3), _mm256_set1_epi8(4));
+        __m256i code = bits(v, 2 * k, 3);
+        if constexpr (!kLifted) code = _mm256_sub_epi8(code, _mm256_set1_epi8(4));
         _mm256_store_si256(q + 4 * h + k, _mm256_add_epi8(code, _mm256_slli_epi16(high, 2)));
       }
     }
@@ -807,6 +812,7 @@ inline void decode_block(const uint8_t* b, Decoded& out) {
       _mm256_store_si256(q + 2 * j, lo);
       _mm256_store_si256(q + 2 * j + 1, hi);
     }
+    if constexpr (!kScales) return;
     const float d = half_to_float(load_u16(b)), dmin = half_to_float(load_u16(b + 2));
     for (int j = 0; j < 8; ++j) {
       int sc, m;
@@ -821,9 +827,10 @@ inline void decode_block(const uint8_t* b, Decoded& out) {
         const __m256i v = load32(b + 64 * h + 32 * (k & 1));
         const __m256i low = bits(v, k < 2 ? 0 : 4, 0x0F);
         const __m256i code = _mm256_or_si256(low, _mm256_slli_epi16(bits(qh, 2 * k, 3), 4));
-        _mm256_store_si256(q + 4 * h + k, _mm256_sub_epi8(code, _mm256_set1_epi8(32)));
+        _mm256_store_si256(q + 4 * h + k, kLifted ? code : _mm256_sub_epi8(code, _mm256_set1_epi8(32)));
       }
     }
+    if constexpr (!kScales) return;
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
     const float d = half_to_float(load_u16(b + 208));
     for (int g = 0; g < 16; ++g) {
@@ -1426,8 +1433,9 @@ constexpr int panel_block_size() {
   else return Raw<F>::size;
 }
 
-// Block b of row `row` into u (its values lifted by z) and its groups' S, O' (strided by 16: the
-// panel's layout, one column per row).
+// Block b of row `row` into u (its values lifted by z) and its groups' S and O' into s and o.
+// The formats of Q4_K_M / Q6_K files compute their scales as vectors (scalar code for the 8 or 16
+// groups of a super-block cost the panels more than their codes).
 template <int F>
 void panel_block(const QMat& w, int64_t row, int64_t b, uint8_t* u, float* s, float* o) {
   constexpr int G = panel_group<F>(), Z = panel_zero<F>();
@@ -1441,15 +1449,27 @@ void panel_block(const QMat& w, int64_t row, int64_t b, uint8_t* u, float* s, fl
     else o[0] = -static_cast<float>(F == Q4_0 ? 8 : Z) * d;
   } else {
     constexpr int BS = Raw<F>::size;
+    constexpr bool vector_scales = F == Q4_K || F == Q5_K || F == Q6_K;
+    const uint8_t* block = w.qs + (row * (w.in / BS) + b) * Raw<F>::bytes;
     Decoded dec;
-    decode_block<F>(w.qs + (row * (w.in / BS) + b) * Raw<F>::bytes, dec);
-    for (int i = 0; i < BS / 32; ++i)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(u) + i,
-                         _mm256_add_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(dec.q) + i), lift));
-    for (int g = 0; g < BS / G; ++g) {
-      const float scale = dec.s[g * G / 16];
-      s[g * 16] = scale;
-      o[g * 16] = dec.o[g * G / 16] - static_cast<float>(Z) * scale;
+    decode_block<F, !vector_scales, true>(block, dec, reinterpret_cast<int8_t*>(u));
+    if constexpr (F == Q4_K || F == Q5_K) {  // Z = 0: O' = O = -dmin * m
+      __m256 scale, minimum;
+      q4k_scales(block, scale, minimum);
+      _mm256_storeu_ps(s, scale);
+      _mm256_storeu_ps(o, _mm256_sub_ps(_mm256_set1_ps(-0.0f), minimum));
+    } else if constexpr (F == Q6_K) {  // O = -0.0: O' = -32 S
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(half_to_float(load_u16(block + 208))),
+                                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+      _mm512_storeu_ps(s, scale);
+      _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_set1_ps(-0.0f), _mm512_mul_ps(_mm512_set1_ps(32.0f), scale)));
+    } else {
+      for (int g = 0; g < BS / G; ++g) {
+        const float scale = dec.s[g * G / 16];
+        s[g] = scale;
+        o[g] = dec.o[g * G / 16] - static_cast<float>(Z) * scale;
+      }
     }
   }
 }
@@ -1486,24 +1506,50 @@ inline void transpose16(__m512i m[16]) {
   }
 }
 
+// Prefetch the bytes of values [v, v + n) of row `row` (and their block scales): the panels read
+// 16 rows a block at a time, 16 short streams the hardware prefetcher does not follow in time.
+template <int F>
+inline void prefetch_values(const QMat& w, int64_t row, int64_t v, int64_t n) {
+  const auto lines = [](const void* from, int64_t bytes) {
+    const char* p = static_cast<const char*>(from);
+    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(p + at, _MM_HINT_T0);
+  };
+  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
+    constexpr int num = F == Q8_0 ? 1 : 1, den = F == Q8_0 ? 1 : 2;  // bytes per value: 1 or 1/2
+    lines(w.qs + row * w.in * num / den + v * num / den, n * num / den);
+    lines(w.d + row * (w.in / QK) + v / QK, 2 * n / QK);
+    if constexpr (F == Q4_1) lines(w.m + row * (w.in / QK) + v / QK, 2 * n / QK);
+  } else {
+    constexpr int BS = Raw<F>::size;
+    lines(w.qs + (row * (w.in / BS) + v / BS) * Raw<F>::bytes, n / BS * Raw<F>::bytes);
+  }
+}
+
 // Output rows p0 .. p0+count-1 (count <= 16; the rest of the panel is zeros) into `panel`: V
 // values of the 16 rows at a time are decoded into a tile that stays in L1, then interleaved,
-// 64 bytes of each row being a 16 x 16 matrix of 4-byte chunks transposed in registers.
+// 64 bytes of each row being a 16 x 16 matrix of 4-byte chunks transposed in registers; the
+// rows' scales and offsets of those values are transposed the same way into one vector per group.
 template <int F>
 void pack_panel(const QMat& w, int p0, int count, Panel& panel) {
-  constexpr int G = panel_group<F>(), BS = panel_block_size<F>(), V = BS > 64 ? BS : 64;
+  constexpr int64_t kPrefetch = 512;  // values ahead
+  constexpr int G = panel_group<F>(), BS = panel_block_size<F>(), V = BS > 64 ? BS : 64, NG = V / G;
+  // NG <= 8: a row's scales in lanes 0-7 and offsets in 8-15 of one vector; 16: one vector each.
+  constexpr int SV = NG <= 8 ? 1 : 2;
   const int64_t in = w.in;
   panel.codes.resize(static_cast<size_t>(16 * in));
-  panel.s.assign(static_cast<size_t>(in / G * 16), 0.0f);
-  panel.o.assign(static_cast<size_t>(in / G * 16), 0.0f);
+  panel.s.resize(static_cast<size_t>(in / G * 16));
+  panel.o.resize(static_cast<size_t>(in / G * 16));
   alignas(64) uint8_t tile[16][V] = {};
+  alignas(64) float scales[SV][16][16] = {};
   for (int64_t v0 = 0; v0 < in; v0 += V) {
     const int64_t width = std::min<int64_t>(V, in - v0);  // 32 at the end of an odd number of 32-blocks
+    if (v0 + kPrefetch + V <= in)
+      for (int i = 0; i < count; ++i) prefetch_values<F>(w, p0 + i, v0 + kPrefetch, V);
     for (int i = 0; i < count; ++i)
       for (int64_t at = 0; at < width; at += BS) {
-        const int64_t group = (v0 + at) / G;
-        panel_block<F>(w, p0 + i, (v0 + at) / BS, tile[i] + at, panel.s.data() + group * 16 + i,
-                       panel.o.data() + group * 16 + i);
+        float* s = scales[0][i] + at / G;
+        float* o = SV == 1 ? scales[0][i] + 8 + at / G : scales[SV - 1][i] + at / G;
+        panel_block<F>(w, p0 + i, (v0 + at) / BS, tile[i] + at, s, o);
       }
     for (int64_t c = 0; c < width; c += 64) {
       __m512i m[16];
@@ -1512,6 +1558,21 @@ void pack_panel(const QMat& w, int p0, int count, Panel& panel) {
       transpose16(m);
       const int64_t chunks = std::min<int64_t>(16, (width - c) / 4);
       for (int64_t j = 0; j < chunks; ++j) _mm512_storeu_si512(panel.codes.data() + ((v0 + c) / 4 + j) * 64, m[j]);
+    }
+    const int64_t g0 = v0 / G, groups = width / G;
+    for (int v = 0; v < SV; ++v) {
+      __m512i m[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) m[i] = _mm512_load_si512(scales[v][i]);
+      transpose16(m);
+      for (int64_t g = 0; g < groups; ++g) {
+        if (SV == 1) {
+          _mm512_storeu_si512(panel.s.data() + (g0 + g) * 16, m[g]);
+          _mm512_storeu_si512(panel.o.data() + (g0 + g) * 16, m[8 + g]);
+        } else {
+          _mm512_storeu_si512((v ? panel.o : panel.s).data() + (g0 + g) * 16, m[g]);
+        }
+      }
     }
   }
 }
