@@ -17,6 +17,7 @@ DTYPES=${DTYPES:-auto:q8_0,auto}
 THREADS=${THREADS:-2}
 NEW=${NEW:-128}
 REPEATS=${REPEATS:-2}
+RESULT=${RESULT:-bench/results/sizes}  # .json and .png
 mkdir -p "$OUT"
 results=()
 for shape in $SHAPES; do
@@ -30,4 +31,4 @@ for shape in $SHAPES; do
     done
   done
 done
-$PY -m memlm.bench.sizes merge "${results[@]}" --json bench/results/sizes.json --plot bench/results/sizes.png
+$PY -m memlm.bench.sizes merge "${results[@]}" --json "$RESULT.json" --plot "$RESULT.png"

@@ -1515,8 +1515,8 @@ inline void prefetch_values(const QMat& w, int64_t row, int64_t v, int64_t n) {
     for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(p + at, _MM_HINT_T0);
   };
   if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
-    constexpr int num = F == Q8_0 ? 1 : 1, den = F == Q8_0 ? 1 : 2;  // bytes per value: 1 or 1/2
-    lines(w.qs + row * w.in * num / den + v * num / den, n * num / den);
+    constexpr int den = F == Q8_0 ? 1 : 2;  // values per byte
+    lines(w.qs + (row * w.in + v) / den, n / den);
     lines(w.d + row * (w.in / QK) + v / QK, 2 * n / QK);
     if constexpr (F == Q4_1) lines(w.m + row * (w.in / QK) + v / QK, 2 * n / QK);
   } else {
@@ -1531,7 +1531,6 @@ inline void prefetch_values(const QMat& w, int64_t row, int64_t v, int64_t n) {
 // rows' scales and offsets of those values are transposed the same way into one vector per group.
 template <int F>
 void pack_panel(const QMat& w, int p0, int count, Panel& panel) {
-  constexpr int64_t kPrefetch = 512;  // values ahead
   constexpr int G = panel_group<F>(), BS = panel_block_size<F>(), V = BS > 64 ? BS : 64, NG = V / G;
   // NG <= 8: a row's scales in lanes 0-7 and offsets in 8-15 of one vector; 16: one vector each.
   constexpr int SV = NG <= 8 ? 1 : 2;
@@ -1543,8 +1542,9 @@ void pack_panel(const QMat& w, int p0, int count, Panel& panel) {
   alignas(64) float scales[SV][16][16] = {};
   for (int64_t v0 = 0; v0 < in; v0 += V) {
     const int64_t width = std::min<int64_t>(V, in - v0);  // 32 at the end of an odd number of 32-blocks
-    if (v0 + kPrefetch + V <= in)
-      for (int i = 0; i < count; ++i) prefetch_values<F>(w, p0 + i, v0 + kPrefetch, V);
+    // The next panel's same values: one panel ahead, spread over this one's steps (batch-8 decode
+    // of a 1B-shape Q4_K_M file 1.0-1.08x fetching each row's values 512 ahead, 1.1x none).
+    for (int i = p0 + 16; i < std::min(p0 + 32, w.out); ++i) prefetch_values<F>(w, i, v0, width);
     for (int i = 0; i < count; ++i)
       for (int64_t at = 0; at < width; at += BS) {
         float* s = scales[0][i] + at / G;
