@@ -857,6 +857,37 @@ inline __m256 codes8(const int8_t* q) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
 }
 
+// The fp32-activation kernel's float vectors: 16 lanes on the AVX-512 build, 8 on AVX2 (where the
+// kernel's operations, and so its results, are those it always had).
+#if defined(__AVX512F__)
+using VecF = __m512;
+constexpr int kLanes = 16;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vset1(float v) { return _mm512_set1_ps(v); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline VecF vcodes(const int8_t* q) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+inline float vsum(VecF v) {
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), high));
+}
+#else
+using VecF = __m256;
+constexpr int kLanes = 8;
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vset1(float v) { return _mm256_set1_ps(v); }
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline VecF vcodes(const int8_t* q) { return codes8(q); }
+inline float vsum(VecF v) { return hsum(v); }
+#endif
+
 // fp32 activations: y[r, o] = sum_g S_g * sum_i c_i x_i + sum_g O_g * (sum of x over group g),
 // the second term from the per-16 sums of x (`sx16`, computed once per matmul).
 template <int F, int NB>
@@ -867,43 +898,36 @@ void raw_rows_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx16
   Decoded dec;
   for (int o = o0; o < o1; ++o) {
     const uint8_t* row = w.qs + o * row_bytes;
-    __m256 acc[NB][ACC];
+    VecF acc[NB][ACC];
     float offset[NB];
 #pragma GCC unroll 8
     for (int r = 0; r < NB; ++r) {
       offset[r] = 0.0f;
-      for (int a = 0; a < ACC; ++a) acc[r][a] = _mm256_setzero_ps();
+      for (int a = 0; a < ACC; ++a) acc[r][a] = vzero();
     }
+    // Per group of one scale (32 values, or 16), the codes times x in K vectors, then times S.
+    const auto group = [&]<int K>(int64_t b, const int8_t* q, float scale, int at, int slot) {
+      VecF c[K];
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) c[k] = vcodes(q + kLanes * k);
+      const VecF s = vset1(scale);
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        const float* xr = x + r * ldx + b * BS + at;
+        VecF t = vmul(c[0], vload(xr));
+#pragma GCC unroll 4
+        for (int k = 1; k < K; ++k) t = vfmadd(c[k], vload(xr + kLanes * k), t);
+        acc[r][slot] = vfmadd(s, t, acc[r][slot]);
+      }
+    };
     for (int64_t b = 0; b < blocks; ++b) {
       decode_block<F>(row + b * Raw<F>::bytes, dec);
       if constexpr (per32<F>()) {  // one scale per 32 values: one multiply by it per 32
 #pragma GCC unroll 8
-        for (int c = 0; c < BS / 32; ++c) {
-          const int8_t* q = dec.q + 32 * c;
-          const __m256 c0 = codes8(q), c1 = codes8(q + 8), c2 = codes8(q + 16), c3 = codes8(q + 24);
-          const __m256 s = _mm256_set1_ps(dec.s[2 * c]);
-#pragma GCC unroll 8
-          for (int r = 0; r < NB; ++r) {
-            const float* xr = x + r * ldx + b * BS + 32 * c;
-            __m256 t = _mm256_mul_ps(c0, _mm256_loadu_ps(xr));
-            t = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + 8), t);
-            t = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xr + 16), t);
-            t = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xr + 24), t);
-            acc[r][c % ACC] = _mm256_fmadd_ps(s, t, acc[r][c % ACC]);
-          }
-        }
+        for (int c = 0; c < BS / 32; ++c) group.template operator()<32 / kLanes>(b, dec.q + 32 * c, dec.s[2 * c], 32 * c, c % ACC);
       } else {
 #pragma GCC unroll 16
-        for (int g = 0; g < G; ++g) {
-          const __m256 c0 = codes8(dec.q + 16 * g), c1 = codes8(dec.q + 16 * g + 8);
-          const __m256 s = _mm256_set1_ps(dec.s[g]);
-#pragma GCC unroll 8
-          for (int r = 0; r < NB; ++r) {
-            const float* xr = x + r * ldx + b * BS + 16 * g;
-            const __m256 t = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + 8), _mm256_mul_ps(c0, _mm256_loadu_ps(xr)));
-            acc[r][g % ACC] = _mm256_fmadd_ps(s, t, acc[r][g % ACC]);
-          }
-        }
+        for (int g = 0; g < G; ++g) group.template operator()<16 / kLanes>(b, dec.q + 16 * g, dec.s[g], 16 * g, g % ACC);
       }
       if constexpr (Raw<F>::offset) {
 #pragma GCC unroll 8
@@ -913,9 +937,9 @@ void raw_rows_fp32(const QMat& w, const float* x, int64_t ldx, const float* sx16
     const float bias = w.bias ? w.bias[o] : 0.0f;
 #pragma GCC unroll 8
     for (int r = 0; r < NB; ++r) {
-      __m256 s = acc[r][0];
-      if constexpr (ACC == 2) s = _mm256_add_ps(s, acc[r][1]);
-      y[r * ldy + o] = hsum(s) + offset[r] + bias;
+      VecF s = acc[r][0];
+      if constexpr (ACC == 2) s = vadd(s, acc[r][1]);
+      y[r * ldy + o] = vsum(s) + offset[r] + bias;
     }
   }
 }
