@@ -32,6 +32,15 @@ def test_kernels_build_where_they_can():
     assert (lib is not None) == can_build
 
 
+@needs_native
+def test_the_richest_build_the_cpu_runs_is_the_one_loaded():
+    """native() falls back to the AVX2 build when the richer one fails to compile: that must not
+    hide a broken AVX-512 build (its panels are then the int8 path past NATIVE_MAX_ROWS)."""
+    richest = kernels.best_variant()
+    assert lib.mk_variant() == (1 if richest else 0)
+    assert (lib.mk_panel_min_rows() > 0) == (richest == "avx512")
+
+
 def _random_blocks(fmt, out: int, inp: int, seed: int) -> np.ndarray:
     """Arbitrary GGUF blocks (not only what a quantizer emits): random codes, random finite scales."""
     rng = np.random.default_rng(seed)
