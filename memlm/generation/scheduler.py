@@ -17,7 +17,7 @@ from memlm.generation.request import Request
 
 
 class Scheduler:
-    def __init__(self, max_batch: int = 256, max_queue: int | None = None, max_prefill_tokens: int = 4096):
+    def __init__(self, max_batch: int = 256, max_queue: int | None = None, max_prefill_tokens: int = 2048):
         if max_batch < 1 or (max_queue is not None and max_queue < 0) or max_prefill_tokens < 1:
             raise InvalidRequestError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
