@@ -1,7 +1,8 @@
 """A long chunk (a prefill) through one quantized matrix with int8 activations: the native integer
-kernels (8 activation rows per pass over the weight) against dequantizing the weight into fp32
-and torch's GEMM, per format, width and chunk length, one thread, best of 3. The formats where the
-kernels win at every length are QLinear's INT8_GEMM_FORMATS (memlm/quant/qlinear.py).
+kernels (8 activation rows per pass over the weight; on an AVX-512 build, 16-row panels) against
+dequantizing the weight into fp32 and torch's GEMM, per format, width and chunk length, one thread,
+best of 3. The formats where the row kernels win at every length are QLinear's INT8_GEMM_FORMATS
+(memlm/quant/qlinear.py); the panels win for every format.
 
     python bench/prefill_kernels.py [--json bench/results/prefill_kernels.json]
 """

@@ -96,9 +96,9 @@ def test_quantized_activation_kernel_equals_its_reference(fmt, inp):
     reference weights; the integer kernel must equal that product up to fp32 rounding. Rows of 48
     blocks run eight blocks at a time; at batch 1, rows of 18 (SmolLM2's width) and of 3 blocks
     run in memory order, 4 and 8 rows per span (37 rows leave a tail of 1 and 5), batches of them
-    one block at a time. On an AVX-512 build 8 rows and more (16 for Q4_0 / Q4_1) run on 16-row
-    panels: 37 rows are two whole panels and one of 5, 40 activation rows five tiles of 8, 17 two
-    tiles and a row."""
+    one block at a time. On an AVX-512 build 6 rows and more (16 for Q4_0 / Q4_1) run on 16-row
+    panels: the 37 output rows are a pair of whole panels (tiles of 4 activation rows: 40 rows are
+    ten, 17 four and a row) and a panel of 5 alone (tiles of 8, then the tail)."""
     out = 37
     torch.manual_seed(7)
     q = QWeight.quantize(torch.randn(out, inp) * 0.1, fmt)

@@ -1423,15 +1423,14 @@ void raw_rows_q8_any(const QMat& w, const QuantizedActivations& xa, int64_t n, f
 //   y += (S * dx) * sum(u q) + O' * (dx * sum(q)),  O' = O - z * S,
 // dx and dx * sum(q) being the activation block's scale and scaled code sum (QuantizedActivations).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-constexpr bool kPanels = true;
-
 // Activation rows from which a matrix takes the panel kernel rather than the row kernels above
 // (python -m memlm.bench.kernels --shape 2048x8192 --rows 4,6,8,12,16 --activations q8_0, one
 // thread, against a build without panels): Q4_0 / Q4_1, two blocks per load, gain from 16 rows
 // (12: 1.00x, 16: 1.53x); Q8_0, Q5_0 and the K-quants from 8 (1.32-1.83x), where the panels'
 // time hardly depends on the rows (it is the decoding) and already beats the row kernels' at 6.
 constexpr int64_t kPanelMinRows = 6;
-inline int64_t panel_min_rows(int32_t format) { return format == Q4_0 || format == Q4_1 ? 16 : kPanelMinRows; }
+// Whether n int8 activation rows take the panels for a matrix of this format.
+inline bool takes_panels(int32_t format, int64_t n) { return n >= (format == Q4_0 || format == Q4_1 ? 16 : kPanelMinRows); }
 
 template <int F>
 constexpr int panel_group() { return F == Q2_K || F == Q3_K || F == Q6_K ? 16 : 32; }
@@ -1462,10 +1461,10 @@ constexpr int panel_block_size() {
 // groups of a super-block cost the panels more than their codes).
 template <int F>
 void panel_block(const QMat& w, int64_t row, int64_t b, uint8_t* u, float* s, float* o) {
-  constexpr int G = panel_group<F>(), Z = panel_zero<F>();
-  const __m256i lift = _mm256_set1_epi8(static_cast<char>(Z));
+  constexpr int Z = panel_zero<F>();
   if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
     const int64_t blocks = w.in / QK;
+    const __m256i lift = _mm256_set1_epi8(static_cast<char>(Z));
     _mm256_store_si256(reinterpret_cast<__m256i*>(u), _mm256_add_epi8(block_bytes<F>(w, row, b), lift));
     const float d = half_to_float(w.d[row * blocks + b]);
     s[0] = d;
@@ -1489,6 +1488,7 @@ void panel_block(const QMat& w, int64_t row, int64_t b, uint8_t* u, float* s, fl
       _mm512_storeu_ps(s, scale);
       _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_set1_ps(-0.0f), _mm512_mul_ps(_mm512_set1_ps(32.0f), scale)));
     } else {
+      constexpr int G = panel_group<F>();
       for (int g = 0; g < BS / G; ++g) {
         const float scale = dec.s[g * G / 16];
         s[g] = scale;
@@ -1567,7 +1567,8 @@ void pack_panel(const QMat& w, int p0, int count, Panel& panel) {
   for (int64_t v0 = 0; v0 < in; v0 += V) {
     const int64_t width = std::min<int64_t>(V, in - v0);  // 32 at the end of an odd number of 32-blocks
     // The next panel's same values: one panel ahead, spread over this one's steps (batch-8 decode
-    // of a 1B-shape Q4_K_M file 1.0-1.08x fetching each row's values 512 ahead, 1.1x none).
+    // of a 1B-shape Q4_K_M file: 1.0-1.08x the speed with each row's own values fetched 512
+    // ahead instead, ~1.1x that with no prefetch).
     for (int i = p0 + 16; i < std::min(p0 + 32, w.out); ++i) prefetch_values<F>(w, i, v0, width);
     for (int i = 0; i < count; ++i)
       for (int64_t at = 0; at < width; at += BS) {
@@ -1590,7 +1591,7 @@ void pack_panel(const QMat& w, int p0, int count, Panel& panel) {
       for (int i = 0; i < 16; ++i) m[i] = _mm512_load_si512(scales[v][i]);
       transpose16(m);
       for (int64_t g = 0; g < groups; ++g) {
-        if (SV == 1) {
+        if constexpr (SV == 1) {
           _mm512_storeu_si512(panel.s.data() + (g0 + g) * 16, m[g]);
           _mm512_storeu_si512(panel.o.data() + (g0 + g) * 16, m[8 + g]);
         } else {
@@ -1708,9 +1709,8 @@ void panel_rows_q8_any(const QMat& w, const QuantizedActivations& xa, int64_t n,
   }
 }
 #else
-constexpr bool kPanels = false;
-constexpr int64_t kPanelMinRows = 0;
-inline int64_t panel_min_rows(int32_t) { return 0; }
+constexpr int64_t kPanelMinRows = 0;  // no panels
+inline bool takes_panels(int32_t, int64_t) { return false; }
 void panel_rows_q8_any(const QMat&, const QuantizedActivations&, int64_t, float*, int64_t, int, int) {}
 #endif
 
@@ -1764,7 +1764,7 @@ struct Input {
 
   void rows(const QMat& w, float* y, int64_t ldy, int o0, int o1) const {
     if (q8 && xa.flat_rows > 0 && has_flat_kernel(w.format)) flat_rows_q8(w, xa, y, o0, o1);
-    else if (q8 && kPanels && n >= panel_min_rows(w.format)) panel_rows_q8_any(w, xa, n, y, ldy, o0, o1);
+    else if (q8 && takes_panels(w.format, n)) panel_rows_q8_any(w, xa, n, y, ldy, o0, o1);
     else if (is_raw(w.format)) {
       if (q8) raw_rows_q8_any(w, xa, n, y, ldy, o0, o1);
       else raw_rows_fp32_any(w, x, n, ldx, sx16.data(), y, ldy, o0, o1);
@@ -1815,7 +1815,7 @@ void matmul_any(const QMat& w, const float* x, int64_t n, int64_t ldx, float* y,
     raw = raw || is_raw(parts[p].format);
     paired = paired || parts[p].format == Q4_0 || parts[p].format == Q4_1;
   }
-  paired = paired && !(q8 && kPanels && n >= panel_min_rows(Q4_0));  // the panels read q alone
+  paired = paired && !(q8 && takes_panels(Q4_0, n));  // the panels read q alone
   input.prepare(w, x, n, ldx, q8, raw, paired);
   const bool adapted = lora && w.lora_a != nullptr;
   if (adapted) {  // x A^T: n x rank dot products over `in`, small next to the matmul
@@ -2421,7 +2421,7 @@ int32_t mk_threads() { return threads(); }
 
 // The fewest activation rows the int8 panel kernel takes (0: this build has none); it takes every
 // format, so int8-activation prefills stay on it rather than dequantize + fp32 GEMM.
-int32_t mk_panel_min_rows() { return kPanels ? static_cast<int32_t>(kPanelMinRows) : 0; }
+int32_t mk_panel_min_rows() { return static_cast<int32_t>(kPanelMinRows); }
 
 void mk_matmul(const QMat* w, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, int32_t q8) {
   matmul_any(*w, x, n, ldx, y, ldy, q8 != 0);
